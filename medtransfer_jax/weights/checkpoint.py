@@ -1,0 +1,188 @@
+"""Model-weights checkpoints: an orbax tree plus a small JSON of metadata.
+
+One format for every set of weights the project hands between stages: converted
+source checkpoints (ImageNet / RadImageNet), and weights exported from fine-tuning
+runs. So any stage (training, evaluation, CCA, filter analysis) loads weights the same
+way and knows how to rebuild the model and normalise its inputs.
+
+Layout of a weights directory::
+
+    DIR/metadata.json     # WeightsMetadata as JSON
+    DIR/variables/        # orbax StandardCheckpointer tree {'params', 'batch_stats'}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+
+from medtransfer_jax import preprocessing
+from medtransfer_jax.models import resnet
+
+METADATA_FILE = "metadata.json"
+VARIABLES_DIR = "variables"
+
+
+class CheckpointError(ValueError):
+    """A weights file or directory cannot be used; the message says why and how to fix it."""
+
+
+@dataclasses.dataclass
+class WeightsMetadata:
+    """Where weights came from and how to use them.
+
+    Attributes:
+      source: a short name, e.g. ``imagenet``, ``radimagenet``, ``finetuned``.
+      layout: ``keras_v1`` or ``torchvision_v15`` (see models/resnet.py).
+      depth, width, num_classes: rebuild the model (num_classes None = no head).
+      preprocessing: one of preprocessing.MODES; the pipeline normalises with it.
+      image_size: the resolution the weights were trained at (informational).
+      converted_from: the original file, if converted.
+      format: ``keras_h5``, ``torchvision`` or ``flax``.
+      extra: anything else (fine-tuning run, config, metrics).
+    """
+
+    source: str
+    layout: str
+    depth: int = 50
+    width: int = 64
+    num_classes: Optional[int] = None
+    preprocessing: str = "caffe"
+    image_size: int = 224
+    converted_from: Optional[str] = None
+    format: str = "flax"
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.layout not in resnet.LAYOUTS:
+            raise CheckpointError(f"metadata layout={self.layout!r} is not one of {resnet.LAYOUTS}")
+        if self.preprocessing not in preprocessing.MODES:
+            raise CheckpointError(
+                f"metadata preprocessing={self.preprocessing!r} is not one of {preprocessing.MODES}")
+
+    def model_spec(self) -> resnet.ModelSpec:
+        return resnet.ModelSpec(depth=self.depth, layout=self.layout,
+                                num_classes=self.num_classes, width=self.width)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
+
+
+def save_weights(directory: str, variables: Mapping[str, Any], metadata: WeightsMetadata,
+                 *, overwrite: bool = True) -> str:
+    """Writes ``variables`` ({'params', 'batch_stats'}) and metadata under ``directory``."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tree = {k: jax.tree.map(np.asarray, dict(variables[k]))
+            for k in ("params", "batch_stats") if k in variables}
+    path = os.path.join(directory, VARIABLES_DIR)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, tree, force=overwrite)
+        ckptr.wait_until_finished()
+    with open(os.path.join(directory, METADATA_FILE), "w") as f:
+        f.write(metadata.to_json())
+    return directory
+
+
+def load_metadata(directory: str) -> WeightsMetadata:
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isdir(directory):
+        raise CheckpointError(
+            f"Weights directory {directory!r} does not exist. Create one with "
+            "`python -m medtransfer_jax.convert --format=keras_h5 --input=FILE --output=DIR`.")
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"{directory!r} has no {METADATA_FILE}; it is not a medtransfer_jax weights "
+            "directory (made by medtransfer_jax.convert or exported by training).")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        return WeightsMetadata(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"Cannot read {path}: {e}. Re-create the directory with "
+                              "medtransfer_jax.convert.") from e
+
+
+def load_weights(directory: str) -> Tuple[Dict[str, Any], WeightsMetadata]:
+    """Returns (variables as NumPy trees, metadata)."""
+    import orbax.checkpoint as ocp
+
+    metadata = load_metadata(directory)
+    path = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{directory!r} has metadata but no {VARIABLES_DIR}/ tree; "
+                              "the save was interrupted. Convert/export again.")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(path)
+    except Exception as e:  # orbax raises many types for damaged trees
+        raise CheckpointError(f"Cannot restore weights from {path}: {type(e).__name__}: {e}. "
+                              "The directory is damaged; convert/export again.") from e
+    return {k: dict(v) for k, v in tree.items()}, metadata
+
+
+def merge_into(target: Mapping[str, Any], source: Mapping[str, Any], *,
+               skip_head: bool = False, source_name: str = "checkpoint") -> Dict[str, Any]:
+    """Copies ``source`` leaves into a freshly initialised ``target`` tree.
+
+    Used to start fine-tuning from pre-trained weights. Every layer of ``target``
+    except the head must be present in ``source`` with the same shape; the head
+    (``predictions``) is taken from source only if ``skip_head`` is False and the
+    shapes agree (a 1000-class ImageNet head never fits a 2-class task).
+
+    Raises:
+      CheckpointError naming the layer and both shapes on any mismatch.
+    """
+    out: Dict[str, Any] = {}
+    for collection, t_tree in target.items():
+        s_tree = dict(source.get(collection, {}))
+        flat_t = _flatten(t_tree)
+        flat_s = _flatten(s_tree)
+        merged = {}
+        for key, t_val in flat_t.items():
+            layer = key[0]
+            is_head = layer == "predictions"
+            if is_head and (skip_head or key not in flat_s or
+                            np.shape(flat_s[key]) != np.shape(t_val)):
+                merged[key] = t_val
+                continue
+            if key not in flat_s:
+                raise CheckpointError(
+                    f"{source_name}: layer '{'/'.join(key)}' ({collection}) is missing. The "
+                    "checkpoint was made for a different architecture (depth/layout/width); "
+                    "check its metadata.json against the config's model settings.")
+            s_val = flat_s[key]
+            if np.shape(s_val) != np.shape(t_val):
+                raise CheckpointError(
+                    f"{source_name}: layer '{'/'.join(key)}' ({collection}) has shape "
+                    f"{tuple(np.shape(s_val))} but the model expects {tuple(np.shape(t_val))}. "
+                    "Check depth/width/layout in the config against the checkpoint's metadata.")
+            merged[key] = np.asarray(s_val, dtype=np.asarray(t_val).dtype)
+        out[collection] = _unflatten(merged)
+    return out
+
+
+def _flatten(tree, prefix=()):
+    flat = {}
+    for k, v in dict(tree).items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat):
+    tree: Dict[str, Any] = {}
+    for key, v in flat.items():
+        node = tree
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = v
+    return tree
