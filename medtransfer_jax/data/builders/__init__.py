@@ -1,0 +1,55 @@
+"""Dataset parsers: one module per dataset of the two studies.
+
+Each module turns the dataset's manual-download folder into a list of
+:class:`~medtransfer_jax.data.sources.Example` with the study's label rule, and carries
+
+* ``NAME`` (the ``data.name`` key), ``CLASS_NAMES``, ``CHANNELS`` (1 grey / 3 colour),
+* ``MANUAL_DOWNLOAD_INSTRUCTIONS``: where to download and the exact folder layout,
+* ``examples(root, cfg) -> list[Example]``.
+
+``load_source(cfg)`` reads a dataset straight from its raw folder (no TensorFlow needed);
+``tfds_builder`` wraps the same parsers as TFDS builders that prepare ArrayRecord files.
+"""
+from __future__ import annotations
+
+import logging
+
+from medtransfer_jax.data.base import DataError, Source
+from medtransfer_jax.data.builders import (breast, chest, isic, knee, lidc, mammograms, nih_cxr14,
+                                           pcam, thyroid)
+from medtransfer_jax.data.sources import CsvSource, FileSource, ImageFolderSource
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {m.NAME: m for m in (chest, breast, thyroid, mammograms, knee, isic, pcam, nih_cxr14, lidc)}
+
+
+def get_builder(name: str):
+    """The parser module of dataset ``name``."""
+    if name not in BUILDERS:
+        raise DataError(f"No dataset parser named {name!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[name]
+
+
+def instructions(name: str) -> str:
+    """The manual-download instructions of dataset ``name``."""
+    return get_builder(name).MANUAL_DOWNLOAD_INSTRUCTIONS
+
+
+def load_source(cfg) -> Source:
+    """The whole dataset ``cfg.name`` from ``cfg.root`` (or a prepared TFDS dir) as a Source."""
+    name = cfg.name
+    skip = bool(cfg.get("skip_corrupt", False))
+    class_names = cfg.get("class_names")
+    if name == "image_folder":
+        return ImageFolderSource(cfg.root, class_names=class_names, skip_corrupt=skip)
+    if name == "csv":
+        return CsvSource(cfg.csv_path, root=cfg.get("root"), class_names=class_names, skip_corrupt=skip)
+    module = get_builder(name)
+    if cfg.get("tfds_data_dir"):
+        from medtransfer_jax.data.builders import tfds_builder
+        return tfds_builder.TfdsSource(name, cfg.tfds_data_dir)
+    examples = module.examples(cfg.root, cfg)
+    source = FileSource(examples, module.CLASS_NAMES, name=f"{name} ({cfg.root})", skip_corrupt=skip)
+    log.info("%s: %s", name, source)
+    return source

@@ -1,0 +1,9 @@
+"""Source Matters, confounder 'sampled': `--config=configs/source_matters/sampled.py:SOURCE,p=0.5[,fold=K,dataset=...]`.
+
+See medtransfer_jax.training.presets.source_matters_config for the protocol.
+"""
+from medtransfer_jax.training import presets
+
+
+def get_config(arg=None):
+    return presets.source_matters_config("sampled", arg)

@@ -1,0 +1,178 @@
+"""Run a weights directory on images and collect named intermediate activations.
+
+Spatial handling of conv maps (B, h, w, C) -- choose with ``spatial=``:
+
+* ``positions`` (default; the Revisiting study): every spatial position of an image is a
+  datapoint with C neurons, i.e. (B, h, w, C) -> (B*h*w, C). To keep the datapoint count
+  the same for every layer, a layer with an h x w map uses ``round(target / (h*w))``
+  images (:func:`images_per_layer`; the study used target = 10,000 positions). Positions
+  of the same image are correlated, so the effective sample size is smaller than B*h*w
+  (deep layers see many images, shallow layers few): similarity of shallow layers then
+  describes few images in detail, deep layers many images coarsely.
+* ``pool``: global average over (h, w) -> (B, C): one datapoint per image. Invariant to
+  where things are in the image and comparable across layers of different sizes, but CCA
+  then needs more *images* than channels (2048 at conv5 of a ResNet50).
+
+Comparing two layers with different h x w under ``positions`` (e.g. conv2 of A vs conv3 of
+B) needs a common grid: :func:`match_spatial` average-pools the larger map down to the
+smaller one (or bilinearly resizes when the sizes do not divide).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medtransfer_jax import preprocessing as prep
+from medtransfer_jax.models import resnet
+from medtransfer_jax.weights import checkpoint
+
+SPATIAL_MODES = ("positions", "pool")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model rebuilt from a weights directory, ready for inference."""
+    model: resnet.ResNet
+    variables: Dict[str, Any]
+    metadata: checkpoint.WeightsMetadata
+    name: str
+
+    @property
+    def depth(self) -> int:
+        return self.model.depth
+
+    def valid_layers(self) -> Tuple[str, ...]:
+        return resnet.block_output_names(self.model.depth) + ("logits",)
+
+
+def load_model(weights: Union[str, LoadedModel], name: Optional[str] = None) -> LoadedModel:
+    """Loads a weights directory (see weights/checkpoint.py) or passes a LoadedModel through."""
+    if isinstance(weights, LoadedModel):
+        return weights
+    variables, metadata = checkpoint.load_weights(weights)
+    model = metadata.model_spec().build()
+    return LoadedModel(model, variables, metadata, name or str(weights))
+
+
+def check_layers(loaded: LoadedModel, layers: Sequence[str]) -> Tuple[str, ...]:
+    layers = tuple(layers)
+    unknown = [l for l in layers if l not in loaded.valid_layers()]
+    if unknown:
+        raise ValueError(f"{loaded.name}: unknown layer(s) {unknown} for ResNet{loaded.depth}; "
+                         f"valid names: {list(loaded.valid_layers())}.")
+    return layers
+
+
+@functools.lru_cache(maxsize=32)
+def _extractor(model: resnet.ResNet, layers: Tuple[str, ...]):
+    @jax.jit
+    def run(variables, x):
+        return resnet.extract_activations(model, variables, x, layers)
+    return run
+
+
+def prepare_images(images, mode: str) -> np.ndarray:
+    """Raw pixel values in [0, 255]: (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> float32
+    (N, H, W, 3) normalised with ``mode`` (a preprocessing.MODES entry)."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"Expected images of shape (N, H, W[, C]), got {images.shape}.")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    elif images.shape[-1] == 4:
+        images = images[..., :3]
+    return prep.normalize(images.astype(np.float32), mode)
+
+
+def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size: int = 32,
+               preprocessing: Optional[str] = None, normalized: bool = False,
+               to_host: bool = True) -> Dict[str, Any]:
+    """Activations of ``layers`` for all ``images``.
+
+    Args:
+      images: raw pixels (N, H, W[, C]) in [0, 255], normalised with the model's
+        ``metadata.preprocessing`` (or ``preprocessing``); pass ``normalized=True`` if they
+        already are (N, H, W, 3).
+      batch_size: fixed batch shape (the last batch is padded), so one compile per shape.
+    Returns:
+      ``{layer: array (N, h, w, C) or (N, C)}`` (NumPy unless ``to_host=False``).
+    """
+    layers = check_layers(loaded, layers)
+    x = np.asarray(images, np.float32) if normalized else prepare_images(
+        images, preprocessing or loaded.metadata.preprocessing)
+    run = _extractor(loaded.model, layers)
+    outs: Dict[str, list] = {l: [] for l in layers}
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        chunk = x[start:start + batch_size]
+        valid = chunk.shape[0]
+        if valid < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - valid,) + chunk.shape[1:],
+                                                    chunk.dtype)])
+        acts = run(loaded.variables, jnp.asarray(chunk))
+        for l in layers:
+            a = acts[l][:valid]
+            outs[l].append(np.asarray(a) if to_host else a)
+    cat = np.concatenate if to_host else jnp.concatenate
+    return {l: cat(v, axis=0) for l, v in outs.items()}
+
+
+def layer_shapes(loaded: LoadedModel, image_size: Union[int, Tuple[int, int]],
+                 layers: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """Per-image activation shape of each layer ((h, w, C) or (C,)), without running it."""
+    layers = check_layers(loaded, layers)
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    x = jax.ShapeDtypeStruct((1,) + hw + (3,), jnp.float32)
+    out = jax.eval_shape(lambda v, x: resnet.extract_activations(loaded.model, v, x, layers),
+                         loaded.variables, x)
+    return {l: tuple(out[l].shape[1:]) for l in layers}
+
+
+def images_per_layer(h: int, w: int, target_positions: int = 10000) -> int:
+    """The study's images per layer: round(target / (h*w)), at least 1."""
+    return max(1, int(round(target_positions / float(h * w))))
+
+
+def spatial_datapoints(acts, spatial: str = "positions"):
+    """(B, h, w, C) -> (B*h*w, C) for ``positions`` or (B, C) for ``pool``; (B, C) passes."""
+    if spatial not in SPATIAL_MODES:
+        raise ValueError(f"spatial={spatial!r}: choose one of {SPATIAL_MODES}.")
+    if acts.ndim == 2:
+        return acts
+    if acts.ndim != 4:
+        raise ValueError(f"Expected activations (B, h, w, C) or (B, C), got {acts.shape}.")
+    xp = np if isinstance(acts, np.ndarray) else jnp
+    if spatial == "pool":
+        return xp.mean(acts, axis=(1, 2))
+    return acts.reshape(-1, acts.shape[-1])
+
+
+def match_spatial(a, b):
+    """Brings two conv maps (B, h1, w1, C1), (B, h2, w2, C2) to the smaller grid.
+
+    Average pooling by the integer factor when the sizes divide (keeps each output
+    position the mean of the input positions it covers), else bilinear resizing.
+    """
+    if a.ndim != 4 or b.ndim != 4:
+        return a, b
+    (ha, wa), (hb, wb) = a.shape[1:3], b.shape[1:3]
+    h, w = min(ha, hb), min(wa, wb)
+    return _to_grid(a, h, w), _to_grid(b, h, w)
+
+
+def _to_grid(x, h, w):
+    B, H, W, C = x.shape
+    if (H, W) == (h, w):
+        return x
+    xp = np if isinstance(x, np.ndarray) else jnp
+    if H % h == 0 and W % w == 0:
+        return xp.mean(x.reshape(B, h, H // h, w, W // w, C), axis=(2, 4))
+    out = jax.image.resize(jnp.asarray(x), (B, h, w, C), method="linear", antialias=True)
+    return np.asarray(out) if xp is np else out

@@ -1,0 +1,311 @@
+"""Layer-by-layer comparison of two networks on the same images.
+
+* :class:`PaperCCAProtocol` is the Revisiting study's CCA exactly: mean CCA (all canonical
+  correlations, svcca covariance semantics, epsilon 1e-12) on the five stage outputs
+  (``stage_output_names(50)``: conv1_relu, conv2_block3_out, conv3_block4_out,
+  conv4_block6_out, conv5_block3_out); per layer ``round(10000 / (h*w))`` images, every
+  spatial position a datapoint; a random subset of 64 channels shared by both networks;
+  5 repeats with new images and channels, averaged. One deliberate difference from the
+  study's script: within a repeat all layers take their images as prefixes of one random
+  permutation of the pool (the script drew an independent batch per layer), so each
+  repeat needs one forward pass per network instead of one per layer; every layer still
+  gets a uniformly random image subset per repeat, so per-layer values have the same
+  distribution.
+* :func:`compare_networks` is the general form: any layers, any :data:`similarity.METHODS`,
+  ``spatial='positions'`` or ``'pool'``, optional channel subsampling, repeats; or
+  ``streaming=True`` to use every position of every image through the streaming
+  accumulators (covariance-based methods and minibatch debiased CKA).
+
+Rows returned (one per layer and method) are plain dicts, ready for CSV/JSON:
+``model_a, model_b, layer, method, value (mean over repeats), std, repeats, datapoints,
+channels, spatial, values (per repeat)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.analysis import similarity as sim
+from medtransfer_jax.analysis import streaming
+from medtransfer_jax.models import resnet
+
+ModelLike = Union[str, act.LoadedModel]
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperCCAProtocol:
+    """The Revisiting study's CCA protocol (defaults = the paper; see module docstring)."""
+    layers: Optional[Tuple[str, ...]] = None  # None -> stage_output_names(depth)
+    positions: int = 10000
+    num_channels: int = 64
+    repeats: int = 5
+    method: str = "paper_cca"
+    epsilon: float = 1e-12
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclasses.dataclass
+class Draw:
+    """The datapoints of one (layer, repeat): image indices into the pool and channels."""
+    layer: str
+    repeat: int
+    images: np.ndarray
+    channels: Optional[np.ndarray]
+
+
+def make_plan(shapes: Dict[str, Tuple[int, ...]], num_images: int, *, positions: int,
+              num_channels: Optional[int], repeats: int, seed: int,
+              spatial: str = "positions") -> List[Draw]:
+    """Random draws per (layer, repeat), deterministic from ``seed``.
+
+    ``shapes``: per-image activation shape per layer ((h, w, C) or (C,)). In ``positions``
+    mode a layer with an h x w map takes ``min(N, round(positions/(h*w)))`` images; in
+    ``pool`` mode all N images. Within a repeat, layers use prefixes of one permutation.
+    """
+    rng = np.random.default_rng(seed)
+    draws = []
+    for r in range(repeats):
+        perm = rng.permutation(num_images)
+        for layer, shape in shapes.items():
+            if spatial == "positions" and len(shape) == 3:
+                n_img = min(num_images, act.images_per_layer(shape[0], shape[1], positions))
+            else:
+                n_img = num_images
+            c = shape[-1]
+            ch = None
+            if num_channels is not None and num_channels < c:
+                ch = np.sort(rng.choice(c, num_channels, replace=False))
+            draws.append(Draw(layer, r, np.sort(perm[:n_img]), ch))
+    return draws
+
+
+def _shapes_for(a: act.LoadedModel, b: act.LoadedModel, image_hw, layers):
+    sa = act.layer_shapes(a, image_hw, layers)
+    sb = act.layer_shapes(b, image_hw, layers)
+    for l in layers:
+        if sa[l] != sb[l]:
+            raise ValueError(
+                f"Layer {l} has shape {sa[l]} in {a.name} but {sb[l]} in {b.name}; the two "
+                "networks must share the architecture (depth/width) to compare the same "
+                "channels. Compare pooled features of different widths with spatial='pool' "
+                "and num_channels=None, or different layers via layer_pairs.")
+    return sa
+
+
+def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequence[Draw], *,
+                  spatial: str = "positions", batch_size: int = 64,
+                  preprocessing: Optional[str] = None,
+                  layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None
+                  ) -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
+    """Datapoint matrices (X (n, p), Y (n, q)) for every draw, kept on device.
+
+    One forward pass per network and repeat over the union of that repeat's images;
+    ``layer_pairs`` maps a row name to (layer of A, layer of B) for cross-layer comparisons
+    (maps are brought to a common grid by :func:`activations.match_spatial`).
+    """
+    layer_pairs = layer_pairs or {d.layer: (d.layer, d.layer) for d in draws}
+    la = sorted({layer_pairs[d.layer][0] for d in draws})
+    lb = sorted({layer_pairs[d.layer][1] for d in draws})
+    xa = act.prepare_images(images, preprocessing or a.metadata.preprocessing)
+    xb = act.prepare_images(images, preprocessing or b.metadata.preprocessing)
+    out: List[Optional[Tuple]] = [None] * len(draws)
+    by_repeat: Dict[int, List[int]] = {}
+    for i, d in enumerate(draws):
+        by_repeat.setdefault(d.repeat, []).append(i)
+    for _, idx in sorted(by_repeat.items()):
+        needed = np.unique(np.concatenate([draws[i].images for i in idx]))
+        acts_a = act.run_layers(a, xa[needed], la, batch_size=batch_size, normalized=True,
+                                to_host=False)
+        acts_b = act.run_layers(b, xb[needed], lb, batch_size=batch_size, normalized=True,
+                                to_host=False)
+        pos = {int(v): k for k, v in enumerate(needed)}
+        for i in idx:
+            d = draws[i]
+            rows = jnp.asarray([pos[int(v)] for v in d.images])
+            name_a, name_b = layer_pairs[d.layer]
+            A, B = acts_a[name_a][rows], acts_b[name_b][rows]
+            if spatial == "positions":
+                A, B = act.match_spatial(A, B)
+            X = act.spatial_datapoints(A, spatial)
+            Y = act.spatial_datapoints(B, spatial)
+            if d.channels is not None:
+                ch = jnp.asarray(d.channels)
+                X, Y = X[:, ch], Y[:, ch]
+            out[i] = (X, Y)
+    return out  # type: ignore[return-value]
+
+
+def _summarise(draws, values, method, a, b, spatial, pairs_xy) -> List[dict]:
+    rows = []
+    layers = list(dict.fromkeys(d.layer for d in draws))
+    for layer in layers:
+        sel = [i for i, d in enumerate(draws) if d.layer == layer]
+        vals = [float(values[i]) for i in sel]
+        X, Y = pairs_xy[sel[0]]
+        rows.append(dict(model_a=a.name, model_b=b.name, layer=layer, method=method,
+                         value=float(np.mean(vals)), std=float(np.std(vals)),
+                         repeats=len(vals), datapoints=int(X.shape[0]),
+                         channels=int(X.shape[1]), spatial=spatial, values=vals))
+    return rows
+
+
+def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
+                     layers: Optional[Sequence[str]] = None,
+                     method: Union[str, Sequence[str]] = "mean_cca",
+                     spatial: str = "positions", positions: int = 10000,
+                     num_channels: Optional[int] = None, repeats: int = 1, seed: int = 0,
+                     batch_size: int = 64, preprocessing: Optional[str] = None,
+                     layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None,
+                     streaming_mode: bool = False, name_a: Optional[str] = None,
+                     name_b: Optional[str] = None, **options) -> List[dict]:
+    """Similarity of two networks layer by layer on the same ``images``.
+
+    Args:
+      weights_a, weights_b: weights directories or :class:`activations.LoadedModel`.
+      images: raw pixels (N, H, W[, C]) in [0, 255]; each network normalises them with its
+        own ``metadata.preprocessing`` unless ``preprocessing`` is given.
+      layers: Keras names (default: the stage outputs). ``layer_pairs`` instead maps a row
+        name to (layer of A, layer of B).
+      method: one name or a list from :data:`similarity.METHODS`; all are computed on the
+        same draws.
+      spatial: ``positions`` (round(positions/(h*w)) images per layer, every position a
+        datapoint) or ``pool`` (global average, one datapoint per image).
+      num_channels: random channel subset shared by both networks (None = all).
+      repeats: independent draws of images (and channels), averaged.
+      streaming_mode: use every position of every image (no ``positions`` cap) through
+        :class:`streaming.StreamingSimilarity`; methods limited to covariance-based ones
+        and debiased_cka (minibatch estimator, one HSIC per forward batch).
+      options: passed to the kernels (``rtol``, ``epsilon``, ``keep``, ``threshold``, ``kernel``).
+    Returns:
+      rows (see module docstring).
+    """
+    a = act.load_model(weights_a, name_a)
+    b = act.load_model(weights_b, name_b)
+    if name_a:
+        a = dataclasses.replace(a, name=name_a)
+    if name_b:
+        b = dataclasses.replace(b, name=name_b)
+    methods = [method] if isinstance(method, str) else list(method)
+    bad = [m for m in methods if m not in sim.METHODS]
+    if bad:
+        raise ValueError(f"Unknown method(s) {bad}; choose from {sim.METHODS}.")
+    if spatial not in act.SPATIAL_MODES:
+        raise ValueError(f"spatial={spatial!r}: choose one of {act.SPATIAL_MODES}.")
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or images.shape[0] < 2:
+        raise ValueError(f"images must be (N, H, W[, C]) with N >= 2, got {images.shape}.")
+    if layer_pairs is None:
+        layers = tuple(layers) if layers else resnet.stage_output_names(a.depth)
+        act.check_layers(a, layers)
+        act.check_layers(b, layers)
+        layer_pairs = {l: (l, l) for l in layers}
+        shapes = _shapes_for(a, b, images.shape[1:3], layers)
+    else:
+        act.check_layers(a, [p[0] for p in layer_pairs.values()])
+        act.check_layers(b, [p[1] for p in layer_pairs.values()])
+        sa = act.layer_shapes(a, images.shape[1:3], [p[0] for p in layer_pairs.values()])
+        sb = act.layer_shapes(b, images.shape[1:3], [p[1] for p in layer_pairs.values()])
+        shapes = {}
+        for name, (la, lb) in layer_pairs.items():
+            ta, tb = sa[la], sb[lb]
+            if num_channels is not None and ta[-1] != tb[-1]:
+                raise ValueError(f"{name}: {la} has {ta[-1]} channels and {lb} {tb[-1]}; a "
+                                 "shared channel subset needs equal counts (num_channels=None).")
+            hw = tuple(min(x, y) for x, y in zip(ta[:-1], tb[:-1]))
+            shapes[name] = hw + (ta[-1],)
+    if streaming_mode:
+        return _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels,
+                                  seed, batch_size, preprocessing, shapes, options)
+    draws = make_plan(shapes, images.shape[0], positions=positions, num_channels=num_channels,
+                      repeats=repeats, seed=seed, spatial=spatial)
+    pairs = collect_draws(a, b, images, draws, spatial=spatial, batch_size=batch_size,
+                          preprocessing=preprocessing, layer_pairs=layer_pairs)
+    rows: List[dict] = []
+    for m in methods:
+        opts = _method_options(m, options)
+        try:
+            values = sim.similarity_many(pairs, m, **opts)
+        except ValueError as e:
+            raise ValueError(f"{a.name} vs {b.name}: {e}") from e
+        rows.extend(_summarise(draws, values, m, a, b, spatial, pairs))
+    return rows
+
+
+def _method_options(method: str, options: dict) -> dict:
+    allowed = {"mean_cca": ("rtol",), "paper_cca": ("rtol", "epsilon"),
+               "svcca": ("rtol", "keep"), "pwcca": ("rtol",), "linear_cka": (),
+               "rbf_cka": ("threshold",), "debiased_cka": ("kernel", "threshold"),
+               "procrustes": ()}[method]
+    return {k: v for k, v in options.items() if k in allowed and v is not None}
+
+
+def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
+                       protocol: PaperCCAProtocol = PaperCCAProtocol(), *,
+                       preprocessing: Optional[str] = None, name_a: Optional[str] = None,
+                       name_b: Optional[str] = None) -> List[dict]:
+    """The Revisiting CCA (``protocol`` defaults) between two networks; rows as
+    :func:`compare_networks`. Layers with fewer channels than ``num_channels`` use all."""
+    a = act.load_model(weights_a, name_a)
+    layers = protocol.layers or resnet.stage_output_names(a.depth)
+    return compare_networks(
+        a, weights_b, images, layers=layers, method=protocol.method, spatial="positions",
+        positions=protocol.positions, num_channels=protocol.num_channels,
+        repeats=protocol.repeats, seed=protocol.seed, batch_size=protocol.batch_size,
+        preprocessing=preprocessing, epsilon=protocol.epsilon, name_a=name_a, name_b=name_b)
+
+
+def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels, seed,
+                       batch_size, preprocessing, shapes, options) -> List[dict]:
+    allowed = streaming.COVARIANCE_METHODS + ("debiased_cka",)
+    bad = [m for m in methods if m not in allowed]
+    if bad:
+        raise ValueError(f"streaming_mode supports {allowed}; got {bad}.")
+    rng = np.random.default_rng(seed)
+    channels = {}
+    for name, shape in shapes.items():
+        c = shape[-1]
+        channels[name] = (np.sort(rng.choice(c, num_channels, replace=False))
+                          if num_channels is not None and num_channels < c else None)
+    dims = {n: (len(ch) if ch is not None else shapes[n][-1],) * 2 for n, ch in channels.items()}
+    kw = {k: v for k, v in options.items() if k in ("rtol", "epsilon", "keep", "kernel",
+                                                    "threshold") and v is not None}
+    acc = streaming.StreamingSimilarity(dims, methods, **kw)
+    xa = act.prepare_images(images, preprocessing or a.metadata.preprocessing)
+    xb = act.prepare_images(images, preprocessing or b.metadata.preprocessing)
+    la = sorted({p[0] for p in layer_pairs.values()})
+    lb = sorted({p[1] for p in layer_pairs.values()})
+    run_a = act._extractor(a.model, tuple(la))
+    run_b = act._extractor(b.model, tuple(lb))
+    for start in range(0, xa.shape[0], batch_size):
+        # Fixed batch shape (padded rows masked out): one compile for the whole stream.
+        valid = min(batch_size, xa.shape[0] - start)
+        pad = ((0, batch_size - valid), (0, 0), (0, 0), (0, 0))
+        acts_a = run_a(a.variables, jnp.asarray(np.pad(xa[start:start + valid], pad)))
+        acts_b = run_b(b.variables, jnp.asarray(np.pad(xb[start:start + valid], pad)))
+        image_mask = (np.arange(batch_size) < valid).astype(np.float32)
+        xs, ys, masks = {}, {}, {}
+        for name, (na, nb) in layer_pairs.items():
+            A, B = acts_a[na], acts_b[nb]
+            if spatial == "positions":
+                A, B = act.match_spatial(A, B)
+            X, Y = act.spatial_datapoints(A, spatial), act.spatial_datapoints(B, spatial)
+            if channels[name] is not None:
+                ch = jnp.asarray(channels[name])
+                X, Y = X[:, ch], Y[:, ch]
+            xs[name], ys[name] = X, Y
+            masks[name] = jnp.asarray(np.repeat(image_mask, X.shape[0] // batch_size))
+        acc.update(xs, ys, masks)
+    table = acc.finish()
+    rows = []
+    for name in layer_pairs:
+        for m in methods:
+            rows.append(dict(model_a=a.name, model_b=b.name, layer=name, method=m,
+                             value=float(table[name][m]), std=0.0, repeats=1,
+                             datapoints=table[name]["datapoints"], channels=dims[name][0],
+                             spatial=f"{spatial}+streaming", values=[float(table[name][m])]))
+    return rows

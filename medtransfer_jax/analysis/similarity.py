@@ -1,0 +1,508 @@
+"""Representational similarity kernels: CCA family, CKA family, Procrustes (pure JAX).
+
+Conventions
+-----------
+Every kernel takes ``X`` of shape ``(n, p)`` and ``Y`` of shape ``(n, q)``: **datapoints
+first**, neurons second (the transpose of google/svcca's layout). Row ``i`` of ``X`` and
+``Y`` must be the same stimulus (image, or spatial position of an image). Inputs are
+computed in float32 (float64 stays float64 when ``jax_enable_x64`` is on); integer and
+half-precision inputs are promoted to float32.
+
+Why the formulation looks the way it does
+-----------------------------------------
+* **No explicit inverses.** CCA is computed by centring each side, a thin QR and an SVD
+  of the small ``R`` factor (a rank-revealing orthonormal basis of each column space),
+  then the singular values of ``Qx^T Qy`` are the canonical correlations. The condition
+  number is not squared as in the covariance formula, so float32 on device is enough.
+* **Rank deficiency and constant neurons.** Neurons whose standard deviation is below
+  ``rtol * max std`` are zeroed, and basis directions whose singular value is below
+  ``rtol * s_max`` are dropped (masked, so shapes stay static under ``jit``). The number
+  of canonical correlations is then ``k = min(rank_x, rank_y)`` and means are over those
+  ``k``; everything stays finite (an all-constant input gives 0, like svcca).
+* **Precision.** On TPU the default matmul is a single bf16 pass and on Ampere+ GPUs it is
+  TF32, which loses 3-4 digits on Gram/covariance products. Every matmul here passes
+  ``precision=HIGHEST`` and every kernel is traced under
+  ``jax.default_matmul_precision('highest')`` (which also reaches the matmuls inside
+  QR/SVD expansions on TPU).
+
+Accuracy (float32 kernels vs float64 NumPy references, tested in tests/test_similarity.py):
+canonical correlations / CKA / Procrustes agree to ~1e-5 on well-conditioned data; the
+tests assert 2e-4 (means) to 1e-3 (individual correlations near rank deficiency).
+
+Methods needing more datapoints than neurons (``CCA_FAMILY``) raise ``ValueError`` when
+``n <= max(p, q)``; svcca's authors recommend n >= 5-10x the neurons.
+
+Batched forms (``*_batch``/:func:`similarity_batch`) vmap a kernel over a leading axis of
+equal-shape pairs ``(L, n, p)``/``(L, n, q)``; :func:`similarity_many` groups arbitrary
+pairs by shape so a whole network is compared in one compiled call per distinct shape.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+
+# Methods whose estimator needs n > number of neurons on each side.
+CCA_FAMILY = ("mean_cca", "paper_cca", "svcca", "pwcca")
+METHODS = CCA_FAMILY + ("linear_cka", "rbf_cka", "debiased_cka", "procrustes")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _mm(a, b):
+    """float32-exact matmul (no bf16 / TF32 passes)."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _highest(fn: Callable) -> Callable:
+    """Traces ``fn`` under default_matmul_precision('highest') (covers linalg expansions)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def default_rtol(dtype) -> float:
+    """Relative singular-value tolerance used to decide numerical rank.
+
+    float32: 1e-4 (directions with < 1e-8 of the top variance are treated as null:
+    below that, float32 rounding of the centred data dominates them). float64: 1e-7.
+    """
+    return 1e-7 if jnp.dtype(dtype) == jnp.float64 else 1e-4
+
+
+def _as_float(x) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize < 4:
+        x = x.astype(jnp.float32)
+    return x
+
+
+def _check_pair(X, Y, method: str, *, batched: bool = False):
+    nd = 3 if batched else 2
+    shape_doc = "(L, n, p)/(L, n, q)" if batched else "(n, p)/(n, q)"
+    if X.ndim != nd or Y.ndim != nd:
+        raise ValueError(f"{method}: expected arrays of shape {shape_doc} (datapoints first), "
+                         f"got X{tuple(X.shape)} and Y{tuple(Y.shape)}.")
+    if X.shape[:-1] != Y.shape[:-1]:
+        raise ValueError(f"{method}: X{tuple(X.shape)} and Y{tuple(Y.shape)} must have the same "
+                         "datapoints (rows): pass activations of the same stimuli in the same "
+                         "order.")
+    n, p, q = X.shape[-2], X.shape[-1], Y.shape[-1]
+    if method in CCA_FAMILY and n <= max(p, q):
+        raise ValueError(
+            f"{method} needs more datapoints than neurons, got n={n} datapoints for "
+            f"p={p} / q={q} neurons. Use more images or spatial positions (5-10x the "
+            "neurons is recommended) or subsample channels; CKA methods work for any n.")
+    if method == "debiased_cka" and n < 4:
+        raise ValueError(f"debiased_cka needs at least 4 datapoints, got n={n}.")
+    if n < 2:
+        raise ValueError(f"{method} needs at least 2 datapoints, got n={n}.")
+
+
+def _centre(X):
+    """Two-pass centring (the second pass removes the rounding left by the first)."""
+    X = X - jnp.mean(X, axis=0, keepdims=True)
+    return X - jnp.mean(X, axis=0, keepdims=True)
+
+
+def _prune_columns(Xc, rel_var_tol):
+    """Zeros neurons whose variance is < rel_var_tol * max variance; returns (Xc, keep)."""
+    var = jnp.sum(Xc * Xc, axis=0)
+    vmax = jnp.max(var)
+    keep = (var > rel_var_tol * vmax) & (var > 0)
+    return Xc * keep[None, :], keep
+
+
+def _basis(Xc, rtol):
+    """Orthonormal basis of span(Xc) via thin QR + SVD of R, with numerical-rank mask.
+
+    Returns (U (n, p) with masked columns zeroed, singular values s (p,), keep mask (p,)).
+    """
+    Q, R = jnp.linalg.qr(Xc, mode="reduced")
+    Ur, s, _ = jnp.linalg.svd(R, full_matrices=False)
+    keep = s > rtol * s[0]
+    U = _mm(Q, Ur) * keep[None, :]
+    return U, s, keep
+
+
+def _correlations(Ux, kx, Uy, ky, compute_uv=False):
+    """Canonical correlations between the masked bases; zero beyond k=min(rank_x, rank_y)."""
+    m = min(Ux.shape[1], Uy.shape[1])
+    M = _mm(Ux.T, Uy)
+    if compute_uv:
+        u, rho, vt = jnp.linalg.svd(M, full_matrices=False)
+    else:
+        rho = jnp.linalg.svd(M, compute_uv=False)
+        u = vt = None
+    k = jnp.minimum(jnp.sum(kx), jnp.sum(ky))
+    valid = jnp.arange(m) < k
+    rho = jnp.where(valid, jnp.clip(rho, 0.0, 1.0), 0.0)
+    return rho, k, valid, u, vt
+
+
+def _safe_mean(rho, k):
+    return jnp.where(k > 0, jnp.sum(rho) / jnp.maximum(k, 1), 0.0)
+
+
+# ----------------------------------------------------------------------------- CCA core
+def _cca_core(X, Y, rtol):
+    Xc, kx0 = _prune_columns(_centre(X), rtol ** 2)
+    Yc, ky0 = _prune_columns(_centre(Y), rtol ** 2)
+    Ux, _, kx = _basis(Xc, rtol)
+    Uy, _, ky = _basis(Yc, rtol)
+    rho, k, _, _, _ = _correlations(Ux, kx, Uy, ky)
+    return rho, k
+
+
+def _mean_cca_core(X, Y, rtol):
+    rho, k = _cca_core(X, Y, rtol)
+    return _safe_mean(rho, k)
+
+
+def _paper_cca_core(X, Y, epsilon, rtol):
+    """svcca get_cca_similarity(..., epsilon) semantics, stable formulation.
+
+    svcca prunes neurons whose (max-rescaled) variance is < epsilon, adds epsilon*I and
+    whitens with pinv/sqrt in float64; the study reported mean(cca_coef1), the mean of
+    all min(kept_x, kept_y) coefficients. Here the same pruning defines the count; the
+    correlations come from the QR basis; directions below the numerical rank get
+    correlation 0 (what the epsilon-regularised whitening gives them).
+    """
+    Xc = _centre(X)
+    Yc = _centre(Y)
+    Xc, nx = _prune_columns(Xc, epsilon)
+    Yc, ny = _prune_columns(Yc, epsilon)
+    Ux, _, kx = _basis(Xc, rtol)
+    Uy, _, ky = _basis(Yc, rtol)
+    rho, _, _, _, _ = _correlations(Ux, kx, Uy, ky)
+    count = jnp.minimum(jnp.sum(nx), jnp.sum(ny))
+    return _safe_mean(rho, count)
+
+
+def _svcca_core(X, Y, keep, rtol):
+    def reduced_basis(X):
+        Xc, _ = _prune_columns(_centre(X), rtol ** 2)
+        U, s, k = _basis(Xc, rtol)
+        var = s * s
+        frac = jnp.cumsum(var) / jnp.maximum(jnp.sum(var), jnp.finfo(var.dtype).tiny)
+        d = jnp.sum(frac < keep) + 1  # fewest leading directions reaching `keep` variance
+        mask = k & (jnp.arange(s.shape[0]) < d)
+        return U * mask[None, :], mask
+
+    Ux, kx = reduced_basis(X)
+    Uy, ky = reduced_basis(Y)
+    rho, k, _, _, _ = _correlations(Ux, kx, Uy, ky)
+    return _safe_mean(rho, k)
+
+
+def _pwcca_core(X, Y, rtol):
+    Xc, _ = _prune_columns(_centre(X), rtol ** 2)
+    Yc, _ = _prune_columns(_centre(Y), rtol ** 2)
+    Ux, _, kx = _basis(Xc, rtol)
+    Uy, _, ky = _basis(Yc, rtol)
+    rho, k, valid, u, _ = _correlations(Ux, kx, Uy, ky, compute_uv=True)
+    m = rho.shape[0]
+    H = _mm(Ux, u[:, :m])  # (n, m) canonical variates of X, unit norm
+    alpha = jnp.sum(jnp.abs(_mm(H.T, Xc)), axis=1) * valid
+    total = jnp.sum(alpha)
+    return jnp.where(total > 0, jnp.sum(alpha * rho) / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- CKA core
+def _unit_frobenius(Xc):
+    nrm = jnp.sqrt(jnp.sum(Xc * Xc))
+    return Xc / jnp.where(nrm > 0, nrm, 1.0)
+
+
+def _ratio(num, den):
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def _linear_cka_core(X, Y):
+    Xc = _unit_frobenius(_centre(X))
+    Yc = _unit_frobenius(_centre(Y))
+    n, p, q = X.shape[0], X.shape[1], Y.shape[1]
+    if n * n <= p * q + p * p + q * q:  # Gram form is cheaper when n is small
+        K, L = _mm(Xc, Xc.T), _mm(Yc, Yc.T)
+        xy, xx, yy = jnp.sum(K * L), jnp.sum(K * K), jnp.sum(L * L)
+    else:
+        xy = jnp.sum(jnp.square(_mm(Xc.T, Yc)))
+        xx = jnp.sum(jnp.square(_mm(Xc.T, Xc)))
+        yy = jnp.sum(jnp.square(_mm(Yc.T, Yc)))
+    return _ratio(xy, jnp.sqrt(xx * yy))
+
+
+def _rbf_gram(Xc, threshold):
+    """RBF kernel with sigma^2 = threshold^2 * median squared distance (Kornblith et al.)."""
+    G = _mm(Xc, Xc.T)
+    sq = jnp.diag(G)
+    D = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * G, 0.0)
+    med = jnp.median(D)
+    scale = 2.0 * threshold ** 2 * med
+    return jnp.exp(-D / jnp.where(scale > 0, scale, 1.0))
+
+
+def _centre_gram(K):
+    r = jnp.mean(K, axis=0)
+    return K - r[None, :] - r[:, None] + jnp.mean(r)
+
+
+def _rbf_cka_core(X, Y, threshold):
+    K = _centre_gram(_rbf_gram(_centre(X), threshold))
+    L = _centre_gram(_rbf_gram(_centre(Y), threshold))
+    return _ratio(jnp.sum(K * L), jnp.sqrt(jnp.sum(K * K) * jnp.sum(L * L)))
+
+
+def _u_centre(K):
+    """Székely-Rizzo U-centring: <U(K), U(L)> / (n(n-3)) is the unbiased HSIC."""
+    n = K.shape[0]
+    off = 1.0 - jnp.eye(n, dtype=K.dtype)
+    K = K * off
+    r = jnp.sum(K, axis=1)
+    total = jnp.sum(r)
+    Ku = K - r[:, None] / (n - 2) - r[None, :] / (n - 2) + total / ((n - 1) * (n - 2))
+    return Ku * off
+
+
+def _debiased_from_grams(K, L):
+    Ku, Lu = _u_centre(K), _u_centre(L)
+    xy, xx, yy = jnp.sum(Ku * Lu), jnp.sum(Ku * Ku), jnp.sum(Lu * Lu)
+    den = xx * yy
+    return jnp.where(den > 0, xy / jnp.sqrt(jnp.where(den > 0, den, 1.0)), 0.0)
+
+
+def _linear_hsic_u_terms(Xc, Yc):
+    """Unbiased linear HSIC (times n(n-3)) in feature space: O(n p q), no n x n Gram."""
+    n = Xc.shape[0]
+    a = jnp.sum(Xc * Xc, axis=1)  # diag of K
+    b = jnp.sum(Yc * Yc, axis=1)
+    sx, sy = jnp.sum(Xc, axis=0), jnp.sum(Yc, axis=0)
+    tr = jnp.sum(jnp.square(_mm(Xc.T, Yc))) - jnp.sum(a * b)  # tr(K~ L~)
+    k1 = jnp.sum(sx * sx) - jnp.sum(a)  # 1' K~ 1
+    l1 = jnp.sum(sy * sy) - jnp.sum(b)
+    kr = _mm(Xc, sx) - a  # K~ 1
+    lr = _mm(Yc, sy) - b
+    return tr + k1 * l1 / ((n - 1) * (n - 2)) - 2.0 * jnp.sum(kr * lr) / (n - 2)
+
+
+def _debiased_linear_cka_core(X, Y):
+    Xc = _unit_frobenius(_centre(X))
+    Yc = _unit_frobenius(_centre(Y))
+    xy = _linear_hsic_u_terms(Xc, Yc)
+    xx = _linear_hsic_u_terms(Xc, Xc)
+    yy = _linear_hsic_u_terms(Yc, Yc)
+    den = xx * yy
+    return jnp.where(den > 0, xy / jnp.sqrt(jnp.where(den > 0, den, 1.0)), 0.0)
+
+
+def _debiased_cka_core(X, Y, kernel, threshold):
+    if kernel == "linear":
+        return _debiased_linear_cka_core(X, Y)
+    if kernel == "linear_gram":
+        Xc, Yc = _unit_frobenius(_centre(X)), _unit_frobenius(_centre(Y))
+        return _debiased_from_grams(_mm(Xc, Xc.T), _mm(Yc, Yc.T))
+    if kernel == "rbf":
+        return _debiased_from_grams(_rbf_gram(_centre(X), threshold),
+                                    _rbf_gram(_centre(Y), threshold))
+    raise ValueError(f"debiased_cka: kernel must be 'linear' or 'rbf', got {kernel!r}.")
+
+
+def _procrustes_core(X, Y):
+    Xc = _unit_frobenius(_centre(X))
+    Yc = _unit_frobenius(_centre(Y))
+    nuc = jnp.sum(jnp.linalg.svd(_mm(Xc.T, Yc), compute_uv=False))
+    return jnp.maximum(2.0 - 2.0 * nuc, 0.0)
+
+
+# ----------------------------------------------------------------------------- registry
+def _core(method: str, **kw) -> Callable:
+    """The unbatched core for ``method`` with its static options bound."""
+    if method == "mean_cca":
+        return functools.partial(_mean_cca_core, rtol=kw["rtol"])
+    if method == "paper_cca":
+        return functools.partial(_paper_cca_core, epsilon=kw["epsilon"], rtol=kw["rtol"])
+    if method == "svcca":
+        return functools.partial(_svcca_core, keep=kw["keep"], rtol=kw["rtol"])
+    if method == "pwcca":
+        return functools.partial(_pwcca_core, rtol=kw["rtol"])
+    if method == "linear_cka":
+        return _linear_cka_core
+    if method == "rbf_cka":
+        return functools.partial(_rbf_cka_core, threshold=kw["threshold"])
+    if method == "debiased_cka":
+        return functools.partial(_debiased_cka_core, kernel=kw["kernel"],
+                                 threshold=kw["threshold"])
+    if method == "procrustes":
+        return _procrustes_core
+    raise ValueError(f"Unknown similarity method {method!r}; choose one of {METHODS}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(method: str, batched: bool, options: Tuple[Tuple[str, object], ...]):
+    fn = _highest(_core(method, **dict(options)))
+    if batched:
+        fn = jax.vmap(fn)
+    return jax.jit(fn)
+
+
+def _options(method, X, rtol=None, epsilon=1e-12, keep=0.99, threshold=1.0,
+             kernel="linear"):
+    if rtol is None:
+        rtol = default_rtol(X.dtype)
+    if method == "svcca" and not 0.0 < keep <= 1.0:
+        raise ValueError(f"svcca keep={keep} must be a variance fraction in (0, 1].")
+    if method in ("rbf_cka",) or (method == "debiased_cka" and kernel == "rbf"):
+        if threshold <= 0:
+            raise ValueError(f"{method}: threshold={threshold} must be > 0.")
+    return tuple(sorted(dict(rtol=float(rtol), epsilon=float(epsilon), keep=float(keep),
+                             threshold=float(threshold), kernel=kernel).items()))
+
+
+def similarity(X, Y, method: str = "mean_cca", **options) -> jax.Array:
+    """One similarity value between ``X`` (n, p) and ``Y`` (n, q); returns a scalar array.
+
+    ``method`` is one of :data:`METHODS`; ``options`` are the keyword arguments of the
+    corresponding public function (``rtol``, ``epsilon``, ``keep``, ``threshold``,
+    ``kernel``). Procrustes is a *distance* (0 = identical up to rotation/scale).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown similarity method {method!r}; choose one of {METHODS}.")
+    X, Y = _as_float(X), _as_float(Y)
+    X, Y = _promote(X, Y)
+    _check_pair(X, Y, method)
+    return _compiled(method, False, _options(method, X, **options))(X, Y)
+
+
+def similarity_batch(Xs, Ys, method: str = "mean_cca", **options) -> jax.Array:
+    """``method`` on each pair of a stack: Xs (L, n, p), Ys (L, n, q) -> (L,), one compile."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown similarity method {method!r}; choose one of {METHODS}.")
+    Xs, Ys = _promote(_as_float(Xs), _as_float(Ys))
+    _check_pair(Xs, Ys, method, batched=True)
+    return _compiled(method, True, _options(method, Xs, **options))(Xs, Ys)
+
+
+def similarity_many(pairs: Sequence[Tuple[object, object]], method: str = "mean_cca",
+                    **options) -> np.ndarray:
+    """``method`` on a list of (X_i, Y_i) pairs of any shapes -> float64 NumPy (len(pairs),).
+
+    Pairs are grouped by (X.shape, Y.shape); each group is stacked and evaluated by one
+    vmapped compiled call (e.g. 5 layers x 5 repeats of a network = 5 calls, or fewer
+    when layers share a shape).
+    """
+    groups: Dict[Tuple, List[int]] = {}
+    for i, (X, Y) in enumerate(pairs):
+        groups.setdefault((tuple(np.shape(X)), tuple(np.shape(Y))), []).append(i)
+    out = np.zeros(len(pairs), np.float64)
+    for _, idx in groups.items():
+        Xs = jnp.stack([jnp.asarray(pairs[i][0]) for i in idx])
+        Ys = jnp.stack([jnp.asarray(pairs[i][1]) for i in idx])
+        vals = np.asarray(similarity_batch(Xs, Ys, method, **options), np.float64)
+        out[np.asarray(idx)] = vals
+    return out
+
+
+def _promote(X, Y):
+    dt = jnp.promote_types(X.dtype, Y.dtype)
+    return X.astype(dt), Y.astype(dt)
+
+
+# ----------------------------------------------------------------------------- public API
+def cca_correlations(X, Y, *, rtol: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
+    """Canonical correlations of X (n, p) and Y (n, q).
+
+    Returns:
+      (rho, k): ``rho`` (min(p, q),) in descending order, zero beyond ``k`` =
+      min(numerical rank of X, of Y) (an int32 scalar).
+    """
+    X, Y = _promote(_as_float(X), _as_float(Y))
+    _check_pair(X, Y, "mean_cca")
+    rtol = default_rtol(X.dtype) if rtol is None else float(rtol)
+    return _cca_corr_jit(X, Y, rtol)
+
+
+@functools.partial(jax.jit, static_argnames=("rtol",))
+@_highest
+def _cca_corr_jit(X, Y, rtol):
+    return _cca_core(X, Y, rtol)
+
+
+def cca_correlations_batch(Xs, Ys, *, rtol: Optional[float] = None):
+    """Batched :func:`cca_correlations`: (L, n, p), (L, n, q) -> ((L, m), (L,))."""
+    Xs, Ys = _promote(_as_float(Xs), _as_float(Ys))
+    _check_pair(Xs, Ys, "mean_cca", batched=True)
+    rtol = default_rtol(Xs.dtype) if rtol is None else float(rtol)
+    return _cca_corr_batch_jit(Xs, Ys, rtol)
+
+
+@functools.partial(jax.jit, static_argnames=("rtol",))
+@_highest
+def _cca_corr_batch_jit(Xs, Ys, rtol):
+    return jax.vmap(functools.partial(_cca_core, rtol=rtol))(Xs, Ys)
+
+
+def mean_cca(X, Y, *, rtol: Optional[float] = None) -> jax.Array:
+    """Mean of the k = min(rank_x, rank_y) canonical correlations of X (n,p), Y (n,q)."""
+    return similarity(X, Y, "mean_cca", rtol=rtol)
+
+
+def svcca_paper_cca(X, Y, *, epsilon: float = 1e-12, rtol: Optional[float] = None):
+    """Mean CCA exactly as the Revisiting study computed it, stably.
+
+    Semantics of google/svcca ``np.mean(get_cca_similarity(x.T, y.T, epsilon)["cca_coef1"])``:
+    neurons whose variance is < ``epsilon`` x the layer's largest variance are dropped,
+    and the mean runs over all ``min(kept_x, kept_y)`` canonical correlations (no 0.98
+    threshold). Directions below float32 numerical rank (``rtol``) count as correlation 0,
+    as the epsilon-regularised float64 whitening makes them. X (n, p), Y (n, q) -> scalar.
+    """
+    return similarity(X, Y, "paper_cca", epsilon=epsilon, rtol=rtol)
+
+
+def svcca(X, Y, *, keep: float = 0.99, rtol: Optional[float] = None) -> jax.Array:
+    """SVCCA (Raghu et al. 2017): keep each side's leading singular directions that explain
+    ``keep`` of its variance, then mean CCA of the reduced sides. X (n,p), Y (n,q)."""
+    return similarity(X, Y, "svcca", keep=keep, rtol=rtol)
+
+
+def pwcca(X, Y, *, rtol: Optional[float] = None) -> jax.Array:
+    """Projection-weighted CCA (Morcos et al. 2018), weighted by X's canonical variates.
+
+    weight_i = sum_j |<h_i, x_j>| (h_i the i-th unit canonical variate of X, x_j centred
+    neuron j of X), normalised; PWCCA = sum_i weight_i rho_i. Not symmetric: pass (Y, X)
+    to weight by Y (svcca's pwcca.py weights by the layer with fewer neurons).
+    """
+    return similarity(X, Y, "pwcca", rtol=rtol)
+
+
+def linear_cka(X, Y) -> jax.Array:
+    """Linear CKA (Kornblith et al. 2019): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    return similarity(X, Y, "linear_cka")
+
+
+def rbf_cka(X, Y, *, threshold: float = 1.0) -> jax.Array:
+    """RBF-kernel CKA; sigma^2 = threshold^2 * median squared pairwise distance. O(n^2) memory."""
+    return similarity(X, Y, "rbf_cka", threshold=threshold)
+
+
+def debiased_cka(X, Y, *, kernel: str = "linear", threshold: float = 1.0) -> jax.Array:
+    """CKA from the unbiased HSIC estimator (Song et al. 2012), for small n.
+
+    ``kernel='linear'`` works in feature space (O(n p q), no n x n matrix);
+    ``'rbf'`` U-centres the n x n Gram matrices. Needs n >= 4.
+    """
+    return similarity(X, Y, "debiased_cka", kernel=kernel, threshold=threshold)
+
+
+def procrustes_distance(X, Y) -> jax.Array:
+    """Orthogonal Procrustes distance (Ding et al. 2021) of centred, unit-Frobenius X, Y:
+    ``2 - 2 ||Xc^T Yc||_*`` in [0, 2]; 0 iff Y is a rotation/reflection + scaling of X."""
+    return similarity(X, Y, "procrustes")

@@ -1,0 +1,343 @@
+r"""Post-training analyses: ``python -m medtransfer_jax.analyze WHAT --output_dir=DIR ...``.
+
+WHAT (positional, or ``--what``):
+
+* ``cca`` / ``similarity``: layer-by-layer similarity of two networks (weights dirs) on the
+  same images -> similarity.csv/.json/.png. ``--protocol=paper`` (default) is the
+  Revisiting CCA (mean CCA, stage outputs, ~10k positions, 64 shared channels, 5 repeats);
+  ``--protocol=custom`` uses ``--methods``, ``--layers``, ``--spatial``, ``--streaming``.
+  Several pairs: repeat ``--pair=DIR_A,DIR_B[,LABEL]``. Images: ``--images=data`` (the
+  data config: ``--data_name``, ``--data_root``, ``--fold``, ``--split``,
+  ``--data_override=key=value``) or ``--images=random`` (uniform noise, for smoke tests).
+* ``predictions``: two predictions CSVs -> prediction_similarity.csv/.json/.png
+  (``--random_predictions`` adds the relative AUC gain over random init).
+* ``weights``: per-layer relative L2 / cosine between two weights dirs -> weight_change.*.
+* ``filters``: 3x3 filter distributions of one or more weights dirs
+  (``--weights=NAME=DIR`` repeated; ``--groups=GROUP=NAME1,NAME2``) -> filter_layers.csv,
+  filter_drift.csv, filters.json, filter_histograms.npz and PNGs.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from absl import app, flags, logging
+import numpy as np
+
+WHATS = ("cca", "similarity", "predictions", "weights", "filters")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("what", None, WHATS, "Analysis to run (or give it as the first argument).")
+flags.DEFINE_string("output_dir", None, "Directory for CSV/JSON/PNG outputs (created).")
+# networks
+flags.DEFINE_string("weights_a", None, "Weights dir of network A (cca/similarity/weights).")
+flags.DEFINE_string("weights_b", None, "Weights dir of network B.")
+flags.DEFINE_string("label_a", None, "Name of A in tables (default: the path).")
+flags.DEFINE_string("label_b", None, "Name of B in tables.")
+flags.DEFINE_multi_string("pair", [], "DIR_A,DIR_B[,LABEL]: a comparison (repeatable).")
+flags.DEFINE_enum("protocol", "paper", ["paper", "custom"],
+                  "paper: the Revisiting CCA preset; custom: --methods/--layers/--spatial.")
+flags.DEFINE_list("methods", None, "Similarity methods (custom protocol), e.g. "
+                  "mean_cca,svcca,pwcca,linear_cka,rbf_cka,debiased_cka,procrustes,paper_cca.")
+flags.DEFINE_list("layers", None, "Keras layer names (default: the five stage outputs).")
+flags.DEFINE_enum("spatial", "positions", ["positions", "pool"],
+                  "positions: every spatial position a datapoint; pool: global average.")
+flags.DEFINE_integer("positions", None, "Target datapoints per layer (paper: 10000).")
+flags.DEFINE_integer("channels", None, "Shared random channel subset (paper: 64; 0 = all).")
+flags.DEFINE_integer("repeats", None, "Independent draws averaged (paper: 5).")
+flags.DEFINE_bool("streaming", False, "custom protocol: all positions of all images via "
+                  "streaming covariance / minibatch CKA accumulators.")
+flags.DEFINE_integer("seed", 0, "Seed for image / channel draws.")
+flags.DEFINE_integer("batch_size", 32, "Forward-pass batch size.")
+flags.DEFINE_string("preprocessing", None, "Override both networks' input normalisation.")
+# images
+flags.DEFINE_enum("images", "data", ["data", "random"], "Image source for cca/similarity.")
+flags.DEFINE_integer("num_images", 1000, "Size of the image pool drawn from the split.")
+flags.DEFINE_integer("image_size", None, "Resize images to this (default: data config / "
+                     "weights metadata image_size).")
+flags.DEFINE_string("data_name", None, "data config name (default: the config's default).")
+flags.DEFINE_string("data_root", None, "data config root (manual-download dir).")
+flags.DEFINE_integer("fold", 0, "Fold of the data splits.")
+flags.DEFINE_string("split", "test", "Split used as stimulus (train/val/test or an extra test).")
+flags.DEFINE_multi_string("data_override", [], "key=value overrides of the data config.")
+# predictions
+flags.DEFINE_string("predictions_a", None, "predictions.csv of model A.")
+flags.DEFINE_string("predictions_b", None, "predictions.csv of model B.")
+flags.DEFINE_string("random_predictions", None, "predictions.csv of the random-init model.")
+flags.DEFINE_string("prediction_split", None, "Only rows of this split (default: all rows).")
+# weights / filters
+flags.DEFINE_bool("include_batch_stats", False, "weights: include BatchNorm running stats.")
+flags.DEFINE_multi_string("weights", [], "filters: NAME=DIR or DIR (repeatable).")
+flags.DEFINE_multi_string("groups", [], "filters: GROUP=NAME1,NAME2 pooled groups.")
+flags.DEFINE_bool("orthogonality", False, "filters: also compute filter orthogonality.")
+
+
+def _fail(msg: str):
+    raise app.UsageError(msg)
+
+
+def _write_rows(rows: Sequence[dict], path: str, drop: Sequence[str] = ("values",)) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in drop))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in keys})
+    return path
+
+
+def _write_json(obj, path: str) -> str:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+# ----------------------------------------------------------------------------- images
+def _set_config(cfg, key: str, raw: str):
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    node = cfg
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if p not in node:
+            _fail(f"--data_override {key}: the data config has no field {p!r}.")
+        node = node[p]
+    if parts[-1] not in node:
+        _fail(f"--data_override {key}: the data config has no field {parts[-1]!r}; "
+              f"fields: {sorted(node.keys())}.")
+    node[parts[-1]] = value
+
+
+def load_images(image_size: int) -> np.ndarray:
+    """The stimulus pool: (N, S, S, 3) uint8 from the data split, or uniform noise."""
+    rng = np.random.default_rng(FLAGS.seed)
+    if FLAGS.images == "random":
+        return rng.integers(0, 256, (FLAGS.num_images, image_size, image_size, 3), np.uint8)
+    from PIL import Image
+
+    from medtransfer_jax import data, preprocessing
+
+    cfg = data.default_data_config()
+    if FLAGS.data_name:
+        cfg.name = FLAGS.data_name
+    if FLAGS.data_root:
+        cfg.root = FLAGS.data_root
+    for item in FLAGS.data_override:
+        if "=" not in item:
+            _fail(f"--data_override={item!r}: expected key=value.")
+        k, v = item.split("=", 1)
+        _set_config(cfg, k.strip(), v.strip())
+    splits = data.get_splits(cfg, fold=FLAGS.fold)
+    sources = {"train": splits.train, "val": splits.val, "test": splits.test,
+               **dict(splits.extra_tests)}
+    if FLAGS.split not in sources:
+        _fail(f"--split={FLAGS.split!r}: {splits.name} has splits {sorted(sources)}.")
+    src = sources[FLAGS.split]
+    if len(src) < 2:
+        _fail(f"--split={FLAGS.split} of {splits.name} has {len(src)} examples; need >= 2.")
+    idx = np.sort(rng.choice(len(src), min(FLAGS.num_images, len(src)), replace=False))
+    out = np.zeros((len(idx), image_size, image_size, 3), np.uint8)
+    for j, i in enumerate(idx):
+        img = preprocessing.to_three_channels(np.asarray(src[int(i)]["image"]))
+        if img.shape[:2] != (image_size, image_size):
+            img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize(
+                (image_size, image_size), Image.BILINEAR))
+        out[j] = img
+    logging.info("Loaded %d images of %s/%s fold %d at %d px.", len(out), splits.name,
+                 FLAGS.split, FLAGS.fold, image_size)
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+def _pairs() -> List[tuple]:
+    pairs = []
+    if FLAGS.weights_a or FLAGS.weights_b:
+        if not (FLAGS.weights_a and FLAGS.weights_b):
+            _fail("Give both --weights_a and --weights_b (or use --pair=DIR_A,DIR_B).")
+        pairs.append((FLAGS.weights_a, FLAGS.weights_b, FLAGS.label_a, FLAGS.label_b))
+    for p in FLAGS.pair:
+        parts = p.split(",")
+        if len(parts) not in (2, 3):
+            _fail(f"--pair={p!r}: expected DIR_A,DIR_B[,LABEL].")
+        pairs.append((parts[0], parts[1], None, None) + ((parts[2],) if len(parts) == 3 else ()))
+    if not pairs:
+        _fail("cca/similarity needs --weights_a and --weights_b, or --pair=DIR_A,DIR_B.")
+    for p in pairs:
+        for d in p[:2]:
+            if not os.path.isdir(d):
+                _fail(f"Weights directory {d!r} does not exist.")
+    return pairs
+
+
+def run_similarity(out_dir: str) -> Dict[str, str]:
+    from medtransfer_jax.analysis import activations as act
+    from medtransfer_jax.analysis import compare, plots
+
+    pairs = _pairs()
+    first = act.load_model(pairs[0][0])
+    size = FLAGS.image_size or _data_image_size() or first.metadata.image_size
+    images = load_images(size)
+    rows: List[dict] = []
+    for pair in pairs:
+        a = act.load_model(pair[0], pair[2])
+        b = act.load_model(pair[1], pair[3])
+        label = pair[4] if len(pair) > 4 else f"{a.name} vs {b.name}"
+        if FLAGS.protocol == "paper":
+            d = compare.PaperCCAProtocol()
+            proto = compare.PaperCCAProtocol(
+                layers=tuple(FLAGS.layers) if FLAGS.layers else None,
+                positions=FLAGS.positions or d.positions,
+                num_channels=(d.num_channels if FLAGS.channels is None
+                              else (FLAGS.channels or None)),
+                repeats=FLAGS.repeats or d.repeats,
+                method=(FLAGS.methods or [d.method])[0], seed=FLAGS.seed,
+                batch_size=FLAGS.batch_size)
+            if FLAGS.methods and len(FLAGS.methods) > 1:
+                _fail("--protocol=paper computes one method; use --protocol=custom for several.")
+            r = compare.run_paper_protocol(a, b, images, proto,
+                                           preprocessing=FLAGS.preprocessing)
+        else:
+            r = compare.compare_networks(
+                a, b, images, layers=FLAGS.layers, method=FLAGS.methods or ["mean_cca"],
+                spatial=FLAGS.spatial, positions=FLAGS.positions or 10000,
+                num_channels=FLAGS.channels or None, repeats=FLAGS.repeats or 1,
+                seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                preprocessing=FLAGS.preprocessing, streaming_mode=FLAGS.streaming)
+        for row in r:
+            row["pair"] = label
+        rows.extend(r)
+    return dict(csv=_write_rows(rows, os.path.join(out_dir, "similarity.csv")),
+                json=_write_json(rows, os.path.join(out_dir, "similarity.json")),
+                png=plots.plot_layer_similarity(rows, os.path.join(out_dir, "similarity.png")))
+
+
+def _data_image_size() -> Optional[int]:
+    if FLAGS.images != "data":
+        return None
+    try:
+        from medtransfer_jax import data
+        return int(data.default_data_config().image_size)
+    except Exception:  # data module missing or config without image_size
+        return None
+
+
+def run_predictions(out_dir: str) -> Dict[str, str]:
+    from medtransfer_jax.analysis import plots, predictions
+
+    if not (FLAGS.predictions_a and FLAGS.predictions_b):
+        _fail("predictions needs --predictions_a and --predictions_b (predictions.csv files).")
+    try:
+        res = predictions.compare_prediction_files(
+            FLAGS.predictions_a, FLAGS.predictions_b, split=FLAGS.prediction_split,
+            random_path=FLAGS.random_predictions)
+    except ValueError as e:
+        _fail(str(e))
+    res.update(model_a=FLAGS.label_a or FLAGS.predictions_a,
+               model_b=FLAGS.label_b or FLAGS.predictions_b)
+    return dict(csv=_write_rows([res], os.path.join(out_dir, "prediction_similarity.csv")),
+                json=_write_json(res, os.path.join(out_dir, "prediction_similarity.json")),
+                png=plots.plot_prediction_similarity(
+                    [res], os.path.join(out_dir, "prediction_similarity.png")))
+
+
+def run_weights(out_dir: str) -> Dict[str, str]:
+    from medtransfer_jax.analysis import plots, weight_change
+
+    if not (FLAGS.weights_a and FLAGS.weights_b):
+        _fail("weights needs --weights_a and --weights_b (weights directories).")
+    rows = weight_change.weight_change_dirs(FLAGS.weights_a, FLAGS.weights_b,
+                                            include_batch_stats=FLAGS.include_batch_stats)
+    return dict(csv=_write_rows(rows, os.path.join(out_dir, "weight_change.csv")),
+                json=_write_json(rows, os.path.join(out_dir, "weight_change.json")),
+                png=plots.plot_weight_change(rows, os.path.join(out_dir, "weight_change.png")))
+
+
+def run_filters(out_dir: str) -> Dict[str, str]:
+    from medtransfer_jax.analysis import filters, plots
+    from medtransfer_jax.weights import checkpoint
+
+    if not FLAGS.weights:
+        _fail("filters needs at least one --weights=NAME=DIR (or --weights=DIR).")
+    models = {}
+    for item in FLAGS.weights:
+        name, d = item.split("=", 1) if "=" in item else (os.path.basename(item.rstrip("/")), item)
+        if name in models:
+            _fail(f"--weights: duplicate name {name!r}; use NAME=DIR to tell them apart.")
+        models[name] = checkpoint.load_weights(d)[0]["params"]
+    groups = {}
+    for g in FLAGS.groups:
+        if "=" not in g:
+            _fail(f"--groups={g!r}: expected GROUP=NAME1,NAME2.")
+        k, v = g.split("=", 1)
+        groups[k] = [s for s in v.split(",") if s]
+    try:
+        rep = filters.analyse_filters(models, groups=groups or None,
+                                      with_orthogonality=FLAGS.orthogonality)
+    except ValueError as e:
+        _fail(str(e))
+    files = dict(
+        layers=_write_rows(rep.layer_rows, os.path.join(out_dir, "filter_layers.csv")),
+        drift=_write_rows(rep.drift_rows, os.path.join(out_dir, "filter_drift.csv")),
+        json=_write_json(dict(pca_components=rep.pca.components, pca_mean=rep.pca.mean,
+                              explained_variance_ratio=rep.pca.explained_variance_ratio,
+                              ranges=rep.ranges, layers=rep.layer_rows, drift=rep.drift_rows),
+                         os.path.join(out_dir, "filters.json")))
+    np.savez(os.path.join(out_dir, "filter_histograms.npz"),
+             bin_edges=rep.bin_edges(),
+             **{f"{m}|{k}": h for (m, k), h in rep.histograms.items()},
+             **{f"layer|{m}|{k}": h for (m, k), h in rep.layer_histograms.items()})
+    files["npz"] = os.path.join(out_dir, "filter_histograms.npz")
+    units = list(groups) if groups else list(models)
+    keys = [k for k in rep.histograms if k[0] in units]
+    files["hist_png"] = plots.plot_filter_histograms(
+        rep.histograms, rep.bin_edges(), os.path.join(out_dir, "filter_histograms.png"),
+        keys=sorted(keys), explained=rep.pca.explained_variance_ratio)
+    if rep.drift_rows:
+        files["drift_layer_png"] = plots.plot_kl_drift(
+            rep.drift_rows, os.path.join(out_dir, "filter_drift_layer.png"), scope="layer")
+        files["drift_depth_png"] = plots.plot_kl_drift(
+            rep.drift_rows, os.path.join(out_dir, "filter_drift_depth.png"), scope="depth_bin")
+    return files
+
+
+COMMANDS = {"cca": run_similarity, "similarity": run_similarity, "predictions": run_predictions,
+            "weights": run_weights, "filters": run_filters}
+
+
+def main(argv: Sequence[str]) -> Dict[str, str]:
+    if len(argv) > 2:
+        _fail(f"Unexpected arguments {list(argv[2:])}; flags need --name=value.")
+    what = argv[1] if len(argv) > 1 else FLAGS.what
+    if what is None:
+        _fail(f"Say what to analyse: `python -m medtransfer_jax.analyze {{{','.join(WHATS)}}} "
+              "--output_dir=DIR ...` (or --what=...).")
+    if what not in COMMANDS:
+        _fail(f"Unknown analysis {what!r}; choose one of {WHATS}.")
+    if FLAGS.what and len(argv) > 1 and FLAGS.what != what:
+        _fail(f"Positional {what!r} conflicts with --what={FLAGS.what}.")
+    if not FLAGS.output_dir:
+        _fail("--output_dir is required.")
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    files = COMMANDS[what](FLAGS.output_dir)
+    for k, v in files.items():
+        logging.info("wrote %s: %s", k, v)
+        print(v)
+    return files
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,16 @@
+"""`python -m medtransfer_jax.bench <what> [flags]`: benchmarks that print a table.
+
+  train        ResNet train step (img/s, step time, compile, MFU) vs torchvision, same run
+  pipeline     grain input pipeline img/s per worker count (224 px JPEG/PNG + augment)
+  similarity   CCA/SVCCA/PWCCA/CKA on device vs a float64 NumPy svcca-style reference
+  network      two-model ResNet50 stage-wise CCA end to end on N images
+  scaling      how step time and CCA time grow (batch, image size, N, neurons)
+
+Run with --helpfull for the flags of each.
+"""
+from absl import app
+
+from medtransfer_jax.bench import cli
+
+if __name__ == "__main__":
+    app.run(cli.main)

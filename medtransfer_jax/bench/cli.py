@@ -1,0 +1,73 @@
+"""Flags and dispatch for `python -m medtransfer_jax.bench`."""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from medtransfer_jax.bench import common
+
+WHATS = ("train", "pipeline", "similarity", "network", "scaling")
+
+_DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
+_IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes: float32, bfloat16.")
+_DEVICE_COUNTS = flags.DEFINE_list("device_counts", ["all"],
+                                   "Mesh sizes to try ('all' = every visible device).")
+_COMPARE_TORCH = flags.DEFINE_bool("compare_torch", True,
+                                   "Time torchvision's train step in the same run.")
+_ITERS = flags.DEFINE_integer("iters", 3, "Timed calls per window.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed windows (median is reported).")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts (pipeline).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Images per pipeline measurement.")
+_FORMAT = flags.DEFINE_enum("format", "jpeg", ["jpeg", "png"], "Image file format (pipeline).")
+_NEURONS = flags.DEFINE_list("neurons", ["512", "1024", "2048"], "Neurons per side (similarity).")
+_DATAPOINTS = flags.DEFINE_list("datapoints", ["10000", "50000"], "Datapoints (similarity).")
+_METHODS = flags.DEFINE_list("methods", ["mean_cca", "svcca", "pwcca", "linear_cka"],
+                             "Similarity methods to time.")
+_NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
+                                           "Images for the two-model comparison.")
+_WIDTH = flags.DEFINE_integer("width", 64, "ResNet stem width (64 = the real model).")
+
+
+def _ints(values):
+    return [int(v) for v in values]
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in WHATS:
+        raise SystemExit(f"usage: python -m medtransfer_jax.bench {{{','.join(WHATS)}}} "
+                         f"[flags]; got {argv[1:]!r}. See the module docstring.")
+    what = argv[1]
+    cmd = "python -m medtransfer_jax.bench " + " ".join(sys.argv[1:])
+    if what == "train":
+        from medtransfer_jax.bench import train_throughput as tt
+        counts = [None if c == "all" else int(c) for c in _DEVICE_COUNTS.value]
+        rows = tt.run(depth=_DEPTH.value, image_sizes=_ints(_IMAGE_SIZES.value),
+                      batch_sizes=_ints(_BATCH_SIZES.value), dtypes=_DTYPES.value,
+                      device_counts=counts, compare_torch=_COMPARE_TORCH.value,
+                      iters=_ITERS.value, repeats=_REPEATS.value, width=_WIDTH.value)
+        common.print_report("ResNet train step throughput", rows, tt.COLUMNS, cmd)
+    elif what == "pipeline":
+        from medtransfer_jax.bench import pipeline
+        rows = pipeline.run(image_size=_ints(_IMAGE_SIZES.value)[0],
+                            worker_counts=_ints(_WORKERS.value), num_images=_NUM_IMAGES.value,
+                            fmt=_FORMAT.value)
+        common.print_report("Input pipeline throughput", rows, None, cmd)
+    elif what == "similarity":
+        from medtransfer_jax.bench import similarity
+        rows = similarity.run(neurons=_ints(_NEURONS.value),
+                              datapoints=_ints(_DATAPOINTS.value), methods=_METHODS.value,
+                              repeats=_REPEATS.value)
+        common.print_report("Similarity kernels vs float64 NumPy", rows, None, cmd)
+    elif what == "network":
+        from medtransfer_jax.bench import similarity
+        rows = similarity.run_network(num_images=_NUM_IMAGES_NETWORK.value,
+                                      image_size=_ints(_IMAGE_SIZES.value)[0],
+                                      depth=_DEPTH.value, width=_WIDTH.value)
+        common.print_report("Two-model stage-wise CCA, end to end", rows, None, cmd)
+    elif what == "scaling":
+        from medtransfer_jax.bench import scaling
+        rows = scaling.run(width=_WIDTH.value)
+        common.print_report("Scaling", rows, None, cmd)

@@ -1,0 +1,134 @@
+"""ResNet train-step throughput: images/s, step time, compile time, MFU; vs PyTorch.
+
+Benchmarks the project's own jitted step (training/step.py) over a data mesh of
+``num_devices`` devices, on random device-resident batches (so the input pipeline is
+excluded; bench/pipeline.py measures that separately). FLOPs per step come from XLA's
+cost analysis of the compiled step, so MFU = flops/step / step_time / peak.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from medtransfer_jax.bench import common, torch_reference
+from medtransfer_jax.models import resnet
+from medtransfer_jax.training import optim, sharding, state as state_lib, step as step_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _train_cfg(lr: float = 1e-3) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(optimizer="adam", lr=lr, schedule="constant"))
+
+
+def compiled_flops(compiled) -> Optional[float]:
+    """FLOPs of one call of a compiled XLA program (None if the backend won't say)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis:
+        return None
+    flops = analysis.get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
+                   dtype: str = "float32", num_devices: Optional[int] = None,
+                   width: int = 64, num_classes: int = 2, iters: int = 3,
+                   repeats: int = 2, layout: str = "keras_v1") -> Dict[str, Any]:
+    """Times the project's train step; returns a table row."""
+    mesh = sharding.make_mesh(num_devices)
+    model = resnet.ResNet(depth=depth, layout=layout, num_classes=num_classes, width=width,
+                          dropout_rate=0.5, dtype=DTYPES[dtype])
+    variables = resnet.init_variables(model, jax.random.key(0), image_size)
+    tx = optim.make_optimizer(_train_cfg(), variables["params"], "none", total_steps=1000)
+    make_sh = functools.partial(sharding.state_shardings, mesh)
+    state, state_sh = state_lib.create_sharded_state(
+        variables, tx, jax.random.key_data(jax.random.key(1)), make_sh)
+    train_step = step_lib.make_train_step(model, tx, mesh, state_sh, num_classes=num_classes)
+
+    rng = np.random.default_rng(0)
+    batch = sharding.make_global_batch(mesh, {
+        "image": rng.standard_normal((batch_size, image_size, image_size, 3), np.float32),
+        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+        "weight": np.ones(batch_size, np.float32)})
+
+    import time
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = compiled_flops(compiled)
+
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics["loss"]
+
+    t = common.time_fn(run, iters=iters, repeats=repeats, sync=lambda x: x.block_until_ready())
+    step_s = t["median_s"]
+    kind = jax.devices()[0].device_kind
+    peak = common.peak_flops(kind, dtype)
+    n_dev = mesh.size
+    row = dict(framework="jax", depth=depth, image_size=image_size, batch=batch_size,
+               dtype=dtype, devices=n_dev, compile_s=compile_s, step_ms=step_s * 1e3,
+               img_per_s=batch_size / step_s,
+               gflop_per_img=(flops / batch_size / 1e9) if flops else float("nan"),
+               mfu=(flops / step_s / (peak * n_dev)) if (flops and peak) else float("nan"))
+    return row
+
+
+def bench_torch_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
+                     dtype: str = "float32", num_classes: int = 2, iters: int = 3,
+                     repeats: int = 2) -> Optional[Dict[str, Any]]:
+    if not torch_reference.available():
+        print("torch/torchvision not installed: skipping the PyTorch comparison "
+              "(pip install -e .[test]).")
+        return None
+    t = torch_reference.time_train_step(batch_size=batch_size, image_size=image_size,
+                                        dtype=dtype, num_classes=num_classes, iters=iters,
+                                        repeats=repeats, depth=depth)
+    return dict(framework="torch", depth=depth, image_size=image_size, batch=batch_size,
+                dtype=dtype, devices=1, compile_s=t["first_s"], step_ms=t["median_s"] * 1e3,
+                img_per_s=batch_size / t["median_s"], gflop_per_img=float("nan"),
+                mfu=float("nan"))
+
+
+def run(*, depth: int = 50, image_sizes: Sequence[int] = (224,),
+        batch_sizes: Sequence[int] = (16,), dtypes: Sequence[str] = ("float32",),
+        device_counts: Sequence[Optional[int]] = (None,), compare_torch: bool = True,
+        iters: int = 3, repeats: int = 2, width: int = 64) -> List[Dict[str, Any]]:
+    """Grid over image size x batch x dtype x device count; torch row + ratio per cell."""
+    rows = []
+    for size in image_sizes:
+        for bs in batch_sizes:
+            for dt in dtypes:
+                for nd in device_counts:
+                    row = bench_jax_step(depth=depth, image_size=size, batch_size=bs,
+                                         dtype=dt, num_devices=nd, iters=iters,
+                                         repeats=repeats, width=width)
+                    rows.append(row)
+                    print(common.format_table([row]).splitlines()[-1], flush=True)
+                if compare_torch and width == 64:
+                    trow = bench_torch_step(depth=depth, image_size=size, batch_size=bs,
+                                            dtype=dt, iters=iters, repeats=repeats)
+                    if trow:
+                        jax_1dev = [r for r in rows if r["image_size"] == size and
+                                    r["batch"] == bs and r["dtype"] == dt][0]
+                        trow["jax_speedup"] = jax_1dev["img_per_s"] / trow["img_per_s"]
+                        jax_1dev["jax_speedup"] = trow["jax_speedup"]
+                        rows.append(trow)
+                        print(common.format_table([trow]).splitlines()[-1], flush=True)
+    return rows
+
+
+COLUMNS = ["framework", "depth", "image_size", "batch", "dtype", "devices", "compile_s",
+           "step_ms", "img_per_s", "gflop_per_img", "mfu", "jax_speedup"]

@@ -1,0 +1,97 @@
+"""Jitted train and eval steps over a device mesh.
+
+Both steps take *global* arrays (see sharding.make_global_batch); the state is donated
+to the train step so params/optimizer moments are updated in place. BatchNorm sees the
+whole global batch (one logical array), so its statistics are global, not per device.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from medtransfer_jax.training import sharding as shard_lib
+from medtransfer_jax.training.state import TrainState
+
+
+def _weighted_loss(logits, labels, weights, num_classes, label_smoothing):
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        onehot = optax.smooth_labels(onehot, label_smoothing)
+    per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+    wsum = jnp.maximum(jnp.sum(weights), 1e-12)
+    return jnp.sum(per_example * weights) / wsum, per_example
+
+
+def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_sharding: Any,
+                    *, num_classes: int, batch_norm_train: bool = True,
+                    frozen_bn_layers: Optional[Mapping[str, bool]] = None,
+                    label_smoothing: float = 0.0, donate: bool = True) -> Callable:
+    """Returns ``train_step(state, batch) -> (state, metrics)``.
+
+    Args:
+      model: the Flax ResNet (its ``dtype`` sets compute precision; params stay fp32).
+      tx: the phase's optimizer (frozen layers already masked to zero updates).
+      state_sharding: NamedShardings matching the TrainState (sharding.state_shardings).
+      batch_norm_train: False runs every BatchNorm in inference mode (linear probe).
+      frozen_bn_layers: {layer: frozen}; frozen layers keep their running statistics.
+      batch: {'image': (B, H, W, 3) float, 'label': (B,) int, 'weight': (B,) float}.
+
+    metrics: {'loss', 'accuracy', 'grad_norm'} as replicated scalars (weighted means).
+    """
+    frozen_bn = {k for k, v in (frozen_bn_layers or {}).items() if v}
+
+    def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            logits, new_vars = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                train=True, batch_norm_train=batch_norm_train, mutable=["batch_stats"],
+                rngs={"dropout": dropout_rng})
+            loss, _ = _weighted_loss(logits, batch["label"], batch["weight"], num_classes,
+                                     label_smoothing)
+            return loss, (logits, new_vars["batch_stats"])
+
+        (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if frozen_bn:
+            new_bs = {k: (state.batch_stats[k] if k in frozen_bn else v) for k, v in new_bs.items()}
+        w = batch["weight"]
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        metrics = {"loss": loss,
+                   "accuracy": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1e-12),
+                   "grad_norm": optax.global_norm(grads)}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(train_step,
+                   in_shardings=(state_sharding, shard_lib.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, shard_lib.replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model, mesh: Mesh, variables_sharding: Any, *, num_classes: int) -> Callable:
+    """Returns ``eval_step(variables, batch) -> outputs`` (inference mode).
+
+    outputs: {'probs': (B, K) softmax, 'loss': (B,) per-example cross-entropy, 'label',
+    'weight', 'index': passed through} -- all sharded over ``data`` like the batch, so
+    sharding.gather_to_host can assemble them on every host.
+    """
+
+    def eval_step(variables, batch):
+        logits = model.apply(variables, batch["image"], train=False)
+        _, per_example = _weighted_loss(logits, batch["label"], batch["weight"], num_classes, 0.0)
+        out = {"probs": jax.nn.softmax(logits.astype(jnp.float32), -1), "loss": per_example}
+        for k in ("label", "weight", "index"):
+            if k in batch:
+                out[k] = batch[k]
+        return out
+
+    bs = shard_lib.batch_sharding(mesh)
+    return jax.jit(eval_step, in_shardings=(variables_sharding, bs), out_shardings=bs)

@@ -1,0 +1,18 @@
+"""Test-sized training config for subprocess tests (ResNet18 width 8, 32 px, batch 16).
+
+``--config=tests/_train_tiny_config.py:two_phase`` selects the two-phase schedule.
+"""
+from medtransfer_jax.training import presets
+
+
+def get_config(arg=None):
+    c = presets.tiny_config()
+    c.sharding.num_devices = 1
+    c.train.num_steps = 12
+    c.eval.every_steps = 4
+    c.checkpoint.every_steps = 3
+    if arg == "two_phase":
+        c.train.freeze = "two_phase"
+        c.train.head_phase.num_steps = 4
+        c.train.num_steps = 8
+    return c

@@ -1,0 +1,208 @@
+"""Unit tests of the Flax ResNet: structure, parameter counts vs Keras/torchvision,
+mixed precision, head replacement, named activations and BatchNorm mode override.
+
+Numerical parity with the source frameworks is in test_convert_{keras,torchvision}.py.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medtransfer_jax.models import resnet
+from medtransfer_jax.weights import merge_into
+
+
+def _shapes(model, size=32):
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((2, size, size, 3), jnp.float32))
+
+
+def _count(tree):
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+@pytest.fixture(scope="module")
+def small():
+    """ResNet50 (keras_v1) at width 8 with a 10-class head, initialised once."""
+    model = resnet.ResNet(depth=50, layout="keras_v1", num_classes=10, width=8)
+    variables = resnet.init_variables(model, jax.random.key(1), image_size=32)
+    x = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
+    return model, variables, x
+
+
+@pytest.mark.parametrize("layout", resnet.LAYOUTS)
+@pytest.mark.parametrize("depth", sorted(resnet.DEPTHS))
+def test_every_depth_and_layout_builds(depth, layout):
+    model = resnet.ResNet(depth=depth, layout=layout, num_classes=7, width=8)
+    tree = _shapes(model)
+    params = tree["params"]
+    # "Depth" counts the weighted layers on the main path: convs + the head.
+    main_convs = [n for n in params if n.endswith("_conv") and "_0_" not in n]
+    assert len(main_convs) + 1 == depth
+    kind, blocks = resnet.DEPTHS[depth]
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), tree, jnp.zeros((2, 64, 64, 3)))
+    assert out.shape == (2, 7)
+    has_bias = "bias" in params["conv1_conv"]
+    assert has_bias == (layout == "keras_v1")
+    feat = resnet.ResNet(depth=depth, layout=layout, num_classes=None, width=8)
+    pooled = jax.eval_shape(lambda v, x: feat.apply(v, x), _shapes(feat), jnp.zeros((2, 64, 64, 3)))
+    assert pooled.shape == (2, 8 * 8 * (4 if kind == "bottleneck" else 1))
+    assert len(resnet.block_output_names(depth)) == sum(blocks) + 3
+
+
+def test_invalid_depth_and_layout_are_explained():
+    with pytest.raises(ValueError, match="depth=42"):
+        _shapes(resnet.ResNet(depth=42))
+    with pytest.raises(ValueError, match="layout='caffe'"):
+        _shapes(resnet.ResNet(layout="caffe"))
+
+
+def test_param_counts_match_keras_resnet50():
+    keras = pytest.importorskip("keras")
+    km = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3))
+    trainable = sum(int(np.prod(w.shape)) for w in km.trainable_weights)
+    frozen = sum(int(np.prod(w.shape)) for w in km.non_trainable_weights)
+    tree = _shapes(resnet.ResNet(depth=50, layout="keras_v1", num_classes=None))
+    assert _count(tree["params"]) == trainable
+    assert _count(tree["batch_stats"]) == frozen
+    # Same layer names with weights.
+    keras_layers = {l.name for l in km.layers if l.weights}
+    assert keras_layers == set(tree["params"])
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_param_counts_match_torchvision(depth):
+    torchvision = pytest.importorskip("torchvision")
+    tm = getattr(torchvision.models, f"resnet{depth}")()
+    tree = _shapes(resnet.ResNet(depth=depth, layout="torchvision_v15", num_classes=1000))
+    assert _count(tree["params"]) == sum(p.numel() for p in tm.parameters())
+    assert _count(tree["batch_stats"]) == sum(
+        b.numel() for n, b in tm.named_buffers() if not n.endswith("num_batches_tracked"))
+
+
+def test_bf16_compute_keeps_float32_params():
+    model = resnet.ResNet(depth=18, layout="torchvision_v15", num_classes=3, width=8,
+                          dtype=jnp.bfloat16)
+    variables = resnet.init_variables(model, jax.random.key(0), image_size=32)
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    acts = resnet.extract_activations(model, variables, x, ["conv1_relu", "conv3_block2_out",
+                                                            "avg_pool", "logits"])
+    assert acts["conv1_relu"].dtype == jnp.bfloat16
+    assert acts["conv3_block2_out"].dtype == jnp.bfloat16
+    assert acts["avg_pool"].dtype == jnp.bfloat16
+    assert acts["logits"].dtype == jnp.float32  # head output is cast back for the loss
+    ref = resnet.ResNet(depth=18, layout="torchvision_v15", num_classes=3, width=8)
+    ref_logits = np.asarray(ref.apply(variables, x))
+    np.testing.assert_allclose(np.asarray(acts["logits"]), ref_logits,
+                               atol=0.05 * np.abs(ref_logits).max())
+
+
+def test_head_replace(small):
+    model, variables, x = small
+    new_model = model.clone(num_classes=3)
+    target = resnet.init_variables(new_model, jax.random.key(5), image_size=32)
+    merged = merge_into(target, variables)
+    assert merged["params"]["predictions"]["kernel"].shape == (256, 3)
+    np.testing.assert_array_equal(merged["params"]["predictions"]["kernel"],
+                                  target["params"]["predictions"]["kernel"])
+    for layer in ("conv1_conv", "conv4_block3_2_conv", "conv5_block3_3_bn"):
+        for k, v in variables["params"][layer].items():
+            np.testing.assert_array_equal(merged["params"][layer][k], v)
+    # Same backbone -> same pooled features; the new head gives 3 logits.
+    feats_a = resnet.extract_activations(model, variables, x, ["avg_pool"])["avg_pool"]
+    acts = resnet.extract_activations(new_model, merged, x, ["avg_pool", "logits"])
+    np.testing.assert_allclose(acts["avg_pool"], feats_a, rtol=1e-6, atol=1e-6)
+    assert acts["logits"].shape == (2, 3)
+
+
+def test_extract_activations_names_and_shapes(small):
+    model, variables, x = small
+    names = list(resnet.stage_output_names(50)) + ["pool1_pool", "avg_pool", "logits"]
+    assert names[:5] == ["conv1_relu", "conv2_block3_out", "conv3_block4_out",
+                         "conv4_block6_out", "conv5_block3_out"]
+    acts = resnet.extract_activations(model, variables, x, names)
+    expected = {"conv1_relu": (2, 32, 32, 8), "pool1_pool": (2, 16, 16, 8),
+                "conv2_block3_out": (2, 16, 16, 32), "conv3_block4_out": (2, 8, 8, 64),
+                "conv4_block6_out": (2, 4, 4, 128), "conv5_block3_out": (2, 2, 2, 256),
+                "avg_pool": (2, 256), "logits": (2, 10)}
+    assert {k: v.shape for k, v in acts.items()} == expected
+    # avg_pool really is the spatial mean of the last block; logits the Dense of it.
+    np.testing.assert_allclose(acts["avg_pool"], acts["conv5_block3_out"].mean(axis=(1, 2)),
+                               rtol=1e-5, atol=1e-6)
+    head = variables["params"]["predictions"]
+    np.testing.assert_allclose(
+        acts["logits"], np.asarray(acts["avg_pool"], np.float64) @ head["kernel"] + head["bias"],
+        rtol=1e-4, atol=1e-5)
+    every = resnet.extract_activations(model, variables, x, resnet.block_output_names(50))
+    assert list(every) == list(resnet.block_output_names(50))
+
+
+def test_extract_activations_bad_names(small):
+    model, variables, x = small
+    with pytest.raises(ValueError, match="conv6_block1_out") as e:
+        resnet.extract_activations(model, variables, x, ["conv1_relu", "conv6_block1_out"])
+    assert "conv5_block3_out" in str(e.value)  # lists the valid names
+
+
+def _conv_nhwc_f64(x, kernel, bias, stride, pad):
+    """Independent float64 reference: zero padding, then strided sliding windows."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    kh, kw = kernel.shape[:2]
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+    # win: (B, Ho, Wo, Cin, kh, kw)
+    return np.einsum("bhwcij,ijco->bhwo", win, np.asarray(kernel, np.float64)) + (
+        0.0 if bias is None else np.asarray(bias, np.float64))
+
+
+@pytest.mark.parametrize("layout,momentum", [("keras_v1", 0.99), ("torchvision_v15", 0.9)])
+def test_batch_norm_train_override(layout, momentum):
+    model = resnet.ResNet(depth=18, layout=layout, num_classes=4, width=8, dropout_rate=0.0)
+    variables = resnet.init_variables(model, jax.random.key(0), image_size=32)
+    # Non-trivial running statistics so "uses running stats" and "uses batch stats" differ.
+    rng = np.random.default_rng(0)
+    variables["batch_stats"] = jax.tree.map(
+        lambda v: rng.uniform(0.5, 1.5, v.shape).astype(np.float32), variables["batch_stats"])
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    eval_out = model.apply(variables, x, train=False)
+
+    # Frozen-base phase: train=True but BatchNorm in inference mode -> same as eval,
+    # and the running statistics are not touched.
+    frozen_out, state = model.apply(variables, x, train=True, batch_norm_train=False,
+                                    mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_allclose(frozen_out, eval_out, rtol=1e-6, atol=1e-6)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, state["batch_stats"],
+                                            variables["batch_stats"])))
+
+    # The opposite override: batch statistics without train -> running stats move by
+    # the layout's momentum towards the batch moments of the stem conv's output.
+    out, state = model.apply(variables, x, train=False, batch_norm_train=True,
+                             mutable=["batch_stats"])
+    assert np.abs(np.asarray(out) - np.asarray(eval_out)).max() > 1e-3
+    p = variables["params"]["conv1_conv"]
+    y = _conv_nhwc_f64(x, p["kernel"], p.get("bias"), stride=2, pad=3)
+    old = variables["batch_stats"]["conv1_bn"]
+    new = state["batch_stats"]["conv1_bn"]
+    np.testing.assert_allclose(new["mean"], momentum * old["mean"] + (1 - momentum) * y.mean((0, 1, 2)),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new["var"], momentum * old["var"] + (1 - momentum) * y.var((0, 1, 2)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_only_in_train(small):
+    model, variables, x = small
+    model = model.clone(dropout_rate=0.5)
+    a = model.apply(variables, x, train=False)
+    b = model.apply(variables, x, train=True, batch_norm_train=False,
+                    rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(a, model.apply(variables, x, train=False))
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+
+
+def test_model_spec_roundtrip():
+    spec = resnet.ModelSpec(depth=18, layout="torchvision_v15", num_classes=None, width=16)
+    model = spec.build(num_classes=5, dtype=jnp.bfloat16)
+    assert (model.depth, model.layout, model.num_classes, model.width, model.dtype) == (
+        18, "torchvision_v15", 5, 16, jnp.bfloat16)

@@ -1,0 +1,314 @@
+"""Similarity kernels vs independent float64 NumPy references, identities and edge cases.
+
+Tolerances (float32 kernels on device vs float64 references):
+* individual canonical correlations: 1e-4 on well-conditioned data;
+* scalar summaries (mean CCA, SVCCA, PWCCA, CKA variants, Procrustes): 2e-4;
+* identities (CCA(X, XA) = 1, CKA(X, X) = 1, invariances): 1e-4.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medtransfer_jax.analysis import similarity as S
+
+N, P, Q = 600, 12, 16
+
+
+def _data(seed=0, n=N, p=P, q=Q, shared=6):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, shared))
+    X = Z @ rng.normal(size=(shared, p)) + rng.normal(size=(n, p)) + 3.0
+    Y = np.tanh(Z @ rng.normal(size=(shared, q))) + 0.7 * rng.normal(size=(n, q)) - 1.0
+    return X.astype(np.float32), Y.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- references
+def _inv_sqrt(A):
+    w, V = np.linalg.eigh(A)
+    return V @ np.diag(w ** -0.5) @ V.T
+
+
+def ref_cca(X, Y):
+    """Textbook: singular values of Sxx^-1/2 Sxy Syy^-1/2 (float64)."""
+    X = np.asarray(X, np.float64) - np.mean(X, 0)
+    Y = np.asarray(Y, np.float64) - np.mean(Y, 0)
+    M = _inv_sqrt(X.T @ X) @ (X.T @ Y) @ _inv_sqrt(Y.T @ Y)
+    return np.linalg.svd(M, compute_uv=False)
+
+
+def ref_svcca(X, Y, keep=0.99):
+    def reduce(A):
+        A = np.asarray(A, np.float64) - np.mean(A, 0)
+        U, s, _ = np.linalg.svd(A, full_matrices=False)
+        frac = np.cumsum(s ** 2) / np.sum(s ** 2)
+        d = int(np.searchsorted(frac, keep) + 1)
+        return U[:, :d] * s[:d]
+    rx, ry = reduce(X), reduce(Y)
+    return ref_cca(rx, ry).mean()
+
+
+def ref_pwcca(X, Y):
+    X = np.asarray(X, np.float64) - np.mean(X, 0)
+    Y = np.asarray(Y, np.float64) - np.mean(Y, 0)
+    Wx, Wy = _inv_sqrt(X.T @ X), _inv_sqrt(Y.T @ Y)
+    u, rho, _ = np.linalg.svd(Wx @ X.T @ Y @ Wy)
+    m = min(X.shape[1], Y.shape[1])
+    H = X @ Wx @ u[:, :m]
+    H /= np.linalg.norm(H, axis=0)
+    alpha = np.abs(H.T @ X).sum(1)
+    return np.sum(alpha / alpha.sum() * rho[:m])
+
+
+def ref_paper(X, Y, eps=1e-12):
+    """google/svcca get_cca_similarity covariance algorithm, re-implemented in float64."""
+    A, B = np.asarray(X, np.float64).T, np.asarray(Y, np.float64).T
+    nx = A.shape[0]
+    cov = np.cov(A, B)
+    sxx, sxy, syy = cov[:nx, :nx], cov[:nx, nx:], cov[nx:, nx:]
+    xm, ym = np.abs(sxx).max(), np.abs(syy).max()
+    sxx, syy, sxy = sxx / xm, syy / ym, sxy / np.sqrt(xm * ym)
+    ix, iy = np.diag(sxx) >= eps, np.diag(syy) >= eps
+    sxx, syy, sxy = sxx[ix][:, ix], syy[iy][:, iy], sxy[ix][:, iy]
+    sxx = sxx + eps * np.eye(len(sxx))
+    syy = syy + eps * np.eye(len(syy))
+
+    def isqrt(a):
+        w, v = np.linalg.eigh(np.linalg.pinv(a))
+        return v @ np.diag(np.sqrt(np.maximum(w, 0))) @ v.T
+    s = np.linalg.svd(isqrt(sxx) @ sxy @ isqrt(syy), compute_uv=False)
+    return np.mean(np.abs(s))
+
+
+def _H(n):
+    return np.eye(n) - np.ones((n, n)) / n
+
+
+def ref_cka_from_grams(K, L):
+    H = _H(K.shape[0])
+    hsic = lambda a, b: np.trace(a @ H @ b @ H)  # noqa: E731
+    return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
+
+
+def ref_rbf(X, threshold=1.0):
+    X = np.asarray(X, np.float64)
+    D = np.sum((X[:, None, :] - X[None, :, :]) ** 2, -1)
+    return np.exp(-D / (2 * threshold ** 2 * np.median(D)))
+
+
+def ref_hsic_unbiased(K, L):
+    """Song et al. (2012), eq. 5."""
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0)
+    np.fill_diagonal(L, 0)
+    one = np.ones(n)
+    return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+
+
+def ref_debiased_cka(K, L):
+    return ref_hsic_unbiased(K, L) / np.sqrt(ref_hsic_unbiased(K, K) * ref_hsic_unbiased(L, L))
+
+
+def ref_procrustes(X, Y):
+    """Solve min_R ||X R - Y|| over orthogonal R explicitly and return the residual."""
+    X = np.asarray(X, np.float64) - np.mean(X, 0)
+    Y = np.asarray(Y, np.float64) - np.mean(Y, 0)
+    X, Y = X / np.linalg.norm(X), Y / np.linalg.norm(Y)
+    p, q = X.shape[1], Y.shape[1]
+    d = max(p, q)
+    X = np.pad(X, ((0, 0), (0, d - p)))
+    Y = np.pad(Y, ((0, 0), (0, d - q)))
+    U, _, Vt = np.linalg.svd(X.T @ Y)
+    return np.sum((X @ U @ Vt - Y) ** 2)
+
+
+# ----------------------------------------------------------------------------- reference checks
+def test_cca_correlations_match_textbook():
+    X, Y = _data()
+    rho, k = S.cca_correlations(X, Y)
+    ref = ref_cca(X, Y)
+    assert int(k) == P
+    np.testing.assert_allclose(np.asarray(rho), ref, atol=1e-4)
+    np.testing.assert_allclose(float(S.mean_cca(X, Y)), ref.mean(), atol=2e-4)
+
+
+@pytest.mark.parametrize("method,ref", [
+    ("svcca", lambda X, Y: ref_svcca(X, Y)),
+    ("pwcca", ref_pwcca),
+    ("paper_cca", ref_paper),
+    ("linear_cka", lambda X, Y: ref_cka_from_grams(
+        (X - X.mean(0)) @ (X - X.mean(0)).T, (Y - Y.mean(0)) @ (Y - Y.mean(0)).T)),
+    ("procrustes", ref_procrustes),
+])
+def test_methods_match_float64_references(method, ref):
+    X, Y = _data(1)
+    got = float(S.similarity(X, Y, method))
+    want = float(ref(X.astype(np.float64), Y.astype(np.float64)))
+    assert got == pytest.approx(want, abs=2e-4), (method, got, want)
+
+
+def test_svcca_reduces_dimensions():
+    """Low-rank signal plus tiny noise: SVCCA keeps the signal directions only, so it is much
+    higher than mean CCA over all (mostly noise) directions; matches the reference."""
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(N, 3))
+    X = Z @ rng.normal(size=(3, P)) + 1e-3 * rng.normal(size=(N, P))
+    Y = Z @ rng.normal(size=(3, Q)) + 1e-3 * rng.normal(size=(N, Q))
+    X, Y = X.astype(np.float32), Y.astype(np.float32)
+    got = float(S.svcca(X, Y))
+    assert got == pytest.approx(ref_svcca(X, Y), abs=2e-4)
+    assert got > 0.99 > float(S.mean_cca(X, Y)) + 0.3
+
+
+def test_cka_small_n_gram_paths():
+    """n < p: Gram-form linear CKA, RBF CKA and debiased CKA (both kernels) vs references."""
+    rng = np.random.default_rng(2)
+    n, p, q = 40, 70, 50
+    X = rng.normal(size=(n, p)).astype(np.float32)
+    Y = (X[:, :q] + 0.8 * rng.normal(size=(n, q))).astype(np.float32)
+    Xd, Yd = X.astype(np.float64), Y.astype(np.float64)
+    Kl, Ll = Xd @ Xd.T, Yd @ Yd.T
+    assert float(S.linear_cka(X, Y)) == pytest.approx(ref_cka_from_grams(Kl, Ll), abs=2e-4)
+    Kr, Lr = ref_rbf(Xd, 0.8), ref_rbf(Yd, 0.8)
+    assert float(S.rbf_cka(X, Y, threshold=0.8)) == pytest.approx(
+        ref_cka_from_grams(Kr, Lr), abs=2e-4)
+    assert float(S.debiased_cka(X, Y)) == pytest.approx(ref_debiased_cka(Kl, Ll), abs=2e-4)
+    assert float(S.debiased_cka(X, Y, kernel="rbf", threshold=0.8)) == pytest.approx(
+        ref_debiased_cka(Kr, Lr), abs=2e-4)
+    # feature-space and Gram-space forms of debiased linear CKA agree
+    assert float(S.similarity(X, Y, "debiased_cka", kernel="linear_gram")) == pytest.approx(
+        float(S.debiased_cka(X, Y)), abs=1e-5)
+
+
+def test_debiased_cka_large_n_feature_form():
+    X, Y = _data(4, n=300)
+    Xd, Yd = X.astype(np.float64), Y.astype(np.float64)
+    want = ref_debiased_cka(Xd @ Xd.T, Yd @ Yd.T)
+    assert float(S.debiased_cka(X, Y)) == pytest.approx(want, abs=2e-4)
+    # debiasing moves the estimate below the biased one on independent noise
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(300, 20)), rng.normal(size=(300, 20))
+    assert abs(float(S.debiased_cka(A, B))) < 0.02 < float(S.linear_cka(A, B))
+
+
+# ----------------------------------------------------------------------------- identities
+def test_invariances_and_identities():
+    X, Y = _data(5)
+    rng = np.random.default_rng(5)
+    Qx, _ = np.linalg.qr(rng.normal(size=(P, P)))
+    Qy, _ = np.linalg.qr(rng.normal(size=(Q, Q)))
+    Xr, Yr = (X @ Qx * 7.5).astype(np.float32), (Y @ Qy * 0.02).astype(np.float32)
+    # PWCCA's weights sum |<h_i, x_j>| over X's neurons: invariant to rotating Y and to
+    # scaling / permuting / sign-flipping X's neurons, but not to rotating X.
+    perm = rng.permutation(P)
+    Xp = (X[:, perm] * np.where(perm % 2, -1.0, 1.0) * 7.5).astype(np.float32)
+    for m in S.METHODS:
+        if m == "rbf_cka":
+            continue  # O(n^2); checked separately on a smaller set
+        a = float(S.similarity(X, Y, m))
+        b = float(S.similarity(Xp if m == "pwcca" else Xr, Yr, m))
+        assert a == pytest.approx(b, abs=1e-4), m
+    A = rng.normal(size=(P, P)) + 3 * np.eye(P)  # invertible, not orthogonal
+    XA = (X @ A).astype(np.float32)
+    for m in ("mean_cca", "paper_cca", "pwcca"):
+        assert float(S.similarity(X, XA, m)) == pytest.approx(1.0, abs=1e-4), m
+    rho, _ = S.cca_correlations(X, XA)
+    np.testing.assert_allclose(np.asarray(rho), 1.0, atol=1e-4)
+    for m in ("linear_cka", "debiased_cka"):
+        assert float(S.similarity(X, X, m)) == pytest.approx(1.0, abs=1e-5), m
+    assert float(S.procrustes_distance(X, Xr)) == pytest.approx(0.0, abs=1e-4)
+    small = X[:80]
+    assert float(S.rbf_cka(small, small)) == pytest.approx(1.0, abs=1e-5)
+    assert float(S.rbf_cka(small, small @ Qx * 3)) == pytest.approx(1.0, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- edge cases
+def test_rank_deficient_and_constant_neurons_are_finite_and_correct():
+    X, Y = _data(6)
+    rng = np.random.default_rng(6)
+    dup = np.concatenate([X, X[:, :2] * 2.0 + 1.0, np.full((N, 1), 4.2, np.float32)], 1)
+    for m in S.METHODS:
+        v = float(S.similarity(dup, Y, m))
+        assert np.isfinite(v), m
+    # duplicated / constant columns do not change mean CCA (rank is what counts)
+    assert float(S.mean_cca(dup, Y)) == pytest.approx(float(S.mean_cca(X, Y)), abs=2e-4)
+    rho, k = S.cca_correlations(dup, Y)
+    assert int(k) == P and np.all(np.asarray(rho)[P:] == 0)
+    # paper semantics: the constant neuron is pruned, exact duplicates count with rho = 0
+    exact = np.concatenate([X, X[:, :2] * 2.0, np.full((N, 1), 4.2, np.float32)], 1)
+    assert float(S.svcca_paper_cca(exact, Y)) == pytest.approx(ref_paper(exact, Y), abs=2e-4)
+    # duplicates up to float32 rounding (x*2+1): svcca's pinv/sqrt algorithm amplifies the
+    # rounding noise into "correlations" far above 1; the stable kernel stays in [0, 1].
+    assert ref_paper(dup, Y) > 1.0
+    assert 0.0 < float(S.svcca_paper_cca(dup, Y)) <= float(S.svcca_paper_cca(X, Y)) + 1e-4
+    # all-constant side: 0 for CCA (like svcca), finite everywhere
+    const = np.ones((N, 5), np.float32)
+    for m in S.METHODS:
+        v = float(S.similarity(const, Y, m))
+        assert np.isfinite(v), m
+    assert float(S.mean_cca(const, Y)) == 0.0
+    # near-constant neuron (relative variance 1e-14) is dropped rather than amplified
+    tiny = np.concatenate([X, (5 + 1e-7 * rng.normal(size=(N, 1))).astype(np.float32)], 1)
+    assert float(S.mean_cca(tiny, Y)) == pytest.approx(float(S.mean_cca(X, Y)), abs=2e-4)
+
+
+def test_too_few_datapoints_raise():
+    X, Y = _data(7, n=12)  # n = 12 <= q = 16
+    for m in S.CCA_FAMILY:
+        with pytest.raises(ValueError, match="more datapoints than neurons"):
+            S.similarity(X, Y, m)
+    assert np.isfinite(float(S.linear_cka(X, Y)))  # CKA is fine with n < p
+    with pytest.raises(ValueError, match="same datapoints"):
+        S.mean_cca(X, Y[:-1])
+    with pytest.raises(ValueError, match="Unknown similarity method"):
+        S.similarity(X, Y, "cca_magic")
+    with pytest.raises(ValueError, match="at least 4"):
+        S.debiased_cka(X[:3], Y[:3])
+
+
+def test_batched_equals_looped_and_grouping():
+    pairs = [_data(s) for s in range(3)]
+    Xs = np.stack([p[0] for p in pairs])
+    Ys = np.stack([p[1] for p in pairs])
+    for m in ("mean_cca", "paper_cca", "svcca", "pwcca", "linear_cka", "debiased_cka",
+              "procrustes"):
+        batched = np.asarray(S.similarity_batch(Xs, Ys, m))
+        looped = np.array([float(S.similarity(x, y, m)) for x, y in pairs])
+        np.testing.assert_allclose(batched, looped, atol=1e-5, err_msg=m)
+    rho_b, k_b = S.cca_correlations_batch(Xs, Ys)
+    for i, (x, y) in enumerate(pairs):
+        rho, k = S.cca_correlations(x, y)
+        np.testing.assert_allclose(np.asarray(rho_b[i]), np.asarray(rho), atol=1e-5)
+        assert int(k_b[i]) == int(k)
+    mixed = pairs + [(pairs[0][0][:, :8], pairs[0][1][:, :9])]
+    got = S.similarity_many(mixed, "mean_cca")
+    want = [float(S.mean_cca(x, y)) for x, y in mixed]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_every_matmul_uses_highest_precision():
+    """All dot_generals in the traced kernels carry HIGHEST precision (no bf16/TF32)."""
+    X, Y = _data(0, n=64, p=4, q=5)
+    for m in S.METHODS:
+        fn = S._highest(S._core(m, rtol=1e-4, epsilon=1e-12, keep=0.99, threshold=1.0,
+                                kernel="linear"))
+        jaxpr = jax.make_jaxpr(fn)(jnp.asarray(X), jnp.asarray(Y))
+        dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+        assert dots, m
+        for e in dots:
+            prec = e.params["precision"]
+            assert prec is not None and all(p == jax.lax.Precision.HIGHEST for p in prec), (
+                m, prec)
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.core.subjaxprs(e) if hasattr(jax.core, "subjaxprs") else []:
+            yield from _all_eqns(sub)
+        for v in e.params.values():
+            if hasattr(v, "jaxpr"):
+                inner = v.jaxpr if hasattr(v.jaxpr, "eqns") else v.jaxpr.jaxpr
+                yield from _all_eqns(inner)
