@@ -18,7 +18,7 @@
 # (also after preemption: the loop saves at JAX's preemption sync point and exits 143).
 set -euo pipefail
 
-cmd=${1:?usage: tpu_vm.sh create|queue|setup|train|sweep|ssh|delete NAME ZONE ...}
+cmd=${1:?usage: tpu_vm.sh create|queue|setup|mount|train|sweep|ssh|delete NAME ZONE ...}
 name=${2:?TPU name}
 zone=${3:?zone, e.g. us-central2-b}
 shift 3

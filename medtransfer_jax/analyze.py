@@ -15,6 +15,9 @@ WHAT (positional, or ``--what``):
 * ``filters``: 3x3 filter distributions of one or more weights dirs
   (``--weights=NAME=DIR`` repeated; ``--groups=GROUP=NAME1,NAME2``) -> filter_layers.csv,
   filter_drift.csv, filters.json, filter_histograms.npz and PNGs.
+* ``auc_vs_similarity``: relative AUC gain over random init vs per-layer similarity across
+  fine-tuned runs (``--run=SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON`` repeated) ->
+  auc_vs_similarity.csv/.json/.png.
 """
 from __future__ import annotations
 
@@ -22,58 +25,75 @@ import ast
 import csv
 import json
 import os
-import sys
 from typing import Dict, List, Optional, Sequence
 
 from absl import app, flags, logging
 import numpy as np
 
-WHATS = ("cca", "similarity", "predictions", "weights", "filters")
+WHATS = ("cca", "similarity", "predictions", "weights", "filters", "auc_vs_similarity")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("what", None, WHATS, "Analysis to run (or give it as the first argument).")
-flags.DEFINE_string("output_dir", None, "Directory for CSV/JSON/PNG outputs (created).")
+
+
+def _define(kind: str, name: str, default, help_: str, *args):
+    """flags.DEFINE_<kind> with allow_override: generic names (output_dir, seed, batch_size)
+    may also be defined by another main imported into the same process (a test session);
+    overriding avoids a DuplicateFlagError there."""
+    fn = getattr(flags, f"DEFINE_{kind}")
+    fn(name, default, *args, help_, allow_override=True)
+
+
+_define("enum", "what", None, "Analysis to run (or give it as the first argument).", WHATS)
+_define("string", "output_dir", None, "Directory for CSV/JSON/PNG outputs (created).")
 # networks
-flags.DEFINE_string("weights_a", None, "Weights dir of network A (cca/similarity/weights).")
-flags.DEFINE_string("weights_b", None, "Weights dir of network B.")
-flags.DEFINE_string("label_a", None, "Name of A in tables (default: the path).")
-flags.DEFINE_string("label_b", None, "Name of B in tables.")
-flags.DEFINE_multi_string("pair", [], "DIR_A,DIR_B[,LABEL]: a comparison (repeatable).")
-flags.DEFINE_enum("protocol", "paper", ["paper", "custom"],
-                  "paper: the Revisiting CCA preset; custom: --methods/--layers/--spatial.")
-flags.DEFINE_list("methods", None, "Similarity methods (custom protocol), e.g. "
-                  "mean_cca,svcca,pwcca,linear_cka,rbf_cka,debiased_cka,procrustes,paper_cca.")
-flags.DEFINE_list("layers", None, "Keras layer names (default: the five stage outputs).")
-flags.DEFINE_enum("spatial", "positions", ["positions", "pool"],
-                  "positions: every spatial position a datapoint; pool: global average.")
-flags.DEFINE_integer("positions", None, "Target datapoints per layer (paper: 10000).")
-flags.DEFINE_integer("channels", None, "Shared random channel subset (paper: 64; 0 = all).")
-flags.DEFINE_integer("repeats", None, "Independent draws averaged (paper: 5).")
-flags.DEFINE_bool("streaming", False, "custom protocol: all positions of all images via "
-                  "streaming covariance / minibatch CKA accumulators.")
-flags.DEFINE_integer("seed", 0, "Seed for image / channel draws.")
-flags.DEFINE_integer("batch_size", 32, "Forward-pass batch size.")
-flags.DEFINE_string("preprocessing", None, "Override both networks' input normalisation.")
+_define("string", "weights_a", None, "Weights dir of network A (cca/similarity/weights).")
+_define("string", "weights_b", None, "Weights dir of network B.")
+_define("string", "label_a", None, "Name of A in tables (default: the path).")
+_define("string", "label_b", None, "Name of B in tables.")
+_define("multi_string", "pair", [], "DIR_A,DIR_B[,LABEL]: a comparison (repeatable).")
+_define("enum", "protocol", "paper", "paper: the Revisiting CCA preset; custom: --methods, "
+        "--layers, --spatial.", ["paper", "custom"])
+_define("list", "methods", None, "Similarity methods, e.g. mean_cca,svcca,pwcca,linear_cka,"
+        "rbf_cka,debiased_cka,procrustes,paper_cca (paper protocol: one).")
+_define("list", "layers", None, "Keras layer names (default: the five stage outputs).")
+_define("enum", "spatial", "positions", "positions: every spatial position a datapoint; "
+        "pool: global average.", ["positions", "pool"])
+_define("integer", "positions", None, "Target datapoints per layer (paper: 10000).")
+_define("integer", "channels", None, "Shared random channel subset (paper: 64; 0 = all).")
+_define("integer", "repeats", None, "Independent draws averaged (paper: 5).")
+_define("bool", "streaming", False, "custom protocol: all positions of all images via the "
+        "streaming covariance / minibatch CKA accumulators.")
+_define("integer", "seed", 0, "Seed for image / channel draws.")
+_define("integer", "batch_size", 32, "Forward-pass batch size.")
+_define("string", "preprocessing", None, "Override both networks' input normalisation.")
 # images
-flags.DEFINE_enum("images", "data", ["data", "random"], "Image source for cca/similarity.")
-flags.DEFINE_integer("num_images", 1000, "Size of the image pool drawn from the split.")
-flags.DEFINE_integer("image_size", None, "Resize images to this (default: data config / "
-                     "weights metadata image_size).")
-flags.DEFINE_string("data_name", None, "data config name (default: the config's default).")
-flags.DEFINE_string("data_root", None, "data config root (manual-download dir).")
-flags.DEFINE_integer("fold", 0, "Fold of the data splits.")
-flags.DEFINE_string("split", "test", "Split used as stimulus (train/val/test or an extra test).")
-flags.DEFINE_multi_string("data_override", [], "key=value overrides of the data config.")
+_define("enum", "images", "data", "Image source for cca/similarity.", ["data", "random"])
+_define("integer", "num_images", 1000, "Size of the image pool drawn from the split.")
+_define("integer", "image_size", None, "Resize images to this (default: data config / "
+        "weights metadata image_size).")
+_define("string", "data_name", None, "Data config name (default: the config's default).")
+_define("string", "data_root", None, "Data config root (manual-download dir).")
+_define("integer", "fold", 0, "Fold of the data splits.")
+_define("string", "split", "test", "Split used as stimulus (train/val/test or an extra test).")
+_define("multi_string", "data_override", [], "key=value overrides of the data config.")
 # predictions
-flags.DEFINE_string("predictions_a", None, "predictions.csv of model A.")
-flags.DEFINE_string("predictions_b", None, "predictions.csv of model B.")
-flags.DEFINE_string("random_predictions", None, "predictions.csv of the random-init model.")
-flags.DEFINE_string("prediction_split", None, "Only rows of this split (default: all rows).")
+_define("string", "predictions_a", None, "predictions.csv of model A.")
+_define("string", "predictions_b", None, "predictions.csv of model B.")
+_define("string", "random_predictions", None, "predictions.csv of the random-init model.")
+_define("string", "prediction_split", None, "Only rows of this split (default: all rows).")
 # weights / filters
-flags.DEFINE_bool("include_batch_stats", False, "weights: include BatchNorm running stats.")
-flags.DEFINE_multi_string("weights", [], "filters: NAME=DIR or DIR (repeatable).")
-flags.DEFINE_multi_string("groups", [], "filters: GROUP=NAME1,NAME2 pooled groups.")
-flags.DEFINE_bool("orthogonality", False, "filters: also compute filter orthogonality.")
+_define("bool", "include_batch_stats", False, "weights: include BatchNorm running stats.")
+_define("multi_string", "weights", [], "filters: NAME=DIR or DIR (repeatable).")
+_define("multi_string", "groups", [], "filters: GROUP=NAME1,NAME2 pooled groups.")
+_define("bool", "orthogonality", False, "filters: also compute filter orthogonality.")
+# auc_vs_similarity
+_define("multi_string", "run", [], "auc_vs_similarity: SIMILARITY_CSV,RESULTS_JSON,"
+        "RANDOM_RESULTS_JSON for one fine-tuned run (repeatable): its pre-trained-vs-"
+        "fine-tuned similarity table, its results.json and the random-init run's.")
+_define("string", "auc_metric", "auc", "auc_vs_similarity: metric key in results.json.")
+_define("string", "auc_split", "test", "auc_vs_similarity: results.json section (val/test).")
+_define("string", "similarity_method", None, "auc_vs_similarity: method rows to use "
+        "(default: the first method in each table).")
 
 
 def _fail(msg: str):
@@ -246,12 +266,18 @@ def run_predictions(out_dir: str) -> Dict[str, str]:
             random_path=FLAGS.random_predictions)
     except ValueError as e:
         _fail(str(e))
-    res.update(model_a=FLAGS.label_a or FLAGS.predictions_a,
-               model_b=FLAGS.label_b or FLAGS.predictions_b)
+    res.update(model_a=FLAGS.label_a or _short(FLAGS.predictions_a),
+               model_b=FLAGS.label_b or _short(FLAGS.predictions_b))
     return dict(csv=_write_rows([res], os.path.join(out_dir, "prediction_similarity.csv")),
                 json=_write_json(res, os.path.join(out_dir, "prediction_similarity.json")),
                 png=plots.plot_prediction_similarity(
                     [res], os.path.join(out_dir, "prediction_similarity.png")))
+
+
+def _short(path: str) -> str:
+    """'runs/imagenet_fold1/predictions.csv' -> 'imagenet_fold1/predictions.csv'."""
+    parts = os.path.normpath(path).split(os.sep)
+    return os.path.join(*parts[-2:]) if len(parts) > 1 else path
 
 
 def run_weights(out_dir: str) -> Dict[str, str]:
@@ -302,10 +328,15 @@ def run_filters(out_dir: str) -> Dict[str, str]:
              **{f"layer|{m}|{k}": h for (m, k), h in rep.layer_histograms.items()})
     files["npz"] = os.path.join(out_dir, "filter_histograms.npz")
     units = list(groups) if groups else list(models)
-    keys = [k for k in rep.histograms if k[0] in units]
     files["hist_png"] = plots.plot_filter_histograms(
         rep.histograms, rep.bin_edges(), os.path.join(out_dir, "filter_histograms.png"),
-        keys=sorted(keys), explained=rep.pca.explained_variance_ratio)
+        keys=[(u, "all") for u in units], explained=rep.pca.explained_variance_ratio)
+    for b in sorted({k[1] for k in rep.histograms if k[1] != "all"}):
+        files[f"hist_png_{b}"] = plots.plot_filter_histograms(
+            rep.histograms, rep.bin_edges(),
+            os.path.join(out_dir, f"filter_histograms_depth_{b}.png"),
+            keys=[(u, b) for u in units if (u, b) in rep.histograms],
+            explained=rep.pca.explained_variance_ratio)
     if rep.drift_rows:
         files["drift_layer_png"] = plots.plot_kl_drift(
             rep.drift_rows, os.path.join(out_dir, "filter_drift_layer.png"), scope="layer")
@@ -314,11 +345,55 @@ def run_filters(out_dir: str) -> Dict[str, str]:
     return files
 
 
-COMMANDS = {"cca": run_similarity, "similarity": run_similarity, "predictions": run_predictions,
+def _read_metric(path: str) -> float:
+    if not os.path.exists(path):
+        _fail(f"--run: results file {path!r} does not exist.")
+    with open(path) as f:
+        res = json.load(f)
+    try:
+        return float(res[FLAGS.auc_split][FLAGS.auc_metric])
+    except (KeyError, TypeError, ValueError):
+        _fail(f"{path}: no {FLAGS.auc_split}.{FLAGS.auc_metric} (see --auc_split/--auc_metric).")
+
+
+def run_auc_vs_similarity(out_dir: str) -> Dict[str, str]:
+    from medtransfer_jax.analysis import plots, predictions
+
+    if not FLAGS.run:
+        _fail("auc_vs_similarity needs --run=SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON "
+              "(one per fine-tuned run).")
+    records = []
+    for item in FLAGS.run:
+        parts = item.split(",")
+        if len(parts) != 3:
+            _fail(f"--run={item!r}: expected SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON.")
+        sim_csv, res, rand = parts
+        if not os.path.exists(sim_csv):
+            _fail(f"--run: similarity table {sim_csv!r} does not exist.")
+        with open(sim_csv) as f:
+            rows = list(csv.DictReader(f))
+        method = FLAGS.similarity_method or (rows[0]["method"] if rows else None)
+        sim = {r["layer"]: float(r["value"]) for r in rows if r["method"] == method}
+        if not sim:
+            _fail(f"{sim_csv}: no rows for method {method!r}.")
+        records.append(dict(similarity=sim, auc=_read_metric(res), auc_random=_read_metric(rand),
+                            run=res))
+    table = predictions.auc_gain_vs_similarity(records)
+    return dict(csv=_write_rows(table, os.path.join(out_dir, "auc_vs_similarity.csv"),
+                                drop=("similarity", "gain")),
+                json=_write_json(dict(layers=table, runs=records),
+                                 os.path.join(out_dir, "auc_vs_similarity.json")),
+                png=plots.plot_auc_vs_similarity(table,
+                                                 os.path.join(out_dir, "auc_vs_similarity.png")))
+
+
+COMMANDS = {"auc_vs_similarity": run_auc_vs_similarity, "cca": run_similarity,
+            "similarity": run_similarity, "predictions": run_predictions,
             "weights": run_weights, "filters": run_filters}
 
 
-def main(argv: Sequence[str]) -> Dict[str, str]:
+def run(argv: Sequence[str]) -> Dict[str, str]:
+    """Runs the analysis named by argv[1] or --what; returns {kind: written file}."""
     if len(argv) > 2:
         _fail(f"Unexpected arguments {list(argv[2:])}; flags need --name=value.")
     what = argv[1] if len(argv) > 1 else FLAGS.what
@@ -337,6 +412,10 @@ def main(argv: Sequence[str]) -> Dict[str, str]:
         logging.info("wrote %s: %s", k, v)
         print(v)
     return files
+
+
+def main(argv: Sequence[str]) -> None:
+    run(argv)
 
 
 if __name__ == "__main__":

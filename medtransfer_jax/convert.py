@@ -182,9 +182,6 @@ def format_summary(s: Dict[str, Any]) -> str:
 
 
 def main(argv):
-    from medtransfer_jax.weights import _common
-    from medtransfer_jax.weights.checkpoint import CheckpointError
-
     if not flags.FLAGS["verbosity"].present:  # orbax logs a lot at INFO
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
@@ -195,6 +192,7 @@ def main(argv):
     if not _FORMAT.value:
         guess = ""
         if os.path.isfile(_INPUT.value):
+            from medtransfer_jax.weights import _common
             kind = _common.sniff(_INPUT.value)
             guess = {"hdf5": " The input is an HDF5 file: use --format=keras_h5.",
                      "zip": " The input is a zip (PyTorch .pth or Keras .keras): "
@@ -204,6 +202,7 @@ def main(argv):
         raise app.UsageError(f"--format is required: one of {', '.join(FORMATS)}.{guess}")
     if not _OUTPUT.value:
         raise app.UsageError("--output is required: the weights directory to write.")
+    from medtransfer_jax.weights.checkpoint import CheckpointError
     try:
         summary = convert(
             _FORMAT.value, _INPUT.value, _OUTPUT.value, num_classes=_NUM_CLASSES.value,

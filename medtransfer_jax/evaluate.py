@@ -74,7 +74,6 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
     import jax
 
     from medtransfer_jax import data as data_lib
-    from medtransfer_jax.models import resnet
     from medtransfer_jax.training import loop, predictions, sharding, step
     from medtransfer_jax.weights import checkpoint as weights_lib
 

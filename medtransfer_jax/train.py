@@ -35,6 +35,10 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
                              "multi-process runs, e.g. several local processes).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+_XLA_CACHE = flags.DEFINE_string(
+    "xla_cache_dir", os.environ.get("MEDTRANSFER_XLA_CACHE", "~/.cache/medtransfer_jax/xla"),
+    "Persistent XLA compilation cache (restarts after preemption and sweeps skip "
+    "recompiling); '' disables. Ignored if JAX_COMPILATION_CACHE_DIR is set.")
 _NUM_CPU = flags.DEFINE_integer("num_cpu_devices", None, "Local CPU devices per process when "
                                 "running on CPU (testing multi-device code without accelerators).")
 
@@ -56,6 +60,9 @@ def main(argv):
     import jax
     if _NUM_CPU.value:
         jax.config.update("jax_num_cpu_devices", _NUM_CPU.value)
+    if _XLA_CACHE.value and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_XLA_CACHE.value))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from medtransfer_jax.training import loop, sharding
 
     kwargs = {k: v for k, v in dict(coordinator_address=_COORD.value,

@@ -1,6 +1,9 @@
 """Test-sized training config for subprocess tests (ResNet18 width 8, 32 px, batch 16).
 
-``--config=tests/_train_tiny_config.py:two_phase`` selects the two-phase schedule.
+``--config=tests/_train_tiny_config.py:two_phase`` selects the two-phase schedule;
+``:multihost`` a run over all devices without dropout and with SGD (so a 2-process run
+can be compared with a 1-process run; their batches hold the same examples in
+another order).
 """
 from medtransfer_jax.training import presets
 
@@ -15,4 +18,11 @@ def get_config(arg=None):
         c.train.freeze = "two_phase"
         c.train.head_phase.num_steps = 4
         c.train.num_steps = 8
+    if arg == "multihost":
+        c.sharding.num_devices = 0
+        c.model.dropout_rate = 0.0
+        c.train.optimizer = "sgd"
+        c.train.lr = 0.002
+        c.train.num_steps = 6
+        c.eval.every_steps = 3
     return c

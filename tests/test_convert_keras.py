@@ -162,6 +162,21 @@ def test_other_layouts_give_identical_variables(source, converted, layout):
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, variables, converted[0])))
 
 
+def test_param_counts_match_keras_include_top_false(source):
+    """Flax ResNet50 (no head) has exactly Keras' trainable / non-trainable counts.
+
+    ``source['notop']`` is the graph of ``ResNet50(include_top=False, pooling='avg')``
+    (same weighted layers), cut from the full model so Keras is built only once.
+    """
+    km = source["notop"]
+    tree = jax.eval_shape(lambda: resnet.ResNet(depth=50, num_classes=None).init(
+        jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
+    assert count(tree["params"]) == sum(int(np.prod(w.shape)) for w in km.trainable_weights)
+    assert count(tree["batch_stats"]) == sum(int(np.prod(w.shape)) for w in km.non_trainable_weights)
+    assert {l.name for l in km.layers if l.weights} == set(tree["params"])
+
+
 def test_notop_file_parity(source, converted):
     variables, info = load_keras_h5(source["files"]["notop"])
     assert not info["has_head"] and info["num_classes"] is None
@@ -345,3 +360,17 @@ def test_parity_224_with_head(tmp_path):
     for name, r in zip(["conv3_block4_out", "avg_pool", "logits"], ref):
         assert out[name].shape == r.shape
         assert np.abs(out[name] - r).max() <= _tol(r), name
+
+
+def test_resnet_v2_and_foreign_files_are_explained(tmp_path):
+    path = str(tmp_path / "resnet50v2.h5")
+    with h5py.File(path, "w") as f:
+        for layer in ("conv1_conv", "conv2_block1_preact_bn"):
+            f.create_dataset(f"model_weights/{layer}/{layer}/bias:0", data=np.zeros(4))
+    with pytest.raises(CheckpointError, match="ResNetV2"):
+        load_keras_h5(path)
+    path = str(tmp_path / "vgg16.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("block1_conv1/block1_conv1/kernel:0", data=np.zeros((3, 3, 3, 4)))
+    with pytest.raises(CheckpointError, match="no Keras ResNet layers.*block1_conv1"):
+        load_keras_h5(path)

@@ -1,7 +1,10 @@
 """Unit tests of the Flax ResNet: structure, parameter counts vs Keras/torchvision,
 mixed precision, head replacement, named activations and BatchNorm mode override.
 
-Numerical parity with the source frameworks is in test_convert_{keras,torchvision}.py.
+Numerical parity with the source frameworks is in test_convert_{keras,torchvision}.py;
+the parameter count against keras.applications.ResNet50(include_top=False) is checked
+in test_convert_keras.py, which already builds that Keras model (building one costs
+10-40 s here).
 """
 import functools
 
@@ -15,41 +18,71 @@ from medtransfer_jax.weights import merge_into
 
 
 def _shapes(model, size=32):
-    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+    """{'params', 'batch_stats'} as ShapeDtypeStructs (tracing only, no compute)."""
+    tree = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jnp.zeros((2, size, size, 3), jnp.float32))
+    return {k: tree[k] for k in ("params", "batch_stats")}
 
 
 def _count(tree):
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def _numpy_variables(model, seed=0):
+    """Random variables of the right shapes without compiling ``model.init``.
+
+    (Compiling a ResNet's init costs tens of seconds on a busy 2-core machine; these
+    tests need realistic values, not Flax's initialisers.) He-normal kernels, small
+    biases, BN scale ~1, running variance ~1.
+    """
+    rng = np.random.default_rng(seed)
+    tree = _shapes(model)
+
+    def leaf(path, x):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(x.shape[:-1]))
+            return (rng.normal(0, 1, x.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+        return rng.normal(0, 0.1, x.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
 @pytest.fixture(scope="module")
 def small():
-    """ResNet50 (keras_v1) at width 8 with a 10-class head, initialised once."""
+    """ResNet50 (keras_v1) at width 8 with a 10-class head."""
     model = resnet.ResNet(depth=50, layout="keras_v1", num_classes=10, width=8)
-    variables = resnet.init_variables(model, jax.random.key(1), image_size=32)
+    variables = _numpy_variables(model, seed=1)
     x = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
     return model, variables, x
 
 
-@pytest.mark.parametrize("layout", resnet.LAYOUTS)
-@pytest.mark.parametrize("depth", sorted(resnet.DEPTHS))
+@pytest.mark.parametrize("depth,layout", [(d, "keras_v1") for d in sorted(resnet.DEPTHS)]
+                         + [(18, "torchvision_v15"), (50, "torchvision_v15")])
 def test_every_depth_and_layout_builds(depth, layout):
     model = resnet.ResNet(depth=depth, layout=layout, num_classes=7, width=8)
-    tree = _shapes(model)
-    params = tree["params"]
+    params = _shapes(model)["params"]
     # "Depth" counts the weighted layers on the main path: convs + the head.
     main_convs = [n for n in params if n.endswith("_conv") and "_0_" not in n]
     assert len(main_convs) + 1 == depth
     kind, blocks = resnet.DEPTHS[depth]
-    out = jax.eval_shape(lambda v, x: model.apply(v, x), tree, jnp.zeros((2, 64, 64, 3)))
-    assert out.shape == (2, 7)
-    has_bias = "bias" in params["conv1_conv"]
-    assert has_bias == (layout == "keras_v1")
-    feat = resnet.ResNet(depth=depth, layout=layout, num_classes=None, width=8)
-    pooled = jax.eval_shape(lambda v, x: feat.apply(v, x), _shapes(feat), jnp.zeros((2, 64, 64, 3)))
-    assert pooled.shape == (2, 8 * 8 * (4 if kind == "bottleneck" else 1))
+    final = 8 * 8 * (4 if kind == "bottleneck" else 1)
+    assert params["predictions"]["kernel"].shape == (final, 7)
+    assert ("bias" in params["conv1_conv"]) == (layout == "keras_v1")
+    shortcuts = [n for n in params if "_0_conv" in n]
+    assert len(shortcuts) == (4 if kind == "bottleneck" else 3)
     assert len(resnet.block_output_names(depth)) == sum(blocks) + 3
+
+
+@pytest.mark.parametrize("layout", resnet.LAYOUTS)
+def test_output_shapes_with_and_without_head(layout):
+    x = jnp.zeros((2, 64, 64, 3))
+    for num_classes, shape in ((7, (2, 7)), (None, (2, 64))):
+        model = resnet.ResNet(depth=18, layout=layout, num_classes=num_classes, width=8)
+        out = jax.eval_shape(lambda v, x: model.apply(v, x), _shapes(model), x)
+        assert out.shape == shape and out.dtype == jnp.float32
 
 
 def test_invalid_depth_and_layout_are_explained():
@@ -57,19 +90,6 @@ def test_invalid_depth_and_layout_are_explained():
         _shapes(resnet.ResNet(depth=42))
     with pytest.raises(ValueError, match="layout='caffe'"):
         _shapes(resnet.ResNet(layout="caffe"))
-
-
-def test_param_counts_match_keras_resnet50():
-    keras = pytest.importorskip("keras")
-    km = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3))
-    trainable = sum(int(np.prod(w.shape)) for w in km.trainable_weights)
-    frozen = sum(int(np.prod(w.shape)) for w in km.non_trainable_weights)
-    tree = _shapes(resnet.ResNet(depth=50, layout="keras_v1", num_classes=None))
-    assert _count(tree["params"]) == trainable
-    assert _count(tree["batch_stats"]) == frozen
-    # Same layer names with weights.
-    keras_layers = {l.name for l in km.layers if l.weights}
-    assert keras_layers == set(tree["params"])
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -85,17 +105,22 @@ def test_param_counts_match_torchvision(depth):
 def test_bf16_compute_keeps_float32_params():
     model = resnet.ResNet(depth=18, layout="torchvision_v15", num_classes=3, width=8,
                           dtype=jnp.bfloat16)
-    variables = resnet.init_variables(model, jax.random.key(0), image_size=32)
-    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(_shapes(model))} == {jnp.dtype(jnp.float32)}
+    variables = _numpy_variables(model)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    acts = resnet.extract_activations(model, variables, x, ["conv1_relu", "conv3_block2_out",
-                                                            "avg_pool", "logits"])
+    ref = resnet.ResNet(depth=18, layout="torchvision_v15", num_classes=3, width=8)
+
+    @jax.jit
+    def both(v, x):
+        names = ["conv1_relu", "conv3_block2_out", "avg_pool", "logits"]
+        return resnet.extract_activations(model, v, x, names), ref.apply(v, x)
+
+    acts, ref_logits = both(variables, x)
     assert acts["conv1_relu"].dtype == jnp.bfloat16
     assert acts["conv3_block2_out"].dtype == jnp.bfloat16
     assert acts["avg_pool"].dtype == jnp.bfloat16
     assert acts["logits"].dtype == jnp.float32  # head output is cast back for the loss
-    ref = resnet.ResNet(depth=18, layout="torchvision_v15", num_classes=3, width=8)
-    ref_logits = np.asarray(ref.apply(variables, x))
+    ref_logits = np.asarray(ref_logits)
     np.testing.assert_allclose(np.asarray(acts["logits"]), ref_logits,
                                atol=0.05 * np.abs(ref_logits).max())
 
@@ -103,7 +128,7 @@ def test_bf16_compute_keeps_float32_params():
 def test_head_replace(small):
     model, variables, x = small
     new_model = model.clone(num_classes=3)
-    target = resnet.init_variables(new_model, jax.random.key(5), image_size=32)
+    target = _numpy_variables(new_model, seed=5)
     merged = merge_into(target, variables)
     assert merged["params"]["predictions"]["kernel"].shape == (256, 3)
     np.testing.assert_array_equal(merged["params"]["predictions"]["kernel"],
@@ -111,11 +136,9 @@ def test_head_replace(small):
     for layer in ("conv1_conv", "conv4_block3_2_conv", "conv5_block3_3_bn"):
         for k, v in variables["params"][layer].items():
             np.testing.assert_array_equal(merged["params"][layer][k], v)
-    # Same backbone -> same pooled features; the new head gives 3 logits.
-    feats_a = resnet.extract_activations(model, variables, x, ["avg_pool"])["avg_pool"]
-    acts = resnet.extract_activations(new_model, merged, x, ["avg_pool", "logits"])
-    np.testing.assert_allclose(acts["avg_pool"], feats_a, rtol=1e-6, atol=1e-6)
-    assert acts["logits"].shape == (2, 3)
+    assert jax.tree.structure(merged) == jax.tree.structure(target)
+    out = jax.eval_shape(lambda v, x: new_model.apply(v, x), merged, x)
+    assert out.shape == (2, 3)
 
 
 def test_extract_activations_names_and_shapes(small):
@@ -160,11 +183,8 @@ def _conv_nhwc_f64(x, kernel, bias, stride, pad):
 @pytest.mark.parametrize("layout,momentum", [("keras_v1", 0.99), ("torchvision_v15", 0.9)])
 def test_batch_norm_train_override(layout, momentum):
     model = resnet.ResNet(depth=18, layout=layout, num_classes=4, width=8, dropout_rate=0.0)
-    variables = resnet.init_variables(model, jax.random.key(0), image_size=32)
     # Non-trivial running statistics so "uses running stats" and "uses batch stats" differ.
-    rng = np.random.default_rng(0)
-    variables["batch_stats"] = jax.tree.map(
-        lambda v: rng.uniform(0.5, 1.5, v.shape).astype(np.float32), variables["batch_stats"])
+    variables = _numpy_variables(model)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     eval_out = model.apply(variables, x, train=False)
 

@@ -104,40 +104,47 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
                   ) -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
     """Datapoint matrices (X (n, p), Y (n, q)) for every draw, kept on device.
 
-    One forward pass per network and repeat over the union of that repeat's images;
-    ``layer_pairs`` maps a row name to (layer of A, layer of B) for cross-layer comparisons
-    (maps are brought to a common grid by :func:`activations.match_spatial`).
+    One forward pass per network and repeat over the union of that repeat's images, in
+    fixed-shape batches (normalised batch by batch); after each batch only the rows and
+    channels some draw needs are kept, so memory is O(datapoints x channels) rather than
+    all stage maps of all images. ``layer_pairs`` maps a row name to (layer of A, layer of
+    B) for cross-layer comparisons (maps brought to a common grid by
+    :func:`activations.match_spatial`). Rows are ordered by image index.
     """
     layer_pairs = layer_pairs or {d.layer: (d.layer, d.layer) for d in draws}
-    la = sorted({layer_pairs[d.layer][0] for d in draws})
-    lb = sorted({layer_pairs[d.layer][1] for d in draws})
-    xa = act.prepare_images(images, preprocessing or a.metadata.preprocessing)
-    xb = act.prepare_images(images, preprocessing or b.metadata.preprocessing)
-    out: List[Optional[Tuple]] = [None] * len(draws)
+    run_a = act._extractor(a.model, tuple(sorted({layer_pairs[d.layer][0] for d in draws})))
+    run_b = act._extractor(b.model, tuple(sorted({layer_pairs[d.layer][1] for d in draws})))
+    mode_a = preprocessing or a.metadata.preprocessing
+    mode_b = preprocessing or b.metadata.preprocessing
+    images = np.asarray(images)
+    parts: List[List[Tuple]] = [[] for _ in draws]
     by_repeat: Dict[int, List[int]] = {}
     for i, d in enumerate(draws):
         by_repeat.setdefault(d.repeat, []).append(i)
     for _, idx in sorted(by_repeat.items()):
         needed = np.unique(np.concatenate([draws[i].images for i in idx]))
-        acts_a = act.run_layers(a, xa[needed], la, batch_size=batch_size, normalized=True,
-                                to_host=False)
-        acts_b = act.run_layers(b, xb[needed], lb, batch_size=batch_size, normalized=True,
-                                to_host=False)
-        pos = {int(v): k for k, v in enumerate(needed)}
-        for i in idx:
-            d = draws[i]
-            rows = jnp.asarray([pos[int(v)] for v in d.images])
-            name_a, name_b = layer_pairs[d.layer]
-            A, B = acts_a[name_a][rows], acts_b[name_b][rows]
-            if spatial == "positions":
-                A, B = act.match_spatial(A, B)
-            X = act.spatial_datapoints(A, spatial)
-            Y = act.spatial_datapoints(B, spatial)
-            if d.channels is not None:
-                ch = jnp.asarray(d.channels)
-                X, Y = X[:, ch], Y[:, ch]
-            out[i] = (X, Y)
-    return out  # type: ignore[return-value]
+        for start in range(0, len(needed), batch_size):
+            chunk = needed[start:start + batch_size]
+            pad = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
+            acts_a = run_a(a.variables, jnp.asarray(act.prepare_images(images[pad], mode_a)))
+            acts_b = run_b(b.variables, jnp.asarray(act.prepare_images(images[pad], mode_b)))
+            for i in idx:
+                d = draws[i]
+                rows = np.nonzero(np.isin(chunk, d.images))[0]
+                if rows.size == 0:
+                    continue
+                name_a, name_b = layer_pairs[d.layer]
+                A, B = acts_a[name_a][rows], acts_b[name_b][rows]
+                if spatial == "positions":
+                    A, B = act.match_spatial(A, B)
+                X = act.spatial_datapoints(A, spatial)
+                Y = act.spatial_datapoints(B, spatial)
+                if d.channels is not None:
+                    ch = jnp.asarray(d.channels)
+                    X, Y = X[:, ch], Y[:, ch]
+                parts[i].append((X, Y))
+    return [(jnp.concatenate([p[0] for p in ps]), jnp.concatenate([p[1] for p in ps]))
+            for ps in parts]
 
 
 def _summarise(draws, values, method, a, b, spatial, pairs_xy) -> List[dict]:
@@ -275,18 +282,17 @@ def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels
     kw = {k: v for k, v in options.items() if k in ("rtol", "epsilon", "keep", "kernel",
                                                     "threshold") and v is not None}
     acc = streaming.StreamingSimilarity(dims, methods, **kw)
-    xa = act.prepare_images(images, preprocessing or a.metadata.preprocessing)
-    xb = act.prepare_images(images, preprocessing or b.metadata.preprocessing)
-    la = sorted({p[0] for p in layer_pairs.values()})
-    lb = sorted({p[1] for p in layer_pairs.values()})
-    run_a = act._extractor(a.model, tuple(la))
-    run_b = act._extractor(b.model, tuple(lb))
-    for start in range(0, xa.shape[0], batch_size):
+    mode_a = preprocessing or a.metadata.preprocessing
+    mode_b = preprocessing or b.metadata.preprocessing
+    run_a = act._extractor(a.model, tuple(sorted({p[0] for p in layer_pairs.values()})))
+    run_b = act._extractor(b.model, tuple(sorted({p[1] for p in layer_pairs.values()})))
+    n = images.shape[0]
+    for start in range(0, n, batch_size):
         # Fixed batch shape (padded rows masked out): one compile for the whole stream.
-        valid = min(batch_size, xa.shape[0] - start)
-        pad = ((0, batch_size - valid), (0, 0), (0, 0), (0, 0))
-        acts_a = run_a(a.variables, jnp.asarray(np.pad(xa[start:start + valid], pad)))
-        acts_b = run_b(b.variables, jnp.asarray(np.pad(xb[start:start + valid], pad)))
+        valid = min(batch_size, n - start)
+        idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]
+        acts_a = run_a(a.variables, jnp.asarray(act.prepare_images(images[idx], mode_a)))
+        acts_b = run_b(b.variables, jnp.asarray(act.prepare_images(images[idx], mode_b)))
         image_mask = (np.arange(batch_size) < valid).astype(np.float32)
         xs, ys, masks = {}, {}, {}
         for name, (na, nb) in layer_pairs.items():

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -199,7 +198,8 @@ class FilterReport:
     ranges: np.ndarray  # (9, 2)
     layer_rows: List[dict]  # per model x layer statistics
     drift_rows: List[dict]  # per pair x (depth bin | layer)
-    histograms: Dict[Tuple[str, str], np.ndarray]  # (model or group, depth bin) -> (9, bins)
+    # (model or group, depth bin like '0.3-0.4' or 'all') -> (9, bins)
+    histograms: Dict[Tuple[str, str], np.ndarray]
     layer_histograms: Dict[Tuple[str, str], np.ndarray]  # (model, layer) -> (9, bins)
 
     def bin_edges(self, bins: int = NUM_BINS) -> np.ndarray:
@@ -212,7 +212,8 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
     """Filter distributions of several models (name -> params tree) and their drifts.
 
     Drift rows compare every pair of models (or of ``groups``: name -> model names, pooled)
-    per depth bin, and every pair of models layer by layer where layer names match.
+    per depth bin (``scope='depth_bin'``) and over all depths (``scope='all'``), and every
+    pair of models layer by layer where layer names match (``scope='layer'``).
     """
     if not models:
         raise ValueError("analyse_filters: give at least one model.")
@@ -240,6 +241,8 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
             layer_hist[(m, lf.layer)] = coefficient_histograms(c, ranges, bins)
             binned.setdefault((m, row["depth_bin"]), []).append(c)
     hist = {k: coefficient_histograms(np.concatenate(v), ranges, bins) for k, v in binned.items()}
+    for m in models:  # each model pooled over all depths
+        hist[(m, "all")] = coefficient_histograms(np.concatenate(coeffs[m]), ranges, bins)
 
     units = dict(groups) if groups else {m: [m] for m in models}
     missing = [m for g in units.values() for m in g if m not in models]
@@ -247,8 +250,9 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
         raise ValueError(f"groups name unknown models {missing}; known: {list(models)}.")
     if groups:
         for g, members in units.items():
-            for b in sorted({k[1] for k in binned}):
-                cs = [c for m in members for c in binned.get((m, b), [])]
+            for b in sorted({k[1] for k in binned}) + ["all"]:
+                cs = ([c for m in members for c in coeffs[m]] if b == "all" else
+                      [c for m in members for c in binned.get((m, b), [])])
                 if cs:
                     hist[(g, b)] = coefficient_histograms(np.concatenate(cs), ranges, bins)
 
@@ -256,7 +260,8 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
     for ga, gb in itertools.combinations(units, 2):
         for b in sorted({k[1] for k in hist if k[0] in (ga, gb)}):
             if (ga, b) in hist and (gb, b) in hist:
-                drift_rows.append(dict(a=ga, b=gb, scope="depth_bin", key=b,
+                drift_rows.append(dict(a=ga, b=gb, scope="all" if b == "all" else "depth_bin",
+                                       key=b,
                                        drift=kl_drift(hist[(ga, b)], hist[(gb, b)], w)))
     for ma, mb in itertools.combinations(models, 2):
         for lf in extracted[ma]:

@@ -6,7 +6,7 @@ the CSV/JSON files without recomputing anything.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -20,8 +20,7 @@ SHORT_LAYER = {"conv1_relu": "conv1", "conv2_block3_out": "block1", "conv3_block
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -74,7 +73,8 @@ def plot_kl_drift(drift_rows: Sequence[Mapping], path: str, *, scope: str = "lay
     ax.set_ylabel("EV-weighted symmetric KL")
     ax.set_title("Filter distribution drift")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if sel:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -89,11 +89,13 @@ def plot_filter_histograms(histograms: Mapping, bin_edges: np.ndarray, path: str
         centres = 0.5 * (edges[1:] + edges[:-1])
         width = edges[1] - edges[0]
         for k in keys:
-            ax.plot(centres, histograms[k][i] / width, label=" / ".join(map(str, k))
-                    if isinstance(k, tuple) else str(k))
+            ax.step(centres, histograms[k][i] / width, where="mid", lw=1,
+                    label=" / ".join(map(str, k)) if isinstance(k, tuple) else str(k))
         ax.set_yscale("log")
-        ax.set_title(f"c{i}" + (f" ({explained[i]:.1%})" if explained is not None else ""))
-    axes[0, 0].legend(fontsize=6)
+        ax.set_title(f"c{i}" + (f" ({explained[i]:.1%} var.)" if explained is not None else ""))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(keys), 4), fontsize=8)
     return _save(fig, path)
 
 
@@ -133,10 +135,13 @@ def plot_weight_change(rows: Sequence[Mapping], path: str) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     x = np.arange(len(ok))
-    axes[0].plot(x, [r["rel_l2"] for r in ok], ".-")
+    for kind in dict.fromkeys(r["kind"] for r in ok):  # one line per layer kind
+        idx = [i for i, r in enumerate(ok) if r["kind"] == kind]
+        axes[0].plot(idx, [ok[i]["rel_l2"] for i in idx], ".-", label=kind)
+        axes[1].plot(idx, [ok[i]["cosine"] for i in idx], ".-", label=kind)
     axes[0].set_ylabel("relative L2 change")
-    axes[1].plot(x, [r["cosine"] for r in ok], ".-")
     axes[1].set_ylabel("cosine")
+    axes[0].legend(fontsize=8)
     step = max(1, len(ok) // 25)
     axes[1].set_xticks(x[::step])
     axes[1].set_xticklabels([r["layer"] for r in ok][::step], rotation=60, ha="right",

@@ -32,9 +32,11 @@ tests assert 2e-4 (means) to 1e-3 (individual correlations near rank deficiency)
 Methods needing more datapoints than neurons (``CCA_FAMILY``) raise ``ValueError`` when
 ``n <= max(p, q)``; svcca's authors recommend n >= 5-10x the neurons.
 
-Batched forms (``*_batch``/:func:`similarity_batch`) vmap a kernel over a leading axis of
-equal-shape pairs ``(L, n, p)``/``(L, n, q)``; :func:`similarity_many` groups arbitrary
-pairs by shape so a whole network is compared in one compiled call per distinct shape.
+Batched forms (``*_batch``/:func:`similarity_batch`) map a kernel over a leading axis of
+equal-shape pairs ``(L, n, p)``/``(L, n, q)`` inside one compiled call (``vmap`` on
+GPU/TPU, a sequential ``lax.map`` on CPU, see :func:`_over_stack`);
+:func:`similarity_many` groups arbitrary pairs by shape so a whole network is compared in
+one compiled call per distinct shape.
 """
 from __future__ import annotations
 
@@ -346,11 +348,25 @@ def _core(method: str, **kw) -> Callable:
     raise ValueError(f"Unknown similarity method {method!r}; choose one of {METHODS}.")
 
 
+def _over_stack(fn: Callable) -> Callable:
+    """Maps ``fn`` over the leading axis of its arguments.
+
+    ``jax.vmap`` on accelerators (one batched kernel per op). On CPU a sequential
+    ``lax.map`` instead: XLA:CPU can wedge (all workers idle, result never ready) when two
+    *batched* LAPACK custom calls (the QR/SVD of X and of Y) run concurrently, seen with
+    jax 0.10 on this machine; the per-pair loop avoids batched LAPACK and costs nothing on
+    a CPU, which runs the pairs one after another anyway.
+    """
+    if jax.default_backend() == "cpu":
+        return lambda *args: lax.map(lambda a: fn(*a), args)
+    return jax.vmap(fn)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(method: str, batched: bool, options: Tuple[Tuple[str, object], ...]):
     fn = _highest(_core(method, **dict(options)))
     if batched:
-        fn = jax.vmap(fn)
+        fn = _over_stack(fn)
     return jax.jit(fn)
 
 
@@ -447,7 +463,7 @@ def cca_correlations_batch(Xs, Ys, *, rtol: Optional[float] = None):
 @functools.partial(jax.jit, static_argnames=("rtol",))
 @_highest
 def _cca_corr_batch_jit(Xs, Ys, rtol):
-    return jax.vmap(functools.partial(_cca_core, rtol=rtol))(Xs, Ys)
+    return _over_stack(functools.partial(_cca_core, rtol=rtol))(Xs, Ys)
 
 
 def mean_cca(X, Y, *, rtol: Optional[float] = None) -> jax.Array:

@@ -9,22 +9,26 @@ shapes (e.g. a new classification head), are reported with ``status`` instead of
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping
 
 import numpy as np
 
 from medtransfer_jax.weights import checkpoint
 
 
+_SUFFIX_RANK = {"conv": 0, "bn": 1}
+
+
 def _layer_key(name: str):
-    """Forward order of Keras ResNet layer names (stem, stages/blocks/sub-layers, head)."""
+    """Forward order of Keras ResNet layer names (stem, stages/blocks/sub-layers, head);
+    a conv comes before its BatchNorm."""
     if name.startswith("conv1_"):
-        return (0, 0, 0, 0, name)
+        return (0, 0, 0, _SUFFIX_RANK.get(name[6:], 2), name)
     m = re.match(r"conv(\d+)_block(\d+)_(\d+)_(\w+)", name)
     if m:
-        s, b, j, _ = m.groups()
+        s, b, j, kind = m.groups()
         # shortcut (_0_) runs beside the block; list it after the block's main path
-        return (int(s), int(b), 9 if j == "0" else int(j), 0, name)
+        return (int(s), int(b), 9 if j == "0" else int(j), _SUFFIX_RANK.get(kind, 2), name)
     return (99, 0, 0, 0, name)
 
 

@@ -37,7 +37,6 @@ import functools
 import logging
 import os
 import zlib
-from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

@@ -20,7 +20,8 @@ Eval (finite): every example exactly once across all processes, fixed batch shap
 the tail padded with ``weight=0, index=-1``.
 
 Augmentation follows the studies' Keras ``ImageDataGenerator`` (rotation, shift, zoom,
-shear, fill 'nearest', horizontal flip) in NumPy, at the output resolution.
+shear, fill 'nearest', horizontal flip), applied at the output resolution with PIL's
+bilinear affine transform (``affine_warp`` is the NumPy reference it is tested against).
 """
 from __future__ import annotations
 
@@ -279,7 +280,7 @@ def _maybe_mp(ds, worker_count: int, worker_buffer_size: int):
     return ds
 
 
-def make_train_dataset(source, *, image_size: int = 64, preprocessing: str = "unit",
+def make_train_dataset(source, image_size: int = 64, preprocessing: str = "unit",
                        global_batch_size: int = 32, seed: int = 0, augment=None,
                        process_index: Optional[int] = None, process_count: Optional[int] = None,
                        worker_count: int = 0, resize_method: str = "bilinear",
@@ -300,7 +301,7 @@ def make_train_dataset(source, *, image_size: int = 64, preprocessing: str = "un
     return _maybe_mp(ds, worker_count, worker_buffer_size)
 
 
-def make_train_iter(source, *, image_size: int = 64, preprocessing: str = "unit",
+def make_train_iter(source, image_size: int = 64, preprocessing: str = "unit",
                     global_batch_size: int = 32, seed: int = 0, augment=None,
                     process_index: Optional[int] = None, process_count: Optional[int] = None,
                     worker_count: int = 0, resize_method: str = "bilinear",
@@ -338,7 +339,7 @@ class _EvalRead(grain.transforms.Map):
         return self.reader.map(element)
 
 
-def make_eval_dataset(source, *, image_size: int = 64, preprocessing: str = "unit",
+def make_eval_dataset(source, image_size: int = 64, preprocessing: str = "unit",
                       global_batch_size: int = 32, process_index: Optional[int] = None,
                       process_count: Optional[int] = None, worker_count: int = 0,
                       resize_method: str = "bilinear", read_threads: Optional[int] = None,
@@ -356,7 +357,7 @@ def make_eval_dataset(source, *, image_size: int = 64, preprocessing: str = "uni
     return _maybe_mp(ds, worker_count, worker_buffer_size)
 
 
-def make_eval_iter(source, *, image_size: int = 64, preprocessing: str = "unit",
+def make_eval_iter(source, image_size: int = 64, preprocessing: str = "unit",
                    global_batch_size: int = 32, process_index: Optional[int] = None,
                    process_count: Optional[int] = None, worker_count: int = 0,
                    resize_method: str = "bilinear", read_threads: Optional[int] = None,

@@ -35,10 +35,10 @@ def build_source(cfg) -> Source:
 def _subsample(source: Source, max_examples: Optional[int], seed: int) -> Source:
     if not max_examples or len(source) <= max_examples:
         return source
-    # A stratified, grouped subset: take whole folds of a fine partition until big enough.
+    # A seeded random subset (for debugging / quick runs); splitting then groups as usual.
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(source), size=int(max_examples), replace=False))
-    log.info("data.max_examples=%d: using a random subset of %d examples", max_examples, len(source))
+    log.info("data.max_examples=%d: using a random subset of the %d examples", max_examples, len(source))
     return SubsetSource(source, keep)
 
 

@@ -1,0 +1,1 @@
+"""End-to-end study runner (resumable stages) and its report."""

@@ -20,8 +20,6 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-from absl import logging
-
 from medtransfer_jax.weights.checkpoint import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -58,8 +56,13 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
+        import grain.checkpoint as gc
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                    "data_iter": gc.CheckpointHandler()}
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_handlers=handlers)
         except Exception as e:  # unreadable root metadata etc.
             raise CheckpointError(
                 f"Cannot open the checkpoint directory {self.directory}: {type(e).__name__}: "

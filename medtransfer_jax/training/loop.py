@@ -209,7 +209,8 @@ class _Logger:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by a kill
-                    if rec.get("step", 0) <= resume_step:
+                    if (rec.get("step", 0) <= resume_step
+                            and not str(rec.get("split", "")).startswith("final_")):
                         keep.append(line if line.endswith("\n") else line + "\n")
         with open(self.path, "w") as f:
             f.writelines(keep)
@@ -311,6 +312,31 @@ def _improved(value: float, best: Optional[float], mode: str, min_delta: float) 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def _start_or_resume(ckpt, restored, phases, config, variables, state_rng, phase_tx,
+                     abstract_state, make_shardings, train_iter):
+    """A fresh state (no checkpoint) or the restored one; returns (state, shardings, step, meta)."""
+    if restored is None:
+        meta = _fresh_meta()
+        step = 0
+        state, state_sh = state_lib.create_sharded_state(variables, phase_tx(phases[0]),
+                                                         state_rng, make_shardings)
+    else:
+        step, meta = restored
+        if not 0 <= meta.get("phase", -1) < len(phases):
+            raise checkpointing.CheckpointError(
+                f"{ckpt.directory}/{step}: phase {meta.get('phase')} does not exist in this "
+                f"config's schedule ({len(phases)} phase(s), train.freeze="
+                f"{config.train.freeze!r}); use the original config or a fresh --workdir.")
+        abstract, state_sh = abstract_state(phases[meta["phase"]])
+        state, meta = ckpt.restore(step, abstract, train_iter)
+        if int(jax.device_get(state.step)) != step:
+            raise checkpointing.CheckpointError(
+                f"{ckpt.directory}/{step}: state.step={int(jax.device_get(state.step))} does "
+                "not match the checkpoint step; the checkpoint is corrupt.")
+        logging.info("resumed from %s/%d (phase %d)", ckpt.directory, step, meta["phase"])
+    return state, state_sh, step, meta
+
+
 # --------------------------------------------------------------------------- main
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Fine-tunes per ``config`` in ``workdir`` (resuming if it holds a checkpoint).
@@ -384,26 +410,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                             abstract, shardings), shardings
 
     # ---- fresh start or resume
-    restored = ckpt.restore_meta()
-    if restored is None:
-        meta = _fresh_meta()
-        step = 0
-        state, state_sh = state_lib.create_sharded_state(variables, phase_tx(phases[0]),
-                                                         state_rng, make_shardings)
-    else:
-        step, meta = restored
-        if not 0 <= meta.get("phase", -1) < len(phases):
-            raise checkpointing.CheckpointError(
-                f"{ckpt.directory}/{step}: phase {meta.get('phase')} does not exist in this "
-                f"config's schedule ({len(phases)} phase(s), train.freeze="
-                f"{config.train.freeze!r}); use the original config or a fresh --workdir.")
-        abstract, state_sh = abstract_state(phases[meta["phase"]])
-        state, meta = ckpt.restore(step, abstract, train_iter)
-        if int(jax.device_get(state.step)) != step:
-            raise checkpointing.CheckpointError(
-                f"{ckpt.directory}/{step}: state.step={int(jax.device_get(state.step))} does "
-                "not match the checkpoint step; the checkpoint is corrupt.")
-        logging.info("resumed from %s/%d (phase %d)", ckpt.directory, step, meta["phase"])
+    try:
+        restored = ckpt.restore_meta()
+        state, state_sh, step, meta = _start_or_resume(
+            ckpt, restored, phases, config, variables, state_rng, phase_tx, abstract_state,
+            make_shardings, train_iter)
+    except BaseException:
+        ckpt.close()
+        raise
 
     faults = _parse_faults()
     logger = _Logger(workdir, step if restored is not None else None)
@@ -442,15 +456,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                            config.train.get("schedule", "constant"),
                                            config.train.get("warmup_steps", 0),
                                            config.train.get("end_lr_factor", 0.0))
-            frozen_bn = (optim.frozen_mask(state.batch_stats, phase.policy)
-                         if phase.policy != "none" else None)
+            frozen = (optim.frozen_mask(state.params, phase.policy)
+                      if phase.policy != "none" else None)
             train_step = step_lib.make_train_step(
                 model, tx, mesh, state_sh, num_classes=num_classes,
-                batch_norm_train=phase.batch_norm_train, frozen_bn_layers=frozen_bn,
+                batch_norm_train=phase.batch_norm_train, frozen_layers=frozen,
                 label_smoothing=config.train.get("label_smoothing", 0.0))
             eval_step = step_lib.make_eval_step(model, mesh, variables_sharding(state_sh),
                                                 num_classes=num_classes)
-            pending: List[Dict[str, jax.Array]] = []
+            # Train metrics since the last log line; saved with checkpoints so a resumed
+            # run logs the same interval means as an uninterrupted one.
+            pending: List[Dict[str, Any]] = list(meta.pop("pending_train", []))
             t_log, pending_timed, first = time.time(), 0, True
             remaining_later = sum(p.num_steps for p in phases[phase.index + 1:])
 
@@ -493,6 +509,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 if is_eval:
                     val, _ = run_eval(state, splits.val)
                     logger.write(step, "val", dict(val, phase=phase.index))
+                    meta["last_val"] = dict(val, step=step)
                     value = val.get(phase.monitor)
                     if value is None:
                         raise ValueError(f"monitor metric {phase.monitor!r} is not one of "
@@ -525,7 +542,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 signalled = stop_flag.signal is not None
                 if (is_eval or (ckpt_every and step % ckpt_every == 0) or preempted
                         or signalled or step == phase_end):
-                    ckpt.save(step, state, train_iter, meta, best_rank=new_best_rank)
+                    pending = [{k: float(v) for k, v in d.items()}
+                               for d in jax.device_get(pending)]
+                    ckpt.save(step, state, train_iter, dict(meta, pending_train=pending),
+                              best_rank=new_best_rank)
                     if faults.get("kill_after_save") == step:
                         os.kill(os.getpid(), signal.SIGKILL)
                 if preempted or signalled:
@@ -581,7 +601,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
         export("best", best_state, best_step, {"val": results_by_split["val"],
                                                "test": results_by_split["test"]})
-        export("last", last_state, step, meta["es"])
+        export("last", last_state, step, {"val": meta.get("last_val")})
 
         results = {
             "status": "done", "best_step": int(best_step), "last_step": int(step),

@@ -28,7 +28,7 @@ def _weighted_loss(logits, labels, weights, num_classes, label_smoothing):
 
 def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_sharding: Any,
                     *, num_classes: int, batch_norm_train: bool = True,
-                    frozen_bn_layers: Optional[Mapping[str, bool]] = None,
+                    frozen_layers: Optional[Mapping[str, bool]] = None,
                     label_smoothing: float = 0.0, donate: bool = True) -> Callable:
     """Returns ``train_step(state, batch) -> (state, metrics)``.
 
@@ -37,12 +37,14 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_s
       tx: the phase's optimizer (frozen layers already masked to zero updates).
       state_sharding: NamedShardings matching the TrainState (sharding.state_shardings).
       batch_norm_train: False runs every BatchNorm in inference mode (linear probe).
-      frozen_bn_layers: {layer: frozen}; frozen layers keep their running statistics.
+      frozen_layers: {layer: frozen} (optim.frozen_mask); frozen layers keep their BatchNorm
+        running statistics and are left out of ``grad_norm``, so XLA drops their unused
+        gradients (a linear probe does not pay for a backward pass through the base).
       batch: {'image': (B, H, W, 3) float, 'label': (B,) int, 'weight': (B,) float}.
 
     metrics: {'loss', 'accuracy', 'grad_norm'} as replicated scalars (weighted means).
     """
-    frozen_bn = {k for k, v in (frozen_bn_layers or {}).items() if v}
+    frozen = {k for k, v in (frozen_layers or {}).items() if v}
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -59,13 +61,14 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_s
         (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if frozen_bn:
-            new_bs = {k: (state.batch_stats[k] if k in frozen_bn else v) for k, v in new_bs.items()}
+        if frozen:
+            new_bs = {k: (state.batch_stats[k] if k in frozen else v) for k, v in new_bs.items()}
         w = batch["weight"]
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
         metrics = {"loss": loss,
                    "accuracy": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1e-12),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.global_norm(
+                       {k: g for k, g in grads.items() if k not in frozen})}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                                   opt_state=opt_state)
         return new_state, metrics

@@ -150,8 +150,6 @@ def _load_keras_archive(path: str, depth: Optional[int]):
 
 
 def _load_from_h5(f, path: str, depth: Optional[int], container: Optional[str]):
-    import h5py
-
     attrs_root = f
     if "model_weights" in f:
         h5_layout, root = "model.save", f["model_weights"]
@@ -176,15 +174,18 @@ def _load_from_h5(f, path: str, depth: Optional[int], container: Optional[str]):
             f"{path}: reading the weights failed ({e}); the file is truncated or damaged. "
             "Download it again.") from e
 
+    v2 = sorted({n for n in ignored if "preact" in n or n == "post_bn"})
+    if v2:
+        raise CheckpointError(
+            f"{path} holds a ResNetV2 (pre-activation) model (layers such as {v2[:2]}), which "
+            "is a different architecture; use a ResNet50 (v1) file such as "
+            "resnet50_weights_tf_dim_ordering_tf_kernels.h5.")
     layers = sorted({k[1] for k in found})
     if not layers:
-        v2 = [n for n in ignored if "preact" in n or n == "post_bn"]
-        extra = (" The file looks like a ResNetV2 (pre-activation) model, which is not "
-                 "supported; use a ResNet50 (v1) file." if v2 else "")
         raise CheckpointError(
             f"{path}: no Keras ResNet layers (conv1_conv, conv2_block1_1_conv, ..., "
             f"predictions) found in this {h5_layout} file; groups seen: "
-            f"{sorted(set(ignored))[:10]}.{extra}")
+            f"{sorted(set(ignored))[:10]}.")
 
     kind = "bottleneck" if any(l.endswith(("_3_conv", "_3_bn")) for l in layers) else "basic"
     blocks = [0, 0, 0, 0]

@@ -21,7 +21,7 @@ import io
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 from PIL import Image

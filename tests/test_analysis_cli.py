@@ -1,0 +1,206 @@
+"""`python -m medtransfer_jax.analyze` subcommands end to end (tiny ResNet50, width 8)."""
+import csv
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from absl import app, flags
+from absl.testing import flagsaver
+
+import medtransfer_jax
+from medtransfer_jax import analyze
+from medtransfer_jax.models import resnet
+from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
+
+FLAGS = flags.FLAGS
+SIZE = 64
+
+
+def _random_variables(model, seed):
+    """He-normal weights from the parameter shapes (eval_shape; no model.init compile)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, SIZE, SIZE, 3))))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape)
+        return rng.normal(0, 0.1, leaf.shape)
+
+    return {k: jax.tree.map(lambda a: np.asarray(a, np.float32),
+                            jax.tree_util.tree_map_with_path(fill, shapes[k]))
+            for k in ("params", "batch_stats")}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_weights")
+    model = resnet.ResNet(depth=50, width=8, num_classes=None)
+    out = []
+    for i in range(2):
+        d = str(root / f"w{i}")
+        save_weights(d, _random_variables(model, 10 + i),
+                     WeightsMetadata(source="random", layout="keras_v1", depth=50, width=8,
+                                     preprocessing="unit", image_size=SIZE))
+        out.append(d)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _parsed_flags():
+    if not FLAGS.is_parsed():
+        FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver():
+        yield
+
+
+def _run(command, **overrides):
+    """analyze.main with the analyze flags at their defaults plus ``overrides``."""
+    for flag in FLAGS.flags_by_module_dict()[analyze.__name__]:
+        flag.unparse()
+    for k, v in overrides.items():
+        setattr(FLAGS, k, v)
+    return analyze.run(["analyze"] + ([command] if command else []))
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cca_paper_protocol_with_two_pairs(weights, tmp_path):
+    a, b = weights
+    files = _run("cca", output_dir=str(tmp_path), images="random", num_images=48,
+                 image_size=SIZE, positions=300, repeats=2, batch_size=16,
+                 pair=[f"{a},{b},A vs B", f"{a},{a},A vs A"])
+    rows = _rows(files["csv"])
+    assert len(rows) == 10 and os.path.getsize(files["png"]) > 1000
+    by = {(r["pair"], r["layer"]): float(r["value"]) for r in rows}
+    for layer in resnet.stage_output_names(50):
+        assert by[("A vs A", layer)] == pytest.approx(1.0, abs=1e-4)
+        assert 0 < by[("A vs B", layer)] < 0.99
+    js = json.load(open(files["json"]))
+    assert js[0]["method"] == "paper_cca" and len(js[0]["values"]) == 2
+
+
+def test_similarity_custom_with_data_contract(weights, tmp_path, monkeypatch):
+    """--images=data goes through data.default_data_config / get_splits (faked here)."""
+    rng = np.random.default_rng(0)
+    recs = [dict(image=rng.integers(0, 256, (80, 72), dtype=np.uint8), label=i % 2,
+                 id=f"r{i}", group=f"r{i}") for i in range(30)]
+    seen = {}
+
+    def get_splits(cfg, fold=0):
+        seen.update(name=cfg.name, fold=fold, n=cfg.synthetic.num_examples)
+        return types.SimpleNamespace(train=recs, val=recs[:5], test=recs, num_classes=2,
+                                     class_names=("a", "b"), name=cfg.name, extra_tests={})
+
+    fake = types.SimpleNamespace(
+        default_data_config=lambda: ml_collections.ConfigDict(dict(
+            name="synthetic", root="", image_size=SIZE,
+            synthetic=dict(num_examples=100, image_size=SIZE))),
+        get_splits=get_splits)
+    monkeypatch.setattr(medtransfer_jax, "data", fake, raising=False)
+    files = _run("similarity", output_dir=str(tmp_path), weights_a=weights[0],
+                 weights_b=weights[1], protocol="custom", methods=["linear_cka", "mean_cca"],
+                 layers=["conv4_block6_out"], spatial="positions", positions=208,
+                 channels=16, batch_size=16, fold=2, split="test",
+                 data_override=["synthetic.num_examples=7"])
+    assert seen == dict(name="synthetic", fold=2, n=7)
+    rows = _rows(files["csv"])
+    assert {r["method"] for r in rows} == {"linear_cka", "mean_cca"}
+    assert all(r["channels"] == "16" and r["datapoints"] == "208" for r in rows)  # 13 img x 16
+    with pytest.raises(app.UsageError, match="has splits"):
+        _run("similarity", output_dir=str(tmp_path), weights_a=weights[0],
+             weights_b=weights[1], split="holdout")
+    with pytest.raises(app.UsageError, match="no field"):
+        _run("similarity", output_dir=str(tmp_path), weights_a=weights[0],
+             weights_b=weights[1], data_override=["nonsense=1"])
+
+
+def test_weights_and_filters_commands(weights, tmp_path):
+    files = _run("weights", output_dir=str(tmp_path / "w"), weights_a=weights[0],
+                 weights_b=weights[1])
+    rows = _rows(files["csv"])
+    assert len(rows) > 100 and all(r["status"] == "ok" for r in rows)
+    conv1 = next(r for r in rows if r["layer"] == "conv1_conv")
+    assert float(conv1["rel_l2"]) == pytest.approx(np.sqrt(2), abs=0.1)  # independent draws
+    files = _run(None, what="filters", output_dir=str(tmp_path / "f"),
+                 weights=[f"a={weights[0]}", f"b={weights[1]}"], groups=["g=a,b"])
+    layers = _rows(files["layers"])
+    assert len(layers) == 2 * 16  # 16 3x3 convs in a ResNet50, two models
+    drift = _rows(files["drift"])
+    assert {r["scope"] for r in drift} == {"layer"}  # one group: no group pairs
+    assert all(float(r["drift"]) >= 0 for r in drift)
+    npz = np.load(files["npz"])
+    assert npz["bin_edges"].shape == (9, 71)
+    for k in ("hist_png", "drift_layer_png"):
+        assert os.path.getsize(files[k]) > 1000
+
+
+def test_predictions_command(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 40)
+    for name, skill in (("a", 2.0), ("b", 1.0)):
+        with open(tmp_path / f"{name}.csv", "w") as f:
+            f.write("id,group,split,label,prob_0,prob_1\n")
+            for i, l in enumerate(labels):
+                p1 = 1 / (1 + np.exp(-(skill * (2 * l - 1) + rng.normal())))
+                f.write(f"x{i},g{i},test,{l},{1 - p1},{p1}\n")
+    files = _run("predictions", output_dir=str(tmp_path / "out"),
+                 predictions_a=str(tmp_path / "a.csv"), predictions_b=str(tmp_path / "b.csv"))
+    res = json.load(open(files["json"]))
+    assert res["expected_independent"] == pytest.approx(
+        res["acc_a"] * res["acc_b"] + (1 - res["acc_a"]) * (1 - res["acc_b"]))
+    with pytest.raises(app.UsageError, match="does not exist"):
+        _run("predictions", output_dir=str(tmp_path), predictions_a=str(tmp_path / "a.csv"),
+             predictions_b=str(tmp_path / "zzz.csv"))
+
+
+def test_auc_vs_similarity_command(tmp_path):
+    rng = np.random.default_rng(2)
+    runs, xs, gains = [], [], []
+    rand = tmp_path / "random.json"
+    rand.write_text(json.dumps({"status": "done", "test": {"auc": 0.6}}))
+    for i in range(5):
+        x = rng.uniform(0.2, 0.9)
+        auc = 0.9 - 0.3 * x + 0.01 * rng.normal()
+        sim = tmp_path / f"sim{i}.csv"
+        sim.write_text("layer,method,value\nconv1_relu,paper_cca,%r\n"
+                       "conv1_relu,linear_cka,0.5\n" % x)
+        res = tmp_path / f"res{i}.json"
+        res.write_text(json.dumps({"status": "done", "test": {"auc": auc}}))
+        runs.append(f"{sim},{res},{rand}")
+        xs.append(x)
+        gains.append((auc - 0.6) / 0.6)
+    files = _run("auc_vs_similarity", output_dir=str(tmp_path / "o"), run=runs)
+    row = _rows(files["csv"])[0]
+    assert row["layer"] == "conv1_relu" and int(row["n"]) == 5
+    assert float(row["pearson_r"]) == pytest.approx(np.corrcoef(xs, gains)[0, 1])
+    with pytest.raises(app.UsageError, match="no test.auroc"):
+        _run("auc_vs_similarity", output_dir=str(tmp_path / "o"), run=runs, auc_metric="auroc")
+
+
+def test_flag_errors(weights, tmp_path):
+    with pytest.raises(app.UsageError, match="Say what"):
+        _run(None, output_dir=str(tmp_path))
+    with pytest.raises(app.UsageError, match="Unknown analysis"):
+        _run("histology", output_dir=str(tmp_path))
+    with pytest.raises(app.UsageError, match="output_dir"):
+        _run("weights", weights_a=weights[0], weights_b=weights[1])
+    with pytest.raises(app.UsageError, match="both --weights_a and --weights_b"):
+        _run("cca", output_dir=str(tmp_path), weights_a=weights[0], images="random")
+    with pytest.raises(app.UsageError, match="DIR_A,DIR_B"):
+        _run("cca", output_dir=str(tmp_path), pair=[weights[0]], images="random")
+    with pytest.raises(app.UsageError, match="does not exist"):
+        _run("cca", output_dir=str(tmp_path), pair=[f"{weights[0]},/nope"], images="random")
+    with pytest.raises(app.UsageError, match="--weights"):
+        _run("filters", output_dir=str(tmp_path))

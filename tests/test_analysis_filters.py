@@ -1,0 +1,142 @@
+"""3x3 filter distributions: extraction, PCA, histograms, KL, sparsity, entropy, spikiness."""
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.decomposition import PCA
+
+from medtransfer_jax.analysis import filters as F
+
+
+def _params(rng, scale=1.0):
+    return {
+        "conv1_conv": {"kernel": rng.normal(size=(7, 7, 3, 4))},
+        "conv2_block1_1_conv": {"kernel": rng.normal(size=(1, 1, 4, 4))},
+        "conv2_block1_2_conv": {"kernel": scale * rng.normal(size=(3, 3, 4, 6))},
+        "conv3_block1_2_conv": {"kernel": scale * rng.laplace(size=(3, 3, 6, 8))},
+        "conv4_block1_2_conv": {"kernel": scale * rng.uniform(-1, 1, size=(3, 3, 8, 8))},
+        "conv2_block1_2_bn": {"scale": np.ones(6), "bias": np.zeros(6)},
+    }
+
+
+def test_extract_filters_order_layout_and_depth():
+    rng = np.random.default_rng(0)
+    p = _params(rng)
+    lfs = F.extract_filters({"params": p})
+    assert [l.layer for l in lfs] == ["conv2_block1_2_conv", "conv3_block1_2_conv",
+                                      "conv4_block1_2_conv"]
+    assert [l.depth for l in lfs] == [0.0, 0.5, 1.0]
+    k = p["conv3_block1_2_conv"]["kernel"]  # (3, 3, in=6, out=8)
+    f = lfs[1].filters
+    assert f.shape == (48, 9)
+    for o, i in [(0, 0), (3, 5), (7, 2)]:
+        np.testing.assert_array_equal(f[o * 6 + i], k[:, :, i, o].ravel())
+    with pytest.raises(ValueError, match="No 3x3"):
+        F.extract_filters({"dense": {"kernel": np.ones((4, 2))}})
+
+
+def test_scaling_and_pca_basis():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(500, 9)) * np.linspace(3, 0.2, 9)
+    f[7] = 0.0
+    s = F.scale_filters(f)
+    np.testing.assert_allclose(np.delete(np.abs(s).max(1), 7), 1.0)
+    assert np.all(s[7] == 0)
+    pca = F.fit_pca([s[:200], s[200:]])
+    np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(9), atol=1e-12)
+    assert pca.explained_variance_ratio.sum() == pytest.approx(1.0)
+    assert np.all(np.diff(pca.explained_variance_ratio) <= 1e-15)
+    ref = PCA(9).fit(s)
+    np.testing.assert_allclose(pca.explained_variance_ratio, ref.explained_variance_ratio_,
+                               atol=1e-10)
+    c = pca.transform(s)
+    np.testing.assert_allclose(c @ pca.components + pca.mean, s, atol=1e-12)
+    np.testing.assert_allclose(np.abs(c), np.abs(ref.transform(s)), atol=1e-9)
+
+
+def test_histograms_and_kl():
+    rng = np.random.default_rng(2)
+    c = rng.normal(size=(1000, 9))
+    ranges = F.global_ranges([c, c * 0.5])
+    h = F.coefficient_histograms(c * 0.5, ranges, bins=70)
+    assert h.shape == (9, 70)
+    np.testing.assert_allclose(h.sum(1), 1.0)
+    counts, _ = np.histogram(c[:, 0] * 0.5, bins=70, range=tuple(ranges[0]))
+    empty = counts == 0
+    assert empty.any() and np.allclose(h[0][empty] * (1 + empty.sum() * F.EPS32),
+                                       F.EPS32, rtol=1e-6)
+    np.testing.assert_allclose(h[0][~empty], counts[~empty] / counts.sum()
+                               / (1 + empty.sum() * F.EPS32), rtol=1e-9)
+    p = F.coefficient_histograms(c, ranges)
+    assert np.allclose(F.kl_divergence(p, p), 0.0)
+    np.testing.assert_allclose(F.kl_divergence(p, h), [stats.entropy(p[i], h[i]) for i in range(9)])
+    np.testing.assert_allclose(F.symmetric_kl(p, h), F.symmetric_kl(h, p))
+    w = np.linspace(0.3, 0.01, 9)
+    assert F.kl_drift(p, h, w) == pytest.approx(
+        sum(w[i] * (stats.entropy(p[i], h[i]) + stats.entropy(h[i], p[i])) for i in range(9)))
+    assert F.kl_drift(p, p, w) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sparsity_hand_made():
+    f = np.ones((10, 9)) * 0.5
+    f[0, 4] = -2.0  # layer max |w| = 2 -> threshold 0.02
+    f[1:4] = 0.01  # 3 sparse filters
+    f[4] = 0.01
+    f[4, 8] = 0.03  # one weight above the threshold: not sparse
+    want = sum(all(abs(v) < 0.02 for v in row) for row in f) / len(f)
+    assert want == 0.3
+    assert F.sparsity(f) == pytest.approx(want)
+    assert F.sparsity(np.zeros((3, 9))) == 1.0
+
+
+def test_variance_entropy_known_spectra():
+    rng = np.random.default_rng(3)
+    # one direction of variance -> 0
+    d = rng.normal(size=9)
+    assert F.variance_entropy(np.outer(rng.normal(size=200), d) + 5.0) == pytest.approx(0.0,
+                                                                                       abs=1e-9)
+    # isotropic: +-e_i for every i -> log10(9)
+    iso = np.concatenate([np.eye(9), -np.eye(9)])
+    assert F.variance_entropy(iso) == pytest.approx(np.log10(9))
+    # general: entropy of normalised covariance eigenvalues (independent formula)
+    X = rng.normal(size=(300, 9)) * np.arange(1, 10)
+    lam = np.linalg.eigvalsh(np.cov(X.T))
+    p = lam / lam.sum()
+    assert F.variance_entropy(X) == pytest.approx(-(p * np.log10(p)).sum())
+
+
+def test_spikiness_and_orthogonality():
+    rng = np.random.default_rng(4)
+    w = np.full(9, 1 / 9)
+    g = rng.normal(size=(20000, 9))
+    lap = rng.laplace(size=(20000, 9))
+    assert abs(F.spikiness(g, w)) < 0.15
+    assert F.spikiness(lap, w) == pytest.approx(np.mean(stats.kurtosis(lap, axis=0)))
+    assert F.spikiness(lap, w) > 2.5 > F.spikiness(rng.uniform(size=(20000, 9)), w) + 3.5
+    eye = np.eye(9).reshape(3, 3, 1, 9)  # 9 orthogonal output filters
+    assert F.orthogonality(eye) == pytest.approx(1.0)
+    same = np.ones((3, 3, 2, 4))
+    assert F.orthogonality(same) == pytest.approx(0.0)
+
+
+def test_analyse_filters_drift_and_groups():
+    rng = np.random.default_rng(5)
+    a = _params(rng)
+    b = {k: {n: v.copy() for n, v in d.items()} for k, d in a.items()}
+    c = _params(np.random.default_rng(6), scale=3.0)
+    c["conv3_block1_2_conv"]["kernel"] = np.random.default_rng(7).normal(size=(3, 3, 6, 8))
+    rep = F.analyse_filters({"a": a, "b": b, "c": c}, groups={"ab": ["a", "b"], "cc": ["c"]},
+                            with_orthogonality=True)
+    layer = {(r["a"], r["b"], r["key"]): r["drift"] for r in rep.drift_rows
+             if r["scope"] == "layer"}
+    assert layer[("a", "b", "conv3_block1_2_conv")] == pytest.approx(0.0, abs=1e-12)
+    # per-filter max scaling removes the global x3, so only the changed layer drifts
+    assert layer[("a", "c", "conv3_block1_2_conv")] > 0.05
+    groups = [r for r in rep.drift_rows if r["scope"] == "depth_bin"]
+    assert {(r["a"], r["b"]) for r in groups} == {("ab", "cc")}
+    stats_rows = {(r["model"], r["layer"]): r for r in rep.layer_rows}
+    assert stats_rows[("a", "conv2_block1_2_conv")]["n_filters"] == 24
+    assert stats_rows[("a", "conv4_block1_2_conv")]["depth_bin"] == "0.9-1.0"
+    assert 0 < stats_rows[("a", "conv2_block1_2_conv")]["variance_entropy"] <= np.log10(9)
+    assert rep.histograms[("ab", "0.0-0.1")].shape == (9, F.NUM_BINS)
+    with pytest.raises(ValueError, match="unknown models"):
+        F.analyse_filters({"a": a}, groups={"g": ["zzz"]})

@@ -1,0 +1,115 @@
+"""Prediction similarity, kappa, AUC and predictions-CSV handling vs independent references."""
+import csv
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+from medtransfer_jax.analysis import predictions as P
+
+
+def _probs(rng, labels, k, skill):
+    logits = rng.normal(size=(len(labels), k))
+    logits[np.arange(len(labels)), labels] += skill
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_prediction_similarity_hand_example():
+    labels = np.array([0, 0, 1, 1, 1, 0, 1, 0, 1, 1])
+    # A right on 8 (wrong at 1, 2); B right on 6 (wrong at 2, 3, 4, 9)
+    ya = labels.copy(); ya[[1, 2]] = 1 - ya[[1, 2]]
+    yb = labels.copy(); yb[[2, 3, 4, 9]] = 1 - yb[[2, 3, 4, 9]]
+    pa, pb = np.eye(2)[ya] * 0.8 + 0.1, np.eye(2)[yb] * 0.6 + 0.2
+    r = P.prediction_similarity(labels, pa, pb)
+    # both right: 0,5,6,7,8 ; both wrong: 2  -> 6 / 10
+    assert r["observed"] == pytest.approx(0.6)
+    assert (r["acc_a"], r["acc_b"]) == (0.8, 0.6)
+    assert r["expected_independent"] == pytest.approx(0.8 * 0.6 + 0.2 * 0.4)
+    assert r["expected_independent"] != pytest.approx(0.8 * 0.8 + 0.2 * 0.2)  # script's bug
+    assert r["excess"] == pytest.approx(0.6 - 0.56)
+    assert r["agreement"] == pytest.approx(np.mean(ya == yb))
+
+
+def test_measures_match_sklearn_scipy():
+    rng = np.random.default_rng(0)
+    for k in (2, 4):
+        labels = rng.integers(0, k, 300)
+        pa, pb = _probs(rng, labels, k, 1.5), _probs(rng, labels, k, 0.8)
+        r = P.prediction_similarity(labels, pa, pb)
+        assert r["cohen_kappa"] == pytest.approx(cohen_kappa_score(pa.argmax(1), pb.argmax(1)))
+        if k == 2:
+            assert P.roc_auc(labels, pa) == pytest.approx(roc_auc_score(labels, pa[:, 1]))
+            assert r["prob_correlation"] == pytest.approx(np.corrcoef(pa[:, 1], pb[:, 1])[0, 1])
+        else:
+            assert P.roc_auc(labels, pa) == pytest.approx(
+                roc_auc_score(labels, pa, multi_class="ovr", average="macro"))
+            want = np.mean([np.corrcoef(pa[:, c], pb[:, c])[0, 1] for c in range(k)])
+            assert r["prob_correlation"] == pytest.approx(want)
+    # ties in scores are handled like sklearn
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    s = np.array([0.2, 0.2, 0.5, 0.5, 0.9, 0.1])
+    assert P.roc_auc(labels, s) == pytest.approx(roc_auc_score(labels, s))
+    assert P.cohen_kappa([0, 1, 1], [0, 1, 1]) == 1.0
+
+
+def test_auc_gain_vs_similarity():
+    rng = np.random.default_rng(1)
+    recs = [dict(auc=0.7 + 0.2 * c, auc_random=0.65,
+                 similarity={"conv1_relu": c, "conv5_block3_out": rng.uniform()})
+            for c in rng.uniform(0.2, 0.9, 8)]
+    assert P.relative_auc_gain(0.9, 0.6) == pytest.approx(0.5)
+    rows = {r["layer"]: r for r in P.auc_gain_vs_similarity(recs)}
+    x = np.array([r["similarity"]["conv1_relu"] for r in recs])
+    y = np.array([(r["auc"] - 0.65) / 0.65 for r in recs])
+    assert rows["conv1_relu"]["pearson_r"] == pytest.approx(1.0)
+    assert rows["conv1_relu"]["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    x5 = np.array([r["similarity"]["conv5_block3_out"] for r in recs])
+    assert rows["conv5_block3_out"]["spearman_r"] == pytest.approx(stats.spearmanr(x5, y)[0])
+    with pytest.raises(ValueError, match="random-init AUC"):
+        P.relative_auc_gain(0.8, 0.0)
+
+
+def _write(path, ids, labels, probs, split="test"):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "group", "split", "label"] + [f"prob_{k}" for k in range(probs.shape[1])])
+        for i, l, p in zip(ids, labels, probs):
+            w.writerow([i, f"g{i}", split, int(l)] + [f"{v:.8f}" for v in p])
+
+
+def test_files_are_matched_by_id(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 50)
+    ids = [f"img{i}" for i in range(50)]
+    pa, pb, pr = (_probs(rng, labels, 3, s) for s in (2.0, 1.0, 0.1))
+    _write(tmp_path / "a.csv", ids, labels, pa)
+    perm = rng.permutation(50)  # B written in another order
+    _write(tmp_path / "b.csv", [ids[i] for i in perm], labels[perm], pb[perm])
+    _write(tmp_path / "r.csv", ids, labels, pr)
+    out = P.compare_prediction_files(str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                                     random_path=str(tmp_path / "r.csv"))
+    want = P.prediction_similarity(labels, pa, pb)
+    for k in want:
+        assert out[k] == pytest.approx(want[k], abs=1e-6), k
+    assert out["gain_a"] == pytest.approx((out["auc_a"] - out["auc_random"]) / out["auc_random"])
+    loaded = P.load_predictions(str(tmp_path / "a.csv"))
+    assert loaded["probs"].shape == (50, 3) and loaded["label"].dtype == np.int64
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        P.load_predictions(str(tmp_path / "missing.csv"))
+    (tmp_path / "bad.csv").write_text("id,label,prob_0\nx,1,0.5\n")
+    with pytest.raises(ValueError, match="header"):
+        P.load_predictions(str(tmp_path / "bad.csv"))
+    rng = np.random.default_rng(3)
+    labels = np.array([0, 1, 1])
+    _write(tmp_path / "a.csv", ["a", "b", "c"], labels, _probs(rng, labels, 2, 1))
+    _write(tmp_path / "b.csv", ["a", "b", "d"], labels, _probs(rng, labels, 2, 1))
+    _write(tmp_path / "c.csv", ["a", "b", "c"], 1 - labels, _probs(rng, labels, 2, 1))
+    with pytest.raises(ValueError, match="1 ids only in"):
+        P.compare_prediction_files(str(tmp_path / "a.csv"), str(tmp_path / "b.csv"))
+    with pytest.raises(ValueError, match="different labels"):
+        P.compare_prediction_files(str(tmp_path / "a.csv"), str(tmp_path / "c.csv"))

@@ -1,0 +1,224 @@
+"""End-to-end fine-tuning runs on a tiny model: outputs, evaluation, early stopping,
+checkpoint errors, configs and the sweep."""
+import json
+import os
+import shutil
+
+import _train_utils  # noqa: F401  (persistent XLA cache)
+import numpy as np
+import pytest
+
+from medtransfer_jax import evaluate
+from medtransfer_jax.training import loop, metrics, predictions, presets, sweep
+from medtransfer_jax.weights.checkpoint import CheckpointError, load_weights
+
+
+def _tiny(**kw):
+    c = presets.tiny_config()
+    c.sharding.num_devices = 2
+    c.train.num_steps = 8
+    c.eval.every_steps = 4
+    c.eval.monitor = "auc"
+    for k, v in kw.items():
+        sweep.apply_overrides(c, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"])
+    return c
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("run"))
+    cfg = _tiny()
+    return cfg, wd, loop.train_and_evaluate(cfg, wd)
+
+
+def test_results_predictions_exports(run_dir):
+    cfg, wd, res = run_dir
+    assert res["status"] == "done" and res["last_step"] == 8
+    assert res["best_step"] in (4, 8)
+    assert res["num_devices"] == 2
+    with open(os.path.join(wd, "results.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["test"]["auc"] == res["test"]["auc"]
+    for split in ("val", "test"):
+        for key in ("loss", "accuracy", "auc", "auc_ovr_weighted", "auc_micro"):
+            assert key in res[split]
+        # The predictions file reproduces the reported metrics (independent recomputation).
+        p = predictions.read_predictions(os.path.join(wd, "predictions", f"{split}.csv"))
+        assert len(p["id"]) == res[f"num_{split}"] == len(set(p["id"]))
+        m = metrics.classification_metrics(p["label"], p["probs"])
+        assert m["auc"] == pytest.approx(res[split]["auc"], abs=1e-9)
+        assert m["accuracy"] == pytest.approx(res[split]["accuracy"], abs=1e-9)
+        np.testing.assert_allclose(p["probs"].sum(1), 1.0, atol=1e-5)
+    both = predictions.read_predictions(os.path.join(wd, "predictions.csv"))
+    assert set(both["split"]) == {"val", "test"}
+    # Exported weights in the shared weights format.
+    for sub in ("best", "last"):
+        variables, md = load_weights(os.path.join(wd, "export", sub))
+        assert md.source == "finetuned" and md.extra["init"] == "random"
+        assert md.num_classes == 2 and md.preprocessing == "unit"
+        assert variables["params"]["predictions"]["kernel"].shape == (64, 2)
+    # Logs: JSONL with train/val events, TensorBoard event file.
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    train = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) and "img_per_s" in r for r in train)
+    assert [r["step"] for r in recs if r["split"] == "val"] == [4, 8]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(wd, "tb")))
+    # The best checkpoint is kept next to the latest ones.
+    steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
+    assert res["best_step"] in steps and 8 in steps
+    # A finished workdir is not trained again.
+    again = loop.train_and_evaluate(cfg, wd)
+    assert again["wall_time_s"] == res["wall_time_s"]
+
+
+def test_evaluate_command_reproduces_test_metrics(run_dir, tmp_path):
+    _, wd, res = run_dir
+    out, mets = evaluate.evaluate_checkpoint(wd, splits=["test"],
+                                             output=str(tmp_path / "preds.csv"))
+    assert mets["test"]["auc"] == pytest.approx(res["test"]["auc"], abs=1e-6)
+    p = predictions.read_predictions(out)
+    assert set(p["split"]) == {"test"} and len(p["id"]) == res["num_test"]
+    with pytest.raises(ValueError, match="not available"):
+        evaluate.evaluate_checkpoint(wd, splits=["nope"])
+
+
+def _copy_unfinished(wd, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(wd, dst)
+    os.remove(os.path.join(dst, "results.json"))
+    return dst
+
+
+def test_incompatible_checkpoint_names_leaf(run_dir, tmp_path):
+    cfg, wd, _ = run_dir
+    dst = _copy_unfinished(wd, tmp_path)
+    other = _tiny()
+    other.model.width = 16
+    with pytest.raises(CheckpointError) as e:
+        loop.train_and_evaluate(other, dst)
+    msg = str(e.value)
+    assert "checkpoints/8" in msg and "incompatible" in msg and "params/" in msg
+
+
+def test_corrupt_checkpoint_clear_error(run_dir, tmp_path):
+    cfg, wd, _ = run_dir
+    dst = _copy_unfinished(wd, tmp_path)
+    state_dir = os.path.join(dst, "checkpoints", "8", "state")
+    n = 0
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+            n += 1
+    assert n > 0
+    with pytest.raises(CheckpointError, match=r"checkpoints/8.*(damaged|cannot be restored)"):
+        loop.train_and_evaluate(cfg, dst)
+    # A damaged meta item is reported the same way.
+    dst2 = _copy_unfinished(wd, tmp_path / "b")
+    for root, _, files in os.walk(os.path.join(dst2, "checkpoints", "8", "meta")):
+        for name in files:
+            with open(os.path.join(root, name), "w") as f:
+                f.write("{not json")
+    with pytest.raises(CheckpointError, match=r"checkpoints/8.*damaged"):
+        loop.train_and_evaluate(cfg, dst2)
+
+
+def _source_weights(path):
+    """A 'pre-trained' headless ResNet18/8 in the weights format (caffe preprocessing)."""
+    import jax
+    from medtransfer_jax.models import resnet
+    from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
+    model = resnet.ResNet(depth=18, width=8, num_classes=None)
+    variables = jax.device_get(resnet.init_variables(model, jax.random.PRNGKey(42), 32))
+    save_weights(path, variables, WeightsMetadata(source="imagenet", layout="keras_v1", depth=18,
+                                                  width=8, num_classes=None,
+                                                  preprocessing="caffe", image_size=32))
+    return variables
+
+
+def test_init_from_weights_linear_probe_and_early_stopping(tmp_path):
+    src = _source_weights(str(tmp_path / "src"))
+    # Frozen base + lr 0: the val loss never improves after the first evaluation, so with
+    # patience 2 the run stops at the third evaluation.
+    cfg = _tiny(**{"train.freeze": "linear_probe", "train.lr": 0.0, "train.num_steps": 10,
+                   "eval.every_steps": 1, "eval.patience": 2, "eval.monitor": "loss",
+                   "model.init": str(tmp_path / "src"), "model.preprocessing": None})
+    res = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert res["stopped_early"] and res["last_step"] == 3 and res["best_step"] == 1
+    assert res["monitor"] == "loss"
+    assert res["init"] == str(tmp_path / "src") and res["preprocessing"] == "caffe"
+    out, md = load_weights(str(tmp_path / "run" / "export" / "last"))
+    assert md.preprocessing == "caffe" and md.extra["init"] == str(tmp_path / "src")
+    for col in ("params", "batch_stats"):  # the base is the source checkpoint, untouched
+        for layer, leaves in src[col].items():
+            for leaf, value in leaves.items():
+                np.testing.assert_array_equal(out[col][layer][leaf], value)
+    assert "predictions" in out["params"] and "predictions" not in src["params"]
+
+
+def test_two_phase_head_phase_early_stops_then_fine_tunes(tmp_path):
+    _source_weights(str(tmp_path / "src"))
+    cfg = _tiny(**{"train.freeze": "two_phase", "train.head_phase.lr": 0.0,
+                   "train.head_phase.num_steps": 10, "train.head_phase.patience": 1,
+                   "train.head_phase.monitor": "loss", "train.num_steps": 4,
+                   "eval.every_steps": 2, "model.init": str(tmp_path / "src")})
+    res = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+    # head phase: evals at 2 (best), 4 (no gain -> stop); full phase: steps 5..8
+    assert res["last_step"] == 8 and res["best_step"] in (6, 8)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        vals = [(r["step"], r["phase"]) for r in map(json.loads, f) if r["split"] == "val"]
+    assert vals == [(2, 0), (4, 0), (6, 1), (8, 1)]
+
+
+def test_configs_build():
+    cdir = sweep.default_config_dir()
+    run = sweep.Run("x", os.path.join(cdir, "revisiting", "breast.py") + ":imagenet,fold=1",
+                    "/tmp/unused")
+    c = sweep.load_config(run)
+    assert (c.data.name, c.data.image_size, c.fold, c.model.preprocessing) == ("breast", 256, 1,
+                                                                              "caffe")
+    assert c.model.init.endswith("imagenet") and c.model.dropout_rate == 0.5
+    assert (c.train.lr, c.train.batch_size, c.eval.patience, c.eval.monitor) == (1e-3, 256, 30,
+                                                                                 "loss")
+    c = presets.revisiting_config("chest", "random,protocol=feb2023")
+    assert c.model.init == "random" and c.model.dropout_rate == 0.0 and not c.data.augment.flip
+    assert (c.train.lr, c.train.batch_size, c.eval.patience) == (1e-5, 128, 3)
+    c = presets.revisiting_config("pcam", "radimagenet,freeze=true")
+    assert c.train.freeze == "two_phase" and c.data.image_size == 96
+    c = presets.source_matters_config("noise", "radimagenet,p=0.2,fold=3")
+    assert (c.data.name, c.data.confounder.kind, c.data.confounder.p) == ("lidc", "noise", 0.2)
+    assert c.model.preprocessing == "radimagenet" and c.fold == 3 and not c.data.augment.flip
+    with pytest.raises(ValueError, match="unknown option"):
+        presets.revisiting_config("breast", "imagenet,lr=3")
+    with pytest.raises(ValueError, match="not one of"):
+        presets.revisiting_config("breast", "imagenet21k")
+    for sub, names in (("revisiting", presets.REVISITING_TARGETS), ("source_matters",
+                                                                    presets.CONFOUNDERS)):
+        for name in names:
+            assert os.path.exists(os.path.join(cdir, sub, f"{name}.py"))
+
+
+def test_sweep_grid_run_collect(run_dir, tmp_path):
+    runs = sweep.expand_grid("revisiting", targets=["breast", "chest"],
+                             sources=["imagenet", "random"], folds=[0, 1], seeds=[0],
+                             root=str(tmp_path))
+    assert len(runs) == 8 and len({r.workdir for r in runs}) == 8
+    sm = sweep.expand_grid("source_matters", targets=["tag"], sources=["imagenet"],
+                           folds=[0], ps=[0.0, 0.5])
+    assert [r.keys["p"] for r in sm] == [0.0, 0.5]
+    assert ":imagenet,fold=0,seed=0,p=0.5" in sm[1].config
+    assert set(sweep.run_all(runs[:2], dry_run=True).values()) == {"dry_run"}
+    # Resumable: a finished run is skipped; a new one is trained (in-process here).
+    _, wd, res = run_dir
+    done = sweep.Run("done", _train_utils.TINY_CONFIG, wd, keys={"target": "a"})
+    new = sweep.Run("new", _train_utils.TINY_CONFIG, str(tmp_path / "new"),
+                    ["train.num_steps=4", "eval.every_steps=4"], keys={"target": "b"})
+    status = sweep.run_all([done, new], mode="inprocess")
+    assert status == {"done": "skipped", "new": "done"}
+    rows = sweep.collect([done, new], str(tmp_path / "table.csv"))
+    assert rows[0]["test.auc"] == res["test"]["auc"] and rows[1]["status"] == "done"
+    with open(tmp_path / "table.csv") as f:
+        header = f.readline().strip().split(",")
+    assert {"name", "target", "status", "val.auc", "test.auc", "best_step"} <= set(header)
