@@ -17,7 +17,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from medtransfer_jax import convert, preprocessing  # noqa: E402
+from medtransfer_jax import preprocessing  # noqa: E402
+from medtransfer_jax.weights import conversion as convert  # noqa: E402
 from medtransfer_jax.models import resnet  # noqa: E402
 from medtransfer_jax.weights import CheckpointError, load_keras_h5  # noqa: E402
 

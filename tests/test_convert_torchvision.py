@@ -14,7 +14,8 @@ torchvision = pytest.importorskip("torchvision")
 
 import jax  # noqa: E402
 
-from medtransfer_jax import convert, preprocessing  # noqa: E402
+from medtransfer_jax import preprocessing  # noqa: E402
+from medtransfer_jax.weights import conversion as convert  # noqa: E402
 from medtransfer_jax.models import resnet  # noqa: E402
 from medtransfer_jax.weights import CheckpointError, load_metadata, load_torchvision  # noqa: E402
 

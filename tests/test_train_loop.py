@@ -8,7 +8,7 @@ import _train_utils  # noqa: F401  (persistent XLA cache)
 import numpy as np
 import pytest
 
-from medtransfer_jax import evaluate
+from medtransfer_jax.training import evaluation as evaluate
 from medtransfer_jax.training import loop, metrics, predictions, presets, sweep
 from medtransfer_jax.weights.checkpoint import CheckpointError, load_weights
 

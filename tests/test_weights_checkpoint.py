@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medtransfer_jax import convert
+from medtransfer_jax.weights import conversion as convert
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights import (CheckpointError, WeightsMetadata, load_keras_h5,
                                      load_metadata, load_weights, merge_into, save_weights)

@@ -169,7 +169,7 @@ class Study:
 
     # ------------------------------------------------------------------------- stages
     def stage_sources(self):
-        from medtransfer_jax import convert as convert_lib
+        from medtransfer_jax.weights import conversion as convert_lib
         from medtransfer_jax.models import resnet
         from medtransfer_jax.weights import checkpoint
 

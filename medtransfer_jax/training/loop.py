@@ -488,7 +488,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                     pending_timed += 1
                 if step % log_every == 0 or step == phase_end:
                     vals = jax.device_get(pending)
-                    mean = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+                    # float64 mean: restored entries are Python floats, fresh ones float32.
+                    mean = {k: float(np.mean(np.asarray([v[k] for v in vals], np.float64)))
+                            for k in vals[0]}
                     dt = time.time() - t_log
                     ips = pending_timed * gbs / dt if dt > 0 and pending_timed else float("nan")
                     sps = ips / gbs if np.isfinite(ips) else float("nan")
