@@ -22,7 +22,9 @@ def get_config(arg=None):
         c.sharding.num_devices = 0
         c.model.dropout_rate = 0.0
         c.train.optimizer = "sgd"
-        c.train.lr = 0.002
+        # Small lr: with batch-16 BatchNorm on 1x1 maps, rounding differences of the
+        # two reduction orders grow ~1000x per step at lr 2e-3 (seen: 1e-7 -> 7% by step 6).
+        c.train.lr = 0.0002
         c.train.num_steps = 6
         c.eval.every_steps = 3
     return c
