@@ -369,7 +369,7 @@ class Study:
         _write_csv(self.path("tables", "weight_change.csv"), change_rows)
         for s in self.config.sources:
             mean_rows = _mean_over([r for r in change_rows if r["source"] == s],
-                                   ("layer", "status"), ("rel_l2", "cosine"))
+                                   ("layer", "kind", "status"), ("rel_l2", "cosine"))
             plots.plot_weight_change(mean_rows, self.path("figures", f"weight_change_{s}.png"))
 
     def stage_robustness(self):
