@@ -50,7 +50,11 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
         ax.set_ylabel(m.replace("_", " "))
         ax.set_title(title or m)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend under the panels: inside an axis it hides the curves when pairs are many.
+    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
     return _save(fig, path)
 
 

@@ -133,6 +133,19 @@ def _table(rows: Sequence[Dict[str, Any]], cols: Sequence[str]) -> Tuple[List[st
     return list(cols), [[r.get(c, "") for c in cols] for r in rows]
 
 
+def similarity_pivot(rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[list]]:
+    """One row per (target, pair, method), one column per layer: 'mean ± std (over folds)'."""
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    keyed: Dict[tuple, Dict[str, Any]] = {}
+    for r in rows:
+        cell = _fmt(r.get("value"))
+        if r.get("value_std") not in (None, ""):
+            cell += f" ± {_fmt(r['value_std'])}"
+        keyed.setdefault((r["target"], r["pair"], r["method"]), {})[r["layer"]] = cell
+    header = ["target", "pair", "method"] + layers
+    return header, [list(k) + [cells.get(l, "") for l in layers] for k, cells in keyed.items()]
+
+
 def build_blocks(study) -> List[Block]:
     from medtransfer_jax.studies.runner import read_csv
 
@@ -166,8 +179,7 @@ def build_blocks(study) -> List[Block]:
         for t in cfg.targets:
             if os.path.exists(fig(f"similarity_{t}.png")):
                 blocks.append(("img", (fig(f"similarity_{t}.png"), f"{t}: similarity per layer")))
-        blocks.append(("table", _table(summ, ("target", "pair", "layer", "method", "value",
-                                              "value_std", "n"))))
+        blocks.append(("table", similarity_pivot(summ)))
 
     if os.path.exists(tables("prediction_similarity_summary.csv")):
         blocks.append(("h2", "Prediction similarity (test split)"))
