@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -74,6 +75,41 @@ def infer_depth(kind: str, blocks: Sequence[int]) -> Tuple[int, bool]:
     # Closest: fewest blocks to add/remove; ties -> the smaller model.
     d, _ = min(candidates, key=lambda db: (sum(abs(x - y) for x, y in zip(db[1], blocks)), db[0]))
     return d, False
+
+
+def resolve_architecture(found: Mapping[Key, np.ndarray], depth: Optional[int], path: str,
+                         stem_name: str) -> Tuple[int, int, Optional[int]]:
+    """(depth, width, num_classes) of the Keras-named layers in ``found``.
+
+    The depth is inferred from the block counts per stage (or checked against the
+    requested ``depth``), the width from the stem conv, the classes from the head if any.
+    ``stem_name`` is the stem's name in the source file, for the error message.
+    """
+    layers = {k[1] for k in found}
+    kind = "bottleneck" if any(l.endswith(("_3_conv", "_3_bn")) for l in layers) else "basic"
+    blocks = [0, 0, 0, 0]
+    for l in layers:
+        m = re.match(r"^conv([2-5])_block(\d+)_", l)
+        if m:
+            blocks[int(m[1]) - 2] = max(blocks[int(m[1]) - 2], int(m[2]))
+    inferred, exact = infer_depth(kind, blocks)
+    if depth is None:
+        depth = inferred
+    elif depth not in resnet.DEPTHS:
+        raise CheckpointError(f"depth={depth} is not supported; choose one of "
+                              f"{sorted(resnet.DEPTHS)}.")
+    elif exact and depth != inferred:
+        raise CheckpointError(
+            f"{path} holds a ResNet{inferred} ({kind} blocks, {tuple(blocks)} per stage), but "
+            f"depth {depth} was requested. Pass --depth={inferred} or leave it out to infer it.")
+    stem = ("params", "conv1_conv", "kernel")
+    if stem not in found:
+        raise CheckpointError(f"{path}: {stem_name} (the stem conv) is missing, so the model "
+                              "width cannot be determined; the file is incomplete.")
+    width = int(np.shape(found[stem])[-1])
+    head = ("params", "predictions", "kernel")
+    num_classes = int(np.shape(found[head])[-1]) if head in found else None
+    return depth, width, num_classes
 
 
 def assemble(found: Mapping[Key, np.ndarray], *, layout: str, depth: int, width: int,

@@ -187,30 +187,8 @@ def _load_from_h5(f, path: str, depth: Optional[int], container: Optional[str]):
             f"predictions) found in this {h5_layout} file; groups seen: "
             f"{sorted(set(ignored))[:10]}.")
 
-    kind = "bottleneck" if any(l.endswith(("_3_conv", "_3_bn")) for l in layers) else "basic"
-    blocks = [0, 0, 0, 0]
-    for l in layers:
-        m = _LAYER_RE.match(l)
-        if m and m["stage"]:
-            s = int(m["stage"]) - 2
-            blocks[s] = max(blocks[s], int(m["block"]))
-    inferred, exact = _common.infer_depth(kind, blocks)
-    if depth is None:
-        depth = inferred
-    elif depth not in resnet.DEPTHS:
-        raise CheckpointError(f"depth={depth} is not supported; choose one of {sorted(resnet.DEPTHS)}.")
-    elif exact and depth != inferred:
-        raise CheckpointError(
-            f"{path} holds a ResNet{inferred} (blocks per stage {tuple(blocks)}), but depth "
-            f"{depth} was requested. Pass --depth={inferred} (or leave it out to infer it).")
-
-    stem = ("params", "conv1_conv", "kernel")
-    if stem not in found:
-        raise CheckpointError(f"{path}: layer 'conv1_conv' (the stem conv) is missing, so the "
-                              "model width cannot be determined; the file is incomplete.")
-    width = int(np.shape(found[stem])[-1])
-    head = ("params", "predictions", "kernel")
-    num_classes = int(np.shape(found[head])[-1]) if head in found else None
+    depth, width, num_classes = _common.resolve_architecture(found, depth, path,
+                                                             "layer 'conv1_conv'")
 
     variables = _common.assemble(
         found, layout="keras_v1", depth=depth, width=width, num_classes=num_classes,

@@ -203,30 +203,8 @@ def load_torchvision(path: str, depth: Optional[int] = None) -> Tuple[Dict[str, 
             f"{path}: no torchvision ResNet keys (conv1.weight, bn1.*, layer1.0.conv1.weight, "
             f"..., fc.weight) found; first keys: {list(state)[:6]}. Is it a torchvision "
             "ResNet state dict?")
-    layers = {k[1] for k in found}
-    kind = "bottleneck" if any(l.endswith(("_3_conv", "_3_bn")) for l in layers) else "basic"
-    blocks = [0, 0, 0, 0]
-    for l in layers:
-        m = re.match(r"^conv(\d)_block(\d+)_", l)
-        if m:
-            s = int(m[1]) - 2
-            blocks[s] = max(blocks[s], int(m[2]))
-    inferred, exact = _common.infer_depth(kind, blocks)
-    if depth is None:
-        depth = inferred
-    elif depth not in resnet.DEPTHS:
-        raise CheckpointError(f"depth={depth} is not supported; choose one of {sorted(resnet.DEPTHS)}.")
-    elif exact and depth != inferred:
-        raise CheckpointError(
-            f"{path} holds a ResNet{inferred} ({kind} blocks, {tuple(blocks)} per stage), but "
-            f"depth {depth} was requested. Pass --depth={inferred} or leave it out.")
-    stem = ("params", "conv1_conv", "kernel")
-    if stem not in found:
-        raise CheckpointError(f"{path}: key 'conv1.weight' (the stem conv) is missing; the "
-                              "state dict is incomplete.")
-    width = int(found[stem].shape[-1])
-    head = ("params", "predictions", "kernel")
-    num_classes = int(found[head].shape[-1]) if head in found else None
+    depth, width, num_classes = _common.resolve_architecture(found, depth, path,
+                                                             "key 'conv1.weight'")
 
     def describe(key: Key) -> str:
         if key in source:
@@ -246,5 +224,6 @@ def load_torchvision(path: str, depth: Optional[int] = None) -> Tuple[Dict[str, 
         hint="Is it a torchvision ResNet (not ResNeXt/Wide-ResNet) state dict?")
     info = dict(format="torchvision", layout="torchvision_v15", depth=depth, width=width,
                 num_classes=num_classes, has_head=num_classes is not None,
-                num_layers=len(layers), ignored=sorted(ignored), path=path, **unwrap)
+                num_layers=len({k[1] for k in found}), ignored=sorted(ignored), path=path,
+                **unwrap)
     return variables, info
