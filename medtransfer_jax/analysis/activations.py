@@ -56,6 +56,8 @@ def load_model(weights: Union[str, LoadedModel], name: Optional[str] = None) -> 
         return weights
     variables, metadata = checkpoint.load_weights(weights)
     model = metadata.model_spec().build()
+    # On the device once: NumPy leaves would be re-uploaded with every forward batch.
+    variables = jax.device_put(variables)
     return LoadedModel(model, variables, metadata, name or str(weights))
 
 

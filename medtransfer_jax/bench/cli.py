@@ -69,5 +69,7 @@ def main(argv):
         common.print_report("Two-model stage-wise CCA, end to end", rows, None, cmd)
     elif what == "scaling":
         from medtransfer_jax.bench import scaling
-        rows = scaling.run(width=_WIDTH.value)
+        # ResNet18 unless --depth is given: the sweep's train cells should stay quick on a CPU.
+        rows = scaling.run(width=_WIDTH.value,
+                           depth=_DEPTH.value if flags.FLAGS["depth"].present else 18)
         common.print_report("Scaling", rows, None, cmd)

@@ -1,0 +1,127 @@
+"""Similarity/scaling benchmarks at tiny sizes: the NumPy reference, rows, the CLI."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from _train_utils import REPO, subprocess_env
+from medtransfer_jax.analysis import compare
+from medtransfer_jax.analysis import similarity as S
+from medtransfer_jax.bench import scaling
+from medtransfer_jax.bench import similarity as B
+
+ROW_KEYS = set(B.COLUMNS)
+
+
+@pytest.mark.parametrize("n,p,q", [(500, 12, 12), (300, 8, 16)])
+def test_numpy_reference_matches_jax_kernels(n, p, q):
+    """Two independent formulations (float64 covariances vs float32 QR) must agree."""
+    X, Y = B.make_data(n, p, q, seed=3)
+    ref = {m: B.numpy_similarity(X, Y, m) for m in B.NUMPY_METHODS}
+    for m, want in ref.items():
+        assert float(S.similarity(X, Y, m)) == pytest.approx(want, abs=1e-4), m
+    # the data are partly shared, so the methods give distinct, non-trivial values
+    assert 0.05 < ref["mean_cca"] < 0.95 and 0.0 < ref["procrustes"] < 2.0
+    assert abs(ref["pwcca"] - ref["mean_cca"]) > 1e-3  # the weights matter
+    assert abs(ref["svcca"] - ref["mean_cca"]) > 1e-3  # the 99% cut drops directions
+
+
+@pytest.mark.parametrize("n,p,q", [(16, 8, 8), (30, 12, 20)])
+def test_numpy_reference_cka_family_few_datapoints(n, p, q):
+    """n < p: CKA and Procrustes still defined, and debiasing changes the value a lot."""
+    X, Y = B.make_data(n, p, q, seed=3)
+    for m in ("linear_cka", "debiased_cka", "procrustes"):
+        assert float(S.similarity(X, Y, m)) == pytest.approx(B.numpy_similarity(X, Y, m),
+                                                             abs=1e-4), m
+
+
+def test_numpy_reference_identities():
+    X, _ = B.make_data(400, 10, seed=1)
+    rot = np.linalg.qr(np.random.default_rng(0).normal(size=(10, 10)))[0]
+    Y = (3.0 * X @ rot + 5.0).astype(np.float32)  # rotation + scale + shift of X
+    for m in ("mean_cca", "svcca", "pwcca", "linear_cka", "debiased_cka"):
+        assert B.numpy_similarity(X, Y, m) == pytest.approx(1.0, abs=1e-6), m
+    assert B.numpy_similarity(X, Y, "procrustes") == pytest.approx(0.0, abs=1e-6)
+    Z = np.random.default_rng(2).normal(size=X.shape).astype(np.float32)
+    assert B.numpy_similarity(X, Z, "linear_cka") < 0.1
+    with pytest.raises(ValueError, match="No NumPy reference"):
+        B.numpy_similarity(X, Y, "rbf_cka")
+    # row chunking (n = 200k runs use 16k-row chunks) does not change the moments
+    one, chunked = B.moments(X, Z, rows=True, chunk=10**6), B.moments(X, Z, rows=True, chunk=37)
+    for k, v in one.items():
+        np.testing.assert_allclose(chunked[k], v, rtol=1e-10, atol=1e-9, err_msg=k)
+    np.testing.assert_allclose(one["cxy"], (X - X.mean(0)).T.astype(np.float64)
+                               @ (Z - Z.mean(0)), rtol=1e-4, atol=1e-3)
+
+
+def test_run_rows():
+    methods = ["mean_cca", "pwcca", "linear_cka", "rbf_cka"]
+    rows = B.run(neurons=[8, 16], datapoints=[300], methods=methods, repeats=1)
+    assert [(r["method"], r["p"], r["n"]) for r in rows] == [
+        (m, p, 300) for p in (8, 16) for m in methods]
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert math.isfinite(r["jax_s"]) and r["jax_s"] > 0 and r["compile_s"] >= 0
+        assert math.isfinite(r["value"])
+        if r["method"] == "rbf_cka":
+            assert math.isnan(r["numpy_s"]) and "no NumPy" in r["note"]
+        else:
+            assert r["numpy_s"] > 0 and r["speedup"] == pytest.approx(r["numpy_s"] / r["jax_s"])
+            assert r["abs_diff"] < 1e-4
+    # CCA with n <= p is skipped with a note, not an exception
+    skipped = B.run(neurons=[16], datapoints=[10], methods=["mean_cca"], repeats=1)
+    assert "n > p" in skipped[0]["note"] and math.isnan(skipped[0]["jax_s"])
+    with pytest.raises(ValueError, match="Unknown method"):
+        B.run(neurons=[8], datapoints=[100], methods=["magic"])
+
+
+def test_run_network_tiny():
+    proto = compare.PaperCCAProtocol(positions=200, num_channels=8, repeats=2, batch_size=4)
+    rows = B.run_network(num_images=4, image_size=64, depth=18, width=8, protocol=proto)
+    layers = [r for r in rows if r["what"] == "similarity"]
+    assert [r["layer"] for r in layers] == [
+        "conv1_relu", "conv2_block2_out", "conv3_block2_out", "conv4_block2_out",
+        "conv5_block2_out"]
+    for r in layers:
+        assert 0.0 < r["value"] < 1.0 and r["channels"] == 8 and r["datapoints"] > 8
+    by = {r["what"]: r["seconds"] for r in rows if r["what"] != "similarity"}
+    assert set(by) == {"extract (warm)", "similarity (warm)", "other (warm)",
+                       "end to end (warm)", "end to end (first, incl. compile)"}
+    assert all(math.isfinite(s) for s in by.values()), by
+    assert min(by["extract (warm)"], by["similarity (warm)"], by["end to end (warm)"]) > 0
+    assert by["end to end (first, incl. compile)"] > by["end to end (warm)"]
+
+
+def test_scaling_cca_sweeps():
+    rows = scaling.run(width=8, batch_sizes=(), image_sizes=(), neurons=(8, 16),
+                       datapoints=(200, 400), base_neurons=8, base_datapoints=200, repeats=1)
+    assert [(r["varied"], r["neurons"], r["datapoints"]) for r in rows] == [
+        ("neurons", 8, 200), ("neurons", 16, 200), ("datapoints", 8, 200),
+        ("datapoints", 8, 400)]
+    for r in rows:
+        assert r["what"].startswith("cca") and r["time_ms"] > 0 and math.isfinite(r["per_s"])
+    assert rows[0]["rel_time"] == 1.0 and rows[1]["flop_ratio"] == 4.0
+    assert rows[3]["flop_ratio"] == 2.0
+
+
+def test_cli_similarity_prints_table():
+    cmd = [sys.executable, "-m", "medtransfer_jax.bench", "similarity", "--neurons=8",
+           "--datapoints=300", "--methods=mean_cca,linear_cka", "--repeats=1"]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "## Similarity kernels vs float64 NumPy" in text and "- backend:" in text
+    table = text[text.index("| method |"):].strip().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:9] == ["method", "p", "n", "jax_s", "compile_s", "numpy_s", "speedup",
+                          "value", "abs_diff"]
+    body = [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            for line in table[2:]]
+    assert [(r["method"], r["p"], r["n"]) for r in body] == [
+        ("mean_cca", "8", "300"), ("linear_cka", "8", "300")]
+    for r in body:
+        assert float(r["jax_s"]) > 0 and float(r["numpy_s"]) > 0
+        assert float(r["abs_diff"]) < 1e-4
