@@ -78,6 +78,8 @@ def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 
     kind = jax.devices()[0].device_kind
     peak = common.peak_flops(kind, dtype)
     n_dev = mesh.size
+    if flops:  # cost_analysis describes the per-device SPMD program: scale to the mesh
+        flops *= n_dev
     row = dict(framework="jax", depth=depth, image_size=image_size, batch=batch_size,
                dtype=dtype, devices=n_dev, compile_s=compile_s, step_ms=step_s * 1e3,
                img_per_s=batch_size / step_s,
