@@ -138,3 +138,14 @@ def test_train_bench_counts_the_whole_mesh_flops():
     # The gradient all-reduce adds a little arithmetic at this tiny size (~11%).
     assert two == pytest.approx(one, rel=0.25)
     assert all(r["img_per_s"] > 0 and r["devices"] == n for r, n in zip(rows, (1, 2)))
+
+
+def test_streaming_route_rows_agree_with_numpy():
+    rows = B.run(neurons=[16], datapoints=[3000], methods=["streaming:mean_cca", "mean_cca"],
+                 repeats=1)
+    assert [r["method"] for r in rows] == ["streaming:mean_cca", "mean_cca"]
+    for r in rows:
+        assert np.isfinite(r["jax_s"]) and r["abs_diff"] < 1e-4, r
+    assert rows[0]["value"] == pytest.approx(rows[1]["value"], abs=1e-4)
+    with pytest.raises(ValueError, match="streaming:"):
+        B.run(neurons=[8], datapoints=[100], methods=["streaming:rbf_cka"])

@@ -25,7 +25,8 @@ _FORMAT = flags.DEFINE_enum("format", "jpeg", ["jpeg", "png"], "Image file forma
 _NEURONS = flags.DEFINE_list("neurons", ["512", "1024", "2048"], "Neurons per side (similarity).")
 _DATAPOINTS = flags.DEFINE_list("datapoints", ["10000", "50000"], "Datapoints (similarity).")
 _METHODS = flags.DEFINE_list("methods", ["mean_cca", "svcca", "pwcca", "linear_cka"],
-                             "Similarity methods to time.")
+                             "Similarity methods to time; 'streaming:mean_cca' etc. times the "
+                             "covariance-accumulator route of analysis/streaming.py.")
 _NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
                                            "Images for the two-model comparison.")
 _WIDTH = flags.DEFINE_integer("width", 64, "ResNet stem width (64 = the real model).")

@@ -26,6 +26,7 @@ import numpy as np
 from medtransfer_jax.analysis import activations as act
 from medtransfer_jax.analysis import compare
 from medtransfer_jax.analysis import similarity as sim
+from medtransfer_jax.analysis import streaming
 from medtransfer_jax.bench import common
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights.checkpoint import WeightsMetadata
@@ -198,6 +199,25 @@ def time_jax(X, Y, method: str, *, repeats: int = 2, min_window_s: float = 0.2,
                 value=float(fn()))
 
 
+STREAMING_PREFIX = "streaming:"
+
+
+def time_streaming(X, Y, method: str, *, repeats: int = 2, chunk: int = 20000
+                   ) -> Dict[str, float]:
+    """Seconds of the streaming route: covariances accumulated on device chunk by chunk
+    (analysis/streaming.py), finished in float64 on the host. Compile = first - steady."""
+    def fn():
+        state = streaming.init_covariance(X.shape[1], Y.shape[1])
+        for i in range(0, X.shape[0], chunk):
+            state = streaming.update_covariance(state, X[i:i + chunk], Y[i:i + chunk])
+        return streaming.similarity_from_covariance(streaming.finish_covariance(state), method)
+
+    probe = common.time_fn(fn, iters=1, repeats=1)
+    t = common.time_fn(fn, iters=1, repeats=max(1, repeats))
+    return dict(jax_s=t["median_s"], compile_s=max(probe["first_s"] - t["median_s"], 0.0),
+                value=float(fn()))
+
+
 def time_numpy(X, Y, method: str, *, repeats: int = 2) -> Dict[str, float]:
     """Median seconds of :func:`numpy_similarity` (host float32 in, float64 throughout)."""
     times, value = [], float("nan")
@@ -212,9 +232,12 @@ def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = 
         methods: Sequence[str] = ("mean_cca", "svcca", "pwcca", "linear_cka"),
         repeats: int = 2, *, seed: int = 0, compare_numpy: bool = True) -> List[Dict[str, Any]]:
     """One row per (neurons p = q, datapoints n, method): device vs NumPy in the same run."""
-    bad = [m for m in methods if m not in sim.METHODS]
+    bad = [m for m in methods if m not in sim.METHODS and not (
+        m.startswith(STREAMING_PREFIX)
+        and m[len(STREAMING_PREFIX):] in streaming.COVARIANCE_METHODS)]
     if bad:
-        raise ValueError(f"Unknown method(s) {bad}; choose from {sim.METHODS}.")
+        raise ValueError(f"Unknown method(s) {bad}; choose from {sim.METHODS} or "
+                         f"{STREAMING_PREFIX}<one of {streaming.COVARIANCE_METHODS}>.")
     nan = float("nan")
     rows = []
     for p in neurons:
@@ -224,10 +247,15 @@ def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = 
             for m in methods:
                 row = dict(method=m, p=p, n=n, jax_s=nan, compile_s=nan, numpy_s=nan,
                            speedup=nan, value=nan, abs_diff=nan, note="")
-                if m in sim.CCA_FAMILY and n <= p:
+                base = m[len(STREAMING_PREFIX):] if m.startswith(STREAMING_PREFIX) else m
+                if base in sim.CCA_FAMILY and n <= p:
                     row["note"] = "skipped: CCA needs n > p"
                 else:
-                    j = time_jax(Xd, Yd, m, repeats=repeats)
+                    if base != m:
+                        j = time_streaming(Xd, Yd, base, repeats=repeats)
+                        m = base  # the NumPy reference of the same measure
+                    else:
+                        j = time_jax(Xd, Yd, m, repeats=repeats)
                     row.update(jax_s=j["jax_s"], compile_s=j["compile_s"], value=j["value"])
                     if not compare_numpy:
                         row["note"] = "NumPy not run"
