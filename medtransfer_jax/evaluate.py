@@ -13,6 +13,7 @@ import logging as pylogging
 
 from absl import app, flags, logging
 
+from medtransfer_jax import errors
 from medtransfer_jax.training.evaluation import evaluate_checkpoint
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Weights directory or training workdir.")
@@ -42,10 +43,11 @@ def main(argv):
     logging.get_absl_handler().addFilter(_Quiet())
     from medtransfer_jax.training import sharding
     sharding.maybe_initialize_distributed(force=_MULTIHOST.value)
-    out, mets = evaluate_checkpoint(_CKPT.value, dataset=_DATASET.value, data_root=_ROOT.value,
-                                    fold=_FOLD.value, splits=_SPLITS.value,
-                                    image_size=_SIZE.value, batch_size=_BATCH.value,
-                                    output=_OUTPUT.value)
+    with errors.reported_as_message("evaluate"):
+        out, mets = evaluate_checkpoint(
+            _CKPT.value, dataset=_DATASET.value, data_root=_ROOT.value, fold=_FOLD.value,
+            splits=_SPLITS.value, image_size=_SIZE.value, batch_size=_BATCH.value,
+            output=_OUTPUT.value)
     for name, m in mets.items():
         print(f"{name}: auc {m['auc']:.4f} acc {m['accuracy']:.4f} loss {m['loss']:.4f} "
               f"(n={m['num_examples']})")

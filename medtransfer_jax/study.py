@@ -8,6 +8,7 @@ stages and resumes interrupted runs.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medtransfer_jax import errors
 from medtransfer_jax.studies import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/study_demo.py",
@@ -27,8 +28,10 @@ def main(argv):
         raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/study_demo).")
     logging.set_verbosity(logging.WARNING)
     try:
-        runner.run_study(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value,
-                         force=_FORCE.value, mode=_MODE.value, parallel=_PARALLEL.value)
+        with errors.reported_as_message("study"):
+            runner.run_study(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value,
+                             force=_FORCE.value, mode=_MODE.value,
+                             parallel=_PARALLEL.value)
     except runner.StudyError as e:
         raise app.UsageError(str(e)) from e
 

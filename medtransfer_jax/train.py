@@ -21,6 +21,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medtransfer_jax import errors
+
 _DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                      "demo.py")
 
@@ -72,7 +74,8 @@ def main(argv):
     config = _CONFIG.value
     logging.info("config:\n%s", config)
     try:
-        results = loop.train_and_evaluate(config, _WORKDIR.value)
+        with errors.reported_as_message("train"):
+            results = loop.train_and_evaluate(config, _WORKDIR.value)
     except loop.Preempted as e:
         logging.warning("%s", e)
         sys.exit(143)

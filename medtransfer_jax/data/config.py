@@ -77,22 +77,28 @@ def default_synthetic_config() -> ml_collections.ConfigDict:
     return s
 
 
+def _optional(field_type):
+    """A None default that stays overridable from the command line (``--config.data.root=/x``):
+    config_flags refuses to override a plain None field, since it has no type."""
+    return ml_collections.FieldReference(None, field_type=field_type)
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     """Returns the data ConfigDict (fields: see the module and contracts)."""
     c = ml_collections.ConfigDict()
     c.name = "synthetic"
-    c.root = None             # manual-download directory of the dataset (or of an image folder)
-    c.csv_path = None         # for name='csv': path,label[,group] file (relative paths are under root)
-    c.class_names = None      # optional tuple fixing the class order for 'image_folder' / 'csv'
+    c.root = _optional(str)             # manual-download directory of the dataset (or of an image folder)
+    c.csv_path = _optional(str)         # for name='csv': path,label[,group] file (relative paths are under root)
+    c.class_names = _optional(tuple)      # optional tuple fixing the class order for 'image_folder' / 'csv'
     c.image_size = 64
     c.num_folds = 5
     c.split_seed = 2
     c.fold = 0                # 0-based fold index used when get_splits is called without one
     c.heldout_val_fraction = 0.25  # the held-out fifth is split into val (this share) and test
     c.group_split = True      # keep a patient's images on one side of every split
-    c.fold_csv_dir = None     # the paper repo's data/<task>/ folder of {train,val,test}_fold{k}.csv
+    c.fold_csv_dir = _optional(str)     # the paper repo's data/<task>/ folder of {train,val,test}_fold{k}.csv
     c.skip_corrupt = False    # validate images up front and skip unreadable ones (counted in the log)
-    c.max_examples = None     # keep a stratified subset of at most this many (debugging)
+    c.max_examples = _optional(int)     # keep a stratified subset of at most this many (debugging)
     c.worker_count = 0
     c.resize_method = "bilinear"
     c.synthetic = default_synthetic_config()
@@ -105,5 +111,5 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.knee_label_rule = "paper"   # 'paper' (ACL view + meniscus view per case) or 'exclusive'
     c.nih_labels = ("No Finding", "Atelectasis")  # NIH CXR14: negative / positive finding
     c.nih_views = ("PA",)
-    c.tfds_data_dir = None        # read a dataset prepared with builders.tfds_builder.prepare (ArrayRecord)
+    c.tfds_data_dir = _optional(str)        # read a dataset prepared with builders.tfds_builder.prepare (ArrayRecord)
     return c
