@@ -4,8 +4,6 @@ import json
 import os
 import types
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -21,25 +19,6 @@ FLAGS = flags.FLAGS
 SIZE = 64
 
 
-def _random_variables(model, seed):
-    """He-normal weights from the parameter shapes (eval_shape; no model.init compile)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, SIZE, SIZE, 3))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape)
-        return rng.normal(0, 0.1, leaf.shape)
-
-    return {k: jax.tree.map(lambda a: np.asarray(a, np.float32),
-                            jax.tree_util.tree_map_with_path(fill, shapes[k]))
-            for k in ("params", "batch_stats")}
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_weights")
@@ -47,7 +26,7 @@ def weights(tmp_path_factory):
     out = []
     for i in range(2):
         d = str(root / f"w{i}")
-        save_weights(d, _random_variables(model, 10 + i),
+        save_weights(d, resnet.random_variables(model, 10 + i),
                      WeightsMetadata(source="random", layout="keras_v1", depth=50, width=8,
                                      preprocessing="unit", image_size=SIZE))
         out.append(d)

@@ -1,6 +1,4 @@
 """Activations, the paper CCA preset and network comparison on a tiny ResNet50 (width 8)."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,33 +11,13 @@ from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
 SIZE = 64
 
 
-def random_variables(model, seed, size=SIZE):
-    """He-normal random weights from the parameter shapes (jax.eval_shape: no compile;
-    compiling model.init costs ~20-40 s on a shared 2-core CPU)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, size, size, 3))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)  # bias, BN bias / mean
-
-    return {k: jax.tree_util.tree_map_with_path(fill, shapes[k])
-            for k in ("params", "batch_stats")}
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")
     model = resnet.ResNet(depth=50, width=8, num_classes=None)
     dirs = []
     for i, prep in enumerate(("unit", "caffe")):
-        v = random_variables(model, i)
+        v = resnet.random_variables(model, i)
         d = str(root / f"net{i}")
         save_weights(d, v, WeightsMetadata(source="random", layout="keras_v1", depth=50, width=8,
                                            preprocessing=prep, image_size=SIZE))

@@ -6,7 +6,6 @@ identity and would hide a swapped mean/var or gamma/beta). Keras (JAX backend, f
 is the reference. Tolerance: max |flax - keras| <= 1e-4 * max(1, max |keras|) per
 layer (activations here are O(1-10); measured differences are ~1e-6).
 """
-import os
 import shutil
 import zipfile
 

@@ -33,7 +33,6 @@ def _random_model(depth, seed):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.2)
                 m.running_mean.normal_(0, 0.2)

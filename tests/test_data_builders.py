@@ -8,7 +8,7 @@ from PIL import Image
 
 from medtransfer_jax import data
 from medtransfer_jax.data import builders
-from medtransfer_jax.data.builders import chest, knee, thyroid
+from medtransfer_jax.data.builders import chest, thyroid
 
 
 def _png(path, value=50, size=8, rgb=False, fmt=None):

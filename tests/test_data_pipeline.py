@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medtransfer_jax import data, preprocessing
+from medtransfer_jax import data
 from medtransfer_jax.data import pipeline
 from medtransfer_jax.data.base import ArraySource
 

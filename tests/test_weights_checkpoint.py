@@ -14,8 +14,7 @@ import pytest
 
 from medtransfer_jax.weights import conversion as convert
 from medtransfer_jax.models import resnet
-from medtransfer_jax.weights import (CheckpointError, WeightsMetadata, load_keras_h5,
-                                     load_metadata, load_weights, merge_into, save_weights)
+from medtransfer_jax.weights import (CheckpointError, WeightsMetadata, load_metadata, load_weights, merge_into, save_weights)
 
 
 def _random_variables(model, seed=0):

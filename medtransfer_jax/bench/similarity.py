@@ -272,28 +272,6 @@ def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = 
 
 
 # ----------------------------------------------------------------------------- two networks
-def random_variables(model: resnet.ResNet, seed: int, image_size: int = 32):
-    """He-normal NumPy weights from the parameter shapes (eval_shape: no init compile),
-    as in tests/test_analysis_compare.py; NumPy like checkpoint.load_weights returns."""
-    import jax.numpy as jnp
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, image_size, image_size, 3))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
-
-    return {k: jax.tree_util.tree_map_with_path(fill, shapes[k])
-            for k in ("params", "batch_stats")}
-
-
 def random_model(depth: int, width: int, seed: int, *, image_size: int = 224,
                  preprocessing: str = "caffe", name: Optional[str] = None) -> act.LoadedModel:
     """A :class:`activations.LoadedModel` with random weights, built in memory (no disk)."""
@@ -301,7 +279,7 @@ def random_model(depth: int, width: int, seed: int, *, image_size: int = 224,
     meta = WeightsMetadata(source="random", layout="keras_v1", depth=depth, width=width,
                            preprocessing=preprocessing, image_size=image_size)
     # On the device, as activations.load_model leaves a loaded checkpoint.
-    return act.LoadedModel(model, jax.device_put(random_variables(model, seed)), meta,
+    return act.LoadedModel(model, jax.device_put(resnet.random_variables(model, seed)), meta,
                            name or f"random{seed}")
 
 

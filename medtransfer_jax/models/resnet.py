@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -200,6 +200,32 @@ def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> Dict
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
     return {k: v for k, v in variables.items() if k != "activations"}
+
+
+def random_variables(model: ResNet, seed: int) -> Dict[str, Any]:
+    """He-normal NumPy weights (BN scale/var in [0.5, 1.5]) from the parameter shapes.
+
+    Uses ``jax.eval_shape``, so nothing is compiled: ``model.init`` of a ResNet50 takes
+    tens of seconds to compile on a small CPU. For benchmarks and tests that need
+    distinct random networks, not for training (use :func:`init_variables`).
+    """
+    import numpy as np
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 32, 32, 3))))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)  # biases, BN mean
+
+    return {k: jax.tree_util.tree_map_with_path(fill, shapes[k])
+            for k in ("params", "batch_stats")}
 
 
 def extract_activations(model: ResNet, variables: Mapping[str, Any], x: jax.Array,

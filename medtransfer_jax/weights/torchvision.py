@@ -25,7 +25,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from medtransfer_jax.models import resnet
 from medtransfer_jax.weights import _common
 from medtransfer_jax.weights.checkpoint import CheckpointError
 
