@@ -51,7 +51,7 @@ case "$cmd" in
     gcloud compute tpus tpu-vm scp "$tarball" "$name:/tmp/medtransfer.tar.gz" --zone="$zone" \
       $project_flag --worker=all
     ssh_all "mkdir -p ~/$remote_dir && tar -C ~/$remote_dir -xzf /tmp/medtransfer.tar.gz && \
-      cd ~/$remote_dir && pip install -q 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html && \
+      cd ~/$remote_dir && pip install -q 'jax[tpu]' && \
       pip install -q -e ."
     ;;
   train)
