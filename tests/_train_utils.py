@@ -31,3 +31,19 @@ def subprocess_env(**extra):
     env.update({k: str(v) for k, v in extra.items()})
     env.pop("MEDTRANSFER_FAULT", None) if "MEDTRANSFER_FAULT" not in extra else None
     return env
+
+
+def tiny_resnet_and_batches(num_classes: int, batch_size: int, num_batches: int):
+    """ResNet18 width 8 (dropout 0.5, BN momentum 0.9), its initial variables as NumPy, and
+    seeded random 32 px batches: the shared setup of the train-step tests."""
+    import numpy as np
+
+    from medtransfer_jax.models import resnet
+    model = resnet.ResNet(depth=18, width=8, num_classes=num_classes, dropout_rate=0.5,
+                          bn_momentum=0.9)
+    variables = jax.device_get(resnet.init_variables(model, jax.random.PRNGKey(0), 32))
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+                "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+                "weight": np.ones(batch_size, np.float32)} for _ in range(num_batches)]
+    return model, variables, batches

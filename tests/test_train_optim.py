@@ -1,5 +1,5 @@
 """Freezing policies, schedules, label smoothing and mixed precision of the train step."""
-import _train_utils  # noqa: F401  (persistent XLA cache)
+import _train_utils  # also: persistent XLA cache
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +7,6 @@ import numpy as np
 import optax
 import pytest
 
-from medtransfer_jax.models import resnet
 from medtransfer_jax.training import optim, sharding, state as state_lib, step as step_lib
 
 K = 2
@@ -15,13 +14,7 @@ K = 2
 
 @pytest.fixture(scope="module")
 def setup():
-    model = resnet.ResNet(depth=18, width=8, num_classes=K, dropout_rate=0.5, bn_momentum=0.9)
-    variables = jax.device_get(resnet.init_variables(model, jax.random.PRNGKey(0), 32))
-    rng = np.random.default_rng(0)
-    batches = [{"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
-                "label": rng.integers(0, K, 8).astype(np.int32),
-                "weight": np.ones(8, np.float32)} for _ in range(2)]
-    return model, variables, batches
+    return _train_utils.tiny_resnet_and_batches(K, batch_size=8, num_batches=2)
 
 
 def _run(model, variables, batches, policy, bn_train, dtype=None, lr=1e-2):

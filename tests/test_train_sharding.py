@@ -3,13 +3,12 @@
 BatchNorm statistics must be global-batch in both (a per-device BN would give other
 losses and running stats), and FSDP-sharded parameters must not change the math.
 """
-import _train_utils  # noqa: F401  (persistent XLA cache)
+import _train_utils  # also: persistent XLA cache
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from medtransfer_jax.models import resnet
 from medtransfer_jax.training import optim, sharding, state as state_lib, step as step_lib
 
 NUM_CLASSES = 3
@@ -19,14 +18,7 @@ NUM_CLASSES = 3
 def setup():
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
-    model = resnet.ResNet(depth=18, width=8, num_classes=NUM_CLASSES, dropout_rate=0.5,
-                          bn_momentum=0.9)
-    variables = jax.device_get(resnet.init_variables(model, jax.random.PRNGKey(0), 32))
-    rng = np.random.default_rng(0)
-    batches = [{"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-                "label": rng.integers(0, NUM_CLASSES, 16).astype(np.int32),
-                "weight": np.ones(16, np.float32)} for _ in range(3)]
-    return model, variables, batches
+    return _train_utils.tiny_resnet_and_batches(NUM_CLASSES, batch_size=16, num_batches=3)
 
 
 def _train(model, variables, batches, num_devices, fsdp=False):
