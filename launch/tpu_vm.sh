@@ -210,26 +210,26 @@ start_job() {  # job module module-flags...
 
 # Folds the MEDTRANSFER_JOB lines of all workers into one status: a real failure
 # beats 137 (lost) beats 143 (checkpointed on SIGTERM) beats 130 (stopped) beats 0.
-# Prints "running", "none" or the status.
+# Prints "running", "failed-partly RC" (a failure while others still run), "none",
+# "unknown" or the status.
 fold_status() {  # file
   awk '
+    function sev(c) { return c == 0 ? 0 : c == 130 ? 1 : c == 143 ? 2 : c == 137 ? 3 : 4 }
+    function see(c) { if (!seen || sev(c) > sev(worst)) { worst = c; seen = 1 } }
     /^MEDTRANSFER_JOB / {
-      n++; st=""; rc="";
+      n++; st = ""; rc = ""
       for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "state") st = kv[2]; if (kv[1] == "rc") rc = kv[2] }
       sub(/\r$/, "", rc)
       if (st == "running") running++
-      else if (st == "none") none++
-      else if (st == "stopped") { if (worst == "") worst = 130 }
-      else if (st == "lost") { if (worst == "" || worst == 0 || worst == 130 || worst == 143) worst = 137 }
-      else if (rc == 143) { if (worst == "" || worst == 0 || worst == 130) worst = 143 }
-      else if (rc != 0) { if (worst == "" || worst == 0 || worst == 130 || worst == 143 || worst == 137) worst = rc }
-      else if (worst == "") worst = 0
+      else if (st == "stopped") see(130)
+      else if (st == "lost") see(137)
+      else if (st == "exited") see(rc + 0)
     }
     END {
       if (n == 0) print "unknown"
-      else if (none > 0 && running == 0 && worst == "") print "none"
-      else if (running > 0 && worst != "" && worst != 0 && worst != 143 && worst != 130) print "failed-partly " worst
+      else if (running > 0 && seen && sev(worst) == 4) print "failed-partly " worst
       else if (running > 0) print "running"
+      else if (!seen) print "none"
       else print worst
     }' "$1"
 }
