@@ -643,3 +643,17 @@ def test_scripts_pass_shell_syntax_check():
         assert p.returncode == 0, (name, p.stderr)
         text = open(os.path.join(REPO, "launch", name)).read()
         assert "set -euo pipefail" in text, name
+
+
+def test_pinned_jax_reads_local_device_ids_from_the_environment():
+    """local_gpus.sh relies on jax.distributed.initialize() taking JAX_LOCAL_DEVICE_IDS
+    as its local_device_ids (which restricts the CUDA devices a process sees)."""
+    from _train_utils import free_port, subprocess_env
+
+    code = ("import jax; jax.distributed.initialize("
+            f"coordinator_address='localhost:{free_port()}', num_processes=1, process_id=0); "
+            "print('visible', jax.config.values['jax_cuda_visible_devices']); jax.distributed.shutdown()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=subprocess_env(JAX_LOCAL_DEVICE_IDS="1", JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr
+    assert "visible 1" in out.stdout
