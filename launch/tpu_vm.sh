@@ -58,7 +58,7 @@ worker_job="cd ~/$remote_dir && bash launch/worker_job.sh"
 # --- options: NAME=value pairs into opt_NAME variables (bash 3.2 compatible) ---------
 positional=()
 passthrough=()
-parse_opts() {  # allowed-options... -- "$@"
+parse_opts() {  # allowed-options... --- "$@"
   local allowed=" " key
   while [[ $1 != --- ]]; do allowed+="$1 "; shift; done
   shift
@@ -66,13 +66,17 @@ parse_opts() {  # allowed-options... -- "$@"
     case $1 in
       --) shift; passthrough=("$@"); return ;;
       --*) key=${1#--}; key=${key%%=*}
-           [[ $allowed == *" $key "* ]] || die "unknown option $1 for '$cmd' (options:$allowed)"
+           [[ $allowed == *" $key "* ]] || die "unknown option $1 for '$cmd' (options:$allowed); flags for the training program go after --"
            if [[ $1 == *=* ]]; then printf -v "opt_${key//-/_}" '%s' "${1#*=}"
            else printf -v "opt_${key//-/_}" '%s' 1; fi ;;
       *) positional+=("$1") ;;
     esac
     shift
   done
+  case $cmd in
+    queue|create|resume|mount) ;;
+    *) ((${#positional[@]} == 0)) || die "unexpected argument '${positional[0]}' for '$cmd'; flags for the training program go after --" ;;
+  esac
 }
 opt() { local v="opt_${1//-/_}"; echo "${!v:-${2:-}}"; }
 

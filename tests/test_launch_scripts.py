@@ -657,3 +657,10 @@ def test_pinned_jax_reads_local_device_ids_from_the_environment():
                          env=subprocess_env(JAX_LOCAL_DEVICE_IDS="1", JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr
     assert "visible 1" in out.stdout
+
+
+def test_training_flags_must_follow_double_dash(fake):
+    for args in (("train", "t", "z", "--workdir=gs://b/r"), ("train", "t", "z", "runs/x")):
+        p = fake.run("tpu_vm.sh", *args)
+        assert p.returncode == 2 and "go after --" in p.stderr, p.stderr
+    assert not fake.calls()
