@@ -107,7 +107,9 @@ slice_flags() {  # kind(create|queue)
     version=$(runtime_for "$accel") || die "no default runtime version for '$accel'; pass --version=... (see https://cloud.google.com/tpu/docs/runtimes)"
   fi
   local mode ac
-  track=(compute); extra=()
+  # cloud-platform scope: bucket access is then decided by IAM roles alone, so the
+  # workers can write gs:// workdirs (narrower default scopes may be read-only).
+  track=(compute); extra=(--scopes=https://www.googleapis.com/auth/cloud-platform)
   if [[ $1 == queue ]]; then mode=$(opt mode spot); else mode=$(opt mode on-demand); fi
   case $1:$mode in
     queue:spot|create:spot) extra+=(--spot) ;;

@@ -278,6 +278,7 @@ def test_queue_runtime_version_and_autocheckpoint_per_generation(fake, accel, ve
     (call,) = fake.gcloud("queued-resources", "create")
     assert f"--runtime-version={version}" in call and "--node-id=t" in call and "t-qr" in call
     assert f"--accelerator-type={accel}" in call and "--spot" in call
+    assert "--scopes=https://www.googleapis.com/auth/cloud-platform" in call
     assert ("--autocheckpoint-enabled" in call) == autocheckpoint
     assert (call[0] == "alpha") == autocheckpoint   # the flag exists in gcloud alpha only
 
