@@ -2,7 +2,7 @@
 # Install the tested stack into a venv on this machine (a TPU worker, a GPU node, a laptop).
 #
 #   bash launch/setup_worker.sh [tpu|cuda12|cuda13|cpu]     # default tpu
-#   bash launch/setup_worker.sh check [tpu|gpu|cpu|any] [--distributed]
+#   bash launch/setup_worker.sh check [tpu|gpu|cpu|any] [--distributed] [--write-test=gs://BUCKET/dir]
 #
 # Why a venv with its own Python: the TPU images (tpu-ubuntu2204-base, v2-alpha-tpuv*)
 # ship Python 3.10, where pip quietly resolves an old jax/flax/orbax/grain stack that
@@ -16,6 +16,7 @@
 # are of the expected platform. With --distributed it first calls
 # jax.distributed.initialize() (run it on every TPU worker at once, as tpu_vm.sh does):
 # each worker then also reports process index/count and the global device count.
+# --write-test writes, reads back and deletes a small file there (bucket permissions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${MEDTRANSFER_VENV:-$HOME/medtransfer_venv}
@@ -37,12 +38,21 @@ find_python() {
   "$uv" python find 3.12
 }
 
-check() {
-  local want=${1:-any} dist=${2:-}
+check() {  # [tpu|gpu|cpu|any] [--distributed] [--write-test=DIR_OR_URL]
+  local want=any dist=0 write=""
+  while (($#)); do
+    case $1 in
+      --distributed) dist=1 ;;
+      --write-test=*) write=${1#*=} ;;
+      tpu|gpu|cpu|any) want=$1 ;;
+      *) echo "setup_worker.sh: error: check takes tpu|gpu|cpu|any, --distributed, --write-test=URL; got '$1'" >&2; exit 2 ;;
+    esac
+    shift
+  done
   [[ -x $venv/bin/python ]] || die "no venv at $venv on $(hostname); run setup first"
-  "$venv/bin/python" - "$want" "$dist" <<'PY'
+  "$venv/bin/python" - "$want" "$dist" "$write" <<'PY'
 import socket, sys
-want, dist = sys.argv[1], sys.argv[2] == "--distributed"
+want, dist, write = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 host = socket.gethostname()
 if sys.version_info < (3, 11):
     sys.exit(f"check: error: {host}: Python {sys.version.split()[0]} < 3.11; rerun setup")
@@ -58,6 +68,18 @@ print(f"  jax.devices() on {host}: {devices}", flush=True)
 if want != "any" and platform != want:
     sys.exit(f"check: error: {host}: JAX sees {platform} devices, expected {want}; "
              "the accelerator plugin did not load (see the JAX warnings above)")
+if write:
+    from medtransfer_jax import paths
+    probe = paths.join(write, f".medtransfer_check_{host}")
+    try:
+        paths.makedirs(write)
+        paths.write_text_atomic(probe, host)
+        assert paths.read_text(probe) == host, "read back something else"
+        probe.unlink()
+    except Exception as e:  # auth, scope, missing gcsfs, bucket name: all end here
+        sys.exit(f"check: error: {host}: cannot write {write}: {type(e).__name__}: {e}. For gs:// "
+                 "grant the VM's service account roles/storage.objectUser on the bucket.")
+    print(f"  {host} can write {write}", flush=True)
 PY
 }
 
@@ -83,4 +105,4 @@ jax_version=$(sed -n 's/^jax==//p' launch/constraints.txt)
 "$venv/bin/python" -m pip install -q -c launch/constraints.txt \
   "jax[$accel]==$jax_version" -e ".[gcs]"
 echo "$(hostname): installed medtransfer_jax with jax[$accel]==$jax_version"
-check "$want"
+check "$want" ${MEDTRANSFER_WRITE_TEST:+--write-test="$MEDTRANSFER_WRITE_TEST"}

@@ -6,8 +6,8 @@
 #   launch/tpu_vm.sh create NAME ZONE ACCEL [--mode=on-demand|spot|reserved] [--version=RUNTIME]
 #                           [--autocheckpoint=auto|on|off]
 #   launch/tpu_vm.sh wait-ready NAME ZONE [--timeout=S]   # queued resource -> ACTIVE (exit 1 on FAILED/SUSPENDED)
-#   launch/tpu_vm.sh setup  NAME ZONE [--accelerator=tpu] # copy this checkout, venv (Python >= 3.11) + pinned stack
-#   launch/tpu_vm.sh check  NAME ZONE                     # jax.devices() from every worker; exit 1 unless all TPU
+#   launch/tpu_vm.sh setup  NAME ZONE [--accelerator=tpu] [--bucket=gs://B/dir]  # code, venv (Python >= 3.11), pinned stack
+#   launch/tpu_vm.sh check  NAME ZONE [--bucket=gs://B/dir]  # jax.devices() (+ a bucket write) from every worker
 #   launch/tpu_vm.sh train  NAME ZONE [--job=train] [--detach] -- --config=... --workdir=gs://BUCKET/run
 #   launch/tpu_vm.sh sweep  NAME ZONE [--job=sweep] [--detach] -- --study=revisiting --root=gs://BUCKET/sweep
 #   launch/tpu_vm.sh wait   NAME ZONE [--job=train]       # until the job ends on every worker; its exit status
@@ -194,7 +194,10 @@ mv ~/$remote_dir.new ~/$remote_dir && bash ~/$remote_dir/launch/setup_worker.sh 
 check_workers() {
   local out n_lines n_procs
   out=$(mktemp "${TMPDIR:-/tmp}/medtransfer_check_XXXXXX")
-  if ! ssh_workers all "cd ~/$remote_dir && bash launch/setup_worker.sh check tpu --distributed" | tee "$out"; then
+  local bucket
+  bucket=$(opt bucket)
+  [[ -z $bucket || $bucket == gs://* ]] || die "--bucket=$bucket: give a gs:// URL, e.g. gs://my-bucket/runs"
+  if ! ssh_workers all "cd ~/$remote_dir && bash launch/setup_worker.sh check tpu --distributed${bucket:+ --write-test=$bucket}" | tee "$out"; then
     rm -f "$out"; fail "device check failed on at least one worker of $name (output above); rerun 'tpu_vm.sh setup $name $zone'"
   fi
   n_lines=$(grep -c '^MEDTRANSFER_CHECK ' "$out" || true)
@@ -339,8 +342,8 @@ case $cmd in
             --accelerator-type="$accel" --version="$version" ${extra[@]+"${extra[@]}"} \
             || fail "creating TPU $name failed" ;;
   wait-ready) parse_opts timeout --- "$@"; wait_ready "$(opt timeout 0)" ;;
-  setup)  parse_opts accelerator --- "$@"; setup_workers ;;
-  check)  parse_opts --- "$@"; check_workers ;;
+  setup)  parse_opts accelerator bucket --- "$@"; setup_workers ;;
+  check)  parse_opts bucket --- "$@"; check_workers ;;
   train)  parse_opts job detach --- "$@"; run_job "$(opt job train)" medtransfer_jax.train --multihost ;;
   sweep)  parse_opts job detach --- "$@"
           run_job "$(opt job sweep)" medtransfer_jax.sweep --multihost --parallel=1 ;;
@@ -352,7 +355,7 @@ case $cmd in
   stop)   parse_opts job grace --- "$@"
           ssh_workers all "$worker_job stop $(opt job train) $(opt grace 300)" \
             || fail "stop failed on at least one worker (output above)" ;;
-  resume) parse_opts mode version autocheckpoint timeout job sweep max-restarts --- "$@"; resume_loop ;;
+  resume) parse_opts mode version autocheckpoint timeout job sweep max-restarts bucket --- "$@"; resume_loop ;;
   mount)  parse_opts --- "$@"
           bucket=${positional[0]:-}
           [[ -n $bucket && $bucket != gs://* ]] || die "mount needs a bucket name without gs://, e.g. my-bucket"

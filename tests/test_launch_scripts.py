@@ -137,6 +137,10 @@ def python():
               f"local_devices=4 global_devices={4 * int(n)} platform={platform}")
         if ARGS[1] != "any" and platform != ARGS[1]:
             sys.exit(f"check: error: t1v-w{wid}: JAX sees {platform} devices, expected {ARGS[1]}")
+        if ARGS[3]:
+            record(worker=wid)
+            if not c.get("write_ok", {}).get(wid, True):
+                sys.exit(f"check: error: t1v-w{wid}: cannot write {ARGS[3]}: Forbidden")
         return
     # A training / sweep process.
     wid = os.environ.get("WORKER_ID", "0")
@@ -505,6 +509,38 @@ def test_tpu_setup_copies_code_installs_and_checks_every_worker(fake):
         assert (h / "medtransfer_venv" / "bin" / "python").exists()
     checks = [c for c in fake.gcloud("ssh") if any("check tpu --distributed" in a for a in c)]
     assert len(checks) == 1 and "--worker=all" in checks[0]
+
+
+def test_tpu_check_writes_to_the_bucket_from_every_worker(fake):
+    fake.home(0), fake.home(1)
+    fake.set({"workers": 2, "write_ok": {"1": False}})
+    p = fake.run("tpu_vm.sh", "check", "t", "z", "--bucket=gs://b/runs")
+    assert p.returncode == 1 and "cannot write gs://b/runs" in p.stderr
+    writes = [r for r in fake.calls("python") if r["args"][:1] == ["-"]]
+    assert [r["args"][3] for r in writes] == ["gs://b/runs"] * 2
+    p = fake.run("tpu_vm.sh", "check", "t", "z", "--bucket=b/runs")
+    assert p.returncode == 2 and "give a gs:// URL" in p.stderr
+
+
+def test_setup_worker_check_runs_for_real_on_this_cpu(tmp_path):
+    """The device/bucket check itself (not a stub): real JAX on CPU, a local folder as the
+    bucket."""
+    env = dict(os.environ, MEDTRANSFER_VENV=os.path.dirname(os.path.dirname(sys.executable)),
+               PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    script = os.path.join(REPO, "launch", "setup_worker.sh")
+    p = subprocess.run(["bash", script, "check", "cpu", f"--write-test={tmp_path}/probe"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "platform=cpu" in p.stdout and "process=0/1" in p.stdout and "can write" in p.stdout
+    assert (tmp_path / "probe").is_dir() and not list((tmp_path / "probe").iterdir())
+    p = subprocess.run(["bash", script, "check", "tpu"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "JAX sees cpu devices, expected tpu" in p.stderr
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "file").write_text("x")
+    p = subprocess.run(["bash", script, "check", "any", f"--write-test={tmp_path}/ro/file"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "cannot write" in p.stderr
 
 
 def test_tpu_check_fails_when_a_worker_lacks_its_tpu(fake):
