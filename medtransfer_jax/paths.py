@@ -104,8 +104,9 @@ def listdir(path: PathLike) -> List[str]:
 def makedirs(path: PathLike) -> epath.Path:
     """Creates ``path`` and its parents if missing; returns it as an ``epath.Path``.
 
-    On GCS "directories" are name prefixes; epath creates a placeholder object so
-    ``isdir`` is true right away, as it is locally.
+    On GCS "directories" are only name prefixes, so this does (almost) nothing there
+    and ``isdir`` becomes true once something is written below the prefix: test for a
+    file you wrote (``metadata.json``, ``results.json``), not for the directory.
     """
     p = as_path(path)
     p.mkdir(parents=True, exist_ok=True)
