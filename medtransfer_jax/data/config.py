@@ -112,6 +112,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     # get it when it is missing). The paper protocols default to 'paper'.
     c.folds = "kfold"
     c.fold_csv_dir = _optional(str)     # the paper repo's data/<task>/ folder of {train,val,test}_fold{k}.csv
+    c.fold_csv_origin = ""              # where the CSVs come from (named in the missing-folder error)
     c.fold_csv_test = _optional(str)    # one fixed test CSV for every fold (Source Matters' test.csv)
     # 'check': each CSV row's class must equal the dataset's label rule; 'csv': the CSV's
     # class column is the label (Source Matters' chest-14 YES/NO subset, whose rule lived
