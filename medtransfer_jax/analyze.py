@@ -173,7 +173,8 @@ def load_images(image_size: int) -> np.ndarray:
     for j, i in enumerate(idx):
         img = preprocessing.to_three_channels(np.asarray(src[int(i)]["image"]))
         if img.shape[:2] != (image_size, image_size):
-            img = pipeline.resize(img.astype(np.uint8), image_size, cfg.resize_method)
+            img = pipeline.resize(img.astype(np.uint8), image_size,
+                                  cfg.get("resize_method", "bilinear"))
         out[j] = img
     logging.info("Loaded %d images of %s/%s fold %d at %d px.", len(out), splits.name,
                  FLAGS.split, FLAGS.fold, image_size)
