@@ -347,7 +347,7 @@ def test_paper_folds_missing_folder_names_it_and_the_fix(tmp_path):
         data.get_splits(cfg, fold=0)
     msg = str(e.value)
     assert missing in msg and "DovileDo/revisiting-transfer data/breast/" in msg
-    assert "MEDTRANSFER_FOLD_CSVS" in msg and "data.folds=kfold" in msg
+    assert "--config.data.fold_csv_dir" in msg and "data.folds=kfold" in msg
 
 
 def _nih(root, n_pos=6, n_neg=6):

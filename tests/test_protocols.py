@@ -58,6 +58,8 @@ def test_revisiting_files_show_both_protocols(target):
     assert sep.data.fold_csv_dir.endswith(os.path.join("revisiting-transfer", "data", csv_task))
     assert feb.data.fold_csv_dir.endswith(os.path.join("feb2023", "data", csv_task))
     assert "7bf4356" in feb.data.fold_csv_origin
+    assert "MEDTRANSFER_FOLD_CSVS_FEB2023" in feb.data.fold_csv_origin
+    assert "MEDTRANSFER_FOLD_CSVS=" in sep.data.fold_csv_origin
     assert (sep.analysis.similarity_mode, feb.analysis.similarity_mode) == ("corrected", "paper")
     rnd = _load("revisiting", target, "random")
     assert rnd.model.init == "random" and rnd.model.dropout_rate == 0.0

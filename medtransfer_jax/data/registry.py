@@ -60,9 +60,8 @@ def paper_fold_dir(cfg) -> Optional[str]:
         origin = cfg.get("fold_csv_origin") or "the paper repository's data/<task>/ folder"
         raise DataError(
             f"data.folds='paper' splits by the paper's fold CSVs, but data.fold_csv_dir={d!r} "
-            f"is not a folder. Get them from {origin} (clone the repository and set "
-            "MEDTRANSFER_FOLD_CSVS=<clone>/data, or --config.data.fold_csv_dir=<folder>), or "
-            "run the project's own split with --config.data.folds=kfold.")
+            f"is not a folder. Get them from {origin} (or pass --config.data.fold_csv_dir="
+            "<folder>), or run the project's own split with --config.data.folds=kfold.")
     return d
 
 

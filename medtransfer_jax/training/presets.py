@@ -43,13 +43,16 @@ CONFOUNDER_PS = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
 PAPER_CSVS = {
     "sep2023": ("MEDTRANSFER_FOLD_CSVS", "~/medtransfer_data/revisiting-transfer/data",
                 "https://github.com/DovileDo/revisiting-transfer (HEAD, Sep 2023: "
-                "train/val/test_fold1..5.csv) under data/{task}/"),
+                "train/val/test_fold1..5.csv), data/{task}/: clone it and set "
+                "MEDTRANSFER_FOLD_CSVS=<clone>/data"),
     "feb2023": ("MEDTRANSFER_FOLD_CSVS_FEB2023",
                 "~/medtransfer_data/revisiting-transfer-feb2023/data",
                 "https://github.com/DovileDo/revisiting-transfer at commit 7bf4356 (Feb 2023: "
-                "train/val_fold1..5.csv) under data/{task}/"),
+                "train/val_fold1..5.csv), data/{task}/: clone it, check out 7bf4356 and set "
+                "MEDTRANSFER_FOLD_CSVS_FEB2023=<clone>/data"),
     "source_matters": ("MEDTRANSFER_SM_FOLD_CSVS", "~/medtransfer_data/source-matters/data",
-                       "https://github.com/DovileDo/source-matters under data/{task}/"),
+                       "https://github.com/DovileDo/source-matters, data/{task}/: clone it and "
+                       "set MEDTRANSFER_SM_FOLD_CSVS=<clone>/data"),
 }
 
 
