@@ -1,7 +1,8 @@
-"""Revisiting Transfer (Juodelyte et al.), target 'breast': BUSI breast ultrasound, malignant vs rest (normal counts as benign).
+"""Revisiting Transfer (Juodelyte et al.), target 'breast':
+BUSI breast ultrasound, malignant vs rest (normal counts as benign).
 
     python -m medtransfer_jax.train --workdir=runs/breast \\
-      --config=configs/revisiting/breast.py:SOURCE[,fold=K,freeze=true,protocol=feb2023,folds=kfold,seed=S]
+      --config=configs/revisiting/breast.py:SOURCE[,fold=K,freeze=true,protocol=feb2023]
 
 SOURCE: imagenet | radimagenet | random. Options: ``fold`` (0-based; the paper's
 ``*_fold{K+1}.csv``), ``seed``, ``freeze`` (train the head on a frozen base first),

@@ -1,7 +1,8 @@
-"""Revisiting Transfer (Juodelyte et al.), target 'isic': ISIC 2018 task 3 training set, 7 classes.
+"""Revisiting Transfer (Juodelyte et al.), target 'isic':
+ISIC 2018 task 3 training set, 7 classes.
 
     python -m medtransfer_jax.train --workdir=runs/isic \\
-      --config=configs/revisiting/isic.py:SOURCE[,fold=K,freeze=true,protocol=feb2023,folds=kfold,seed=S]
+      --config=configs/revisiting/isic.py:SOURCE[,fold=K,freeze=true,protocol=feb2023]
 
 SOURCE: imagenet | radimagenet | random. Options: ``fold`` (0-based; the paper's
 ``*_fold{K+1}.csv``), ``seed``, ``freeze`` (train the head on a frozen base first),

@@ -1,7 +1,8 @@
-"""Revisiting Transfer (Juodelyte et al.), target 'knee': MRNet sagittal slices, normal / ACL / meniscus.
+"""Revisiting Transfer (Juodelyte et al.), target 'knee':
+MRNet sagittal slices, normal / ACL / meniscus.
 
     python -m medtransfer_jax.train --workdir=runs/knee \\
-      --config=configs/revisiting/knee.py:SOURCE[,fold=K,freeze=true,protocol=feb2023,folds=kfold,seed=S]
+      --config=configs/revisiting/knee.py:SOURCE[,fold=K,freeze=true,protocol=feb2023]
 
 SOURCE: imagenet | radimagenet | random. Options: ``fold`` (0-based; the paper's
 ``*_fold{K+1}.csv``), ``seed``, ``freeze`` (train the head on a frozen base first),

@@ -1,7 +1,8 @@
-"""Revisiting Transfer (Juodelyte et al.), target 'mammograms': CBIS-DDSM calc + mass, benign vs malignant.
+"""Revisiting Transfer (Juodelyte et al.), target 'mammograms':
+CBIS-DDSM calc + mass, benign vs malignant.
 
     python -m medtransfer_jax.train --workdir=runs/mammograms \\
-      --config=configs/revisiting/mammograms.py:SOURCE[,fold=K,freeze=true,protocol=feb2023,folds=kfold,seed=S]
+      --config=configs/revisiting/mammograms.py:SOURCE[,fold=K,freeze=true,protocol=feb2023]
 
 SOURCE: imagenet | radimagenet | random. Options: ``fold`` (0-based; the paper's
 ``*_fold{K+1}.csv``), ``seed``, ``freeze`` (train the head on a frozen base first),
@@ -28,7 +29,8 @@ def get_config(arg=None):
     c = presets.base_config()
     c.study, c.target, c.protocol = "revisiting", "mammograms", protocol
 
-    # ---- data: CBIS-DDSM train + test (3,568); BENIGN_WITHOUT_CALLBACK -> benign; split unit = patient
+    # ---- data: CBIS-DDSM train + test (3,568), BENIGN_WITHOUT_CALLBACK
+    # -> benign; split unit = patient
     c.data.name = "mammograms"
     c.data.root = presets.data_root("mammograms")
     # Sep-2023: AUC.py evaluates at 224. Feb-2023: base_AUC.py and prediction_similarity.py

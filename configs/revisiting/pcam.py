@@ -1,7 +1,8 @@
-"""Revisiting Transfer (Juodelyte et al.), target 'pcam': PatchCamelyon 'pcam-small' (10,000 patches), tumour yes / no.
+"""Revisiting Transfer (Juodelyte et al.), target 'pcam':
+PatchCamelyon 'pcam-small' (10,000 patches), tumour yes / no.
 
     python -m medtransfer_jax.train --workdir=runs/pcam \\
-      --config=configs/revisiting/pcam.py:SOURCE[,fold=K,freeze=true,protocol=feb2023,folds=kfold,seed=S]
+      --config=configs/revisiting/pcam.py:SOURCE[,fold=K,freeze=true,protocol=feb2023]
 
 SOURCE: imagenet | radimagenet | random. Options: ``fold`` (0-based; the paper's
 ``*_fold{K+1}.csv``), ``seed``, ``freeze`` (train the head on a frozen base first),

@@ -1,7 +1,8 @@
-"""Revisiting Transfer (Juodelyte et al.), target 'thyroid': DDTI thyroid ultrasound, TIRADS >= 4 malignant (missing -> benign).
+"""Revisiting Transfer (Juodelyte et al.), target 'thyroid':
+DDTI thyroid ultrasound, TIRADS >= 4 malignant (missing -> benign).
 
     python -m medtransfer_jax.train --workdir=runs/thyroid \\
-      --config=configs/revisiting/thyroid.py:SOURCE[,fold=K,freeze=true,protocol=feb2023,folds=kfold,seed=S]
+      --config=configs/revisiting/thyroid.py:SOURCE[,fold=K,freeze=true,protocol=feb2023]
 
 SOURCE: imagenet | radimagenet | random. Options: ``fold`` (0-based; the paper's
 ``*_fold{K+1}.csv``), ``seed``, ``freeze`` (train the head on a frozen base first),

@@ -1,10 +1,13 @@
-"""Source Matters (Juodelyte et al.), confounder 'noise': CT-like Poisson noise, stronger on a fraction p of the positives.
+"""Source Matters (Juodelyte et al.), confounder 'noise':
+CT-like Poisson noise, stronger on a fraction p of the positives.
 
     python -m medtransfer_jax.train --workdir=runs/noise \\
-      --config=configs/source_matters/noise.py:SOURCE,p=0.5[,fold=K,seed=S,dataset=...,folds=kfold]
+      --config=configs/source_matters/noise.py:SOURCE,p=0.5[,fold=K,seed=S]
 
-SOURCE: imagenet | radimagenet | random. Options: ``p`` (fraction of positive training images with the stronger noise), ``fold``
-(0-based), ``seed``, ``dataset`` (``nih_cxr14``, default, or ``lidc``: no paper code or
+SOURCE: imagenet | radimagenet | random. Options:
+``p`` (fraction of positive training images with
+the stronger noise),
+``fold`` (0-based), ``seed``, ``dataset`` (``nih_cxr14``, default, or ``lidc``: no paper code or
 CSVs exist for LIDC), ``folds`` (``paper``, default for nih_cxr14: the paper's CSVs;
 ``kfold``: the project's own split).
 

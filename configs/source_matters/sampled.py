@@ -1,10 +1,13 @@
-"""Source Matters (Juodelyte et al.), confounder 'sampled': patient sex tied to the label (Atelectasis vs No Finding).
+"""Source Matters (Juodelyte et al.), confounder 'sampled':
+patient sex tied to the label (Atelectasis vs No Finding).
 
     python -m medtransfer_jax.train --workdir=runs/sampled \\
-      --config=configs/source_matters/sampled.py:SOURCE,p=0.5[,fold=K,seed=S,dataset=...,folds=kfold]
+      --config=configs/source_matters/sampled.py:SOURCE,p=0.5[,fold=K,seed=S]
 
-SOURCE: imagenet | radimagenet | random. Options: ``p`` (share of female Atelectasis images in training; the paper's CSVs exist for p in 0, 0.1, 0.2, 0.5, 0.8, 1), ``fold``
-(0-based), ``seed``, ``dataset`` (``nih_cxr14``, default, or ``lidc``: no paper code or
+SOURCE: imagenet | radimagenet | random. Options:
+``p`` (share of female Atelectasis images in training;
+the paper's CSVs exist for p in 0, 0.1, 0.2, 0.5, 0.8, 1),
+``fold`` (0-based), ``seed``, ``dataset`` (``nih_cxr14``, default, or ``lidc``: no paper code or
 CSVs exist for LIDC), ``folds`` (``paper``, default for nih_cxr14: the paper's CSVs;
 ``kfold``: the project's own split).
 
