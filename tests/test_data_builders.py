@@ -416,3 +416,27 @@ def test_lidc_median_malignancy_rule(tmp_path):
     assert list(src.ids) == ["images/n0.png", "images/n1.png", "images/n3.png", "images/n4.png"]
     assert src.labels.tolist() == [0, 0, 1, 1]
     assert _load("lidc", tmp_path).labels.tolist() == [1, 0, 1, 0, 1, 0]   # the label column
+
+
+def test_source_matters_sex_experiment_csvs(tmp_path):
+    """kind='sampled' with the paper's gender CSVs: their train/val and the one fixed,
+    reversed test (the only extra test, 'ood'); classes named by the findings."""
+    rows = _nih(tmp_path / "nih", n_pos=6, n_neg=6)
+    names = [r[0] for r in rows]
+    finding = {r[0]: ("Atelectasis" if r[1] == "Atelectasis" else "No Finding") for r in rows}
+    gender = tmp_path / "sm" / "chest14" / "gender"
+    os.makedirs(gender / "F_50")
+    test, rest = names[:2] + names[6:8], names[2:6] + names[8:]
+    for split, subset in (("train", rest[:-2]), ("val", rest[-2:])):
+        _write_csv(gender / "F_50" / f"{split}_fold1.csv", ["", "path", "class", "pid", "Patient Gender"],
+                   [[j, n, finding[n], int(n[:8]) + 1, "F"] for j, n in enumerate(subset)])
+    _write_csv(gender / "test.csv", ["", "path", "class", "pid", "Patient Gender"],
+               [[j, n, finding[n], int(n[:8]) + 1, "M"] for j, n in enumerate(test)])
+    cfg = _cfg("nih_cxr14", tmp_path / "nih", folds="paper", fold_csv_dir=str(gender / "F_50"),
+               fold_csv_test=str(gender / "test.csv"), fold_csv_labels="csv")
+    cfg.confounder.kind, cfg.confounder.p = "sampled", 0.5
+    sp = data.get_splits(cfg, fold=0)
+    assert set(sp.extra_tests) == {"ood"} and sorted(sp.extra_tests["ood"].ids) == sorted(test)
+    assert (len(sp.train), len(sp.val)) == (6, 2)
+    got = dict(zip(sp.test.ids, sp.test.labels))
+    assert [got[n] for n in test] == [1, 1, 0, 0]         # Atelectasis positive, No Finding 0

@@ -6,10 +6,12 @@ grouped the same way) into val and test, as in the Revisiting study's Sep-2023
 protocol (val ~ 5 %, test ~ 15 % of the data with the default 1/4 share); the other
 k-1 parts are the training set.
 
-The paper repository's own fold files (``data/<task>/{train,val,test}_fold{1..5}.csv``,
-columns ``<index>,path,class[,pid]``) can be used instead, so results are comparable
-with theirs: :func:`read_fold_csvs` maps their ``path`` column onto the dataset's files by
-the longest matching path suffix.
+The paper repositories' own fold files can be used instead (``data.folds='paper'``), so
+results are comparable with theirs: Revisiting Sep-2023 ``data/<task>/{train,val,test}
+_fold{1..5}.csv``; Feb-2023 train/val only (the val fold is also the test); Source Matters
+train/val per fold plus one fixed ``test.csv``. Columns ``<index>,path,class[,pid]``;
+:func:`read_fold_csvs` maps ``path`` onto the dataset's files by the longest matching path
+suffix, and checks ``class`` against the dataset's label rule or takes it as the label.
 
 Implemented in NumPy (scikit-learn is only a test dependency); the algorithm is the
 greedy one of ``sklearn.model_selection.StratifiedGroupKFold(shuffle=True)``: groups in
