@@ -143,6 +143,10 @@ def test_reported_auc_keras_micro_vs_macro_on_biased_predictions(k):
     assert m_keras["reported_auc"] == pytest.approx(ref_keras, abs=1e-9)
     assert m_feb["reported_auc"] == pytest.approx(ref_sklearn, abs=1e-12)
     assert abs(ref_keras - ref_sklearn) > 0.03     # the bias separates the two definitions
+    ref_macro = skm.roc_auc_score(labels, p[:, 1]) if k == 2 else \
+        skm.roc_auc_score(labels, p, multi_class="ovr", average="macro")
+    assert m_keras["auc"] == pytest.approx(ref_macro, abs=1e-12)     # the project's default
+    assert abs(m_keras["reported_auc"] - m_keras["auc"]) > 0.03
     assert "reported_auc" not in metrics.classification_metrics(labels, p)
     with pytest.raises(ValueError, match="eval.reported_auc"):
         metrics.classification_metrics(labels, p, reported_auc="auc_macro_typo")

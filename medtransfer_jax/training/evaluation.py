@@ -99,7 +99,9 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
         mets, arrays = loop.evaluate_source(eval_step, dev_vars, src, mesh, image_size=size,
                                             preprocessing=meta.preprocessing,
                                             batch_size=batch_size,
-                                            resize_method=cfg.resize_method)
+                                            resize_method=cfg.resize_method,
+                                            reported_auc=(run_cfg or {}).get("eval", {}).get(
+                                                "reported_auc"))
         ids, groups = loop._ids_groups(src, arrays["index"])
         rows.append((ids, groups, [name] * len(ids), arrays["label"], arrays["probs"]))
         all_metrics[name] = mets
