@@ -104,8 +104,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.resize_method = "bilinear"
     c.num_folds = 5
     c.split_seed = 2
-    c.fold = 0                # 0-based fold index used when get_splits is called without one
-    c.heldout_val_fraction = 0.25  # the held-out fifth is split into val (this share) and test
+    c.fold = 0                # the run's 0-based fold (the only fold field; get_splits default)
+    c.heldout_val_fraction = 0.25  # held-out fifth -> val (this share) + test; 1 = val is the test (Feb-2023)
     c.group_split = True      # keep a patient's images on one side of every split
     # Splits: 'kfold' = the project's stratified grouped k-fold (seed split_seed);
     # 'paper' = the paper repo's CSVs in fold_csv_dir (an error names the folder and how to
