@@ -115,9 +115,8 @@ def test_tables_statistics_and_directions(study):
     pairs = {r["pair"] for r in sim}
     assert {"natural (pre) vs natural (fine-tuned)", "natural vs random (pre)",
             "random vs random (pre)"} <= pairs
-    for r in sim:
-        if r["method"] == "paper_cca":
-            assert 0 < float(r["null_mean"]) < 1
+    for r in (r for r in sim if r["method"] == "paper_cca"):
+        assert 0 < float(r["null_mean"]) < 1
         if r["pair"] == "natural (pre) vs natural (fine-tuned)":
             # fine-tuning changed the network: similarity below 1, above chance
             assert float(r["null_mean"]) < float(r["value"]) < 1 - 1e-4, r
@@ -148,11 +147,11 @@ def test_report_stage_on_an_unfinished_study_is_not_marked_done(study, tmp_path)
     assert not os.path.exists(tmp_path / "stages" / "report.done")
     # The finished study: a stage redone after the report makes the report stale.
     marker = os.path.join(wd, "stages", "report.done")
-    before = os.path.getmtime(marker)
-    os.utime(os.path.join(wd, "stages", "robustness.done"), (before + 5, before + 5))
+    old = os.path.getmtime(os.path.join(wd, "stages", "robustness.done")) - 10
+    os.utime(marker, (old, old))  # the report predates the robustness stage
     status = runner.run_study(_tiny_study_config(), wd, stages=["robustness", "report"])
     assert status == {"robustness": "skipped", "report": "done"}
-    assert os.path.getmtime(marker) >= before
+    assert os.path.getmtime(marker) > old
     status = runner.run_study(_tiny_study_config(), wd, stages=["report"])
     assert status == {"report": "skipped"}
 
