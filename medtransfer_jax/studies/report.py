@@ -26,14 +26,21 @@ from medtransfer_jax.studies import published, tables
 Block = Tuple[str, Any]
 
 
+#: Columns that hold counts (folds, images): printed as integers, never as '1.000'.
+COUNT_COLUMNS = {"n", "n_rows", "n_a", "n_b", "value_n", "ours_n", "theirs_n",
+                 "test.num_examples", "n_iid", "n_clean", "n_ood"}
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if v.is_integer() and abs(v) >= 1:
-            return str(int(v))
-        return f"{v:.{digits}f}"
+        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
     return str(v)
+
+
+def _cell(col: str, v: Any) -> Any:
+    if col in COUNT_COLUMNS and isinstance(v, float) and math.isfinite(v):
+        return int(round(v))
+    return v
 
 
 def mean_sd_cell(mean: float, sd: float, n: Any, unit: str = "folds") -> str:
@@ -42,13 +49,7 @@ def mean_sd_cell(mean: float, sd: float, n: Any, unit: str = "folds") -> str:
         return "n/a"
     n = int(n) if isinstance(n, (int, float)) and not math.isnan(n) else n
     spread = f" ± {sd:.3f}" if isinstance(sd, float) and math.isfinite(sd) else ""
-    return f"{mean:.3f}{spread} ({n} {unit})"
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """'0.912 ± 0.013 (n=5)' over finite values (sample sd)."""
-    m, sd, n = stats.mean_sd(values)
-    return "n/a" if n == 0 else mean_sd_cell(m, sd, n).replace(f"({n} folds)", f"(n={n})")
+    return f"{mean:.3f}{spread} ({n} {unit[:-1] if n == 1 else unit})"
 
 
 def auc_table(summary: Sequence[Dict[str, Any]], sources: Sequence[str],
@@ -127,7 +128,7 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
 
 def _table(rows: Sequence[Dict[str, Any]], cols: Sequence[str],
            names: Sequence[str] = ()) -> Tuple[List[str], List[list]]:
-    return list(names or cols), [[r.get(c, "") for c in cols] for r in rows]
+    return list(names or cols), [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
 
 
 def similarity_pivot(rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[list]]:
@@ -245,8 +246,9 @@ def _details(page: _Page, auc: str, runs):
     page.add("h2", "Details")
     done = [r for r in runs if r.get("status") == "done"]
     if done:
-        page.add("p", f"Every run: test {auc} with its bootstrap 95% CI over the test images "
-                      "(1000 resamples), and the number of test images.")
+        boot = page.study.config.get("analysis", {}).get("bootstrap", 1000)
+        page.add("p", f"Every run: test {auc} with its percentile bootstrap 95% CI over the "
+                      f"test images ({boot} resamples), and the number of test images.")
         page.add("table", _table(done, ("name", f"test.{auc}", f"test.{auc}_ci_low",
                                         f"test.{auc}_ci_high", "test.num_examples",
                                         f"val.{auc}"),
@@ -275,7 +277,10 @@ def _filter_details(page: _Page):
     drift = page.table("filter_drift_summary.csv")
     if drift:
         page.add("p", "Filter KL drift per depth bin, mean ± sd over runs, beside the noise "
-                      "floor (drift between two random halves of the pre-trained filters).")
+                      "floor: the drift between two random halves of the pre-trained filters "
+                      "of that bin (each half has half the filters, so the floor is on the "
+                      "high side). A drift below its floor is not distinguishable from "
+                      "resampling the same filters.")
         page.add("table", _table(drift, ("source", "key", "drift", "drift_sd", "noise_floor",
                                          "n_rows"),
                                  ("source", "depth bin", "drift", "sd", "noise floor", "runs")))
