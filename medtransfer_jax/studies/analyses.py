@@ -4,7 +4,7 @@ Each function reads what earlier stages wrote (run workdirs, weights dirs, predi
 files, tables) and writes its own tables (``tables.py``) and figures; the runner calls
 them as one line per stage. ``study`` is anything with the :class:`runner.Study`
 attributes used here (``config``, ``path()``, ``source_dir()``, ``fine_tuned_dir()``,
-``finetune_runs()``, ``folds``, ``random_twin_dir()``); this module never imports the
+``finetune_runs()``, ``folds``, ``random_twin_dir()``, ``clean_targets``); this module never imports the
 runner, so the layers stay one-way.
 
 Statistics (``analysis/stats.py``): spreads are sample sds over folds; each run's test
@@ -172,7 +172,7 @@ def compare_fold(study, target: str, fold: int) -> List[Dict[str, Any]]:
 def representations(study):
     """tables/representations*.csv and one figure per target (mean over folds)."""
     all_rows = []
-    for target, fold in itertools.product(study.config.targets, study.folds):
+    for target, fold in itertools.product(study.clean_targets, study.folds):
         out_csv = study.path("representations", f"{target}_fold{fold}.csv")
         if not os.path.exists(out_csv):
             tables.write_csv(out_csv, compare_fold(study, target, fold))
@@ -181,7 +181,7 @@ def representations(study):
     summary = tables.summarise(all_rows, ("target", "pair", "comparison", "layer", "method"),
                                ("value", "null_mean"))
     tables.write_csv(study.path("tables", "representations_summary.csv"), summary)
-    for target in study.config.targets:
+    for target in study.clean_targets:
         sel = [dict(r, std=r["value_sd"]) for r in summary if r["target"] == target]
         plots.plot_layer_similarity(
             sel, study.path("figures", f"similarity_{target}.png"),
@@ -198,11 +198,13 @@ def _pre_vs_ft(sim_rows, target, fold, source, method) -> Dict[str, float]:
 
 def predictions(study):
     """Prediction similarity per source pair (n = test images) and AUC gain vs CCA."""
+    if not study.clean_targets:
+        return
     sources = list(study.config.sources)
     sim_rows = tables.read_csv_if(study.path("tables", "representations.csv"))
     method = study.config.analysis.cca.methods[0]
     rows, gain_records = [], []
-    for target, fold in itertools.product(study.config.targets, study.folds):
+    for target, fold in itertools.product(study.clean_targets, study.folds):
         paths = {s: os.path.join(study.fine_tuned_dir(target, s, fold=fold, export=False),
                                  "predictions.csv") for s in sources}
         for s1, s2 in itertools.combinations(sources, 2):
@@ -248,7 +250,7 @@ def filters_stage(study):
     drift, layers, change = [], [], []
     for s in study.config.sources:
         pre, _ = checkpoint.load_weights(study.source_dir(s))
-        for target, fold in itertools.product(study.config.targets, study.folds):
+        for target, fold in itertools.product(study.clean_targets, study.folds):
             ft, _ = checkpoint.load_weights(study.fine_tuned_dir(target, s, fold=fold))
             keys = dict(source=s, target=target, fold=fold)
             d, l = _filter_pair(pre, ft, (f"{s}:pre", f"{s}:fine-tuned"))

@@ -146,6 +146,12 @@ class Study:
                                       self.path("finetune", name), ov, keys))
         return runs
 
+    @property
+    def clean_targets(self) -> List[str]:
+        """Targets with a no-confounder run per source and fold: the ones the
+        representation, prediction and filter analyses compare."""
+        return [t for t, spec in self.config.targets.items() if spec.get("clean", True)]
+
     def run_dir(self, target: str, source: str, fold: int) -> str:
         return self.path("finetune", target, source, f"fold{fold}")
 
