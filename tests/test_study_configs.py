@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from medtransfer_jax.models import resnet
-from medtransfer_jax.studies import runner
+from medtransfer_jax.studies import runner, tables
 from medtransfer_jax.training import sweep
 from medtransfer_jax.weights import checkpoint
 
@@ -88,7 +88,7 @@ def test_filters_study_end_to_end(tmp_path):
     assert set(cfg.sources) == {"alpha", "beta"}
     status = runner.run_study(cfg, str(tmp_path / "wd"))
     assert status["report"] == "done" and status["filters"] == "done"
-    drift = [r for r in runner.read_csv(str(tmp_path / "wd" / "tables" / "filter_drift.csv"))
+    drift = [r for r in tables.read_csv(str(tmp_path / "wd" / "tables" / "filter_drift.csv"))
              if r["scope"] == "depth_bin"]
     assert {(r["a"], r["b"]) for r in drift} == {("alpha", "beta")}
     assert all(r["drift"] > 0 and r["noise_floor"] > 0 for r in drift)

@@ -44,7 +44,7 @@ import jax
 import ml_collections
 
 from medtransfer_jax.models import resnet
-from medtransfer_jax.studies import analyses, preflight as preflight_lib, progress, report, tables
+from medtransfer_jax.studies import analyses, preflight as preflight_lib, progress, report
 from medtransfer_jax.training import sweep
 from medtransfer_jax.weights import checkpoint
 from medtransfer_jax.weights import conversion as convert_lib
@@ -56,10 +56,6 @@ SOURCE_KINDS = ("weights", "convert", "pretrain", "random")
 
 class StudyError(ValueError):
     """A study config or workdir that cannot be used; the message says how to fix it."""
-
-
-# Kept for callers of the old API: the one CSV reader lives in tables.py.
-read_csv = tables.read_csv
 
 
 class Study:
