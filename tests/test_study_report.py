@@ -137,3 +137,29 @@ def test_report_html_renders_in_chromium(tmp_path, width):
     assert r["page"] <= r["window"] and r["overflowing"] == 0, r
     assert r["order"] == ["What was run", "Headline", "Compared with the published numbers",
                           "Figures", "Details"]
+
+
+def test_confounded_study_headline_and_source_matters_comparison(tmp_path):
+    study, _ = _study(tmp_path, published_kind="source_matters")
+    os.remove(study.path("tables", "auc_summary.csv"))
+    tables.write_csv(study.path("tables", "auc_summary.csv"), [dict(
+        target="lowpass", source="imagenet", confounder="lowpass", p=1.0, **{"test.auc": 0.2})])
+    rows = [dict(target="lowpass", source=s, confounder="lowpass", p=1.0, fold=f, auc_iid=0.9,
+                 auc_clean=0.8, auc_ood=a, n_iid=100.0, n_clean=100.0, n_ood=100.0)
+            for s, aa in (("imagenet", (0.15, 0.2)), ("radimagenet", (0.7, 0.72)))
+            for f, a in enumerate(aa)]
+    summ = tables.summarise(rows, ("target", "source", "confounder", "p"),
+                            ["auc_iid", "auc_clean", "auc_ood", "n_iid", "n_clean", "n_ood"])
+    tables.write_csv(study.path("tables", "robustness_summary.csv"), summ)
+    report.write_report(study)
+    md = open(tmp_path / "report.md").read()
+    head = md[md.index("## Headline"):md.index("## Compared")]
+    assert "| lowpass | lowpass | 1.000 | imagenet |" in head and "0.175 ± 0.035 (2 folds)" in head
+    theirs = published.load()["source_matters"]["confounders"]["lowpass"]["1.0"][
+        "imagenet_ood_auc"]
+    row = published.compare_source_matters(tables.read_csv(
+        study.path("tables", "robustness_summary.csv")))[0]
+    assert row["theirs"] == theirs["mean"] and row["ours"] == pytest.approx(0.175)
+    assert row["diff_in_fold_sd"] == pytest.approx(
+        (0.175 - theirs["mean"]) / math.sqrt((np.std([0.15, 0.2], ddof=1) ** 2
+                                              + theirs["sd"] ** 2) / 2))

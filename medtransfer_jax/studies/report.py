@@ -173,8 +173,9 @@ def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
                   f" in {study.workdir}. Sources: {', '.join(cfg.sources)}; targets: "
                   f"{', '.join(cfg.targets) or 'none'}; folds: {list(cfg.folds)}; model: "
                   f"ResNet{cfg.model.depth} (width {cfg.model.width}, {cfg.model.layout}). "
-                  f"Fine-tuning runs finished: {done} of {len(runs) or 'none yet'}. Stages "
-                  f"done: {', '.join(stages) or 'none'}.")
+                  + (f"Fine-tuning runs finished: {done} of {len(runs)}. " if runs else
+                     "No fine-tuning runs recorded yet. ")
+                  + f"Stages done: {', '.join(stages) or 'none'}.")
 
 
 def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
@@ -182,6 +183,9 @@ def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
     page.add("h2", f"Headline: test AUC ({auc}), mean ± sample sd over folds")
     if not summary:
         page.add("p", "No fine-tuning results yet.")
+        return
+    if not any(r.get("confounder", "none") in ("none", "") for r in summary):
+        _robustness_headline(page)
         return
     page.add("table", auc_table(summary, sources, f"test.{auc}"))
     comp = page.table("source_comparisons.csv")
@@ -194,6 +198,21 @@ def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
                                  ("target", "a", "b", "folds", "mean diff", "sd diff",
                                   "p (t)", "p (perm.)")))
     page.figure("auc.png", "Test AUC per target and source; error bars: sample sd over folds.")
+
+
+def _robustness_headline(page: _Page):
+    """Source Matters-style studies (every run confounded): AUC per test set and p."""
+    summ = page.table("robustness_summary.csv")
+    page.add("p", "Every run carries a confounder: test AUC on the i.i.d. / clean / o.o.d. "
+                  "tests per source and artefact fraction p (mean ± sample sd over folds).")
+    header = ["target", "confounder", "p", "source"] + [f"{t} AUC" for t in
+                                                        ("i.i.d.", "clean", "o.o.d.")]
+    rows = [[r["target"], r["confounder"], r["p"], r["source"]] + [
+        mean_sd_cell(r[f"auc_{t}"], r[f"auc_{t}_sd"], r[f"auc_{t}_n"]) + (
+            f", n={int(r[f'n_{t}'])} img" if isinstance(r.get(f"n_{t}"), float)
+            and math.isfinite(r[f"n_{t}"]) else "") for t in ("iid", "clean", "ood")]
+            for r in summ]
+    page.add("table", (header, rows))
 
 
 def _published(page: _Page, auc: str, summary):
