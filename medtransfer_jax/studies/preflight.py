@@ -87,7 +87,8 @@ def check_run_config(target: str, run: sweep.Run) -> List[str]:
     out = []
     if d.name != "synthetic" and not (d.get("root") and os.path.isdir(d.root)):
         out.append(f"targets.{target}: data root {d.get('root')!r} is not a directory "
-                   f"(set --config.targets.{target}.overrides or the study's data root arg)")
+                   "(give the study config its data folder, e.g. ...study_revisiting.py:"
+                   "data=DIR, or fix data.root in the target's overrides)")
     for field in ("fold_csv_dir", "csv_path"):
         p = d.get(field)
         if p and not os.path.exists(p if os.path.isabs(p) else os.path.join(d.root or "", p)):
