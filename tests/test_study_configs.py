@@ -31,7 +31,7 @@ def test_revisiting_grid_and_subset(tmp_path):
     assert len(runs) == 2 * 5 * 2
     by_name = {r.name: r for r in runs}
     frz = sweep.load_config(by_name["breast/imagenet_frz/fold1"])
-    assert frz.train.freeze == "two_phase" and frz.fold == 1
+    assert frz.train.freeze == "two_phase" and frz.data.fold == 1
     assert frz.model.init == study.source_dir("imagenet") == study.source_dir("imagenet_frz")
     assert frz.data.root == str(tmp_path / "d" / "breast") and frz.train.lr == 1e-3
     rnd = sweep.load_config(by_name["thyroid/random/fold0"])
@@ -49,9 +49,11 @@ def test_revisiting_preflight_lists_missing_files(tmp_path):
     cfg = _config("study_revisiting", f"targets=breast,thyroid,folds=0,data={tmp_path}/d,"
                                       f"imagenet={tmp_path}/in.h5,radimagenet={tmp_path}/rad.h5")
     pf = runner.preflight(cfg, str(tmp_path / "wd"))
-    assert len(pf.missing) == 4, pf.missing  # two .h5 files, two data roots
+    # two .h5 files, two data roots, two fold-CSV folders (folds=paper is the default)
+    assert len(pf.missing) == 6, pf.missing
     assert any("in.h5" in m for m in pf.missing) and any("rad.h5" in m for m in pf.missing)
     assert sum("data root" in m for m in pf.missing) == 2
+    assert sum("fold_csv_dir" in m for m in pf.missing) == 2
     # 5 sources x 1 fold per target, <= 30 epochs over 4/5 of BUSI (780) / DDTI (480)
     assert pf.runs == 10 and pf.images == 5 * int(30 * 0.8 * 780) + 5 * int(30 * 0.8 * 480)
     with pytest.raises(ValueError, match="unknown argument 'target'"):
@@ -70,7 +72,13 @@ def test_source_matters_grid(tmp_path):
     r = [r for r in runs if r.name == "noise/radimagenet/noise-p1/fold0"][0]
     c = sweep.load_config(r)
     assert c.data.confounder.kind == "noise" and c.data.confounder.p == 1.0
-    assert c.data.name == "lidc" and c.model.preprocessing == "radimagenet"
+    # The noise experiment defaults to the chest X-rays (#12.8); LIDC is one argument away.
+    assert c.data.name == "nih_cxr14" and c.model.preprocessing == "radimagenet"
+    lidc = runner.Study(_config("study_source_matters", f"confounders=noise,noise_dataset=lidc,"
+                                                        f"lidc={tmp_path}/l,folds=0"),
+                        str(tmp_path)).finetune_runs()
+    c = sweep.load_config(lidc[0])
+    assert c.data.name == "lidc" and c.data.root == str(tmp_path / "l")
 
 
 def _save_tiny(path, seed):

@@ -37,7 +37,8 @@ from medtransfer_jax.weights import checkpoint
 #: The metric of ``runs.csv``'s ``test.<name>`` -> a function of (labels, probs) for the
 #: bootstrap, so a CI is always of the same AUC the table shows.
 AUC_FUNCTIONS = {"auc": metrics.auc_ovr, "auc_micro": metrics.auc_micro,
-                 "auc_keras": metrics.auc_keras}
+                 "auc_keras": metrics.auc_keras,
+                 "auc_ovr_weighted": lambda y, p: metrics.auc_ovr(y, p, "weighted")}
 TESTS = ("iid", "clean", "ood")
 
 
