@@ -114,3 +114,22 @@ def test_cloud_tpu_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
         loop.train_and_evaluate(_config(), wd)
     assert e.value.step == 5 and os.path.isdir(os.path.join(wd, "checkpoints", "5"))
     assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
+def test_best_step_outside_latest_checkpoints_survives_restarts(tmp_path, monkeypatch):
+    """The best checkpoint (step 4) must survive a restart followed by later saves (9, 12);
+    it used to be deleted by the reopened manager, so the final evaluation failed."""
+    cfg = sweep.load_config(sweep.Run("best", _train_utils.TINY_CONFIG + ":best_early", "/x"))
+    ref_wd = str(tmp_path / "ref")
+    ref = loop.train_and_evaluate(cfg, ref_wd)
+    assert ref["best_step"] == 4 and ref["last_step"] == 12
+    wd = str(tmp_path / "run")
+    monkeypatch.setenv(loop.FAULT_ENV, "term:7")
+    with pytest.raises(loop.Preempted):
+        loop.train_and_evaluate(cfg, wd)
+    monkeypatch.delenv(loop.FAULT_ENV)
+    res = loop.train_and_evaluate(cfg, wd)  # resumes at 7: saves 8, 9, 12
+    assert res["best_step"] == 4
+    _assert_same_run(wd, ref_wd, ref, res)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+    assert 4 in steps and steps[-1] == 12, steps
