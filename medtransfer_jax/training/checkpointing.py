@@ -28,6 +28,7 @@ import errno
 import glob
 import os
 import shutil
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
@@ -294,6 +295,7 @@ class _WriteErrors:
         err = _os_error(exc)
         if err is None:
             return False
+        _join_orbax_threads(timeout=60.0)  # the other items' writers may still be running
         self.ckpt.remove_tmp_dirs()
         where = (self.ckpt._step_dir(self.step) if self.step is not None
                  else self.ckpt.directory)
@@ -303,6 +305,15 @@ class _WriteErrors:
             f"cannot write checkpoint {where}: {err.strerror or err} (errno "
             f"{errno.errorcode.get(err.errno, err.errno)}); {hint}, then re-run the same "
             "command to resume from the last complete checkpoint") from exc
+
+
+def _join_orbax_threads(timeout: float) -> None:
+    """Waits for orbax's background commit threads, so none of them writes into a tmp
+    folder after it was removed."""
+    deadline = time.time() + timeout
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
+            t.join(max(0.0, deadline - time.time()))
 
 
 def _os_error(exc: Optional[BaseException]) -> Optional[OSError]:
