@@ -140,6 +140,10 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> _Run:
     shard_lib.local_batch_size(gbs, mesh)  # validates divisibility
     eval_bs = int(math.ceil((config.eval.batch_size or gbs) / mesh.size) * mesh.size)
     splits = data_lib.get_splits(config.data, fold=config.fold)
+    ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                         async_save=config.checkpoint.async_save)
+    if ckpt.latest_step() is None and not config.data.skip_corrupt:
+        integrity.check_splits(splits)  # before any compilation; a resumed run passed it
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     model, variables, prep, init_desc, spec = build_model_and_variables(
         config, splits.num_classes, init_rng)
@@ -149,10 +153,6 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> _Run:
         splits.train, image_size=config.data.image_size, preprocessing=prep,
         global_batch_size=gbs, seed=int(config.seed), augment=config.data.augment,
         worker_count=config.data.worker_count)
-    ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                         async_save=config.checkpoint.async_save)
-    if ckpt.latest_step() is None and not config.data.skip_corrupt:
-        integrity.check_splits(splits)  # a resumed run passed it already
     if jax.process_index() == 0:
         finalize_lib.write_json(os.path.join(workdir, "config.json"), _json_config(config))
         logging.info("data:\n%s", splits.summary())
