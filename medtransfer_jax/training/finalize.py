@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -113,3 +114,44 @@ def read_results(workdir: str) -> Optional[Dict[str, Any]]:
             return json.load(f)
     except (json.JSONDecodeError, OSError):
         return None
+
+
+def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
+    """Best model -> predictions and metrics on every test set, exports, ``results.json``.
+
+    ``run``: a run_setup.Run; ``state`` / ``state_sh``: the last TrainState and its
+    shardings; ``ls``: the loop_state.LoopState (its best step is restored if it is not
+    the last). Returns the results dict.
+    """
+    best_step = step if ls.best.step is None else ls.best.step
+    best_state = state
+    if best_step != step:
+        best_state, _ = run.ckpt.restore(best_step, run.abstract(run.phases[-1])[0], None)
+    eval_step = run.eval_step(state_sh)
+    by_split = evaluate_and_write_predictions(
+        lambda src: run.run_eval(eval_step, best_state.variables, src), run.splits,
+        run.workdir, best_step, run.writer)
+    s, c = run.splits, run.config
+    for sub, st, stp, mets in (("best", best_state, best_step, {k: by_split[k] for k in
+                                                                ("val", "test")}),
+                               ("last", state, step, {"val": ls.last_val})):
+        export_weights(os.path.join(run.workdir, "export", sub), st.variables,
+                                    weights_lib.WeightsMetadata(
+            source="finetuned", layout=run.spec.layout, depth=run.spec.depth,
+            width=run.spec.width, num_classes=s.num_classes, preprocessing=run.prep,
+            image_size=c.data.image_size,
+            extra={"init": run.init_desc, "metrics": mets, "step": int(stp), "dataset": s.name,
+                   "class_names": list(s.class_names), "fold": c.fold, "workdir": run.workdir}))
+    results = {
+        "status": "done", "best_step": int(best_step), "last_step": int(step),
+        "stopped_early": bool(ls.stopped_early), "monitor": run.phases[-1].monitor,
+        "best_monitor_value": ls.best.value, "val": by_split["val"], "test": by_split["test"],
+        "extra_tests": {k: v for k, v in by_split.items() if k not in ("val", "test")},
+        "init": run.init_desc, "preprocessing": run.prep, "dataset": s.name,
+        "class_names": list(s.class_names), "fold": c.fold, "num_train": len(s.train),
+        "num_val": len(s.val), "num_test": len(s.test), "steps_per_epoch": run.steps_per_epoch,
+        "num_devices": int(run.mesh.size), "num_processes": jax.process_count(),
+        "wall_time_s": time.time() - run.t_start, "config": json.loads(json.dumps(c.to_dict(), default=str))}
+    if jax.process_index() == 0:
+        write_json(os.path.join(run.workdir, RESULTS_FILE), results)
+    return results
