@@ -28,7 +28,7 @@ def _tiny(**kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run"))
-    cfg = _tiny()
+    cfg = _tiny(**{"log.profile_steps": 2, "log.profile_start": 5})
     return cfg, wd, loop.train_and_evaluate(cfg, wd)
 
 
@@ -66,6 +66,9 @@ def test_results_predictions_exports(run_dir):
     assert all(np.isfinite(r["loss"]) and "img_per_s" in r for r in train)
     assert [r["step"] for r in recs if r["split"] == "val"] == [4, 8]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(wd, "tb")))
+    # log.profile_steps: a jax.profiler trace of steps 6..7 for TensorBoard / Perfetto.
+    traces = [f for _, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
     # The best checkpoint is kept next to the latest ones.
     steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert res["best_step"] in steps and 8 in steps
