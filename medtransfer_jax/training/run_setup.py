@@ -70,14 +70,17 @@ class Run:
                             abstract, sh), sh
 
     def eval_step(self, state_sh):
-        return step_lib.make_eval_step(self.model, self.mesh, {"params": state_sh.params,
-                                                               "batch_stats": state_sh.batch_stats},
+        """The jitted eval step for variables sharded like ``state_sh``."""
+        sh = {"params": state_sh.params, "batch_stats": state_sh.batch_stats}
+        return step_lib.make_eval_step(self.model, self.mesh, sh,
                                        num_classes=self.splits.num_classes)
 
     def run_eval(self, eval_step, variables, source):
-        return finalize_lib.evaluate_source(eval_step, variables, source, self.mesh,
-                               image_size=self.config.data.image_size, preprocessing=self.prep,
-                               batch_size=self.eval_bs, worker_count=self.config.data.worker_count)
+        """(metrics, arrays) of ``variables`` on every example of ``source``."""
+        return finalize_lib.evaluate_source(
+            eval_step, variables, source, self.mesh, image_size=self.config.data.image_size,
+            preprocessing=self.prep, batch_size=self.eval_bs,
+            worker_count=self.config.data.worker_count)
 
     def close(self):
         for service in (self.profiler, self.writer):
@@ -98,26 +101,30 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
     splits = data_lib.get_splits(config.data, fold=config.fold)
     ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
-    if ckpt.latest_step() is None and not config.data.skip_corrupt:
-        integrity.check_splits(splits)  # before any compilation; a resumed run passed it
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-    model, variables, prep, init_desc, spec = model_init.build_model_and_variables(
-        config, splits.num_classes, init_rng)
-    steps_per_epoch = max(1, len(splits.train) // gbs)
-    phases = phases_lib.make_phases(config, steps_per_epoch)
-    train_iter = data_lib.make_train_iter(
-        splits.train, image_size=config.data.image_size, preprocessing=prep,
-        global_batch_size=gbs, seed=int(config.seed), augment=config.data.augment,
-        worker_count=config.data.worker_count)
-    if jax.process_index() == 0:
-        finalize_lib.write_json(os.path.join(workdir, "config.json"), json_config(config))
-        logging.info("data:\n%s", splits.summary())
-        logging.info("model ResNet%d/%s width %d, init %s, preprocessing %s; mesh %s; %d "
-                     "steps/epoch; phases %s", spec.depth, spec.layout, spec.width, init_desc,
-                     prep, dict(mesh.shape), steps_per_epoch,
-                     [(p.policy, p.num_steps) for p in phases])
-    return Run(config, workdir, mesh, splits, model, variables, prep, init_desc, spec, phases,
-                steps_per_epoch, eval_bs, state_rng, train_iter, ckpt, tuple(hooks), time.time())
+    try:
+        if ckpt.latest_step() is None and not config.data.skip_corrupt:
+            integrity.check_splits(splits)  # before any compilation; a resumed run passed it
+        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
+        model, variables, prep, init_desc, spec = model_init.build_model_and_variables(
+            config, splits.num_classes, init_rng)
+        steps_per_epoch = max(1, len(splits.train) // gbs)
+        phases = phases_lib.make_phases(config, steps_per_epoch)
+        train_iter = data_lib.make_train_iter(
+            splits.train, image_size=config.data.image_size, preprocessing=prep,
+            global_batch_size=gbs, seed=int(config.seed), augment=config.data.augment,
+            worker_count=config.data.worker_count)
+        if jax.process_index() == 0:
+            finalize_lib.write_json(os.path.join(workdir, "config.json"), json_config(config))
+            logging.info("data:\n%s", splits.summary())
+            logging.info("model ResNet%d/%s width %d, init %s, preprocessing %s; mesh %s; %d "
+                         "steps/epoch; phases %s", spec.depth, spec.layout, spec.width, init_desc,
+                         prep, dict(mesh.shape), steps_per_epoch,
+                         [(p.policy, p.num_steps) for p in phases])
+        return Run(config, workdir, mesh, splits, model, variables, prep, init_desc, spec, phases,
+                    steps_per_epoch, eval_bs, state_rng, train_iter, ckpt, tuple(hooks), time.time())
+    except BaseException:
+        ckpt.close()  # e.g. a DataError from the file check: no thread left behind
+        raise
 
 
 def json_config(config) -> Dict[str, Any]:
