@@ -166,7 +166,7 @@ class RunCheckpointer:
         except Exception as e:
             raise DamagedCheckpoint(self._step_dir(step), (
                 f"Checkpoint {self._step_dir(step)} is damaged: cannot read its 'meta' item "
-                f"({type(e).__name__}: {e}).")) from e
+                f"({type(e).__name__}: {e})")) from e
         return step, meta
 
     def restore_latest(self, abstract_for: Callable[[int, Dict[str, Any]], Any],
@@ -214,7 +214,7 @@ class RunCheckpointer:
         except Exception as e:
             raise DamagedCheckpoint(self._step_dir(step), (
                 f"Checkpoint {self._step_dir(step)} is damaged: cannot read the metadata of "
-                f"its 'state' item ({type(e).__name__}: {e}).")) from e
+                f"its 'state' item ({type(e).__name__}: {e})")) from e
         if md is None:
             raise DamagedCheckpoint(self._step_dir(step), f"Checkpoint {self._step_dir(step)} has no 'state' item; it "
                                   "was not written by medtransfer_jax.train.")
