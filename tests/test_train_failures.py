@@ -87,3 +87,16 @@ def test_disk_full_during_save_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", real_save)
     res = loop.train_and_evaluate(cfg, wd)
     assert res["status"] == "done" and res["last_step"] == 8
+
+
+def test_tensorstore_disk_full_error_is_recognised():
+    """Array writes fail inside tensorstore with a ValueError, not an OSError (seen on a
+    600 KiB tmpfs: 'RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']')."""
+    from medtransfer_jax.training import checkpointing
+    ts = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/_sharding\": Failed to "
+                    "write 32923 bytes to file 14: No space left on device [os_error_code='28']")
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = ts
+    err = checkpointing._os_error(wrapped)
+    assert err is not None and err.errno == errno.ENOSPC
+    assert checkpointing._os_error(ValueError("shape mismatch")) is None

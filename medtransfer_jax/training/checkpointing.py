@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import glob
 import os
+import re
 import shutil
 import threading
 import time
@@ -317,11 +318,16 @@ def _join_orbax_threads(timeout: float) -> None:
 
 
 def _os_error(exc: Optional[BaseException]) -> Optional[OSError]:
-    """The OSError in ``exc``'s cause chain (orbax wraps errors of its write threads)."""
+    """The OS error in ``exc``'s cause chain: an OSError, or tensorstore's ValueError
+    ("RESOURCE_EXHAUSTED: ... [os_error_code='28']") that orbax raises for array writes."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError) and exc.errno is not None:
             return exc
+        code = re.search(r"os_error_code='?(\d+)", str(exc))
+        if code:
+            num = int(code.group(1))
+            return OSError(num, os.strerror(num))
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
