@@ -60,6 +60,15 @@ def test_non_finite_validation_metric_is_never_best():
     again = LoopState.from_json(json.loads(json.dumps(ls.to_json())), "x")
     assert json.dumps(again.to_json()) == json.dumps(ls.to_json())  # NaN != NaN
     assert again.best == ls.best and again.es == ls.es
+    # The dict of dicts saved by the previous version still resumes.
+    v1 = {"version": 1, "phase": 1, "phase_start": 4, "phase_done": False,
+          "es": {"best": 0.5, "best_step": 8, "wait": 1},
+          "best": {"value": 0.5, "step": 8, "rank": 2, "metric": "loss", "metrics": {"loss": 0.5}},
+          "stopped_early": False, "last_val": {"loss": 0.6, "step": 12}, "pending_train": []}
+    old = LoopState.from_json(v1, "x")
+    assert (old.phase, old.best.step, old.es.wait, old.last_val["step"]) == (1, 8, 1, 12)
+    with pytest.raises(ValueError, match="x: loop state version 7"):
+        LoopState.from_json(dict(v1, version=7), "x")
 
 
 def test_disk_full_during_save_is_one_clear_error(tmp_path, monkeypatch):

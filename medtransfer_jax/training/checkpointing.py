@@ -37,6 +37,7 @@ import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from medtransfer_jax.weights.checkpoint import CheckpointError
 
@@ -205,6 +206,8 @@ class RunCheckpointer:
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.move(self._step_dir(step), dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.reload()
         return dst
 

@@ -90,6 +90,8 @@ class LoopState:
     @classmethod
     def from_json(cls, d: Dict[str, Any], where: str) -> "LoopState":
         """Parses a saved ``meta`` item; ValueError naming ``where`` if it is not ours."""
+        if d.get("version") == 1:  # the dict of dicts before this class: same fields
+            d = dict(d, best={k: v for k, v in d["best"].items() if k != "rank"}, version=VERSION)
         if d.get("version") != VERSION:
             raise ValueError(f"{where}: loop state version {d.get('version')!r}, expected "
                              f"{VERSION}; it was written by another version of medtransfer_jax")
