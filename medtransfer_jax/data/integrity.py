@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from medtransfer_jax.data.base import DataError, DatasetSplits, Source, SubsetSource, TransformedSource
+from medtransfer_jax.data.base import (DataError, DatasetSplits, Source, SubsetSource,
+                                       TransformedSource)
 from medtransfer_jax.data.sources import FileSource
 
 #: How many bad files the error message lists in full (the count is always exact).

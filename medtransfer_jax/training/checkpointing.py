@@ -220,8 +220,9 @@ class RunCheckpointer:
                 f"Checkpoint {self._step_dir(step)} is damaged: cannot read the metadata of "
                 f"its 'state' item ({type(e).__name__}: {e})")) from e
         if md is None:
-            raise DamagedCheckpoint(self._step_dir(step), f"Checkpoint {self._step_dir(step)} has no 'state' item; it "
-                                  "was not written by medtransfer_jax.train.")
+            raise DamagedCheckpoint(self._step_dir(step), (
+                f"Checkpoint {self._step_dir(step)} has no 'state' item; it was not written "
+                "by medtransfer_jax.train"))
         tree = getattr(md, "tree", md)
         saved = _flat_by_path(tree)
         expected = _flat_by_path(abstract_state)

@@ -104,6 +104,11 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def json_config(config) -> Dict[str, Any]:
+    """The config as plain JSON (what config.json and results.json hold)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
 def read_results(workdir: str) -> Optional[Dict[str, Any]]:
     """``results.json`` of a run, or None if there is none (or it is unreadable)."""
     path = os.path.join(workdir, RESULTS_FILE)
@@ -132,16 +137,17 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
         lambda src: run.run_eval(eval_step, best_state.variables, src), run.splits,
         run.workdir, best_step, run.writer)
     s, c = run.splits, run.config
-    for sub, st, stp, mets in (("best", best_state, best_step, {k: by_split[k] for k in
-                                                                ("val", "test")}),
-                               ("last", state, step, {"val": ls.last_val})):
+    exports = (("best", best_state, best_step, {k: by_split[k] for k in ("val", "test")}),
+               ("last", state, step, {"val": ls.last_val}))
+    for sub, st, stp, mets in exports:
         export_weights(os.path.join(run.workdir, "export", sub), st.variables,
-                                    weights_lib.WeightsMetadata(
-            source="finetuned", layout=run.spec.layout, depth=run.spec.depth,
-            width=run.spec.width, num_classes=s.num_classes, preprocessing=run.prep,
-            image_size=c.data.image_size,
-            extra={"init": run.init_desc, "metrics": mets, "step": int(stp), "dataset": s.name,
-                   "class_names": list(s.class_names), "fold": c.fold, "workdir": run.workdir}))
+                       weights_lib.WeightsMetadata(
+                           source="finetuned", layout=run.spec.layout, depth=run.spec.depth,
+                           width=run.spec.width, num_classes=s.num_classes,
+                           preprocessing=run.prep, image_size=c.data.image_size,
+                           extra={"init": run.init_desc, "metrics": mets, "step": int(stp),
+                                  "dataset": s.name, "class_names": list(s.class_names),
+                                  "fold": c.fold, "workdir": run.workdir}))
     results = {
         "status": "done", "best_step": int(best_step), "last_step": int(step),
         "stopped_early": bool(ls.stopped_early), "monitor": run.phases[-1].monitor,
@@ -151,7 +157,7 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
         "class_names": list(s.class_names), "fold": c.fold, "num_train": len(s.train),
         "num_val": len(s.val), "num_test": len(s.test), "steps_per_epoch": run.steps_per_epoch,
         "num_devices": int(run.mesh.size), "num_processes": jax.process_count(),
-        "wall_time_s": time.time() - run.t_start, "config": json.loads(json.dumps(c.to_dict(), default=str))}
+        "wall_time_s": time.time() - run.t_start, "config": json_config(c)}
     if jax.process_index() == 0:
         write_json(os.path.join(run.workdir, RESULTS_FILE), results)
     return results

@@ -128,7 +128,7 @@ def _diverged(run: Run, step: int, loss: float, lr: float, limit: float):
     if jax.process_index() == 0:
         finalize_lib.write_json(os.path.join(run.workdir, RESULTS_FILE), {
             "status": "diverged", "message": msg, "step": step, "loss": loss, "lr": lr,
-            "config": run_setup.json_config(run.config)})
+            "config": finalize_lib.json_config(run.config)})
     raise Diverged(msg, step)
 
 

@@ -7,7 +7,6 @@ SIGTERM flag, profiler), so the loop's steps take one argument instead of twenty
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -114,22 +113,19 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
             global_batch_size=gbs, seed=int(config.seed), augment=config.data.augment,
             worker_count=config.data.worker_count)
         if jax.process_index() == 0:
-            finalize_lib.write_json(os.path.join(workdir, "config.json"), json_config(config))
+            finalize_lib.write_json(os.path.join(workdir, "config.json"),
+                                    finalize_lib.json_config(config))
             logging.info("data:\n%s", splits.summary())
             logging.info("model ResNet%d/%s width %d, init %s, preprocessing %s; mesh %s; %d "
                          "steps/epoch; phases %s", spec.depth, spec.layout, spec.width, init_desc,
                          prep, dict(mesh.shape), steps_per_epoch,
                          [(p.policy, p.num_steps) for p in phases])
-        return Run(config, workdir, mesh, splits, model, variables, prep, init_desc, spec, phases,
-                    steps_per_epoch, eval_bs, state_rng, train_iter, ckpt, tuple(hooks), time.time())
+        return Run(config, workdir, mesh, splits, model, variables, prep, init_desc, spec,
+                   phases, steps_per_epoch, eval_bs, state_rng, train_iter, ckpt, tuple(hooks),
+                   time.time())
     except BaseException:
         ckpt.close()  # e.g. a DataError from the file check: no thread left behind
         raise
-
-
-def json_config(config) -> Dict[str, Any]:
-    """The config as plain JSON (what config.json and results.json hold)."""
-    return json.loads(json.dumps(config.to_dict(), default=str))
 
 
 def restore_or_init(run: Run) -> Tuple[Any, Any, int, LoopState]:
