@@ -7,7 +7,7 @@ Subprocess: ``python tests/_train_faults.py kill:7 [train flags...]`` runs
 Kinds: ``kill:N`` SIGKILL right after step N's update (before any save of step N);
 ``kill_after_save:N`` SIGKILL right after step N's checkpoint save was started (async
 saves are then in flight); ``term:N`` SIGTERM to itself at step N (the loop saves and
-stops); ``nan:N`` makes step N's parameters NaN (a diverging run).
+stops).
 """
 import os
 import signal
