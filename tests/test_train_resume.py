@@ -133,3 +133,25 @@ def test_best_step_outside_latest_checkpoints_survives_restarts(tmp_path):
     _assert_same_run(wd, ref_wd, ref, res)
     steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
     assert 4 in steps and steps[-1] == 12, steps
+
+
+def test_protected_step_survives_a_reopened_manager(tmp_path):
+    """Retention on its own: latest 2 + the protected step, across close/reopen."""
+    from medtransfer_jax.training import checkpointing
+    state = {"w": np.arange(4, dtype=np.float32)}
+
+    def steps():
+        return sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+
+    ckpt = checkpointing.RunCheckpointer(str(tmp_path), max_to_keep=2, async_save=False)
+    for step in range(1, 5):
+        ckpt.save(step, state, None, {"step": step}, protect=1)
+    ckpt.close()
+    assert steps() == [1, 3, 4]
+    ckpt = checkpointing.RunCheckpointer(str(tmp_path), max_to_keep=2, async_save=False)
+    for step in (5, 6):
+        ckpt.save(step, state, None, {"step": step}, protect=1)
+    assert steps() == [1, 5, 6]
+    ckpt.save(7, state, None, {"step": 7}, protect=7)  # a new best replaces the old one
+    ckpt.close()
+    assert steps() == [6, 7]
