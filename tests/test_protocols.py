@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 
 from medtransfer_jax import data
 from medtransfer_jax.data.base import ArraySource
-from medtransfer_jax.training import loop, presets
+from medtransfer_jax.training import loop, presets, run_setup
 from medtransfer_jax.training import sharding as shard_lib
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -140,9 +140,9 @@ def test_the_train_loop_reads_data_resize_method_and_data_fold(monkeypatch, tmp_
     c = presets.tiny_config()
     c.data.resize_method = "nearest"
     c.data.fold = 2
-    monkeypatch.setattr(loop.data_lib, "make_train_iter", fake_train_iter)
+    monkeypatch.setattr(run_setup.data_lib, "make_train_iter", fake_train_iter)
     spec = types.SimpleNamespace(depth=18, layout="keras_v1", width=8)   # no model build
-    monkeypatch.setattr(loop, "build_model_and_variables",
+    monkeypatch.setattr(run_setup.model_init, "build_model_and_variables",
                         lambda *a, **k: (None, {}, "unit", "random", spec))
     with pytest.raises(Stop):
         loop.train_and_evaluate(c, str(tmp_path))
