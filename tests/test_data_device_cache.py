@@ -124,3 +124,13 @@ def test_too_large_for_the_device_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(device_cache, "device_memory_bytes", lambda d: 1000)
     with pytest.raises(DataError, match="data.cache=none"):
         device_cache.check_fits(10_000, "replicated", sharding.make_mesh())
+
+
+def test_device_input_bench_runs_and_reports_the_ratio():
+    from medtransfer_jax.bench import device_input
+    rows = device_input.run(depth=18, image_size=32, batch_size=8, width=8, num_examples=24,
+                            iters=1, repeats=1)
+    assert [r["input"] for r in rows] == ["in_memory", "device_cache"]
+    assert rows[0]["vs_in_memory"] == 1.0
+    assert rows[1]["cache_mb"] > 0 and np.isfinite(rows[1]["vs_in_memory"])
+    assert all(r["img_per_s"] > 0 for r in rows)
