@@ -123,7 +123,7 @@ class Study:
                                                                settings):
                 name = f"{target}/{source}"
                 ov = list(tspec.get("overrides", [])) + model_ov + [
-                    f"model.init={self.source_dir(source)}", f"fold={fold}"]
+                    f"model.init={self.source_dir(source)}", f"data.fold={fold}"]
                 keys = {"target": target, "source": source, "fold": fold,
                         "confounder": kind or "none", "p": p if p is not None else ""}
                 if kind:
@@ -230,7 +230,7 @@ class Study:
         src = splits.test if len(splits.test) >= 2 else splits.val
         n = min(num_images, len(src))
         size = cfg.data.image_size
-        return np.stack([to_three_channels(pipeline.resize(src[i]["image"], size))
+        return np.stack([to_three_channels(pipeline.resize(src[i]["image"], size, cfg.data.resize_method))
                          for i in range(n)])
 
     def stage_representations(self):

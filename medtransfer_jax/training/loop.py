@@ -162,7 +162,8 @@ def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict,
 
 # --------------------------------------------------------------------------- eval
 def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, preprocessing: str,
-                    batch_size: int, worker_count: int = 0) -> Tuple[Dict[str, float], Dict]:
+                    batch_size: int, worker_count: int = 0, resize_method: str = "bilinear",
+                    reported_auc: Optional[str] = None) -> Tuple[Dict[str, float], Dict]:
     """Runs the model over every example of ``source`` once.
 
     Returns:
@@ -170,7 +171,8 @@ def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, prep
       'label': (N,), 'probs': (N, K)} in source order).
     """
     it = data_lib.make_eval_iter(source, image_size=image_size, preprocessing=preprocessing,
-                                 global_batch_size=batch_size, worker_count=worker_count)
+                                 global_batch_size=batch_size, worker_count=worker_count,
+                                 resize_method=resize_method)
     outs: Dict[str, List[np.ndarray]] = {}
     for batch in it:
         batch = {k: batch[k] for k in ("image", "label", "weight", "index")}
@@ -186,7 +188,7 @@ def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, prep
                            "the eval pipeline must yield every example exactly once")
     mets = metrics_lib.classification_metrics(arrays["label"], arrays["probs"],
                                               loss=float(np.mean(arrays["loss"])) if len(source)
-                                              else None)
+                                              else None, reported_auc=reported_auc)
     return mets, arrays
 
 
@@ -364,7 +366,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     shard_lib.local_batch_size(gbs, mesh)  # validates divisibility
     eval_bs = int(config.eval.get("batch_size", 0) or gbs)
     eval_bs = int(math.ceil(eval_bs / mesh.size) * mesh.size)
-    splits = data_lib.get_splits(config.data, fold=config.get("fold", None))
+    splits = data_lib.get_splits(config.data)
     if is_main:
         logging.info("data:\n%s", splits.summary())
     num_classes = splits.num_classes
@@ -389,7 +391,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     train_iter = data_lib.make_train_iter(
         splits.train, image_size=image_size, preprocessing=prep_mode, global_batch_size=gbs,
         seed=int(config.seed), augment=config.data.get("augment", None),
-        worker_count=worker_count)
+        worker_count=worker_count, resize_method=config.data.resize_method)
 
     ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=config.checkpoint.get(
         "max_to_keep", 2), async_save=config.checkpoint.get("async_save", True))
@@ -430,7 +432,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     def run_eval(state, source):
         return evaluate_source(eval_step, state.variables, source, mesh, image_size=image_size,
                                preprocessing=prep_mode, batch_size=eval_bs,
-                               worker_count=worker_count)
+                               worker_count=worker_count, resize_method=config.data.resize_method,
+                               reported_auc=config.eval.get("reported_auc", None))
 
     try:
         while True:
@@ -598,7 +601,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 num_classes=num_classes, preprocessing=prep_mode, image_size=image_size,
                 extra={"init": init_desc, "metrics": mets, "step": int(stp),
                        "dataset": splits.name, "class_names": list(splits.class_names),
-                       "fold": config.get("fold", None), "workdir": workdir})
+                       "fold": config.data.fold, "workdir": workdir})
             weights_lib.save_weights(os.path.join(workdir, "export", sub), host_vars, md)
 
         export("best", best_state, best_step, {"val": results_by_split["val"],
@@ -609,10 +612,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             "status": "done", "best_step": int(best_step), "last_step": int(step),
             "stopped_early": bool(meta["stopped_early"]),
             "monitor": phases[-1].monitor, "best_monitor_value": meta["best"]["value"],
+            "reported_auc": config.eval.get("reported_auc", None),
             "val": results_by_split["val"], "test": results_by_split["test"],
             "extra_tests": {k: v for k, v in results_by_split.items() if k not in ("val", "test")},
             "init": init_desc, "preprocessing": prep_mode, "dataset": splits.name,
-            "class_names": list(splits.class_names), "fold": config.get("fold", None),
+            "class_names": list(splits.class_names), "fold": config.data.fold,
             "num_train": len(splits.train), "num_val": len(splits.val),
             "num_test": len(splits.test), "steps_per_epoch": steps_per_epoch,
             "num_devices": int(mesh.size), "num_processes": jax.process_count(),

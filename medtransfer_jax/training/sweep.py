@@ -99,7 +99,7 @@ def expand_grid(study: str, *, targets: Sequence[str], sources: Sequence[str] = 
             name = f"demo/fold{fold}/seed{seed}"
             runs.append(Run(name, os.path.join(config_dir, "demo.py"),
                             os.path.join(root, name),
-                            [f"fold={fold}", f"seed={seed}"] + list(overrides),
+                            [f"data.fold={fold}", f"seed={seed}"] + list(overrides),
                             {"study": study, "target": "synthetic", "source": "random",
                              "fold": fold, "seed": seed}))
         return runs
