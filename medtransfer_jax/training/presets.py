@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.grad_clip_norm = 0.0
     c.train.label_smoothing = 0.0
+    # Divergence: stop when the mean train loss of a log interval is non-finite or above
+    # this factor x ln(num_classes) (the loss of a uniform guess); 0 = only non-finite.
+    c.train.max_loss_factor = 100.0
     c.train.freeze = "none"           # none | linear_probe | stage:k | two_phase
     c.train.batch_norm_train = ml_collections.FieldReference(None, field_type=bool)
     c.train.head_phase = ml_collections.ConfigDict()   # two_phase: the frozen-base phase
@@ -117,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
+    c.log.profile_steps = 0           # > 0: jax.profiler trace of that many steps -> profile/
+    c.log.profile_start = 5           # ... starting after this step (past compilation)
 
     c.sharding = ml_collections.ConfigDict()
     c.sharding.num_devices = 0        # 0 = all devices
