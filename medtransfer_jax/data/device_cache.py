@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -43,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medtransfer_jax import preprocessing
 from medtransfer_jax.data import pipeline
-from medtransfer_jax.data.base import DataError
+from medtransfer_jax.data.base import DataError, Source
 
 log = logging.getLogger(__name__)
 
@@ -353,3 +354,90 @@ def check_fits(nbytes: int, placement: str, mesh: Mesh, data_axis: str = "data")
             f"({placement}), over {MAX_DEVICE_FRACTION:.0%} of the device's "
             f"{limit / 2**30:.1f} GiB. Use data.cache_placement=sharded, a smaller "
             "data.image_size, or data.cache=none (the grain pipeline).")
+
+
+# ---------------------------------------------------------------------------- loop plumbing
+
+class DeviceTrainIterator:
+    """The training stream of a :class:`DeviceCache`, a drop-in for the grain iterator.
+
+    ``next(it)`` -> global batch on the mesh (image/label/weight/index). The position is
+    saved with the run's checkpoint through grain's orbax handler (its legacy protocol:
+    ``get_state() -> bytes``, ``set_state(bytes)``, ``start_prefetch()``), so the loop's
+    checkpoint code is the same for both data paths.
+    """
+
+    def __init__(self, cache: DeviceCache, order: TrainOrder, batch_fn):
+        self.cache, self.order, self.batch_fn = cache, order, batch_fn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, jax.Array]:
+        step = self.order.step
+        return self.batch_fn(next(self.order), step)
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.order.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.order.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:  # grain's handler calls it after restoring
+        pass
+
+
+def eval_batches(cache: DeviceCache, batch_fn, global_batch_size: int):
+    """Every example of the cached split once, as global batches (tail: weight 0, index -1)."""
+    for idx in cache.eval_indices(global_batch_size):
+        yield batch_fn(idx)
+
+
+class HostCachedSource(Source):
+    """``base`` with every image decoded and resized once into host memory ('host' cache).
+
+    Same columns (ids, groups, meta) as ``base``; ``load_image`` returns the cached uint8.
+    """
+
+    def __init__(self, base: Source, image_size: int, resize_method: str = "bilinear",
+                 num_threads: Optional[int] = None):
+        self.images, _ = decode_split(base, image_size, resize_method, num_threads)
+        self.labels, self.ids, self.groups = base.labels, base.ids, base.groups
+        self.meta, self.class_names = base.meta, base.class_names
+
+    def load_image(self, index: int) -> np.ndarray:
+        img = self.images[index]
+        return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def build(config_data, splits, mesh: Mesh, preprocessing_mode: str, global_batch_size: int,
+          seed: int):
+    """The run's device-resident data: (train iterator, {split source id: batch maker}).
+
+    ``config_data``: the run's ``data`` config (image_size, resize_method, augment,
+    cache_placement). Every split (train, val, test, extra tests) is decoded once; the
+    second value maps ``id(source)`` to ``batches(global_batch_size) -> iterator`` for
+    the evaluation of that source.
+    """
+    size, method = int(config_data.image_size), config_data.resize_method
+    placement = config_data.cache_placement
+    sources = {"train": splits.train, "val": splits.val, "test": splits.test,
+               **dict(splits.extra_tests)}
+    caches, total = {}, 0
+    for name, src in sources.items():
+        if id(src) in caches or len(src) == 0:
+            continue
+        images, labels = decode_split(src, size, method)
+        caches[id(src)] = DeviceCache(images, labels, mesh, placement=placement)
+        total += images.nbytes
+        log.info("device cache: %s %s uint8 (%.1f MiB)", name, images.shape, images.nbytes / 2**20)
+    check_fits(total, placement, mesh)
+    train = caches[id(splits.train)]
+    order = TrainOrder(train.num_examples, global_batch_size, seed=seed)
+    train_it = DeviceTrainIterator(train, order, train.make_batch_fn(
+        preprocessing_mode, augment=config_data.augment, seed=seed))
+    evals = {}
+    for key, cache in caches.items():
+        fn = cache.make_batch_fn(preprocessing_mode)
+        evals[key] = (lambda bs, cache=cache, fn=fn: eval_batches(cache, fn, bs))
+    return train_it, evals
