@@ -121,6 +121,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.skip_corrupt = False    # validate images up front and skip unreadable ones (counted in the log)
     c.max_examples = _optional(int)     # keep a stratified subset of at most this many (debugging)
     c.worker_count = 0
+    # Where decoded images live: 'none' (the grain pipeline decodes + augments on the host
+    # every epoch; data of any size), 'host' (decode + resize once into host memory, grain
+    # augments), 'device' (decode + resize once, uint8 on the accelerator, batch gather +
+    # augmentation + normalisation inside jit: data/device_cache.py; the studies' sizes).
+    c.cache = "none"
+    c.cache_placement = "replicated"   # 'device' cache: replicated | sharded over 'data'
     c.synthetic = default_synthetic_config()
     c.synthetic.image_size = c.get_ref("image_size")
     c.confounder = default_confounder_config()

@@ -26,16 +26,20 @@ RESULTS_FILE = "results.json"
 
 def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, preprocessing: str,
                     batch_size: int, worker_count: int = 0, resize_method: str = "bilinear",
-                    reported_auc: Optional[str] = None) -> Tuple[Dict[str, float], Dict]:
+                    reported_auc: Optional[str] = None,
+                    batches: Optional[Any] = None) -> Tuple[Dict[str, float], Dict]:
     """Runs the model over every example of ``source`` once.
+
+    ``batches``: the eval batches of ``source`` when they come from elsewhere (the
+    device-resident cache); else the grain eval pipeline reads ``source``.
 
     Returns:
       (metrics dict (metrics.classification_metrics), arrays {'index': (N,),
       'label': (N,), 'probs': (N, K), 'loss': (N,)} in source order).
     """
-    it = data_lib.make_eval_iter(source, image_size=image_size, preprocessing=preprocessing,
-                                 global_batch_size=batch_size, worker_count=worker_count,
-                                 resize_method=resize_method)
+    it = batches if batches is not None else data_lib.make_eval_iter(
+        source, image_size=image_size, preprocessing=preprocessing, global_batch_size=batch_size,
+        worker_count=worker_count, resize_method=resize_method)
     outs: Dict[str, List[np.ndarray]] = {}
     for batch in it:
         batch = {k: batch[k] for k in ("image", "label", "weight", "index")}

@@ -16,7 +16,7 @@ import jax
 from absl import logging
 
 from medtransfer_jax import data as data_lib
-from medtransfer_jax.data import integrity
+from medtransfer_jax.data import device_cache, integrity
 from medtransfer_jax.training import checkpointing, finalize as finalize_lib, model_init, optim
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import sharding as shard_lib
@@ -49,6 +49,8 @@ class Run:
     writer: Any = None
     stop: Any = None
     profiler: Any = None
+    #: data.cache=device: {id(split source): batches(global_batch_size) -> iterator}
+    eval_data: Dict[int, Any] = dataclasses.field(default_factory=dict)
 
     def tx(self, phase: phases_lib.Phase):
         return optim.make_optimizer(self.config.train, self.variables["params"], phase.policy,
@@ -81,7 +83,9 @@ class Run:
             preprocessing=self.prep, batch_size=self.eval_bs,
             worker_count=self.config.data.worker_count,
             resize_method=self.config.data.resize_method,
-            reported_auc=self.config.eval.reported_auc)
+            reported_auc=self.config.eval.reported_auc,
+            batches=(self.eval_data[id(source)](self.eval_bs) if id(source) in self.eval_data
+                     else None))
 
     def close(self):
         for service in (self.profiler, self.writer):
@@ -110,10 +114,7 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
             config, splits.num_classes, init_rng)
         steps_per_epoch = max(1, len(splits.train) // gbs)
         phases = phases_lib.make_phases(config, steps_per_epoch)
-        train_iter = data_lib.make_train_iter(
-            splits.train, image_size=config.data.image_size, preprocessing=prep,
-            global_batch_size=gbs, seed=int(config.seed), augment=config.data.augment,
-            worker_count=config.data.worker_count, resize_method=config.data.resize_method)
+        splits, train_iter, eval_data = _data_path(config, splits, mesh, prep, gbs)
         if jax.process_index() == 0:
             finalize_lib.write_json(os.path.join(workdir, "config.json"),
                                     finalize_lib.json_config(config))
@@ -124,10 +125,42 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
                          [(p.policy, p.num_steps) for p in phases])
         return Run(config, workdir, mesh, splits, model, variables, prep, init_desc, spec,
                    phases, steps_per_epoch, eval_bs, state_rng, train_iter, ckpt, tuple(hooks),
-                   time.time())
+                   time.time(), eval_data=eval_data)
     except BaseException:
         ckpt.close()  # e.g. a DataError from the file check: no thread left behind
         raise
+
+
+def _data_path(config, splits, mesh, prep: str, gbs: int):
+    """(splits, train iterator, device eval batches) for ``data.cache``: 'none' / 'host'
+    feed the grain pipeline (from the files / from images decoded once), 'device' the
+    device-resident path (data/device_cache.py)."""
+    d = config.data
+    if d.cache not in device_cache.CACHE_MODES:
+        raise data_lib.DataError(f"data.cache={d.cache!r} is not one of "
+                                 f"{device_cache.CACHE_MODES}")
+    t0 = time.time()
+    if d.cache == "device":
+        train_iter, eval_data = device_cache.build(d, splits, mesh, prep, gbs, int(config.seed))
+        logging.info("data.cache=device: splits decoded onto the mesh in %.1f s",
+                     time.time() - t0)
+        return splits, train_iter, eval_data
+    if d.cache == "host":
+        cached = {}
+        def host(src):
+            if id(src) not in cached:
+                cached[id(src)] = device_cache.HostCachedSource(src, d.image_size,
+                                                                d.resize_method)
+            return cached[id(src)]
+        splits = dataclasses.replace(
+            splits, train=host(splits.train), val=host(splits.val), test=host(splits.test),
+            extra_tests={k: host(v) for k, v in splits.extra_tests.items()})
+        logging.info("data.cache=host: splits decoded in %.1f s", time.time() - t0)
+    train_iter = data_lib.make_train_iter(
+        splits.train, image_size=d.image_size, preprocessing=prep, global_batch_size=gbs,
+        seed=int(config.seed), augment=d.augment, worker_count=d.worker_count,
+        resize_method=d.resize_method)
+    return splits, train_iter, {}
 
 
 def restore_or_init(run: Run) -> Tuple[Any, Any, int, LoopState]:
