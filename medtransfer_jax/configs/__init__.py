@@ -97,8 +97,9 @@ def _parse(raw: str, current: Any, origin: str) -> Any:
             return int(raw)
         if isinstance(current, float):
             return float(raw)
-        if isinstance(current, str):
-            return raw
+        if isinstance(current, str):  # 'quoted' (a Python literal) or bare
+            quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+            return ast.literal_eval(raw) if quoted else raw
         if isinstance(current, (tuple, list)):
             value = ast.literal_eval(raw) if raw.strip()[:1] in "([" else raw.split(",")
             return type(current)(value)
