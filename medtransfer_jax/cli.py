@@ -144,7 +144,10 @@ def _config_define_message(default: str, e: Exception) -> str:
 def _parser(command: str) -> Callable[[List[str]], List[str]]:
     def parse(argv: List[str]) -> List[str]:
         try:
-            return FLAGS(argv)
+            rest = FLAGS(argv)
+            if "config" in FLAGS and FLAGS["config"].value is not None:
+                FLAGS["config"].value.keys()  # a config that failed to load raises here
+            return rest
         except Exception as e:  # any failure here is a bad flag or a bad config file
             if _wants_traceback(argv):
                 raise

@@ -21,7 +21,6 @@ import os
 from absl import flags, logging
 
 from medtransfer_jax import cli, configs, workdir_lock
-from medtransfer_jax.errors import UserError
 
 _CONFIG = cli.define_config_file(
     "train", configs.path("demo"), "Training config file (ml_collections), optionally "
@@ -34,21 +33,6 @@ _XLA_CACHE = flags.DEFINE_string(
     "recompiling); '' disables. Ignored if JAX_COMPILATION_CACHE_DIR is set.")
 _NUM_CPU = flags.DEFINE_integer("num_cpu_devices", None, "Local CPU devices per process when "
                                 "running on CPU (testing multi-device code without accelerators).")
-
-
-def check_batch_sizes(config, num_devices: int = 0) -> None:
-    """Positive train/eval batch sizes that split over the mesh (before anything is built)."""
-    mesh = int(config.get("sharding", {}).get("num_devices", 0) or 0) or num_devices
-    for name, value in (("train.batch_size", config.train.batch_size),
-                        ("eval.batch_size", config.eval.get("batch_size", None))):
-        if value is None or (name.startswith("eval") and value == 0):
-            continue  # eval.batch_size 0/None = the train batch size
-        cli.check_positive(value, f"--config.{name}")
-        if num_devices:
-            cli.check_divisible(value, mesh, f"--config.{name}")
-    if num_devices and mesh > num_devices:
-        raise UserError(f"--config.sharding.num_devices={mesh} but only {num_devices} "
-                        "devices are visible")
 
 
 def _setup_jax():
@@ -66,10 +50,10 @@ def main(argv):
     cli.require(_WORKDIR.value, "--workdir", "the run directory, e.g. --workdir=/tmp/demo")
     cli.check_output_dir(_WORKDIR.value, "--workdir")
     config = _CONFIG.value
-    check_batch_sizes(config)
+    configs.check_batch_sizes(config)
     jax = _setup_jax()
     process = cli.init_distributed()
-    check_batch_sizes(config, jax.device_count())
+    configs.check_batch_sizes(config, jax.device_count())
     from medtransfer_jax.training import loop  # noqa: E402 (heavy; after validation)
 
     logging.info("config:\n%s", config)

@@ -167,6 +167,31 @@ def write_resolved(cfg: ml_collections.ConfigDict, file: str,
     return file
 
 
+def check_batch_sizes(cfg: ml_collections.ConfigDict, num_devices: int = 0) -> None:
+    """Positive ``train``/``eval`` batch sizes that split evenly over the mesh.
+
+    ``num_devices`` 0 checks only the signs (before JAX is imported); the mesh is
+    ``sharding.num_devices`` devices if set, else all of them.
+
+    Raises:
+      ConfigError: naming the ``--config.`` field and a valid value.
+    """
+    mesh = int((cfg.get("sharding") or {}).get("num_devices", 0) or 0) or num_devices
+    if num_devices and mesh > num_devices:
+        raise ConfigError(f"--config.sharding.num_devices={mesh} but only {num_devices} "
+                          "devices are visible")
+    for name in ("train.batch_size", "eval.batch_size"):
+        section, _, leaf = name.partition(".")
+        value = (cfg.get(section) or {}).get(leaf, None)
+        if value is None or (section == "eval" and value == 0):
+            continue  # eval.batch_size 0/None = the train batch size
+        if int(value) <= 0:
+            raise ConfigError(f"--config.{name}={value}: must be a positive number")
+        if mesh and int(value) % mesh:
+            raise ConfigError(f"--config.{name}={value} is not divisible by the {mesh} devices;"
+                              f" use a multiple of {mesh} (e.g. {max(mesh, value // mesh * mesh)})")
+
+
 def _check_finite(d: Any, key: str = "") -> None:
     """Non-finite floats have no literal; say which field instead of writing a broken file."""
     if isinstance(d, dict):

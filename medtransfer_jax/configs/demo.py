@@ -7,5 +7,7 @@ from medtransfer_jax.training import presets
 
 
 def get_config(arg=None):
-    del arg
+    if arg:  # a misspelled argument must not silently give the default
+        raise ValueError(f"demo.py takes no argument, got {arg!r}; override fields with "
+                         "--config.FIELD=VALUE instead")
     return presets.demo_config()

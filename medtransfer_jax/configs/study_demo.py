@@ -24,7 +24,9 @@ COMMON = [
 
 
 def get_config(arg=None):
-    del arg
+    if arg:  # a misspelled argument must not silently give the default
+        raise ValueError(f"study_demo.py takes no argument, got {arg!r}; override fields with "
+                         "--config.FIELD=VALUE instead")
     c = ml_collections.ConfigDict()
     c.name = "demo"
     c.folds = [0, 1]

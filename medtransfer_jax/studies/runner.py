@@ -33,13 +33,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medtransfer_jax.errors import UserError
 from medtransfer_jax.training import sweep
 
 STAGES = ("sources", "finetune", "representations", "predictions", "filters", "robustness",
           "report")
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A study config or workdir that cannot be used; the message says how to fix it."""
 
 
@@ -92,7 +93,6 @@ class Study:
         self.workdir = os.path.abspath(workdir)
         self.mode = mode
         self.parallel = parallel
-        os.makedirs(os.path.join(self.workdir, "stages"), exist_ok=True)
 
     # -- layout
     def path(self, *parts) -> str:
@@ -150,6 +150,7 @@ class Study:
         if bad:
             raise StudyError(f"unknown stage(s) {bad}; choose from {STAGES}.")
         status = {}
+        os.makedirs(os.path.join(self.workdir, "stages"), exist_ok=True)  # after validation
         for stage in STAGES:
             if stage not in stages:
                 continue

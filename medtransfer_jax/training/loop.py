@@ -259,6 +259,8 @@ class _StopFlag:
         self.signal = signum
         logging.warning("received signal %d: will save a checkpoint after this step and stop",
                         signum)
+        if callable(self._previous):  # an outer study/sweep stops after this run too
+            self._previous(signum, frame)
 
     def uninstall(self):
         if self._previous is not None:
