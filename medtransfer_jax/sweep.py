@@ -137,4 +137,4 @@ def _sweep(runs, process: int, csv_path: str) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "sweep")
+    cli.run(main, "sweep", quiet=True)

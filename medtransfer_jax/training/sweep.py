@@ -365,7 +365,8 @@ def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
         for fut in concurrent.futures.as_completed(futures):
             run = futures[fut]
             status[run.name] = fut.result()
-            logging.info("run %s: %s", run.name, status[run.name])
+            if not status[run.name].startswith("usererror:"):  # that one is the error line
+                print(f"[sweep] {run.name}: {status[run.name]}", flush=True)
     return status
 
 
