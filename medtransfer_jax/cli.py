@@ -155,7 +155,8 @@ def _parser(command: str) -> Callable[[List[str]], List[str]]:
     return parse
 
 
-def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False) -> None:
+def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
+        argv: Optional[List[str]] = None) -> None:
     """``absl.app.run(main)`` with this module's error, logging and signal conventions.
 
     Args:
@@ -163,6 +164,7 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False)
         bad input and :class:`interrupts.Interrupted` when stopped.
       command: the name in messages (``train`` -> ``train: error: ...``).
       quiet: log at WARNING unless the user gave ``--verbosity`` (orbax/grain are loud).
+      argv: the command line (default ``sys.argv``).
     """
     def wrapped(argv):
         if quiet and not FLAGS["verbosity"].present:
@@ -178,7 +180,7 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False)
         except interrupts.Interrupted as e:
             stopped(command, e.reason)
 
-    app.run(wrapped, flags_parser=_parser(command))
+    app.run(wrapped, argv=argv, flags_parser=_parser(command))
 
 
 def no_positional(argv: Sequence[str], usage: str = "") -> None:
