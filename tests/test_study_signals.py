@@ -1,0 +1,90 @@
+"""Chaos test of the study (#10.2, #10.4): SIGTERM a tiny study mid-finetune and again
+mid-analysis; each stop exits 143 with the resume command; the resumed study's tables
+are identical to those of an uninterrupted study.
+
+Minutes, not seconds (two tiny studies); marked ``chaos`` so it can be deselected
+locally, and CI runs it once.
+"""
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from _train_utils import REPO, subprocess_env
+
+CONFIG = os.path.join(REPO, "tests", "_study_tiny_config.py")
+PATH_COLUMNS = ("workdir",)
+
+
+def _start(workdir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "medtransfer_jax.study", f"--config={CONFIG}",
+         f"--workdir={workdir}"], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop_when(p, ready, what, timeout=600):
+    """SIGTERMs ``p`` once ``ready()``; returns (returncode, stderr)."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert p.poll() is None, f"study ended before {what}: {p.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+def _tables(workdir):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "tables", "*.csv"))):
+        with open(path) as f:
+            rows = [{k: v for k, v in r.items() if k not in PATH_COLUMNS}
+                    for r in csv.DictReader(f)]
+        out[os.path.basename(path)] = rows
+    return out
+
+
+@pytest.mark.chaos
+def test_study_killed_mid_finetune_and_mid_analysis_resumes_to_identical_tables(tmp_path):
+    ref = tmp_path / "ref"
+    p = _start(ref)
+    out, err = p.communicate(timeout=1800)
+    assert p.returncode == 0, err[-3000:]
+
+    wd = tmp_path / "chaos"
+    # 1) mid-finetune: as soon as the first fine-tuning run has a checkpoint.
+    rc, out, err = _stop_when(
+        _start(wd), lambda: glob.glob(str(wd / "finetune" / "*" / "*" / "*" / "checkpoints" / "*"))
+        or glob.glob(str(wd / "finetune" / "*" / "*" / "*" / "*" / "checkpoints" / "*")),
+        "a fine-tuning checkpoint")
+    assert rc == 143, err[-3000:]
+    assert "study: stopped" in err and "Resume with the same command" in err
+    assert "Traceback" not in err
+    assert not os.path.exists(wd / "stages" / "finetune.done")
+
+    # 2) mid-analysis: when the representations stage starts.
+    p = _start(wd)
+    started = []
+
+    def analysing():
+        line = p.stdout.readline()
+        started.append(line)
+        return "representations: running" in line
+    rc, out, err = _stop_when(p, analysing, "the representations stage")
+    assert rc == 143, err[-3000:]
+    assert "finetune.done" in os.listdir(wd / "stages")
+    assert not os.path.exists(wd / "stages" / "representations.done")
+
+    # 3) the rerun finishes, and every table equals the uninterrupted study's.
+    p = _start(wd)
+    out, err = p.communicate(timeout=1800)
+    assert p.returncode == 0, err[-3000:]
+    want, got = _tables(ref), _tables(wd)
+    assert len(want) >= 5 and sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], name
