@@ -34,8 +34,13 @@ _children: set = set()
 _lock = threading.Lock()
 
 
-class Interrupted(Exception):
-    """The job was asked to stop (SIGTERM / SIGINT / preemption); finished work is saved."""
+class Interrupted(BaseException):
+    """The job was asked to stop (SIGTERM / SIGINT / preemption); finished work is saved.
+
+    A ``BaseException`` like ``KeyboardInterrupt``: it may be raised inside library code
+    (from the signal handler), and an ``except Exception`` there must not turn it into
+    an ordinary error (seen: orbax restore reporting "damaged weights: Interrupted").
+    """
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -73,8 +78,15 @@ def _handler(signum, frame):
         if signum != signal.SIGTERM:
             term(signal.SIGTERM, frame)
         return
-    if not kids:
+    if not kids and not _in_callback(frame):
         raise Interrupted(signal.Signals(signum).name)
+
+
+def _in_callback(frame) -> bool:
+    """Python drops (and prints) exceptions raised in finalizers and gc callbacks; there
+    the request stays a flag that :func:`check` turns into :class:`Interrupted` later."""
+    name = frame.f_code.co_name if frame is not None else ""
+    return frame is None or name == "__del__" or "gc_callback" in name
 
 
 @contextlib.contextmanager

@@ -78,7 +78,7 @@ def test_study_killed_mid_finetune_and_mid_analysis_resumes_to_identical_tables(
     rc, out, err = _stop_when(p, analysing, "the representations stage")
     assert rc == 143, err[-3000:]
     assert "finetune.done" in os.listdir(wd / "stages")
-    assert not os.path.exists(wd / "stages" / "representations.done")
+    assert not os.path.exists(wd / "stages" / "report.done")
 
     # 3) the rerun finishes, and every table equals the uninterrupted study's.
     p = _start(wd)
@@ -88,3 +88,25 @@ def test_study_killed_mid_finetune_and_mid_analysis_resumes_to_identical_tables(
     assert len(want) >= 5 and sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], name
+
+
+def test_train_ctrl_c_saves_a_checkpoint_and_exits_143(tmp_path):
+    """Ctrl-C (SIGINT) to the train main stops like SIGTERM: checkpoint, 143, resume line."""
+    wd = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "medtransfer_jax.train",
+         f"--config={os.path.join(REPO, 'tests', '_train_tiny_config.py')}",
+         f"--workdir={wd}", "--config.train.num_steps=400", "--xla_cache_dir="],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(wd / "checkpoints" / "[0-9]*")):
+        assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-3000:]
+    assert "train: stopped" in err and "Resume with the same command" in err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err
+    steps = [int(os.path.basename(d)) for d in glob.glob(str(wd / "checkpoints" / "[0-9]*"))]
+    assert steps and max(steps) < 400  # it saved where it stopped, long before the end

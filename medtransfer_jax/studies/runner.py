@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medtransfer_jax import interrupts
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.training import sweep
 
@@ -154,6 +155,9 @@ class Study:
         for stage in STAGES:
             if stage not in stages:
                 continue
+            # A stop request whose immediate raise got lost (signals can land in a gc
+            # callback, where exceptions are dropped) still stops here, between stages.
+            interrupts.check(f"before stage {stage}")
             if self.is_done(stage) and not force:
                 logging.info("stage %s: already done, skipping", stage)
                 print(f"[study] {stage}: done earlier, skipped", flush=True)

@@ -265,8 +265,6 @@ def _run_inprocess(run: Run) -> str:
         raise interrupts.Interrupted(f"run {run.name}: {e}") from e
     except diverged:
         logging.warning("run %s diverged (see %s/results.json)", run.name, run.workdir)
-    except interrupts.Interrupted:
-        raise
     except UserError as e:
         logging.error("run %s: %s", run.name, e)
         return f"failed:{type(e).__name__}"
