@@ -105,11 +105,6 @@ def graceful() -> Iterator[None]:
         _state["installed"] = False
 
 
-def on_sigterm(signum, frame):
-    """Entry point for a loop-installed SIGTERM handler that wants the study to know too."""
-    _state["signum"] = _state["signum"] or signum
-
-
 @contextlib.contextmanager
 def child(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
     """Registers a subprocess to receive SIGTERM when this job is asked to stop."""
