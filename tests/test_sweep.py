@@ -122,3 +122,19 @@ def test_signal_stops_the_whole_sweep_after_the_running_run_saved(tmp_path, sig)
     assert not (root / "demo" / "fold1").exists()  # and no further run started
     assert "Resume with the same command" in err and "Traceback" not in err
     assert f"received {signal.Signals(sig).name}" in err
+
+
+def test_subprocess_and_inprocess_runs_of_one_grid_point_agree(tmp_path):
+    """Both modes train from the same resolved sweep_config.py: same config, same results."""
+    from _train_utils import TINY_CONFIG
+    ov = ["train.num_steps=4", "eval.every_steps=4", "checkpoint.every_steps=4"]
+    sub = sweep.Run("a", TINY_CONFIG, str(tmp_path / "sub"), ov)
+    inp = sweep.Run("a", TINY_CONFIG, str(tmp_path / "inp"), ov)
+    assert sweep.run_all([sub], mode="subprocess", env=subprocess_env()) == {"a": "done"}
+    assert sweep.run_all([inp], mode="inprocess") == {"a": "done"}
+    with open(sweep.resolved_config_path(sub)) as f1, open(sweep.resolved_config_path(inp)) as f2:
+        assert f1.read() == f2.read()
+    r1, r2 = sweep.read_results(sub.workdir), sweep.read_results(inp.workdir)
+    assert r1["best_step"] == r2["best_step"] == 4
+    for split in ("val", "test"):
+        assert r1[split] == r2[split], split
