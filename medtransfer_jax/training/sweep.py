@@ -307,8 +307,9 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, mode: str = "subprocess",
             todo.append(run)
             logging.info("%s run %s (%s)", "would" if dry_run else "will", run.name, st)
     if dry_run:
-        for run in todo:
-            print(" ".join(_command(run, python, train_flags, process_index)))
+        for run in todo:  # the config file is written when the run starts
+            print(f"# {run.name}: {run.config} {' '.join(run.overrides)}\n"
+                  + " ".join(_command(run, python, train_flags, process_index)))
             status[run.name] = "dry_run"
         return status
     if mode == "inprocess":
