@@ -110,3 +110,43 @@ def test_train_ctrl_c_saves_a_checkpoint_and_exits_143(tmp_path):
     assert "KeyboardInterrupt" not in err and "Traceback" not in err
     steps = [int(os.path.basename(d)) for d in glob.glob(str(wd / "checkpoints" / "[0-9]*"))]
     assert steps and max(steps) < 400  # it saved where it stopped, long before the end
+
+
+TINY_DEMO = ["--override=data.image_size=32", "--override=data.synthetic.image_size=32",
+             "--override=data.synthetic.num_examples=160", "--override=model.width=8",
+             "--override=train.batch_size=16", "--override=eval.batch_size=32",
+             "--override=train.num_epochs=1", "--override=train.num_steps=12",
+             "--override=train.warmup_steps=0", "--override=eval.every_steps=4",
+             "--override=checkpoint.every_steps=3", "--override=sharding.num_devices=1"]
+
+
+def _sweep(root):
+    return subprocess.Popen(
+        [sys.executable, "-m", "medtransfer_jax.sweep", "--study=demo", "--folds=0,1",
+         f"--output_dir={root}", *TINY_DEMO], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _results_table(root):
+    with open(os.path.join(root, "results.csv")) as f:
+        return [{k: v for k, v in r.items() if k not in PATH_COLUMNS} for r in csv.DictReader(f)]
+
+
+@pytest.mark.chaos
+def test_sweep_sigterm_mid_run_then_rerun_gives_the_same_table(tmp_path):
+    ref = _sweep(tmp_path / "ref")
+    out, err = ref.communicate(timeout=900)
+    assert ref.returncode == 0, err[-3000:]
+    root = tmp_path / "chaos"
+    rc, out, err = _stop_when(
+        _sweep(root), lambda: glob.glob(str(root / "demo" / "fold0" / "seed0" / "checkpoints"
+                                            / "[0-9]*")), "the first run's checkpoint")
+    assert rc == 143, err[-3000:]
+    assert "sweep: stopped" in err and "Resume with the same command" in err
+    assert not os.path.exists(root / "demo" / "fold1")  # the second run never started
+    again = _sweep(root)
+    out, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err[-3000:]
+    want = _results_table(tmp_path / "ref")
+    assert [r["status"] for r in want] == ["done", "done"]
+    assert _results_table(root) == want
