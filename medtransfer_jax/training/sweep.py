@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -227,10 +226,12 @@ def _run_subprocess(run: Run, python: str, timeout: Optional[float], env,
     status = _final_status(run, rc)
     if rc == 2:  # the run rejected its input before writing anything: undo what we wrote
         line = _last_error_line(log_path)
-        if created:
-            shutil.rmtree(run.workdir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # empty grid folders (target/source/...)
-                os.removedirs(os.path.dirname(os.path.abspath(run.workdir)))
+        if created:  # only our two files; anything the run wrote stays
+            for ours in (log_path, resolved_config_path(run, process_index)):
+                with contextlib.suppress(OSError):
+                    os.remove(ours)
+            with contextlib.suppress(OSError):  # the run dir and empty grid folders above
+                os.removedirs(os.path.abspath(run.workdir))
         return f"usererror:{line}"
     if status.startswith("failed"):
         logging.warning("run %s: %s (log: %s)", run.name, status, log_path)
