@@ -17,6 +17,7 @@ may use a workdir (``WORKDIR/.lock``). Exit status: 0 done, 1 diverged (see
 a preemption notice / Ctrl-C after saving a checkpoint (rerun to resume).
 """
 import os
+import sys
 
 from absl import flags, logging
 
@@ -64,7 +65,7 @@ def main(argv):
     except loop.Preempted as e:
         cli.stopped("train", str(e))
     except diverged as e:  # not a user error: the run is recorded as diverged
-        print(f"train: diverged: {e}", flush=True)
+        print(f"train: diverged: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     if process == 0:
         val, test = results["val"], results["test"]
