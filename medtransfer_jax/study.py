@@ -49,7 +49,8 @@ def main(argv):
     study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value)
     _check(study)
     with workdir_lock.hold(workdir):
-        study.run(_STAGES.value, _FORCE.value)
+        runner.run_study(_CONFIG.value, workdir, stages=_STAGES.value, force=_FORCE.value,
+                         mode=_MODE.value, parallel=_PARALLEL.value)
 
 
 if __name__ == "__main__":
