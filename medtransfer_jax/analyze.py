@@ -134,9 +134,8 @@ def load_images(image_size: int) -> np.ndarray:
     rng = np.random.default_rng(FLAGS.seed)
     if FLAGS.images == "random":
         return rng.integers(0, 256, (FLAGS.num_images, image_size, image_size, 3), np.uint8)
-    from PIL import Image
-
     from medtransfer_jax import data, preprocessing
+    from medtransfer_jax.data import pipeline
 
     cfg = data.default_data_config()
     if FLAGS.dataset:
@@ -160,8 +159,8 @@ def load_images(image_size: int) -> np.ndarray:
     for j, i in enumerate(idx):
         img = preprocessing.to_three_channels(np.asarray(src[int(i)]["image"]))
         if img.shape[:2] != (image_size, image_size):
-            img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize(
-                (image_size, image_size), Image.BILINEAR))
+            img = pipeline.resize(img.astype(np.uint8), image_size,
+                                  cfg.get("resize_method", "bilinear"))
         out[j] = img
     logging.info("Loaded %d images of %s/%s fold %d at %d px.", len(out), splits.name,
                  FLAGS.split, FLAGS.fold, image_size)

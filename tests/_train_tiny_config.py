@@ -1,6 +1,7 @@
 """Test-sized training config for subprocess tests (ResNet18 width 8, 32 px, batch 16).
 
 ``--config=tests/_train_tiny_config.py:two_phase`` selects the two-phase schedule;
+``:best_early`` one whose best step (4) lies outside the latest checkpoints;
 ``:multihost`` a run over all devices without dropout and with SGD (so a 2-process run
 can be compared with a 1-process run; their batches hold the same examples in
 another order).
@@ -18,6 +19,11 @@ def get_config(arg=None):
         c.train.freeze = "two_phase"
         c.train.head_phase.num_steps = 4
         c.train.num_steps = 8
+    if arg == "best_early":
+        # Only the first evaluation can improve (min_delta is huge): the best step (4) is
+        # far from the latest saves (9, 12), so only an explicitly protected best survives.
+        c.eval.monitor = "loss"
+        c.eval.min_delta = 1e9
     if arg == "multihost":
         c.sharding.num_devices = 0
         c.model.dropout_rate = 0.0

@@ -29,7 +29,6 @@ def free_port() -> int:
 def subprocess_env(**extra):
     env = dict(os.environ)
     env.update({k: str(v) for k, v in extra.items()})
-    env.pop("MEDTRANSFER_FAULT", None) if "MEDTRANSFER_FAULT" not in extra else None
     return env
 
 

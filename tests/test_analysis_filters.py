@@ -56,16 +56,19 @@ def test_scaling_and_pca_basis():
 def test_histograms_and_kl():
     rng = np.random.default_rng(2)
     c = rng.normal(size=(1000, 9))
-    ranges = F.global_ranges([c, c * 0.5])
+    ranges = F.global_range([c, c * 0.5])
+    # one (min, max) over all nine coefficients, as CNN-Filter-DB
+    np.testing.assert_array_equal(ranges, np.tile([c.min(), c.max()], (9, 1)))
     h = F.coefficient_histograms(c * 0.5, ranges, bins=70)
     assert h.shape == (9, 70)
     np.testing.assert_allclose(h.sum(1), 1.0)
     counts, _ = np.histogram(c[:, 0] * 0.5, bins=70, range=tuple(ranges[0]))
     empty = counts == 0
-    assert empty.any() and np.allclose(h[0][empty] * (1 + empty.sum() * F.EPS32),
-                                       F.EPS32, rtol=1e-6)
-    np.testing.assert_allclose(h[0][~empty], counts[~empty] / counts.sum()
-                               / (1 + empty.sum() * F.EPS32), rtol=1e-9)
+    # the eps floor sits on the density values: density = count / (n * width)
+    width = (ranges[0, 1] - ranges[0, 0]) / 70
+    dens = np.where(empty, F.EPS32, counts / (counts.sum() * width))
+    assert empty.any()
+    np.testing.assert_allclose(h[0], dens / dens.sum(), rtol=1e-12)
     p = F.coefficient_histograms(c, ranges)
     assert np.allclose(F.kl_divergence(p, p), 0.0)
     np.testing.assert_allclose(F.kl_divergence(p, h), [stats.entropy(p[i], h[i]) for i in range(9)])
@@ -135,8 +138,117 @@ def test_analyse_filters_drift_and_groups():
     assert {(r["a"], r["b"]) for r in groups} == {("ab", "cc")}
     stats_rows = {(r["model"], r["layer"]): r for r in rep.layer_rows}
     assert stats_rows[("a", "conv2_block1_2_conv")]["n_filters"] == 24
-    assert stats_rows[("a", "conv4_block1_2_conv")]["depth_bin"] == "0.9-1.0"
+    assert stats_rows[("a", "conv4_block1_2_conv")]["depth_bin"] == "(0.9, 1.0]"
+    assert stats_rows[("a", "conv3_block1_2_conv")]["depth_bin"] == "(0.4, 0.5]"
     assert 0 < stats_rows[("a", "conv2_block1_2_conv")]["variance_entropy"] <= np.log10(9)
-    assert rep.histograms[("ab", "0.0-0.1")].shape == (9, F.NUM_BINS)
+    assert rep.histograms[("ab", "[0.0, 0.1]")].shape == (9, F.NUM_BINS)
+    # identical models: the drift is exactly 0 while the noise floor (halves) is not
+    ab = [r for r in rep.drift_rows if r["scope"] == "layer" and r["a"] == "a" and r["b"] == "b"]
+    assert all(r["noise_floor"] > 0 and r["drift"] < r["noise_floor"] for r in ab)
     with pytest.raises(ValueError, match="unknown models"):
         F.analyse_filters({"a": a}, groups={"g": ["zzz"]})
+
+
+# --------------------------------------------------------------------------------------
+# The published definition, re-implemented from CNN-Filter-DB's main.ipynb step by step
+# (pandas.cut is written out by hand: pandas is not a dependency).
+
+def _notebook_cut(depth, edges):
+    """pandas.cut(depth, edges, include_lowest=True) -> bin index: (a, b], first [a, b]."""
+    for i in range(len(edges) - 1):
+        if edges[i] < depth <= edges[i + 1] or (i == 0 and depth == edges[0]):
+            return i
+    return None
+
+
+def _notebook_prob(x, rng_, bins):
+    v, _ = np.histogram(x, range=rng_, bins=bins, density=True)
+    v = v.astype(np.double)
+    v[v == 0] = np.finfo(np.float32).eps
+    return v / np.sum(v)
+
+
+def _notebook_drift(p_coeffs, q_coeffs, rng_, weights, bins=70):
+    return np.sum([weights[i] * (stats.entropy(_notebook_prob(p_coeffs[:, i], rng_, bins),
+                                               _notebook_prob(q_coeffs[:, i], rng_, bins))
+                                 + stats.entropy(_notebook_prob(q_coeffs[:, i], rng_, bins),
+                                                 _notebook_prob(p_coeffs[:, i], rng_, bins)))
+                   for i in range(9)])
+
+
+def test_depth_bins_are_pandas_cut_right_closed():
+    edges = np.arange(0, 1.0 + 0.10, 0.10)
+    depths = [0.0, 0.05, 0.1, 0.1000001, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0]
+    depths += [i / 15 for i in range(16)]  # 16 3x3 layers as a ResNet50
+    for d in depths:
+        i = _notebook_cut(d, edges)
+        assert F.depth_bin_index(d) == i, d
+        label = F.depth_bin(d)
+        assert label == ("[0.0, 0.1]" if i == 0 else f"({edges[i]:.1f}, {edges[i + 1]:.1f}]")
+    # the boundaries go to the lower bin (the old [a, b) convention put them one up)
+    assert F.depth_bin(0.2) == "(0.1, 0.2]" and F.depth_bin(0.8) == "(0.7, 0.8]"
+    assert F.depth_bin(0.0) == "[0.0, 0.1]"
+    with pytest.raises(ValueError):
+        F.depth_bin_index(1.5)
+
+
+def _eleven_layer_params(rng, dist):
+    # 11 3x3 layers -> depths 0, 0.1, ..., 1.0: several on bin boundaries
+    return {f"conv{2 + i // 4}_block{1 + i % 4}_2_conv":
+            {"kernel": getattr(rng, dist)(size=(3, 3, 4, 5))} for i in range(11)}
+
+
+def test_depth_bin_drift_matches_the_notebook():
+    rng = np.random.default_rng(8)
+    models = {"a": _eleven_layer_params(rng, "normal"), "b": _eleven_layer_params(rng, "laplace")}
+    rep = F.analyse_filters(models, noise_repeats=0)
+    # the notebook: scale, sklearn PCA over all filters, one range, cut depth, histograms
+    X, depth, owner = [], [], []
+    for m, p in models.items():
+        for lf in F.extract_filters(p):
+            X.append(lf.filters)
+            depth += [lf.depth] * len(lf.filters)
+            owner += [m] * len(lf.filters)
+    X = np.concatenate(X)
+    den = np.abs(X).max(axis=1)
+    Xs = X / np.where(den == 0, 1, den)[:, None]
+    pca = PCA(n_components=9).fit(Xs)
+    # PCA signs are arbitrary; take ours so both describe the same axes
+    sign = np.sign(np.sum(pca.components_ * rep.pca.components, axis=1))
+    Xn = pca.transform(Xs) * sign
+    rng_ = (Xn.min(), Xn.max())
+    np.testing.assert_allclose(rep.ranges[0], rng_, rtol=1e-9)
+    edges = np.arange(0, 1.0 + 0.10, 0.10)
+    bins = np.array([_notebook_cut(d, edges) for d in depth])
+    owner = np.array(owner)
+    got = {r["key"]: r["drift"] for r in rep.drift_rows if r["scope"] == "depth_bin"}
+    assert len(got) == 10
+    for i in range(10):
+        label = F.depth_bin(edges[i + 1])
+        sel_a = (owner == "a") & (bins == i)
+        sel_b = (owner == "b") & (bins == i)
+        want = _notebook_drift(Xn[sel_a], Xn[sel_b], rng_, pca.explained_variance_ratio_)
+        assert got[label] == pytest.approx(want, rel=1e-6), label
+    # [0.0, 0.1] holds depths 0 and 0.1, every later bin one layer (20 filters)
+    assert sum((owner == "a") & (bins == 1)) == 20
+    all_row = [r for r in rep.drift_rows if r["scope"] == "all"][0]
+    assert all_row["drift"] == pytest.approx(_notebook_drift(
+        Xn[owner == "a"], Xn[owner == "b"], rng_, pca.explained_variance_ratio_), rel=1e-6)
+
+
+def test_noise_floor_is_the_drift_between_halves():
+    rng = np.random.default_rng(9)
+    c = rng.normal(size=(400, 9))
+    ranges = F.global_range([c])
+    w = np.full(9, 1 / 9)
+    mean, sd = F.drift_noise_floor(c, ranges, w, repeats=4, seed=3)
+    r = np.random.default_rng(3)
+    want = []
+    for _ in range(4):
+        perm = r.permutation(400)
+        want.append(F.kl_drift(F.coefficient_histograms(c[perm[:200]], ranges),
+                               F.coefficient_histograms(c[perm[200:]], ranges), w))
+    assert mean == pytest.approx(np.mean(want)) and sd == pytest.approx(np.std(want, ddof=1))
+    # more filters per group -> a lower floor
+    big = rng.normal(size=(20000, 9))
+    assert F.drift_noise_floor(big, ranges, w, repeats=2)[0] < mean / 5

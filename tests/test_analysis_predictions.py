@@ -113,3 +113,43 @@ def test_file_errors(tmp_path):
         P.compare_prediction_files(str(tmp_path / "a.csv"), str(tmp_path / "b.csv"))
     with pytest.raises(ValueError, match="different labels"):
         P.compare_prediction_files(str(tmp_path / "a.csv"), str(tmp_path / "c.csv"))
+
+
+def test_paper_mode_reproduces_the_published_similarity_table(tmp_path):
+    """mode='paper' = Feb-2023 prediction_similarity.py: the val fold, acc_A^2 + (1-acc_A)^2
+    as the baseline, sklearn weighted one-vs-rest AUC for the gain; the default keeps the
+    corrected baseline and macro AUC on the split asked for."""
+    rng = np.random.default_rng(5)
+    k, n = 3, 120
+    labels = rng.integers(0, k, 2 * n)
+    labels[:k] = labels[n:n + k] = np.arange(k)
+    labels[n + k:n + 40] = 0                          # an imbalanced val fold: weighted != macro
+    pa, pb, pr = (_probs(rng, labels, k, s) for s in (2.0, 0.7, 0.2))
+    ids = [f"x{i}" for i in range(2 * n)]
+    for name, p in (("a", pa), ("b", pb), ("r", pr)):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "group", "split", "label"] + [f"prob_{c}" for c in range(k)])
+            for i in range(2 * n):
+                w.writerow([ids[i], "g", "test" if i < n else "val", int(labels[i])] +
+                           [repr(float(v)) for v in p[i]])
+    files = [str(tmp_path / f"{x}.csv") for x in ("a", "b")]
+    paper = P.compare_prediction_files(*files, random_path=str(tmp_path / "r.csv"), mode="paper")
+    val = slice(n, 2 * n)
+    ya, yb, yv = pa[val].argmax(1), pb[val].argmax(1), labels[val]
+    acc_a, acc_b = np.mean(ya == yv), np.mean(yb == yv)
+    assert paper["n"] == n
+    assert paper["observed"] == pytest.approx(np.mean((ya == yv) == (yb == yv)))
+    assert paper["expected_independent"] == pytest.approx(acc_a ** 2 + (1 - acc_a) ** 2)
+    assert acc_a != pytest.approx(acc_b)
+    auc = {x: roc_auc_score(yv, p[val], multi_class="ovr", average="weighted")
+           for x, p in (("a", pa), ("b", pb), ("r", pr))}
+    assert paper["auc_a"] == pytest.approx(auc["a"]) and paper["auc_random"] == pytest.approx(auc["r"])
+    assert paper["gain_b"] == pytest.approx((auc["b"] - auc["r"]) / auc["r"])
+    # The default: corrected baseline and macro AUC, on the split asked for.
+    fixed = P.compare_prediction_files(*files, split="val")
+    assert fixed["expected_independent"] == pytest.approx(acc_a * acc_b + (1 - acc_a) * (1 - acc_b))
+    macro = roc_auc_score(yv, pa[val], multi_class="ovr", average="macro")
+    assert fixed["auc_a"] == pytest.approx(macro) and abs(macro - auc["a"]) > 1e-4
+    with pytest.raises(ValueError, match="not one of"):
+        P.compare_prediction_files(*files, mode="published")

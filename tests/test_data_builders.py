@@ -318,7 +318,125 @@ def test_get_splits_reads_the_papers_fold_csvs(tmp_path):
     for split, rows in parts.items():
         _write_csv(folds / f"{split}_fold3.csv", ["", "path", "class"],
                    [[i, f"../../../data/breast/{f}", c] for i, (f, c) in enumerate(rows)])
-    sp = data.get_splits(_cfg("breast", tmp_path, fold_csv_dir=str(folds)), fold=2)
+    sp = data.get_splits(_cfg("breast", tmp_path, folds="paper", fold_csv_dir=str(folds)), fold=2)
     for split in ("train", "val", "test"):
         got = sorted(os.path.basename(i) for i in getattr(sp, split).ids)
         assert got == sorted(f for f, _ in parts[split])
+    assert sp.info["folds"] == "paper"
+    # Feb-2023 layout (train/val only): the val fold is also the test.
+    os.remove(folds / "test_fold3.csv")
+    feb = data.get_splits(_cfg("breast", tmp_path, folds="paper", fold_csv_dir=str(folds)), fold=2)
+    assert list(feb.test.ids) == list(feb.val.ids) and len(feb.val) == 2
+    # kfold ignores the CSV folder (the project's own split).
+    own = data.get_splits(_cfg("breast", tmp_path, folds="kfold", num_folds=2,
+                               fold_csv_dir=str(folds)), fold=0)
+    assert own.info["folds"] == "kfold"
+
+
+def test_paper_folds_missing_folder_names_it_and_the_fix(tmp_path):
+    """folds='paper' never falls back silently: the error names the folder, where the CSVs
+    come from and the kfold switch."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for folder in ("benign", "malignant"):
+        for i in range(1, 3):
+            _png(str(root / folder / f"{folder} ({i}).png"))
+    missing = str(tmp_path / "nowhere" / "breast")
+    cfg = _cfg("breast", tmp_path, folds="paper", fold_csv_dir=missing,
+               fold_csv_origin="github.com/DovileDo/revisiting-transfer data/breast/")
+    with pytest.raises(data.DataError) as e:
+        data.get_splits(cfg, fold=0)
+    msg = str(e.value)
+    assert missing in msg and "DovileDo/revisiting-transfer data/breast/" in msg
+    assert "--config.data.fold_csv_dir" in msg and "data.folds=kfold" in msg
+
+
+def _nih(root, n_pos=6, n_neg=6):
+    """A fake NIH CXR14 download: Atelectasis (F) and No Finding (M/F) PA images."""
+    header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+              "Patient Gender", "View Position"]
+    rows = []
+    for i in range(n_pos + n_neg):
+        pos = i < n_pos
+        rows.append([f"{i:08d}_000.png", "Atelectasis" if pos else "No Finding", 0, i + 1, 50,
+                     "MF"[i % 2], "PA"])
+        _png(str(root / "images" / rows[-1][0]), value=10 + i)
+    _write_csv(root / "Data_Entry_2017.csv", header, rows)
+    return rows
+
+
+def test_source_matters_csvs_fixed_test_and_csv_labels(tmp_path):
+    """The paper's chest-14 CSVs: train/val per fold, one fixed test.csv for every fold,
+    classes YES/NO taken from the CSV (data.fold_csv_labels='csv')."""
+    rows = _nih(tmp_path / "nih")
+    names = [r[0] for r in rows]
+    d = tmp_path / "source-matters" / "data" / "chest14"
+    os.makedirs(d)
+    # The CSV calls image 0 (Atelectasis in the dataset) 'NO': the CSV wins in 'csv' mode.
+    lab = {n: ("YES" if i < 6 else "NO") for i, n in enumerate(names)}
+    lab[names[0]] = "NO"
+    test = names[:2] + names[6:8]
+    for k in (1, 2):
+        rest = [n for n in names if n not in test]
+        val = rest[k::4]
+        train = [n for n in rest if n not in val]
+        for split, subset in (("train", train), ("val", val)):
+            _write_csv(d / f"{split}_fold{k}.csv", ["", "path", "pid", "class"],
+                       [[j, n, int(n[:8]) + 1, lab[n]] for j, n in enumerate(subset)])
+    _write_csv(d / "test.csv", ["", "path", "pid", "class"],
+               [[j, n, int(n[:8]) + 1, lab[n]] for j, n in enumerate(test)])
+    cfg = _cfg("nih_cxr14", tmp_path / "nih", folds="paper", fold_csv_dir=str(d),
+               fold_csv_labels="csv")
+    sp0, sp1 = data.get_splits(cfg, fold=0), data.get_splits(cfg, fold=1)
+    assert sorted(sp0.test.ids) == sorted(sp1.test.ids) == sorted(test)
+    assert sorted(sp0.val.ids) != sorted(sp1.val.ids)
+    got = dict(zip(sp0.test.ids, sp0.test.labels))
+    assert got[names[0]] == 0 and got[names[1]] == 1 and got[names[6]] == 0
+    # 'check' mode refuses the disagreement and names the row.
+    cfg.fold_csv_labels = "check"
+    with pytest.raises(data.DataError, match="disagree with the dataset's label rule"):
+        data.get_splits(cfg, fold=0)
+
+
+def test_knee_png_layout_required_by_the_paper_protocol(tmp_path):
+    root = tmp_path / "MRNet-v1.0"
+    _mrnet(root)
+    assert len(_load("knee", tmp_path, knee_layout="any")) > 0     # npy volumes accepted
+    with pytest.raises(data.DataError, match=r"5,222 PNGs in images/acl and images/meniscus"):
+        _load("knee", tmp_path, knee_layout="png")
+
+
+def test_lidc_median_malignancy_rule(tmp_path):
+    rows = []
+    for i, rating in enumerate([1, 2, 3, 4, 5, 3]):
+        rel = f"images/n{i}.png"
+        _png(str(tmp_path / rel))
+        rows.append([rel, "benign" if i % 2 else "malignant", f"P{i // 2}", rating])
+    _write_csv(tmp_path / "lidc_slices.csv", ["path", "label", "patient_id", "malignancy"], rows)
+    src = _load("lidc", tmp_path, lidc_label_rule="median_malignancy")
+    assert list(src.ids) == ["images/n0.png", "images/n1.png", "images/n3.png", "images/n4.png"]
+    assert src.labels.tolist() == [0, 0, 1, 1]
+    assert _load("lidc", tmp_path).labels.tolist() == [1, 0, 1, 0, 1, 0]   # the label column
+
+
+def test_source_matters_sex_experiment_csvs(tmp_path):
+    """kind='sampled' with the paper's gender CSVs: their train/val and the one fixed,
+    reversed test (the only extra test, 'ood'); classes named by the findings."""
+    rows = _nih(tmp_path / "nih", n_pos=6, n_neg=6)
+    names = [r[0] for r in rows]
+    finding = {r[0]: ("Atelectasis" if r[1] == "Atelectasis" else "No Finding") for r in rows}
+    gender = tmp_path / "sm" / "chest14" / "gender"
+    os.makedirs(gender / "F_50")
+    test, rest = names[:2] + names[6:8], names[2:6] + names[8:]
+    for split, subset in (("train", rest[:-2]), ("val", rest[-2:])):
+        _write_csv(gender / "F_50" / f"{split}_fold1.csv", ["", "path", "class", "pid", "Patient Gender"],
+                   [[j, n, finding[n], int(n[:8]) + 1, "F"] for j, n in enumerate(subset)])
+    _write_csv(gender / "test.csv", ["", "path", "class", "pid", "Patient Gender"],
+               [[j, n, finding[n], int(n[:8]) + 1, "M"] for j, n in enumerate(test)])
+    cfg = _cfg("nih_cxr14", tmp_path / "nih", folds="paper", fold_csv_dir=str(gender / "F_50"),
+               fold_csv_test=str(gender / "test.csv"), fold_csv_labels="csv")
+    cfg.confounder.kind, cfg.confounder.p = "sampled", 0.5
+    sp = data.get_splits(cfg, fold=0)
+    assert set(sp.extra_tests) == {"ood"} and sorted(sp.extra_tests["ood"].ids) == sorted(test)
+    assert (len(sp.train), len(sp.val)) == (6, 2)
+    got = dict(zip(sp.test.ids, sp.test.labels))
+    assert [got[n] for n in test] == [1, 1, 0, 0]         # Atelectasis positive, No Finding 0

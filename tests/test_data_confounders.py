@@ -93,13 +93,13 @@ def test_artifact_splits_follow_the_rules(kind):
     ood, clean = sp.extra_tests["ood"], sp.extra_tests["clean"]
     np.testing.assert_array_equal(ood.meta["confounded"].astype(bool), ood.labels == 0)
     assert not clean.meta["confounded"].any()
-    # Pixels: confounded images differ from the clean ones, unconfounded equal (noise: clean level).
+    # Pixels: the clean test is the originals (as the study's 'images' folder, also for
+    # noise); confounded images differ from them; unconfounded ood images equal them
+    # except for noise, whose ood test carries the clean-level noise on positives.
     for i in range(6):
         c, o = clean[i]["image"], ood[i]["image"]
-        if kind == "noise":
-            assert c.shape == o.shape and (not np.array_equal(c, o)) == (ood.labels[i] == 0)
-        else:
-            assert np.array_equal(c, base.test[i]["image"])
+        assert np.array_equal(c, base.test[i]["image"])
+        if kind != "noise":
             assert (not np.array_equal(c, o)) == (ood.labels[i] == 0)
     # Deterministic.
     sp2 = data.get_splits(_cfg(kind, p=0.5, tag_size=0.25), fold=0)
@@ -148,3 +148,22 @@ def test_bad_confounder_configs():
     cfg.synthetic.num_classes = 3
     with pytest.raises(data.DataError, match="binary"):
         data.get_splits(cfg)
+
+
+def test_noise_p0_run_and_clean_test_are_the_originals():
+    """Source Matters trained its p = 0 baseline and read its clean test from the original
+    images: no clean-level noise there (it used to be added to every image)."""
+    sp = data.get_splits(_cfg("noise", p=0.0, n=60), fold=0)
+    base = data.get_splits(_cfg("none", n=60), fold=0)
+    for split, ref in ((sp.train, base.train), (sp.extra_tests["iid"], base.test),
+                       (sp.extra_tests["clean"], base.test)):
+        assert not split.meta["confounded"].any()
+        for i in range(3):
+            np.testing.assert_array_equal(split[i]["image"], ref[i]["image"])
+    # The ood test still carries noise; and the old behaviour stays one switch away.
+    ood = sp.extra_tests["ood"]
+    assert not np.array_equal(ood[0]["image"], base.test[0]["image"])
+    noisy = data.get_splits(_cfg("noise", p=0.0, n=60, p0_originals=False,
+                                 clean_test_originals=False), fold=0)
+    assert not np.array_equal(noisy.train[0]["image"], base.train[0]["image"])
+    assert not np.array_equal(noisy.extra_tests["clean"][0]["image"], base.test[0]["image"])

@@ -223,3 +223,29 @@ def test_pipeline_benchmark_smoke():
                      batch_size=8, warmup_batches=1, measure_batches=2)
     assert rows[0]["images"] == 16 and rows[0]["images_per_s"] > 0
     assert "images/s" in bench.format_table(rows)
+
+
+def test_resize_method_nearest_vs_bilinear_on_a_known_image():
+    """Keras load_img (the papers) resizes with 'nearest'; data.resize_method picks the filter
+    the pipelines use. A 1-pixel checkerboard 64 -> 32: nearest keeps every other pixel
+    (output (i, j) reads input (2i + 1, 2j + 1), PIL's/Keras' pixel-centre rule), so the
+    result is one flat value; bilinear averages the board to mid-grey."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    board = (((yy + xx) % 2) * 255).astype(np.uint8)
+    ref_nearest = board[1::2, 1::2].astype(np.float64)           # independent NumPy reference
+    assert np.all(ref_nearest == 0)
+    src = ArraySource(board[None], [0], ("a", "b"))
+    got = {}
+    for method in ("nearest", "bilinear"):
+        it = data.make_eval_iter(src, image_size=32, preprocessing="unit", global_batch_size=1,
+                                 process_index=0, process_count=1, resize_method=method)
+        got[method] = next(it)["image"][0, ..., 0] * 255.0
+    np.testing.assert_allclose(got["nearest"], ref_nearest, atol=1e-3)
+    centre = got["bilinear"][4:-4, 4:-4]
+    assert np.all(np.abs(centre - 127.5) < 2.0)                  # the board averaged away
+    # A smooth image: nearest picks pixels, bilinear interpolates (they differ).
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    np.testing.assert_array_equal(pipeline.resize(ramp, 32, "nearest"), ramp[1::2, 1::2])
+    assert not np.array_equal(pipeline.resize(ramp, 32, "bilinear"), ramp[1::2, 1::2])
+    with pytest.raises(ValueError, match="resize method"):
+        pipeline.resize(ramp, 32, "cubic-ish")

@@ -100,3 +100,53 @@ def test_predictions_roundtrip(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not 'id,group,split,label"):
         predictions.read_predictions(str(bad))
+
+
+def _keras_auc_reference(labels, probs, num_thresholds=200):
+    """Keras AUC() (ROC, interpolation 'interpolation' = trapezoid) written out threshold by
+    threshold, in float64 loops: thresholds 0-eps, i/(T-1), 1+eps; 'positive' is > t."""
+    y = np.eye(probs.shape[1], dtype=bool)[labels].ravel()
+    p = probs.astype(np.float32).ravel()
+    eps = 1e-7
+    thresholds = [0.0 - eps] + [i / (num_thresholds - 1) for i in range(1, num_thresholds - 1)] \
+        + [1.0 + eps]
+    tpr, fpr = [], []
+    for t in np.asarray(thresholds, np.float32):
+        pred = p > t
+        tpr.append((pred & y).sum() / y.sum())
+        fpr.append((pred & ~y).sum() / (~y).sum())
+    area = 0.0
+    for i in range(num_thresholds - 1):
+        area += (fpr[i] - fpr[i + 1]) * (tpr[i] + tpr[i + 1]) / 2.0
+    return area
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_reported_auc_keras_micro_vs_macro_on_biased_predictions(k):
+    """On predictions biased towards one class (a shifted o.o.d. test), the Sep-2023 /
+    Source Matters metric (Keras micro) and the sklearn one differ; each matches its own
+    reference, and ``reported_auc`` carries the one the protocol names."""
+    rng = np.random.default_rng(11)
+    n = 300
+    labels = rng.integers(0, k, n)
+    labels[:k] = np.arange(k)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[labels]
+    logits[:, 0] += 3.0                       # every example pushed towards class 0
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    if k == 2:
+        ref_sklearn = skm.roc_auc_score(labels, p[:, 1])
+    else:
+        ref_sklearn = skm.roc_auc_score(labels, p, multi_class="ovr", average="weighted")
+    ref_keras = _keras_auc_reference(labels, p)
+    m_keras = metrics.classification_metrics(labels, p, reported_auc="auc_keras")
+    m_feb = metrics.classification_metrics(labels, p, reported_auc="auc_ovr_weighted")
+    assert m_keras["reported_auc"] == pytest.approx(ref_keras, abs=1e-9)
+    assert m_feb["reported_auc"] == pytest.approx(ref_sklearn, abs=1e-12)
+    assert abs(ref_keras - ref_sklearn) > 0.03     # the bias separates the two definitions
+    ref_macro = skm.roc_auc_score(labels, p[:, 1]) if k == 2 else \
+        skm.roc_auc_score(labels, p, multi_class="ovr", average="macro")
+    assert m_keras["auc"] == pytest.approx(ref_macro, abs=1e-12)     # the project's default
+    assert abs(m_keras["reported_auc"] - m_keras["auc"]) > 0.03
+    assert "reported_auc" not in metrics.classification_metrics(labels, p)
+    with pytest.raises(ValueError, match="eval.reported_auc"):
+        metrics.classification_metrics(labels, p, reported_auc="auc_macro_typo")

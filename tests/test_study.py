@@ -1,43 +1,52 @@
-"""The end-to-end study runner on a tiny config: every stage, the report, and resume.
+"""The end-to-end study runner on a tiny config: every stage, the report, resume,
+progress lines, the partial report, pre-flight and the direction of the results.
 
 One pre-trained stand-in source plus the random baseline, one synthetic target, one
 fold, the tag confounder at p=1: four fine-tuning runs of a few steps at 32 px.
 """
+import contextlib
 import csv
-import importlib.util
+import io
 import math
 import os
+import re
 
 import _train_utils
+import ml_collections
 import pytest
 
 from medtransfer_jax.studies import runner
 
-DEMO = os.path.join(_train_utils.REPO, "configs", "study_demo.py")
 TRAIN = os.path.join(_train_utils.REPO, "configs", "demo.py")
+COMMON = ["data.image_size=32", "data.synthetic.image_size=32", "train.batch_size=32",
+          "eval.batch_size=64", "log.every_steps=4"]
 
 
 def _tiny_study_config():
-    spec = importlib.util.spec_from_file_location("study_demo", DEMO)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = ml_collections.ConfigDict()
     c.name = "tiny"
     c.folds = [0]
-    common = [o for o in mod.COMMON if not o.startswith("train.warmup")] + ["log.every_steps=4"]
-    nat = c.sources.natural
-    nat.config = TRAIN
-    nat.overrides = common + ["data.synthetic.task=natural", "data.synthetic.num_classes=3",
-                              "data.synthetic.num_examples=96", "train.num_steps=6",
-                              "model.preprocessing=unit"]
-    del c.sources["medical"]
-    t = c.targets.lesion
-    t.config = TRAIN
-    t.overrides = common + ["data.synthetic.task=lesion", "data.synthetic.num_classes=2",
+    c.model = ml_collections.ConfigDict(dict(depth=18, width=8, layout="keras_v1"))
+    c.sources = ml_collections.ConfigDict()
+    c.sources.natural = ml_collections.ConfigDict(dict(
+        kind="pretrain", config=TRAIN,
+        overrides=COMMON + ["data.synthetic.task=natural", "data.synthetic.num_classes=3",
+                            "data.synthetic.num_examples=96", "train.num_steps=6",
+                            "model.preprocessing=unit"]))
+    c.sources.random = ml_collections.ConfigDict(dict(kind="random", seed=0,
+                                                      preprocessing="unit"))
+    c.targets = ml_collections.ConfigDict()
+    c.targets.lesion = ml_collections.ConfigDict(dict(
+        config=TRAIN,
+        overrides=COMMON + ["data.synthetic.task=lesion", "data.synthetic.num_classes=2",
                             "data.synthetic.num_examples=96", "data.synthetic.seed=21",
-                            "train.num_steps=8", "eval.every_steps=4"]
-    c.confounders[0].ps = [1.0]
-    c.analysis.cca.update(positions=300, num_channels=8, repeats=1, num_images=24)
+                            "train.num_steps=10", "eval.every_steps=5", "train.lr=0.003"]))
+    c.confounders = [ml_collections.ConfigDict(dict(kind="tag", ps=[1.0]))]
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.bootstrap = 200
+    c.analysis.cca = ml_collections.ConfigDict(dict(
+        methods=["paper_cca", "linear_cka"], spatial="positions", positions=300,
+        num_channels=8, repeats=2, seed=0, num_images=24))
     return c
 
 
@@ -49,73 +58,130 @@ def _rows(path):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("study"))
-    status = runner.run_study(_tiny_study_config(), wd)
-    return wd, status
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = runner.run_study(_tiny_study_config(), wd)
+    return wd, status, out.getvalue()
 
 
-def test_every_stage_ran_and_report_is_complete(study):
-    wd, status = study
+def test_every_stage_ran_and_report_reads_top_down(study):
+    wd, status, _ = study
     assert status == {s: "done" for s in runner.STAGES}
-    for name in ("report.md", "report.html"):
-        assert os.path.getsize(os.path.join(wd, name)) > 500
     md = open(os.path.join(wd, "report.md")).read()
-    for heading in ("Fine-tuning AUC", "Layer-wise representation similarity",
-                    "Prediction similarity", "3×3 filter distributions",
-                    "Robustness to confounders"):
-        assert heading in md, heading
-    # Every figure the report links exists and is a PNG.
+    order = ["## What was run", "## Headline: test AUC", "## Compared with the published",
+             "## Figures", "## Details"]
+    pos = [md.index(h) for h in order]
+    assert pos == sorted(pos), pos
+    # the synthetic study matches no published setup
+    assert "Nothing to compare" in md
     html = open(os.path.join(wd, "report.html")).read()
     figs = [line.split("](")[1].split(")")[0] for line in md.splitlines() if line.startswith("![")]
-    assert len(figs) >= 4
+    assert len(figs) >= 6
     for f in figs:
         with open(os.path.join(wd, f), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", f
-    # The HTML page is self-contained: one embedded PNG per figure.
     assert html.count("data:image/png;base64,") == len(figs)
-
-
-def test_tables_have_expected_rows_and_finite_values(study):
-    wd, _ = study
+    # test-set size next to the AUCs: the headline's last column is the test images / fold
+    head = md[pos[1]:pos[2]]
     runs = _rows(os.path.join(wd, "tables", "runs.csv"))
-    # 2 sources x 1 fold x (clean + tag p=1)
-    assert len(runs) == 4
-    assert {r["source"] for r in runs} == {"natural", "random"}
-    for r in runs:
-        auc = float(r["test.auc"])
-        assert 0.0 <= auc <= 1.0
+    n_test = {int(float(r["test.num_examples"])) for r in runs if r["confounder"] == "none"}
+    assert "test images / fold" in head and f"| {n_test.pop()} |" in head
+
+
+def test_progress_lines_one_per_run(study):
+    _, _, out = study
+    lines = [l for l in out.splitlines() if l.startswith("run ")]
+    assert len(lines) == 4
+    pat = re.compile(r"run (\d)/4 lesion/(natural|random)/(tag-p1/)?fold0: test AUC "
+                     r"\d\.\d{3} \(n=\d+\), .+, ETA .+")
+    assert all(pat.fullmatch(l) for l in lines), lines
+    assert [int(pat.fullmatch(l).group(1)) for l in lines] == [1, 2, 3, 4]
+    assert lines[-1].endswith("ETA 0 s")
+    assert "pre-flight: ok" in out and "[study] stage 2/7 finetune" in out
+
+
+def test_tables_statistics_and_directions(study):
+    wd, _, _ = study
+    runs = _rows(os.path.join(wd, "tables", "runs.csv"))
+    assert len(runs) == 4 and {r["source"] for r in runs} == {"natural", "random"}
+    for r in runs:  # each run's bootstrap CI brackets its AUC
+        auc, lo, hi = (float(r[k]) for k in ("test.auc", "test.auc_ci_low", "test.auc_ci_high"))
+        assert lo <= auc <= hi and hi - lo > 0
+    comp = _rows(os.path.join(wd, "tables", "source_comparisons.csv"))
+    assert [(c["source_a"], c["source_b"], c["n"]) for c in comp] == [("natural", "random", "1")]
     sim = _rows(os.path.join(wd, "tables", "representations_summary.csv"))
-    layers = {r["layer"] for r in sim}
-    assert len(layers) == 5  # the five stage outputs
-    for r in sim:
-        assert 0.0 <= float(r["value"]) <= 1.0 + 1e-5, r
+    assert {r["layer"] for r in sim} == {"conv1_relu", "conv2_block2_out", "conv3_block2_out",
+                                         "conv4_block2_out", "conv5_block2_out"}
     pairs = {r["pair"] for r in sim}
-    assert any("(pre)" in p and "(fine-tuned)" in p for p in pairs)  # before vs after
-    assert any(p.startswith("natural vs random") for p in pairs)      # between sources
+    assert {"natural (pre) vs natural (fine-tuned)", "natural vs random (pre)",
+            "random vs random (pre)"} <= pairs
+    for r in (r for r in sim if r["method"] == "paper_cca"):
+        assert 0 < float(r["null_mean"]) < 1
+        if r["pair"] == "natural (pre) vs natural (fine-tuned)":
+            # fine-tuning changed the network: similarity below 1, above chance
+            assert float(r["null_mean"]) < float(r["value"]) < 1 - 1e-4, r
     pred = _rows(os.path.join(wd, "tables", "prediction_similarity_summary.csv"))
-    assert len(pred) == 1
-    for k in ("observed", "expected_independent", "agreement"):
-        assert 0.0 <= float(pred[0][k]) <= 1.0
+    n_test = {r["test.num_examples"] for r in runs if r["confounder"] == "none"}
+    assert [float(p["n"]) for p in pred] == [float(n_test.pop())]  # n = test images, not folds
     rob = _rows(os.path.join(wd, "tables", "robustness.csv"))
     assert len(rob) == 2
     for r in rob:
-        for k in ("auc_iid", "auc_clean", "auc_ood"):
-            assert 0.0 <= float(r[k]) <= 1.0
         drop = float(r["drop_iid_to_ood"])
         assert math.isclose(drop, float(r["auc_iid"]) - float(r["auc_ood"]), abs_tol=1e-9)
-    drift = _rows(os.path.join(wd, "tables", "filter_drift.csv"))
-    assert drift and all(float(r["drift"]) >= 0.0 for r in drift)
+        assert float(r["n_ood"]) > 0
+    # p = 1: the tag marks every positive in training and every negative in the o.o.d.
+    # test, so the pre-trained source that learned the shortcut loses on o.o.d.
+    nat = [r for r in rob if r["source"] == "natural"][0]
+    assert float(nat["auc_ood"]) <= float(nat["auc_iid"]), nat
+    drift = _rows(os.path.join(wd, "tables", "filter_drift_summary.csv"))
+    assert drift and all(float(r["noise_floor"]) > 0 for r in drift)
+    assert drift[0]["key"] == "[0.0, 0.1]"
 
 
-def test_rerun_skips_finished_and_redoes_an_unfinished_stage(study, capsys):
-    wd, _ = study
-    os.remove(os.path.join(wd, "stages", "report.done"))
+def test_report_stage_on_an_unfinished_study_is_not_marked_done(study, tmp_path):
+    wd, _, _ = study
+    # A fresh workdir: only the report. It writes what exists and stays unmarked.
+    status = runner.run_study(_tiny_study_config(), str(tmp_path), stages=["report"])
+    assert status == {"report": "partial"}
+    assert "No fine-tuning results yet" in open(tmp_path / "report.md").read()
+    assert not os.path.exists(tmp_path / "stages" / "report.done")
+    # The finished study: a stage redone after the report makes the report stale.
+    marker = os.path.join(wd, "stages", "report.done")
+    old = os.path.getmtime(os.path.join(wd, "stages", "robustness.done")) - 10
+    os.utime(marker, (old, old))  # the report predates the robustness stage
+    status = runner.run_study(_tiny_study_config(), wd, stages=["robustness", "report"])
+    assert status == {"robustness": "skipped", "report": "done"}
+    assert os.path.getmtime(marker) > old
+    status = runner.run_study(_tiny_study_config(), wd, stages=["report"])
+    assert status == {"report": "skipped"}
+
+
+def test_rerun_skips_finished_stages(study):
+    wd, _, _ = study
     os.remove(os.path.join(wd, "report.md"))
+    os.remove(os.path.join(wd, "stages", "report.done"))
     status = runner.run_study(_tiny_study_config(), wd)
     assert status["finetune"] == "skipped" and status["sources"] == "skipped"
-    assert status["report"] == "done"
-    assert os.path.exists(os.path.join(wd, "report.md"))
+    assert status["report"] == "done" and os.path.exists(os.path.join(wd, "report.md"))
+
+
+def test_preflight_lists_everything_missing(tmp_path):
+    c = _tiny_study_config()
+    c.sources.natural = ml_collections.ConfigDict(dict(kind="convert", format="keras_h5",
+                                                       input=str(tmp_path / "nope.h5")))
+    c.targets.lesion.overrides = list(c.targets.lesion.overrides) + [
+        "data.name=breast", f"data.root={tmp_path / 'no_data'}"]
+    pf = runner.preflight(c, str(tmp_path / "wd"))
+    assert len(pf.missing) == 2 and pf.runs == 4 and pf.runs_done == 0
+    assert "nope.h5" in pf.missing[0] and "no_data" in pf.missing[1]
+    with pytest.raises(runner.StudyError, match=r"2 thing\(s\) missing.*nope\.h5.*no_data"):
+        runner.run_study(c, str(tmp_path / "wd"))
+    assert not os.path.exists(tmp_path / "wd" / "finetune")  # nothing was trained
+    ok = runner.preflight(_tiny_study_config(), str(tmp_path / "wd2"))
+    assert ok.missing == [] and ok.images == 4 * 10 * 32
+    assert "lesion: 4 runs (0 done)" in ok.text() and "pre-flight: ok" in ok.text()
 
 
 def test_bad_stage_name_is_a_clear_error(tmp_path):
     with pytest.raises(runner.StudyError, match="unknown stage"):
-        runner.run_study(_tiny_study_config(), str(tmp_path), stages=["nope"])
+        runner.Study(_tiny_study_config(), str(tmp_path)).run(stages=["nope"])

@@ -37,7 +37,7 @@ def test_override_parses_as_the_field_type_and_rejects_unknown_fields():
 
 
 @pytest.mark.parametrize("spec, overrides", [
-    (configs.path("demo"), ["fold=1", "train.lr=0.003", "data.synthetic.image_size=32"]),
+    (configs.path("demo"), ["data.fold=1", "train.lr=0.003", "data.synthetic.image_size=32"]),
     (f"{BREAST}:radimagenet,fold=2", ["train.batch_size=64", "model.init=/w"]),
 ])
 def test_resolved_file_gives_the_same_config_as_the_strings(tmp_path, spec, overrides):

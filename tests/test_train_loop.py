@@ -2,6 +2,7 @@
 checkpoint errors, configs and the sweep."""
 import json
 import os
+import re
 import shutil
 
 import _train_utils  # noqa: F401  (persistent XLA cache)
@@ -27,7 +28,7 @@ def _tiny(**kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run"))
-    cfg = _tiny()
+    cfg = _tiny(**{"log.profile_steps": 2, "log.profile_start": 5})
     return cfg, wd, loop.train_and_evaluate(cfg, wd)
 
 
@@ -65,6 +66,9 @@ def test_results_predictions_exports(run_dir):
     assert all(np.isfinite(r["loss"]) and "img_per_s" in r for r in train)
     assert [r["step"] for r in recs if r["split"] == "val"] == [4, 8]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(wd, "tb")))
+    # log.profile_steps: a jax.profiler trace of steps 6..7 for TensorBoard / Perfetto.
+    traces = [f for _, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
     # The best checkpoint is kept next to the latest ones.
     steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert res["best_step"] in steps and 8 in steps
@@ -102,27 +106,40 @@ def test_incompatible_checkpoint_names_leaf(run_dir, tmp_path):
     assert "checkpoints/8" in msg and "incompatible" in msg and "params/" in msg
 
 
-def test_corrupt_checkpoint_clear_error(run_dir, tmp_path):
-    cfg, wd, _ = run_dir
-    dst = _copy_unfinished(wd, tmp_path)
-    state_dir = os.path.join(dst, "checkpoints", "8", "state")
+def _garble(folder, text=b"\x00garbage"):
     n = 0
-    for root, _, files in os.walk(state_dir):
+    for root, _, files in os.walk(folder):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
-                f.write(b"\x00garbage")
+                f.write(text)
             n += 1
     assert n > 0
-    with pytest.raises(CheckpointError, match=r"checkpoints/8.*(damaged|cannot be restored)"):
+
+
+def test_damaged_latest_checkpoint_is_skipped(run_dir, tmp_path, caplog):
+    """A damaged latest checkpoint is moved aside with a warning naming it and the run
+    resumes from the previous one, ending with the same results."""
+    cfg, wd, res = run_dir
+    dst = _copy_unfinished(wd, tmp_path)
+    _garble(os.path.join(dst, "checkpoints", "8", "state"))
+    with caplog.at_level("WARNING"):
+        again = loop.train_and_evaluate(cfg, dst)
+    assert re.search(r"checkpoints/8 (is damaged|cannot be restored)", caplog.text)
+    assert "previous good checkpoint" in caplog.text and "checkpoints/4" in caplog.text
+    assert os.listdir(os.path.join(dst, "checkpoints.damaged"))
+    assert again["best_step"] == res["best_step"]
+    for split in ("val", "test"):
+        assert again[split] == res[split]
+
+
+def test_all_checkpoints_damaged_clear_error(run_dir, tmp_path):
+    cfg, wd, _ = run_dir
+    dst = _copy_unfinished(wd, tmp_path)
+    for step in os.listdir(os.path.join(dst, "checkpoints")):
+        if step.isdigit():
+            _garble(os.path.join(dst, "checkpoints", step, "meta"), b"{not json")
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .*checkpoints is damaged"):
         loop.train_and_evaluate(cfg, dst)
-    # A damaged meta item is reported the same way.
-    dst2 = _copy_unfinished(wd, tmp_path / "b")
-    for root, _, files in os.walk(os.path.join(dst2, "checkpoints", "8", "meta")):
-        for name in files:
-            with open(os.path.join(root, name), "w") as f:
-                f.write("{not json")
-    with pytest.raises(CheckpointError, match=r"checkpoints/8.*damaged"):
-        loop.train_and_evaluate(cfg, dst2)
 
 
 def _source_weights(path):
@@ -172,28 +189,14 @@ def test_two_phase_head_phase_early_stops_then_fine_tunes(tmp_path):
     assert vals == [(2, 0), (4, 0), (6, 1), (8, 1)]
 
 
-def test_configs_build():
+def test_config_files_exist():
+    """(The protocols' values are checked in test_protocols.py.)"""
     cdir = sweep.default_config_dir()
     run = sweep.Run("x", os.path.join(cdir, "revisiting", "breast.py") + ":imagenet,fold=1",
                     "/tmp/unused")
     c = sweep.load_config(run)
-    assert (c.data.name, c.data.image_size, c.fold, c.model.preprocessing) == ("breast", 256, 1,
-                                                                              "caffe")
-    assert c.model.init.endswith("imagenet") and c.model.dropout_rate == 0.5
-    assert (c.train.lr, c.train.batch_size, c.eval.patience, c.eval.monitor) == (1e-3, 256, 30,
-                                                                                 "loss")
-    c = presets.revisiting_config("chest", "random,protocol=feb2023")
-    assert c.model.init == "random" and c.model.dropout_rate == 0.0 and not c.data.augment.flip
-    assert (c.train.lr, c.train.batch_size, c.eval.patience) == (1e-5, 128, 3)
-    c = presets.revisiting_config("pcam", "radimagenet,freeze=true")
-    assert c.train.freeze == "two_phase" and c.data.image_size == 96
-    c = presets.source_matters_config("noise", "radimagenet,p=0.2,fold=3")
-    assert (c.data.name, c.data.confounder.kind, c.data.confounder.p) == ("lidc", "noise", 0.2)
-    assert c.model.preprocessing == "radimagenet" and c.fold == 3 and not c.data.augment.flip
-    with pytest.raises(ValueError, match="unknown option"):
-        presets.revisiting_config("breast", "imagenet,lr=3")
-    with pytest.raises(ValueError, match="not one of"):
-        presets.revisiting_config("breast", "imagenet21k")
+    assert (c.data.name, c.data.image_size, c.data.fold, c.model.preprocessing) == (
+        "breast", 256, 1, "caffe")
     for sub, names in (("revisiting", presets.REVISITING_TARGETS), ("source_matters",
                                                                     presets.CONFOUNDERS)):
         for name in names:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import _train_faults
 import _train_utils
 import jax
 import numpy as np
@@ -32,9 +33,11 @@ def reference(tmp_path_factory):
 
 
 def _train_cli(workdir, fault=None, extra=()):
-    env = _train_utils.subprocess_env(**({"MEDTRANSFER_FAULT": fault} if fault else {}))
-    cmd = [sys.executable, "-m", "medtransfer_jax.train", f"--config={CONFIG}",
-           f"--workdir={workdir}", "--xla_cache_dir=", *extra]
+    env = _train_utils.subprocess_env()
+    main = ([os.path.join(_train_utils.REPO, "tests", "_train_faults.py"), fault] if fault
+            else ["-m", "medtransfer_jax.train"])
+    cmd = [sys.executable, *main, f"--config={CONFIG}", f"--workdir={workdir}",
+           "--xla_cache_dir=", *extra]
     return subprocess.run(cmd, env=env, cwd=_train_utils.REPO, capture_output=True, text=True,
                           timeout=400)
 
@@ -90,16 +93,15 @@ def test_sigkill_mid_epoch_and_during_save_then_resume(reference, tmp_path):
     _assert_same_run(wd, ref_wd, ref_res, res)
 
 
-def test_sigterm_saves_and_resume_matches(reference, tmp_path, monkeypatch):
+def test_sigterm_saves_and_resume_matches(reference, tmp_path):
     ref_wd, ref_res = reference
     wd = str(tmp_path / "run")
-    monkeypatch.setenv(loop.FAULT_ENV, "term:5")
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(loop.Preempted) as e:
-        loop.train_and_evaluate(_config(), wd)
+        loop.train_and_evaluate(_config(), wd, hooks=[_train_faults.Fault("term", 5)])
     assert e.value.step == 5
     assert os.path.isdir(os.path.join(wd, "checkpoints", "5"))  # saved on the signal
-    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
-    monkeypatch.delenv(loop.FAULT_ENV)
+    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is uninstalled
     res = loop.train_and_evaluate(_config(), wd)
     _assert_same_run(wd, ref_wd, ref_res, res)
 
@@ -114,3 +116,42 @@ def test_cloud_tpu_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
         loop.train_and_evaluate(_config(), wd)
     assert e.value.step == 5 and os.path.isdir(os.path.join(wd, "checkpoints", "5"))
     assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
+def test_best_step_outside_latest_checkpoints_survives_restarts(tmp_path):
+    """The best checkpoint (step 4) must survive a restart followed by later saves (9, 12);
+    it used to be deleted by the reopened manager, so the final evaluation failed."""
+    cfg = sweep.load_config(sweep.Run("best", _train_utils.TINY_CONFIG + ":best_early", "/x"))
+    ref_wd = str(tmp_path / "ref")
+    ref = loop.train_and_evaluate(cfg, ref_wd)
+    assert ref["best_step"] == 4 and ref["last_step"] == 12
+    wd = str(tmp_path / "run")
+    with pytest.raises(loop.Preempted):
+        loop.train_and_evaluate(cfg, wd, hooks=[_train_faults.Fault("term", 7)])
+    res = loop.train_and_evaluate(cfg, wd)  # resumes at 7: saves 8, 9, 12
+    assert res["best_step"] == 4
+    _assert_same_run(wd, ref_wd, ref, res)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+    assert 4 in steps and steps[-1] == 12, steps
+
+
+def test_protected_step_survives_a_reopened_manager(tmp_path):
+    """Retention on its own: latest 2 + the protected step, across close/reopen."""
+    from medtransfer_jax.training import checkpointing
+    state = {"w": np.arange(4, dtype=np.float32)}
+
+    def steps():
+        return sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+
+    ckpt = checkpointing.RunCheckpointer(str(tmp_path), max_to_keep=2, async_save=False)
+    for step in range(1, 5):
+        ckpt.save(step, state, None, {"step": step}, protect=1)
+    ckpt.close()
+    assert steps() == [1, 3, 4]
+    ckpt = checkpointing.RunCheckpointer(str(tmp_path), max_to_keep=2, async_save=False)
+    for step in (5, 6):
+        ckpt.save(step, state, None, {"step": step}, protect=1)
+    assert steps() == [1, 5, 6]
+    ckpt.save(7, state, None, {"step": 7}, protect=7)  # a new best replaces the old one
+    ckpt.close()
+    assert steps() == [6, 7]

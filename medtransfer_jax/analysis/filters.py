@@ -9,11 +9,22 @@ Pipeline (NumPy float64 on host; a ResNet50 has ~1.3M 3x3 filters, seconds of wo
 2. :func:`scale_filters`: each filter divided by its own max |w| (all-zero filters stay 0).
 3. :func:`fit_pca`: 9-component PCA (centred) on the scaled filters of *all* compared
    models, so every model is described in the same basis; coefficients c0..c8.
-4. :func:`coefficient_histograms`: per group (model x depth bin of 0.1, or layer), a 70-bin
-   histogram per coefficient over the global range of that coefficient; empty bins get
-   float32 eps and the masses are renormalised (so KL is finite).
+4. :func:`coefficient_histograms`: per group (model x depth bin, or layer), a 70-bin
+   ``np.histogram(..., density=True)`` per coefficient, all nine over **one** range (the min
+   and max over every coefficient of every compared filter, :func:`global_range`); empty
+   bins are set to float32 eps *on the density values* and each row renormalised to sum 1
+   (so KL is finite). Depth bins follow CNN-Filter-DB's notebook, ``pandas.cut(depth,
+   arange(0, 1.1, .1), include_lowest=True)``: right-closed (a, b] with the first bin
+   [0, 0.1] (:func:`depth_bin`).
 5. :func:`kl_drift`: ``sum_i w_i [KL(p_i||q_i) + KL(q_i||p_i)]`` with w_i the PCA
    explained-variance ratios (natural log).
+
+These three conventions (bins, one range, floor on densities) are the published
+definition, checked against CNN-Filter-DB's ``main.ipynb``; an earlier version of this file
+used [a, b) bins, a range per coefficient and the floor on masses, which moves per-bin
+drift by up to ~230% with 16 3x3 layers, so drifts were not comparable to the paper.
+With few filters per group the histograms are noisy: :func:`drift_noise_floor` is the
+drift between two random halves of one group, the level below which a drift means nothing.
 
 Per-layer statistics on the raw filters:
 
@@ -97,27 +108,34 @@ def fit_pca(filter_sets: Sequence[np.ndarray]) -> FilterPCA:
     return FilterPCA(mean, V.T, ratio)
 
 
-def global_ranges(coefficient_sets: Sequence[np.ndarray]) -> np.ndarray:
-    """(9, 2) min/max of each coefficient over all sets (a zero-width range is widened)."""
-    X = np.concatenate(coefficient_sets)
-    lo, hi = X.min(0), X.max(0)
-    same = hi <= lo
-    return np.stack([np.where(same, lo - 0.5, lo), np.where(same, hi + 0.5, hi)], 1)
+def global_range(coefficient_sets: Sequence[np.ndarray]) -> np.ndarray:
+    """One (min, max) over every coefficient of every set (CNN-Filter-DB's ``dX_n_range``),
+    returned as a (9, 2) array with the same row for each coefficient; a zero-width range
+    is widened by 0.5 on each side."""
+    X = np.concatenate([np.asarray(c, np.float64) for c in coefficient_sets])
+    lo, hi = float(X.min()), float(X.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.tile([lo, hi], (X.shape[1], 1))
 
 
 def coefficient_histograms(coeffs: np.ndarray, ranges: np.ndarray,
                            bins: int = NUM_BINS) -> np.ndarray:
-    """(n, 9) coefficients -> (9, bins) probability masses over the global ``ranges``.
+    """(n, 9) coefficients -> (9, bins) probabilities, as CNN-Filter-DB's notebook.
 
-    Empty bins are set to float32 eps and each row renormalised to sum 1. (Multiply by
-    bins / (hi - lo) for densities.)
+    Per coefficient: ``np.histogram(density=True)`` over ``ranges[i]``, empty bins set to
+    float32 eps on those density values (not on masses: with a bin width w the floor is
+    eps*w in mass units, which is what the published drifts used), then renormalised to
+    sum 1. A group with no filters is all-eps, i.e. uniform.
     """
     out = np.zeros((coeffs.shape[1], bins))
     for i in range(coeffs.shape[1]):
-        h, _ = np.histogram(coeffs[:, i], bins=bins, range=tuple(ranges[i]))
+        if coeffs.shape[0]:
+            h, _ = np.histogram(coeffs[:, i], bins=bins, range=tuple(ranges[i]), density=True)
+        else:
+            h = np.zeros(bins)
         h = h.astype(np.float64)
-        h = h / h.sum() if h.sum() > 0 else np.zeros_like(h)
-        h = np.where(h > 0, h, EPS32)
+        h[h == 0] = EPS32
         out[i] = h / h.sum()
     return out
 
@@ -186,10 +204,38 @@ def orthogonality(kernel: np.ndarray) -> float:
     return float(1.0 - (C.sum() - np.trace(C)) / (o * (o - 1)))
 
 
-def depth_bin(depth: float, width: float = 0.1) -> str:
-    nb = int(round(1 / width))
-    i = min(int(np.floor(depth / width + 1e-9)), nb - 1)
-    return f"{i * width:.1f}-{(i + 1) * width:.1f}"
+DEPTH_EDGES = np.arange(0, 1.0 + 0.10, 0.10)  # the notebook's edges, float rounding included
+
+
+def depth_bin_index(depth: float, edges: np.ndarray = DEPTH_EDGES) -> int:
+    """Index of the right-closed bin (edges[i], edges[i+1]] holding ``depth``; the first
+    bin also holds edges[0] (pandas ``cut(..., include_lowest=True)``)."""
+    if not edges[0] <= depth <= edges[-1]:
+        raise ValueError(f"depth {depth} outside [{edges[0]}, {edges[-1]}]")
+    return max(int(np.searchsorted(edges, depth, side="left")) - 1, 0)
+
+
+def depth_bin(depth: float, edges: np.ndarray = DEPTH_EDGES) -> str:
+    """The notebook's label of ``depth``'s bin: '[0.0, 0.1]', '(0.1, 0.2]', ..."""
+    i = depth_bin_index(depth, edges)
+    return f"{'[' if i == 0 else '('}{edges[i]:.1f}, {edges[i + 1]:.1f}]"
+
+
+def drift_noise_floor(coeffs: np.ndarray, ranges: np.ndarray, weights: np.ndarray, *,
+                      repeats: int = 5, seed: int = 0, bins: int = NUM_BINS) -> Tuple[float, float]:
+    """(mean, sample sd) of the drift between two random halves of one group's (n, 9)
+    coefficients: what :func:`kl_drift` reads when nothing changed but the sample."""
+    rng = np.random.default_rng(seed)
+    n = coeffs.shape[0]
+    if n < 4:
+        return float("nan"), float("nan")
+    vals = []
+    for _ in range(repeats):
+        perm = rng.permutation(n)
+        a, b = coeffs[perm[:n // 2]], coeffs[perm[n // 2:2 * (n // 2)]]
+        vals.append(kl_drift(coefficient_histograms(a, ranges, bins),
+                             coefficient_histograms(b, ranges, bins), weights))
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if repeats > 1 else float("nan")
 
 
 @dataclasses.dataclass
@@ -198,7 +244,7 @@ class FilterReport:
     ranges: np.ndarray  # (9, 2)
     layer_rows: List[dict]  # per model x layer statistics
     drift_rows: List[dict]  # per pair x (depth bin | layer)
-    # (model or group, depth bin like '0.3-0.4' or 'all') -> (9, bins)
+    # (model or group, depth bin like '(0.3, 0.4]' or 'all') -> (9, bins)
     histograms: Dict[Tuple[str, str], np.ndarray]
     layer_histograms: Dict[Tuple[str, str], np.ndarray]  # (model, layer) -> (9, bins)
 
@@ -206,30 +252,18 @@ class FilterReport:
         return np.stack([np.linspace(lo, hi, bins + 1) for lo, hi in self.ranges])
 
 
-def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[str, Sequence[str]]]
-                    = None, bins: int = NUM_BINS, depth_width: float = 0.1,
-                    with_orthogonality: bool = False) -> FilterReport:
-    """Filter distributions of several models (name -> params tree) and their drifts.
+def _bin_order(label: str) -> float:
+    """Sort key of a depth-bin label ('[0.0, 0.1]', '(0.1, 0.2]', ...; 'all' last)."""
+    return 2.0 if label == "all" else float(label[1:].split(",")[0])
 
-    Drift rows compare every pair of models (or of ``groups``: name -> model names, pooled)
-    per depth bin (``scope='depth_bin'``) and over all depths (``scope='all'``), and every
-    pair of models layer by layer where layer names match (``scope='layer'``).
-    """
-    if not models:
-        raise ValueError("analyse_filters: give at least one model.")
-    extracted = {m: extract_filters(p) for m, p in models.items()}
-    scaled = {m: [scale_filters(lf.filters) for lf in lfs] for m, lfs in extracted.items()}
-    pca = fit_pca([f for fs in scaled.values() for f in fs])
-    coeffs = {m: [pca.transform(f) for f in fs] for m, fs in scaled.items()}
-    ranges = global_ranges([c for cs in coeffs.values() for c in cs])
-    w = pca.explained_variance_ratio
 
+def _per_layer(extracted, coeffs, ranges, w, bins, with_orthogonality):
+    """Layer statistics rows, per-layer histograms and per-(model, depth bin) coefficients."""
     layer_rows, layer_hist = [], {}
     binned: Dict[Tuple[str, str], List[np.ndarray]] = {}
     for m, lfs in extracted.items():
         for lf, c in zip(lfs, coeffs[m]):
-            row = dict(model=m, layer=lf.layer, depth=lf.depth, depth_bin=depth_bin(lf.depth,
-                                                                                   depth_width),
+            row = dict(model=m, layer=lf.layer, depth=lf.depth, depth_bin=depth_bin(lf.depth),
                        n_filters=int(lf.filters.shape[0]), sparsity=sparsity(lf.filters),
                        variance_entropy=variance_entropy(lf.filters),
                        spikiness=spikiness(c, w))
@@ -240,33 +274,72 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
             layer_rows.append(row)
             layer_hist[(m, lf.layer)] = coefficient_histograms(c, ranges, bins)
             binned.setdefault((m, row["depth_bin"]), []).append(c)
-    hist = {k: coefficient_histograms(np.concatenate(v), ranges, bins) for k, v in binned.items()}
-    for m in models:  # each model pooled over all depths
-        hist[(m, "all")] = coefficient_histograms(np.concatenate(coeffs[m]), ranges, bins)
+    return layer_rows, layer_hist, binned
 
+
+def _pool_units(units, coeffs, binned) -> Dict[Tuple[str, str], np.ndarray]:
+    """(unit, depth bin or 'all') -> the pooled (n, 9) coefficients of the unit's models."""
+    labels = sorted({k[1] for k in binned}, key=_bin_order)
+    pooled = {}
+    for g, members in units.items():
+        pooled[(g, "all")] = np.concatenate([c for m in members for c in coeffs[m]])
+        for b in labels:
+            cs = [c for m in members for c in binned.get((m, b), [])]
+            if cs:
+                pooled[(g, b)] = np.concatenate(cs)
+    return pooled
+
+
+def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[str, Sequence[str]]]
+                    = None, bins: int = NUM_BINS, with_orthogonality: bool = False,
+                    noise_repeats: int = 3) -> FilterReport:
+    """Filter distributions of several models (name -> params tree) and their drifts.
+
+    Drift rows compare every pair of models (or of ``groups``: name -> model names, pooled)
+    per depth bin (``scope='depth_bin'``) and over all depths (``scope='all'``), and every
+    pair of models layer by layer where layer names match (``scope='layer'``). Each row
+    carries ``noise_floor`` (+ ``noise_floor_sd``): :func:`drift_noise_floor` of side a's
+    filters (``noise_repeats`` random halvings; 0 skips it), so a reader sees whether a
+    drift is above what resampling alone gives.
+    """
+    if not models:
+        raise ValueError("analyse_filters: give at least one model.")
     units = dict(groups) if groups else {m: [m] for m in models}
     missing = [m for g in units.values() for m in g if m not in models]
     if missing:
         raise ValueError(f"groups name unknown models {missing}; known: {list(models)}.")
-    if groups:
-        for g, members in units.items():
-            for b in sorted({k[1] for k in binned}) + ["all"]:
-                cs = ([c for m in members for c in coeffs[m]] if b == "all" else
-                      [c for m in members for c in binned.get((m, b), [])])
-                if cs:
-                    hist[(g, b)] = coefficient_histograms(np.concatenate(cs), ranges, bins)
+    extracted = {m: extract_filters(p) for m, p in models.items()}
+    scaled = {m: [scale_filters(lf.filters) for lf in lfs] for m, lfs in extracted.items()}
+    pca = fit_pca([f for fs in scaled.values() for f in fs])
+    coeffs = {m: [pca.transform(f) for f in fs] for m, fs in scaled.items()}
+    ranges = global_range([c for cs in coeffs.values() for c in cs])
+    w = pca.explained_variance_ratio
+    layer_rows, layer_hist, binned = _per_layer(extracted, coeffs, ranges, w, bins,
+                                                with_orthogonality)
+    pooled = _pool_units({m: [m] for m in models}, coeffs, binned)
+    pooled.update(_pool_units(units, coeffs, binned))
+    hist = {k: coefficient_histograms(c, ranges, bins) for k, c in pooled.items()}
+
+    floors: Dict[tuple, Tuple[float, float]] = {}
+
+    def floor(key, c):
+        if key not in floors:
+            floors[key] = (drift_noise_floor(c, ranges, w, repeats=noise_repeats, bins=bins)
+                           if noise_repeats else (float("nan"), float("nan")))
+        return dict(zip(("noise_floor", "noise_floor_sd"), floors[key]))
 
     drift_rows = []
     for ga, gb in itertools.combinations(units, 2):
-        for b in sorted({k[1] for k in hist if k[0] in (ga, gb)}):
-            if (ga, b) in hist and (gb, b) in hist:
+        for b in sorted({k[1] for k in hist if k[0] == ga}, key=_bin_order):
+            if (gb, b) in hist:
                 drift_rows.append(dict(a=ga, b=gb, scope="all" if b == "all" else "depth_bin",
-                                       key=b,
-                                       drift=kl_drift(hist[(ga, b)], hist[(gb, b)], w)))
+                                       key=b, drift=kl_drift(hist[(ga, b)], hist[(gb, b)], w),
+                                       **floor((ga, b), pooled[(ga, b)])))
     for ma, mb in itertools.combinations(models, 2):
-        for lf in extracted[ma]:
+        for lf, c in zip(extracted[ma], coeffs[ma]):
             if (mb, lf.layer) in layer_hist:
                 drift_rows.append(dict(a=ma, b=mb, scope="layer", key=lf.layer, depth=lf.depth,
                                        drift=kl_drift(layer_hist[(ma, lf.layer)],
-                                                      layer_hist[(mb, lf.layer)], w)))
+                                                      layer_hist[(mb, lf.layer)], w),
+                                       **floor(("layer", ma, lf.layer), c)))
     return FilterReport(pca, ranges, layer_rows, drift_rows, hist, layer_hist)

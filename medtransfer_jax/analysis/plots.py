@@ -6,7 +6,7 @@ the CSV/JSON files without recomputing anything.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -14,8 +14,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-SHORT_LAYER = {"conv1_relu": "conv1", "conv2_block3_out": "block1", "conv3_block4_out": "block2",
-               "conv4_block6_out": "block3", "conv5_block3_out": "block4"}
+#: Line styles per test set / phase, so curves of one source share a colour (hue) and
+#: differ in style: i.i.d. solid, clean dotted, o.o.d. dashed.
+TEST_STYLES = {"iid": "-", "clean": ":", "ood": "--"}
+TEST_NAMES = {"iid": "i.i.d.", "clean": "clean", "ood": "o.o.d."}
+
+
+def source_colours(names: Sequence[str]) -> Dict[str, str]:
+    """One colour per source base name: 'imagenet' and 'imagenet_frz' share a hue family
+    (the frozen variant is drawn dashed by :func:`source_style`)."""
+    bases = list(dict.fromkeys(n.split("_")[0] for n in names))
+    palette = {b: f"C{i % 10}" for i, b in enumerate(bases)}
+    return {n: palette[n.split("_")[0]] for n in names}
+
+
+def source_style(name: str) -> str:
+    return "--" if name.endswith("_frz") else "-"
 
 
 def _save(fig, path: str) -> str:
@@ -26,9 +40,11 @@ def _save(fig, path: str) -> str:
 
 
 def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = "",
-                          label_key: str = "pair") -> str:
+                          label_key: str = "pair", error_label: str = "sd over repeats") -> str:
     """Similarity per layer, one line per comparison (``row[label_key]``, default
-    'model_a vs model_b'), one panel per method; error bars = std over repeats.
+    'model_a vs model_b'), one panel per method; error bars = ``row['std']`` (say what
+    they are in ``error_label``). Rows with ``null_mean`` add the chance level of that
+    layer (shuffled-rows null) as a grey dotted line.
 
     For the Revisiting figures pass rows of e.g. 'ImageNet vs ImageNet-finetuned',
     'RadImageNet vs RadImageNet-finetuned' (before vs after fine-tuning per source) and
@@ -43,11 +59,16 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
             pts = {r["layer"]: r for r in sel if _label(r, label_key) == lab}
             xs = [i for i, l in enumerate(layers) if l in pts]
             ax.errorbar(xs, [pts[layers[i]]["value"] for i in xs],
-                        yerr=[pts[layers[i]].get("std", 0.0) for i in xs], marker="o",
+                        yerr=[_finite_or_0(pts[layers[i]].get("std")) for i in xs], marker="o",
                         capsize=3, label=lab)
+        null = [max((_finite_or_0(r.get("null_mean")) for r in sel if r["layer"] == l),
+                    default=0.0) for l in layers]
+        if any(null):
+            ax.plot(range(len(layers)), null, ":", color="grey", label="chance (shuffled rows)")
         ax.set_xticks(range(len(layers)))
-        ax.set_xticklabels([SHORT_LAYER.get(l, l) for l in layers], rotation=30, ha="right")
-        ax.set_ylabel(m.replace("_", " "))
+        ax.set_xticklabels(layers, rotation=30, ha="right")
+        ax.set_xlabel("layer (Keras name)")
+        ax.set_ylabel(f"{m.replace('_', ' ')} (unitless, error bars: {error_label})")
         ax.set_title(title or m)
         ax.grid(alpha=0.3)
     # One legend under the panels: inside an axis it hides the curves when pairs are many.
@@ -56,6 +77,14 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), fontsize=8,
                bbox_to_anchor=(0.5, 0.0))
     return _save(fig, path)
+
+
+def _finite_or_0(v) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return v if np.isfinite(v) else 0.0
 
 
 def _label(r, key):
@@ -69,12 +98,16 @@ def plot_kl_drift(drift_rows: Sequence[Mapping], path: str, *, scope: str = "lay
     for pair in dict.fromkeys((r["a"], r["b"]) for r in sel):
         pts = [r for r in sel if (r["a"], r["b"]) == pair]
         xs = [r.get("depth", i) if scope == "layer" else i for i, r in enumerate(pts)]
-        ax.plot(xs, [r["drift"] for r in pts], marker="o", label=f"{pair[0]} vs {pair[1]}")
+        line, = ax.plot(xs, [r["drift"] for r in pts], marker="o",
+                        label=f"{pair[0]} vs {pair[1]}")
+        if any(np.isfinite(_nan(r.get("noise_floor"))) for r in pts):
+            ax.plot(xs, [_nan(r.get("noise_floor")) for r in pts], ":", color=line.get_color(),
+                    label=f"{pair[0]}: noise floor (two halves)")
         if scope != "layer":
             ax.set_xticks(range(len(pts)))
             ax.set_xticklabels([r["key"] for r in pts], rotation=30)
     ax.set_xlabel("normalised depth" if scope == "layer" else "depth bin")
-    ax.set_ylabel("EV-weighted symmetric KL")
+    ax.set_ylabel("EV-weighted symmetric KL (nats)")
     ax.set_title("Filter distribution drift")
     ax.grid(alpha=0.3)
     if sel:
@@ -97,6 +130,8 @@ def plot_filter_histograms(histograms: Mapping, bin_edges: np.ndarray, path: str
                     label=" / ".join(map(str, k)) if isinstance(k, tuple) else str(k))
         ax.set_yscale("log")
         ax.set_title(f"c{i}" + (f" ({explained[i]:.1%} var.)" if explained is not None else ""))
+        ax.set_xlabel(f"PCA coefficient c{i} (of max-|w|-scaled filters)")
+        ax.set_ylabel("density (log)")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(keys), 4), fontsize=8)
@@ -114,7 +149,10 @@ def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=20, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction both right or both wrong")
+    ax.set_ylabel("fraction of test images both right or both wrong")
+    ns = sorted({int(r["n"]) for r in rows if _finite_or_0(r.get("n"))})
+    ax.set_title("prediction similarity" + (f" (n = {', '.join(map(str, ns))} test images "
+                                             "per fold)" if ns else ""))
     ax.legend()
     return _save(fig, path)
 
@@ -128,9 +166,9 @@ def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str) -> str:
         if np.isfinite(r["slope"]):
             xs = np.linspace(min(r["similarity"]), max(r["similarity"]), 10)
             ax.plot(xs, r["slope"] * xs + r["intercept"])
-        ax.set_title(f"{SHORT_LAYER.get(r['layer'], r['layer'])} (r={r['pearson_r']:.2f})")
-        ax.set_xlabel("similarity")
-    axes[0, 0].set_ylabel("relative AUC gain")
+        ax.set_title(f"{r['layer']} (r={r['pearson_r']:.2f}, n={int(r['n'])} runs)")
+        ax.set_xlabel("similarity pre vs fine-tuned")
+    axes[0, 0].set_ylabel("relative AUC gain over random init")
     return _save(fig, path)
 
 
@@ -143,11 +181,135 @@ def plot_weight_change(rows: Sequence[Mapping], path: str) -> str:
         idx = [i for i, r in enumerate(ok) if r["kind"] == kind]
         axes[0].plot(idx, [ok[i]["rel_l2"] for i in idx], ".-", label=kind)
         axes[1].plot(idx, [ok[i]["cosine"] for i in idx], ".-", label=kind)
-    axes[0].set_ylabel("relative L2 change")
-    axes[1].set_ylabel("cosine")
+    axes[0].set_ylabel("relative L2 change ||b-a||/||a||")
+    axes[1].set_ylabel("cosine(a, b)")
+    axes[1].set_xlabel("layer (network order)")
     axes[0].legend(fontsize=8)
     step = max(1, len(ok) // 25)
     axes[1].set_xticks(x[::step])
     axes[1].set_xticklabels([r["layer"] for r in ok][::step], rotation=60, ha="right",
                             fontsize=7)
+    return _save(fig, path)
+
+
+def _nan(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _mark(ax, x, y, mark: str, colour: str):
+    if mark:
+        ax.annotate(mark, (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                    color=colour, fontsize=9)
+
+
+def plot_robustness(summary: Sequence[Mapping], path: str, *,
+                    marks: Optional[Mapping[tuple, str]] = None) -> str:
+    """Source Matters' figure: AUC vs artefact fraction p, one panel per (target,
+    confounder); one colour per source, one line style per test set (i.i.d. solid, clean
+    dotted, o.o.d. dashed); error bars = sample sd over folds. ``marks[(target, kind, p,
+    test)]`` = significance stars of the between-source test, drawn above the points."""
+    panels = list(dict.fromkeys((r["target"], r["confounder"]) for r in summary))
+    colours = source_colours(list(dict.fromkeys(r["source"] for r in summary)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (target, kind) in zip(axes[0], panels):
+        sel = [r for r in summary if r["target"] == target and r["confounder"] == kind]
+        folds = sorted({int(_finite_or_0(r.get("n_rows"))) for r in sel})
+        for src in dict.fromkeys(r["source"] for r in sel):
+            pts = sorted((float(r["p"]), r) for r in sel if r["source"] == src)
+            for test, style in TEST_STYLES.items():
+                ys = [_nan(r.get(f"auc_{test}")) for _, r in pts]
+                ax.errorbar([p for p, _ in pts], ys,
+                            yerr=[_finite_or_0(r.get(f"auc_{test}_sd")) for _, r in pts],
+                            ls=style, marker="o", ms=3, capsize=2, color=colours[src],
+                            label=f"{src}, {TEST_NAMES[test]}")
+                for (p, _), y in zip(pts, ys):
+                    _mark(ax, p, y, (marks or {}).get((target, kind, p, test), ""),
+                          colours[src])
+        ax.set_xlabel("fraction p of positive training images with the artefact")
+        ax.set_ylabel("test ROC-AUC (error bars: sd over folds)")
+        ax.set_title(f"{target}: {kind} (n = {', '.join(map(str, folds))} folds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def plot_auc_bars(rows: Sequence[Mapping], path: str, *, sources: Sequence[str]) -> str:
+    """Revisiting's AUC table as bars: one group per target, one bar per source
+    (``auc``, ``auc_sd``, ``auc_n`` folds per row); error bars = sample sd over folds."""
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    colours = source_colours(list(sources))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(targets) * len(sources) / 2), 4))
+    width = 0.8 / max(len(sources), 1)
+    for j, s in enumerate(sources):
+        pts = {r["target"]: r for r in rows if r["source"] == s}
+        xs = [i + (j - (len(sources) - 1) / 2) * width for i, t in enumerate(targets) if t in pts]
+        ys = [_nan(pts[t].get("auc")) for t in targets if t in pts]
+        err = [_finite_or_0(pts[t].get("auc_sd")) for t in targets if t in pts]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, color=colours[s],
+               hatch="//" if s.endswith("_frz") else None, label=s)
+    ax.set_xticks(range(len(targets)))
+    ax.set_xticklabels(targets)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("target")
+    ax.set_ylabel("test ROC-AUC (error bars: sd over folds)")
+    ns = sorted({int(_finite_or_0(r.get("auc_n"))) for r in rows})
+    ax.set_title(f"fine-tuning AUC per target and source (n = {', '.join(map(str, ns))} folds)")
+    ax.legend(fontsize=7, ncol=min(len(sources), 5))
+    return _save(fig, path)
+
+
+def plot_depth_drift(rows: Sequence[Mapping], path: str) -> str:
+    """Filter KL drift pre vs fine-tuned per depth bin, one line per source (``drift`` mean,
+    ``drift_sd`` sample sd over runs), with the noise floor (drift between two random
+    halves of the pre-trained filters of that bin) dotted in the same colour."""
+    colours = source_colours(list(dict.fromkeys(r["source"] for r in rows)))
+    bins = list(dict.fromkeys(r["key"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for src in dict.fromkeys(r["source"] for r in rows):
+        pts = {r["key"]: r for r in rows if r["source"] == src}
+        xs = [i for i, b in enumerate(bins) if b in pts]
+        ax.errorbar(xs, [_nan(pts[bins[i]]["drift"]) for i in xs],
+                    yerr=[_finite_or_0(pts[bins[i]].get("drift_sd")) for i in xs],
+                    color=colours[src], ls=source_style(src), marker="o", capsize=3,
+                    label=f"{src}: pre vs fine-tuned (n = {int(_finite_or_0(pts[bins[xs[0]]].get('drift_n')))} runs)"
+                    if xs else src)
+        ax.plot(xs, [_nan(pts[bins[i]].get("noise_floor")) for i in xs], ":",
+                color=colours[src], label=f"{src}: noise floor (two halves)")
+    ax.set_xticks(range(len(bins)))
+    ax.set_xticklabels(bins, rotation=30)
+    ax.set_xlabel("normalised depth bin of the 3x3 conv layers")
+    ax.set_ylabel("EV-weighted symmetric KL (nats; error bars: sd over runs)")
+    ax.set_title("3x3 filter distribution drift by depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_layer_statistics(rows: Sequence[Mapping], path: str) -> str:
+    """Sparsity and variance entropy of the 3x3 filters per layer, one line per model
+    group (``model``), mean over its runs (``<stat>_sd`` error bars = sd over runs)."""
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colours = source_colours([m.split(":")[0] for m in models])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, stat, label in ((axes[0], "sparsity", "sparsity (fraction of filters ~ 0)"),
+                            (axes[1], "variance_entropy",
+                             "variance entropy (log10; max log10 9 = 0.954)")):
+        for m in models:
+            pts = {r["layer"]: r for r in rows if r["model"] == m}
+            xs = [i for i, l in enumerate(layers) if l in pts]
+            ax.errorbar(xs, [_nan(pts[layers[i]][stat]) for i in xs],
+                        yerr=[_finite_or_0(pts[layers[i]].get(f"{stat}_sd")) for i in xs],
+                        color=colours[m.split(":")[0]],
+                        ls="--" if m.endswith("fine-tuned") else "-", marker=".", label=m)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=70, ha="right", fontsize=6)
+        ax.set_xlabel("3x3 conv layer (network order)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("3x3 filter statistics per layer (error bars: sd over fine-tuned runs)")
     return _save(fig, path)

@@ -3,7 +3,18 @@
 The Revisiting study's measure: the fraction of samples on which two models are *both
 right or both wrong* (``observed``), against what two models with independent errors and
 the same accuracies would give, ``expected = acc_A*acc_B + (1-acc_A)(1-acc_B)``. (The
-study's script computed ``acc_A*acc_A + ...``; here both accuracies are used.) Also:
+study's script computed ``acc_A*acc_A + ...``; here both accuracies are used.)
+
+Two modes (``mode=``; the Revisiting configs name theirs in ``analysis.similarity_mode``):
+
+* ``corrected`` (default): the baseline above, the split the caller names (the study
+  runner uses the test split), one-vs-rest macro AUC for the gain;
+* ``paper``: what produced the published ``results/similarity.csv`` and simVSauc
+  figures (Feb-2023 ``prediction_similarity.py`` / ``base_AUC.py``): the validation fold,
+  ``acc_A**2 + (1 - acc_A)**2`` as the baseline, and sklearn's AUC (binary; one-vs-rest
+  prevalence-weighted for K > 2) for the relative AUC gain.
+
+Also:
 agreement of predicted labels, Cohen's kappa of the predicted labels, and the correlation
 of predicted probabilities.
 
@@ -21,6 +32,12 @@ import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+from scipy import stats
+
+from medtransfer_jax.training import metrics
+
+#: Prediction-similarity modes -> (default split, AUC average for K > 2).
+MODES = {"corrected": (None, "macro"), "paper": ("val", "weighted")}
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -124,17 +141,25 @@ def probability_correlation(pa: np.ndarray, pb: np.ndarray) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def prediction_similarity(labels, probs_a, probs_b) -> Dict[str, float]:
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"prediction similarity mode {mode!r} is not one of {sorted(MODES)}")
+    return mode
+
+
+def prediction_similarity(labels, probs_a, probs_b, mode: str = "corrected") -> Dict[str, float]:
     """Similarity of two classifiers' predictions on the same N examples.
 
     Args:
       labels (N,) ints; probs_a, probs_b (N, K) class probabilities (predicted label = argmax).
+      mode: ``corrected`` or ``paper`` (the published baseline, acc_a used twice).
     Returns:
       dict: ``acc_a, acc_b``; ``observed`` (fraction both right or both wrong);
-      ``expected_independent`` = acc_a*acc_b + (1-acc_a)*(1-acc_b); ``excess`` = observed -
-      expected; ``agreement`` (same predicted label); ``cohen_kappa`` (of predicted labels);
-      ``prob_correlation``; ``n``.
+      ``expected_independent`` = acc_a*acc_b + (1-acc_a)*(1-acc_b) (``paper``:
+      acc_a**2 + (1-acc_a)**2); ``excess`` = observed - expected; ``agreement`` (same
+      predicted label); ``cohen_kappa`` (of predicted labels); ``prob_correlation``; ``n``.
     """
+    _check_mode(mode)
     labels = np.asarray(labels, np.int64)
     pa, pb = np.asarray(probs_a, np.float64), np.asarray(probs_b, np.float64)
     if pa.shape != pb.shape or pa.ndim != 2 or pa.shape[0] != labels.shape[0]:
@@ -144,7 +169,8 @@ def prediction_similarity(labels, probs_a, probs_b) -> Dict[str, float]:
     ra, rb = ya == labels, yb == labels
     acc_a, acc_b = float(ra.mean()), float(rb.mean())
     observed = float(np.mean(ra == rb))
-    expected = acc_a * acc_b + (1 - acc_a) * (1 - acc_b)
+    acc_other = acc_a if mode == "paper" else acc_b
+    expected = acc_a * acc_other + (1 - acc_a) * (1 - acc_other)
     return dict(n=int(labels.shape[0]), acc_a=acc_a, acc_b=acc_b, observed=observed,
                 expected_independent=expected, excess=observed - expected,
                 agreement=float(np.mean(ya == yb)),
@@ -152,39 +178,14 @@ def prediction_similarity(labels, probs_a, probs_b) -> Dict[str, float]:
                 prob_correlation=probability_correlation(pa, pb))
 
 
-def roc_auc(labels, probs) -> float:
-    """ROC-AUC (rank statistic with tie correction): binary -> positive class; K > 2 ->
-    one-vs-rest macro average over classes present with both outcomes."""
-    labels = np.asarray(labels, np.int64)
+def roc_auc(labels, probs, average: str = "macro") -> float:
+    """ROC-AUC of (N,) labels and (N, K) probabilities (or (N,) positive-class scores):
+    binary -> the positive class; K > 2 -> one-vs-rest ``macro`` or prevalence-``weighted``
+    (training.metrics.auc_ovr, the project's one AUC: NaN where a class is absent)."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim == 1:
         probs = np.stack([1 - probs, probs], 1)
-    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
-    aucs = []
-    for k in classes:
-        pos = labels == k
-        if pos.all() or not pos.any():
-            continue
-        ranks = _rankdata(probs[:, k])
-        n_pos, n_neg = pos.sum(), (~pos).sum()
-        aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    if not aucs:
-        raise ValueError("roc_auc: every class is all-positive or all-negative.")
-    return float(np.mean(aucs))
-
-
-def _rankdata(x):
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), np.float64)
-    sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
-    return ranks
+    return metrics.auc_ovr(np.asarray(labels, np.int64), probs, average)
 
 
 def relative_auc_gain(auc: float, auc_random: float) -> float:
@@ -218,7 +219,7 @@ def auc_gain_vs_similarity(records: Sequence[Mapping]) -> List[dict]:
             slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
         rows.append(dict(layer=layer, n=len(x),
                          pearson_r=_pearson(x, y) if len(x) >= 2 else float("nan"),
-                         spearman_r=(_pearson(_rankdata(x), _rankdata(y)) if len(x) >= 2
+                         spearman_r=(_pearson(stats.rankdata(x), stats.rankdata(y)) if len(x) >= 2
                                      else float("nan")),
                          slope=slope, intercept=intercept,
                          similarity=x.tolist(), gain=y.tolist()))
@@ -226,17 +227,24 @@ def auc_gain_vs_similarity(records: Sequence[Mapping]) -> List[dict]:
 
 
 def compare_prediction_files(path_a: str, path_b: str, *, split: Optional[str] = None,
-                             random_path: Optional[str] = None) -> Dict[str, float]:
+                             random_path: Optional[str] = None,
+                             mode: str = "corrected") -> Dict[str, float]:
     """:func:`prediction_similarity` of two predictions CSVs (matched by id), plus each
-    model's AUC, and the relative AUC gain over ``random_path`` (random-init run) if given."""
+    model's AUC, and the relative AUC gain over ``random_path`` (random-init run) if given.
+
+    ``mode='paper'`` reproduces the published table: ``split`` defaults to 'val', the
+    baseline uses acc_a twice and the AUCs are weighted one-vs-rest (see the module doc).
+    """
+    default_split, average = MODES[_check_mode(mode)]
+    split = split or default_split
     a, b = load_predictions(path_a), load_predictions(path_b)
     labels, pa, pb = align_predictions(a, b, split=split, name_a=path_a, name_b=path_b)
-    out = prediction_similarity(labels, pa, pb)
-    out["auc_a"], out["auc_b"] = roc_auc(labels, pa), roc_auc(labels, pb)
+    out = prediction_similarity(labels, pa, pb, mode)
+    out["auc_a"], out["auc_b"] = roc_auc(labels, pa, average), roc_auc(labels, pb, average)
     if random_path:
         r = load_predictions(random_path)
         lr, _, prr = align_predictions(a, r, split=split, name_a=path_a, name_b=random_path)
-        out["auc_random"] = roc_auc(lr, prr)
+        out["auc_random"] = roc_auc(lr, prr, average)
         out["gain_a"] = relative_auc_gain(out["auc_a"], out["auc_random"])
         out["gain_b"] = relative_auc_gain(out["auc_b"], out["auc_random"])
     return out

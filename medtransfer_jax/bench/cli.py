@@ -10,7 +10,7 @@ from medtransfer_jax import cli
 from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 
-WHATS = ("train", "pipeline", "similarity", "network", "scaling")
+WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input")
 
 _DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
@@ -33,6 +33,10 @@ _METHODS = flags.DEFINE_list("methods", ["mean_cca", "svcca", "pwcca", "linear_c
 _NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
                                            "Images for the two-model comparison.")
 _WIDTH = flags.DEFINE_integer("width", 64, "ResNet stem width (64 = the real model).")
+_CACHE_EXAMPLES = flags.DEFINE_integer("cache_examples", 512,
+                                       "Images in the device-resident split (device_input).")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False,
+                                   "Also time the torchvision step under torch.compile (train).")
 
 
 def _ints(values, flag: str = "") -> List[int]:
@@ -76,8 +80,20 @@ def main(argv):
         rows = tt.run(depth=_DEPTH.value, image_sizes=_ints(_IMAGE_SIZES.value),
                       batch_sizes=_ints(_BATCH_SIZES.value), dtypes=_DTYPES.value,
                       device_counts=counts, compare_torch=_COMPARE_TORCH.value,
-                      iters=_ITERS.value, repeats=_REPEATS.value, width=_WIDTH.value)
+                      iters=_ITERS.value, repeats=_REPEATS.value, width=_WIDTH.value,
+                      torch_compile=_TORCH_COMPILE.value)
         common.print_report("ResNet train step throughput", rows, tt.COLUMNS, cmd)
+    elif what == "device_input":
+        from medtransfer_jax.bench import device_input
+        rows = []
+        for bs in _ints(_BATCH_SIZES.value):
+            for dt in _DTYPES.value:
+                rows += device_input.run(depth=_DEPTH.value, image_size=_ints(
+                    _IMAGE_SIZES.value)[0], batch_size=bs, dtype=dt,
+                    num_examples=_CACHE_EXAMPLES.value, width=_WIDTH.value,
+                    iters=_ITERS.value, repeats=_REPEATS.value)
+        common.print_report("Device-resident input vs in-memory batch", rows,
+                            device_input.COLUMNS, cmd)
     elif what == "pipeline":
         from medtransfer_jax.bench import pipeline
         rows = pipeline.run(image_size=_ints(_IMAGE_SIZES.value)[0],

@@ -22,11 +22,13 @@ def available() -> bool:
 
 def time_train_step(*, batch_size: int, image_size: int, dtype: str = "float32",
                     num_classes: int = 2, iters: int = 3, repeats: int = 2,
-                    device: Optional[str] = None, depth: int = 50) -> Dict[str, float]:
+                    device: Optional[str] = None, depth: int = 50,
+                    compile: bool = False) -> Dict[str, float]:
     """Times one Adam train step of torchvision ResNet (v1.5) in channels-last.
 
     ``dtype='bfloat16'`` uses torch.autocast (bf16 compute, fp32 master weights), the
-    counterpart of the JAX mixed-precision step.
+    counterpart of the JAX mixed-precision step. ``compile=True`` wraps the model in
+    ``torch.compile`` (its compilation lands in ``first_s``).
     """
     import torch
     import torchvision
@@ -35,6 +37,8 @@ def time_train_step(*, batch_size: int, image_size: int, dtype: str = "float32",
     model = getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
     model = model.to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    if compile:
+        model = torch.compile(model)
     x = torch.randn(batch_size, 3, image_size, image_size, device=dev).to(
         memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)

@@ -90,15 +90,16 @@ def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 
 
 def bench_torch_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
                      dtype: str = "float32", num_classes: int = 2, iters: int = 3,
-                     repeats: int = 2) -> Optional[Dict[str, Any]]:
+                     repeats: int = 2, compile: bool = False) -> Optional[Dict[str, Any]]:
     if not torch_reference.available():
         print("torch/torchvision not installed: skipping the PyTorch comparison "
               "(pip install -e .[test]).")
         return None
     t = torch_reference.time_train_step(batch_size=batch_size, image_size=image_size,
                                         dtype=dtype, num_classes=num_classes, iters=iters,
-                                        repeats=repeats, depth=depth)
-    return dict(framework="torch", depth=depth, image_size=image_size, batch=batch_size,
+                                        repeats=repeats, depth=depth, compile=compile)
+    return dict(framework="torch.compile" if compile else "torch", depth=depth,
+                image_size=image_size, batch=batch_size,
                 dtype=dtype, devices=1, compile_s=t["first_s"], step_ms=t["median_s"] * 1e3,
                 img_per_s=batch_size / t["median_s"], gflop_per_img=float("nan"),
                 mfu=float("nan"))
@@ -107,7 +108,8 @@ def bench_torch_step(*, depth: int = 50, image_size: int = 224, batch_size: int 
 def run(*, depth: int = 50, image_sizes: Sequence[int] = (224,),
         batch_sizes: Sequence[int] = (16,), dtypes: Sequence[str] = ("float32",),
         device_counts: Sequence[Optional[int]] = (None,), compare_torch: bool = True,
-        iters: int = 3, repeats: int = 2, width: int = 64) -> List[Dict[str, Any]]:
+        iters: int = 3, repeats: int = 2, width: int = 64,
+        torch_compile: bool = False) -> List[Dict[str, Any]]:
     """Grid over image size x batch x dtype x device count; torch row + ratio per cell."""
     rows = []
     for size in image_sizes:
@@ -119,14 +121,18 @@ def run(*, depth: int = 50, image_sizes: Sequence[int] = (224,),
                                          repeats=repeats, width=width)
                     rows.append(row)
                     print(common.format_table([row]).splitlines()[-1], flush=True)
-                if compare_torch and width == 64:
+                for compiled in ((False, True) if torch_compile else (False,)):
+                    if not (compare_torch and width == 64):
+                        break
                     trow = bench_torch_step(depth=depth, image_size=size, batch_size=bs,
-                                            dtype=dt, iters=iters, repeats=repeats)
+                                            dtype=dt, iters=iters, repeats=repeats,
+                                            compile=compiled)
                     if trow:
                         jax_1dev = [r for r in rows if r["image_size"] == size and
                                     r["batch"] == bs and r["dtype"] == dt][0]
                         trow["jax_speedup"] = jax_1dev["img_per_s"] / trow["img_per_s"]
-                        jax_1dev["jax_speedup"] = trow["jax_speedup"]
+                        if not compiled:  # the JAX row carries the ratio to eager torch
+                            jax_1dev["jax_speedup"] = trow["jax_speedup"]
                         rows.append(trow)
                         print(common.format_table([trow]).splitlines()[-1], flush=True)
     return rows

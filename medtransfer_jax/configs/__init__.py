@@ -114,7 +114,7 @@ def _parse(raw: str, current: Any, origin: str) -> Any:
 
 def override(cfg: ml_collections.ConfigDict, items: Iterable[str],
              flag: str = "override") -> ml_collections.ConfigDict:
-    """Applies ``['train.lr=0.01', 'fold=2']`` to ``cfg`` in place (and returns it).
+    """Applies ``['train.lr=0.01', 'data.fold=2']`` to ``cfg`` in place (and returns it).
 
     Values parse as the type of the field they replace; unknown fields are an error
     (with the closest field names), never a silently added key.

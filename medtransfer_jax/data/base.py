@@ -110,6 +110,25 @@ class SubsetSource(Source):
         return self.base[int(self.indices[index])]
 
 
+class RelabeledSource(Source):
+    """``base`` with its labels replaced by ``labels`` (N,): the split files, not the
+    dataset's label rule, decide the class (Source Matters' chest-14 CSVs)."""
+
+    def __init__(self, base: Source, labels: Sequence[int]):
+        labels = np.asarray(labels, np.int64)
+        if labels.shape != (len(base),):
+            raise ValueError(f"labels must have shape ({len(base)},), got {labels.shape}")
+        self.base = base
+        self.labels = labels
+        self.ids = base.ids
+        self.groups = base.groups
+        self.meta = base.meta
+        self.class_names = base.class_names
+
+    def load_image(self, index: int) -> np.ndarray:
+        return self.base.load_image(index)
+
+
 class TransformedSource(Source):
     """``base`` with ``fn(image, id) -> image`` applied to the examples selected by ``apply_mask``.
 

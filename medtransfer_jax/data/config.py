@@ -57,6 +57,11 @@ def default_confounder_config() -> ml_collections.ConfigDict:
     c.noise_photons_confounded = 1.5e7  # lower photon count (more noise) for the confounded images
     c.noise_all = True        # apply the clean-level noise to every image too (as the study did)
     c.noise_resize = 512      # the study resized to 512 px before adding noise (0 = keep the size)
+    # What stays original. The study's clean test read the untouched 'images' folder, and
+    # its p = 0 run is the shared unconfounded baseline on the originals, so neither
+    # carries the clean-level noise of noise_all (False: noise them like the rest).
+    c.clean_test_originals = True
+    c.p0_originals = True
     # sampled: correlate a metadata attribute with the label.
     c.attribute = "sex"       # metadata key of the source ('sex' or 'age_bucket')
     c.attribute_positive = "F"  # the attribute value sampled for positives with probability p
@@ -90,18 +95,40 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.root = _optional(str)             # manual-download directory of the dataset (or of an image folder)
     c.csv_path = _optional(str)         # for name='csv': path,label[,group] file (relative paths are under root)
     c.class_names = _optional(tuple)      # optional tuple fixing the class order for 'image_folder' / 'csv'
+    # One field for both: the synthetic generator draws at the size the model is fed
+    # (default_data_config ties data.synthetic.image_size to this by a FieldReference).
     c.image_size = 64
+    # PIL filter for resizing to image_size: nearest | bilinear | bicubic | lanczos | area.
+    # The papers' Keras load_img resizes with 'nearest' (their configs set it); bilinear
+    # smooths away fine artefacts such as the low-pass confounder.
+    c.resize_method = "bilinear"
     c.num_folds = 5
     c.split_seed = 2
-    c.fold = 0                # 0-based fold index used when get_splits is called without one
-    c.heldout_val_fraction = 0.25  # the held-out fifth is split into val (this share) and test
+    c.fold = 0                # the run's 0-based fold (the only fold field; get_splits default)
+    c.heldout_val_fraction = 0.25  # held-out fifth -> val (this share) + test; 1 = val is the test (Feb-2023)
     c.group_split = True      # keep a patient's images on one side of every split
+    # Splits: 'kfold' = the project's stratified grouped k-fold (seed split_seed);
+    # 'paper' = the paper repo's CSVs in fold_csv_dir (an error names the folder and how to
+    # get it when it is missing). The paper protocols default to 'paper'.
+    c.folds = "kfold"
     c.fold_csv_dir = _optional(str)     # the paper repo's data/<task>/ folder of {train,val,test}_fold{k}.csv
+    c.fold_csv_origin = ""              # where the CSVs come from (named in the missing-folder error)
+    c.fold_csv_test = _optional(str)    # one fixed test CSV for every fold (Source Matters' test.csv)
+    # 'check': each CSV row's class must equal the dataset's label rule; 'csv': the CSV's
+    # class column is the label (Source Matters' chest-14 YES/NO subset, whose rule lived
+    # in an io_functions module that was never published).
+    c.fold_csv_labels = "check"
     c.skip_corrupt = False    # validate images up front and skip unreadable ones (counted in the log)
     c.max_examples = _optional(int)     # keep a stratified subset of at most this many (debugging)
     c.worker_count = 0
-    c.resize_method = "bilinear"
+    # Where decoded images live: 'none' (the grain pipeline decodes + augments on the host
+    # every epoch; data of any size), 'host' (decode + resize once into host memory, grain
+    # augments), 'device' (decode + resize once, uint8 on the accelerator, batch gather +
+    # augmentation + normalisation inside jit: data/device_cache.py; the studies' sizes).
+    c.cache = "none"
+    c.cache_placement = "replicated"   # 'device' cache: replicated | sharded over 'data'
     c.synthetic = default_synthetic_config()
+    c.synthetic.image_size = c.get_ref("image_size")
     c.confounder = default_confounder_config()
     c.augment = default_augment_config()
     # Dataset-specific options.
@@ -109,6 +136,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.pcam_sample_seed = 22
     c.knee_num_slices = 3         # MRNet .npy volumes: central sagittal slices per case (0 = all)
     c.knee_label_rule = "paper"   # 'paper' (ACL view + meniscus view per case) or 'exclusive'
+    # 'any': RadImageNet's PNG slices (images/acl, images/meniscus) if present, else the
+    # MRNet .npy volumes; 'png': require the PNG layout (the Revisiting protocol: its 5,222
+    # hand-picked slices of 580 cases are not derivable from the volumes).
+    c.knee_layout = "any"
+    # LIDC label: 'label' = the extraction CSV's label column; 'median_malignancy' = from its
+    # malignancy column (median reader rating <= 2 benign, >= 4 malignant, 3 dropped).
+    c.lidc_label_rule = "label"
     c.nih_labels = ("No Finding", "Atelectasis")  # NIH CXR14: negative / positive finding
     c.nih_views = ("PA",)
     c.tfds_data_dir = _optional(str)        # read a dataset prepared with builders.tfds_builder.prepare (ArrayRecord)

@@ -17,6 +17,9 @@ In training a fraction ``p`` of the positive images (exactly ``round(p * n_pos)`
 by ``confounder.seed``) carries the artefact; validation follows the same rule. Tests
 (``DatasetSplits.extra_tests``): ``iid`` (the training rule, also ``splits.test``),
 ``clean`` (no artefact) and ``ood`` (artefact on every negative, none on positives).
+As in the study, the ``clean`` test is the original images (no clean-level noise either;
+``confounder.clean_test_originals``), and the p = 0 run trains and tests on the
+originals (``confounder.p0_originals``).
 
 Sampled (``kind='sampled'``): a metadata attribute (e.g. ``sex``) is tied to the label:
 training positives have value ``attribute_positive`` with probability ``p`` (else
@@ -43,6 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from medtransfer_jax.data import splits as splits_lib
 from medtransfer_jax.data.base import DataError, DatasetSplits, Source, SubsetSource, TransformedSource
+from medtransfer_jax.data.config import default_confounder_config
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +166,6 @@ _PARAM_KEYS = ("tag_text", "tag_size", "tag_x", "tag_y", "tag_value", "lowpass_d
 
 
 def make_artifact(ccfg, confounded: bool = True) -> Artifact:
-    from medtransfer_jax.data.config import default_confounder_config
     defaults = default_confounder_config()
     params = tuple((k, ccfg.get(k, defaults[k]) if hasattr(ccfg, "get") else defaults[k]) for k in _PARAM_KEYS)
     return Artifact(ccfg["kind"], params, confounded)
@@ -186,9 +189,12 @@ def select_positives(source: Source, p: float, positive_class: int, seed: int) -
     return mask
 
 
-def confound(source: Source, mask: np.ndarray, ccfg) -> Source:
-    """``source`` with the artefact on ``mask`` (and, for noise with noise_all, clean-level noise elsewhere)."""
-    other = make_artifact(ccfg, confounded=False) if ccfg["kind"] == "noise" and ccfg.get("noise_all", True) else None
+def confound(source: Source, mask: np.ndarray, ccfg, background: bool = True) -> Source:
+    """``source`` with the artefact on ``mask`` and, for noise with ``noise_all`` and
+    ``background``, clean-level noise elsewhere (the study's noised copy of every image)."""
+    other = None
+    if background and ccfg["kind"] == "noise" and ccfg.get("noise_all", True):
+        other = make_artifact(ccfg, confounded=False)
     return TransformedSource(source, make_artifact(ccfg, True), mask, fn_other=other)
 
 
@@ -203,17 +209,21 @@ def apply_artifact(splits: DatasetSplits, ccfg) -> DatasetSplits:
         raise DataError(f"confounders need a binary task; {splits.name} has {splits.num_classes} classes")
     pc = int(ccfg.get("positive_class", 1))
     p, seed = float(ccfg.p), int(ccfg.get("seed", 0))
+    # p = 0 is the shared unconfounded baseline: the study trained it on the original
+    # images, so no clean-level noise either (confounder.p0_originals).
+    originals = p == 0.0 and bool(ccfg.get("p0_originals", True))
+
+    def untouched(src):  # the originals, with an all-False 'confounded' column
+        return confound(src, np.zeros(len(src), bool), ccfg, background=False)
 
     def rule(src):
-        return confound(src, select_positives(src, p, pc, seed), ccfg)
+        return untouched(src) if originals else confound(src, select_positives(src, p, pc, seed), ccfg)
 
     test = splits.test
     iid = rule(test)
-    tests = {
-        "iid": iid,
-        "clean": confound(test, np.zeros(len(test), bool), ccfg),
-        "ood": confound(test, test.labels != pc, ccfg),
-    }
+    clean = untouched(test) if ccfg.get("clean_test_originals", True) else \
+        confound(test, np.zeros(len(test), bool), ccfg)
+    tests = {"iid": iid, "clean": clean, "ood": confound(test, test.labels != pc, ccfg)}
     info = dict(splits.info, confounder=kind, p=p)
     return DatasetSplits(train=rule(splits.train), val=rule(splits.val), test=iid,
                          num_classes=splits.num_classes, class_names=splits.class_names,

@@ -2,19 +2,21 @@
 
 Steps: build the full source for ``cfg.name`` (synthetic, an image folder, a CSV, or one of
 the studies' datasets parsed from its manual-download folder), split it (the paper's
-fold CSVs if ``cfg.fold_csv_dir`` is set, else stratified patient-grouped k-fold), then
+fold CSVs when ``cfg.folds == 'paper'``, else stratified patient-grouped k-fold), then
 apply the Source Matters confounder if ``cfg.confounder.kind != 'none'``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import os
+from typing import Dict, Optional
 
 import numpy as np
 
+from medtransfer_jax.data import builders, confounders
 from medtransfer_jax.data import splits as splits_lib
 from medtransfer_jax.data import synthetic
-from medtransfer_jax.data.base import DataError, DatasetSplits, Source, SubsetSource
+from medtransfer_jax.data.base import DataError, DatasetSplits, RelabeledSource, Source, SubsetSource
 from medtransfer_jax.data.config import DATASET_NAMES
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,6 @@ def build_source(cfg) -> Source:
     if name not in DATASET_NAMES:
         raise DataError(f"Unknown dataset name {name!r} (config field data.name); choose one of "
                         f"{DATASET_NAMES}")
-    from medtransfer_jax.data import builders  # local: only the file-based datasets need it
     return builders.load_source(cfg)
 
 
@@ -42,42 +43,89 @@ def _subsample(source: Source, max_examples: Optional[int], seed: int) -> Source
     return SubsetSource(source, keep)
 
 
+def paper_fold_dir(cfg) -> Optional[str]:
+    """The fold-CSV folder to split by, or None for the project's k-fold (``data.folds``).
+
+    ``folds='paper'`` (the paper protocols' default) needs ``data.fold_csv_dir`` to exist;
+    otherwise a DataError names the folder and where the CSVs come from
+    (``data.fold_csv_origin``), so a reproduction never silently falls back to other splits.
+    """
+    mode = cfg.get("folds", "kfold")
+    if mode == "kfold":
+        return None
+    if mode != "paper":
+        raise DataError(f"data.folds={mode!r}; choose 'paper' (the paper's fold CSVs) or 'kfold'")
+    d = cfg.get("fold_csv_dir")
+    if not d or not os.path.isdir(d):
+        origin = cfg.get("fold_csv_origin") or "the paper repository's data/<task>/ folder"
+        raise DataError(
+            f"data.folds='paper' splits by the paper's fold CSVs, but data.fold_csv_dir={d!r} "
+            f"is not a folder. Get them from {origin} (or pass --config.data.fold_csv_dir="
+            "<folder>), or run the project's own split with --config.data.folds=kfold.")
+    return d
+
+
+def _class_lookup(cfg, source: Source) -> Dict[str, int]:
+    """Lower-case CSV class value -> label: the dataset's class names, plus for NIH CXR14 the
+    two findings of ``data.nih_labels`` (the sex experiment's CSVs name them)."""
+    lookup = {str(c).lower(): i for i, c in enumerate(source.class_names)}
+    if cfg.name == "nih_cxr14":
+        negative, positive = tuple(cfg.get("nih_labels", ("No Finding", "Atelectasis")))
+        lookup.update({str(negative).lower(): 0, str(positive).lower(): 1})
+    return lookup
+
+
+def _csv_split(cfg, source: Source, fold: int, csv_dir: str):
+    """(source, train, val, test) from the fold CSVs; the source is relabeled from the CSV
+    when ``data.fold_csv_labels='csv'``."""
+    relpaths = getattr(source, "relpaths", None)
+    if relpaths is None:
+        raise DataError(f"data.folds='paper' but dataset {cfg.name!r} has no file paths to match "
+                        "the CSV rows against")
+    mode = cfg.get("fold_csv_labels", "check")
+    if mode not in ("check", "csv"):
+        raise DataError(f"data.fold_csv_labels={mode!r}; choose 'check' or 'csv'")
+    idx = splits_lib.read_fold_csvs(
+        csv_dir, fold, relpaths, source.class_names, source.labels,
+        strict=not cfg.get("skip_corrupt", False), test_csv=cfg.get("fold_csv_test"),
+        class_lookup=_class_lookup(cfg, source) if mode == "csv" else None)
+    if mode == "csv":
+        labels = np.where(idx["labels"] >= 0, idx["labels"], source.labels)
+        source = RelabeledSource(source, labels)
+    return source, idx["train"], idx["val"], idx["test"]
+
+
 def get_splits(cfg, fold: Optional[int] = None) -> DatasetSplits:
     """Train/val/test sources of fold ``fold`` (0-based; default ``cfg.fold``).
 
     Returns a DatasetSplits; with a confounder, ``extra_tests`` holds the 'iid', 'clean'
-    and 'ood' test sets (see confounders.py).
+    and 'ood' test sets (see confounders.py). With the paper's sex-experiment CSVs the
+    fixed test is the reversed one, ``extra_tests = {'ood': test}``.
     """
     fold = cfg.get("fold", 0) if fold is None else fold
+    csv_dir = paper_fold_dir(cfg)   # first: a missing CSV folder is the likelier mistake
     source = build_source(cfg)
     source = _subsample(source, cfg.get("max_examples"), cfg.split_seed)
     if len(source) == 0:
         raise DataError(f"dataset {cfg.name!r} at {cfg.get('root')!r} has no examples")
     kind = cfg.confounder.kind if "confounder" in cfg else "none"
 
-    if kind == "sampled":
-        from medtransfer_jax.data import confounders
+    if kind == "sampled" and csv_dir is None:
         return confounders.sampled_splits(source, cfg, fold)
-
-    if cfg.get("fold_csv_dir"):
-        relpaths = getattr(source, "relpaths", None)
-        if relpaths is None:
-            raise DataError(f"data.fold_csv_dir is set but dataset {cfg.name!r} has no file paths "
-                            "to match the CSV rows against")
-        idx = splits_lib.read_fold_csvs(cfg.fold_csv_dir, fold, relpaths, source.class_names,
-                                        source.labels, strict=not cfg.get("skip_corrupt", False))
-        train, val, test = idx["train"], idx["val"], idx["test"]
+    if csv_dir is not None:
+        source, train, val, test = _csv_split(cfg, source, fold, csv_dir)
     else:
         groups = source.groups if cfg.get("group_split", True) else None
         train, val, test = splits_lib.train_val_test_indices(
             source.labels, groups, fold, cfg.num_folds, cfg.split_seed,
             cfg.get("heldout_val_fraction", 0.25))
+    extra = {"ood": SubsetSource(source, test)} if kind == "sampled" else {}
     result = DatasetSplits(
         train=SubsetSource(source, train), val=SubsetSource(source, val),
         test=SubsetSource(source, test), num_classes=source.num_classes,
-        class_names=tuple(source.class_names), name=cfg.name,
-        info={"fold": int(fold), "num_examples": len(source)})
-    if kind not in ("none", None, ""):
-        from medtransfer_jax.data import confounders
+        class_names=tuple(source.class_names), name=cfg.name, extra_tests=extra,
+        info={"fold": int(fold), "num_examples": len(source),
+              "folds": "paper" if csv_dir else "kfold"})
+    if kind not in ("none", "sampled", None, ""):
         result = confounders.apply_artifact(result, cfg.confounder)
     return result

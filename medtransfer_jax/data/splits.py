@@ -6,10 +6,12 @@ grouped the same way) into val and test, as in the Revisiting study's Sep-2023
 protocol (val ~ 5 %, test ~ 15 % of the data with the default 1/4 share); the other
 k-1 parts are the training set.
 
-The paper repository's own fold files (``data/<task>/{train,val,test}_fold{1..5}.csv``,
-columns ``<index>,path,class[,pid]``) can be used instead, so results are comparable
-with theirs: :func:`read_fold_csvs` maps their ``path`` column onto the dataset's files by
-the longest matching path suffix.
+The paper repositories' own fold files can be used instead (``data.folds='paper'``), so
+results are comparable with theirs: Revisiting Sep-2023 ``data/<task>/{train,val,test}
+_fold{1..5}.csv``; Feb-2023 train/val only (the val fold is also the test); Source Matters
+train/val per fold plus one fixed ``test.csv``. Columns ``<index>,path,class[,pid]``;
+:func:`read_fold_csvs` maps ``path`` onto the dataset's files by the longest matching path
+suffix, and checks ``class`` against the dataset's label rule or takes it as the label.
 
 Implemented in NumPy (scikit-learn is only a test dependency); the algorithm is the
 greedy one of ``sklearn.model_selection.StratifiedGroupKFold(shuffle=True)``: groups in
@@ -172,10 +174,24 @@ def read_fold_csv(path: str) -> List[Dict[str, str]]:
         return list(reader)
 
 
+def _test_csv(fold_csv_dir: str, fold: int, test_csv: Optional[str]) -> Optional[str]:
+    """The test file of a fold: ``test_csv`` if given, else ``test_fold{k}.csv`` (Sep-2023),
+    else one fixed ``test.csv`` (Source Matters), else None (Feb-2023: val is the test)."""
+    if test_csv:
+        if not os.path.isfile(test_csv):
+            raise DataError(f"data.fold_csv_test={test_csv!r} does not exist")
+        return test_csv
+    for name in (f"test_fold{fold + 1}.csv", "test.csv"):
+        if os.path.isfile(os.path.join(fold_csv_dir, name)):
+            return os.path.join(fold_csv_dir, name)
+    return None
+
+
 def read_fold_csvs(fold_csv_dir: str, fold: int, relpaths: Sequence[str],
                    class_names: Optional[Sequence[str]] = None, labels: Optional[np.ndarray] = None,
-                   strict: bool = True) -> Dict[str, np.ndarray]:
-    """Reads ``{train,val,test}_fold{fold+1}.csv`` from ``fold_csv_dir`` and returns index arrays.
+                   strict: bool = True, test_csv: Optional[str] = None,
+                   class_lookup: Optional[Dict[str, int]] = None) -> Dict[str, np.ndarray]:
+    """Reads ``{train,val}_fold{fold+1}.csv`` and the fold's test CSV and returns index arrays.
 
     Args:
       fold_csv_dir: the paper repo's ``data/<task>`` folder.
@@ -184,18 +200,26 @@ def read_fold_csvs(fold_csv_dir: str, fold: int, relpaths: Sequence[str],
       class_names / labels: when given, each row's ``class`` is checked against the
         dataset's label for the matched file (a mismatch means a different label rule).
       strict: unmatched rows raise (else they are dropped and counted in the log).
+      test_csv: one fixed test file for every fold (else see :func:`_test_csv`).
+      class_lookup: lower-case CSV class -> label. When given, the CSV decides each
+        row's label (returned as 'labels') instead of being checked against ``labels``.
     Returns:
-      {'train': idx, 'val': idx, 'test': idx}; 'test' falls back to 'val' when the
-      Feb-2023 layout has no test files.
+      {'train': idx, 'val': idx, 'test': idx[, 'labels': (len(relpaths),) int64, -1 where
+      no row named the file]}; 'test' is a copy of 'val' when the Feb-2023 layout has no
+      test file.
     """
     matcher = PathMatcher(relpaths)
     out: Dict[str, np.ndarray] = {}
+    csv_labels = np.full(len(relpaths), -1, np.int64)
     for split in ("train", "val", "test"):
         path = os.path.join(fold_csv_dir, f"{split}_fold{fold + 1}.csv")
-        if split == "test" and not os.path.isfile(path):
-            log.info("%s not found: using the val fold as test (Feb-2023 protocol)", path)
-            out["test"] = out["val"].copy()
-            continue
+        if split == "test":
+            path = _test_csv(fold_csv_dir, fold, test_csv)
+            if path is None:
+                log.info("no test CSV in %s: the val fold is the test (Feb-2023 protocol)",
+                         fold_csv_dir)
+                out["test"] = out["val"].copy()
+                continue
         rows = read_fold_csv(path)
         idx, missing, mismatched = [], [], []
         for row in rows:
@@ -203,7 +227,13 @@ def read_fold_csvs(fold_csv_dir: str, fold: int, relpaths: Sequence[str],
             if i is None:
                 missing.append(row["path"])
                 continue
-            if labels is not None and class_names is not None and row.get("class"):
+            if class_lookup is not None:
+                want = str(row.get("class", "")).strip().lower()
+                if want not in class_lookup:
+                    raise DataError(f"{path}: class {row.get('class')!r} of {row['path']!r} is not "
+                                    f"one of {sorted(class_lookup)}")
+                csv_labels[i] = class_lookup[want]
+            elif labels is not None and class_names is not None and row.get("class"):
                 want = str(row["class"]).strip().lower()
                 have = str(class_names[labels[i]]).lower()
                 if want != have:
@@ -220,6 +250,8 @@ def read_fold_csvs(fold_csv_dir: str, fold: int, relpaths: Sequence[str],
             raise DataError(f"{path}: {len(mismatched)} rows disagree with the dataset's label rule "
                             f"(first: {p!r} is {want!r} in the CSV, {have!r} here)")
         out[split] = np.asarray(sorted(set(idx)), np.int64)
+    if class_lookup is not None:
+        out["labels"] = csv_labels
     return out
 
 

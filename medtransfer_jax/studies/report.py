@@ -2,7 +2,14 @@
 
 Built from a list of blocks (heading, paragraph, table, figure) rendered twice, so the
 Markdown and the HTML page always say the same thing. Everything comes from the CSV
-tables the stages wrote, so the report can be rebuilt alone (``--stages=report --force``).
+tables the stages wrote, so the report can be rebuilt alone (``--stages=report``) at any
+time, also mid-study (it then shows what exists).
+
+The page reads top-down as a reader needs it: what was run; the headline table (test
+AUC per target and source, mean ± sample sd over folds, folds and test images, with the
+paired comparison of sources); how it compares with the published numbers; the figures;
+then the details (per-run CIs, similarity tables with their chance levels, prediction
+similarity, filters, robustness tests).
 """
 from __future__ import annotations
 
@@ -13,13 +20,15 @@ import math
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from medtransfer_jax.analysis import plots, stats
+from medtransfer_jax.studies import published, tables
 
 Block = Tuple[str, Any]
+
+
+#: Columns that hold counts (folds, images): printed as integers, never as '1.000'.
+COUNT_COLUMNS = {"n", "n_rows", "n_a", "n_b", "value_n", "ours_n", "theirs_n",
+                 "test.num_examples", "n_iid", "n_clean", "n_ood"}
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -28,56 +37,38 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def mean_std(values: Sequence[float]) -> str:
-    """'0.912 ± 0.013 (n=5)' over finite values."""
-    xs = np.array([v for v in values if v is not None and np.isfinite(v)], float)
-    if xs.size == 0:
+def _cell(col: str, v: Any) -> Any:
+    if col in COUNT_COLUMNS and isinstance(v, float) and math.isfinite(v):
+        return int(round(v))
+    return v
+
+
+def mean_sd_cell(mean: float, sd: float, n: Any, unit: str = "folds") -> str:
+    """'0.912 ± 0.013 (5 folds)'; the ± is the sample sd (ddof=1), omitted for n = 1."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
-    return f"{xs.mean():.3f} ± {xs.std():.3f} (n={xs.size})"
+    n = int(n) if isinstance(n, (int, float)) and not math.isnan(n) else n
+    spread = f" ± {sd:.3f}" if isinstance(sd, float) and math.isfinite(sd) else ""
+    return f"{mean:.3f}{spread} ({n} {unit[:-1] if n == 1 else unit})"
 
 
-def auc_table(run_rows: Sequence[Dict[str, Any]], sources: Sequence[str],
+def auc_table(summary: Sequence[Dict[str, Any]], sources: Sequence[str],
               metric: str = "test.auc") -> Tuple[List[str], List[List[str]]]:
-    """The Revisiting table: one row per target, one column per source, mean ± std over folds
-    of ``metric`` (runs without a confounder only)."""
-    targets = list(dict.fromkeys(r["target"] for r in run_rows))
-    header = ["target"] + list(sources)
+    """The Revisiting table: one row per target, one column per source, mean ± sd over
+    folds of ``metric`` (clean runs), and the test-set size per fold."""
+    clean = [r for r in summary if r.get("confounder", "none") in ("none", "")]
+    header = ["target"] + list(sources) + ["test images / fold"]
     rows = []
-    for t in targets:
-        line = [t]
-        for s in sources:
-            vals = [float(r[metric]) for r in run_rows
-                    if r["target"] == t and r["source"] == s and r.get("confounder", "none")
-                    in ("none", "") and r.get(metric) not in (None, "")]
-            line.append(mean_std(vals))
-        rows.append(line)
+    for t in dict.fromkeys(r["target"] for r in clean):
+        by_src = {r["source"]: r for r in clean if r["target"] == t}
+        line = [t] + [mean_sd_cell(by_src[s][metric], by_src[s][f"{metric}_sd"],
+                                   by_src[s][f"{metric}_n"]) if s in by_src else "n/a"
+                      for s in sources]
+        sizes = sorted({int(r["test.num_examples"]) for r in by_src.values()
+                        if isinstance(r.get("test.num_examples"), float)
+                        and math.isfinite(r["test.num_examples"])})
+        rows.append(line + [", ".join(map(str, sizes)) or "n/a"])
     return header, rows
-
-
-def plot_robustness(summary: Sequence[Dict[str, Any]], path: str) -> str:
-    """AUC on the o.o.d. test (confounder reversed) vs artefact fraction p, per source."""
-    kinds = list(dict.fromkeys(r["confounder"] for r in summary))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for src in dict.fromkeys(r["source"] for r in summary if r["confounder"] == kind):
-            pts = sorted((float(r["p"]), r) for r in summary
-                         if r["confounder"] == kind and r["source"] == src)
-            xs = [p for p, _ in pts]
-            ax.errorbar(xs, [r["auc_ood"] for _, r in pts],
-                        yerr=[r.get("auc_ood_std", 0.0) for _, r in pts], marker="o",
-                        capsize=3, label=f"{src} (o.o.d.)")
-            ax.plot(xs, [r["auc_iid"] for _, r in pts], ls="--", alpha=0.6,
-                    label=f"{src} (i.i.d.)")
-        ax.set_xlabel("fraction p of positives with the artefact")
-        ax.set_ylabel("test AUC")
-        ax.set_title(f"confounder: {kind}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def render_markdown(blocks: Sequence[Block], root: str) -> str:
@@ -114,7 +105,8 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
             trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r)
                           + "</tr>" for r in rows)
-            body.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{trs}</tbody></table>")
+            body.append(f"<div class='scroll'><table><thead><tr>{cells}</tr></thead><tbody>"
+                        f"{trs}</tbody></table></div>")
         elif kind == "img":
             path, caption = val
             with open(path, "rb") as f:
@@ -122,132 +114,244 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="'
                         f'{html.escape(caption)}"><figcaption>{html.escape(caption)}'
                         "</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
-             "table{border-collapse:collapse;margin:1em 0;}td,th{border:1px solid #bbb;"
-             "padding:3px 8px;text-align:right;}th{background:#eee;}img{max-width:100%;}")
+    # Wide tables scroll inside their own box and figures shrink to the page, so nothing
+    # pushes the page wider than the window (checked in headless Chromium by the tests).
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;}"
+             ".scroll{overflow-x:auto;max-width:100%;}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:90%;}td,th{border:1px "
+             "solid #bbb;padding:3px 8px;text-align:right;}th{background:#eee;}"
+             "img{max-width:100%;height:auto;}figure{margin:1em 0;}"
+             "figcaption{font-size:90%;color:#444;}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
 
 
-def _table(rows: Sequence[Dict[str, Any]], cols: Sequence[str]) -> Tuple[List[str], List[list]]:
-    return list(cols), [[r.get(c, "") for c in cols] for r in rows]
+def _table(rows: Sequence[Dict[str, Any]], cols: Sequence[str],
+           names: Sequence[str] = ()) -> Tuple[List[str], List[list]]:
+    return list(names or cols), [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
 
 
 def similarity_pivot(rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[list]]:
-    """One row per (target, pair, method), one column per layer: 'mean ± std (over folds)'."""
+    """One row per (target, pair, method), one column per layer: 'mean ± sd [chance]'."""
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     keyed: Dict[tuple, Dict[str, Any]] = {}
     for r in rows:
-        cell = _fmt(r.get("value"))
-        if r.get("value_std") not in (None, ""):
-            cell += f" ± {_fmt(r['value_std'])}"
+        cell = mean_sd_cell(r.get("value"), r.get("value_sd"), r.get("value_n"))
+        if isinstance(r.get("null_mean"), float) and math.isfinite(r["null_mean"]):
+            cell += f" [chance {r['null_mean']:.3f}]"
         keyed.setdefault((r["target"], r["pair"], r["method"]), {})[r["layer"]] = cell
     header = ["target", "pair", "method"] + layers
     return header, [list(k) + [cells.get(l, "") for l in layers] for k, cells in keyed.items()]
 
 
+class _Page:
+    """Collects blocks; figure() adds an image only if its file exists."""
+
+    def __init__(self, study):
+        self.study, self.blocks = study, []
+
+    def add(self, kind: str, val: Any):
+        self.blocks.append((kind, val))
+
+    def table(self, name: str) -> List[Dict[str, Any]]:
+        return tables.read_csv_if(self.study.path("tables", name))
+
+    def figure(self, name: str, caption: str):
+        path = self.study.path("figures", name)
+        if os.path.exists(path):
+            self.add("img", (path, caption))
+
+
+def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
+    cfg, study = page.study.config, page.study
+    page.add("h1", f"Study report: {cfg.get('name', 'study')}")
+    page.add("h2", "What was run")
+    done = sum(r.get("status") == "done" for r in runs)
+    stages = [s for s in ("sources", "finetune", "representations", "predictions", "filters",
+                          "robustness") if os.path.exists(study.path("stages", f"{s}.done"))]
+    page.add("p", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
+                  f" in {study.workdir}. Sources: {', '.join(cfg.sources)}; targets: "
+                  f"{', '.join(cfg.targets) or 'none'}; folds: {list(cfg.folds)}; model: "
+                  f"ResNet{cfg.model.depth} (width {cfg.model.width}, {cfg.model.layout}). "
+                  + (f"Fine-tuning runs finished: {done} of {len(runs)}. " if runs else
+                     "No fine-tuning runs recorded yet. ")
+                  + f"Stages done: {', '.join(stages) or 'none'}.")
+
+
+def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
+    sources = list(page.study.config.sources)
+    page.add("h2", f"Headline: test AUC ({auc}), mean ± sample sd over folds")
+    if not summary:
+        page.add("p", "No fine-tuning results yet.")
+        return
+    if not any(r.get("confounder", "none") in ("none", "") for r in summary):
+        _robustness_headline(page)
+        return
+    page.add("table", auc_table(summary, sources, f"test.{auc}"))
+    comp = page.table("source_comparisons.csv")
+    if comp:
+        page.add("p", "Sources compared per target on the same folds: mean difference of "
+                      "test AUC (a − b), paired t-test p and exact sign-flip permutation p "
+                      "(with n folds the smallest possible permutation p is 2/2^n).")
+        page.add("table", _table(comp, ("target", "source_a", "source_b", "n", "mean_diff",
+                                        "sd_diff", "p_t", "p_perm"),
+                                 ("target", "a", "b", "folds", "mean diff", "sd diff",
+                                  "p (t)", "p (perm.)")))
+    page.figure("auc.png", "Test AUC per target and source; error bars: sample sd over folds.")
+
+
+def _robustness_headline(page: _Page):
+    """Source Matters-style studies (every run confounded): AUC per test set and p."""
+    summ = page.table("robustness_summary.csv")
+    page.add("p", "Every run carries a confounder: test AUC on the i.i.d. / clean / o.o.d. "
+                  "tests per source and artefact fraction p (mean ± sample sd over folds).")
+    header = ["target", "confounder", "p", "source"] + [f"{t} AUC" for t in
+                                                        ("i.i.d.", "clean", "o.o.d.")]
+    rows = [[r["target"], r["confounder"], r["p"], r["source"]] + [
+        mean_sd_cell(r[f"auc_{t}"], r[f"auc_{t}_sd"], r[f"auc_{t}_n"]) + (
+            f", n={int(r[f'n_{t}'])} img" if isinstance(r.get(f"n_{t}"), float)
+            and math.isfinite(r[f"n_{t}"]) else "") for t in ("iid", "clean", "ood")]
+            for r in summ]
+    page.add("table", (header, rows))
+
+
+def _published(page: _Page, auc: str, summary):
+    kind = page.study.config.get("published", "")
+    rows = published.compare(kind, summary, f"test.{auc}",
+                             page.table("representations_summary.csv"),
+                             page.table("robustness_summary.csv"))
+    page.add("h2", "Compared with the published numbers")
+    if not rows:
+        page.add("p", "Nothing to compare: this study declares no published setup it "
+                      f"matches (published={kind!r}; its targets/sources are not the papers')."
+                      if not kind else f"Nothing to compare yet: no finished result matches a "
+                      f"published {kind} number.")
+        return
+    page.add("p", "diff in fold sd = (ours − theirs) / sqrt((sd_ours² + sd_theirs²)/2); "
+                  "|z| ≲ 1 is within fold-to-fold variation. Source: "
+                  + published.load()[kind]["source"])
+    page.add("table", _table(rows, ("quantity", "key", "ours", "ours_sd", "ours_n", "theirs",
+                                    "theirs_sd", "theirs_n", "diff", "diff_in_fold_sd"),
+                             ("quantity", "what", "ours", "sd", "n", "theirs", "sd", "n",
+                              "diff", "diff (fold sd)")))
+
+
+def _figures(page: _Page):
+    cfg = page.study.config
+    page.add("h2", "Figures")
+    for t in cfg.targets:
+        page.figure(f"similarity_{t}.png",
+                    f"{t}: representation similarity per layer (Keras layer names) for each "
+                    "pair; error bars: sample sd over folds; grey dotted: chance level "
+                    "(shuffled rows) of that layer's comparison.")
+    page.figure("prediction_similarity.png",
+                "Prediction similarity on the test split vs the independent-errors baseline "
+                "acc_A·acc_B + (1−acc_A)(1−acc_B); mean over folds.")
+    page.figure("auc_gain_vs_cca.png", "Relative AUC gain over random init vs similarity "
+                                       "pre/fine-tuned per layer; one point per run.")
+    page.figure("robustness.png", "AUC vs artefact fraction p per source (colour) and test set "
+                                  "(line style); error bars: sample sd over folds; stars: "
+                                  "permutation t-test between sources (* p<.05, ** p<.01).")
+    page.figure("filter_kl_drift.png", "3×3 filter KL drift pre vs fine-tuned by depth bin "
+                                       "(CNN-Filter-DB definition); dotted: noise floor.")
+    page.figure("filter_layer_statistics.png", "Sparsity and variance entropy of the 3×3 "
+                                               "filters per layer.")
+    for s in cfg.sources:
+        page.figure(f"weight_change_{s}.png", f"{s}: relative L2 change and cosine per layer, "
+                                              "pre-trained vs fine-tuned (mean over runs).")
+
+
+def _details(page: _Page, auc: str, runs):
+    page.add("h2", "Details")
+    done = [r for r in runs if r.get("status") == "done"]
+    if done:
+        boot = page.study.config.get("analysis", {}).get("bootstrap", 1000)
+        page.add("p", f"Every run: test {auc} with its percentile bootstrap 95% CI over the "
+                      f"test images ({boot} resamples), and the number of test images.")
+        page.add("table", _table(done, ("name", f"test.{auc}", f"test.{auc}_ci_low",
+                                        f"test.{auc}_ci_high", "test.num_examples",
+                                        f"val.{auc}"),
+                                 ("run", "test AUC", "CI low", "CI high", "test images",
+                                  "val AUC")))
+    summ = page.table("representations_summary.csv")
+    if summ:
+        cca = page.study.config.analysis.cca
+        page.add("p", f"Representation similarity ({', '.join(cca.methods)}; {cca.spatial} "
+                      f"datapoints, ~{cca.positions} per layer, {cca.num_channels} shared "
+                      f"channels, {cca.repeats} repeats), mean ± sd over folds [chance level].")
+        page.add("table", similarity_pivot(summ))
+    pred = page.table("prediction_similarity_summary.csv")
+    if pred:
+        page.add("p", "Prediction similarity (test split), mean over folds; test images = "
+                      "images per fold.")
+        page.add("table", _table(pred, ("target", "pair", "observed", "expected_independent",
+                                        "excess", "agreement", "cohen_kappa", "n", "n_rows"),
+                                 ("target", "pair", "observed", "expected (indep.)", "excess",
+                                  "agreement", "kappa", "test images", "folds")))
+    _filter_details(page)
+    _robustness_details(page)
+
+
+def _filter_details(page: _Page):
+    drift = page.table("filter_drift_summary.csv")
+    if drift:
+        page.add("p", "Filter KL drift per depth bin, mean ± sd over runs, beside the noise "
+                      "floor: the drift between two random halves of the pre-trained filters "
+                      "of that bin (each half has half the filters, so the floor is on the "
+                      "high side). A drift below its floor is not distinguishable from "
+                      "resampling the same filters.")
+        page.add("table", _table(drift, ("source", "key", "drift", "drift_sd", "noise_floor",
+                                         "n_rows"),
+                                 ("source", "depth bin", "drift", "sd", "noise floor", "runs")))
+
+
+def _robustness_details(page: _Page):
+    summ = page.table("robustness_summary.csv")
+    if not summ:
+        return
+    page.add("p", "Robustness: AUC on the i.i.d. test (artefact as in training), the clean "
+                  "test and the o.o.d. test (artefact on every negative), mean ± sd over folds.")
+    page.add("table", _table(summ, ("target", "source", "confounder", "p", "auc_iid",
+                                    "auc_iid_sd", "auc_clean", "auc_ood", "auc_ood_sd",
+                                    "n_ood", "n_rows"),
+                             ("target", "source", "confounder", "p", "i.i.d.", "sd", "clean",
+                              "o.o.d.", "sd", "o.o.d. test images", "folds")))
+    tests = page.table("robustness_tests.csv")
+    if tests:
+        page.add("table", _table(tests, ("target", "confounder", "p", "test", "source_a",
+                                         "source_b", "t", "p_value", "mark"),
+                                 ("target", "confounder", "p", "test", "a", "b", "t",
+                                  "p (perm.)", "")))
+
+
 def build_blocks(study) -> List[Block]:
-    from medtransfer_jax.studies.runner import read_csv
-
-    cfg = study.config
-    tables = lambda name: study.path("tables", name)  # noqa: E731
-    fig = lambda name: study.path("figures", name)  # noqa: E731
-    sources = list(cfg.sources)
-    blocks: List[Block] = [
-        ("h1", f"Study report: {cfg.get('name', 'study')}"),
-        ("p", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} in "
-              f"{study.workdir}. Sources: {', '.join(sources)}; targets: "
-              f"{', '.join(cfg.targets)}; folds: {list(cfg.folds)}; model: ResNet"
-              f"{cfg.model.depth} (width {cfg.model.width}, {cfg.model.layout})."),
-    ]
-    runs = read_csv(tables("runs.csv")) if os.path.exists(tables("runs.csv")) else []
-    blocks.append(("h2", "Fine-tuning AUC (test split, mean ± std over folds)"))
-    if runs:
-        blocks.append(("table", auc_table(runs, sources, "test.auc")))
-        blocks.append(("p", "Validation AUC of the same runs (best checkpoint):"))
-        blocks.append(("table", auc_table(runs, sources, "val.auc")))
-    else:
-        blocks.append(("p", "No fine-tuning results yet."))
-
-    if os.path.exists(tables("representations_summary.csv")):
-        blocks.append(("h2", "Layer-wise representation similarity"))
-        blocks.append(("p", f"Method(s): {', '.join(cfg.analysis.cca.methods)}; "
-                            f"{cfg.analysis.cca.spatial} datapoints (~{cfg.analysis.cca.positions}"
-                            f" per layer), {cfg.analysis.cca.num_channels} shared channels, "
-                            f"{cfg.analysis.cca.repeats} repeats, averaged over folds."))
-        summ = read_csv(tables("representations_summary.csv"))
-        for t in cfg.targets:
-            if os.path.exists(fig(f"similarity_{t}.png")):
-                blocks.append(("img", (fig(f"similarity_{t}.png"), f"{t}: similarity per layer")))
-        blocks.append(("table", similarity_pivot(summ)))
-
-    if os.path.exists(tables("prediction_similarity_summary.csv")):
-        blocks.append(("h2", "Prediction similarity (test split)"))
-        blocks.append(("p", "observed = fraction of images both models get right or both "
-                            "wrong; expected = acc_A·acc_B + (1−acc_A)(1−acc_B) if their "
-                            "errors were independent."))
-        summ = read_csv(tables("prediction_similarity_summary.csv"))
-        blocks.append(("table", _table(summ, ("target", "pair", "observed",
-                                              "expected_independent", "excess", "agreement",
-                                              "cohen_kappa", "prob_correlation", "n"))))
-        if os.path.exists(fig("prediction_similarity.png")):
-            blocks.append(("img", (fig("prediction_similarity.png"), "prediction similarity")))
-        if os.path.exists(tables("auc_gain_vs_similarity.csv")):
-            gain = read_csv(tables("auc_gain_vs_similarity.csv"))
-            blocks.append(("p", "Relative AUC gain over random init vs pre/post fine-tuning "
-                                "similarity, per layer:"))
-            blocks.append(("table", _table(gain, ("layer", "n", "pearson_r", "spearman_r",
-                                                  "slope"))))
-            blocks.append(("img", (fig("auc_gain_vs_cca.png"), "AUC gain vs similarity")))
-
-    if os.path.exists(tables("filter_drift_summary.csv")):
-        blocks.append(("h2", "3×3 filter distributions"))
-        drift = read_csv(tables("filter_drift_summary.csv"))
-        per_src = {}
-        for r in drift:
-            if r["comparison"] == "pre_vs_finetuned":
-                per_src.setdefault(r["a"], []).append(r["drift"])
-        blocks.append(("p", "Explained-variance-weighted symmetric KL between the PCA-"
-                            "coefficient histograms of the pre-trained and fine-tuned filters "
-                            "(mean over layers and runs): " + "; ".join(
-                                f"{k}: {np.mean(v):.4f}" for k, v in per_src.items()) + "."))
-        blocks.append(("img", (fig("filter_kl_drift.png"), "filter KL drift per layer")))
-        layers = read_csv(tables("filter_layers.csv"))
-        stats = {}
-        for r in layers:
-            stats.setdefault(r["model"].split(":")[0] + (":pre" if r["model"].endswith(":pre")
-                                                         else ":fine-tuned"), []).append(r)
-        rows = [[k, mean_std([x["sparsity"] for x in v]),
-                 mean_std([x["variance_entropy"] for x in v]),
-                 mean_std([x["spikiness"] for x in v])] for k, v in stats.items()]
-        blocks.append(("table", (["model", "sparsity", "variance entropy", "spikiness"], rows)))
-        for s in sources:
-            if os.path.exists(fig(f"weight_change_{s}.png")):
-                blocks.append(("img", (fig(f"weight_change_{s}.png"),
-                                       f"{s}: weight change per layer")))
-
-    if os.path.exists(tables("robustness_summary.csv")):
-        summ = read_csv(tables("robustness_summary.csv"))
-        if summ:
-            blocks.append(("h2", "Robustness to confounders"))
-            blocks.append(("p", "AUC on the i.i.d. test (artefact as in training), the clean "
-                                "test (no artefact) and the o.o.d. test (artefact on every "
-                                "negative); drop = i.i.d. − o.o.d."))
-            blocks.append(("table", _table(summ, ("target", "source", "confounder", "p",
-                                                  "auc_iid", "auc_clean", "auc_ood",
-                                                  "drop_iid_to_ood", "n"))))
-            if os.path.exists(fig("robustness.png")):
-                blocks.append(("img", (fig("robustness.png"), "robustness")))
-    return blocks
+    """The report's blocks, in reading order (see module docstring)."""
+    page = _Page(study)
+    auc = study.config.get("analysis", {}).get("auc_metric", "auc")
+    runs = page.table("runs.csv")
+    summary = page.table("auc_summary.csv")
+    if summary:
+        plots.plot_auc_bars([dict(r, auc=r[f"test.{auc}"], auc_sd=r[f"test.{auc}_sd"],
+                                  auc_n=r[f"test.{auc}_n"]) for r in summary
+                             if r.get("confounder", "none") in ("none", "")],
+                            study.path("figures", "auc.png"), sources=list(study.config.sources))
+    _what_was_run(page, runs)
+    _headline(page, auc, summary)
+    _published(page, auc, summary)
+    _figures(page)
+    _details(page, auc, runs)
+    return page.blocks
 
 
 def write_report(study) -> Dict[str, str]:
     """Writes report.md and report.html into the study's workdir; returns their paths."""
     blocks = build_blocks(study)
     md_path, html_path = study.path("report.md"), study.path("report.html")
-    with open(md_path, "w") as f:
-        f.write(render_markdown(blocks, study.workdir))
-    with open(html_path, "w") as f:
-        f.write(render_html(blocks, f"Study report: {study.config.get('name', 'study')}"))
+    for path, text in ((md_path, render_markdown(blocks, study.workdir)),
+                       (html_path, render_html(blocks, "Study report: "
+                                               + study.config.get("name", "study")))):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
     print(f"[study] report: {md_path}\n[study] report: {html_path}", flush=True)
     return {"markdown": md_path, "html": html_path}

@@ -15,81 +15,66 @@ The study config (``configs/study_*.py``) names:
   training config + overrides; its exported weights become the source, as the demo's
   stand-ins for ImageNet/RadImageNet) or ``random`` (a seeded random init, saved, so
   the "before fine-tuning" network of the random baseline exists on disk too).
-* ``targets``: ``{name: {config, overrides}}`` training configs (one per target).
+  A source may add ``arg`` (appended to every target's config argument, e.g.
+  ``imagenet,freeze=true`` for the Revisiting "frozen first" variant) and ``weights_of``
+  (reuse another source's weights dir: ``imagenet_frz`` starts from ``imagenet``).
+* ``targets``: ``{name: {config, overrides[, confounders][, clean]}}`` training configs
+  (``path.py`` or ``path.py:arg``); a target's own ``confounders`` replace the study's,
+  ``clean=False`` drops its no-confounder run. Empty for a filters-only study.
 * ``folds``, ``confounders`` (a list of ``{kind, ps}``; empty for Revisiting-style
-  studies), ``model`` (depth/width/layout shared by sources and targets), ``analysis``.
+  studies), ``model`` (depth/width/layout shared by sources and targets), ``analysis``
+  (``cca``, ``auc_metric``, ``bootstrap``, ...), ``published`` (which paper's numbers
+  the report compares with, ``studies/published.json``).
+
+Progress: one line per finished run (``run 7/175 breast/imagenet/fold2: test AUC
+0.912, 41 s, ETA 1h12m``). The report stage writes what exists at any time but is only
+marked done once every other stage is, so a report made mid-study is rebuilt later.
+Before any training, :func:`preflight` checks data roots, checkpoint files and disk
+space and lists everything missing at once (``--dry_run`` stops there).
 """
 from __future__ import annotations
 
-import csv
+import concurrent.futures
 import itertools
-import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import ml_collections
-import numpy as np
-from absl import logging
 
 from medtransfer_jax import interrupts
 from medtransfer_jax.errors import UserError
+from medtransfer_jax.models import resnet
+from medtransfer_jax.studies import analyses, preflight as preflight_lib, progress, report
 from medtransfer_jax.training import sweep
+from medtransfer_jax.weights import checkpoint
+from medtransfer_jax.weights import conversion as convert_lib
 
 STAGES = ("sources", "finetune", "representations", "predictions", "filters", "robustness",
           "report")
+SOURCE_KINDS = ("weights", "convert", "pretrain", "random")
 
 
 class StudyError(UserError):
     """A study config or workdir that cannot be used; the message says how to fix it."""
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def _write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    cols: List[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols and not isinstance(r[c], (list, dict))]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
-
-def read_csv(path: str) -> List[Dict[str, Any]]:
-    """CSV rows with numbers parsed back to float where they parse."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k, v in r.items():
-            try:
-                r[k] = float(v)
-            except (TypeError, ValueError):
-                pass
-    return rows
-
-
-def _write_json(path: str, obj: Any):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 class Study:
-    """Paths and grid of one study; the stages are methods."""
+    """Paths and grid of one study; each stage is one call into ``analyses``/``report``."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                  mode: str = "inprocess", parallel: int = 1):
         if not config.get("sources"):
             raise StudyError("study config has no `sources`.")
-        if not config.get("targets"):
-            raise StudyError("study config has no `targets`.")
+        bad = {n: s.get("kind") for n, s in config.sources.items()
+               if s.get("kind") not in SOURCE_KINDS and not s.get("weights_of")}
+        if bad:
+            raise StudyError(f"sources {bad}: kind must be one of {SOURCE_KINDS} (or give "
+                             "weights_of=<another source>).")
+        if not config.get("targets"):  # a filters-only study fine-tunes nothing
+            with config.unlocked():
+                config.targets = ml_collections.ConfigDict()
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.mode = mode
@@ -102,40 +87,77 @@ class Study:
     def source_dir(self, source: str) -> str:
         """The pre-trained ("before fine-tuning") weights directory of ``source``."""
         spec = self.config.sources[source]
+        if spec.get("weights_of"):
+            return self.source_dir(spec.weights_of)
         if spec.kind == "weights":
-            return os.path.abspath(spec.path)
+            return os.path.abspath(os.path.expanduser(spec.path))
         if spec.kind == "pretrain":
             return self.path("sources", source, "run", "export", "best")
         return self.path("sources", source, "weights")
 
+    def random_twin_dir(self, source: str) -> Optional[str]:
+        """A second seeded random init beside a ``random`` source (the random-vs-random
+        CCA baseline), or None for other sources or when the config turns it off."""
+        spec = self.config.sources[source]
+        cca = self.config.get("analysis", {}).get("cca", {})
+        if spec.get("kind") != "random" or spec.get("weights_of") or not cca.get(
+                "random_vs_random", True):
+            return None
+        return self.path("sources", f"{source}_twin", "weights")
+
     @property
     def folds(self) -> List[int]:
         return list(self.config.folds)
+
+    def target_config(self, target: str, source: Optional[str] = None) -> str:
+        """``path.py[:arg]`` of a target's run, the source's ``arg`` appended."""
+        path, _, arg = self.config.targets[target].config.partition(":")
+        src_arg = self.config.sources[source].get("arg", "") if source else ""
+        args = ",".join(a for a in (arg, src_arg) if a)
+        return f"{path}:{args}" if args else path
+
+    def _settings(self, target: str):
+        tspec = self.config.targets[target]
+        settings = [(None, None)] if tspec.get("clean", True) else []
+        confs = tspec.get("confounders", None)
+        for conf in (self.config.get("confounders", []) or []) if confs is None else confs:
+            settings += [(conf.kind, p) for p in conf.ps]
+        return settings
 
     def finetune_runs(self) -> List[sweep.Run]:
         """target x source x fold (x confounder kind x p): sweep runs."""
         runs = []
         model_ov = [f"model.{k}={v}" for k, v in self.config.model.items()]
         for target, tspec in self.config.targets.items():
-            settings = [(None, None)]
-            for conf in self.config.get("confounders", []) or []:
-                settings += [(conf.kind, p) for p in conf.ps]
             for source, fold, (kind, p) in itertools.product(self.config.sources, self.folds,
-                                                               settings):
-                name = f"{target}/{source}"
+                                                               self._settings(target)):
                 ov = list(tspec.get("overrides", [])) + model_ov + [
-                    f"model.init={self.source_dir(source)}", f"fold={fold}"]
+                    f"model.init={self.source_dir(source)}", f"data.fold={fold}"]
                 keys = {"target": target, "source": source, "fold": fold,
                         "confounder": kind or "none", "p": p if p is not None else ""}
+                name = f"{target}/{source}"
                 if kind:
                     name += f"/{kind}-p{p:g}"
                     ov += [f"data.confounder.kind={kind}", f"data.confounder.p={p}"]
                 name += f"/fold{fold}"
-                runs.append(sweep.Run(name, tspec.config, self.path("finetune", name), ov, keys))
+                runs.append(sweep.Run(name, self.target_config(target, source),
+                                      self.path("finetune", name), ov, keys))
         return runs
+
+    @property
+    def clean_targets(self) -> List[str]:
+        """Targets with a no-confounder run per source and fold: the ones the
+        representation, prediction and filter analyses compare."""
+        return [t for t, spec in self.config.targets.items() if spec.get("clean", True)]
 
     def run_dir(self, target: str, source: str, fold: int) -> str:
         return self.path("finetune", target, source, f"fold{fold}")
+
+    def fine_tuned_dir(self, target: str, source: str, *, fold: int,
+                       export: bool = True) -> str:
+        """The clean run's exported best weights (or its workdir with ``export=False``)."""
+        d = self.run_dir(target, source, fold)
+        return os.path.join(d, "export", "best") if export else d
 
     # -- stage bookkeeping
     def _marker(self, stage: str) -> str:
@@ -144,73 +166,117 @@ class Study:
     def is_done(self, stage: str) -> bool:
         return os.path.exists(self._marker(stage))
 
+    def _report_current(self) -> bool:
+        """The report is done and no other stage finished after it was written."""
+        if not self.is_done("report"):
+            return False
+        t = os.path.getmtime(self._marker("report"))
+        return all(os.path.getmtime(self._marker(s)) <= t for s in STAGES[:-1]
+                   if self.is_done(s))
+
+    def _skip(self, stage: str, force: bool) -> bool:
+        if force:
+            return False
+        return self._report_current() if stage == "report" else self.is_done(stage)
+
     def run(self, stages: Optional[Sequence[str]] = None, force: bool = False) -> Dict[str, str]:
-        """Runs the stages in order; returns {stage: 'done' | 'skipped'}."""
+        """Runs the stages in order; returns {stage: 'done' | 'skipped' | 'partial'}.
+
+        'partial': the report was written from what exists while earlier stages are
+        unfinished, and is deliberately not marked done.
+        """
         stages = list(stages or STAGES)
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise StudyError(f"unknown stage(s) {bad}; choose from {STAGES}.")
-        status = {}
-        os.makedirs(os.path.join(self.workdir, "stages"), exist_ok=True)  # after validation
-        for stage in STAGES:
-            if stage not in stages:
-                continue
+        os.makedirs(self.path("stages"), exist_ok=True)
+        status, t_study = {}, time.time()
+        todo = [s for s in STAGES if s in stages]
+        for i, stage in enumerate(todo, 1):
             # A stop request whose immediate raise got lost (signals can land in a gc
             # callback, where exceptions are dropped) still stops here, between stages.
             interrupts.check(f"before stage {stage}")
-            if self.is_done(stage) and not force:
-                logging.info("stage %s: already done, skipping", stage)
-                print(f"[study] {stage}: done earlier, skipped", flush=True)
+            if self._skip(stage, force):
+                print(f"[study] stage {i}/{len(todo)} {stage}: done earlier, skipped", flush=True)
                 status[stage] = "skipped"
                 continue
             t0 = time.time()
-            print(f"[study] {stage}: running ...", flush=True)
+            print(f"[study] stage {i}/{len(todo)} {stage}: running ...", flush=True)
             getattr(self, f"stage_{stage}")()
-            with open(self._marker(stage), "w") as f:
-                f.write(f"{time.time() - t0:.1f}s\n")
-            print(f"[study] {stage}: done in {time.time() - t0:.0f}s", flush=True)
-            status[stage] = "done"
+            status[stage] = self._finish(stage, time.time() - t0)
+            print(f"[study] stage {i}/{len(todo)} {stage}: {status[stage]} in "
+                  f"{progress.format_duration(time.time() - t0)} (study: "
+                  f"{progress.format_duration(time.time() - t_study)})", flush=True)
         return status
+
+    def _finish(self, stage: str, seconds: float) -> str:
+        if stage == "report" and not all(self.is_done(s) for s in STAGES[:-1]):
+            missing = [s for s in STAGES[:-1] if not self.is_done(s)]
+            print(f"[study] report: written from what exists; stages {missing} are not done, "
+                  "so it is not marked done and will be rebuilt.", flush=True)
+            return "partial"
+        with open(self._marker(stage), "w") as f:
+            f.write(f"{seconds:.1f}s\n")
+        return "done"
 
     # ------------------------------------------------------------------------- stages
     def stage_sources(self):
-        from medtransfer_jax.weights import conversion as convert_lib
-        from medtransfer_jax.models import resnet
-        from medtransfer_jax.weights import checkpoint
-
         for name, spec in self.config.sources.items():
-            out = self.source_dir(name)
-            if spec.kind == "weights":
-                checkpoint.load_metadata(out)  # clear error if missing/corrupt
-            elif spec.kind == "convert":
-                if not os.path.exists(os.path.join(out, checkpoint.METADATA_FILE)):
-                    convert_lib.convert(spec.format, spec.input, out,
-                                        source_name=name, overwrite=True)
-            elif spec.kind == "random":
-                if not os.path.exists(os.path.join(out, checkpoint.METADATA_FILE)):
-                    m = self.config.model
-                    model = resnet.ResNet(depth=m.depth, layout=m.layout, width=m.width,
-                                          num_classes=None)
-                    variables = resnet.init_variables(model, jax.random.key(spec.get("seed", 0)),
-                                                      32)
-                    checkpoint.save_weights(out, variables, checkpoint.WeightsMetadata(
-                        source=name, layout=m.layout, depth=m.depth, width=m.width,
-                        num_classes=None, preprocessing=spec.get("preprocessing", "unit"),
-                        extra={"init": "random", "seed": spec.get("seed", 0)}))
-            elif spec.kind == "pretrain":
-                model_ov = [f"model.{k}={v}" for k, v in self.config.model.items()]
-                run = sweep.Run(f"sources/{name}", spec.config, self.path("sources", name, "run"),
-                                list(spec.get("overrides", [])) + model_ov,
-                                {"source": name, "stage": "pretrain"})
-                self._run_all([run])
-            else:
-                raise StudyError(f"sources.{name}.kind={spec.kind!r}; choose weights, convert, "
-                                 "pretrain or random.")
-            checkpoint.load_metadata(out)
+            if not spec.get("weights_of"):
+                self._prepare_source(name, spec)
+            twin = self.random_twin_dir(name)
+            if twin:
+                self._save_random(twin, name, spec, spec.get("seed", 0) + 1)
+            checkpoint.load_metadata(self.source_dir(name))  # clear error if missing/corrupt
 
-    def _run_all(self, runs: Sequence[sweep.Run]):
-        status = sweep.run_all(runs, parallel=self.parallel, mode=self.mode)
-        failed = {k: v for k, v in status.items() if v.startswith("failed")}
+    def _prepare_source(self, name: str, spec):
+        out = self.source_dir(name)
+        ready = os.path.exists(os.path.join(out, checkpoint.METADATA_FILE))
+        if spec.kind == "convert" and not ready:
+            convert_lib.convert(spec.format, os.path.expanduser(spec.input), out,
+                                source_name=name, overwrite=True,
+                                **({"preprocessing": spec.preprocessing}
+                                   if spec.get("preprocessing") else {}))
+        elif spec.kind == "random":
+            self._save_random(out, name, spec, spec.get("seed", 0))
+        elif spec.kind == "pretrain":
+            model_ov = [f"model.{k}={v}" for k, v in self.config.model.items()]
+            run = sweep.Run(f"sources/{name}", spec.config, self.path("sources", name, "run"),
+                            list(spec.get("overrides", [])) + model_ov,
+                            {"source": name, "stage": "pretrain"})
+            self._run_all([run], "pretrain")
+
+    def _save_random(self, out: str, name: str, spec, seed: int):
+        if os.path.exists(os.path.join(out, checkpoint.METADATA_FILE)):
+            return
+        m = self.config.model
+        model = resnet.ResNet(depth=m.depth, layout=m.layout, width=m.width, num_classes=None)
+        variables = resnet.init_variables(model, jax.random.key(seed), 32)
+        checkpoint.save_weights(out, variables, checkpoint.WeightsMetadata(
+            source=name, layout=m.layout, depth=m.depth, width=m.width, num_classes=None,
+            preprocessing=spec.get("preprocessing", "unit"),
+            extra={"init": "random", "seed": seed}))
+
+    def _run_all(self, runs: Sequence[sweep.Run], kind: str = "run"):
+        """Runs ``runs`` (``parallel`` at a time in subprocess mode), one progress line
+        per finished run; raises StudyError naming the failed ones at the end."""
+        todo = [r for r in runs if r.status() != "done"]
+        prog = progress.Progress(kind, len(runs), done_before=len(runs) - len(todo),
+                                 parallel=self.parallel if self.mode == "subprocess" else 1)
+        failed = {}
+
+        def one(run):
+            t0 = time.time()
+            st = sweep.run_all([run], parallel=1, mode=self.mode)[run.name]
+            return run, st, time.time() - t0
+
+        workers = self.parallel if self.mode == "subprocess" else 1
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            for fut in concurrent.futures.as_completed([pool.submit(one, r) for r in todo]):
+                run, st, secs = fut.result()
+                if st.startswith("failed"):
+                    failed[run.name] = st
+                prog.item_done(run.name, secs, _run_detail(run, st))
         if failed:
             raise StudyError(f"{len(failed)} run(s) failed: {failed}. Fix the cause and rerun "
                              "the study: finished runs are skipped, interrupted ones resume.")
@@ -220,209 +286,53 @@ class Study:
         print(f"[study] finetune: {len(runs)} runs "
               f"({sum(r.status() == 'done' for r in runs)} already done)", flush=True)
         self._run_all(runs)
-        rows = sweep.collect(runs, self.path("tables", "runs.csv"))
-        _write_csv(self.path("tables", "runs.csv"), rows)
-
-    def _target_images(self, target: str, fold: int, num_images: int) -> np.ndarray:
-        """Raw uint8 test images (N, S, S, 3) of a target's fold, S = the run's image size."""
-        from medtransfer_jax import data as data_lib
-        from medtransfer_jax.data import pipeline
-        from medtransfer_jax.preprocessing import to_three_channels
-
-        cfg = sweep.load_config(sweep.Run("probe", self.config.targets[target].config, "",
-                                          list(self.config.targets[target].get("overrides", []))))
-        splits = data_lib.get_splits(cfg.data, fold=fold)
-        src = splits.test if len(splits.test) >= 2 else splits.val
-        n = min(num_images, len(src))
-        size = cfg.data.image_size
-        return np.stack([to_three_channels(pipeline.resize(src[i]["image"], size))
-                         for i in range(n)])
+        analyses.finetune_tables(self, sweep.collect(runs))
 
     def stage_representations(self):
-        from medtransfer_jax.analysis import compare, plots
-
-        acfg = self.config.analysis.cca
-        sources = list(self.config.sources)
-        all_rows = []
-        for target, fold in itertools.product(self.config.targets, self.folds):
-            out_csv = self.path("representations", f"{target}_fold{fold}.csv")
-            if os.path.exists(out_csv):
-                all_rows += read_csv(out_csv)
-                continue
-            images = self._target_images(target, fold, acfg.num_images)
-            pairs = []
-            for s in sources:
-                pairs.append((f"{s} (pre) vs {s} (fine-tuned)", "pre_vs_finetuned",
-                              self.source_dir(s), os.path.join(self.run_dir(target, s, fold),
-                                                               "export", "best")))
-            for s1, s2 in itertools.combinations(sources, 2):
-                pairs.append((f"{s1} vs {s2} (pre)", "between_sources_pre",
-                              self.source_dir(s1), self.source_dir(s2)))
-                pairs.append((f"{s1} vs {s2} (fine-tuned)", "between_sources_finetuned",
-                              os.path.join(self.run_dir(target, s1, fold), "export", "best"),
-                              os.path.join(self.run_dir(target, s2, fold), "export", "best")))
-            rows = []
-            for label, kind, wa, wb in pairs:
-                # Both networks see the same images, each normalised its own way.
-                r = compare.compare_networks(
-                    wa, wb, images, method=list(acfg.methods), spatial=acfg.spatial,
-                    positions=acfg.positions, num_channels=acfg.num_channels,
-                    repeats=acfg.repeats, seed=acfg.seed, name_a=label.split(" vs ")[0],
-                    name_b=label.split(" vs ")[1])
-                for row in r:
-                    row.update(pair=label, comparison=kind, target=target, fold=fold)
-                rows += r
-            _write_csv(out_csv, rows)
-            all_rows += rows
-        _write_csv(self.path("tables", "representations.csv"), all_rows)
-        summary = _mean_over(all_rows, ("target", "pair", "comparison", "layer", "method"),
-                             "value")
-        _write_csv(self.path("tables", "representations_summary.csv"), summary)
-        for target in self.config.targets:
-            sel = [dict(r, std=r["value_std"]) for r in summary if r["target"] == target]
-            plots.plot_layer_similarity(sel, self.path("figures", f"similarity_{target}.png"),
-                                        title=f"{target}: layer-wise similarity (mean over folds)")
+        analyses.representations(self)
 
     def stage_predictions(self):
-        from medtransfer_jax.analysis import plots
-        from medtransfer_jax.analysis import predictions as pred
-
-        sources = list(self.config.sources)
-        rows, gain_records = [], []
-        sim_rows = self._representation_summary()
-        for target, fold in itertools.product(self.config.targets, self.folds):
-            paths = {s: os.path.join(self.run_dir(target, s, fold), "predictions.csv")
-                     for s in sources}
-            random_path = paths.get("random")
-            for s1, s2 in itertools.combinations(sources, 2):
-                r = pred.compare_prediction_files(paths[s1], paths[s2], split="test")
-                rows.append(dict(target=target, fold=fold, pair=f"{s1} vs {s2}", model_a=s1,
-                                 model_b=s2, **r))
-            if random_path:
-                for s in sources:
-                    if s == "random":
-                        continue
-                    r = pred.compare_prediction_files(paths[s], random_path, split="test",
-                                                      random_path=random_path)
-                    per_layer = {row["layer"]: row["value"] for row in sim_rows
-                                 if row["target"] == target and row["fold"] == fold
-                                 and row["comparison"] == "pre_vs_finetuned"
-                                 and row["pair"].startswith(f"{s} (pre)")
-                                 and row["method"] == self.config.analysis.cca.methods[0]}
-                    if per_layer:
-                        gain_records.append(dict(auc=r["auc_a"], auc_random=r["auc_random"],
-                                                 similarity=per_layer, source=s, target=target,
-                                                 fold=fold))
-        _write_csv(self.path("tables", "prediction_similarity.csv"), rows)
-        summary = _mean_over(rows, ("target", "pair"),
-                             ("observed", "expected_independent", "excess", "agreement",
-                              "cohen_kappa", "prob_correlation"))
-        _write_csv(self.path("tables", "prediction_similarity_summary.csv"), summary)
-        if summary:
-            plots.plot_prediction_similarity(
-                [dict(r, pair=f"{r['target']}: {r['pair']}") for r in summary],
-                self.path("figures", "prediction_similarity.png"))
-        if len(gain_records) >= 2:
-            gain_rows = pred.auc_gain_vs_similarity(gain_records)
-            _write_csv(self.path("tables", "auc_gain_vs_similarity.csv"), gain_rows)
-            plots.plot_auc_vs_similarity(gain_rows, self.path("figures", "auc_gain_vs_cca.png"))
-
-    def _representation_summary(self) -> List[Dict[str, Any]]:
-        path = self.path("tables", "representations.csv")
-        return read_csv(path) if os.path.exists(path) else []
+        analyses.predictions(self)
 
     def stage_filters(self):
-        from medtransfer_jax.analysis import filters, plots, weight_change
-        from medtransfer_jax.weights import checkpoint
-
-        models, groups = {}, {}
-        change_rows = []
-        for s in self.config.sources:
-            pre, _ = checkpoint.load_weights(self.source_dir(s))
-            models[f"{s}:pre"] = pre["params"]
-            groups.setdefault(f"{s}:pre", []).append(f"{s}:pre")
-            for target, fold in itertools.product(self.config.targets, self.folds):
-                ft_dir = os.path.join(self.run_dir(target, s, fold), "export", "best")
-                ft, _ = checkpoint.load_weights(ft_dir)
-                key = f"{s}:{target}:fold{fold}"
-                models[key] = ft["params"]
-                groups.setdefault(f"{s}:finetuned", []).append(key)
-                for row in weight_change.weight_change(pre, ft):
-                    row.update(source=s, target=target, fold=fold)
-                    change_rows.append(row)
-        report = filters.analyse_filters(models, groups=groups)
-        _write_csv(self.path("tables", "filter_layers.csv"), report.layer_rows)
-        # Keep the drifts a reader wants: pre vs fine-tuned of one source, and between sources.
-        drift = []
-        for r in report.drift_rows:
-            sa, sb = r["a"].split(":")[0], r["b"].split(":")[0]
-            if r["scope"] == "layer":
-                if sa == sb and r["a"].endswith(":pre"):
-                    drift.append(dict(r, comparison="pre_vs_finetuned", source=sa))
-                elif r["a"].endswith(":pre") and r["b"].endswith(":pre"):
-                    drift.append(dict(r, comparison="between_sources_pre"))
-            elif r["a"] in groups and r["b"] in groups:
-                drift.append(dict(r, comparison="groups"))
-        _write_csv(self.path("tables", "filter_drift.csv"), drift)
-        layer_drift = _mean_over([r for r in drift if r["scope"] == "layer"],
-                                 ("a", "comparison", "key", "depth"), "drift")
-        _write_csv(self.path("tables", "filter_drift_summary.csv"), layer_drift)
-        plots.plot_kl_drift([dict(r, b="fine-tuned (mean over runs)", scope="layer",
-                                  drift=r["drift"])
-                             for r in layer_drift if r["comparison"] == "pre_vs_finetuned"],
-                            self.path("figures", "filter_kl_drift.png"), scope="layer")
-        _write_csv(self.path("tables", "weight_change.csv"), change_rows)
-        for s in self.config.sources:
-            mean_rows = _mean_over([r for r in change_rows if r["source"] == s],
-                                   ("layer", "kind", "status"), ("rel_l2", "cosine"))
-            plots.plot_weight_change(mean_rows, self.path("figures", f"weight_change_{s}.png"))
+        analyses.filters_stage(self)
 
     def stage_robustness(self):
-        confs = self.config.get("confounders", []) or []
-        rows = []
-        for run in self.finetune_runs():
-            if run.keys["confounder"] == "none":
-                continue
-            res = sweep.read_results(run.workdir) or {}
-            extra = res.get("extra_tests", {})
-            row = dict(run.keys)
-            for name in ("iid", "clean", "ood"):
-                row[f"auc_{name}"] = extra.get(name, {}).get("auc", float("nan"))
-            row["drop_iid_to_ood"] = row["auc_iid"] - row["auc_ood"]
-            row["drop_clean_to_ood"] = row["auc_clean"] - row["auc_ood"]
-            rows.append(row)
-        _write_csv(self.path("tables", "robustness.csv"), rows)
-        summary = _mean_over(rows, ("target", "source", "confounder", "p"),
-                             ("auc_iid", "auc_clean", "auc_ood", "drop_iid_to_ood"))
-        _write_csv(self.path("tables", "robustness_summary.csv"), summary)
-        if confs and summary:
-            from medtransfer_jax.studies import report
-            report.plot_robustness(summary, self.path("figures", "robustness.png"))
+        analyses.robustness(self)
 
     def stage_report(self):
-        from medtransfer_jax.studies import report
         report.write_report(self)
 
 
-def _mean_over(rows: Sequence[Dict[str, Any]], keys: Sequence[str], values) -> List[Dict[str, Any]]:
-    """Groups ``rows`` by ``keys`` and averages ``values`` (mean and std over the group)."""
-    values = [values] if isinstance(values, str) else list(values)
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    out = []
-    for key, members in groups.items():
-        row = dict(zip(keys, key), n=len(members))
-        for v in values:
-            xs = np.array([float(m[v]) for m in members if m.get(v) not in (None, "")], float)
-            row[v] = float(np.mean(xs)) if xs.size else float("nan")
-            row[f"{v}_std"] = float(np.std(xs)) if xs.size else float("nan")
-        out.append(row)
-    return out
+def _run_detail(run: sweep.Run, status: str) -> str:
+    """'test AUC 0.912 (n=38)' for a finished run, else its failure status."""
+    if status.startswith("failed"):
+        return status
+    res = sweep.read_results(run.workdir) or {}
+    test = res.get("test", {})
+    auc = test.get("auc")
+    return (f"test AUC {auc:.3f} (n={test.get('num_examples', '?')})"
+            if isinstance(auc, (int, float)) else "done")
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> preflight_lib.Preflight:
+    """What a study would run and what it lacks, without running anything (``--dry_run``)."""
+    return preflight_lib.check(Study(config, workdir))
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str, *,
               stages: Optional[Sequence[str]] = None, force: bool = False,
               mode: str = "inprocess", parallel: int = 1) -> Dict[str, str]:
-    """Runs (or resumes) a study; returns the stage status."""
-    return Study(config, workdir, mode=mode, parallel=parallel).run(stages, force)
+    """Runs (or resumes) a study; returns the stage status.
+
+    Before a stage that trains, :func:`preflight` runs and a StudyError lists everything
+    missing (data roots, checkpoint files, disk space) in one message.
+    """
+    study = Study(config, workdir, mode=mode, parallel=parallel)
+    wanted = list(stages or STAGES)
+    if any(s in wanted and not study.is_done(s) for s in ("sources", "finetune")):
+        pf = preflight_lib.check(study)
+        print(pf.text(), flush=True)
+        if pf.missing:
+            raise StudyError(pf.error_message())
+    return study.run(stages, force)

@@ -6,33 +6,65 @@ Each step directory ``WORKDIR/checkpoints/<step>/`` holds three items:
   ``StandardSave`` (sharded arrays; every host writes its shards);
 * ``data_iter`` -- the grain iterator position (grain's orbax handler, one JSON per
   process), so a resumed run sees exactly the batches the uninterrupted run would;
-* ``meta`` -- JSON of the loop: phase, early-stopping counters, best metric/step.
+* ``meta`` -- JSON of the loop state (loop_state.LoopState: phase, early stopping, best).
 
-Retention: the latest ``max_to_keep`` checkpoints plus the best one. A checkpoint
-gets orbax ``metrics`` only when it is a new best (``best_rank`` counts improvements),
-so ``BestN(n=1)`` keeps exactly the checkpoint the loop calls best, even with
-``min_delta`` or ties.
+Retention: the latest ``max_to_keep`` checkpoints plus the step the caller protects (the
+best). The protected step is handed to every :meth:`RunCheckpointer.save` from the loop
+state that is saved with it, so it survives any number of restarts: orbax's own
+``BestN`` policy cannot do that here, as it only sees metrics written in the same process
+(a reopened manager saw none and deleted the best checkpoint).
+
+Failures: a damaged checkpoint (unreadable meta or arrays) raises :class:`DamagedCheckpoint`;
+:meth:`RunCheckpointer.restore_latest` then moves it to ``checkpoints.damaged/`` with a
+warning and falls back to the previous one. A save that fails with an ``OSError`` (disk
+full, read-only directory) removes its half-written ``*.orbax-checkpoint-tmp*`` folder and
+raises a one-line :class:`CheckpointError`.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import errno
+import glob
 import os
-from typing import Any, Dict, Optional, Tuple
+import re
+import shutil
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
+import grain.checkpoint as grain_ckpt
 import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
 from medtransfer_jax.weights.checkpoint import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints.damaged"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
-def _ocp():
-    import orbax.checkpoint as ocp
-    return ocp
+class DamagedCheckpoint(CheckpointError):
+    """One step directory cannot be read (as opposed to one that does not fit the config)."""
+
+    def __init__(self, step_dir: str, message: str):
+        super().__init__(message)
+        self.step_dir = step_dir
 
 
-def _grain_args():
-    import grain.checkpoint as gc
-    return gc.CheckpointSave, gc.CheckpointRestore
+@dataclasses.dataclass
+class _LatestAndProtected:
+    """orbax preservation policy: the latest ``n`` checkpoints plus the steps in ``protected``
+    (a set the RunCheckpointer updates before each save; orbax evaluates it at save time)."""
+
+    n: int
+    protected: Set[int]
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+        latest = {c.step for c in sorted(checkpoints, key=lambda c: c.step)[-self.n:]}
+        return [c.step in latest or c.step in self.protected for c in checkpoints]
 
 
 class RunCheckpointer:
@@ -40,29 +72,27 @@ class RunCheckpointer:
 
     Args:
       workdir: the run directory; checkpoints go to ``workdir/checkpoints``.
-      max_to_keep: how many of the latest checkpoints to keep (the best is kept too).
+      max_to_keep: how many of the latest checkpoints to keep (the protected one is kept too).
       async_save: orbax async checkpointing (arrays are copied to host before
         ``save`` returns, so donating the state afterwards is safe).
     """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 2, async_save: bool = True):
-        ocp = _ocp()
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-            ocp.checkpoint_managers.LatestN(n=max(1, int(max_to_keep))),
-            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["best_rank"], n=1,
-                                          keep_checkpoints_without_metrics=False),
-        ])
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self._policy = _LatestAndProtected(max(1, int(max_to_keep)), set())
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
-        import grain.checkpoint as gc
+            preservation_policy=self._policy, enable_async_checkpointing=async_save,
+            create=True, cleanup_tmp_directories=True)
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler(),
-                    "data_iter": gc.CheckpointHandler()}
+                    "data_iter": grain_ckpt.CheckpointHandler()}
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options,
                                                  item_handlers=handlers)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the checkpoint directory {self.directory} "
+                                  f"({e.strerror or e}); use a writable --workdir") from e
         except Exception as e:  # unreadable root metadata etc.
             raise CheckpointError(
                 f"Cannot open the checkpoint directory {self.directory}: {type(e).__name__}: "
@@ -81,31 +111,47 @@ class RunCheckpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Any, data_iter: Any, meta: Dict[str, Any],
-             best_rank: Optional[int] = None) -> bool:
+             protect: Optional[int] = None) -> bool:
         """Saves ``state`` / ``data_iter`` position / ``meta`` as checkpoint ``step``.
 
-        ``best_rank`` marks the checkpoint as the best so far (see module docstring).
+        ``protect``: a step kept besides the latest ones (the best so far); it replaces
+        the previously protected step. Raises CheckpointError on a failed write.
         """
-        ocp = _ocp()
-        save_grain, _ = _grain_args()
+        self._policy.protected.clear()
+        if protect is not None:
+            self._policy.protected.add(int(protect))
         items = {"state": ocp.args.StandardSave(state),
                  "meta": ocp.args.JsonSave(copy.deepcopy(meta))}
         if data_iter is not None:
-            items["data_iter"] = save_grain(data_iter)
-        metrics = {"best_rank": int(best_rank)} if best_rank is not None else None
-        return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics,
-                                 force=True)
+            items["data_iter"] = grain_ckpt.CheckpointSave(data_iter)
+        with self._write_errors(step):
+            return self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Blocks until the pending async save is on disk (raises its error, if any)."""
+        with self._write_errors(None):
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
 
     def close(self):
         """Waits for pending saves and releases the manager (idempotent)."""
         if self.manager is None:
             return
-        self.manager.wait_until_finished()
-        self.manager.close()
-        self.manager = None
+        manager, self.manager = self.manager, None
+        with self._write_errors(None):
+            manager.wait_until_finished()
+            manager.close()
+
+    def _write_errors(self, step: Optional[int]):
+        return _WriteErrors(self, step)
+
+    def remove_tmp_dirs(self) -> list:
+        """Deletes half-written ``<step>.orbax-checkpoint-tmp*`` folders; returns them."""
+        found = sorted(glob.glob(os.path.join(self.directory, f"*{TMP_SUFFIX}*")))
+        if jax.process_index() == 0:
+            for path in found:
+                shutil.rmtree(path, ignore_errors=True)
+        return found
 
     # ------------------------------------------------------------------ restore
     def _step_dir(self, step: int) -> str:
@@ -113,7 +159,6 @@ class RunCheckpointer:
 
     def restore_meta(self, step: Optional[int] = None) -> Optional[Tuple[int, Dict[str, Any]]]:
         """(step, meta) of the latest (or given) checkpoint; None when there is none."""
-        ocp = _ocp()
         step = self.latest_step() if step is None else step
         if step is None:
             return None
@@ -121,24 +166,63 @@ class RunCheckpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = dict(out["meta"])
         except Exception as e:
-            raise CheckpointError(
+            raise DamagedCheckpoint(self._step_dir(step), (
                 f"Checkpoint {self._step_dir(step)} is damaged: cannot read its 'meta' item "
-                f"({type(e).__name__}: {e}). Delete that step directory to resume from an "
-                "earlier checkpoint, or use a fresh --workdir.") from e
+                f"({type(e).__name__}: {e})")) from e
         return step, meta
+
+    def restore_latest(self, abstract_for: Callable[[int, Dict[str, Any]], Any],
+                       data_iter: Any) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+        """Restores the newest readable checkpoint: (step, state, meta), or None if none.
+
+        ``abstract_for(step, meta)`` gives the abstract state to restore into (it may raise
+        CheckpointError when the checkpoint does not fit the config: that stays fatal). A
+        damaged checkpoint is moved to ``checkpoints.damaged/`` with a warning naming it
+        and the previous one is tried; if every checkpoint is damaged, CheckpointError.
+        """
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                _, meta = self.restore_meta(step)
+                state, meta = self.restore(step, abstract_for(step, meta), data_iter)
+            except DamagedCheckpoint as e:
+                damaged.append(self._quarantine(step, e))
+                continue
+            if damaged:
+                logging.warning("resuming from the previous good checkpoint %s",
+                                self._step_dir(step))
+            return step, state, meta
+        if damaged:
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is damaged (moved to {damaged}); "
+                "move the workdir away to start over")
+        return None
+
+    def _quarantine(self, step: int, error: DamagedCheckpoint) -> str:
+        """Moves a damaged step directory out of orbax's sight (so the step can be saved
+        again) and logs why; returns its new path."""
+        dst = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
+        logging.warning("%s; skipping it (moved to %s)", error, dst)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.move(self._step_dir(step), dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
+        return dst
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """Raises CheckpointError naming the first leaf whose shape/dtype/presence differs."""
         try:
             md = self.manager.item_metadata(step)["state"]
         except Exception as e:
-            raise CheckpointError(
+            raise DamagedCheckpoint(self._step_dir(step), (
                 f"Checkpoint {self._step_dir(step)} is damaged: cannot read the metadata of "
-                f"its 'state' item ({type(e).__name__}: {e}). Delete that step directory to "
-                "resume from an earlier checkpoint, or use a fresh --workdir.") from e
+                f"its 'state' item ({type(e).__name__}: {e})")) from e
         if md is None:
-            raise CheckpointError(f"Checkpoint {self._step_dir(step)} has no 'state' item; it "
-                                  "was not written by medtransfer_jax.train.")
+            raise DamagedCheckpoint(self._step_dir(step), (
+                f"Checkpoint {self._step_dir(step)} has no 'state' item; it was not written "
+                "by medtransfer_jax.train"))
         tree = getattr(md, "tree", md)
         saved = _flat_by_path(tree)
         expected = _flat_by_path(abstract_state)
@@ -167,25 +251,20 @@ class RunCheckpointer:
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Tuple[Any, Dict]:
         """Restores (state, meta) at ``step`` into ``abstract_state`` (ShapeDtypeStructs
         with shardings) and moves ``data_iter`` to the saved position (in place)."""
-        ocp = _ocp()
-        _, restore_grain = _grain_args()
         self.check_compatible(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state),
                  "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
-            items["data_iter"] = restore_grain(data_iter)
+            items["data_iter"] = grain_ckpt.CheckpointRestore(data_iter)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(
+            raise DamagedCheckpoint(self._step_dir(step), (
                 f"Checkpoint {self._step_dir(step)} cannot be restored ({type(e).__name__}: "
-                f"{e}). It is damaged or was written by an incompatible version; delete that "
-                "step directory to resume from an earlier checkpoint, or use a fresh "
-                "--workdir.") from e
-        state = out["state"]
-        return state, dict(out["meta"])
+                f"{e}); it is damaged or was written by an incompatible version")) from e
+        return out["state"], dict(out["meta"])
 
 
 def _flat_by_path(tree) -> Dict[str, Any]:
@@ -204,3 +283,55 @@ def _flat_by_path(tree) -> Dict[str, Any]:
                 parts.append(str(k))
         out["/".join(parts)] = leaf
     return out
+
+
+class _WriteErrors:
+    """Turns an OSError of a checkpoint write (disk full, read-only, quota) into one
+    CheckpointError naming the directory and the fix, after deleting the half-written
+    ``*.orbax-checkpoint-tmp*`` folders so a re-run starts from the last complete save."""
+
+    def __init__(self, ckpt: RunCheckpointer, step: Optional[int]):
+        self.ckpt, self.step = ckpt, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        err = _os_error(exc)
+        if err is None:
+            return False
+        _join_orbax_threads(timeout=60.0)  # the other items' writers may still be running
+        self.ckpt.remove_tmp_dirs()
+        where = (self.ckpt._step_dir(self.step) if self.step is not None
+                 else self.ckpt.directory)
+        hint = ("free disk space" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "make it writable")
+        raise CheckpointError(
+            f"cannot write checkpoint {where}: {err.strerror or err} (errno "
+            f"{errno.errorcode.get(err.errno, err.errno)}); {hint}, then re-run the same "
+            "command to resume from the last complete checkpoint") from exc
+
+
+def _join_orbax_threads(timeout: float) -> None:
+    """Waits for orbax's background commit threads, so none of them writes into a tmp
+    folder after it was removed."""
+    deadline = time.time() + timeout
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
+            t.join(max(0.0, deadline - time.time()))
+
+
+def _os_error(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The OS error in ``exc``'s cause chain: an OSError, or tensorstore's ValueError
+    ("RESOURCE_EXHAUSTED: ... [os_error_code='28']") that orbax raises for array writes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        code = re.search(r"os_error_code='?(\d+)", str(exc))
+        if code:
+            num = int(code.group(1))
+            return OSError(num, os.strerror(num))
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

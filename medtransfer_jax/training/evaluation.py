@@ -67,7 +67,7 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
     if data_root:
         cfg.root = data_root
     if fold is None:
-        fold = (run_cfg or {}).get("fold", None)
+        fold = cfg.get("fold", 0)   # the run's data.fold (merged above), else 0
     fold = 0 if fold is None else int(fold)
     size = image_size or (cfg.image_size if run_cfg else meta.image_size)
     cfg.image_size = size
@@ -98,7 +98,10 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
         src = available[name]
         mets, arrays = loop.evaluate_source(eval_step, dev_vars, src, mesh, image_size=size,
                                             preprocessing=meta.preprocessing,
-                                            batch_size=batch_size)
+                                            batch_size=batch_size,
+                                            resize_method=cfg.resize_method,
+                                            reported_auc=(run_cfg or {}).get("eval", {}).get(
+                                                "reported_auc"))
         ids, groups = loop._ids_groups(src, arrays["index"])
         rows.append((ids, groups, [name] * len(ids), arrays["label"], arrays["probs"]))
         all_metrics[name] = mets

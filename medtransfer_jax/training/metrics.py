@@ -11,6 +11,11 @@ definitions the Revisiting repo used are both offered, named:
   Keras ``AUC()`` on one-hot labels = micro averaging). ``auc_keras`` reproduces
   Keras' 200-threshold trapezoidal approximation of the same quantity.
 
+Which one a protocol *reports* is the config field ``eval.reported_auc`` (one of
+:data:`REPORTED_AUCS`); :func:`classification_metrics` then also returns it as
+``reported_auc``, beside the others, so a results table can print the paper's number
+without knowing which protocol made the run.
+
 Undefined AUCs (a class with no positives or no negatives) are NaN rather than an
 exception, so a tiny validation fold does not crash a long run; callers see NaN.
 """
@@ -149,22 +154,44 @@ def cross_entropy(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-12) -> 
     return float(-np.mean(np.log(np.clip(probs[np.arange(labels.size), labels], eps, 1.0))))
 
 
+#: Metric names a protocol may report (``eval.reported_auc``) -> what the paper computed.
+REPORTED_AUCS = {
+    "auc": "binary AUC (K == 2) / one-vs-rest macro AUC (the project's default)",
+    "auc_keras": "keras.metrics.AUC() on one-hot labels x softmax: micro, 200 thresholds "
+                 "(Revisiting Sep-2023 AUC.py, Source Matters fine-tuning.py)",
+    "auc_ovr_weighted": "sklearn roc_auc_score: binary, or one-vs-rest prevalence-weighted "
+                        "for K > 2 (Revisiting Feb-2023 base_AUC.py / prediction_similarity.py)",
+    "auc_micro": "exact ROC-AUC over the flattened one-hot matrix (auc_keras without binning)",
+}
+
+
+def check_reported_auc(name: str) -> str:
+    """Returns ``name`` if it is a metric :func:`classification_metrics` can report, else
+    raises ValueError naming the config field and the choices."""
+    if name not in REPORTED_AUCS:
+        raise ValueError(f"eval.reported_auc={name!r} is not one of {sorted(REPORTED_AUCS)}")
+    return name
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray,
-                           loss: Optional[float] = None) -> Dict[str, float]:
+                           loss: Optional[float] = None,
+                           reported_auc: Optional[str] = None) -> Dict[str, float]:
     """All named metrics of a split (the ``results.json`` contract).
 
     Args:
       labels: (N,) int; probs: (N, K) softmax probabilities.
       loss: the model's mean loss if already known (else cross-entropy of ``probs``).
+      reported_auc: the protocol's paper metric (``eval.reported_auc``), one of
+        :data:`REPORTED_AUCS`; when given it is repeated as ``reported_auc``.
 
     Returns:
       ``{'loss', 'accuracy', 'auc', 'auc_ovr_macro', 'auc_ovr_weighted', 'auc_micro',
-      'auc_keras', 'num_examples'}``. ``auc`` is the binary AUC for K == 2, else the
-      one-vs-rest macro AUC.
+      'auc_keras', 'num_examples'[, 'reported_auc']}``. ``auc`` is the binary AUC for
+      K == 2, else the one-vs-rest macro AUC.
     """
     labels, probs = _check_labels_probs(labels, probs)
     macro = auc_ovr(labels, probs, "macro")
-    return {
+    out = {
         "loss": float(loss) if loss is not None else cross_entropy(labels, probs),
         "accuracy": accuracy(labels, probs),
         "auc": macro,
@@ -174,3 +201,6 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
         "auc_keras": auc_keras(labels, probs),
         "num_examples": int(labels.size),
     }
+    if reported_auc:
+        out["reported_auc"] = out[check_reported_auc(reported_auc)]
+    return out

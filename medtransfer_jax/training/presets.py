@@ -1,57 +1,66 @@
-"""Config builders: shared defaults, the demo, and the studies' experiment protocols.
+"""The shared base of every training config, and the helpers the protocol files use.
 
-The files in ``configs/`` are thin wrappers around these functions so the protocols
-live in one importable, testable place (the study runner and the sweep call them too).
-
-Arguments of the study configs come as a comma-separated string after the file name,
+The protocols themselves live in the user-facing ``configs/`` folder, one file per
+experiment family, each readable top to bottom (big_vision style):
+``configs/revisiting/<target>.py`` and ``configs/source_matters/<kind>.py``. Their
+argument is a comma-separated string after the file name,
 ``--config=configs/revisiting/breast.py:imagenet,fold=1,freeze=true``: a bare word is the
 source (``imagenet`` | ``radimagenet`` | ``random``); ``key=value`` pairs set protocol
 options (``fold`` is 0-based: fold=0 is the paper's ``*_fold1.csv``).
 
-Weights and data locations default to environment variables so one config works on a
-laptop, a GPU box and a TPU VM:
+Weights, data and the papers' fold CSVs default to environment variables so one config
+works on a laptop, a GPU box and a TPU VM:
 
 * ``MEDTRANSFER_WEIGHTS`` (default ``~/medtransfer_weights``): converted source weights,
   ``<root>/imagenet`` and ``<root>/radimagenet`` (made by ``medtransfer_jax.convert``);
 * ``MEDTRANSFER_DATA`` (default ``~/medtransfer_data``): ``<root>/<dataset key>``;
-* ``MEDTRANSFER_FOLD_CSVS`` (optional): the paper repo's ``data/`` folder; when set
-  (or ``folds=paper``), its per-fold CSVs define the splits.
+* ``MEDTRANSFER_FOLD_CSVS`` (default ``~/medtransfer_data/revisiting-transfer/data``): the
+  Revisiting repo's ``data/`` folder at its Sep-2023 head (train/val/test per fold);
+  ``MEDTRANSFER_FOLD_CSVS_FEB2023`` the same folder at commit 7bf4356 (train/val only);
+  ``MEDTRANSFER_SM_FOLD_CSVS`` (default ``~/medtransfer_data/source-matters/data``): the
+  Source Matters repo's ``data/`` folder.
 Any field can still be overridden on the command line (``--config.model.init=/path``).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import ml_collections
 
+from medtransfer_jax import data
+
 SOURCES = ("imagenet", "radimagenet", "random")
 
-#: The seven Revisiting targets: dataset key -> (paper CSV folder, image size, h-flip).
-REVISITING_TARGETS: Dict[str, Tuple[str, int, bool]] = {
-    "chest": ("chest", 112, False),
-    "breast": ("breast", 256, True),
-    "thyroid": ("thyroid", 256, True),
-    "mammograms": ("mammograms", 224, True),
-    "knee": ("knee", 112, True),
-    "isic": ("isic", 112, True),
-    "pcam": ("pcam-small", 96, True),
-}
+#: The seven Revisiting targets (one file each in configs/revisiting/).
+REVISITING_TARGETS = ("chest", "breast", "thyroid", "mammograms", "knee", "isic", "pcam")
 
-#: Source Matters confounders -> default dataset.
-CONFOUNDERS: Dict[str, str] = {"tag": "nih_cxr14", "lowpass": "nih_cxr14", "noise": "lidc",
-                               "sampled": "nih_cxr14"}
+#: The Source Matters confounders (one file each in configs/source_matters/).
+CONFOUNDERS = ("tag", "lowpass", "noise", "sampled")
 CONFOUNDER_PS = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
+
+#: Where each paper's fold CSVs come from: env var, default folder, origin (for errors).
+PAPER_CSVS = {
+    "sep2023": ("MEDTRANSFER_FOLD_CSVS", "~/medtransfer_data/revisiting-transfer/data",
+                "https://github.com/DovileDo/revisiting-transfer (HEAD, Sep 2023: "
+                "train/val/test_fold1..5.csv), data/{task}/: clone it and set "
+                "MEDTRANSFER_FOLD_CSVS=<clone>/data"),
+    "feb2023": ("MEDTRANSFER_FOLD_CSVS_FEB2023",
+                "~/medtransfer_data/revisiting-transfer-feb2023/data",
+                "https://github.com/DovileDo/revisiting-transfer at commit 7bf4356 (Feb 2023: "
+                "train/val_fold1..5.csv), data/{task}/: clone it, check out 7bf4356 and set "
+                "MEDTRANSFER_FOLD_CSVS_FEB2023=<clone>/data"),
+    "source_matters": ("MEDTRANSFER_SM_FOLD_CSVS", "~/medtransfer_data/source-matters/data",
+                       "https://github.com/DovileDo/source-matters, data/{task}/: clone it and "
+                       "set MEDTRANSFER_SM_FOLD_CSVS=<clone>/data"),
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Shared defaults of every training run (see loop.py for how each field is used)."""
-    from medtransfer_jax import data
-
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.fold = 0                        # 0-based fold passed to data.get_splits
-    c.data = data.default_data_config()
+    c.data = data.default_data_config()   # data.fold: the 0-based fold of the run
 
     c.model = ml_collections.ConfigDict()
     c.model.init = "random"           # 'random' or a weights directory (medtransfer_jax.convert)
@@ -81,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.grad_clip_norm = 0.0
     c.train.label_smoothing = 0.0
+    # Divergence: stop when the mean train loss of a log interval is non-finite or above
+    # this factor x ln(num_classes) (the loss of a uniform guess); 0 = only non-finite.
+    c.train.max_loss_factor = 100.0
     c.train.freeze = "none"           # none | linear_probe | stage:k | two_phase
     c.train.batch_norm_train = ml_collections.FieldReference(None, field_type=bool)
     c.train.head_phase = ml_collections.ConfigDict()   # two_phase: the frozen-base phase
@@ -97,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.monitor = "loss"           # loss | auc | accuracy | auc_micro | auc_ovr_weighted ...
     c.eval.patience = 0               # evaluations without improvement; 0 = no early stopping
     c.eval.min_delta = 0.0
+    # The AUC the protocol's paper reported, repeated as 'reported_auc' in the results
+    # (metrics.REPORTED_AUCS): auc | auc_keras | auc_ovr_weighted | auc_micro.
+    c.eval.reported_auc = "auc"
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0      # extra saves between evaluations (0 = only at evals)
@@ -105,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
+    c.log.profile_steps = 0           # > 0: jax.profiler trace of that many steps -> profile/
+    c.log.profile_start = 5           # ... starting after this step (past compilation)
 
     c.sharding = ml_collections.ConfigDict()
     c.sharding.num_devices = 0        # 0 = all devices
@@ -117,8 +134,7 @@ def demo_config() -> ml_collections.ConfigDict:
     """Synthetic lesion task, ResNet18 width 16 at 64 px: a few minutes on 2 CPU cores."""
     c = base_config()
     c.data.name = "synthetic"
-    c.data.image_size = 64
-    c.data.synthetic.image_size = 64
+    c.data.image_size = 64            # also data.synthetic.image_size (one FieldReference)
     c.data.synthetic.num_examples = 640
     c.data.heldout_val_fraction = 0.5   # 64 val / 64 test images: a less noisy AUC
     c.model.depth = 18
@@ -137,8 +153,13 @@ def demo_config() -> ml_collections.ConfigDict:
     return c
 
 
-def parse_arg(arg: Optional[str]) -> Tuple[Optional[str], Dict[str, str]]:
-    """'imagenet,fold=1,freeze=true' -> ('imagenet', {'fold': '1', 'freeze': 'true'})."""
+def parse_arg(arg: Optional[str], known: Iterable[str] = (),
+              where: str = "the config") -> Tuple[Optional[str], Dict[str, str]]:
+    """'imagenet,fold=1,freeze=true' -> ('imagenet', {'fold': '1', 'freeze': 'true'}).
+
+    ``known``: the option names the config file accepts; any other raises a ValueError
+    naming ``where`` and the known ones (a typo must not silently run the default).
+    """
     source, opts = None, {}
     for part in (arg or "").split(","):
         part = part.strip()
@@ -152,10 +173,18 @@ def parse_arg(arg: Optional[str]) -> Tuple[Optional[str], Dict[str, str]]:
         else:
             raise ValueError(f"config argument {arg!r}: more than one bare word "
                              f"({source!r}, {part!r}); use key=value for options")
+    unknown = sorted(set(opts) - set(known))
+    if known and unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {where}; known: {sorted(known)}")
     return source, opts
 
 
-def _bool(v: str) -> bool:
+def parse_bool(v: str, argparse_bool: bool = False) -> bool:
+    """A config-argument boolean. ``argparse_bool=True`` reproduces ``argparse``'s
+    ``type=bool`` of the Revisiting scripts: every non-empty string, 'False' included, is
+    True (only an empty value is False)."""
+    if argparse_bool:
+        return bool(str(v))
     if str(v).lower() in ("1", "true", "yes", "y", "on"):
         return True
     if str(v).lower() in ("0", "false", "no", "n", "off", ""):
@@ -163,15 +192,31 @@ def _bool(v: str) -> bool:
     raise ValueError(f"expected a boolean, got {v!r}")
 
 
-def _env_path(var: str, default: str) -> str:
+def env_path(var: str, default: str) -> str:
+    """``$var`` (or ``default``) with ``~`` expanded."""
     return os.path.expanduser(os.environ.get(var, default))
 
 
-def _apply_source(c, source: str, preprocessing: str, random_dropout: float):
+def data_root(dataset: str) -> str:
+    """``$MEDTRANSFER_DATA/<dataset>``: where the dataset's manual download lives."""
+    return os.path.join(env_path("MEDTRANSFER_DATA", "~/medtransfer_data"), dataset)
+
+
+def paper_csvs(which: str, task: str) -> Tuple[str, str]:
+    """(folder, origin) of a paper's fold CSVs for ``task`` (``which``: a PAPER_CSVS key)."""
+    var, default, origin = PAPER_CSVS[which]
+    return os.path.join(env_path(var, default), task), origin.format(task=task)
+
+
+def apply_source(c: ml_collections.ConfigDict, source: Optional[str], preprocessing: str,
+                 random_dropout: float) -> None:
+    """Sets ``c.source``, ``model.init`` (``$MEDTRANSFER_WEIGHTS/<source>`` or 'random'),
+    ``model.preprocessing`` and, for random init, ``model.dropout_rate``."""
+    source = source or "imagenet"
     if source not in SOURCES:
         raise ValueError(f"source {source!r} is not one of {SOURCES} (the bare word of the "
                          "config argument, e.g. configs/revisiting/breast.py:imagenet)")
-    weights_root = _env_path("MEDTRANSFER_WEIGHTS", "~/medtransfer_weights")
+    weights_root = env_path("MEDTRANSFER_WEIGHTS", "~/medtransfer_weights")
     c.model.init = "random" if source == "random" else os.path.join(weights_root, source)
     c.model.preprocessing = preprocessing
     if source == "random":
@@ -179,121 +224,39 @@ def _apply_source(c, source: str, preprocessing: str, random_dropout: float):
     c.source = source
 
 
-def revisiting_config(target: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    """One Revisiting experiment: target x source x fold (x freeze, protocol).
+def keras_augment(c: ml_collections.ConfigDict, hflip: bool) -> None:
+    """Both studies' ``ImageDataGenerator``: rotation 10, shifts/shear/zoom 0.1, fill
+    'nearest', horizontal flip as given (Revisiting: all but chest; Source Matters: none)."""
+    a = c.data.augment
+    a.enabled, a.flip, a.vflip = True, hflip, False
+    a.rotation_deg, a.shift, a.shear, a.zoom, a.crop = 10.0, 0.1, 0.1, 0.1, 0.0
+    a.fill = "nearest"
 
-    Options: ``fold`` (0-based), ``freeze`` (bool: two-phase schedule), ``protocol``
-    (``sep2023`` default: Adam 1e-3, batch 256, 30 epochs, patience 30; ``feb2023``: Adam
-    1e-5, batch 128, 200 epochs, patience 3), ``seed``, ``folds=paper`` (use the paper's
-    fold CSVs from ``$MEDTRANSFER_FOLD_CSVS/<task>``).
 
-    Protocol facts (DovileDo/revisiting-transfer ``src/fine-tuning.py``): caffe
-    preprocessing for every source (no 1/255), augmentation rotation 10 / shift 0.1 /
-    shear 0.1 / zoom 0.1 / nearest fill, horizontal flip for all but chest; pre-trained
-    base -> Dropout 0.5 -> softmax; the random baseline is a plain Keras ResNet50 with its
-    own head (no dropout); best checkpoint by val loss; head phase = Adam 1e-3, early
-    stop on val accuracy with patience 10.
+def analysis_defaults(cca_image_size: int, similarity_mode: str = "corrected",
+                      cca_stimulus: str = "val") -> ml_collections.ConfigDict:
+    """How the analyses of a run read it (the CCA and prediction-similarity stages).
+
+    ``cca_image_size``: stimulus size (Revisiting CCA.py: 224 for breast/mammograms/thyroid,
+    96 pcam, else 112, whatever the fine-tuning size); ``cca_preprocessing``: 'caffe' for
+    every model, RadImageNet included, as CCA.py did; ``cca_stimulus``: the split whose
+    images are the stimuli ('val': CCA.py read a validation-fold CSV; which fold the
+    published run read is not recorded, so the run's own); ``similarity_mode``:
+    analysis.predictions' 'corrected' (test split, both accuracies, macro AUC) or 'paper'
+    (the published similarity.csv: val fold, acc_A twice, weighted-OVR AUC).
     """
-    if target not in REVISITING_TARGETS:
-        raise ValueError(f"Revisiting target {target!r} is not one of {sorted(REVISITING_TARGETS)}")
-    source, opts = parse_arg(arg)
-    csv_task, size, hflip = REVISITING_TARGETS[target]
-    c = base_config()
-    c.study = "revisiting"
-    c.target = target
-    c.data.name = target
-    c.data.root = os.path.join(_env_path("MEDTRANSFER_DATA", "~/medtransfer_data"), target)
-    c.data.image_size = size
-    c.data.augment.flip = hflip
-    c.data.augment.rotation_deg = 10.0
-    c.data.augment.shift = 0.1
-    c.data.augment.shear = 0.1
-    c.data.augment.zoom = 0.1
-    c.data.augment.fill = "nearest"
-    fold_root = os.environ.get("MEDTRANSFER_FOLD_CSVS")
-    if opts.pop("folds", "paper" if fold_root else "kfold") == "paper":
-        if not fold_root:
-            raise ValueError("folds=paper needs MEDTRANSFER_FOLD_CSVS=<revisiting-transfer>/data")
-        c.data.fold_csv_dir = os.path.join(os.path.expanduser(fold_root), csv_task)
-    _apply_source(c, source or "imagenet", "caffe", random_dropout=0.0)
-    c.fold = int(opts.pop("fold", 0))
-    c.seed = int(opts.pop("seed", 0))
-    protocol = opts.pop("protocol", "sep2023")
-    c.protocol = protocol
-    if protocol == "sep2023":
-        c.train.lr, c.train.batch_size, c.train.num_epochs = 1e-3, 256, 30
-        c.eval.patience = 30
-    elif protocol == "feb2023":
-        c.train.lr, c.train.batch_size, c.train.num_epochs = 1e-5, 128, 200
-        c.eval.patience = 3
-    else:
-        raise ValueError(f"protocol={protocol!r}; choose sep2023 or feb2023")
-    c.eval.monitor = "loss"
-    c.eval.batch_size = c.train.batch_size
-    if _bool(opts.pop("freeze", "false")):
-        if c.model.init == "random":
-            raise ValueError("freeze=true needs a pre-trained source (imagenet/radimagenet)")
-        c.train.freeze = "two_phase"
-        c.train.head_phase.lr = 1e-3
-        c.train.head_phase.num_epochs = c.train.num_epochs
-        c.train.head_phase.monitor = "accuracy"
-        c.train.head_phase.patience = 10
-    if opts:
-        raise ValueError(f"unknown option(s) {sorted(opts)} for configs/revisiting/{target}.py; "
-                         "known: fold, seed, freeze, protocol, folds")
-    return c
-
-
-def source_matters_config(kind: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    """One Source Matters run: confounder kind x p x source x fold.
-
-    Options: ``p`` (fraction of positive training images with the artefact, default 0.5),
-    ``dataset`` (default per kind: tag/lowpass/sampled -> nih_cxr14, noise -> lidc),
-    ``fold`` (0-based), ``seed``.
-
-    Protocol (DovileDo/source-matters ``fine-tuning.py``): Adam 1e-3, batch 256, 30
-    epochs, early stop on val loss (patience 30), best by val loss; ResNet50 -> Dropout 0.5
-    -> softmax for all three sources; caffe preprocessing, plus 1/255 for RadImageNet;
-    same augmentation as Revisiting without flips. The image size is not recorded in
-    the repo; 224 is used (override ``--config.data.image_size``).
-    """
-    if kind not in CONFOUNDERS:
-        raise ValueError(f"confounder {kind!r} is not one of {sorted(CONFOUNDERS)}")
-    source, opts = parse_arg(arg)
-    source = source or "imagenet"
-    c = base_config()
-    c.study = "source_matters"
-    c.target = kind
-    dataset = opts.pop("dataset", CONFOUNDERS[kind])
-    c.data.name = dataset
-    c.data.root = os.path.join(_env_path("MEDTRANSFER_DATA", "~/medtransfer_data"), dataset)
-    c.data.image_size = 224
-    c.data.augment.flip = False
-    c.data.augment.rotation_deg = 10.0
-    c.data.augment.shift = 0.1
-    c.data.augment.shear = 0.1
-    c.data.augment.zoom = 0.1
-    c.data.confounder.kind = kind
-    c.data.confounder.p = float(opts.pop("p", 0.5))
-    _apply_source(c, source, "radimagenet" if source == "radimagenet" else "caffe",
-                  random_dropout=0.5)
-    c.fold = int(opts.pop("fold", 0))
-    c.seed = int(opts.pop("seed", 0))
-    c.train.lr, c.train.batch_size, c.train.num_epochs = 1e-3, 256, 30
-    c.eval.batch_size = 256
-    c.eval.monitor = "loss"
-    c.eval.patience = 30
-    if opts:
-        raise ValueError(f"unknown option(s) {sorted(opts)} for configs/source_matters/{kind}.py;"
-                         " known: p, dataset, fold, seed")
-    return c
+    a = ml_collections.ConfigDict()
+    a.cca_image_size = int(cca_image_size)
+    a.cca_preprocessing = "caffe"
+    a.cca_stimulus = cca_stimulus
+    a.similarity_mode = similarity_mode
+    return a
 
 
 def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
     """Test-sized run: ResNet18 width 8, 32 px synthetic images, batch 16."""
     c = demo_config()
     c.data.image_size = 32
-    c.data.synthetic.image_size = 32
     c.data.synthetic.num_examples = 160
     c.model.width = 8
     c.train.batch_size = 16

@@ -118,8 +118,15 @@ def make_global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict
     has leading dimension B_global on every process.
     """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    return {k: v if _is_global(v, sharding) else
+            jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def _is_global(value, sharding: NamedSharding) -> bool:
+    """True for a jax.Array already laid out as a global batch (the device-resident data
+    path builds its batches on the mesh; they must not round-trip through the host)."""
+    return isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim)
 
 
 def gather_to_host(x: jax.Array) -> np.ndarray:

@@ -119,7 +119,7 @@ def expand_grid(study: str, *, targets: Sequence[str], sources: Sequence[str] = 
         for fold, seed in itertools.product(folds, seeds):
             name = f"demo/fold{fold}/seed{seed}"
             runs.append(Run(name, configs.path("demo"), os.path.join(root, name),
-                            [f"fold={fold}", f"seed={seed}"] + list(overrides),
+                            [f"data.fold={fold}", f"seed={seed}"] + list(overrides),
                             {"study": study, "target": "synthetic", "source": "random",
                              "fold": fold, "seed": seed}))
         return runs

@@ -9,12 +9,13 @@ tell "wrong file" from "wrong model settings" without reading the code.
 from __future__ import annotations
 
 import functools
-import os
+import io
 import re
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from medtransfer_jax import paths
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights.checkpoint import CheckpointError
 
@@ -180,7 +181,7 @@ def assemble(found: Mapping[Key, np.ndarray], *, layout: str, depth: int, width:
 
 def sniff(path: str) -> str:
     """Guesses a file's kind from its first bytes: hdf5, zip, pickle, empty or unknown."""
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         head = f.read(8)
     if not head:
         return "empty"
@@ -194,16 +195,26 @@ def sniff(path: str) -> str:
 
 
 def check_input_file(path: str, what: str) -> str:
-    """Returns the absolute path, or raises a CheckpointError that says what is wrong."""
+    """Returns the path to show and open (absolute if local, a ``gs://`` URL kept as
+    given), or raises a CheckpointError that says what is wrong."""
     if not path:
         raise CheckpointError(f"No {what} file given.")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise CheckpointError(f"{path}: no such file (expected a {what} file).")
-    if os.path.isdir(path):
+    if paths.isdir(path):
         raise CheckpointError(f"{path} is a directory; expected a {what} file.")
-    if os.path.getsize(path) == 0:
+    if paths.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); the download probably failed.")
-    return os.path.abspath(path)
+    return paths.to_str(paths.workdir(path))
+
+
+def readable(path: str):
+    """What h5py / zipfile / torch.load should open: the local path itself, or the
+    whole remote object in memory (source checkpoints are ~100 MB; HDF5 over a
+    network file object would make thousands of small ranged reads)."""
+    if paths.is_remote(path):
+        return io.BytesIO(paths.read_bytes(path))
+    return path
 
 
 def parameter_count(variables: Mapping[str, Any], collection: str = "params") -> int:

@@ -5,7 +5,8 @@ source checkpoints (ImageNet / RadImageNet), and weights exported from fine-tuni
 runs. So any stage (training, evaluation, CCA, filter analysis) loads weights the same
 way and knows how to rebuild the model and normalise its inputs.
 
-Layout of a weights directory::
+A weights directory may be local or a ``gs://`` URL (see :mod:`medtransfer_jax.paths`);
+orbax writes the tree to the bucket directly. Layout::
 
     DIR/metadata.json     # WeightsMetadata as JSON
     DIR/variables/        # orbax StandardCheckpointer tree {'params', 'batch_stats'}
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
 
-from medtransfer_jax import preprocessing
+from medtransfer_jax import paths, preprocessing
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 
@@ -73,52 +73,56 @@ class WeightsMetadata:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
 
 
-def save_weights(directory: str, variables: Mapping[str, Any], metadata: WeightsMetadata,
-                 *, overwrite: bool = True) -> str:
-    """Writes ``variables`` ({'params', 'batch_stats'}) and metadata under ``directory``."""
+def save_weights(directory: paths.PathLike, variables: Mapping[str, Any],
+                 metadata: WeightsMetadata, *, overwrite: bool = True) -> str:
+    """Writes ``variables`` ({'params', 'batch_stats'}) and metadata under ``directory``.
+
+    Returns the directory as a string: absolute if local, the URL as given if remote.
+    ``metadata.json`` is written last (atomically), so a directory with metadata has a
+    complete tree unless it was damaged later.
+    """
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = paths.makedirs(paths.workdir(directory))
     tree = {k: jax.tree.map(np.asarray, dict(variables[k]))
             for k in ("params", "batch_stats") if k in variables}
-    path = os.path.join(directory, VARIABLES_DIR)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, tree, force=overwrite)
+        ckptr.save(directory / VARIABLES_DIR, tree, force=overwrite)
         ckptr.wait_until_finished()
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
-        f.write(metadata.to_json())
-    return directory
+    paths.write_text_atomic(directory / METADATA_FILE, metadata.to_json())
+    return paths.to_str(directory)
 
 
-def load_metadata(directory: str) -> WeightsMetadata:
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isdir(directory):
+def load_metadata(directory: paths.PathLike) -> WeightsMetadata:
+    """Reads ``directory/metadata.json``; CheckpointError says what is missing and the fix."""
+    shown = paths.to_str(directory)
+    path = paths.join(directory, METADATA_FILE)
+    if not paths.isdir(directory):
         raise CheckpointError(
-            f"Weights directory {directory!r} does not exist. Create one with "
+            f"Weights directory {shown!r} does not exist. Create one with "
             "`python -m medtransfer_jax.convert --format=keras_h5 --input=FILE --output=DIR`.")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise CheckpointError(
-            f"{directory!r} has no {METADATA_FILE}; it is not a medtransfer_jax weights "
+            f"{shown!r} has no {METADATA_FILE}; it is not a medtransfer_jax weights "
             "directory (made by medtransfer_jax.convert or exported by training).")
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        raw = json.loads(paths.read_text(path))
         return WeightsMetadata(**raw)
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"Cannot read {path}: {e}. Re-create the directory with "
                               "medtransfer_jax.convert.") from e
 
 
-def load_weights(directory: str) -> Tuple[Dict[str, Any], WeightsMetadata]:
-    """Returns (variables as NumPy trees, metadata)."""
+def load_weights(directory: paths.PathLike) -> Tuple[Dict[str, Any], WeightsMetadata]:
+    """Returns (variables as NumPy trees, metadata) from a local or ``gs://`` directory."""
     import orbax.checkpoint as ocp
 
     metadata = load_metadata(directory)
-    path = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{directory!r} has metadata but no {VARIABLES_DIR}/ tree; "
-                              "the save was interrupted. Convert/export again.")
+    path = paths.workdir(directory) / VARIABLES_DIR
+    if not paths.isdir(path):
+        raise CheckpointError(f"{paths.to_str(directory)!r} has metadata but no "
+                              f"{VARIABLES_DIR}/ tree; the save was interrupted. "
+                              "Convert/export again.")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.restore(path)

@@ -6,16 +6,17 @@ call :func:`convert` directly; the CLI module only parses flags.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any, Dict, Optional
 
 from absl import logging
+
+from medtransfer_jax import paths
 
 FORMATS = ("keras_h5", "torchvision")
 
 
 def default_source_name(input_path: str) -> str:
-    return "radimagenet" if "radimagenet" in os.path.basename(input_path).lower() else "imagenet"
+    return "radimagenet" if "radimagenet" in paths.basename(input_path).lower() else "imagenet"
 
 
 def default_preprocessing(fmt: str, source_name: str) -> str:
@@ -26,7 +27,7 @@ def default_preprocessing(fmt: str, source_name: str) -> str:
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -52,11 +53,11 @@ def convert(fmt: str, input_path: str, output_dir: str, *, num_classes: Optional
         raise ValueError(f"--preprocessing={preprocessing!r} is not one of {prep.MODES}.")
     if image_size < 32:
         raise ValueError(f"--image_size must be >= 32, got {image_size}.")
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(os.path.join(output_dir, checkpoint.METADATA_FILE)) and not overwrite:
+    output_dir = paths.to_str(paths.workdir(output_dir))  # gs:// kept, local made absolute
+    if paths.exists(paths.join(output_dir, checkpoint.METADATA_FILE)) and not overwrite:
         raise ValueError(f"--output={output_dir} already holds a weights directory; pass "
                          "--overwrite to replace it or choose another directory.")
-    if os.path.isfile(output_dir):
+    if paths.isfile(output_dir):
         raise ValueError(f"--output={output_dir} is a file; give a directory path.")
 
     loader = keras_h5.load_keras_h5 if fmt == "keras_h5" else torchvision.load_torchvision
@@ -81,7 +82,7 @@ def convert(fmt: str, input_path: str, output_dir: str, *, num_classes: Optional
     metadata = checkpoint.WeightsMetadata(
         source=source_name, layout=info["layout"], depth=info["depth"], width=info["width"],
         num_classes=kept_classes, preprocessing=preprocessing, image_size=image_size,
-        converted_from=os.path.abspath(input_path), format=fmt,
+        converted_from=info["path"], format=fmt,
         extra=dict(container=info.get("h5_layout") or info.get("wrapper"),
                    keras_version=info.get("keras_version"),
                    source_num_classes=info["num_classes"],
@@ -89,7 +90,7 @@ def convert(fmt: str, input_path: str, output_dir: str, *, num_classes: Optional
                    sha256=_sha256(input_path)))
     checkpoint.save_weights(output_dir, variables, metadata, overwrite=True)
 
-    summary = dict(output=output_dir, input=os.path.abspath(input_path), format=fmt,
+    summary = dict(output=output_dir, input=info["path"], format=fmt,
                    container=metadata.extra["container"], depth=info["depth"],
                    width=info["width"], layout=info["layout"], source=source_name,
                    preprocessing=preprocessing, head=head_note, num_classes=kept_classes,

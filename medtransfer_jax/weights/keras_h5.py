@@ -120,7 +120,7 @@ def load_keras_h5(path: str, depth: Optional[int] = None) -> Tuple[Dict[str, Any
             "that you passed the right one.")
     import h5py
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(_common.readable(path), "r")
     except OSError as e:
         raise CheckpointError(
             f"{path} has an HDF5 signature but cannot be opened: {e}. The file is most "
@@ -132,7 +132,7 @@ def load_keras_h5(path: str, depth: Optional[int] = None) -> Tuple[Dict[str, Any
 def _load_keras_archive(path: str, depth: Optional[int]):
     import h5py
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(_common.readable(path)) as z:
             names = z.namelist()
             if "model.weights.h5" not in names:
                 raise CheckpointError(

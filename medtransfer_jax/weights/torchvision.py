@@ -19,12 +19,12 @@ fc.{weight,bias}                predictions/{kernel,bias}              weight tr
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from medtransfer_jax import paths
 from medtransfer_jax.weights import _common
 from medtransfer_jax.weights.checkpoint import CheckpointError
 
@@ -110,12 +110,12 @@ def read_state_dict(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(_common.readable(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours some messages
         msg = text.splitlines()[0].rstrip(". ") if text else type(e).__name__
         if kind not in ("zip", "pickle"):
-            with open(path, "rb") as f:
+            with paths.open(path, "rb") as f:
                 head = f.read(16)
             raise CheckpointError(
                 f"{path} is not a PyTorch file (torch.save writes a zip archive; this file "
@@ -173,7 +173,7 @@ def load_torchvision(path: str, depth: Optional[int] = None) -> Tuple[Dict[str, 
       CheckpointError naming the file, the key/layer and both shapes.
     """
     state, unwrap = read_state_dict(path)
-    path = os.path.abspath(path)
+    path = paths.to_str(paths.workdir(path))
     found: Dict[Key, np.ndarray] = {}
     source: Dict[Key, str] = {}
     ignored = []

@@ -16,6 +16,10 @@ Label rule ``data.knee_label_rule``:
   'exclusive': each case once: ACL tear -> 'acl', else meniscus tear -> 'meniscus', else
   'normal'.
 Split unit: the case (patient); both views of a case stay together.
+
+``data.knee_layout='png'`` (the Revisiting protocol) requires the PNG layout: the paper
+trained on RadImageNet's hand-picked slices (580 cases, 5,222 slices), which cannot be
+derived from the volumes (the .npy mode takes central slices of all 1,250 cases).
 """
 from __future__ import annotations
 
@@ -78,9 +82,20 @@ def examples(root: str, cfg=None) -> List[Example]:
                      ("MRNet-v1.0", "knee"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
     rule = cfg.get("knee_label_rule", "paper") if cfg is not None else "paper"
     n_slices = int(cfg.get("knee_num_slices", 3)) if cfg is not None else 3
+    layout = cfg.get("knee_layout", "any") if cfg is not None else "any"
+    if layout not in ("any", "png"):
+        raise DataError(f"{NAME}: data.knee_layout={layout!r}; choose 'png' or 'any'")
+    has_png = os.path.isdir(os.path.join(root, "images"))
+    if layout == "png" and not has_png:
+        raise DataError(
+            f"{NAME}: data.knee_layout='png' but {os.path.join(root, 'images')} does not exist. "
+            "The paper used RadImageNet's hand-picked MRNet slices (580 cases, 5,222 PNGs in "
+            "images/acl and images/meniscus), which the .npy volumes cannot reproduce (they "
+            "give central slices of all 1,250 cases); put that folder under data.root, or "
+            "accept other data with --config.data.knee_layout=any.")
     acl, men = _labels(root, "acl"), _labels(root, "meniscus")
     out = []
-    if os.path.isdir(os.path.join(root, "images")):
+    if has_png:
         # The paper's PNG layout: the folder says which view; the CSVs give the label.
         for view, cls in (("acl", 1), ("meniscus", 2)):
             table = acl if view == "acl" else men

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU numbers of BENCHMARKS.md in one call (~8 min on one H100/H200).
+#
+# Needs only what a bare GPU machine with jax[cuda], flax, optax, orbax, torch/torchvision
+# and absl has, plus the wheels of the rest in .whl/ beside the repo (grain,
+# ml_collections, ...; see `launch/gpu_record.sh --wheels` run on a machine with PyPI):
+#
+#   bash launch/gpu_record.sh            # from the repo root, on the GPU machine
+#   OUT=/some/dir bash launch/gpu_record.sh
+#
+# Each benchmark prints its own markdown table (machine, versions, command) and is
+# bounded by a timeout, so one slow part cannot eat the others' time. Everything is also
+# written to $OUT/*.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(grain==0.2.18 ml_collections==1.1.0 array_record==0.8.3 dm-tree==0.1.9 cloudpickle
+        protobuf tensorboardX==2.6.4 etils==1.15.0 simplejson more_itertools)
+if [ "${1:-}" = "--wheels" ]; then
+  # On a machine with PyPI: fetch the wheels the GPU image lacks (Python 3.12, x86-64).
+  mkdir -p .whl
+  for w in "${WHEELS[@]}"; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d .whl "$w" || echo "could not fetch $w" >&2
+  done
+  exit 0
+fi
+
+OUT="${OUT:-/tmp/medtransfer_gpu}"
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/medtransfer_xla}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+  | tee "$OUT/gpu.txt"
+python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+
+bench() {  # bench NAME SECONDS ARGS...: one benchmark, its table to $OUT/NAME.md
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (<= ${secs}s): python -m medtransfer_jax.bench $*"
+  timeout "$secs" python3 -m medtransfer_jax.bench "$@" 2>&1 | tee "$OUT/$name.md" \
+    | grep -v "^I[0-9]\|^W[0-9]" | tail -n 25
+  echo "=== $name exit ${PIPESTATUS[0]}"
+}
+
+# 1. ResNet50 224 px bf16 train step at batch 128 and 256, torchvision AMP + channels_last
+#    (and torch.compile) in the same run: img/s, MFU, JAX/torch ratio.
+bench train 170 train --depth=50 --image_sizes=224 --batch_sizes=128,256 \
+  --dtypes=bfloat16 --iters=10 --repeats=3 --torch_compile
+# 2. Device-resident input (gather + warp + normalise in jit) vs an in-memory batch.
+bench device_input 80 device_input --depth=50 --image_sizes=224 --batch_sizes=256 \
+  --dtypes=bfloat16 --cache_examples=4096 --iters=10 --repeats=3
+# 3. The grain path with 8 and 16 worker processes (host decode + warp), for comparison.
+bench pipeline 60 pipeline --image_sizes=224 --workers=8,16 --num_images=2048
+# 4. Similarity kernels vs the float64 NumPy reference at 2048 neurons x 20k datapoints.
+bench similarity 60 similarity --neurons=2048 --datapoints=20000 --repeats=3
+# 5. The paper-protocol two-network CCA on two ResNet50s, end to end.
+bench network 80 network --depth=50 --image_sizes=224 --network_images=10000
+echo "all tables are in $OUT"

@@ -1,0 +1,351 @@
+"""The study's analysis stages as functions of a study (paths + grid) -> tables and figures.
+
+Each function reads what earlier stages wrote (run workdirs, weights dirs, predictions
+files, tables) and writes its own tables (``tables.py``) and figures; the runner calls
+them as one line per stage. ``study`` is anything with the :class:`runner.Study`
+attributes used here (``config``, ``path()``, ``source_dir()``, ``fine_tuned_dir()``,
+``finetune_runs()``, ``folds``, ``random_twin_dir()``, ``clean_targets``); this module never imports the
+runner, so the layers stay one-way.
+
+Statistics (``analysis/stats.py``): spreads are sample sds over folds; each run's test
+AUC gets a bootstrap 95% CI over its test images; sources are compared per target with
+a paired test over folds (Revisiting) and per (confounder, p, test set) with Source
+Matters' permutation t-test; each similarity comes with its chance level.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+from medtransfer_jax import data as data_lib
+from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.analysis import compare, filters, plots
+from medtransfer_jax.analysis import predictions as pred
+from medtransfer_jax.analysis import similarity as sim
+from medtransfer_jax.analysis import stats, weight_change
+from medtransfer_jax.data import pipeline
+from medtransfer_jax.models import resnet
+from medtransfer_jax.preprocessing import to_three_channels
+from medtransfer_jax.studies import tables
+from medtransfer_jax.training import metrics, sweep
+from medtransfer_jax.weights import checkpoint
+
+#: The metric of ``runs.csv``'s ``test.<name>`` -> a function of (labels, probs) for the
+#: bootstrap, so a CI is always of the same AUC the table shows.
+AUC_FUNCTIONS = {"auc": metrics.auc_ovr, "auc_micro": metrics.auc_micro,
+                 "auc_keras": metrics.auc_keras,
+                 "auc_ovr_weighted": lambda y, p: metrics.auc_ovr(y, p, "weighted")}
+TESTS = ("iid", "clean", "ood")
+
+
+def _auc_name(study) -> str:
+    return study.config.get("analysis", {}).get("auc_metric", "auc")
+
+
+# ------------------------------------------------------------------------- fine-tuning
+def run_auc_ci(run_dir: str, split: str, auc_name: str, n_boot: int) -> Dict[str, float]:
+    """Bootstrap 95% CI of one run's AUC on ``split`` from its predictions file."""
+    path = os.path.join(run_dir, "predictions.csv")
+    if not os.path.exists(path) or n_boot <= 0:
+        return {}
+    p = pred.load_predictions(path)
+    sel = p["split"] == split
+    if sel.sum() < 2:
+        return {}
+    lo, hi = stats.bootstrap_ci(p["label"][sel], p["probs"][sel], AUC_FUNCTIONS[auc_name],
+                                n_boot=n_boot)
+    return {f"{split}.{auc_name}_ci_low": lo, f"{split}.{auc_name}_ci_high": hi}
+
+
+def finetune_tables(study, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """runs.csv (+ bootstrap CI per run), auc_summary.csv and source_comparisons.csv."""
+    auc_name = _auc_name(study)
+    n_boot = int(study.config.get("analysis", {}).get("bootstrap", 1000))
+    for r in rows:
+        if r.get("status") == "done":
+            r.update(run_auc_ci(r["workdir"], "test", auc_name, n_boot))
+    tables.write_csv(study.path("tables", "runs.csv"), rows)
+    done = [r for r in rows if r.get("status") == "done"]
+    summary = tables.summarise(done, ("target", "source", "confounder", "p"),
+                               (f"test.{auc_name}", "test.num_examples", f"val.{auc_name}"))
+    tables.write_csv(study.path("tables", "auc_summary.csv"), summary)
+    tables.write_csv(study.path("tables", "source_comparisons.csv"),
+                     source_comparisons(done, f"test.{auc_name}"))
+    return rows
+
+
+def source_comparisons(rows: Sequence[Dict[str, Any]], metric: str) -> List[Dict[str, Any]]:
+    """Per target (clean runs): every pair of sources, paired over the folds both ran."""
+    clean = [r for r in rows if r.get("confounder", "none") in ("none", "")]
+    out = []
+    for target in dict.fromkeys(r["target"] for r in clean):
+        by_src: Dict[str, Dict[Any, float]] = {}
+        for r in clean:
+            if r["target"] == target:
+                by_src.setdefault(r["source"], {})[r["fold"]] = float(r.get(metric, "nan"))
+        for a, b in itertools.combinations(by_src, 2):
+            folds = sorted(set(by_src[a]) & set(by_src[b]))
+            t = stats.paired_test([by_src[a][f] for f in folds], [by_src[b][f] for f in folds])
+            out.append(dict(target=target, source_a=a, source_b=b, metric=metric, **t))
+    return out
+
+
+# ------------------------------------------------------------------- representations
+def target_images(study, target: str, fold: int, num_images: int) -> np.ndarray:
+    """Raw uint8 test images (N, S, S, 3) of a target's fold, S = the run's image size
+    (the val split when the test split has fewer than 2 images)."""
+    tspec = study.config.targets[target]
+    cfg = sweep.load_config(sweep.Run("probe", study.target_config(target), "",
+                                      list(tspec.get("overrides", []))))
+    splits = data_lib.get_splits(cfg.data, fold=fold)
+    src = splits.test if len(splits.test) >= 2 else splits.val
+    n = min(num_images, len(src))
+    return np.stack([to_three_channels(pipeline.resize(src[i]["image"], cfg.data.image_size,
+                                                       cfg.data.resize_method))
+                     for i in range(n)])
+
+
+def cca_pairs(study, target: str, fold: int) -> List[tuple]:
+    """(label, comparison, weights a, weights b) as the paper: pre vs fine-tuned per
+    source, between sources before and after fine-tuning, random vs random."""
+    acfg, sources = study.config.analysis.cca, list(study.config.sources)
+    ft = functools.partial(study.fine_tuned_dir, target, fold=fold)
+    pairs = [(f"{s} (pre) vs {s} (fine-tuned)", "pre_vs_finetuned", study.source_dir(s), ft(s))
+             for s in sources]
+    between = acfg.get("between") or list(itertools.combinations(sources, 2))
+    for s1, s2 in between:
+        if study.source_dir(s1) != study.source_dir(s2):
+            pairs.append((f"{s1} vs {s2} (pre)", "between_sources_pre", study.source_dir(s1),
+                          study.source_dir(s2)))
+        pairs.append((f"{s1} vs {s2} (fine-tuned)", "between_sources_finetuned", ft(s1), ft(s2)))
+    for s in sources:
+        if study.random_twin_dir(s):
+            pairs.append((f"{s} vs {s} (pre)", "random_vs_random", study.source_dir(s),
+                          study.random_twin_dir(s)))
+    return pairs
+
+
+def shuffled_null(wa: str, wb: str, images: np.ndarray, acfg, method: str
+                  ) -> Dict[str, tuple]:
+    """{layer: (mean, sd)} of ``method`` on the comparison's own draws (same seed, so the
+    same images, positions and channels as :func:`compare.compare_networks`) with the
+    rows of B shuffled: the chance level of exactly that comparison. One permutation per
+    draw; the spread is over the ``repeats`` draws."""
+    a, b = act.load_model(wa), act.load_model(wb)
+    layers = resnet.stage_output_names(a.depth)
+    draws = compare.make_plan(act.layer_shapes(a, images.shape[1:3], layers), len(images),
+                              positions=acfg.positions, num_channels=acfg.num_channels,
+                              repeats=acfg.repeats, seed=acfg.seed, spatial=acfg.spatial)
+    pairs = compare.collect_draws(a, b, images, draws, spatial=acfg.spatial)
+    fn = lambda x, y: float(sim.similarity(x, y, method))  # noqa: E731
+    values: Dict[str, list] = {}
+    for i, (d, (x, y)) in enumerate(zip(draws, pairs)):
+        values.setdefault(d.layer, []).append(
+            stats.null_similarity(x, y, fn, repeats=1, seed=acfg.seed + i)[0])
+    return {l: (float(np.mean(v)), stats.mean_sd(v)[1]) for l, v in values.items()}
+
+
+def compare_fold(study, target: str, fold: int) -> List[Dict[str, Any]]:
+    """Rows of every CCA pair of one (target, fold): value, sd over repeats, and the
+    shuffled-rows chance level of the first method."""
+    acfg = study.config.analysis.cca
+    images = target_images(study, target, fold, acfg.num_images)
+    rows = []
+    for label, kind, wa, wb in cca_pairs(study, target, fold):
+        name_a, name_b = label.split(" vs ")
+        null = shuffled_null(wa, wb, images, acfg, acfg.methods[0])
+        for r in compare.compare_networks(
+                wa, wb, images, method=list(acfg.methods), spatial=acfg.spatial,
+                positions=acfg.positions, num_channels=acfg.num_channels,
+                repeats=acfg.repeats, seed=acfg.seed, name_a=name_a, name_b=name_b):
+            chance = null.get(r["layer"]) if r["method"] == acfg.methods[0] else None
+            r.update(pair=label, comparison=kind, target=target, fold=fold,
+                     repeat_sd=stats.mean_sd(r.get("values", []))[1],
+                     null_mean=chance[0] if chance else float("nan"),
+                     null_sd=chance[1] if chance else float("nan"))
+            rows.append(r)
+    return rows
+
+
+def representations(study):
+    """tables/representations*.csv and one figure per target (mean over folds)."""
+    all_rows = []
+    for target, fold in itertools.product(study.clean_targets, study.folds):
+        out_csv = study.path("representations", f"{target}_fold{fold}.csv")
+        if not os.path.exists(out_csv):
+            tables.write_csv(out_csv, compare_fold(study, target, fold))
+        all_rows += tables.read_csv(out_csv)
+    tables.write_csv(study.path("tables", "representations.csv"), all_rows)
+    summary = tables.summarise(all_rows, ("target", "pair", "comparison", "layer", "method"),
+                               ("value", "null_mean"))
+    tables.write_csv(study.path("tables", "representations_summary.csv"), summary)
+    for target in study.clean_targets:
+        sel = [dict(r, std=r["value_sd"]) for r in summary if r["target"] == target]
+        plots.plot_layer_similarity(
+            sel, study.path("figures", f"similarity_{target}.png"),
+            title=f"{target}: similarity per layer (n = {len(study.folds)} folds)",
+            error_label="sd over folds")
+
+
+# ----------------------------------------------------------------------- predictions
+def _pre_vs_ft(sim_rows, target, fold, source, method) -> Dict[str, float]:
+    return {r["layer"]: r["value"] for r in sim_rows
+            if r["target"] == target and r["fold"] == fold and r["method"] == method
+            and r["pair"] == f"{source} (pre) vs {source} (fine-tuned)"}
+
+
+def predictions(study):
+    """Prediction similarity per source pair (n = test images) and AUC gain vs CCA."""
+    if not study.clean_targets:
+        return
+    sources = list(study.config.sources)
+    sim_rows = tables.read_csv_if(study.path("tables", "representations.csv"))
+    method = study.config.analysis.cca.methods[0]
+    rows, gain_records = [], []
+    for target, fold in itertools.product(study.clean_targets, study.folds):
+        paths = {s: os.path.join(study.fine_tuned_dir(target, s, fold=fold, export=False),
+                                 "predictions.csv") for s in sources}
+        for s1, s2 in itertools.combinations(sources, 2):
+            r = pred.compare_prediction_files(paths[s1], paths[s2], split="test")
+            rows.append(dict(target=target, fold=fold, pair=f"{s1} vs {s2}", model_a=s1,
+                             model_b=s2, **r))
+        if "random" not in paths:
+            continue
+        for s in sources:
+            per_layer = _pre_vs_ft(sim_rows, target, fold, s, method)
+            if s != "random" and per_layer:
+                r = pred.compare_prediction_files(paths[s], paths["random"], split="test",
+                                                  random_path=paths["random"])
+                gain_records.append(dict(auc=r["auc_a"], auc_random=r["auc_random"],
+                                         similarity=per_layer, source=s, target=target,
+                                         fold=fold))
+    tables.write_csv(study.path("tables", "prediction_similarity.csv"), rows)
+    summary = tables.summarise(rows, ("target", "pair"), (
+        "observed", "expected_independent", "excess", "agreement", "cohen_kappa",
+        "prob_correlation", "n"))
+    tables.write_csv(study.path("tables", "prediction_similarity_summary.csv"), summary)
+    if summary:
+        plots.plot_prediction_similarity(
+            [dict(r, pair=f"{r['target']}: {r['pair']}") for r in summary],
+            study.path("figures", "prediction_similarity.png"))
+    if len(gain_records) >= 2:
+        gain_rows = pred.auc_gain_vs_similarity(gain_records)
+        tables.write_csv(study.path("tables", "auc_gain_vs_similarity.csv"), gain_rows)
+        plots.plot_auc_vs_similarity(gain_rows, study.path("figures", "auc_gain_vs_cca.png"))
+
+
+# --------------------------------------------------------------------------- filters
+def _filter_pair(pre, ft, labels):
+    """Drift and layer rows of one (pre-trained, fine-tuned) pair, own PCA basis."""
+    rep = filters.analyse_filters({labels[0]: pre["params"], labels[1]: ft["params"]})
+    return rep.drift_rows, rep.layer_rows
+
+
+def filters_stage(study):
+    """Filter KL drift (with noise floor), sparsity, variance entropy, weight change."""
+    if not study.config.targets:
+        return filters_of_sources(study)
+    drift, layers, change = [], [], []
+    for s in study.config.sources:
+        pre, _ = checkpoint.load_weights(study.source_dir(s))
+        for target, fold in itertools.product(study.clean_targets, study.folds):
+            ft, _ = checkpoint.load_weights(study.fine_tuned_dir(target, s, fold=fold))
+            keys = dict(source=s, target=target, fold=fold)
+            d, l = _filter_pair(pre, ft, (f"{s}:pre", f"{s}:fine-tuned"))
+            drift += [dict(r, comparison="pre_vs_finetuned", **keys) for r in d]
+            layers += [dict(r, **keys) for r in l]
+            change += [dict(r, **keys) for r in weight_change.weight_change(pre, ft)]
+    tables.write_csv(study.path("tables", "filter_drift.csv"), drift)
+    tables.write_csv(study.path("tables", "filter_layers.csv"), layers)
+    tables.write_csv(study.path("tables", "weight_change.csv"), change)
+    _filter_figures(study, drift, layers, change)
+
+
+def _filter_figures(study, drift, layers, change):
+    fig = functools.partial(study.path, "figures")
+    by_depth = tables.summarise([r for r in drift if r["scope"] == "depth_bin"],
+                                ("source", "key"), ("drift", "noise_floor"))
+    tables.write_csv(study.path("tables", "filter_drift_summary.csv"), by_depth)
+    if by_depth:
+        plots.plot_depth_drift(by_depth, fig("filter_kl_drift.png"))
+    per_layer = tables.summarise(layers, ("model", "layer"), ("sparsity", "variance_entropy"))
+    tables.write_csv(study.path("tables", "filter_layers_summary.csv"), per_layer)
+    if per_layer:
+        plots.plot_layer_statistics(per_layer, fig("filter_layer_statistics.png"))
+    for s in dict.fromkeys(r["source"] for r in change):
+        mean_rows = tables.summarise([r for r in change if r["source"] == s],
+                                     ("layer", "kind", "status"), ("rel_l2", "cosine"))
+        plots.plot_weight_change(mean_rows, fig(f"weight_change_{s}.png"))
+
+
+def filters_of_sources(study):
+    """The Gavrikov analyses over the sources only (no fine-tuning): one PCA basis over
+    every model, drifts between ``analysis.filters.groups`` (default: each model)."""
+    models = {s: checkpoint.load_weights(study.source_dir(s))[0]["params"]
+              for s in study.config.sources}
+    groups = study.config.get("analysis", {}).get("filters", {}).get("groups") or None
+    rep = filters.analyse_filters({k: v for k, v in models.items()},
+                                  groups=dict(groups) if groups else None)
+    tables.write_csv(study.path("tables", "filter_drift.csv"), rep.drift_rows)
+    tables.write_csv(study.path("tables", "filter_layers.csv"), rep.layer_rows)
+    plots.plot_kl_drift(rep.drift_rows, study.path("figures", "filter_kl_drift.png"),
+                        scope="depth_bin")
+    plots.plot_layer_statistics(rep.layer_rows, study.path("figures",
+                                                           "filter_layer_statistics.png"))
+    units = list(groups) if groups else list(models)
+    plots.plot_filter_histograms(rep.histograms, rep.bin_edges(),
+                                 study.path("figures", "filter_histograms.png"),
+                                 keys=[(u, "all") for u in units],
+                                 explained=rep.pca.explained_variance_ratio)
+
+
+# ------------------------------------------------------------------------ robustness
+def robustness_row(run) -> Dict[str, Any]:
+    """AUC and test-set size on the i.i.d., clean and o.o.d. tests of one run."""
+    extra = (sweep.read_results(run.workdir) or {}).get("extra_tests", {})
+    row = dict(run.keys)
+    for name in TESTS:
+        row[f"auc_{name}"] = extra.get(name, {}).get("auc", float("nan"))
+        row[f"n_{name}"] = extra.get(name, {}).get("num_examples", float("nan"))
+    row["drop_iid_to_ood"] = row["auc_iid"] - row["auc_ood"]
+    row["drop_clean_to_ood"] = row["auc_clean"] - row["auc_ood"]
+    return row
+
+
+def robustness_tests(rows, sources) -> List[Dict[str, Any]]:
+    """Source Matters' permutation t-test between every two sources per (target,
+    confounder, p, test set), over folds."""
+    out = []
+    settings = dict.fromkeys((r["target"], r["confounder"], r["p"]) for r in rows)
+    for (target, kind, p), test in itertools.product(settings, TESTS):
+        sel = [r for r in rows if (r["target"], r["confounder"], r["p"]) == (target, kind, p)]
+        for a, b in itertools.combinations(sources, 2):
+            xa = [r[f"auc_{test}"] for r in sel if r["source"] == a]
+            xb = [r[f"auc_{test}"] for r in sel if r["source"] == b]
+            t, pv = stats.permutation_ttest_ind(xa, xb)
+            out.append(dict(target=target, confounder=kind, p=p, test=test, source_a=a,
+                            source_b=b, t=t, p_value=pv, mark=stats.significance_mark(pv),
+                            n_a=len(xa), n_b=len(xb)))
+    return out
+
+
+def robustness(study):
+    """tables/robustness*.csv (+ tests) and the AUC-vs-p figure with significance marks."""
+    rows = [robustness_row(run) for run in study.finetune_runs()
+            if run.keys["confounder"] != "none"]
+    tables.write_csv(study.path("tables", "robustness.csv"), rows)
+    summary = tables.summarise(rows, ("target", "source", "confounder", "p"),
+                               [f"auc_{t}" for t in TESTS] + [f"n_{t}" for t in TESTS]
+                               + ["drop_iid_to_ood"])
+    tables.write_csv(study.path("tables", "robustness_summary.csv"), summary)
+    pairs = study.config.get("analysis", {}).get("compare_sources") or [
+        s for s in study.config.sources if s != "random"]
+    tests = robustness_tests(rows, list(pairs))
+    tables.write_csv(study.path("tables", "robustness_tests.csv"), tests)
+    if summary:
+        marks = {(r["target"], r["confounder"], r["p"], r["test"]): r["mark"] for r in tests}
+        plots.plot_robustness(summary, study.path("figures", "robustness.png"), marks=marks)

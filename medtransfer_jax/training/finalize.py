@@ -1,0 +1,170 @@
+"""The end of a run: evaluate the best model on every test set, write its predictions,
+export the best and last weights (shared weights format) and ``results.json``.
+
+Everything here is recomputed from checkpoints, so a run killed during this stage
+reproduces the same files when re-run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from medtransfer_jax import data as data_lib
+from medtransfer_jax.training import metrics as metrics_lib
+from medtransfer_jax.training import predictions as pred_lib
+from medtransfer_jax.training import sharding as shard_lib
+from medtransfer_jax.weights import checkpoint as weights_lib
+
+RESULTS_FILE = "results.json"
+
+
+def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, preprocessing: str,
+                    batch_size: int, worker_count: int = 0, resize_method: str = "bilinear",
+                    reported_auc: Optional[str] = None,
+                    batches: Optional[Any] = None) -> Tuple[Dict[str, float], Dict]:
+    """Runs the model over every example of ``source`` once.
+
+    ``batches``: the eval batches of ``source`` when they come from elsewhere (the
+    device-resident cache); else the grain eval pipeline reads ``source``.
+
+    Returns:
+      (metrics dict (metrics.classification_metrics), arrays {'index': (N,),
+      'label': (N,), 'probs': (N, K), 'loss': (N,)} in source order).
+    """
+    it = batches if batches is not None else data_lib.make_eval_iter(
+        source, image_size=image_size, preprocessing=preprocessing, global_batch_size=batch_size,
+        worker_count=worker_count, resize_method=resize_method)
+    outs: Dict[str, List[np.ndarray]] = {}
+    for batch in it:
+        batch = {k: batch[k] for k in ("image", "label", "weight", "index")}
+        out = eval_step(variables, shard_lib.make_global_batch(mesh, batch))
+        for k, v in out.items():
+            outs.setdefault(k, []).append(shard_lib.gather_to_host(v))
+    cat = {k: np.concatenate(v) for k, v in outs.items()}
+    keep = cat["weight"] > 0
+    order = np.argsort(cat["index"][keep], kind="stable")
+    arrays = {k: cat[k][keep][order] for k in ("index", "label", "probs", "loss")}
+    if len(arrays["index"]) != len(source) or np.any(arrays["index"] != np.arange(len(source))):
+        raise RuntimeError(f"evaluation saw {len(arrays['index'])} examples of {len(source)}; "
+                           "the eval pipeline must yield every example exactly once")
+    mets = metrics_lib.classification_metrics(arrays["label"], arrays["probs"],
+                                              loss=float(np.mean(arrays["loss"])) if len(source)
+                                              else None, reported_auc=reported_auc)
+    return mets, arrays
+
+
+def ids_groups(source, index: np.ndarray) -> Tuple[List[str], List[str]]:
+    """ids / groups of ``source`` rows (from its columns, else by reading records)."""
+    ids = getattr(source, "ids", None)
+    groups = getattr(source, "groups", None)
+    if ids is not None and groups is not None:
+        return [str(ids[i]) for i in index], [str(groups[i]) for i in index]
+    recs = [source[int(i)] for i in index]
+    return [str(r["id"]) for r in recs], [str(r.get("group", r["id"])) for r in recs]
+
+
+def evaluate_and_write_predictions(run_eval, splits, workdir: str, step: int,
+                                   writer) -> Dict[str, Dict[str, float]]:
+    """Metrics of ``run_eval(source)`` on val, test and every extra test set; writes
+    ``predictions/<split>.csv`` and the combined ``predictions.csv`` (process 0)."""
+    is_main = jax.process_index() == 0
+    sets = {"val": splits.val, "test": splits.test}
+    sets.update(sorted(splits.extra_tests.items()))
+    results, rows = {}, []
+    for name, src in sets.items():
+        mets, arrays = run_eval(src)
+        results[name] = mets
+        writer.write(step, f"final_{name}", mets)
+        if is_main:
+            ids, groups = ids_groups(src, arrays["index"])
+            pred_lib.write_predictions(os.path.join(workdir, "predictions", f"{name}.csv"),
+                                       ids, groups, name, arrays["label"], arrays["probs"])
+            rows.append((ids, groups, [name] * len(ids), arrays["label"], arrays["probs"]))
+            logging.info("best (step %d) on %s: %s", step, name,
+                         {k: round(v, 4) for k, v in mets.items() if isinstance(v, float)})
+    if is_main and rows:
+        pred_lib.write_predictions(
+            os.path.join(workdir, "predictions.csv"), *[sum((list(r[i]) for r in rows), [])
+                                                        for i in range(3)],
+            np.concatenate([r[3] for r in rows]), np.concatenate([r[4] for r in rows]))
+    return results
+
+
+def export_weights(path: str, variables, metadata: weights_lib.WeightsMetadata) -> None:
+    """Gathers (possibly sharded) variables to host and saves them in the weights format."""
+    host_vars = jax.tree.map(shard_lib.gather_to_host, variables)
+    weights_lib.save_weights(path, host_vars, metadata)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic JSON write (tmp file + rename), so a kill never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def json_config(config) -> Dict[str, Any]:
+    """The config as plain JSON (what config.json and results.json hold)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def read_results(workdir: str) -> Optional[Dict[str, Any]]:
+    """``results.json`` of a run, or None if there is none (or it is unreadable)."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
+    """Best model -> predictions and metrics on every test set, exports, ``results.json``.
+
+    ``run``: a run_setup.Run; ``state`` / ``state_sh``: the last TrainState and its
+    shardings; ``ls``: the loop_state.LoopState (its best step is restored if it is not
+    the last). Returns the results dict.
+    """
+    best_step = step if ls.best.step is None else ls.best.step
+    best_state = state
+    if best_step != step:
+        best_state, _ = run.ckpt.restore(best_step, run.abstract(run.phases[-1])[0], None)
+    eval_step = run.eval_step(state_sh)
+    by_split = evaluate_and_write_predictions(
+        lambda src: run.run_eval(eval_step, best_state.variables, src), run.splits,
+        run.workdir, best_step, run.writer)
+    s, c = run.splits, run.config
+    exports = (("best", best_state, best_step, {k: by_split[k] for k in ("val", "test")}),
+               ("last", state, step, {"val": ls.last_val}))
+    for sub, st, stp, mets in exports:
+        export_weights(os.path.join(run.workdir, "export", sub), st.variables,
+                       weights_lib.WeightsMetadata(
+                           source="finetuned", layout=run.spec.layout, depth=run.spec.depth,
+                           width=run.spec.width, num_classes=s.num_classes,
+                           preprocessing=run.prep, image_size=c.data.image_size,
+                           extra={"init": run.init_desc, "metrics": mets, "step": int(stp),
+                                  "dataset": s.name, "class_names": list(s.class_names),
+                                  "fold": c.data.fold, "workdir": run.workdir}))
+    results = {
+        "status": "done", "best_step": int(best_step), "last_step": int(step),
+        "stopped_early": bool(ls.stopped_early), "monitor": run.phases[-1].monitor,
+        "best_monitor_value": ls.best.value, "reported_auc": c.eval.reported_auc,
+        "val": by_split["val"], "test": by_split["test"],
+        "extra_tests": {k: v for k, v in by_split.items() if k not in ("val", "test")},
+        "init": run.init_desc, "preprocessing": run.prep, "dataset": s.name,
+        "class_names": list(s.class_names), "fold": c.data.fold, "num_train": len(s.train),
+        "num_val": len(s.val), "num_test": len(s.test), "steps_per_epoch": run.steps_per_epoch,
+        "num_devices": int(run.mesh.size), "num_processes": jax.process_count(),
+        "wall_time_s": time.time() - run.t_start, "config": json_config(c)}
+    if jax.process_index() == 0:
+        write_json(os.path.join(run.workdir, RESULTS_FILE), results)
+    return results

@@ -1,0 +1,50 @@
+"""The model a run starts from: random init or a converted weights directory."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from medtransfer_jax import preprocessing as prep_lib
+from medtransfer_jax.models import resnet
+from medtransfer_jax.weights import checkpoint as weights_lib
+
+
+def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict, str, str, Any]:
+    """Returns (model, variables, preprocessing mode, init description, ModelSpec).
+
+    ``config.model.init``: 'random' or a weights directory (weights/checkpoint.py);
+    the architecture and the input normalisation then come from its metadata (a
+    non-None ``config.model.preprocessing`` overrides the latter, e.g. the Revisiting
+    study fed RadImageNet plain caffe inputs). The new head is freshly initialised.
+    """
+    m = config.model
+    image_size = config.data.image_size
+    init = m.init or "random"
+    common = dict(num_classes=num_classes, dropout_rate=m.dropout_rate,
+                  dtype=jnp.dtype(m.dtype), bn_momentum=m.bn_momentum)
+    if init == "random":
+        spec = resnet.ModelSpec(depth=m.depth, layout=m.layout, num_classes=num_classes,
+                                width=m.width)
+        model = spec.build(**common)
+        variables = resnet.init_variables(model, rng, image_size)
+        return model, jax.device_get(variables), m.preprocessing or "unit", "random", spec
+    init = os.path.expanduser(init)
+    loaded, meta = weights_lib.load_weights(init)
+    for key in ("depth", "layout", "width"):
+        if m[key] is not None and m[key] != getattr(meta, key):
+            logging.warning("config.model.%s=%r differs from %s/metadata.json (%r); the "
+                            "checkpoint's architecture is used.", key, m[key], init,
+                            getattr(meta, key))
+    spec = dataclasses.replace(meta.model_spec(), num_classes=num_classes)
+    model = spec.build(**common)
+    fresh = jax.device_get(resnet.init_variables(model, rng, image_size))
+    variables = weights_lib.merge_into(fresh, loaded, skip_head=True, source_name=init)
+    mode = m.preprocessing or meta.preprocessing
+    if mode not in prep_lib.MODES:
+        raise ValueError(f"config.model.preprocessing={mode!r} is not one of {prep_lib.MODES}")
+    return model, variables, mode, init, spec

@@ -1,0 +1,207 @@
+"""paths.py: gs:// URLs stay URLs; a local folder stands in for the bucket.
+
+`fake_gcs` routes every epath operation on ``gs://bucket/...`` to ``tmp/gcs/bucket/...``
+(etils.epath.testing.mock_epath), so the code under test runs its real gs:// branch.
+`no_os_path_on_urls` makes os.path.abspath/exists/isdir/..., os.makedirs/replace and
+open raise on any argument that still carries ``gs:`` — the bug this module exists to prevent is
+``os.path.abspath('gs://b/run') == $PWD/gs:/b/run``.
+"""
+import builtins
+import io
+import os
+import pathlib
+import re
+import threading
+
+import numpy as np
+import pytest
+from etils.epath import testing as epath_testing
+
+from _train_utils import REPO
+from medtransfer_jax import paths
+
+
+@pytest.fixture
+def fake_gcs(tmp_path):
+    root = tmp_path / "gcs"
+    root.mkdir()
+
+    def local(p):
+        s = os.fspath(p)
+        return str(root / s[len("gs://"):]) if s.startswith("gs://") else s
+
+    def one(fn, path, *a, **k):
+        return fn(local(path), *a, **k)
+
+    def two(fn, path, dst, *a, **k):
+        return fn(local(path), local(dst), *a, **k)
+
+    with epath_testing.mock_epath(
+            exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, open=one, remove=one,
+            rmtree=one, stat=one, glob=one, walk=one, rename=two, replace=two, copy=two):
+        yield root
+
+
+@pytest.fixture
+def no_os_path_on_urls(monkeypatch):
+    def guard(name, fn):
+        def wrapped(*args, **kwargs):
+            for a in args:
+                if isinstance(a, (str, os.PathLike)) and "gs:" in os.fspath(a):
+                    raise AssertionError(f"{name}({os.fspath(a)!r}): a gs:// URL reached os.path")
+            return fn(*args, **kwargs)
+        return wrapped
+
+    # Not join/dirname/basename: os.path is posixpath, which epath itself uses for
+    # string joins of URL parts; the harm is in functions that touch the disk or the cwd.
+    for name in ("abspath", "exists", "isdir", "isfile", "getsize", "expanduser", "realpath"):
+        monkeypatch.setattr(os.path, name, guard(f"os.path.{name}", getattr(os.path, name)))
+    for name in ("makedirs", "replace", "rename", "listdir", "remove"):
+        monkeypatch.setattr(os, name, guard(f"os.{name}", getattr(os, name)))
+    monkeypatch.setattr(builtins, "open", guard("open", builtins.open))
+
+
+def test_urls_stay_urls_and_local_paths_become_absolute(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert str(paths.workdir("gs://bucket/runs/b1")) == "gs://bucket/runs/b1"
+    assert paths.to_str(paths.join("gs://bucket/runs", "b1", "results.json")) == \
+        "gs://bucket/runs/b1/results.json"
+    assert paths.is_remote("gs://b/x") and not paths.is_remote("runs/gs:x")
+    assert str(paths.workdir("~/w")) == str(tmp_path / "w")
+    assert str(paths.workdir("rel/dir")) == str(tmp_path / "rel" / "dir")
+    assert paths.basename("gs://bucket/RadImageNet-ResNet50_notop.h5") == \
+        "RadImageNet-ResNet50_notop.h5"
+    assert paths.basename("gs://bucket/dir/") == "dir"
+    with pytest.raises(ValueError, match="empty path"):
+        paths.workdir("")
+
+
+def test_file_operations_on_a_bucket(fake_gcs, no_os_path_on_urls):
+    run = paths.makedirs(paths.workdir("gs://bucket/runs/b1"))
+    assert paths.isdir("gs://bucket/runs/b1") and paths.exists(run)
+    paths.write_text_atomic(run / "results.json", '{"status": "done"}')
+    paths.append_text(run / "metrics.jsonl", "a\n")
+    paths.append_text(run / "metrics.jsonl", "b\n")
+    paths.write_bytes_atomic(run / "blob.bin", b"\x00\x01")
+    assert paths.read_text("gs://bucket/runs/b1/results.json") == '{"status": "done"}'
+    assert paths.read_text(run / "metrics.jsonl") == "a\nb\n"
+    assert paths.read_bytes(run / "blob.bin") == b"\x00\x01"
+    assert paths.getsize(run / "blob.bin") == 2 and paths.isfile(run / "blob.bin")
+    assert paths.listdir(run) == ["blob.bin", "metrics.jsonl", "results.json"]
+    # The bytes landed in the bucket stand-in, not in a local ./gs:/ folder.
+    assert (fake_gcs / "bucket" / "runs" / "b1" / "results.json").read_text() == \
+        '{"status": "done"}'
+    assert not (pathlib.Path.cwd() / "gs:").exists()
+
+
+def test_local_atomic_write_leaves_no_temporaries_and_keeps_old_file_on_error(tmp_path,
+                                                                               monkeypatch):
+    target = tmp_path / "results.csv"
+    paths.write_text_atomic(target, "old\n")
+
+    def writer(i):
+        for _ in range(20):
+            paths.write_text_atomic(target, f"writer {i}\n" * 100)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    text = target.read_text()
+    assert len(text.splitlines()) == 100 and len(set(text.splitlines())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        paths.write_text_atomic(target, "new\n")
+    assert target.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+
+class _FakeOrbax:
+    """Stands in for orbax.checkpoint.StandardCheckpointer (which writes gs:// through
+    tensorstore, not epath): records the path it was given, stores the tree as .npz."""
+
+    seen = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def save(self, path, tree, force=False):
+        self.seen.append(path)
+        flat = {f"{c}|{layer}|{leaf}": v for c, layers in tree.items()
+                for layer, leaves in layers.items() for leaf, v in leaves.items()}
+        buf = io.BytesIO()
+        np.savez(buf, **flat)
+        paths.makedirs(path)
+        paths.write_bytes_atomic(paths.join(path, "tree.npz"), buf.getvalue())
+
+    def wait_until_finished(self):
+        pass
+
+    def restore(self, path):
+        self.seen.append(path)
+        data = np.load(io.BytesIO(paths.read_bytes(paths.join(path, "tree.npz"))))
+        tree = {}
+        for key in data.files:
+            c, layer, leaf = key.split("|")
+            tree.setdefault(c, {}).setdefault(layer, {})[leaf] = data[key]
+        return tree
+
+
+def test_weights_directory_on_a_bucket(fake_gcs, no_os_path_on_urls, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from medtransfer_jax.weights import checkpoint
+
+    monkeypatch.setattr(ocp, "StandardCheckpointer", _FakeOrbax)
+    _FakeOrbax.seen.clear()
+    rng = np.random.default_rng(0)
+    variables = {"params": {"conv1_conv": {"kernel": rng.normal(size=(3, 3, 3, 4))}},
+                 "batch_stats": {"conv1_bn": {"mean": rng.normal(size=4)}}}
+    md = checkpoint.WeightsMetadata(source="imagenet", layout="keras_v1", depth=18, width=4)
+    out = checkpoint.save_weights("gs://bucket/weights/imagenet", variables, md)
+    assert out == "gs://bucket/weights/imagenet"
+    got, md2 = checkpoint.load_weights("gs://bucket/weights/imagenet")
+    assert md2 == md
+    np.testing.assert_array_equal(got["params"]["conv1_conv"]["kernel"],
+                                  variables["params"]["conv1_conv"]["kernel"])
+    # orbax received the URL itself (it writes to GCS directly), never a local path.
+    assert [str(p) for p in _FakeOrbax.seen] == ["gs://bucket/weights/imagenet/variables"] * 2
+    assert (fake_gcs / "bucket" / "weights" / "imagenet" / "metadata.json").exists()
+    with pytest.raises(checkpoint.CheckpointError, match=r"'gs://bucket/nothing' does not exist"):
+        checkpoint.load_metadata("gs://bucket/nothing")
+
+
+def test_source_checkpoint_read_from_a_bucket(fake_gcs, no_os_path_on_urls, tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from medtransfer_jax.weights import _common, torchvision as tv_reader
+
+    model = torchvision.models.resnet18(num_classes=3)
+    (fake_gcs / "bucket").mkdir()
+    with builtins.open(fake_gcs / "bucket" / "r18.pth", "wb") as f:   # guard: local path
+        torch.save(model.state_dict(), f)
+    url = "gs://bucket/r18.pth"
+    assert _common.check_input_file(url, "PyTorch") == url and _common.sniff(url) == "zip"
+    variables, info = tv_reader.load_torchvision(url)
+    assert info["path"] == url and info["depth"] == 18 and info["num_classes"] == 3
+    w = model.state_dict()["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(variables["params"]["conv1_conv"]["kernel"], w)
+    with pytest.raises(Exception, match=r"gs://bucket/missing.pth: no such file"):
+        _common.check_input_file("gs://bucket/missing.pth", "PyTorch")
+
+
+def test_adopting_modules_have_no_os_path_left():
+    """Static half of the guard: the weights stage names paths only through paths.py."""
+    for name in ("checkpoint.py", "conversion.py", "_common.py", "torchvision.py", "keras_h5.py"):
+        text = open(os.path.join(REPO, "medtransfer_jax", "weights", name)).read()
+        assert not re.search(r"\bos\.(path\.|makedirs|replace)|[^.]\bopen\(", text), name
