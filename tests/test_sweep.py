@@ -23,11 +23,12 @@ def test_override_parses_as_the_field_type_and_rejects_unknown_fields():
     c = configs.load(configs.path("demo"))
     configs.override(c, ["train.lr=0.5", "train.batch_size=8", "data.augment.flip=false",
                          "data.synthetic.task='natural'", "data.root=/x", "data.nih_views=AP,PA",
-                         "data.max_examples=12"])
+                         "data.max_examples=12", "model.preprocessing=None"])
     assert c.train.lr == 0.5 and isinstance(c.train.lr, float)
     assert c.train.batch_size == 8 and c.data.augment.flip is False
     assert c.data.synthetic.task == "natural" and c.data.root == "/x"
     assert c.data.nih_views == ("AP", "PA") and c.data.max_examples == 12
+    assert c.model.preprocessing is None
     with pytest.raises(ConfigError, match="no field 'train.learning_rate'.*lr"):
         configs.override(c, ["train.learning_rate=0.1"])
     with pytest.raises(ConfigError, match="'abc' is not a float"):

@@ -86,7 +86,10 @@ def unknown_field_message(cfg, key: str, origin: str) -> str:
 
 
 def _parse(raw: str, current: Any, origin: str) -> Any:
-    """``raw`` as the type of the field's current value (config_flags' rules)."""
+    """``raw`` as the type of the field's current value (config_flags' rules); ``None``
+    unsets any field (e.g. ``model.preprocessing=None``: take it from the weights)."""
+    if raw.strip() == "None":
+        return None
     try:
         if isinstance(current, bool):
             low = raw.strip().lower()
