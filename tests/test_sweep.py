@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
+import tempfile
 import time
 
 import ml_collections
@@ -50,6 +50,10 @@ def test_resolved_file_gives_the_same_config_as_the_strings(tmp_path, spec, over
     # The subprocess gets that file, not the strings: both modes read the same values.
     cmd = sweep._command(run, "python")
     assert f"--config={path}" in cmd and not any(a.startswith("--config.") for a in cmd)
+    # A remote workdir (written by the run itself) keeps the sweep's files local.
+    remote = sweep.Run("r", spec, "gs://bucket/sweep/r", overrides)
+    assert sweep.resolved_config_path(remote).startswith(tempfile.gettempdir())
+    assert "--workdir=gs://bucket/sweep/r" in sweep._command(remote, "python")
 
 
 def _fake_results(workdir, status, auc=0.9):

@@ -33,6 +33,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -154,9 +155,19 @@ def load_config(run: Run):
     return configs.resolve(run.config, run.overrides)
 
 
+def local_dir(run: Run) -> str:
+    """Where the sweep writes the run's config file and log: its workdir, or for a remote
+    workdir (``gs://...``, written by the training process itself) a local mirror
+    under the temp dir, since plain ``open`` cannot write there."""
+    if "://" not in run.workdir:
+        return run.workdir
+    return os.path.join(tempfile.gettempdir(), "medtransfer_sweep",
+                        run.workdir.replace("://", "/").lstrip("/"))
+
+
 def resolved_config_path(run: Run, process_index: int = 0) -> str:
     name = RESOLVED_CONFIG if process_index == 0 else f"sweep_config.p{process_index}.py"
-    return os.path.join(run.workdir, name)
+    return os.path.join(local_dir(run), name)
 
 
 def write_config(run: Run, process_index: int = 0, config=None) -> str:
@@ -204,10 +215,10 @@ def _run_subprocess(run: Run, python: str, timeout: Optional[float], env,
                     train_flags: Sequence[str] = (), process_index: int = 0) -> str:
     if interrupts.requested() is not None:
         return "stopped"
-    created = not os.path.exists(run.workdir)
-    os.makedirs(run.workdir, exist_ok=True)
+    created = not os.path.exists(local_dir(run))
+    os.makedirs(local_dir(run), exist_ok=True)
     write_config(run, process_index)
-    log_path = os.path.join(run.workdir, "train.log" if process_index == 0
+    log_path = os.path.join(local_dir(run), "train.log" if process_index == 0
                             else f"train.p{process_index}.log")
     cmd = _command(run, python, train_flags, process_index)
     with open(log_path, "a") as log:
@@ -231,7 +242,7 @@ def _run_subprocess(run: Run, python: str, timeout: Optional[float], env,
                 with contextlib.suppress(OSError):
                     os.remove(ours)
             with contextlib.suppress(OSError):  # the run dir and empty grid folders above
-                os.removedirs(os.path.abspath(run.workdir))
+                os.removedirs(os.path.abspath(local_dir(run)))
         return f"usererror:{line}"
     if status.startswith("failed"):
         logging.warning("run %s: %s (log: %s)", run.name, status, log_path)
@@ -389,7 +400,8 @@ def collect(runs: Sequence[Run], csv_path: Optional[str] = None,
     rows = []
     for run in runs:
         row: Dict[str, Any] = {"name": run.name, **run.keys, "status": run.status(),
-                               "workdir": os.path.abspath(run.workdir)}
+                               "workdir": run.workdir if "://" in run.workdir
+                               else os.path.abspath(run.workdir)}
         res = read_results(run.workdir)
         if res and res.get("status") == "done":
             row["best_step"] = res.get("best_step")
