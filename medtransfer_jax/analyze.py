@@ -7,7 +7,7 @@ WHAT (positional, or ``--what``):
   Revisiting CCA (mean CCA, stage outputs, ~10k positions, 64 shared channels, 5 repeats);
   ``--protocol=custom`` uses ``--methods``, ``--layers``, ``--spatial``, ``--streaming``.
   Several pairs: repeat ``--pair=DIR_A,DIR_B[,LABEL]``. Images: ``--images=data`` (the
-  data config: ``--data_name``, ``--data_root``, ``--fold``, ``--split``,
+  data config: ``--dataset``, ``--data_root``, ``--fold``, ``--split``,
   ``--data_override=key=value``) or ``--images=random`` (uniform noise, for smoke tests).
 * ``predictions``: two predictions CSVs -> prediction_similarity.csv/.json/.png
   (``--random_predictions`` adds the relative AUC gain over random init).
@@ -21,7 +21,6 @@ WHAT (positional, or ``--what``):
 """
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import os
@@ -29,6 +28,9 @@ from typing import Dict, List, Optional, Sequence
 
 from absl import app, flags, logging
 import numpy as np
+
+from medtransfer_jax import cli, configs
+from medtransfer_jax.errors import ConfigError, UserError
 
 WHATS = ("cca", "similarity", "predictions", "weights", "filters", "auc_vs_similarity")
 
@@ -71,7 +73,8 @@ _define("enum", "images", "data", "Image source for cca/similarity.", ["data", "
 _define("integer", "num_images", 1000, "Size of the image pool drawn from the split.")
 _define("integer", "image_size", None, "Resize images to this (default: data config / "
         "weights metadata image_size).")
-_define("string", "data_name", None, "Data config name (default: the config's default).")
+_define("string", "dataset", None, "Data config name, data.name (default: the config's default).")
+flags.DEFINE_alias("data_name", "dataset")  # the flag's name before the vocabulary was unified
 _define("string", "data_root", None, "Data config root (manual-download dir).")
 _define("integer", "fold", 0, "Fold of the data splits.")
 _define("string", "split", "test", "Split used as stimulus (train/val/test or an extra test).")
@@ -97,6 +100,7 @@ _define("string", "similarity_method", None, "auc_vs_similarity: method rows to 
 
 
 def _fail(msg: str):
+    """Bad input: the harness prints 'analyze: error: msg' and exits 2."""
     raise app.UsageError(msg)
 
 
@@ -125,23 +129,6 @@ def _json_default(o):
 
 
 # ----------------------------------------------------------------------------- images
-def _set_config(cfg, key: str, raw: str):
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    node = cfg
-    parts = key.split(".")
-    for p in parts[:-1]:
-        if p not in node:
-            _fail(f"--data_override {key}: the data config has no field {p!r}.")
-        node = node[p]
-    if parts[-1] not in node:
-        _fail(f"--data_override {key}: the data config has no field {parts[-1]!r}; "
-              f"fields: {sorted(node.keys())}.")
-    node[parts[-1]] = value
-
-
 def load_images(image_size: int) -> np.ndarray:
     """The stimulus pool: (N, S, S, 3) uint8 from the data split, or uniform noise."""
     rng = np.random.default_rng(FLAGS.seed)
@@ -151,15 +138,14 @@ def load_images(image_size: int) -> np.ndarray:
     from medtransfer_jax.data import pipeline
 
     cfg = data.default_data_config()
-    if FLAGS.data_name:
-        cfg.name = FLAGS.data_name
+    if FLAGS.dataset:
+        cfg.name = FLAGS.dataset
     if FLAGS.data_root:
         cfg.root = FLAGS.data_root
-    for item in FLAGS.data_override:
-        if "=" not in item:
-            _fail(f"--data_override={item!r}: expected key=value.")
-        k, v = item.split("=", 1)
-        _set_config(cfg, k.strip(), v.strip())
+    try:
+        configs.override(cfg, FLAGS.data_override, flag="data_override")
+    except ConfigError as e:
+        _fail(f"{e} (of the data config)")
     splits = data.get_splits(cfg, fold=FLAGS.fold)
     sources = {"train": splits.train, "val": splits.val, "test": splits.test,
                **dict(splits.extra_tests)}
@@ -200,6 +186,18 @@ def _pairs() -> List[tuple]:
             if not os.path.isdir(d):
                 _fail(f"Weights directory {d!r} does not exist.")
     return pairs
+
+
+def _check_layers(pairs: List[tuple]) -> None:
+    """Unknown --layers fail before any image is loaded or any file written."""
+    if not FLAGS.layers:
+        return
+    from medtransfer_jax.analysis import activations as act
+    for d in dict.fromkeys(p for pair in pairs for p in pair[:2]):
+        try:
+            act.check_layers(act.load_model(d), FLAGS.layers)
+        except ValueError as e:
+            _fail(f"--layers={','.join(FLAGS.layers)}: {e}")
 
 
 def run_similarity(out_dir: str) -> Dict[str, str]:
@@ -405,8 +403,17 @@ def run(argv: Sequence[str]) -> Dict[str, str]:
         _fail(f"Positional {what!r} conflicts with --what={FLAGS.what}.")
     if not FLAGS.output_dir:
         _fail("--output_dir is required.")
+    cli.check_output_dir(FLAGS.output_dir, "--output_dir")
+    cli.check_positive(FLAGS.batch_size, "--batch_size")
+    cli.check_positive(FLAGS.num_images, "--num_images")
+    cli.check_positive(FLAGS.image_size, "--image_size")
+    if what in ("cca", "similarity"):
+        _check_layers(_pairs())
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    files = COMMANDS[what](FLAGS.output_dir)
+    try:
+        files = COMMANDS[what](FLAGS.output_dir)
+    except ValueError as e:  # the analysis kernels reject bad input with ValueError
+        raise UserError(str(e)) from e
     for k, v in files.items():
         logging.info("wrote %s: %s", k, v)
         print(v)
@@ -418,4 +425,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "analyze")

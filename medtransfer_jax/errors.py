@@ -1,32 +1,26 @@
-"""User-facing errors of the command-line mains: a message, not a traceback.
+"""The bottom-layer home of :class:`UserError`: bad input, reported as a message.
 
-Bad input (a missing dataset folder, a corrupt image, an incompatible checkpoint, a bad
-study config) raises one of :func:`user_error_types`, whose message already names the
-path/layer/field and the fix. The mains run under :func:`reported_as_message`, which
-prints that message and exits with status 2; ``--verbosity=1`` keeps the traceback.
+Every layer raises a subclass of :class:`UserError` (``DataError``, ``CheckpointError``,
+``StudyError``, :class:`ConfigError`, ...) when the *input* is wrong (a missing folder,
+a corrupt file, an unknown config field) and its message already names the
+file/flag/layer and the fix. This module imports nothing from the project, so any
+layer can subclass it without importing upward; the one place that turns these
+exceptions into ``cmd: error: ...`` + exit 2 is :mod:`medtransfer_jax.cli`.
 """
 from __future__ import annotations
 
-import contextlib
-import sys
+
+class UserError(ValueError):
+    """Input the user can fix; the message is one line saying what and how.
+
+    A ``ValueError`` so code written against the older ``ValueError``-based errors
+    keeps catching it.
+    """
 
 
-def user_error_types() -> tuple:
-    # Local imports: the mains call this before heavy modules are needed.
-    from medtransfer_jax.data.base import DataError
-    from medtransfer_jax.weights.checkpoint import CheckpointError
-    return DataError, CheckpointError
+class ConfigError(UserError):
+    """A config file, argument or override that cannot be used."""
 
 
-@contextlib.contextmanager
-def reported_as_message(command: str):
-    """Turns a user error raised inside the block into 'command: error: ...' + exit 2."""
-    from absl import logging
-    try:
-        yield
-    except user_error_types() as e:
-        if logging.get_verbosity() >= logging.DEBUG:
-            raise
-        print(f"{command}: error: {e}\n(run with --verbosity=1 for the traceback)",
-              file=sys.stderr, flush=True)
-        sys.exit(2)
+class WorkdirError(UserError):
+    """A workdir / output directory that cannot be used (a file, read-only, in use)."""

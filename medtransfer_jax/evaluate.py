@@ -8,13 +8,14 @@ r"""Per-image predictions of a weights checkpoint: ``python -m medtransfer_jax.e
 run's ``export/best``) or a training workdir (its ``export/best`` is used and its
 ``config.json`` supplies the data settings). Writes the predictions CSV the analysis
 stage reads (id, group, split, label, prob_0..) and a ``.metrics.json`` beside it.
+Bad input: one line ``evaluate: error: ...`` and exit status 2.
 """
-import logging as pylogging
+import os
 
-from absl import app, flags, logging
+from absl import flags
 
-from medtransfer_jax import errors
-from medtransfer_jax.training.evaluation import evaluate_checkpoint
+from medtransfer_jax import cli
+from medtransfer_jax.errors import UserError
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Weights directory or training workdir.")
 _DATASET = flags.DEFINE_string("dataset", None, "data.name (default: the run's dataset).")
@@ -25,29 +26,39 @@ _SPLITS = flags.DEFINE_list("splits", ["test"], "Splits to predict: train, val, 
 _SIZE = flags.DEFINE_integer("image_size", None, "Input size (default: the run's, else the "
                              "checkpoint's metadata).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global eval batch size.")
-_OUTPUT = flags.DEFINE_string("output", None, "Predictions CSV (default: "
+_OUTPUT = flags.DEFINE_string("output", None, "Predictions CSV file (default: "
                               "<checkpoint>/predictions_<dataset>_fold<k>.csv).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
 
 
-class _Quiet(pylogging.Filter):
-    def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+def _validate() -> None:
+    """Everything that can be checked without JAX: fails before anything is loaded."""
+    cli.require(_CKPT.value, "--checkpoint", "a weights dir or a training workdir")
+    if not os.path.isdir(_CKPT.value):
+        raise UserError(f"--checkpoint={_CKPT.value} does not exist; give a weights "
+                            "directory (metadata.json + variables/) or a training workdir")
+    cli.check_positive(_BATCH.value, "--batch_size")
+    cli.check_positive(_SIZE.value, "--image_size")
+    if _FOLD.value is not None and _FOLD.value < 0:
+        raise UserError(f"--fold={_FOLD.value}: folds are 0-based, >= 0")
+    if _OUTPUT.value:
+        if os.path.isdir(_OUTPUT.value):
+            raise UserError(f"--output={_OUTPUT.value} is a directory; give a CSV file path")
+        cli.check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
+    else:
+        cli.check_output_dir(_CKPT.value, "--checkpoint (the default output goes there)")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _CKPT.value:
-        raise app.UsageError("--checkpoint is required (a weights dir or a training workdir)")
-    logging.get_absl_handler().addFilter(_Quiet())
-    from medtransfer_jax.training import sharding
-    sharding.maybe_initialize_distributed(force=_MULTIHOST.value)
-    with errors.reported_as_message("evaluate"):
-        out, mets = evaluate_checkpoint(
-            _CKPT.value, dataset=_DATASET.value, data_root=_ROOT.value, fold=_FOLD.value,
-            splits=_SPLITS.value, image_size=_SIZE.value, batch_size=_BATCH.value,
-            output=_OUTPUT.value)
+    cli.no_positional(argv)
+    _validate()
+    cli.init_distributed()
+    import jax  # noqa: E402 (after distributed init)
+    cli.check_divisible(_BATCH.value, jax.device_count(), "--batch_size")
+    from medtransfer_jax.training.evaluation import evaluate_checkpoint  # noqa: E402
+    out, mets = evaluate_checkpoint(
+        _CKPT.value, dataset=_DATASET.value, data_root=_ROOT.value, fold=_FOLD.value,
+        splits=_SPLITS.value, image_size=_SIZE.value, batch_size=_BATCH.value,
+        output=_OUTPUT.value)
     for name, m in mets.items():
         print(f"{name}: auc {m['auc']:.4f} acc {m['accuracy']:.4f} loss {m['loss']:.4f} "
               f"(n={m['num_examples']})")
@@ -55,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "evaluate")

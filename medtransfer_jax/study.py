@@ -1,18 +1,27 @@
-"""`python -m medtransfer_jax.study --config=configs/study_demo.py --workdir=DIR`.
+"""Run a whole study: ``python -m medtransfer_jax.study --workdir=DIR [--config=FILE]``.
 
-Runs a whole study: sources -> fine-tuning sweep -> representation similarity ->
-prediction similarity -> filter distributions -> robustness -> report (report.md,
-report.html, figures/, tables/). Rerunning with the same --workdir skips finished
-stages and resumes interrupted runs.
+Stages: sources -> fine-tuning sweep -> representation similarity -> prediction
+similarity -> filter distributions -> robustness -> report (report.md, report.html,
+figures/, tables/). The default config is the embedded demo study
+(``medtransfer_jax/configs/study_demo.py``, ~10 minutes on 2 CPU cores), so the
+command works from any directory after ``pip install``.
+
+Rerunning with the same --workdir skips finished stages and resumes interrupted runs.
+SIGTERM / a preemption notice / Ctrl-C: the running fine-tuning run saves a checkpoint,
+the study stops with exit status 143 and prints the command that resumes it; the
+resumed study produces the same tables. One study process per workdir at a time.
+Logs at WARNING unless --verbosity is given; bad input: one line, exit status 2.
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from medtransfer_jax import errors
+from medtransfer_jax import cli, configs, workdir_lock
+from medtransfer_jax.errors import UserError
 from medtransfer_jax.studies import runner
+from medtransfer_jax.training import sweep
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/study_demo.py",
-                                          "Study config file (configs/study_*.py).")
+_CONFIG = cli.define_config_file("study", configs.path("study_demo"),
+                                 "Study config file (configs/study_*.py); default: the "
+                                 "embedded demo study.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory (reused = resume).")
 _STAGES = flags.DEFINE_list("stages", list(runner.STAGES), "Stages to run, in order.")
 _FORCE = flags.DEFINE_bool("force", False, "Rerun the given stages even if done.")
@@ -21,20 +30,28 @@ _MODE = flags.DEFINE_enum("mode", "inprocess", ["inprocess", "subprocess"],
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Concurrent runs in subprocess mode.")
 
 
+def _check(study: runner.Study) -> None:
+    """Stages and every run's config resolve, before any directory is created."""
+    bad = [s for s in _STAGES.value if s not in runner.STAGES]
+    if bad:
+        raise UserError(f"--stages: unknown stage(s) {bad}; choose from {runner.STAGES}")
+    runs = study.finetune_runs() + [
+        sweep.Run(f"sources/{name}", spec.config, "", list(spec.get("overrides", [])))
+        for name, spec in study.config.sources.items() if spec.get("kind") == "pretrain"]
+    sweep.check_runs(runs)
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/study_demo).")
-    logging.set_verbosity(logging.WARNING)
-    try:
-        with errors.reported_as_message("study"):
-            runner.run_study(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value,
-                             force=_FORCE.value, mode=_MODE.value,
-                             parallel=_PARALLEL.value)
-    except runner.StudyError as e:
-        raise app.UsageError(str(e)) from e
+    cli.no_positional(argv)
+    cli.require(_WORKDIR.value, "--workdir", "the study directory, e.g. --workdir=/tmp/study_demo")
+    workdir = cli.check_output_dir(_WORKDIR.value, "--workdir")
+    cli.check_positive(_PARALLEL.value, "--parallel")
+    study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value)
+    _check(study)
+    with workdir_lock.hold(workdir):
+        runner.run_study(_CONFIG.value, workdir, stages=_STAGES.value, force=_FORCE.value,
+                         mode=_MODE.value, parallel=_PARALLEL.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "study", quiet=True)

@@ -6,11 +6,11 @@
   network      two-model ResNet50 stage-wise CCA end to end on N images
   scaling      how step time and CCA time grow (batch, image size, N, neurons)
 
-Run with --helpfull for the flags of each.
+Run with --helpfull for the flags of each. Bad flags: one line ``bench: error: ...``,
+exit status 2.
 """
-from absl import app
-
+from medtransfer_jax import cli as harness
 from medtransfer_jax.bench import cli
 
 if __name__ == "__main__":
-    app.run(cli.main)
+    harness.run(cli.main, "bench")

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import sys
+from typing import List
 
 from absl import flags
 
+from medtransfer_jax import cli
 from medtransfer_jax.bench import common
+from medtransfer_jax.errors import UserError
 
 WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input")
 
@@ -36,14 +39,39 @@ _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False,
                                    "Also time the torchvision step under torch.compile (train).")
 
 
-def _ints(values):
-    return [int(v) for v in values]
+def _ints(values, flag: str = "") -> List[int]:
+    try:
+        out = [int(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{flag}={','.join(values)}: expected comma-separated integers") from None
+    for v in out:
+        cli.check_positive(v, f"--{flag}")
+    return out
+
+
+def _validate(what: str) -> None:
+    """Flags checked before any benchmark imports JAX models or compiles anything."""
+    for flag in ("image_sizes", "batch_sizes", "neurons", "datapoints"):
+        _ints(flags.FLAGS[flag].value, flag)
+    for flag in ("iters", "repeats", "num_images", "network_images", "width", "depth"):
+        cli.check_positive(flags.FLAGS[flag].value, f"--{flag}")
+    counts = [c for c in _DEVICE_COUNTS.value if c != "all"]
+    _ints(counts, "device_counts")
+    if what == "train":
+        import jax  # noqa: E402 (only to count the devices)
+        n_all = jax.device_count()
+        for n in [n_all if c == "all" else int(c) for c in _DEVICE_COUNTS.value]:
+            if n > n_all:
+                raise UserError(f"--device_counts: {n} devices asked, {n_all} visible")
+            for b in _ints(_BATCH_SIZES.value, "batch_sizes"):
+                cli.check_divisible(b, n, "--batch_sizes")
 
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in WHATS:
-        raise SystemExit(f"usage: python -m medtransfer_jax.bench {{{','.join(WHATS)}}} "
-                         f"[flags]; got {argv[1:]!r}. See the module docstring.")
+        raise UserError(f"usage: python -m medtransfer_jax.bench {{{','.join(WHATS)}}} "
+                        f"[flags]; got {argv[1:]!r} (see --helpfull)")
+    _validate(argv[1])
     what = argv[1]
     cmd = "python -m medtransfer_jax.bench " + " ".join(sys.argv[1:])
     if what == "train":

@@ -16,8 +16,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from medtransfer_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A dataset file or folder cannot be used; the message names the path and the fix."""
 
 

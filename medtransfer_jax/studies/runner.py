@@ -43,6 +43,8 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import ml_collections
 
+from medtransfer_jax import interrupts
+from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 from medtransfer_jax.studies import analyses, preflight as preflight_lib, progress, report
 from medtransfer_jax.training import sweep
@@ -54,7 +56,7 @@ STAGES = ("sources", "finetune", "representations", "predictions", "filters", "r
 SOURCE_KINDS = ("weights", "convert", "pretrain", "random")
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A study config or workdir that cannot be used; the message says how to fix it."""
 
 
@@ -191,6 +193,9 @@ class Study:
         status, t_study = {}, time.time()
         todo = [s for s in STAGES if s in stages]
         for i, stage in enumerate(todo, 1):
+            # A stop request whose immediate raise got lost (signals can land in a gc
+            # callback, where exceptions are dropped) still stops here, between stages.
+            interrupts.check(f"before stage {stage}")
             if self._skip(stage, force):
                 print(f"[study] stage {i}/{len(todo)} {stage}: done earlier, skipped", flush=True)
                 status[stage] = "skipped"

@@ -18,6 +18,8 @@ import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from medtransfer_jax import interrupts
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -157,22 +159,38 @@ def call_hooks(hooks: Sequence[Any], name: str, *args) -> None:
 
 class StopFlag:
     """Turns SIGTERM into a flag checked after each step (single-process runs only;
-    multi-host runs rely on JAX's preemption sync point, which all hosts agree on)."""
+    multi-host runs rely on JAX's preemption sync point, which all hosts agree on).
+
+    Inside a study/sweep (``medtransfer_jax.interrupts.graceful``) the outer handler is
+    chained, so the study stops after this run too; and a stop requested there (Ctrl-C,
+    or SIGTERM while this loop runs in a worker thread, where no handler can be
+    installed) reads as this flag.
+    """
 
     def __init__(self):
-        self.signal: Optional[int] = None
+        self._signal: Optional[int] = None
         self._previous = None
+        self._single = False
+
+    @property
+    def signal(self) -> Optional[int]:
+        if self._signal is None and self._single:
+            return interrupts.requested()
+        return self._signal
 
     def install(self) -> "StopFlag":
-        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        self._single = jax.process_count() == 1
+        if not self._single or threading.current_thread() is not threading.main_thread():
             return self
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        self._signal = signum
         logging.warning("received signal %d: will save a checkpoint after this step and stop",
                         signum)
+        if callable(self._previous):  # an outer study/sweep stops after this run too
+            self._previous(signum, frame)
 
     def uninstall(self) -> None:
         if self._previous is not None:

@@ -1,8 +1,12 @@
 """Sweeps: expand a grid of experiments into runs, run them resumably, collect one CSV.
 
-A run is (config file + argument, workdir, extra overrides). Running a sweep again
-skips runs whose ``results.json`` says ``done`` and resumes interrupted ones from their
-checkpoints (the training loop does that by itself when its workdir is reused).
+A run is (config file + argument, workdir, extra overrides). Before a run starts, the
+sweep resolves that triple with :func:`medtransfer_jax.configs.resolve` (the one
+dotted-key override helper) and writes the result to ``<workdir>/sweep_config.py``;
+both ways of running read that file (``python -m medtransfer_jax.train
+--config=<workdir>/sweep_config.py`` in a subprocess, or ``configs.load`` of it in this
+process), so the two modes cannot see different configs, and the file records exactly
+what the run used.
 
     from medtransfer_jax.training import sweep
     runs = sweep.expand_grid("revisiting", targets=["breast"], sources=["imagenet", "random"],
@@ -10,26 +14,40 @@ checkpoints (the training loop does that by itself when its workdir is reused).
     sweep.run_all(runs, parallel=1)
     sweep.collect(runs, "runs/results.csv")
 
-Runs go to subprocesses (``python -m medtransfer_jax.train``) so each has a fresh JAX
-runtime and a crash or kill of one does not take the sweep down; ``mode='inprocess'``
-runs them in this process (tests, notebooks).
+Running a sweep again skips runs whose ``results.json`` says ``done`` (or ``diverged``:
+rerunning would diverge again) and resumes interrupted ones from their checkpoints.
+Runs go to subprocesses by default (a fresh JAX runtime each; a crash of one does not
+take the sweep down). A stop request (SIGTERM, preemption, Ctrl-C; see
+:mod:`medtransfer_jax.interrupts`) is forwarded to the running runs, which save and
+exit 143; no new run starts and :func:`run_all` raises ``Interrupted``.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import itertools
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from absl import logging
 
+from medtransfer_jax import configs, interrupts, workdir_lock
+from medtransfer_jax.errors import UserError
+
 STUDIES = ("revisiting", "source_matters", "demo")
+RESOLVED_CONFIG = "sweep_config.py"
+
+#: The one dotted-key override helper (kept under its old name for callers).
+apply_overrides = configs.override
 
 
 @dataclasses.dataclass
@@ -51,10 +69,11 @@ class Run:
     keys: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def status(self) -> str:
-        """'done' | 'partial' (has checkpoints) | 'new'."""
+        """'done' | another final status of results.json ('diverged', ...) | 'partial'
+        (has checkpoints) | 'new'."""
         res = read_results(self.workdir)
-        if res and res.get("status") == "done":
-            return "done"
+        if res and res.get("status"):
+            return str(res["status"])
         if os.path.isdir(os.path.join(self.workdir, "checkpoints")):
             return "partial"
         return "new"
@@ -70,9 +89,13 @@ def read_results(workdir: str) -> Optional[Dict[str, Any]]:
 
 
 def default_config_dir() -> str:
-    """The repository's ``configs/`` (next to the package in a source checkout)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    """The studies' config files: ``$MEDTRANSFER_CONFIGS``, else the checkout's ``configs/``
+    (beside the package), else ``./configs``."""
+    if os.environ.get("MEDTRANSFER_CONFIGS"):
+        return os.environ["MEDTRANSFER_CONFIGS"]
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "configs")
+    return beside if os.path.isdir(beside) else os.path.abspath("configs")
 
 
 def expand_grid(study: str, *, targets: Sequence[str], sources: Sequence[str] = ("imagenet",),
@@ -85,24 +108,23 @@ def expand_grid(study: str, *, targets: Sequence[str], sources: Sequence[str] = 
     Args:
       study: ``revisiting`` (targets = chest, breast, ...), ``source_matters`` (targets =
         confounders tag, lowpass, noise, sampled; ``ps`` = artefact fractions) or ``demo``
-        (targets ignored; the demo config with fold/seed overrides).
+        (targets ignored; the embedded demo config with fold/seed overrides).
       extra_arg: appended to every config argument (e.g. ``freeze=true``).
       overrides: ``key=value`` config overrides for every run.
     """
     if study not in STUDIES:
-        raise ValueError(f"study {study!r} is not one of {STUDIES}")
-    config_dir = config_dir or default_config_dir()
+        raise UserError(f"--study={study!r} is not one of {STUDIES}")
     runs = []
     folds, seeds = list(folds), list(seeds)
     if study == "demo":
         for fold, seed in itertools.product(folds, seeds):
             name = f"demo/fold{fold}/seed{seed}"
-            runs.append(Run(name, os.path.join(config_dir, "demo.py"),
-                            os.path.join(root, name),
+            runs.append(Run(name, configs.path("demo"), os.path.join(root, name),
                             [f"data.fold={fold}", f"seed={seed}"] + list(overrides),
                             {"study": study, "target": "synthetic", "source": "random",
                              "fold": fold, "seed": seed}))
         return runs
+    config_dir = config_dir or default_config_dir()
     sub = "revisiting" if study == "revisiting" else "source_matters"
     p_values = list(ps) if (study == "source_matters" and ps) else [None]
     for target, source, fold, seed, p in itertools.product(targets, sources, folds, seeds,
@@ -121,141 +143,241 @@ def expand_grid(study: str, *, targets: Sequence[str], sources: Sequence[str] = 
         name += f"/fold{fold}/seed{seed}"
         cfg_file = os.path.join(config_dir, sub, f"{target}.py")
         if not os.path.exists(cfg_file):
-            raise ValueError(f"no config file {cfg_file} for target {target!r}")
+            raise UserError(f"no config file {cfg_file} for target {target!r} (config dir "
+                            f"{config_dir}; set --config_dir or MEDTRANSFER_CONFIGS)")
         runs.append(Run(name, f"{cfg_file}:{arg}", os.path.join(root, name),
                         list(overrides), keys))
     return runs
 
 
-def _command(run: Run, python: str, train_flags: Sequence[str] = ()) -> List[str]:
-    cmd = [python, "-m", "medtransfer_jax.train", f"--config={run.config}",
-           f"--workdir={run.workdir}", *train_flags]
-    cmd += [f"--config.{o}" for o in run.overrides]
-    return cmd
+def load_config(run: Run):
+    """The run's ConfigDict: its config file + argument + overrides (``configs.resolve``)."""
+    return configs.resolve(run.config, run.overrides)
 
 
-def _run_subprocess(run: Run, python: str, timeout: Optional[float], env,
-                    train_flags: Sequence[str] = ()) -> str:
-    os.makedirs(run.workdir, exist_ok=True)
-    log_path = os.path.join(run.workdir, "train.log")
-    with open(log_path, "a") as log:
-        cmd = _command(run, python, train_flags)
-        log.write(f"\n==== {time.ctime()} {' '.join(cmd)}\n")
-        log.flush()
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout, env=env)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    if run.status() == "done":
+def local_dir(run: Run) -> str:
+    """Where the sweep writes the run's config file and log: its workdir, or for a remote
+    workdir (``gs://...``, written by the training process itself) a local mirror
+    under the temp dir, since plain ``open`` cannot write there."""
+    if "://" not in run.workdir:
+        return run.workdir
+    return os.path.join(tempfile.gettempdir(), "medtransfer_sweep",
+                        run.workdir.replace("://", "/").lstrip("/"))
+
+
+def resolved_config_path(run: Run, process_index: int = 0) -> str:
+    name = RESOLVED_CONFIG if process_index == 0 else f"sweep_config.p{process_index}.py"
+    return os.path.join(local_dir(run), name)
+
+
+def write_config(run: Run, process_index: int = 0, config=None) -> str:
+    """Writes the run's resolved config (``config`` or :func:`load_config`) to its workdir.
+
+    Every process writes its own copy (same content) so no process waits for another's.
+    Returns the file.
+    """
+    return configs.write_resolved(config if config is not None else load_config(run),
+                                  resolved_config_path(run, process_index),
+                                  origin=f"{run.config} + {run.overrides}")
+
+
+def check_runs(runs: Sequence[Run]) -> None:
+    """Resolves every run's config once: a bad field or file fails the sweep before any
+    run starts or any directory is created."""
+    seen = set()
+    for run in runs:
+        key = (run.config, tuple(run.overrides))
+        if key in seen:
+            continue
+        seen.add(key)
+        configs.check_batch_sizes(load_config(run))
+
+
+def _command(run: Run, python: str, train_flags: Sequence[str] = (),
+             process_index: int = 0) -> List[str]:
+    return [python, "-m", "medtransfer_jax.train",
+            f"--config={resolved_config_path(run, process_index)}",
+            f"--workdir={run.workdir}", *train_flags]
+
+
+def _final_status(run: Run, rc) -> str:
+    st = run.status()
+    if st == "done":
         return "done"
-    logging.warning("run %s ended with %s without results (log: %s)", run.name, rc, log_path)
+    if rc == interrupts.EXIT_CODE:
+        return "stopped"
+    if st not in ("new", "partial"):
+        return f"failed:{st}"
     return f"failed:{rc}"
 
 
-def load_config(run: Run):
-    """The run's ConfigDict (config file + argument + overrides), without absl flags."""
-    import importlib.util
+def _run_subprocess(run: Run, python: str, timeout: Optional[float], env,
+                    train_flags: Sequence[str] = (), process_index: int = 0) -> str:
+    if interrupts.requested() is not None:
+        return "stopped"
+    created = not os.path.exists(local_dir(run))
+    os.makedirs(local_dir(run), exist_ok=True)
+    write_config(run, process_index)
+    log_path = os.path.join(local_dir(run), "train.log" if process_index == 0
+                            else f"train.p{process_index}.log")
+    cmd = _command(run, python, train_flags, process_index)
+    with open(log_path, "a") as log:
+        log.write(f"\n==== {time.ctime()} {' '.join(cmd)}\n")
+        log.flush()
+        # Own session: a terminal's Ctrl-C reaches only the sweep, which forwards SIGTERM
+        # (a SIGINT straight to the child would skip its checkpoint).
+        with interrupts.child(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                               env=env, start_new_session=True)) as proc:
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()  # the run saves and can be resumed
+                proc.wait()
+                rc = "timeout"
+    status = _final_status(run, rc)
+    if rc == 2:  # the run rejected its input before writing anything: undo what we wrote
+        line = _last_error_line(log_path)
+        if created:  # only our two files; anything the run wrote stays
+            for ours in (log_path, resolved_config_path(run, process_index)):
+                with contextlib.suppress(OSError):
+                    os.remove(ours)
+            with contextlib.suppress(OSError):  # the run dir and empty grid folders above
+                os.removedirs(os.path.abspath(local_dir(run)))
+        return f"usererror:{line}"
+    if status.startswith("failed"):
+        logging.warning("run %s: %s (log: %s)", run.name, status, log_path)
+    return status
 
-    path, _, arg = run.config.partition(":")
-    spec = importlib.util.spec_from_file_location(
-        "medtransfer_sweep_cfg_" + os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg else module.get_config()
-    apply_overrides(cfg, run.overrides)
-    return cfg
+
+def _last_error_line(log_path: str) -> str:
+    """The child's ``train: error: ...`` line (the harness prints exactly one)."""
+    try:
+        with open(log_path) as f:
+            lines = [ln.strip() for ln in f if ": error: " in ln]
+    except OSError:
+        lines = []
+    return lines[-1] if lines else f"exit status 2 (see {log_path})"
 
 
-def apply_overrides(cfg, overrides: Sequence[str]):
-    """``['train.lr=0.01', 'fold=2']`` -> sets fields, parsing values as the field's type."""
-    import ast
+def _run_inprocess(run: Run) -> str:
+    """One run in this process, from the same resolved file a subprocess would read."""
+    import jax  # noqa: E402 (not at the top: the subprocess mode must not start a backend)
 
-    for o in overrides:
-        key, sep, raw = o.partition("=")
-        if not sep:
-            raise ValueError(f"override {o!r} is not key=value")
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        current = node.get(parts[-1], None)
-        if isinstance(current, bool) and isinstance(value, str):
-            value = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, float) and isinstance(value, int):
-            value = float(value)
-        node[parts[-1]] = value
-    return cfg
+    from medtransfer_jax.training import loop  # noqa: E402 (loop imports the model stack)
+
+    interrupts.check(f"before run {run.name}")
+    diverged = getattr(loop, "Diverged", ())
+    try:
+        config = load_config(run)
+        configs.check_batch_sizes(config, jax.device_count())
+        config = configs.load(write_config(run, config=config))  # what a subprocess reads
+        with workdir_lock.hold(run.workdir):
+            loop.train_and_evaluate(config, run.workdir)
+    except loop.Preempted as e:
+        raise interrupts.Interrupted(f"run {run.name}: {e}") from e
+    except diverged:
+        logging.warning("run %s diverged (see %s/results.json)", run.name, run.workdir)
+    except UserError as e:
+        logging.error("run %s: %s", run.name, e)
+        return f"failed:{type(e).__name__}"
+    except Exception as e:  # noqa: BLE001 (keep sweeping; the run can be resumed later)
+        logging.exception("run %s failed", run.name)
+        return f"failed:{type(e).__name__}"
+    return _final_status(run, None)
 
 
 def run_all(runs: Sequence[Run], *, parallel: int = 1, mode: str = "subprocess",
             python: Optional[str] = None, timeout: Optional[float] = None,
             env: Optional[Dict[str, str]] = None, dry_run: bool = False,
-            train_flags: Sequence[str] = (),
-            gpu_slots: Optional[Sequence[str]] = None) -> Dict[str, str]:
-    """Runs every run not yet done; returns {name: 'done' | 'skipped' | 'failed:<rc>'}.
+            train_flags: Sequence[str] = (), gpu_slots: Optional[Sequence[str]] = None,
+            process_index: int = 0) -> Dict[str, str]:
+    """Runs every run not yet finished; returns {name: 'done' | 'skipped' | 'failed:<why>'}.
 
     ``parallel`` subprocesses at a time; each sees all accelerators unless ``gpu_slots``
     is given (e.g. ``['0', '1', '2,3']``): then each run borrows one slot as its
     ``CUDA_VISIBLE_DEVICES`` and ``parallel`` defaults to the number of slots.
     ``mode='inprocess'`` runs sequentially in this process.
+
+    Raises:
+      UserError: a run's config cannot be resolved (before anything starts).
+      interrupts.Interrupted: a stop was requested; running runs saved their state.
     """
+    if mode not in ("subprocess", "inprocess"):
+        raise UserError(f"mode={mode!r}; choose subprocess or inprocess")
     python = python or sys.executable
+    check_runs(runs)
     status: Dict[str, str] = {}
     todo = []
     for run in runs:
         st = run.status()
-        if st == "done":
-            status[run.name] = "skipped"
+        if st not in ("new", "partial"):
+            status[run.name] = "skipped" if st == "done" else f"failed:{st}"
+            if st != "done":
+                logging.warning("run %s: %s earlier; not rerun (delete %s to retry)",
+                                run.name, st, run.workdir)
         else:
             todo.append(run)
             logging.info("%s run %s (%s)", "would" if dry_run else "will", run.name, st)
     if dry_run:
-        for run in todo:
-            print(" ".join(_command(run, python, train_flags)))
+        for run in todo:  # the config file is written when the run starts
+            print(f"# {run.name}: {run.config} {' '.join(run.overrides)}\n"
+                  + " ".join(_command(run, python, train_flags, process_index)))
             status[run.name] = "dry_run"
         return status
     if mode == "inprocess":
-        from medtransfer_jax.training import loop
         for run in todo:
-            try:
-                loop.train_and_evaluate(load_config(run), run.workdir)
-                status[run.name] = "done"
-            except Exception as e:  # keep sweeping; the run can be resumed later
-                logging.exception("run %s failed", run.name)
-                status[run.name] = f"failed:{type(e).__name__}"
-        return status
-    if mode != "subprocess":
-        raise ValueError(f"mode={mode!r}; choose subprocess or inprocess")
+            status[run.name] = _run_inprocess(run)
+    else:
+        status.update(_run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
+                                process_index))
+    bad = {n: s.split(":", 1)[1] for n, s in status.items() if s.startswith("usererror:")}
+    if bad:
+        name, line = next(iter(bad.items()))
+        raise UserError(f"run {name} rejected its input ({line})"
+                        + (f"; {len(bad) - 1} more run(s) too" if len(bad) > 1 else ""))
+    stopped = [n for n, s in status.items() if s == "stopped"]
+    if stopped or interrupts.requested() is not None:
+        raise interrupts.Interrupted(f"{len(stopped)} run(s) saved and stopped")
+    return status
+
+
+def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
+              process_index) -> Dict[str, str]:
     slots = None
     if gpu_slots:
-        import queue
         slots = queue.Queue()
         for s in gpu_slots:
             slots.put(str(s))
         parallel = len(gpu_slots)
 
+    abort = threading.Event()  # a run rejected its input: the others would too
+
     def one(run: Run) -> str:
+        if abort.is_set():
+            return "not started"
+        result = _one(run)
+        if result.startswith("usererror:"):
+            abort.set()
+        return result
+
+    def _one(run: Run) -> str:
         if slots is None:
-            return _run_subprocess(run, python, timeout, env, train_flags)
+            return _run_subprocess(run, python, timeout, env, train_flags, process_index)
         slot = slots.get()
         try:
             run_env = dict(os.environ if env is None else env, CUDA_VISIBLE_DEVICES=slot)
-            return _run_subprocess(run, python, timeout, run_env, train_flags)
+            return _run_subprocess(run, python, timeout, run_env, train_flags, process_index)
         finally:
             slots.put(slot)
 
+    status = {}
     with concurrent.futures.ThreadPoolExecutor(max(1, int(parallel))) as pool:
         futures = {pool.submit(one, r): r for r in todo}
         for fut in concurrent.futures.as_completed(futures):
             run = futures[fut]
             status[run.name] = fut.result()
-            logging.info("run %s: %s", run.name, status[run.name])
+            if not status[run.name].startswith("usererror:"):  # that one is the error line
+                print(f"[sweep] {run.name}: {status[run.name]}", flush=True)
     return status
 
 
@@ -267,15 +389,19 @@ def _flatten(prefix: str, d: Dict[str, Any], out: Dict[str, Any]):
             out[prefix + k] = v
 
 
-def collect(runs: Sequence[Run], csv_path: Optional[str] = None) -> List[Dict[str, Any]]:
+def collect(runs: Sequence[Run], csv_path: Optional[str] = None,
+            process_index: int = 0) -> List[Dict[str, Any]]:
     """One row per run: grid keys, status, best step, val/test/extra-test metrics.
 
-    Writes ``csv_path`` if given (columns = union over rows, stable order).
+    Only runs whose status is ``done`` carry metrics: a diverged or unfinished run is
+    listed with its status and never averaged into a table. Writes ``csv_path`` if given
+    (columns = union over rows, stable order; only process 0 writes shared files).
     """
     rows = []
     for run in runs:
         row: Dict[str, Any] = {"name": run.name, **run.keys, "status": run.status(),
-                               "workdir": os.path.abspath(run.workdir)}
+                               "workdir": run.workdir if "://" in run.workdir
+                               else os.path.abspath(run.workdir)}
         res = read_results(run.workdir)
         if res and res.get("status") == "done":
             row["best_step"] = res.get("best_step")
@@ -286,7 +412,7 @@ def collect(runs: Sequence[Run], csv_path: Optional[str] = None) -> List[Dict[st
             for name, mets in sorted(res.get("extra_tests", {}).items()):
                 _flatten(f"{name}.", mets, row)
         rows.append(row)
-    if csv_path:
+    if csv_path and process_index == 0:
         cols: List[str] = []
         for r in rows:
             cols += [c for c in r if c not in cols]

@@ -21,13 +21,14 @@ import jax
 import numpy as np
 
 from medtransfer_jax import paths, preprocessing
+from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights file or directory cannot be used; the message says why and how to fix it."""
 
 

@@ -1,0 +1,256 @@
+"""The one harness of every main (``python -m medtransfer_jax.{convert,train,evaluate,
+analyze,study,sweep,bench}``): flag parsing, logging, multi-host flags, errors, signals.
+
+Why one harness: a user who mistypes a flag, points at a missing file or a read-only
+directory should get the same answer from every command, ``CMD: error: <what and how to
+fix it>`` on one line and exit status 2, with nothing created on disk; a stopped job
+(SIGTERM, preemption, Ctrl-C) should always exit 143 with a line saying how to resume.
+So the mains call :func:`run` instead of ``absl.app.run`` and validate their inputs with
+the ``check_*`` helpers *before* importing JAX or touching the disk.
+
+Flag vocabulary shared by the mains: ``--config`` (+ ``--config.a.b=v`` overrides),
+``--workdir`` (a run or study directory that is reused to resume), ``--output_dir``
+(a directory of outputs), ``--output`` (a single output file), ``--dataset`` /
+``--data_root`` / ``--fold`` / ``--split(s)``, ``--batch_size``, ``--multihost``
+(+ ``--coordinator_address``, ``--num_processes``, ``--process_id``), ``--verbosity``
+(``--verbosity=1`` keeps tracebacks of user errors).
+
+User errors are :class:`medtransfer_jax.errors.UserError` (any layer raises a subclass),
+``absl.app.UsageError`` and flag-parsing errors.
+"""
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import re
+import shlex
+import sys
+import tempfile
+from typing import Callable, List, Optional, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from medtransfer_jax import configs, interrupts
+from medtransfer_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Cloud "
+                               "TPU pod slices and multi-node GPU clusters auto-detect the rest).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual "
+                             "multi-process runs, e.g. several local processes).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+
+
+class QuietLibraries(pylogging.Filter):
+    """Drops the INFO chatter of orbax/grain/etils (hundreds of lines per checkpoint)."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or not any(
+            s in record.pathname for s in ("/orbax/", "/grain/", "/etils/"))
+
+
+def _wants_traceback(argv: Sequence[str]) -> bool:
+    """--verbosity>=1 / -v 1 on the raw command line (flags may not have parsed)."""
+    for i, a in enumerate(argv):
+        m = re.fullmatch(r"--?(?:verbosity|v)(?:=(-?\d+))?", a)
+        if m:
+            val = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv)
+                                                             else "0")
+            try:
+                return int(val) >= 1
+            except ValueError:
+                return False
+    return False
+
+
+def fail(command: str, message: str) -> None:
+    """Prints ``command: error: message`` (one line) and exits with status 2."""
+    line = " ".join(str(message).split())
+    print(f"{command}: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def stopped(command: str, reason: str) -> None:
+    """Prints how to resume a stopped job and exits 143 (the SIGTERM convention)."""
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"{command}: stopped ({reason}); finished work and the last checkpoint are saved. "
+          f"Resume with the same command: python -m medtransfer_jax.{command} {args}",
+          file=sys.stderr, flush=True)
+    sys.exit(interrupts.EXIT_CODE)
+
+
+def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
+    """One line for an exception raised while parsing flags (incl. loading --config)."""
+    text = str(e)
+    if isinstance(e, flags.UnrecognizedFlagError) and getattr(e, "flagname", "") \
+            and e.flagname.startswith("config.") and "config" in FLAGS:
+        try:
+            cfg = FLAGS["config"].value
+        except Exception:  # the config itself failed to load: report the flag only
+            cfg = None
+        if cfg is not None:
+            given = next((a for a in argv if a.lstrip("-").startswith(e.flagname)), e.flagname)
+            return configs.unknown_field_message(cfg, e.flagname[len("config."):], given)
+    cause = e.__cause__ or e.__context__
+    if "Traceback (most recent call last)" in text:  # config_flags embeds get_config's
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+        last = re.sub(r"^(ValueError|KeyError|TypeError): ", "", last)
+        given = next((a for a in argv if a.startswith("--config=")), "--config")
+        return f"{given}: {last}"
+    m = re.search(r"Attempted \[[^\]]*\]:\s*(\S+)\s*(\[Errno[^\n]*)", text)
+    if m:
+        return (f"--config={m.group(1)}: config file not found ({m.group(2).strip()}); give a "
+                "path such as configs/revisiting/breast.py, or leave --config out for the demo")
+    if cause is not None and not isinstance(e, flags.Error):
+        text = f"{text} ({cause})"
+    return text
+
+
+def define_config_file(command: str, default: str, help_: str, **kwargs):
+    """``config_flags.DEFINE_config_file('config', ...)`` that reports bad input as a user error.
+
+    config_flags reads ``sys.argv`` for ``--config.a.b=v`` overrides when the flag is
+    *defined* (at import of the main), so an unknown field fails there, before
+    :func:`run` parses anything; this catches that and names the field.
+    """
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_, **kwargs)
+    except Exception as e:  # noqa: BLE001 (import-time failure = a bad flag)
+        if _wants_traceback(sys.argv):
+            raise
+        fail(command, _config_define_message(default, e))
+
+
+def _config_define_message(default: str, e: Exception) -> str:
+    spec = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), default)
+    try:
+        cfg = configs.load(spec)
+    except UserError as load_error:
+        return str(load_error)
+    for a in sys.argv[1:]:
+        if a.startswith("--config.") and "=" in a:
+            key = a[len("--config."):].split("=", 1)[0]
+            node = cfg
+            for part in key.split("."):
+                if not hasattr(node, "keys") or part not in node:
+                    return configs.unknown_field_message(cfg, key, a)
+                node = node[part]
+    return f"--config={spec}: {e}"
+
+
+def _parser(command: str) -> Callable[[List[str]], List[str]]:
+    def parse(argv: List[str]) -> List[str]:
+        try:
+            rest = FLAGS(argv)
+            if "config" in FLAGS and FLAGS["config"].value is not None:
+                FLAGS["config"].value.keys()  # a config that failed to load raises here
+            return rest
+        except Exception as e:  # any failure here is a bad flag or a bad config file
+            if _wants_traceback(argv):
+                raise
+            fail(command, _flag_error_message(e, argv))
+    return parse
+
+
+def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
+        argv: Optional[List[str]] = None) -> None:
+    """``absl.app.run(main)`` with this module's error, logging and signal conventions.
+
+    Args:
+      main: the main function; it raises :class:`UserError` / ``app.UsageError`` for
+        bad input and :class:`interrupts.Interrupted` when stopped.
+      command: the name in messages (``train`` -> ``train: error: ...``).
+      quiet: log at WARNING unless the user gave ``--verbosity`` (orbax/grain are loud).
+      argv: the command line (default ``sys.argv``).
+    """
+    def wrapped(argv):
+        if quiet and not FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        logging.get_absl_handler().addFilter(QuietLibraries())
+        try:
+            with interrupts.graceful():
+                main(argv)
+        except (UserError, app.UsageError) as e:
+            if logging.get_verbosity() >= logging.DEBUG:
+                raise
+            fail(command, str(e))
+        except interrupts.Interrupted as e:
+            stopped(command, e.reason)
+
+    app.run(wrapped, argv=argv, flags_parser=_parser(command))
+
+
+def no_positional(argv: Sequence[str], usage: str = "") -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {list(argv[1:])}: options are --name=value "
+                        f"flags{'; ' + usage if usage else ''}")
+
+
+def require(value, flag: str, hint: str) -> None:
+    if value in (None, "", []):
+        raise UserError(f"{flag} is required: {hint}")
+
+
+def check_positive(value: Optional[int], name: str) -> None:
+    if value is not None and int(value) <= 0:
+        raise UserError(f"{name}={value}: must be a positive number")
+
+
+def check_divisible(batch_size: int, num_devices: int, name: str) -> None:
+    if num_devices and int(batch_size) % num_devices:
+        raise UserError(f"{name}={batch_size} is not divisible by the {num_devices} devices; "
+                        f"use a multiple of {num_devices} (e.g. "
+                        f"{max(num_devices, int(batch_size) // num_devices * num_devices)})")
+
+
+def check_output_dir(path: str, flag: str) -> str:
+    """Checks that ``path`` can be (or is) a writable directory; creates nothing.
+
+    Raises:
+      UserError: ``path`` is a file, or it (or its nearest existing parent) is not
+        writable (read-only mount, permissions).
+    """
+    if "://" in path:  # gs:// etc.: checked by the library that writes there
+        return path
+    full = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise UserError(f"{flag}={path} is a file, not a directory; give a directory path")
+    probe = full
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag}={path}: {probe} is a file, so the directory cannot be created")
+    try:  # a real write: os.access says yes to root on read-only mounts
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        where = "is" if probe == full else f"cannot be created: {probe}"
+        raise UserError(f"{flag}={path} {where} not writable ({e.strerror}); choose a "
+                        "writable directory") from None
+    return full
+
+
+def init_distributed() -> int:
+    """``jax.distributed.initialize`` per the multi-host flags; returns this process index.
+
+    Imports JAX here, not at the top: the mains set ``jax.config`` options first.
+    """
+    from medtransfer_jax.training import sharding  # noqa: E402 (jax after jax.config)
+    kwargs = {k: v for k, v in dict(coordinator_address=_COORD.value,
+                                    num_processes=_NPROC.value,
+                                    process_id=_PID.value).items() if v is not None}
+    sharding.maybe_initialize_distributed(force=_MULTIHOST.value, **kwargs)
+    import jax
+    return jax.process_index()
+
+
+def multihost_flags() -> List[str]:
+    """The multi-host flags as given, to pass on to child training processes."""
+    out = ["--multihost"] if _MULTIHOST.value else []
+    for name in ("coordinator_address", "num_processes", "process_id"):
+        if FLAGS[name].present:
+            out.append(f"--{name}={FLAGS[name].value}")
+    return out

@@ -1,0 +1,140 @@
+r"""Sweep a grid of runs: ``python -m medtransfer_jax.sweep --study=... --output_dir=DIR``.
+
+    # all Revisiting targets x 3 sources x 5 folds, one run at a time
+    python -m medtransfer_jax.sweep --study=revisiting --targets=all \
+        --sources=imagenet,radimagenet,random --folds=0,1,2,3,4 --output_dir=runs/revisiting
+    # Source Matters tag confounder over p, two runs in parallel
+    python -m medtransfer_jax.sweep --study=source_matters --targets=tag \
+        --ps=0,0.1,0.2,0.5,0.8,1 --sources=imagenet,radimagenet --parallel=2 --output_dir=runs/sm
+    # the embedded demo over 2 folds (works from any directory after pip install)
+    python -m medtransfer_jax.sweep --study=demo --folds=0,1 --output_dir=/tmp/demo_sweep
+    # only re-collect the table
+    python -m medtransfer_jax.sweep ... --collect_only
+
+Each run gets ``<output_dir>/<run name>/`` with ``sweep_config.py`` (its resolved config,
+what the run actually used), ``train.log`` and the training workdir files. Re-running
+the same command continues the sweep: finished runs are skipped, interrupted ones
+resume from their checkpoints; runs whose ``results.json`` status is not ``done``
+(``diverged``) are listed as failed and never enter the table's metrics. SIGTERM or
+Ctrl-C: the running runs save, the sweep exits 143 and prints how to resume. One sweep
+at a time per ``--output_dir``. Multi-host (``--multihost``, run on every host): every
+process runs the same runs; only process 0 writes ``results.csv``; logs are per process.
+"""
+import contextlib
+import os
+
+from absl import flags, logging
+
+from medtransfer_jax import cli, interrupts, workdir_lock
+from medtransfer_jax.errors import UserError
+from medtransfer_jax.training import presets, sweep
+
+_STUDY = flags.DEFINE_enum("study", "revisiting", list(sweep.STUDIES), "Which study's configs.")
+_TARGETS = flags.DEFINE_list("targets", ["all"], "Targets (revisiting) or confounders "
+                             "(source_matters); 'all' for every one.")
+_SOURCES = flags.DEFINE_list("sources", ["imagenet", "radimagenet", "random"], "Sources.")
+_FOLDS = flags.DEFINE_list("folds", ["0", "1", "2", "3", "4"], "0-based folds.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
+_PS = flags.DEFINE_list("ps", [], "Source Matters artefact fractions p.")
+_EXTRA = flags.DEFINE_string("extra_arg", "", "Appended to each config argument, e.g. "
+                             "freeze=true or protocol=feb2023.")
+_OVERRIDES = flags.DEFINE_multi_string("override", [], "Config override key=value for all runs "
+                                       "(repeatable), e.g. --override=train.batch_size=64.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs", "Sweep directory (one workdir per run "
+                                  "below it, results.csv).")
+flags.DEFINE_alias("root", "output_dir")  # the flag's name in launch/sweep.py
+_CONFIG_DIR = flags.DEFINE_string("config_dir", None, "The studies' config files (default: "
+                                  "$MEDTRANSFER_CONFIGS, else the checkout's configs/).")
+_CSV = flags.DEFINE_string("csv", None, "Results table (default <output_dir>/results.csv).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+_MODE = flags.DEFINE_enum("mode", "subprocess", ["subprocess", "inprocess"],
+                          "Runs as `python -m medtransfer_jax.train` subprocesses or in this "
+                          "process (both read the same resolved sweep_config.py).")
+_TIMEOUT = flags.DEFINE_float("timeout", None, "Seconds per run (then it saves and is left "
+                              "to resume).")
+_DRY = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+_COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect results into the CSV.")
+_GPU_SLOTS = flags.DEFINE_list("gpu_slots", [], "One run per slot at a time, each with "
+                               "CUDA_VISIBLE_DEVICES=<slot>, e.g. 0,1,2,3 (one GPU per run).")
+
+
+def _numbers(values, kind, flag):
+    try:
+        return [kind(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{flag}={','.join(values)}: expected comma-separated "
+                        f"{kind.__name__}s") from None
+
+
+def _process_index() -> int:
+    """This host's index without starting JAX here (the training subprocesses do that)."""
+    if flags.FLAGS["process_id"].value is not None:
+        return int(flags.FLAGS["process_id"].value)
+    for var in ("JAX_PROCESS_ID", "TPU_WORKER_ID", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _runs():
+    targets = _TARGETS.value
+    if targets == ["all"]:
+        targets = (list(presets.REVISITING_TARGETS) if _STUDY.value == "revisiting"
+                   else list(presets.CONFOUNDERS))
+    folds = _numbers(_FOLDS.value, int, "folds")
+    if any(f < 0 for f in folds):
+        raise UserError(f"--folds={','.join(_FOLDS.value)}: folds are 0-based, >= 0")
+    return sweep.expand_grid(
+        _STUDY.value, targets=targets, sources=_SOURCES.value, folds=folds,
+        seeds=_numbers(_SEEDS.value, int, "seeds"),
+        ps=_numbers(_PS.value, float, "ps") or None, extra_arg=_EXTRA.value,
+        root=_OUTPUT_DIR.value, config_dir=_CONFIG_DIR.value, overrides=_OVERRIDES.value)
+
+
+def main(argv):
+    cli.no_positional(argv)
+    cli.check_positive(_PARALLEL.value, "--parallel")
+    root = cli.check_output_dir(_OUTPUT_DIR.value, "--output_dir")
+    runs = _runs()
+    sweep.check_runs(runs)  # every config resolves: nothing is created before this
+    logging.info("%d runs in the grid", len(runs))
+    process = _process_index()
+    csv_path = _CSV.value or os.path.join(root, "results.csv")
+    if _DRY.value:
+        sweep.run_all(runs, dry_run=True, train_flags=cli.multihost_flags())
+        return
+    created = not os.path.exists(root)
+    try:
+        with workdir_lock.hold(root, process):
+            _sweep(runs, process, csv_path)
+    except UserError:
+        if created:  # a run rejected its input: leave no empty sweep directory behind
+            for name in os.listdir(root):
+                if name.startswith(workdir_lock.LOCK_FILE):
+                    os.remove(os.path.join(root, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+        raise
+
+
+def _sweep(runs, process: int, csv_path: str) -> None:
+    if not _COLLECT.value:
+        try:
+            status = sweep.run_all(runs, parallel=_PARALLEL.value, mode=_MODE.value,
+                                   timeout=_TIMEOUT.value, train_flags=cli.multihost_flags(),
+                                   gpu_slots=_GPU_SLOTS.value or None, process_index=process)
+        except interrupts.Interrupted:  # the table also after a stop: what is done so far
+            sweep.collect(runs, csv_path, process_index=process)
+            raise
+        counts = {}
+        for s in status.values():
+            counts[s.split(":")[0]] = counts.get(s.split(":")[0], 0) + 1
+        print(f"sweep: {counts}")
+    rows = sweep.collect(runs, csv_path, process_index=process)
+    failed = [r["name"] for r in rows if r["status"] not in ("done", "new", "partial")]
+    print(f"{sum(r['status'] == 'done' for r in rows)}/{len(rows)} runs done"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; table: {csv_path}")
+
+
+if __name__ == "__main__":
+    cli.run(main, "sweep", quiet=True)

@@ -1,0 +1,99 @@
+"""One writer per workdir: an advisory ``flock`` on ``WORKDIR/.lock`` plus who holds it.
+
+Two trainings in one workdir delete each other's in-flight checkpoints and interleave
+``metrics.jsonl``; two studies race on the same stage files. So ``train``, ``study``
+and the sweep take :func:`hold` on their directory before writing anything there, and
+a second process fails at once with the holder's pid and host.
+
+Why ``fcntl.flock`` and not "the file exists": the kernel drops the lock when its
+process dies (SIGKILL, OOM, a preempted VM that comes back), so a stale lock file from a
+dead process is simply taken over (with a warning naming the dead pid); nobody has to
+delete it by hand. The pid/host written inside only serve the error message. Remote
+paths (``gs://``) cannot be locked this way and are not locked. Multi-process runs
+lock one file per process index (``.lock``, ``.lock.1``, ...), so the processes of one
+job share the workdir while a second job is still refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from typing import Iterator, Optional
+
+from absl import logging
+
+from medtransfer_jax.errors import WorkdirError
+
+LOCK_FILE = ".lock"
+
+
+def lock_path(workdir: str, process_index: int = 0) -> str:
+    name = LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}"
+    return os.path.join(workdir, name)
+
+
+def _holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def acquire(workdir: str, process_index: int = 0, command: Optional[str] = None) -> Optional[int]:
+    """Locks ``workdir`` (created if needed) for this process; returns the lock's fd.
+
+    Raises:
+      WorkdirError: another live process holds the lock.
+    """
+    if "://" in workdir:
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    path = lock_path(workdir, process_index)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = _holder(fd)
+        os.close(fd)
+        raise WorkdirError(
+            f"workdir {workdir} is in use by process {who.get('pid', '?')} on host "
+            f"{who.get('host', '?')} (lock file {path}, since {who.get('since', '?')}, "
+            f"command: {who.get('command', '?')}); wait for it to finish or stop it, or "
+            "use another --workdir") from None
+    previous = _holder(fd)
+    if previous.get("pid"):
+        logging.warning("workdir %s: taking over the lock of process %s on %s, which is no "
+                        "longer running", workdir, previous.get("pid"), previous.get("host"))
+    me = dict(pid=os.getpid(), host=socket.gethostname(),
+              since=time.strftime("%Y-%m-%d %H:%M:%S"),
+              command=command or " ".join(sys.argv))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    return fd
+
+
+def release(fd: Optional[int]) -> None:
+    """Unlocks; the file stays (emptied) so a later holder need not recreate it."""
+    if fd is None:
+        return
+    try:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold(workdir: str, process_index: int = 0,
+         command: Optional[str] = None) -> Iterator[Optional[int]]:
+    """``with hold(workdir):`` the block is the only writer of ``workdir``."""
+    fd = acquire(workdir, process_index, command)
+    try:
+        yield fd
+    finally:
+        release(fd)

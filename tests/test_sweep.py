@@ -1,0 +1,145 @@
+"""The sweep: one override helper, the resolved config both run modes read, runs that did
+not finish never enter the table, and SIGTERM / Ctrl-C stop the whole sweep (#10.4)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_collections
+import pytest
+from _train_utils import REPO, subprocess_env
+
+from medtransfer_jax import configs
+from medtransfer_jax.errors import ConfigError
+from medtransfer_jax.training import sweep
+
+BREAST = os.path.join(REPO, "configs", "revisiting", "breast.py")
+
+
+def test_override_parses_as_the_field_type_and_rejects_unknown_fields():
+    c = configs.load(configs.path("demo"))
+    configs.override(c, ["train.lr=0.5", "train.batch_size=8", "data.augment.flip=false",
+                         "data.synthetic.task='natural'", "data.root=/x", "data.nih_views=AP,PA",
+                         "data.max_examples=12", "model.preprocessing=None"])
+    assert c.train.lr == 0.5 and isinstance(c.train.lr, float)
+    assert c.train.batch_size == 8 and c.data.augment.flip is False
+    assert c.data.synthetic.task == "natural" and c.data.root == "/x"
+    assert c.data.nih_views == ("AP", "PA") and c.data.max_examples == 12
+    assert c.model.preprocessing is None
+    with pytest.raises(ConfigError, match="no field 'train.learning_rate'.*lr"):
+        configs.override(c, ["train.learning_rate=0.1"])
+    with pytest.raises(ConfigError, match="'abc' is not a float"):
+        configs.override(c, ["train.lr=abc"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        configs.override(c, ["train.lr"])
+
+
+@pytest.mark.parametrize("spec, overrides", [
+    (configs.path("demo"), ["data.fold=1", "train.lr=0.003", "data.synthetic.image_size=32"]),
+    (f"{BREAST}:radimagenet,fold=2", ["train.batch_size=64", "model.init=/w"]),
+])
+def test_resolved_file_gives_the_same_config_as_the_strings(tmp_path, spec, overrides):
+    run = sweep.Run("r", spec, str(tmp_path / "r"), overrides)
+    path = sweep.write_config(run)
+    assert path == os.path.join(run.workdir, "sweep_config.py")
+    direct, from_file = sweep.load_config(run), configs.load(path)
+    assert from_file.to_dict() == direct.to_dict()
+    # The subprocess gets that file, not the strings: both modes read the same values.
+    cmd = sweep._command(run, "python")
+    assert f"--config={path}" in cmd and not any(a.startswith("--config.") for a in cmd)
+    # A remote workdir (written by the run itself) keeps the sweep's files local.
+    remote = sweep.Run("r", spec, "gs://bucket/sweep/r", overrides)
+    assert sweep.resolved_config_path(remote).startswith(tempfile.gettempdir())
+    assert "--workdir=gs://bucket/sweep/r" in sweep._command(remote, "python")
+
+
+def _fake_results(workdir, status, auc=0.9):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({"status": status, "best_step": 4, "val": {"auc": auc},
+                   "test": {"auc": auc}}, f)
+
+
+def test_diverged_runs_are_failed_and_never_averaged(tmp_path):
+    runs = sweep.expand_grid("demo", targets=[], folds=[0, 1], root=str(tmp_path))
+    _fake_results(runs[0].workdir, "done", 0.8)
+    _fake_results(runs[1].workdir, "diverged", float("nan"))
+    # Nothing to run: the done run is skipped, the diverged one is not retried.
+    status = sweep.run_all(runs, python="/bin/false")
+    assert status == {runs[0].name: "skipped", runs[1].name: "failed:diverged"}
+    rows = sweep.collect(runs, str(tmp_path / "results.csv"))
+    assert [r["status"] for r in rows] == ["done", "diverged"]
+    assert rows[0]["test.auc"] == 0.8 and "test.auc" not in rows[1]
+    assert sweep.collect(runs, str(tmp_path / "p1.csv"), process_index=1)
+    assert not os.path.exists(tmp_path / "p1.csv")  # only process 0 writes shared files
+
+
+FAKE_TRAIN = """#!{python}
+# Stands in for `python -m medtransfer_jax.train`: marks that it started, then waits for
+# SIGTERM, "saves" and exits 143 as the real main does.
+import os, signal, sys, time
+wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+open(os.path.join(wd, "started"), "w").close()
+def term(signum, frame):
+    open(os.path.join(wd, "saved"), "w").close()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, term)
+time.sleep(120)
+"""
+
+DRIVER = """
+import sys
+from medtransfer_jax import cli
+from medtransfer_jax.training import sweep
+
+ROOT, FAKE = sys.argv[1:3]
+
+def main(argv):
+    runs = sweep.expand_grid("demo", targets=[], folds=[0, 1, 2], root=ROOT)
+    sweep.run_all(runs, python=FAKE)
+
+cli.run(main, "sweep", argv=sys.argv[:1])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_whole_sweep_after_the_running_run_saved(tmp_path, sig):
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TRAIN.format(python=sys.executable))
+    fake.chmod(0o755)
+    root = tmp_path / "sweep"
+    p = subprocess.Popen([sys.executable, "-c", DRIVER, str(root), str(fake)], cwd=REPO,
+                         env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    first = root / "demo" / "fold0" / "seed0"
+    deadline = time.time() + 120
+    while not (first / "started").exists():
+        assert p.poll() is None and time.time() < deadline, p.stderr.read()
+        time.sleep(0.2)
+    t0 = time.time()
+    p.send_signal(sig)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143, err
+    assert time.time() - t0 < 20  # visible at once, not after the run's next minute
+    assert (first / "saved").exists()  # the running run was asked to save
+    assert not (root / "demo" / "fold1").exists()  # and no further run started
+    assert "Resume with the same command" in err and "Traceback" not in err
+    assert f"received {signal.Signals(sig).name}" in err
+
+
+def test_subprocess_and_inprocess_runs_of_one_grid_point_agree(tmp_path):
+    """Both modes train from the same resolved sweep_config.py: same config, same results."""
+    from _train_utils import TINY_CONFIG
+    ov = ["train.num_steps=4", "eval.every_steps=4", "checkpoint.every_steps=4"]
+    sub = sweep.Run("a", TINY_CONFIG, str(tmp_path / "sub"), ov)
+    inp = sweep.Run("a", TINY_CONFIG, str(tmp_path / "inp"), ov)
+    assert sweep.run_all([sub], mode="subprocess", env=subprocess_env()) == {"a": "done"}
+    assert sweep.run_all([inp], mode="inprocess") == {"a": "done"}
+    with open(sweep.resolved_config_path(sub)) as f1, open(sweep.resolved_config_path(inp)) as f2:
+        assert f1.read() == f2.read()
+    r1, r2 = sweep.read_results(sub.workdir), sweep.read_results(inp.workdir)
+    assert r1["best_step"] == r2["best_step"] == 4
+    for split in ("val", "test"):
+        assert r1[split] == r2[split], split

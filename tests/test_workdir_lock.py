@@ -1,0 +1,78 @@
+"""One writer per workdir (issue #10.5): a second process fails at once naming the holder;
+a lock left by a killed process is taken over."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from _train_utils import REPO, subprocess_env
+
+from medtransfer_jax import workdir_lock
+from medtransfer_jax.errors import WorkdirError
+
+HOLDER = """
+import sys, time
+from medtransfer_jax import workdir_lock
+fd = workdir_lock.acquire(sys.argv[1], command="holder")
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(wd):
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(wd)], env=subprocess_env(),
+                         cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_process_is_refused_with_pid_and_host(tmp_path):
+    p = _holder(tmp_path)
+    try:
+        with pytest.raises(WorkdirError) as e:
+            workdir_lock.acquire(str(tmp_path))
+        msg = str(e.value)
+        assert f"process {p.pid} on host {socket.gethostname()}" in msg
+        assert workdir_lock.lock_path(str(tmp_path)) in msg
+        # The train main refuses too, before building anything, with exit 2.
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "medtransfer_jax.train",
+                            f"--workdir={tmp_path}"], cwd=REPO, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"train: error: workdir {tmp_path} is in use by process {p.pid}" in r.stderr
+        assert "Traceback" not in r.stderr and time.time() - t0 < 60
+        assert sorted(os.listdir(tmp_path)) == [".lock"]  # the train main wrote nothing
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
+    p = _holder(tmp_path)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    with open(workdir_lock.lock_path(str(tmp_path))) as f:
+        assert str(p.pid) in f.read()  # the dead holder's record is still there
+    with workdir_lock.hold(str(tmp_path)):
+        with open(workdir_lock.lock_path(str(tmp_path))) as f:
+            assert f'"pid": {os.getpid()}' in f.read()
+        with pytest.raises(WorkdirError):  # held: even this process cannot take it twice
+            workdir_lock.acquire(str(tmp_path))
+    fd = workdir_lock.acquire(str(tmp_path))  # released at the end of the block
+    workdir_lock.release(fd)
+
+
+def test_processes_of_one_job_lock_separately(tmp_path):
+    fd0 = workdir_lock.acquire(str(tmp_path), 0)
+    fd1 = workdir_lock.acquire(str(tmp_path), 1)
+    try:
+        with pytest.raises(WorkdirError):
+            workdir_lock.acquire(str(tmp_path), 1)
+    finally:
+        workdir_lock.release(fd0)
+        workdir_lock.release(fd1)
+    assert workdir_lock.acquire("gs://bucket/run") is None  # remote: not lockable, not locked
