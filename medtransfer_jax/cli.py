@@ -42,6 +42,11 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
                              "multi-process runs, e.g. several local processes).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+_XLA_CACHE = flags.DEFINE_string(
+    "xla_cache_dir", os.environ.get("MEDTRANSFER_XLA_CACHE", "~/.cache/medtransfer_jax/xla"),
+    "JAX's persistent compilation cache: a second run (sweep, study, restart after a "
+    "preemption) of the same shapes reads its compiled programs from here; '' disables. "
+    "JAX_COMPILATION_CACHE_DIR, when set, wins.")
 
 
 class QuietLibraries(pylogging.Filter):
@@ -233,11 +238,20 @@ def check_output_dir(path: str, flag: str) -> str:
     return full
 
 
+def enable_compile_cache() -> str:
+    """Turns on JAX's persistent compilation cache at ``--xla_cache_dir`` (every main that
+    compiles calls this before its first computation); returns the directory ('' = off)."""
+    from medtransfer_jax import compile_cache  # noqa: E402 (imports jax: after jax.config)
+    return compile_cache.enable(_XLA_CACHE.value)
+
+
 def init_distributed() -> int:
     """``jax.distributed.initialize`` per the multi-host flags; returns this process index.
+    Turns the persistent compilation cache on first.
 
     Imports JAX here, not at the top: the mains set ``jax.config`` options first.
     """
+    enable_compile_cache()
     from medtransfer_jax.training import sharding  # noqa: E402 (jax after jax.config)
     kwargs = {k: v for k, v in dict(coordinator_address=_COORD.value,
                                     num_processes=_NPROC.value,

@@ -48,6 +48,7 @@ def main(argv):
     cli.check_positive(_PARALLEL.value, "--parallel")
     study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value)
     _check(study)
+    cli.enable_compile_cache()  # the study's in-process runs share compiled programs
     with workdir_lock.hold(workdir):
         runner.run_study(_CONFIG.value, workdir, stages=_STAGES.value, force=_FORCE.value,
                          mode=_MODE.value, parallel=_PARALLEL.value)

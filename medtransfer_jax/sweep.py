@@ -103,6 +103,7 @@ def main(argv):
     if _DRY.value:
         sweep.run_all(runs, dry_run=True, train_flags=cli.multihost_flags())
         return
+    cli.enable_compile_cache()  # in-process runs of the same shapes compile once
     created = not os.path.exists(root)
     try:
         with workdir_lock.hold(root, process):

@@ -28,10 +28,6 @@ _CONFIG = cli.define_config_file(
     "FILE:ARG; default: the embedded demo.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results); "
                                "reusing it resumes the run.")
-_XLA_CACHE = flags.DEFINE_string(
-    "xla_cache_dir", os.environ.get("MEDTRANSFER_XLA_CACHE", "~/.cache/medtransfer_jax/xla"),
-    "Persistent XLA compilation cache (restarts after preemption and sweeps skip "
-    "recompiling); '' disables. Ignored if JAX_COMPILATION_CACHE_DIR is set.")
 _NUM_CPU = flags.DEFINE_integer("num_cpu_devices", None, "Local CPU devices per process when "
                                 "running on CPU (testing multi-device code without accelerators).")
 
@@ -40,9 +36,6 @@ def _setup_jax():
     import jax  # noqa: E402 (after flags: jax.config must be set before first use)
     if _NUM_CPU.value:
         jax.config.update("jax_num_cpu_devices", _NUM_CPU.value)
-    if _XLA_CACHE.value and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_XLA_CACHE.value))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return jax
 
 

@@ -10,7 +10,7 @@ from medtransfer_jax import cli
 from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 
-WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input")
+WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input", "grid")
 
 _DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
@@ -37,6 +37,16 @@ _CACHE_EXAMPLES = flags.DEFINE_integer("cache_examples", 512,
                                        "Images in the device-resident split (device_input).")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False,
                                    "Also time the torchvision step under torch.compile (train).")
+_TARGETS = flags.DEFINE_list("targets", ["chest", "breast", "thyroid", "mammograms", "knee",
+                                         "isic", "pcam"], "Revisiting targets (grid).")
+_PROTOCOL = flags.DEFINE_enum("protocol", "sep2023", ["sep2023", "feb2023"],
+                              "Revisiting protocol of the grid.")
+_SCALE = flags.DEFINE_float("scale", 1.0, "grid: fraction of each target's images (CPU runs).")
+_MAX_IMAGE_SIZE = flags.DEFINE_integer("max_image_size", 4096, "grid: cap on image sizes.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 4096, "grid: cap on batch sizes.")
+_CACHE = flags.DEFINE_enum("cache", "device", ["none", "host", "device"], "grid: data.cache.")
+_CONFIGS_DIR = flags.DEFINE_string("configs_dir", None, "grid: the repo's configs/ folder "
+                                   "(default ./configs or the source checkout's).")
 
 
 def _ints(values, flag: str = "") -> List[int]:
@@ -73,6 +83,8 @@ def main(argv):
                         f"[flags]; got {argv[1:]!r} (see --helpfull)")
     _validate(argv[1])
     what = argv[1]
+    if what == "grid":
+        cli.enable_compile_cache()
     cmd = "python -m medtransfer_jax.bench " + " ".join(sys.argv[1:])
     if what == "train":
         from medtransfer_jax.bench import train_throughput as tt
@@ -112,6 +124,15 @@ def main(argv):
                                       image_size=_ints(_IMAGE_SIZES.value)[0],
                                       depth=_DEPTH.value, width=_WIDTH.value)
         common.print_report("Two-model stage-wise CCA, end to end", rows, None, cmd)
+    elif what == "grid":
+        from medtransfer_jax.bench import grid
+        rows = grid.run(targets=_TARGETS.value, protocol=_PROTOCOL.value, scale=_SCALE.value,
+                        width=_WIDTH.value, depth=_DEPTH.value,
+                        max_image_size=_MAX_IMAGE_SIZE.value, max_batch=_MAX_BATCH.value,
+                        dtype=_DTYPES.value[0], cache=_CACHE.value,
+                        cfg_dir=_CONFIGS_DIR.value)
+        common.print_report("Revisiting grid: measured per target, projected to 175 runs",
+                            rows, grid.COLUMNS, cmd)
     elif what == "scaling":
         from medtransfer_jax.bench import scaling
         # ResNet18 unless --depth is given: the sweep's train cells should stay quick on a CPU.

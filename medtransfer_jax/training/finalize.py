@@ -127,6 +127,18 @@ def read_results(workdir: str) -> Optional[Dict[str, Any]]:
         return None
 
 
+def _compile_stats(run) -> Dict[str, Any]:
+    """Compilation this session paid (tracing + lowering + backend compile or persistent-
+    cache retrieval): a second run of the same shapes should pay a small fraction."""
+    if run.compile_timer is None:
+        return {}
+    seconds, programs, hits = run.compile_timer.elapsed()
+    logging.info("compilation this session: %.1f s over %d programs (%d from the persistent "
+                 "cache)", seconds, programs, hits)
+    return {"compile_s": float(seconds), "compiled_programs": int(programs),
+            "compile_cache_hits": int(hits)}
+
+
 def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
     """Best model -> predictions and metrics on every test set, exports, ``results.json``.
 
@@ -164,7 +176,8 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
         "class_names": list(s.class_names), "fold": c.data.fold, "num_train": len(s.train),
         "num_val": len(s.val), "num_test": len(s.test), "steps_per_epoch": run.steps_per_epoch,
         "num_devices": int(run.mesh.size), "num_processes": jax.process_count(),
-        "wall_time_s": time.time() - run.t_start, "config": json_config(c)}
+        "wall_time_s": time.time() - run.t_start, **_compile_stats(run),
+        "config": json_config(c)}
     if jax.process_index() == 0:
         write_json(os.path.join(run.workdir, RESULTS_FILE), results)
     return results

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from medtransfer_jax import compile_cache
 from medtransfer_jax.training import finalize as finalize_lib, model_init, optim, periodic
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import run_setup
@@ -196,7 +197,9 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
     if previous.get("status") == "diverged":
         raise Diverged(previous["message"] + " (this workdir's run diverged before)",
                        previous["step"])
+    timer = compile_cache.CompileTimer()
     run = setup(config, workdir, hooks)
+    run.compile_timer = timer
     try:
         state, state_sh, step, ls = run_setup.restore_or_init(run)
         run.writer = periodic.MetricWriter(workdir, step if step else None)

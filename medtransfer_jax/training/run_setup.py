@@ -49,6 +49,7 @@ class Run:
     writer: Any = None
     stop: Any = None
     profiler: Any = None
+    compile_timer: Any = None          # compile_cache.CompileTimer of this process's session
     #: data.cache=device: {id(split source): batches(global_batch_size) -> iterator}
     eval_data: Dict[int, Any] = dataclasses.field(default_factory=dict)
 

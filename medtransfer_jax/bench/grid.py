@@ -1,0 +1,160 @@
+"""The Revisiting study grid, timed end to end per target and projected to 175 runs.
+
+A study is not one run: it is 7 targets x {ImageNet, ImageNet-freeze, RadImageNet,
+RadImageNet-freeze, random} x 5 folds of small datasets, where compilation, evaluation,
+predictions and start-up can dominate. This benchmark runs each target's real protocol
+file (``configs/revisiting/<target>.py``: its image size, batch size, epochs, reported
+metric) on synthetic images with the target's real number of images and classes, through
+the real training loop (``train_and_evaluate``: setup, train, per-epoch validation,
+checkpoints, final predictions on val and test, exports), three times in one process:
+
+* ``cold``: 1 epoch, first compile of the target's shapes;
+* ``warm1``: 1 epoch again (compiled programs from the persistent cache);
+* ``warm2``: 2 epochs.
+
+So one epoch (train + its validation + checkpoint) costs ``warm2 - warm1``, a run's fixed
+cost (setup, cache decode, compile-cache reads, final predictions, export) is ``warm1 -
+epoch``, and the projected run is ``fixed + epochs x epoch``. The freeze variants' head
+phase is counted as full-cost epochs (an upper bound: its backward pass stops at the
+head). Early stopping is off, as in the Sep-2023 protocol (patience = epochs).
+
+On a 2-core CPU the same command runs scaled down (``--scale``, ``--width``,
+``--max_image_size``, ``--max_batch``); the GPU record script runs it at full size.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from medtransfer_jax import compile_cache
+from medtransfer_jax.errors import UserError
+from medtransfer_jax.training import loop
+
+#: The Revisiting targets as the paper used them: (images, classes) (REFERENCE.md table).
+PAPER_TARGETS: Dict[str, tuple] = {
+    "chest": (5856, 2), "breast": (780, 2), "thyroid": (480, 2), "mammograms": (3568, 2),
+    "knee": (5222, 3), "isic": (10015, 7), "pcam": (10000, 2)}
+#: Source variants per target and how many of them train a head phase first.
+VARIANTS, FROZEN_VARIANTS, FOLDS = 5, 2, 5
+#: XLA's cost analysis of the ResNet50 train step at 224 px (BENCHMARKS.md section 1),
+#: per image; scales with the pixel count. Used for MFU at width 64 only.
+TRAIN_GFLOP_224 = 22.6
+
+COLUMNS = ["target", "images", "size", "batch", "epochs", "steps/epoch", "cold_s", "warm1_s",
+           "warm2_s", "compile_cold_s", "compile_warm_s", "epoch_s", "img_per_s", "mfu",
+           "run_s", "frz_run_s", "target_grid_s"]
+
+
+def configs_dir(flag_value: Optional[str] = None) -> str:
+    """The folder holding ``revisiting/<target>.py``: the flag, else ./configs, else the
+    source checkout's configs/ next to the package."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for cand in ([flag_value] if flag_value else [os.path.join(os.getcwd(), "configs"),
+                                                  os.path.join(here, "configs")]):
+        if cand and os.path.isfile(os.path.join(cand, "revisiting", "breast.py")):
+            return cand
+    raise UserError(f"bench grid: no configs/revisiting/<target>.py under "
+                    f"{flag_value or 'the working directory or the source checkout'}; pass "
+                    "--configs_dir=<repo>/configs (the protocol files are not installed with "
+                    "the package)")
+
+
+def target_config(cfg_dir: str, target: str, *, protocol: str, scale: float, width: int,
+                  depth: int, max_image_size: int, max_batch: int, dtype: str, cache: str):
+    """The target's protocol config with synthetic data of the paper's size and classes."""
+    path = os.path.join(cfg_dir, "revisiting", f"{target}.py")
+    spec = importlib.util.spec_from_file_location(f"_grid_{target}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(f"random,protocol={protocol},folds=kfold")
+    n, k = PAPER_TARGETS[target]
+    c.data.name = "synthetic"
+    c.data.synthetic.num_examples = max(8 * k, int(round(n * scale)))
+    c.data.synthetic.num_classes = k
+    c.data.image_size = min(c.data.image_size, max_image_size)
+    c.data.cache = cache
+    c.model.width, c.model.depth, c.model.dtype = width, depth, dtype
+    c.train.batch_size = min(c.train.batch_size, max_batch)
+    c.eval.batch_size = min(c.eval.batch_size, max_batch)
+    c.eval.patience = 0
+    c.log.every_steps = 10 ** 6
+    return c
+
+
+def _timed_run(config, epochs: int, root: str):
+    config.train.num_epochs = epochs
+    wd = tempfile.mkdtemp(dir=root)
+    t0 = time.perf_counter()
+    res = loop.train_and_evaluate(config, wd)
+    secs = time.perf_counter() - t0
+    shutil.rmtree(wd, ignore_errors=True)
+    return secs, res
+
+
+def bench_target(target: str, config, root: str) -> Dict[str, Any]:
+    """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 2 epochs) -> a table row."""
+    epochs = int(config.train.num_epochs)  # the protocol's; the timed runs change it
+    head_epochs = int(config.train.head_phase.num_epochs)
+    cold, rc = _timed_run(config, 1, root)
+    warm1, r1 = _timed_run(config, 1, root)
+    warm2, _ = _timed_run(config, 2, root)
+    config.train.num_epochs = epochs
+    epoch_s = max(warm2 - warm1, 1e-9)
+    fixed_s = max(warm1 - epoch_s, 0.0)
+    run_s = fixed_s + epochs * epoch_s
+    frz_run_s = run_s + head_epochs * epoch_s
+    steps = int(r1["steps_per_epoch"])
+    bs = int(config.train.batch_size)
+    size = int(config.data.image_size)
+    ips = steps * bs / epoch_s
+    mfu = float("nan")
+    if config.model.width == 64 and config.model.depth == 50:
+        from medtransfer_jax.bench import common
+        import jax
+        peak = common.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
+        if peak:
+            mfu = ips * TRAIN_GFLOP_224 * 1e9 * (size / 224) ** 2 / (peak * jax.device_count())
+    grid_s = FOLDS * ((VARIANTS - FROZEN_VARIANTS) * run_s + FROZEN_VARIANTS * frz_run_s)
+    return {"target": target, "images": int(config.data.synthetic.num_examples), "size": size,
+            "batch": bs, "epochs": epochs, "steps/epoch": steps, "cold_s": cold,
+            "warm1_s": warm1, "warm2_s": warm2, "compile_cold_s": rc.get("compile_s", float("nan")),
+            "compile_warm_s": r1.get("compile_s", float("nan")),
+            "warm_cache_hits": r1.get("compile_cache_hits", 0), "epoch_s": epoch_s,
+            "img_per_s": ips, "mfu": mfu, "run_s": run_s, "frz_run_s": frz_run_s,
+            "target_grid_s": grid_s}
+
+
+def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep2023",
+        scale: float = 1.0, width: int = 64, depth: int = 50, max_image_size: int = 4096,
+        max_batch: int = 4096, dtype: str = "bfloat16", cache: str = "device",
+        cfg_dir: Optional[str] = None, workdir: Optional[str] = None,
+        xla_cache_dir: Optional[str] = compile_cache.DEFAULT_DIR) -> List[Dict[str, Any]]:
+    """One row per target plus a TOTAL row (the projected 175-run grid)."""
+    bad = [t for t in targets if t not in PAPER_TARGETS]
+    if bad:
+        raise UserError(f"bench grid: unknown target(s) {bad}; choose from {list(PAPER_TARGETS)}")
+    compile_cache.enable(xla_cache_dir)
+    cfg_dir = configs_dir(cfg_dir)
+    root = workdir or tempfile.mkdtemp(prefix="medtransfer_grid_")
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    for i, t in enumerate(targets):
+        cfg = target_config(cfg_dir, t, protocol=protocol, scale=scale, width=width, depth=depth,
+                            max_image_size=max_image_size, max_batch=max_batch, dtype=dtype,
+                            cache=cache)
+        rows.append(bench_target(t, cfg, root))
+        r = rows[-1]
+        print(f"[grid] {i + 1}/{len(targets)} {t}: epoch {r['epoch_s']:.1f} s, run "
+              f"{r['run_s']:.0f} s, compile cold {r['compile_cold_s']:.1f} s / warm "
+              f"{r['compile_warm_s']:.1f} s, 25 runs {r['target_grid_s'] / 60:.1f} min",
+              flush=True)
+    total = sum(r["target_grid_s"] for r in rows)
+    rows.append({"target": f"TOTAL ({len(rows) * VARIANTS * FOLDS} runs)",
+                 "target_grid_s": total,
+                 "compile_cold_s": sum(r["compile_cold_s"] for r in rows),
+                 "compile_warm_s": sum(r["compile_warm_s"] for r in rows)})
+    return rows
