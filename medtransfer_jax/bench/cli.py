@@ -7,7 +7,7 @@ from absl import flags
 
 from medtransfer_jax.bench import common
 
-WHATS = ("train", "pipeline", "similarity", "network", "scaling")
+WHATS = ("train", "pipeline", "similarity", "network", "scaling", "network_scale")
 
 _DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
@@ -27,6 +27,8 @@ _DATAPOINTS = flags.DEFINE_list("datapoints", ["10000", "50000"], "Datapoints (s
 _METHODS = flags.DEFINE_list("methods", ["mean_cca", "svcca", "pwcca", "linear_cka"],
                              "Similarity methods to time; 'streaming:mean_cca' etc. times the "
                              "covariance-accumulator route of analysis/streaming.py.")
+_ROUTES = flags.DEFINE_list("routes", ["auto"], "Similarity routes to time: auto, qr, "
+                           "covariance (analysis/similarity.py resolve_route).")
 _NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
                                            "Images for the two-model comparison.")
 _WIDTH = flags.DEFINE_integer("width", 64, "ResNet stem width (64 = the real model).")
@@ -60,14 +62,19 @@ def main(argv):
         from medtransfer_jax.bench import similarity
         rows = similarity.run(neurons=_ints(_NEURONS.value),
                               datapoints=_ints(_DATAPOINTS.value), methods=_METHODS.value,
-                              repeats=_REPEATS.value)
-        common.print_report("Similarity kernels vs float64 NumPy", rows, None, cmd)
+                              repeats=_REPEATS.value, routes=_ROUTES.value)
+        common.print_report("Similarity kernels vs the google/svcca NumPy float64 algorithm",
+                            rows, None, cmd)
     elif what == "network":
         from medtransfer_jax.bench import similarity
         rows = similarity.run_network(num_images=_NUM_IMAGES_NETWORK.value,
                                       image_size=_ints(_IMAGE_SIZES.value)[0],
                                       depth=_DEPTH.value, width=_WIDTH.value)
         common.print_report("Two-model stage-wise CCA, end to end", rows, None, cmd)
+    elif what == "network_scale":
+        from medtransfer_jax.bench import network_scale
+        rows = network_scale.run(network_scale.Sizes.from_flags())
+        common.print_report("Similarity at network scale", rows, None, cmd)
     elif what == "scaling":
         from medtransfer_jax.bench import scaling
         # ResNet18 unless --depth is given: the sweep's train cells should stay quick on a CPU.
