@@ -86,6 +86,59 @@ def _kept(var: np.ndarray, rel_tol: float) -> np.ndarray:
     return (var > rel_tol * max(top, 0.0)) & (var > 0)
 
 
+class Side(NamedTuple):
+    """One layer's part of a CCA, computed once and reused for every pair it is in:
+    kept neurons, their standard deviations ``d``, the equilibrated correlation matrix
+    ``r`` and its whitener ``w`` (kept, k), and the kept eigenvalue ratio."""
+    kept: np.ndarray
+    d: np.ndarray
+    r: np.ndarray
+    w: np.ndarray
+    condition: float
+
+
+def cca_side(sxx: np.ndarray, *, rtol: float = 1e-3, epsilon: Optional[float] = None) -> Side:
+    """Prunes neurons with variance < ``epsilon`` (default ``rtol^2``) x the largest,
+    equilibrates the rest and whitens with eigenvalues below rtol^2 lambda_max dropped."""
+    eps = rtol ** 2 if epsilon is None else epsilon
+    kept = _kept(np.diag(sxx), eps)
+    d = np.sqrt(np.diag(sxx)[kept])
+    r = sxx[np.ix_(kept, kept)] / np.outer(d, d)
+    w, cond = _whitener(r, rtol)
+    return Side(kept, d, r, w, cond)
+
+
+def svcca_side(sxx: np.ndarray, *, keep: float = 0.99, rtol: float = 1e-3):
+    """SVCCA's reduction of one side: whitener (p, d) onto the leading eigen-directions of
+    the (raw-scale) covariance explaining ``keep`` of the variance; and their ratio."""
+    lam, V = np.linalg.eigh(sxx)
+    lam, V = np.maximum(lam[::-1], 0.0), V[:, ::-1]
+    if not lam.size or lam[0] <= 0:
+        return np.zeros((sxx.shape[0], 0)), 1.0
+    frac = np.cumsum(lam) / lam.sum()
+    d = int(np.sum(frac < keep)) + 1
+    ok = (np.arange(lam.size) < d) & (lam > rtol ** 2 * lam[0])
+    return V[:, ok] / np.sqrt(lam[ok]), float(lam[0] / lam[ok][-1])
+
+
+def correlations(sx: Side, sy: Side, sxy: np.ndarray, m: int, *, directions: bool = False):
+    """Canonical correlations (m,) (zeros beyond k) of two sides with cross-covariance
+    ``sxy`` (all neurons); returns (rho, k, u) with u (kx, k) X's directions or None."""
+    rxy = sxy[np.ix_(sx.kept, sy.kept)] / np.outer(sx.d, sy.d)
+    rho = np.zeros(m)
+    k = min(sx.w.shape[1], sy.w.shape[1])
+    u = np.zeros((sx.w.shape[1], 0)) if directions else None
+    if k > 0:
+        M = sx.w.T @ rxy @ sy.w
+        if directions:
+            u, s, _ = np.linalg.svd(M, full_matrices=False)
+            u = u[:, :k]
+        else:
+            s = np.linalg.svd(M, compute_uv=False)
+        rho[:k] = np.clip(s[:k], 0.0, 1.0)
+    return rho, k, u
+
+
 def cca_from_covariance(cov: Covariances, *, rtol: float = 1e-3,
                         epsilon: Optional[float] = None, directions: bool = False
                         ) -> CCAResult:
@@ -95,48 +148,40 @@ def cca_from_covariance(cov: Covariances, *, rtol: float = 1e-3,
     are dropped (svcca's pruning); the kept block is equilibrated to a correlation matrix
     and whitened by eigh with eigenvalues below ``rtol^2 * lambda_max`` dropped.
     """
-    eps = rtol ** 2 if epsilon is None else epsilon
-    kx, ky = _kept(np.diag(cov.sxx), eps), _kept(np.diag(cov.syy), eps)
-    dx, dy = np.sqrt(np.diag(cov.sxx)[kx]), np.sqrt(np.diag(cov.syy)[ky])
-    rxx = cov.sxx[np.ix_(kx, kx)] / np.outer(dx, dx)
-    ryy = cov.syy[np.ix_(ky, ky)] / np.outer(dy, dy)
-    rxy = cov.sxy[np.ix_(kx, ky)] / np.outer(dx, dy)
-    wx, cx = _whitener(rxx, rtol)
-    wy, cy = _whitener(ryy, rtol)
+    sx = cca_side(cov.sxx, rtol=rtol, epsilon=epsilon)
+    sy = cca_side(cov.syy, rtol=rtol, epsilon=epsilon)
     m = min(cov.sxx.shape[0], cov.syy.shape[0])
-    rho = np.zeros(m)
-    k = min(wx.shape[1], wy.shape[1])
-    u = np.zeros((wx.shape[1], 0)) if directions else None
-    if k > 0:
-        M = wx.T @ rxy @ wy
-        if directions:
-            u, s, _ = np.linalg.svd(M, full_matrices=False)
-            u = u[:, :k]
-        else:
-            s = np.linalg.svd(M, compute_uv=False)
-        rho[:k] = np.clip(s[:k], 0.0, 1.0)
-    return CCAResult(rho, k, kx, ky, wx, u, dx, max(cx, cy))
+    rho, k, u = correlations(sx, sy, cov.sxy, m, directions=directions)
+    return CCAResult(rho, k, sx.kept, sy.kept, sx.w, u, sx.d,
+                     max(sx.condition, sy.condition))
 
 
-def _svcca_from_covariance(cov: Covariances, keep: float, rtol: float):
-    """SVCCA: each side reduced to the leading eigen-directions of its (raw-scale)
-    covariance that explain ``keep`` of the variance, then CCA of the reduced sides."""
-    def reduce(s):
-        lam, V = np.linalg.eigh(s)
-        lam, V = np.maximum(lam[::-1], 0.0), V[:, ::-1]
-        if not lam.size or lam[0] <= 0:
-            return np.zeros((s.shape[0], 0)), 1.0
-        frac = np.cumsum(lam) / lam.sum()
-        d = int(np.sum(frac < keep)) + 1
-        ok = (np.arange(lam.size) < d) & (lam > rtol ** 2 * lam[0])
-        return V[:, ok] / np.sqrt(lam[ok]), float(lam[0] / lam[ok][-1])
-
-    (wx, cx), (wy, cy) = reduce(cov.sxx), reduce(cov.syy)
-    k = min(wx.shape[1], wy.shape[1])
+def pair_value(method: str, sx, sy, sxy: np.ndarray) -> float:
+    """``method`` for one pair from per-layer sides (:func:`cca_side` results, or
+    :func:`svcca_side` results for svcca) and the raw cross-covariance ``sxy``."""
+    if method == "svcca":
+        (wx, _), (wy, _) = sx, sy
+        k = min(wx.shape[1], wy.shape[1])
+        if k == 0:
+            return 0.0
+        s = np.linalg.svd(wx.T @ sxy @ wy, compute_uv=False)
+        return float(np.clip(s[:k], 0, 1).sum() / k)
+    m = min(sx.kept.size, sy.kept.size)
+    rho, k, u = correlations(sx, sy, sxy, m, directions=method == "pwcca")
+    if method == "mean_cca":
+        return float(rho.sum() / k) if k else 0.0
+    if method == "paper_cca":
+        count = min(sx.kept.sum(), sy.kept.sum())
+        return float(rho.sum() / count) if count else 0.0
+    if method != "pwcca":
+        raise ValueError(f"pair_value: {method!r} is not a CCA-family method.")
+    # pwcca: the unit canonical variate h_i = Xc a_i has <h_i, x_j> proportional to
+    # (Sxx a_i)_j; in the equilibrated basis a_i = D^-1 w u_i, so Sxx a_i = D Rxx w u_i.
     if k == 0:
-        return 0.0, max(cx, cy)
-    s = np.linalg.svd(wx.T @ cov.sxy @ wy, compute_uv=False)
-    return float(np.clip(s[:k], 0, 1).sum() / k), max(cx, cy)
+        return 0.0
+    alpha = np.abs(sx.d[:, None] * (sx.r @ sx.w @ u)).sum(axis=0)
+    total = alpha.sum()
+    return float(np.sum(alpha * rho[:k]) / total) if total > 0 else 0.0
 
 
 def similarity_from_covariance(cov: Covariances, method: str = "mean_cca", *,
@@ -158,26 +203,17 @@ def similarity_from_covariance(cov: Covariances, method: str = "mean_cca", *,
     return (value, condition) if return_condition else value
 
 
+
+
 def _finish(cov, method, rtol, epsilon, keep):
     if method == "linear_cka":
         den = np.linalg.norm(cov.sxx) * np.linalg.norm(cov.syy)
         return (float(np.sum(cov.sxy ** 2) / den) if den > 0 else 0.0), 1.0
     if method == "svcca":
-        return _svcca_from_covariance(cov, keep, rtol)
-    if method == "mean_cca":
-        r = cca_from_covariance(cov, rtol=rtol)
-        return (float(r.rho.sum() / r.k) if r.k else 0.0), r.condition
-    if method == "paper_cca":
-        r = cca_from_covariance(cov, rtol=rtol, epsilon=epsilon)
-        count = min(r.kept_x.sum(), r.kept_y.sum())
-        return (float(r.rho.sum() / count) if count else 0.0), r.condition
-    # pwcca: the unit canonical variate h_i = Xc a_i has <h_i, x_j> proportional to
-    # (Sxx a_i)_j; in the equilibrated basis a_i = D^-1 wx u_i, so Sxx a_i = D Rxx wx u_i.
-    r = cca_from_covariance(cov, rtol=rtol, directions=True)
-    if r.k == 0:
-        return 0.0, r.condition
-    kx = r.kept_x
-    rxx = cov.sxx[np.ix_(kx, kx)] / np.outer(r.dx, r.dx)
-    alpha = np.abs(r.dx[:, None] * (rxx @ r.wx @ r.u)).sum(axis=0)
-    total = alpha.sum()
-    return (float(np.sum(alpha * r.rho[:r.k]) / total) if total > 0 else 0.0), r.condition
+        sx = svcca_side(cov.sxx, keep=keep, rtol=rtol)
+        sy = svcca_side(cov.syy, keep=keep, rtol=rtol)
+        return pair_value(method, sx, sy, cov.sxy), max(sx[1], sy[1])
+    eps = epsilon if method == "paper_cca" else None
+    sx = cca_side(cov.sxx, rtol=rtol, epsilon=eps)
+    sy = cca_side(cov.syy, rtol=rtol, epsilon=eps)
+    return pair_value(method, sx, sy, cov.sxy), max(sx.condition, sy.condition)
