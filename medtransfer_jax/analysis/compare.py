@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.analysis import layer_map
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.models import resnet
@@ -169,7 +170,9 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
                      batch_size: int = 64, preprocessing: Optional[str] = None,
                      layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None,
                      streaming_mode: bool = False, name_a: Optional[str] = None,
-                     name_b: Optional[str] = None, **options) -> List[dict]:
+                     name_b: Optional[str] = None, pairs: str = "same",
+                     max_channels: Optional[int] = None, mesh=None,
+                     compute_dtype: str = "float32", **options) -> List[dict]:
     """Similarity of two networks layer by layer on the same ``images``.
 
     Args:
@@ -187,10 +190,30 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
       streaming_mode: use every position of every image (no ``positions`` cap) through
         :class:`streaming.StreamingSimilarity`; methods limited to covariance-based ones
         and debiased_cka (minibatch estimator, one HSIC per forward batch).
-      options: passed to the kernels (``rtol``, ``epsilon``, ``keep``, ``threshold``, ``kernel``).
+      pairs: ``'same'`` (layer i of A vs layer i of B) or ``'all'``: every layer of A
+        against every layer of B in one streamed pass (:func:`layer_map.layer_map`; methods
+        from :data:`layer_map.MAP_METHODS`, ``spatial`` 'pool' or 'grid', channel cap
+        ``max_channels``, ``mesh``/``compute_dtype`` for the forward passes); rows then
+        carry ``layer_a``/``layer_b`` and ``layer`` = 'A~B'.
+      layers: Keras names, ``'all_blocks'`` (conv1_relu + every block output) or None
+        (the stage outputs).
+      options: passed to the kernels (``rtol``, ``epsilon``, ``keep``, ``threshold``,
+        ``kernel``, ``route``).
     Returns:
       rows (see module docstring).
     """
+    if pairs not in ("same", "all"):
+        raise ValueError(f"pairs={pairs!r}: choose 'same' (layer by layer) or 'all' (every "
+                         "layer of A against every layer of B).")
+    if pairs == "all":
+        methods = [method] if isinstance(method, str) else list(method)
+        kw = {k: v for k, v in options.items() if k in ("rtol", "epsilon", "keep")}
+        lmap = layer_map.layer_map(
+            weights_a, weights_b, images, layers=layers or "all_blocks", methods=methods,
+            spatial=spatial, max_channels=max_channels or num_channels,
+            batch_size=batch_size, preprocessing=preprocessing, seed=seed, mesh=mesh,
+            compute_dtype=compute_dtype, name_a=name_a, name_b=name_b, **kw)
+        return lmap.rows()
     a = act.load_model(weights_a, name_a)
     b = act.load_model(weights_b, name_b)
     if name_a:
@@ -207,7 +230,8 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
     if images.ndim not in (3, 4) or images.shape[0] < 2:
         raise ValueError(f"images must be (N, H, W[, C]) with N >= 2, got {images.shape}.")
     if layer_pairs is None:
-        layers = tuple(layers) if layers else resnet.stage_output_names(a.depth)
+        layers = (layer_map.all_blocks(a.depth) if layers == "all_blocks" else
+                  tuple(layers) if layers else resnet.stage_output_names(a.depth))
         act.check_layers(a, layers)
         act.check_layers(b, layers)
         layer_pairs = {l: (l, l) for l in layers}

@@ -343,3 +343,103 @@ class StreamingSimilarity:
             row["datapoints"] = cov.n if cov is not None else None
             out[k] = row
         return out
+
+
+# ----------------------------------------------------------------------------- joint (maps)
+class JointState(NamedTuple):
+    """Running statistics of the concatenated features Z = [layer_1 | ... | layer_L] (b, D)
+    of a stream: the co-moment of all layers with all layers (D, D) and, per batch, the
+    unbiased linear HSIC of every pair of layers (L, L). One GEMM Z^T Z per batch feeds
+    both, so a layer x layer map costs one pass however many layers it has.
+
+    ``segments`` (static, passed to the update) say which columns belong to which layer;
+    ``scale`` (D,) holds each layer's power-of-two scale (fixed by its first batch).
+    """
+    count: jax.Array
+    mean: jax.Array
+    c: jax.Array
+    comp: jax.Array
+    hsic: jax.Array
+    batches: jax.Array
+    bad: jax.Array
+    scale: jax.Array
+
+
+def init_joint(num_features: int, num_layers: int) -> JointState:
+    """Empty statistics for D = ``num_features`` columns in ``num_layers`` layers."""
+    d, L = num_features, num_layers
+    z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    i = jnp.zeros((), jnp.int32)
+    return JointState(i, z(d), z(d, d), z(d, d), z(L, L), i, jnp.zeros((d,), jnp.int32), z(d))
+
+
+def _membership(segments, d):
+    """(D, L) one-hot matrix of which layer each column belongs to."""
+    E = np.zeros((d, len(segments)), np.float32)
+    for l, (a, b) in enumerate(segments):
+        E[a:b, l] = 1.0
+    return jnp.asarray(E)
+
+
+@functools.partial(jax.jit, static_argnames=("segments",))
+@_highest
+def update_joint(state: JointState, z, mask, segments) -> JointState:
+    """Adds one batch z (b, D) with valid-row mask (b,); ``segments`` ((start, stop), ...)."""
+    m = jnp.asarray(mask, jnp.float32)
+    z = jnp.asarray(z, jnp.float32)
+    E = _membership(segments, z.shape[1])
+    bad = state.bad + jnp.sum(jnp.where(m[:, None] > 0, ~jnp.isfinite(z), False), 0,
+                              dtype=jnp.int32)
+    top = jnp.max(jnp.where(m[:, None] > 0, jnp.abs(jnp.where(jnp.isfinite(z), z, 0)), 0), 0)
+    layer_top = jnp.max(E * top[:, None], 0)  # (L,)
+    _, e = jnp.frexp(jnp.where(layer_top > 0, layer_top, 1.0))
+    scale = jnp.where(state.scale > 0, state.scale, _mm(E, jnp.ldexp(jnp.ones_like(
+        layer_top), e)))
+    z = z / scale
+    nb = jnp.sum(m)
+    safe = jnp.maximum(nb, 1.0)
+    mb = jnp.sum(z * m[:, None], 0) / safe
+    zc = (z - mb) * m[:, None]
+    G = _mm(zc.T, zc)
+    na = state.count.astype(jnp.float32)
+    n = na + nb
+    dm = mb - state.mean
+    c, comp = _kahan_add(state.c, state.comp, G + (na * nb / jnp.maximum(n, 1.0)) *
+                         jnp.outer(dm, dm))
+    # unbiased linear HSIC of every layer pair on this batch (centred data, so K~1 = -diag)
+    a = _mm(zc * zc, E)  # (b, L) squared row norms per layer
+    ss = _mm(E.T, _mm(G * G, E))  # (L, L) ||Z_i^T Z_j||_F^2
+    nn = jnp.maximum(nb, 4.0)
+    ab = _mm(a.T, a)
+    sa = jnp.sum(a, 0)
+    h = (ss - ab + jnp.outer(sa, sa) / ((nn - 1) * (nn - 2)) - 2.0 * ab / (nn - 2)) / (
+        nn * (nn - 3))
+    ok = nb >= 4
+    return JointState(state.count + nb.astype(jnp.int32), state.mean + dm * nb / jnp.maximum(n, 1.0),
+                      c, comp, state.hsic + jnp.where(ok, h, 0.0),
+                      state.batches + ok.astype(jnp.int32), bad, scale)
+
+
+def finish_joint(state: JointState, segments, names) -> Tuple[Covariances, np.ndarray]:
+    """Float64 covariance of all D columns (as a :class:`Covariances` with x = y = Z) and
+    the minibatch linear CKA matrix (L, L); raises on NaN/inf naming the layers."""
+    bad = np.asarray(state.bad)
+    problems = [f"{name}: {int(bad[a:b].sum())} NaN/inf values"
+                for name, (a, b) in zip(names, segments) if bad[a:b].sum()]
+    if problems:
+        raise _sim.NonFiniteActivationsError(
+            "streamed activations are not finite (" + "; ".join(problems) + "). Check the "
+            "model's weights and inputs (a diverged checkpoint, unnormalised images, bf16 "
+            "overflow); similarities of non-finite activations are undefined.")
+    n = int(state.count)
+    if n < 2:
+        raise ValueError(f"finish_joint: need at least 2 datapoints, got {n}.")
+    s = np.asarray(state.scale, np.float64)
+    c = (np.asarray(state.c, np.float64) - np.asarray(state.comp, np.float64))
+    c = 0.5 * (c + c.T) * np.outer(s, s) / (n - 1)
+    mean = np.asarray(state.mean, np.float64) * s
+    h = np.asarray(state.hsic, np.float64)
+    diag = np.sqrt(np.maximum(np.diag(h), 0.0))
+    den = np.outer(diag, diag)
+    cka = np.where(den > 0, h / np.where(den > 0, den, 1.0), 0.0)
+    return Covariances(n, mean, mean, c, c, c), cka
