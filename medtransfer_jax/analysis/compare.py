@@ -37,9 +37,27 @@ from medtransfer_jax.models import resnet
 ModelLike = Union[str, act.LoadedModel]
 
 
+# CCA.py's stimulus resolution per dataset (fine-tuning used 256 px for breast/thyroid).
+PAPER_CCA_IMAGE_SIZE = {"pcam": 96, "pcam-small": 96, "pcam-middle": 96, "breast": 224,
+                        "mammograms": 224, "thyroid": 224}
+PAPER_CCA_DEFAULT_IMAGE_SIZE = 112  # chest, knee, isic
+
+
 @dataclasses.dataclass(frozen=True)
 class PaperCCAProtocol:
-    """The Revisiting study's CCA protocol (defaults = the paper; see module docstring)."""
+    """The Revisiting study's CCA protocol (defaults = the paper's CCA.py).
+
+    Inputs, as CCA.py did them (DovileDo/revisiting-transfer ``src/CCA.py``):
+    * ``preprocessing='caffe'``: Keras ``preprocess_input`` (caffe: RGB->BGR, mean
+      subtracted, no scaling) is fed to **every** model, RadImageNet included, although
+      RadImageNet was fine-tuned on (BGR - mean)/255. ``None`` gives each model its own
+      metadata preprocessing instead (what a model was trained on; not the paper).
+    * ``stimulus_split='val'``: the stimuli are images of one split of the fold; the
+      published results used the validation-fold CSV.
+    * ``image_size``: stimulus resolution; None = :func:`paper_image_size` of the dataset
+      (224 for breast, mammograms, thyroid; 96 for pcam; 112 otherwise), which callers
+      loading the stimuli should use. Images of another size are refused.
+    """
     layers: Optional[Tuple[str, ...]] = None  # None -> stage_output_names(depth)
     positions: int = 10000
     num_channels: int = 64
@@ -48,6 +66,19 @@ class PaperCCAProtocol:
     epsilon: float = 1e-12
     seed: int = 0
     batch_size: int = 64
+    preprocessing: Optional[str] = "caffe"
+    stimulus_split: str = "val"
+    image_size: Optional[int] = None
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides) -> "PaperCCAProtocol":
+        """The paper's protocol for ``dataset`` (its CCA.py stimulus size filled in)."""
+        return cls(**{"image_size": paper_image_size(dataset), **overrides})
+
+
+def paper_image_size(dataset: str) -> int:
+    """CCA.py's stimulus size for a dataset key (breast, thyroid, mammograms: 224)."""
+    return PAPER_CCA_IMAGE_SIZE.get(dataset.split("/")[0], PAPER_CCA_DEFAULT_IMAGE_SIZE)
 
 
 @dataclasses.dataclass
@@ -280,14 +311,26 @@ def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
                        preprocessing: Optional[str] = None, name_a: Optional[str] = None,
                        name_b: Optional[str] = None) -> List[dict]:
     """The Revisiting CCA (``protocol`` defaults) between two networks; rows as
-    :func:`compare_networks`. Layers with fewer channels than ``num_channels`` use all."""
+    :func:`compare_networks`. Layers with fewer channels than ``num_channels`` use all.
+
+    ``preprocessing`` overrides ``protocol.preprocessing`` (caffe for every model, as the
+    paper); ``images`` must be ``protocol.image_size`` px when that is set.
+    """
+    images = np.asarray(images)
+    if protocol.image_size and tuple(images.shape[1:3]) != (protocol.image_size,) * 2:
+        raise ValueError(
+            f"The paper CCA protocol uses {protocol.image_size} px stimuli (CCA.py), got "
+            f"images of {images.shape[1]}x{images.shape[2]}; load the "
+            f"'{protocol.stimulus_split}' split at {protocol.image_size} px or set "
+            "image_size=None in the protocol.")
     a = act.load_model(weights_a, name_a)
     layers = protocol.layers or resnet.stage_output_names(a.depth)
     return compare_networks(
         a, weights_b, images, layers=layers, method=protocol.method, spatial="positions",
         positions=protocol.positions, num_channels=protocol.num_channels,
         repeats=protocol.repeats, seed=protocol.seed, batch_size=protocol.batch_size,
-        preprocessing=preprocessing, epsilon=protocol.epsilon, name_a=name_a, name_b=name_b)
+        preprocessing=preprocessing or protocol.preprocessing, epsilon=protocol.epsilon,
+        name_a=name_a, name_b=name_b)
 
 
 def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels, seed,
