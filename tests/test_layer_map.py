@@ -8,6 +8,7 @@ from medtransfer_jax.analysis import layer_map as LM
 from medtransfer_jax.analysis import similarity as S
 from medtransfer_jax.analysis import streaming as St
 from medtransfer_jax.models import resnet
+from medtransfer_jax.training import sharding
 from medtransfer_jax.weights.checkpoint import WeightsMetadata
 
 SIZE, N, BATCH = 64, 40, 8
@@ -102,7 +103,60 @@ def test_channel_cap_scale_and_errors(nets, images):
     assert LM._auto_cap([8, 16], budget_mb=1.0) is None
     with pytest.raises(ValueError, match="more datapoints than channels"):
         LM.layer_map(a, b, images, layers=layers, spatial="pool", batch_size=BATCH)
-    with pytest.raises(ValueError, match="multiple of the"):
-        LM.layer_map(a, b, images, layers=layers, batch_size=BATCH + 1)
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        LM.layer_map(a, b, images, layers=layers, batch_size=BATCH + 1,
+                     mesh=sharding.make_mesh(8))
+    # without a mesh, the largest device count dividing the batch is used
+    assert act.forward_mesh(BATCH + 1).size == 3 and act.forward_mesh(16).size == 8
     with pytest.raises(ValueError, match="spatial="):
         LM.layer_map(a, b, images, layers=layers, spatial="positions")
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import numpy as np
+import jax
+sys.path.insert(0, sys.argv[1])
+from test_layer_map import _net, SIZE
+from medtransfer_jax.analysis import compare, layer_map as LM
+from medtransfer_jax.training import sharding
+assert jax.device_count() == 8, jax.devices()
+rng = np.random.default_rng(1)
+images = rng.integers(0, 256, (44, SIZE, SIZE, 3)).astype(np.uint8)
+a, b = _net(0, "unit"), _net(1, "caffe")
+out = {}
+for n in (1, 8):
+    mesh = sharding.make_mesh(n)
+    m = LM.layer_map(a, b, images, layers=("conv1_relu", "conv3_block2_out",
+                                             "conv5_block2_out"), spatial="grid",
+                     batch_size=16, mesh=mesh,
+                     methods=("mean_cca", "pwcca", "linear_cka", "debiased_cka"))
+    rows = compare.compare_networks(a, b, images, method=["paper_cca", "linear_cka"],
+                                    positions=200, num_channels=8, batch_size=16, mesh=mesh)
+    out[n] = dict(map={k: v.tolist() for k, v in m.values.items()},
+                  rows=[r["value"] for r in rows])
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_eight_devices_give_the_same_similarities_as_one(tmp_path):
+    """#15.3: forward passes and streaming statistics split over 8 (fake CPU) devices
+    reproduce the 1-device values (layer map and the paper-style protocol)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, str(script), tests_dir], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.split("RESULT", 1)[1])
+    one, eight = res["1"], res["8"]
+    for k in one["map"]:
+        np.testing.assert_allclose(eight["map"][k], one["map"][k], atol=2e-5, err_msg=k)
+    np.testing.assert_allclose(eight["rows"], one["rows"], atol=2e-5)
+    assert np.std(one["map"]["mean_cca"]) > 0.01

@@ -132,8 +132,8 @@ def _shapes_for(a: act.LoadedModel, b: act.LoadedModel, image_hw, layers):
 def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequence[Draw], *,
                   spatial: str = "positions", batch_size: int = 64,
                   preprocessing: Optional[str] = None,
-                  layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None
-                  ) -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
+                  layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None, mesh=None,
+                  compute_dtype: str = "float32") -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
     """Datapoint matrices (X (n, p), Y (n, q)) for every draw, kept on device.
 
     One forward pass per network and repeat over the union of that repeat's images, in
@@ -141,11 +141,16 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
     channels some draw needs are kept, so memory is O(datapoints x channels) rather than
     all stage maps of all images. ``layer_pairs`` maps a row name to (layer of A, layer of
     B) for cross-layer comparisons (maps brought to a common grid by
-    :func:`activations.match_spatial`). Rows are ordered by image index.
+    :func:`activations.match_spatial`). Rows are ordered by image index. Forward batches
+    are split over ``mesh`` (default :func:`activations.forward_mesh`).
     """
+    mesh = act.forward_mesh(batch_size, mesh)
+    va, vb = act.replicate(a.variables, mesh), act.replicate(b.variables, mesh)
     layer_pairs = layer_pairs or {d.layer: (d.layer, d.layer) for d in draws}
-    run_a = act._extractor(a.model, tuple(sorted({layer_pairs[d.layer][0] for d in draws})))
-    run_b = act._extractor(b.model, tuple(sorted({layer_pairs[d.layer][1] for d in draws})))
+    run_a = act._extractor(act.with_dtype(a.model, compute_dtype),
+                           tuple(sorted({layer_pairs[d.layer][0] for d in draws})))
+    run_b = act._extractor(act.with_dtype(b.model, compute_dtype),
+                           tuple(sorted({layer_pairs[d.layer][1] for d in draws})))
     mode_a = preprocessing or a.metadata.preprocessing
     mode_b = preprocessing or b.metadata.preprocessing
     images = np.asarray(images)
@@ -158,15 +163,16 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
         for start in range(0, len(needed), batch_size):
             chunk = needed[start:start + batch_size]
             pad = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
-            acts_a = run_a(a.variables, jnp.asarray(act.prepare_images(images[pad], mode_a)))
-            acts_b = run_b(b.variables, jnp.asarray(act.prepare_images(images[pad], mode_b)))
+            acts_a = run_a(va, act.shard_rows(act.prepare_images(images[pad], mode_a), mesh))
+            acts_b = run_b(vb, act.shard_rows(act.prepare_images(images[pad], mode_b), mesh))
             for i in idx:
                 d = draws[i]
                 rows = np.nonzero(np.isin(chunk, d.images))[0]
                 if rows.size == 0:
                     continue
                 name_a, name_b = layer_pairs[d.layer]
-                A, B = acts_a[name_a][rows], acts_b[name_b][rows]
+                A = acts_a[name_a][rows].astype(jnp.float32)
+                B = acts_b[name_b][rows].astype(jnp.float32)
                 if spatial == "positions":
                     A, B = act.match_spatial(A, B)
                 X = act.spatial_datapoints(A, spatial)
@@ -282,11 +288,12 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
             shapes[name] = hw + (ta[-1],)
     if streaming_mode:
         return _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels,
-                                  seed, batch_size, preprocessing, shapes, options)
+                                  seed, batch_size, preprocessing, shapes, options, mesh)
     draws = make_plan(shapes, images.shape[0], positions=positions, num_channels=num_channels,
                       repeats=repeats, seed=seed, spatial=spatial)
     pairs = collect_draws(a, b, images, draws, spatial=spatial, batch_size=batch_size,
-                          preprocessing=preprocessing, layer_pairs=layer_pairs)
+                          preprocessing=preprocessing, layer_pairs=layer_pairs, mesh=mesh,
+                          compute_dtype=compute_dtype)
     rows: List[dict] = []
     for m in methods:
         opts = _method_options(m, options)
@@ -309,7 +316,8 @@ def _method_options(method: str, options: dict) -> dict:
 def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
                        protocol: PaperCCAProtocol = PaperCCAProtocol(), *,
                        preprocessing: Optional[str] = None, name_a: Optional[str] = None,
-                       name_b: Optional[str] = None) -> List[dict]:
+                       name_b: Optional[str] = None, mesh=None,
+                       compute_dtype: str = "float32") -> List[dict]:
     """The Revisiting CCA (``protocol`` defaults) between two networks; rows as
     :func:`compare_networks`. Layers with fewer channels than ``num_channels`` use all.
 
@@ -330,11 +338,11 @@ def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
         positions=protocol.positions, num_channels=protocol.num_channels,
         repeats=protocol.repeats, seed=protocol.seed, batch_size=protocol.batch_size,
         preprocessing=preprocessing or protocol.preprocessing, epsilon=protocol.epsilon,
-        name_a=name_a, name_b=name_b)
+        name_a=name_a, name_b=name_b, mesh=mesh, compute_dtype=compute_dtype)
 
 
 def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels, seed,
-                       batch_size, preprocessing, shapes, options) -> List[dict]:
+                       batch_size, preprocessing, shapes, options, mesh=None) -> List[dict]:
     allowed = streaming.COVARIANCE_METHODS + ("debiased_cka",)
     bad = [m for m in methods if m not in allowed]
     if bad:
@@ -354,12 +362,14 @@ def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels
     run_a = act._extractor(a.model, tuple(sorted({p[0] for p in layer_pairs.values()})))
     run_b = act._extractor(b.model, tuple(sorted({p[1] for p in layer_pairs.values()})))
     n = images.shape[0]
+    mesh = act.forward_mesh(batch_size, mesh)
+    va, vb = act.replicate(a.variables, mesh), act.replicate(b.variables, mesh)
     for start in range(0, n, batch_size):
         # Fixed batch shape (padded rows masked out): one compile for the whole stream.
         valid = min(batch_size, n - start)
         idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]
-        acts_a = run_a(a.variables, jnp.asarray(act.prepare_images(images[idx], mode_a)))
-        acts_b = run_b(b.variables, jnp.asarray(act.prepare_images(images[idx], mode_b)))
+        acts_a = run_a(va, act.shard_rows(act.prepare_images(images[idx], mode_a), mesh))
+        acts_b = run_b(vb, act.shard_rows(act.prepare_images(images[idx], mode_b), mesh))
         image_mask = (np.arange(batch_size) < valid).astype(np.float32)
         xs, ys, masks = {}, {}, {}
         for name, (na, nb) in layer_pairs.items():

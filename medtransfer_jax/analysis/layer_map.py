@@ -19,7 +19,8 @@ per batch, Nguyen et al.). How it stays cheap and bounded:
 * **Channel subsampling where it would not fit**: at most ``max_channels`` random channels
   per layer (same seed for both networks). ``None`` picks the largest power of two whose
   statistics (3 D^2 float32: co-moment, compensation, batch Gram) fit ``stats_budget_mb``.
-* **Sharded**: batches are split over the ``data`` axis of ``mesh`` (the training mesh);
+* **Sharded**: batches are split over the ``data`` axis of ``mesh`` (the training mesh,
+  default :func:`activations.forward_mesh`);
   XLA reduces Z^T Z across devices inside the jitted update, so statistics are global.
   On several hosts each process passes its own images (process-local rows of the global
   batch), as in training.
@@ -36,13 +37,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from medtransfer_jax.analysis import activations as act
 from medtransfer_jax.analysis import covariance as cov_lib
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.models import resnet
-from medtransfer_jax.training import sharding
 
 MAP_METHODS = ("mean_cca", "svcca", "pwcca", "paper_cca", "linear_cka", "debiased_cka")
 DEFAULT_MAP_METHODS = ("mean_cca", "svcca", "pwcca", "debiased_cka")
@@ -159,11 +158,6 @@ def _featurizer(plan: _Plan):
     return jax.jit(features)
 
 
-@functools.lru_cache(maxsize=8)
-def _cast_model(model: resnet.ResNet, dtype: str) -> resnet.ResNet:
-    return model if dtype == "float32" else dataclasses.replace(model, dtype=jnp.dtype(dtype))
-
-
 def layer_map(weights_a, weights_b, images, *, layers: Union[str, Sequence[str]] = "all_blocks",
               layers_b: Union[None, str, Sequence[str]] = None,
               methods: Sequence[str] = DEFAULT_MAP_METHODS, spatial: str = "pool",
@@ -201,10 +195,10 @@ def layer_map(weights_a, weights_b, images, *, layers: Union[str, Sequence[str]]
     lb_src = layers if layers_b is None else layers_b
     other = b or a
     lb = all_blocks(other.depth) if lb_src == "all_blocks" else act.check_layers(other, lb_src)
-    mesh = mesh or sharding.make_mesh()
-    if batch_size % mesh.size:
-        raise ValueError(f"layer_map: batch_size={batch_size} must be a multiple of the "
-                         f"{mesh.size} devices of the mesh.")
+    try:
+        mesh = act.forward_mesh(batch_size, mesh)
+    except ValueError as e:
+        raise ValueError(f"layer_map: {e}") from None
     plan = _plan(a, b, images.shape[1:3], la, () if b is None else lb, spatial, grid,
                  max_channels, stats_budget_mb, seed)
     state = _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype)
@@ -218,16 +212,13 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype):
     """The one pass: forward each batch through each network, accumulate on device."""
     layers_a = tuple(sorted({n for net, n, _ in plan.layers if net == "a"}))
     layers_b = tuple(sorted({n for net, n, _ in plan.layers if net == "b"}))
-    run_a = act._extractor(_cast_model(a.model, compute_dtype), layers_a)
-    run_b = act._extractor(_cast_model(b.model, compute_dtype), layers_b) if b else None
+    run_a = act._extractor(act.with_dtype(a.model, compute_dtype), layers_a)
+    run_b = act._extractor(act.with_dtype(b.model, compute_dtype), layers_b) if b else None
     feats = _featurizer(plan)
     rows_per_image = 1 if plan.grid is None else plan.grid[0] * plan.grid[1]
-    in_sharding = NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    va = jax.device_put(a.variables, replicated)
-    vb = jax.device_put(b.variables, replicated) if b else None
-    state = jax.device_put(streaming.init_joint(plan.segments[-1][1], len(plan.segments)),
-                           replicated)
+    va = act.replicate(a.variables, mesh)
+    vb = act.replicate(b.variables, mesh) if b else None
+    state = act.replicate(streaming.init_joint(plan.segments[-1][1], len(plan.segments)), mesh)
     mode_a = preprocessing or a.metadata.preprocessing
     mode_b = preprocessing or (b.metadata.preprocessing if b else mode_a)
     n = images.shape[0]
@@ -235,7 +226,7 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype):
     # batch (multi-host: rows [lo, lo + local) of the batch live on this host's devices).
     local = batch_size // jax.process_count()
     lo = jax.process_index() * local
-    put = lambda x: jax.make_array_from_process_local_data(in_sharding, x)  # noqa: E731
+    put = lambda x: act.shard_rows(x, mesh)  # noqa: E731
     for start in range(0, n, batch_size):
         valid = min(batch_size, n - start)
         idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]

@@ -25,6 +25,26 @@ Why the formulation looks the way it does
   ``jax.default_matmul_precision('highest')`` (which also reaches the matmuls inside
   QR/SVD expansions on TPU).
 
+Two routes for the CCA family and linear CKA (``route=``, :func:`resolve_route`)
+-------------------------------------------------------------------------------
+* ``qr``: the jitted kernels below (QR of each centred, equilibrated side, SVD of the
+  small R factors). Error ~ eps32 x condition of the data (not squared). Default on GPU /
+  TPU, where batched QR/SVD stay on device, and for n < 4 max(p, q).
+* ``covariance``: the scaled, centred, equilibrated Grams Xe^T Xe, Xe^T Ye, Ye^T Ye by one
+  float32 GEMM each on the device (no LAPACK), then the p x p problem (eigh whitening,
+  SVD) in float64 on the host (analysis/covariance.py). The Gram entries carry float32
+  rounding (~1e-7 x sqrt of the accumulation length), amplified by the condition number
+  of the correlation matrices; when that (kept lambda_max / lambda_min) exceeds
+  FLOAT32_GRAM_CONDITION_LIMIT (1e3) the Grams are re-formed from the data in float64
+  (NumPy), so the route's error stays ~1e-6 or below either way. Default on CPU for
+  n >= 4 max(p, q): there XLA's float32 GEMM is the fastest thing available and float32
+  QR via LAPACK is 2-4x slower than NumPy's float64 covariance algorithm.
+Both routes agree with float64 references to <= 1e-5 on the tested data (tests/
+test_similarity.py, bench ``abs_diff``). Inputs are checked first: NaN/inf raise
+:class:`NonFiniteActivationsError` with the count (they used to give a silent 0), and a
+power-of-two rescaling makes every method invariant to the activations' scale (float32
+products of ``X * 1e18`` used to overflow to a similarity of 0).
+
 Accuracy (float32 kernels vs float64 NumPy references, tested in tests/test_similarity.py):
 canonical correlations / CKA / Procrustes agree to ~1e-5 on well-conditioned data; the
 tests assert 2e-4 (means) to 1e-3 (individual correlations near rank deficiency).

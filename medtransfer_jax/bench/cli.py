@@ -31,6 +31,10 @@ _ROUTES = flags.DEFINE_list("routes", ["auto"], "Similarity routes to time: auto
                            "covariance (analysis/similarity.py resolve_route).")
 _NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
                                            "Images for the two-model comparison.")
+_MAP_IMAGES = flags.DEFINE_integer("map_images", 10000,
+                                   "network_scale: images of the all-blocks layer map.")
+_PARTS = flags.DEFINE_list("parts", ["kernels", "protocol", "map"],
+                           "network_scale: which parts to run.")
 _WIDTH = flags.DEFINE_integer("width", 64, "ResNet stem width (64 = the real model).")
 
 
@@ -73,7 +77,12 @@ def main(argv):
         common.print_report("Two-model stage-wise CCA, end to end", rows, None, cmd)
     elif what == "network_scale":
         from medtransfer_jax.bench import network_scale
-        rows = network_scale.run(network_scale.Sizes.from_flags())
+        rows = network_scale.run(network_scale.Sizes(
+            neurons=_ints(_NEURONS.value)[0], datapoints=_ints(_DATAPOINTS.value)[0],
+            methods=_METHODS.value, depth=_DEPTH.value, width=_WIDTH.value,
+            image_size=_ints(_IMAGE_SIZES.value)[0], protocol_images=_NUM_IMAGES_NETWORK.value,
+            map_images=_MAP_IMAGES.value, batch_size=_ints(_BATCH_SIZES.value)[0],
+            repeats=_REPEATS.value, parts=_PARTS.value))
         common.print_report("Similarity at network scale", rows, None, cmd)
     elif what == "scaling":
         from medtransfer_jax.bench import scaling

@@ -279,7 +279,8 @@ def run_network(num_images: int = 1000, image_size: int = 224, depth: int = 50,
                               num_channels=protocol.num_channels, repeats=protocol.repeats,
                               seed=protocol.seed)
     t0 = time.perf_counter()
-    pairs = compare.collect_draws(a, b, images, draws, batch_size=protocol.batch_size)
+    pairs = compare.collect_draws(a, b, images, draws, batch_size=protocol.batch_size,
+                                  preprocessing=protocol.preprocessing)
     jax.block_until_ready(pairs)
     extract_s = time.perf_counter() - t0
     forwarded = sum(len(np.unique(np.concatenate([d.images for d in draws if d.repeat == r])))
