@@ -1,6 +1,7 @@
 """Activations, the paper CCA preset and network comparison on a tiny ResNet50 (width 8)."""
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -191,3 +192,13 @@ def test_compare_errors(weights, images):
                                  method="mean_cca", spatial="pool", batch_size=16)
     with pytest.raises(ValueError, match="spatial"):
         compare.compare_networks(weights[0], weights[1], images, spatial="fourier")
+
+
+def test_nonfinite_activations_name_the_layer(weights, images):
+    """A diverged network (NaN weights) is reported with the layer and the count."""
+    loaded = act.load_model(weights[1])
+    bad_vars = jax.tree.map(lambda v: v * np.nan, loaded.variables)
+    broken = dataclasses.replace(loaded, variables=bad_vars, name="diverged")
+    with pytest.raises(S.NonFiniteActivationsError, match=r"Y of conv1_relu: \d+ of"):
+        compare.compare_networks(weights[0], broken, images, layers=["conv1_relu"],
+                                 positions=200, num_channels=8, batch_size=16)

@@ -295,7 +295,8 @@ def test_resolve_route():
     assert r("auto", "mean_cca", 10000, 512, 512, "cpu") == "covariance"
     assert r("auto", "mean_cca", 1000, 512, 512, "cpu") == "qr"  # p^3 host work dominates
     assert r("auto", "mean_cca", 10000, 512, 512, "gpu") == "qr"
-    assert r("auto", "linear_cka", 600, 512, 512, "cpu") == "covariance"
+    assert r("auto", "linear_cka", 60000, 512, 512, "cpu") == "qr"  # already GEMM form
+    assert r("covariance", "linear_cka", 600, 512, 512, "cpu") == "covariance"
     assert r("auto", "procrustes", 10000, 8, 8, "cpu") == "qr"
     assert r("covariance", "svcca", 100, 8, 8, "tpu") == "covariance"
     with pytest.raises(ValueError, match="no covariance form"):

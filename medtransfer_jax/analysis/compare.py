@@ -266,26 +266,8 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
     images = np.asarray(images)
     if images.ndim not in (3, 4) or images.shape[0] < 2:
         raise ValueError(f"images must be (N, H, W[, C]) with N >= 2, got {images.shape}.")
-    if layer_pairs is None:
-        layers = (layer_map.all_blocks(a.depth) if layers == "all_blocks" else
-                  tuple(layers) if layers else resnet.stage_output_names(a.depth))
-        act.check_layers(a, layers)
-        act.check_layers(b, layers)
-        layer_pairs = {l: (l, l) for l in layers}
-        shapes = _shapes_for(a, b, images.shape[1:3], layers)
-    else:
-        act.check_layers(a, [p[0] for p in layer_pairs.values()])
-        act.check_layers(b, [p[1] for p in layer_pairs.values()])
-        sa = act.layer_shapes(a, images.shape[1:3], [p[0] for p in layer_pairs.values()])
-        sb = act.layer_shapes(b, images.shape[1:3], [p[1] for p in layer_pairs.values()])
-        shapes = {}
-        for name, (la, lb) in layer_pairs.items():
-            ta, tb = sa[la], sb[lb]
-            if num_channels is not None and ta[-1] != tb[-1]:
-                raise ValueError(f"{name}: {la} has {ta[-1]} channels and {lb} {tb[-1]}; a "
-                                 "shared channel subset needs equal counts (num_channels=None).")
-            hw = tuple(min(x, y) for x, y in zip(ta[:-1], tb[:-1]))
-            shapes[name] = hw + (ta[-1],)
+    layer_pairs, shapes = _resolve_layers(a, b, images.shape[1:3], layers, layer_pairs,
+                                          num_channels)
     if streaming_mode:
         return _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels,
                                   seed, batch_size, preprocessing, shapes, options, mesh)
@@ -298,16 +280,41 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
     for m in methods:
         opts = _method_options(m, options)
         try:
-            values = sim.similarity_many(pairs, m, **opts)
+            values = sim.similarity_many(pairs, m, labels=[d.layer for d in draws], **opts)
         except ValueError as e:
-            raise ValueError(f"{a.name} vs {b.name}: {e}") from e
+            raise type(e)(f"{a.name} vs {b.name}: {e}") from e
         rows.extend(_summarise(draws, values, m, a, b, spatial, pairs))
     return rows
 
 
+def _resolve_layers(a, b, image_hw, layers, layer_pairs, num_channels):
+    """(layer_pairs {row: (layer of A, layer of B)}, per-row activation shape) for
+    ``layers`` (names, 'all_blocks' or None = stage outputs) or explicit ``layer_pairs``."""
+    if layer_pairs is None:
+        layers = (layer_map.all_blocks(a.depth) if layers == "all_blocks" else
+                  tuple(layers) if layers else resnet.stage_output_names(a.depth))
+        act.check_layers(a, layers)
+        act.check_layers(b, layers)
+        return {l: (l, l) for l in layers}, _shapes_for(a, b, image_hw, layers)
+    act.check_layers(a, [p[0] for p in layer_pairs.values()])
+    act.check_layers(b, [p[1] for p in layer_pairs.values()])
+    sa = act.layer_shapes(a, image_hw, [p[0] for p in layer_pairs.values()])
+    sb = act.layer_shapes(b, image_hw, [p[1] for p in layer_pairs.values()])
+    shapes = {}
+    for name, (la, lb) in layer_pairs.items():
+        ta, tb = sa[la], sb[lb]
+        if num_channels is not None and ta[-1] != tb[-1]:
+            raise ValueError(f"{name}: {la} has {ta[-1]} channels and {lb} {tb[-1]}; a "
+                             "shared channel subset needs equal counts (num_channels=None).")
+        hw = tuple(min(x, y) for x, y in zip(ta[:-1], tb[:-1]))
+        shapes[name] = hw + (ta[-1],)
+    return layer_pairs, shapes
+
+
 def _method_options(method: str, options: dict) -> dict:
-    allowed = {"mean_cca": ("rtol",), "paper_cca": ("rtol", "epsilon"),
-               "svcca": ("rtol", "keep"), "pwcca": ("rtol",), "linear_cka": (),
+    allowed = {"mean_cca": ("rtol", "route"), "paper_cca": ("rtol", "epsilon", "route"),
+               "svcca": ("rtol", "keep", "route"), "pwcca": ("rtol", "route"),
+               "linear_cka": ("route",),
                "rbf_cka": ("threshold",), "debiased_cka": ("kernel", "threshold"),
                "procrustes": ()}[method]
     return {k: v for k, v in options.items() if k in allowed and v is not None}
