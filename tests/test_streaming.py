@@ -181,3 +181,13 @@ def test_streaming_invariant_to_activation_scale(scale):
         for m in methods:
             assert np.isfinite(vals[0][m]) and vals[0][m] > 0.05, m
             assert vals[1][m] == pytest.approx(vals[0][m], abs=1e-5), (m, scale)
+
+
+def test_covariance_from_data_chunked_equals_np_cov():
+    X, Y = _data(10, n=1000)
+    full = np.cov(X.astype(np.float64).T, Y.astype(np.float64).T)
+    for chunk in (37, 10 ** 6):
+        c = St.covariance_from_data(X, Y, chunk=chunk)
+        np.testing.assert_allclose(c.sxx, full[:10, :10], rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(c.sxy, full[:10, 10:], rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(c.mean_y, Y.astype(np.float64).mean(0), rtol=1e-12)

@@ -42,14 +42,21 @@ class Covariances:
     sxy: np.ndarray
 
 
-def covariance_from_data(X, Y) -> Covariances:
-    """Float64 covariances of in-memory X (n, p), Y (n, q) (for tests and small data)."""
-    X = np.asarray(X, np.float64)
-    Y = np.asarray(Y, np.float64)
-    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
-    n = X.shape[0]
-    return Covariances(n, X.mean(0), Y.mean(0), Xc.T @ Xc / (n - 1), Yc.T @ Yc / (n - 1),
-                       Xc.T @ Yc / (n - 1))
+def covariance_from_data(X, Y, *, chunk: int = 16384) -> Covariances:
+    """Float64 covariances of in-memory X (n, p), Y (n, q), two passes over row chunks
+    (so no float64 copy of the data is ever held: 200k x 2048 needs O(p^2) extra)."""
+    X, Y = np.asarray(X), np.asarray(Y)
+    n, p, q = X.shape[0], X.shape[1], Y.shape[1]
+    mx = sum(X[s:s + chunk].sum(0, dtype=np.float64) for s in range(0, n, chunk)) / n
+    my = sum(Y[s:s + chunk].sum(0, dtype=np.float64) for s in range(0, n, chunk)) / n
+    sxx, syy, sxy = np.zeros((p, p)), np.zeros((q, q)), np.zeros((p, q))
+    for s in range(0, n, chunk):
+        a = X[s:s + chunk].astype(np.float64) - mx
+        b = Y[s:s + chunk].astype(np.float64) - my
+        sxx += a.T @ a
+        syy += b.T @ b
+        sxy += a.T @ b
+    return Covariances(n, mx, my, sxx / (n - 1), syy / (n - 1), sxy / (n - 1))
 
 
 class CCAResult(NamedTuple):
