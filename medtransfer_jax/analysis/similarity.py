@@ -435,8 +435,17 @@ def similarity(X, Y, method: str = "mean_cca", *, route: str = "auto",
     ``route`` picks the algorithm for the CCA family and linear CKA (:data:`ROUTES`,
     :func:`resolve_route`); ``names`` label X and Y in the NaN/inf error (e.g. layers).
     """
-    return similarity_batch(_as_float(X)[None], _as_float(Y)[None], method, route=route,
-                            names=names, **options)[0]
+    if method not in METHODS:
+        raise ValueError(f"Unknown similarity method {method!r}; choose one of {METHODS}.")
+    X, Y = _promote(_as_float(X), _as_float(Y))
+    _check_pair(X, Y, method)
+    check_finite(X, Y, names=names)
+    opts = _options(method, X, **options)
+    n, p, q = X.shape[0], X.shape[1], Y.shape[1]
+    if resolve_route(route, method, n, p, q) == "covariance":  # unbatched: no stacked copy
+        return jnp.asarray(_covariance_route(X, Y, method, dict(opts), batched=False)[0],
+                           X.dtype)
+    return _compiled(method, False, opts)(X, Y)
 
 
 def similarity_batch(Xs, Ys, method: str = "mean_cca", *, route: str = "auto",
@@ -486,27 +495,29 @@ class NonFiniteActivationsError(ValueError):
 
 @jax.jit
 def _nonfinite_counts(Xs, Ys):
-    bad = lambda a: jnp.sum(~jnp.isfinite(a), axis=tuple(range(1, a.ndim)))  # noqa: E731
+    bad = lambda a: jnp.sum(~jnp.isfinite(a), axis=(-2, -1))  # noqa: E731
     return bad(Xs), bad(Ys)
 
 
 def check_finite(Xs, Ys, *, names: Tuple[str, str] = ("X", "Y"),
                  labels: Optional[Sequence] = None) -> None:
-    """Raises :class:`NonFiniteActivationsError` if a stack (L, n, p) / (L, n, q) holds
-    NaN or inf, naming the side, the pair (layer) and how many values are bad.
+    """Raises :class:`NonFiniteActivationsError` if a stack (L, n, p) / (L, n, q) (or one
+    pair (n, p) / (n, q)) holds NaN or inf, naming the side, the pair (layer) and how many
+    values are bad.
 
     Without it NaN silently became a similarity of 0 (the masked-rank logic reads a NaN
     spectrum as rank 0), indistinguishable from "no similarity".
     """
     if not (jnp.issubdtype(Xs.dtype, jnp.floating) and jnp.issubdtype(Ys.dtype, jnp.floating)):
         return
-    bx, by = (np.asarray(c) for c in _nonfinite_counts(Xs, Ys))
+    bx, by = (np.atleast_1d(np.asarray(c)) for c in _nonfinite_counts(Xs, Ys))
     if not (bx.any() or by.any()):
         return
+    size_x, size_y = Xs.shape[-2] * Xs.shape[-1], Ys.shape[-2] * Ys.shape[-1]
     problems = []
     for i in np.nonzero((bx > 0) | (by > 0))[0]:
         where = labels[i] if labels is not None else (f"pair {i}" if len(bx) > 1 else "")
-        for side, counts, size in ((names[0], bx, Xs[0].size), (names[1], by, Ys[0].size)):
+        for side, counts, size in ((names[0], bx, size_x), (names[1], by, size_y)):
             if counts[i]:
                 problems.append(f"{side}{' of ' + str(where) if where != '' else ''}: "
                                 f"{int(counts[i])} of {size} values are NaN/inf")
@@ -554,16 +565,18 @@ def resolve_route(route: str, method: str, n: int, p: int, q: int,
 
 
 @functools.lru_cache(maxsize=None)
-def _grams_fn():
+def _grams_fn(batched: bool = True):
     """Jitted (L, n, p), (L, n, q) -> equilibrated Grams (L, p, p), (L, p, q), (L, q, q)
-    and column norms (L, p), (L, q) of the scaled, centred data: three GEMMs, no LAPACK."""
+    and column norms (L, p), (L, q) of the scaled, centred data: three GEMMs, no LAPACK.
+    ``batched=False``: one pair (n, p), (n, q) with the same outputs less the L axis."""
     def grams(X, Y):
         Xc, Yc = _centre(X), _centre(Y)
         dx = jnp.sqrt(jnp.sum(Xc * Xc, axis=0))
         dy = jnp.sqrt(jnp.sum(Yc * Yc, axis=0))
         Xe, Ye = _equilibrate(Xc), _equilibrate(Yc)
         return _mm(Xe.T, Xe), _mm(Xe.T, Ye), _mm(Ye.T, Ye), dx, dy
-    return jax.jit(jax.vmap(_highest(grams)))
+    fn = _highest(grams)
+    return jax.jit(jax.vmap(fn) if batched else fn)
 
 
 def _covariances(gxx, gxy, gyy, dx, dy, n) -> _cov.Covariances:
@@ -577,15 +590,18 @@ def _covariances(gxx, gxy, gyy, dx, dy, n) -> _cov.Covariances:
                             f(gxy) * np.outer(dx, dy) / (n - 1))
 
 
-def _covariance_route(Xs, Ys, method: str, opts: dict) -> np.ndarray:
-    """The covariance route for a stack: Grams by GEMM on device (float32), then each
-    p x p problem in float64 on the host; pairs whose correlation matrices are worse
-    conditioned than FLOAT32_GRAM_CONDITION_LIMIT are re-formed from the data in float64."""
-    n = Xs.shape[1]
+def _covariance_route(Xs, Ys, method: str, opts: dict, batched: bool = True) -> np.ndarray:
+    """The covariance route for a stack (or one pair, ``batched=False``): Grams by GEMM on
+    the device (float32), then each p x p problem in float64 on the host; pairs whose
+    correlation matrices are worse conditioned than FLOAT32_GRAM_CONDITION_LIMIT are
+    re-formed from the data in float64."""
+    n = Xs.shape[-2]
     kw = dict(rtol=opts["rtol"], epsilon=opts["epsilon"], keep=opts["keep"])
-    blocks = [np.asarray(b) for b in _grams_fn()(Xs, Ys)]
-    out = np.zeros(Xs.shape[0])
-    for i in range(Xs.shape[0]):
+    blocks = [np.asarray(b) for b in _grams_fn(batched)(Xs, Ys)]
+    if not batched:
+        blocks, Xs, Ys = [b[None] for b in blocks], [Xs], [Ys]
+    out = np.zeros(len(blocks[0]))
+    for i in range(len(out)):
         cov = _covariances(*(b[i] for b in blocks), n)
         out[i], cond = _cov.similarity_from_covariance(cov, method, return_condition=True,
                                                        **kw)
@@ -610,7 +626,7 @@ def cca_correlations(X, Y, *, rtol: Optional[float] = None) -> Tuple[jax.Array, 
     """
     X, Y = _promote(_as_float(X), _as_float(Y))
     _check_pair(X, Y, "mean_cca")
-    check_finite(X[None], Y[None])
+    check_finite(X, Y)
     rtol = default_rtol(X.dtype) if rtol is None else float(rtol)
     return _cca_corr_jit(X, Y, rtol)
 
