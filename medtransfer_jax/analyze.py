@@ -9,6 +9,11 @@ WHAT (positional, or ``--what``):
   Several pairs: repeat ``--pair=DIR_A,DIR_B[,LABEL]``. Images: ``--images=data`` (the
   data config: ``--dataset``, ``--data_root``, ``--fold``, ``--split``,
   ``--data_override=key=value``) or ``--images=random`` (uniform noise, for smoke tests).
+* ``map``: every block output of --weights_a against every block output of --weights_b
+  (or of A itself when --weights_b is not given) in one streamed pass -> layer_map.csv/
+  .json and one heatmap PNG per method (``--methods``, default mean_cca,svcca,pwcca,
+  debiased_cka; ``--spatial=pool`` global average per image, ``positions`` = every
+  position of a common grid; ``--channels`` caps channels per layer; ``--layers``).
 * ``predictions``: two predictions CSVs -> prediction_similarity.csv/.json/.png
   (``--random_predictions`` adds the relative AUC gain over random init).
 * ``weights``: per-layer relative L2 / cosine between two weights dirs -> weight_change.*.
@@ -32,7 +37,7 @@ import numpy as np
 from medtransfer_jax import cli, configs
 from medtransfer_jax.errors import ConfigError, UserError
 
-WHATS = ("cca", "similarity", "predictions", "weights", "filters", "auc_vs_similarity")
+WHATS = ("cca", "similarity", "map", "predictions", "weights", "filters", "auc_vs_similarity")
 
 FLAGS = flags.FLAGS
 
@@ -384,7 +389,41 @@ def run_auc_vs_similarity(out_dir: str) -> Dict[str, str]:
                                                  os.path.join(out_dir, "auc_vs_similarity.png")))
 
 
-COMMANDS = {"auc_vs_similarity": run_auc_vs_similarity, "cca": run_similarity,
+def run_map(out_dir: str) -> Dict[str, str]:
+    """``analyze map``: a layer x layer similarity map (analysis/layer_map.py)."""
+    from medtransfer_jax.analysis import activations as act
+    from medtransfer_jax.analysis import layer_map
+
+    if not FLAGS.weights_a:
+        _fail("map needs --weights_a (and --weights_b, or none to map A against itself).")
+    for d in (FLAGS.weights_a, FLAGS.weights_b):
+        if d and not os.path.isdir(d):
+            _fail(f"Weights directory {d!r} does not exist.")
+    bad = [m for m in FLAGS.methods or [] if m not in layer_map.MAP_METHODS]
+    if bad:
+        _fail(f"--methods: {bad} cannot be mapped; choose from {layer_map.MAP_METHODS}.")
+    a = act.load_model(FLAGS.weights_a, FLAGS.label_a)
+    b = act.load_model(FLAGS.weights_b, FLAGS.label_b) if FLAGS.weights_b else None
+    images = load_images(FLAGS.image_size or _data_image_size() or a.metadata.image_size)
+    try:
+        lmap = layer_map.layer_map(
+            a, b, images, layers=FLAGS.layers or "all_blocks",
+            methods=FLAGS.methods or layer_map.DEFAULT_MAP_METHODS,
+            spatial="pool" if FLAGS.spatial == "pool" else "grid",
+            max_channels=FLAGS.channels or None, batch_size=FLAGS.batch_size,
+            preprocessing=FLAGS.preprocessing, seed=FLAGS.seed)
+    except ValueError as e:
+        _fail(f"map: {e}")
+    rows = lmap.rows()
+    files = dict(csv=_write_rows(rows, os.path.join(out_dir, "layer_map.csv")),
+                 json=_write_json(rows, os.path.join(out_dir, "layer_map.json")))
+    for m in lmap.values:
+        files[f"png_{m}"] = layer_map.plot_layer_map(
+            lmap, m, os.path.join(out_dir, f"layer_map_{m}.png"))
+    return files
+
+
+COMMANDS = {"auc_vs_similarity": run_auc_vs_similarity, "cca": run_similarity, "map": run_map,
             "similarity": run_similarity, "predictions": run_predictions,
             "weights": run_weights, "filters": run_filters}
 

@@ -1,4 +1,7 @@
 """Activations, the paper CCA preset and network comparison on a tiny ResNet50 (width 8)."""
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
@@ -85,10 +88,10 @@ def test_spatial_helpers():
     np.testing.assert_allclose(pa[0, 0, 0], a[0, :2, :2].mean((0, 1)))
 
 
-def _reference_value(weights, images, draw, layer, method="paper_cca"):
+def _reference_value(weights, images, draw, layer, preps=("unit", "caffe")):
     """Independent recomputation of one draw from raw extract_activations."""
     vals = []
-    for d, prep in zip(weights, ("unit", "caffe")):
+    for d, prep in zip(weights, preps):
         loaded = act.load_model(d)
         x = act.prepare_images(images[draw.images], prep)
         a = resnet.extract_activations(loaded.model, loaded.variables, x, [layer])[layer]
@@ -112,14 +115,42 @@ def test_paper_protocol_against_manual_computation(weights, images):
         assert r["channels"] == min(64, c)
         assert r["datapoints"] == min(len(images), act.images_per_layer(h, w, 300)) * h * w
         assert 0.0 < r["value"] < 1.0
-    # recompute two layers by hand (different networks, each with its own preprocessing)
+    # recompute two layers by hand: as the paper's CCA.py, caffe inputs for BOTH networks
+    # although network 0 was trained on 'unit' inputs (RadImageNet-style, issue #12.3)
     for layer in ("conv2_block3_out", "conv5_block3_out"):
         draws = [d for d in plan if d.layer == layer]
-        manual = [float(S.svcca_paper_cca(*_reference_value(weights, images, d, layer)))
+        manual = [float(S.svcca_paper_cca(*_reference_value(weights, images, d, layer,
+                                                            ("caffe", "caffe"))))
                   for d in draws]
         row = next(r for r in rows if r["layer"] == layer)
         np.testing.assert_allclose(row["values"], manual, atol=1e-5)
         assert row["value"] == pytest.approx(np.mean(manual), abs=1e-5)
+    # each model's own preprocessing is a different input, so a different similarity
+    mine = compare.run_paper_protocol(
+        weights[0], weights[1], images, dataclasses.replace(proto, preprocessing=None))
+    by = {r["layer"]: r["value"] for r in mine}
+    own_manual = [float(S.svcca_paper_cca(*_reference_value(weights, images, d,
+                                                            "conv5_block3_out")))
+                  for d in plan if d.layer == "conv5_block3_out"]
+    assert by["conv5_block3_out"] == pytest.approx(np.mean(own_manual), abs=1e-5)
+    assert abs(by["conv1_relu"] - next(r["value"] for r in rows
+                                       if r["layer"] == "conv1_relu")) > 1e-3
+
+
+def test_paper_protocol_stimuli_preset():
+    p = compare.PaperCCAProtocol()
+    assert (p.preprocessing, p.stimulus_split, p.image_size) == ("caffe", "val", None)
+    sizes = {d: compare.PaperCCAProtocol.for_dataset(d).image_size
+             for d in ("breast", "thyroid", "mammograms", "pcam-small", "chest", "knee",
+                       "isic")}
+    assert sizes == dict(breast=224, thyroid=224, mammograms=224, **{"pcam-small": 96},
+                         chest=112, knee=112, isic=112)
+
+
+def test_paper_protocol_refuses_other_stimulus_size(weights, images):
+    proto = compare.PaperCCAProtocol.for_dataset("breast", positions=300, repeats=1)
+    with pytest.raises(ValueError, match="224 px stimuli"):
+        compare.run_paper_protocol(weights[0], weights[1], images, proto)
 
 
 def test_identical_networks_are_fully_similar(weights, images):
@@ -161,3 +192,13 @@ def test_compare_errors(weights, images):
                                  method="mean_cca", spatial="pool", batch_size=16)
     with pytest.raises(ValueError, match="spatial"):
         compare.compare_networks(weights[0], weights[1], images, spatial="fourier")
+
+
+def test_nonfinite_activations_name_the_layer(weights, images):
+    """A diverged network (NaN weights) is reported with the layer and the count."""
+    loaded = act.load_model(weights[1])
+    bad_vars = jax.tree.map(lambda v: v * np.nan, loaded.variables)
+    broken = dataclasses.replace(loaded, variables=bad_vars, name="diverged")
+    with pytest.raises(S.NonFiniteActivationsError, match=r"Y of conv1_relu: \d+ of"):
+        compare.compare_networks(weights[0], broken, images, layers=["conv1_relu"],
+                                 positions=200, num_channels=8, batch_size=16)

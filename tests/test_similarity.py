@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _numpy_oracle import (ref_cca, ref_cka_from_grams, ref_debiased_cka, ref_paper,
+                           ref_procrustes, ref_pwcca, ref_rbf, ref_svcca, numpy_similarity)
 from medtransfer_jax.analysis import similarity as S
 
 N, P, Q = 600, 12, 16
@@ -21,107 +23,6 @@ def _data(seed=0, n=N, p=P, q=Q, shared=6):
     X = Z @ rng.normal(size=(shared, p)) + rng.normal(size=(n, p)) + 3.0
     Y = np.tanh(Z @ rng.normal(size=(shared, q))) + 0.7 * rng.normal(size=(n, q)) - 1.0
     return X.astype(np.float32), Y.astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- references
-def _inv_sqrt(A):
-    w, V = np.linalg.eigh(A)
-    return V @ np.diag(w ** -0.5) @ V.T
-
-
-def ref_cca(X, Y):
-    """Textbook: singular values of Sxx^-1/2 Sxy Syy^-1/2 (float64)."""
-    X = np.asarray(X, np.float64) - np.mean(X, 0)
-    Y = np.asarray(Y, np.float64) - np.mean(Y, 0)
-    M = _inv_sqrt(X.T @ X) @ (X.T @ Y) @ _inv_sqrt(Y.T @ Y)
-    return np.linalg.svd(M, compute_uv=False)
-
-
-def ref_svcca(X, Y, keep=0.99):
-    def reduce(A):
-        A = np.asarray(A, np.float64) - np.mean(A, 0)
-        U, s, _ = np.linalg.svd(A, full_matrices=False)
-        frac = np.cumsum(s ** 2) / np.sum(s ** 2)
-        d = int(np.searchsorted(frac, keep) + 1)
-        return U[:, :d] * s[:d]
-    rx, ry = reduce(X), reduce(Y)
-    return ref_cca(rx, ry).mean()
-
-
-def ref_pwcca(X, Y):
-    X = np.asarray(X, np.float64) - np.mean(X, 0)
-    Y = np.asarray(Y, np.float64) - np.mean(Y, 0)
-    Wx, Wy = _inv_sqrt(X.T @ X), _inv_sqrt(Y.T @ Y)
-    u, rho, _ = np.linalg.svd(Wx @ X.T @ Y @ Wy)
-    m = min(X.shape[1], Y.shape[1])
-    H = X @ Wx @ u[:, :m]
-    H /= np.linalg.norm(H, axis=0)
-    alpha = np.abs(H.T @ X).sum(1)
-    return np.sum(alpha / alpha.sum() * rho[:m])
-
-
-def ref_paper(X, Y, eps=1e-12):
-    """google/svcca get_cca_similarity covariance algorithm, re-implemented in float64."""
-    A, B = np.asarray(X, np.float64).T, np.asarray(Y, np.float64).T
-    nx = A.shape[0]
-    cov = np.cov(A, B)
-    sxx, sxy, syy = cov[:nx, :nx], cov[:nx, nx:], cov[nx:, nx:]
-    xm, ym = np.abs(sxx).max(), np.abs(syy).max()
-    sxx, syy, sxy = sxx / xm, syy / ym, sxy / np.sqrt(xm * ym)
-    ix, iy = np.diag(sxx) >= eps, np.diag(syy) >= eps
-    sxx, syy, sxy = sxx[ix][:, ix], syy[iy][:, iy], sxy[ix][:, iy]
-    sxx = sxx + eps * np.eye(len(sxx))
-    syy = syy + eps * np.eye(len(syy))
-
-    def isqrt(a):
-        w, v = np.linalg.eigh(np.linalg.pinv(a))
-        return v @ np.diag(np.sqrt(np.maximum(w, 0))) @ v.T
-    s = np.linalg.svd(isqrt(sxx) @ sxy @ isqrt(syy), compute_uv=False)
-    return np.mean(np.abs(s))
-
-
-def _H(n):
-    return np.eye(n) - np.ones((n, n)) / n
-
-
-def ref_cka_from_grams(K, L):
-    H = _H(K.shape[0])
-    hsic = lambda a, b: np.trace(a @ H @ b @ H)  # noqa: E731
-    return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
-
-
-def ref_rbf(X, threshold=1.0):
-    X = np.asarray(X, np.float64)
-    D = np.sum((X[:, None, :] - X[None, :, :]) ** 2, -1)
-    return np.exp(-D / (2 * threshold ** 2 * np.median(D)))
-
-
-def ref_hsic_unbiased(K, L):
-    """Song et al. (2012), eq. 5."""
-    n = K.shape[0]
-    K, L = K.copy(), L.copy()
-    np.fill_diagonal(K, 0)
-    np.fill_diagonal(L, 0)
-    one = np.ones(n)
-    return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
-
-
-def ref_debiased_cka(K, L):
-    return ref_hsic_unbiased(K, L) / np.sqrt(ref_hsic_unbiased(K, K) * ref_hsic_unbiased(L, L))
-
-
-def ref_procrustes(X, Y):
-    """Solve min_R ||X R - Y|| over orthogonal R explicitly and return the residual."""
-    X = np.asarray(X, np.float64) - np.mean(X, 0)
-    Y = np.asarray(Y, np.float64) - np.mean(Y, 0)
-    X, Y = X / np.linalg.norm(X), Y / np.linalg.norm(Y)
-    p, q = X.shape[1], Y.shape[1]
-    d = max(p, q)
-    X = np.pad(X, ((0, 0), (0, d - p)))
-    Y = np.pad(Y, ((0, 0), (0, d - q)))
-    U, _, Vt = np.linalg.svd(X.T @ Y)
-    return np.sum((X @ U @ Vt - Y) ** 2)
 
 
 # ----------------------------------------------------------------------------- reference checks
@@ -310,3 +211,95 @@ def _all_eqns(jaxpr):
             if hasattr(v, "jaxpr"):
                 inner = v.jaxpr if hasattr(v.jaxpr, "eqns") else v.jaxpr.jaxpr
                 yield from _all_eqns(inner)
+
+
+# ----------------------------------------------------------------------------- #10.8 inputs
+@pytest.mark.parametrize("method", S.METHODS)
+def test_nonfinite_activations_raise_with_count(method):
+    """NaN/inf used to give a silent 0 for every method; now an error with the count."""
+    X, Y = _data(8, n=200)
+    X = X.copy()
+    X[3, 1], X[7, 2], X[9, 0] = np.nan, np.inf, -np.inf
+    with pytest.raises(S.NonFiniteActivationsError, match=r"X: 3 of 2400 values are NaN/inf"):
+        S.similarity(X, Y, method)
+    # named layers in a many-pair call: the error says which layer and which side
+    with pytest.raises(ValueError, match=r"Y of conv3_block4_out: 1 of"):
+        bad = Y.copy()
+        bad[0, 0] = np.nan
+        S.similarity_many([(np.ones((200, 4), np.float32), Y), (_data(9, n=200)[0], bad)], method,
+                          labels=["conv1_relu", "conv3_block4_out"])
+
+
+SCALES = (1e-30, 1e-12, 1e12, 1e18, 1e30)
+
+
+@pytest.mark.parametrize("route", ["qr", "covariance"])
+def test_results_invariant_to_activation_scale(route):
+    """X * 1e18 vs X gave 0 instead of 1 (float32 overflow in the first product)."""
+    X, Y = _data(10, n=400)
+    methods = S.METHODS if route == "qr" else S.COVARIANCE_ROUTE_METHODS
+    for m in methods:
+        base = float(S.similarity(X, Y, m, route=route if m in
+                                  S.COVARIANCE_ROUTE_METHODS else "auto"))
+        assert 0.0 < base < 2.0, m
+        for s in SCALES:
+            kw = dict(route=route if m in S.COVARIANCE_ROUTE_METHODS else "auto")
+            got_x = float(S.similarity((X * s).astype(np.float32), Y, m, **kw))
+            got_y = float(S.similarity(X, (Y * s).astype(np.float32), m, **kw))
+            assert got_x == pytest.approx(base, abs=1e-5), (m, s)
+            assert got_y == pytest.approx(base, abs=1e-5), (m, s)
+    for s in SCALES:  # self-similarity of a rescaled copy is exactly similarity 1
+        Xs = (X * s).astype(np.float32)
+        for m in ("mean_cca", "svcca", "linear_cka"):
+            assert float(S.similarity(X, Xs, m, route=route)) == pytest.approx(1.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- #15.1 routes
+def _ill_conditioned(seed=11, n=3000, p=16):
+    """Neurons that are near copies of each other: correlation-matrix condition ~1e6."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 4))
+    X = np.repeat(base, p // 4, axis=1) + 3e-3 * rng.normal(size=(n, p))
+    Y = np.tanh(base @ rng.normal(size=(4, p))) + 0.5 * rng.normal(size=(n, p))
+    return X.astype(np.float32), Y.astype(np.float32)
+
+
+@pytest.mark.parametrize("method", S.COVARIANCE_ROUTE_METHODS)
+def test_routes_agree_with_float64_oracle(method):
+    X, Y = _data(12, n=2000)
+    want = numpy_similarity(X, Y, method)
+    for route in ("qr", "covariance", "auto"):
+        assert float(S.similarity(X, Y, method, route=route)) == pytest.approx(
+            want, abs=1e-5), route
+
+
+def test_covariance_route_reforms_ill_conditioned_grams_in_float64(monkeypatch):
+    X, Y = _ill_conditioned()
+    refined = []
+    real = S._cov.covariance_from_data
+    monkeypatch.setattr(S._cov, "covariance_from_data",
+                        lambda *a: refined.append(1) or real(*a))
+    for m in ("mean_cca", "pwcca"):
+        want = numpy_similarity(X, Y, m)
+        got = float(S.similarity(X, Y, m, route="covariance"))
+        assert got == pytest.approx(want, abs=1e-4), m
+    assert len(refined) == 2  # both took the float64 re-formation
+    refined.clear()
+    Xw, Yw = _data(13, n=2000)
+    S.similarity(Xw, Yw, "mean_cca", route="covariance")
+    assert not refined  # well conditioned: the float32 Grams are used
+
+
+def test_resolve_route():
+    r = S.resolve_route
+    assert r("auto", "mean_cca", 10000, 512, 512, "cpu") == "covariance"
+    assert r("auto", "mean_cca", 1000, 512, 512, "cpu") == "qr"  # p^3 host work dominates
+    assert r("auto", "mean_cca", 10000, 512, 512, "gpu") == "qr"
+    assert r("auto", "linear_cka", 60000, 512, 512, "cpu") == "qr"  # already GEMM form
+    assert r("covariance", "linear_cka", 600, 512, 512, "cpu") == "covariance"
+    assert r("auto", "procrustes", 10000, 8, 8, "cpu") == "qr"
+    assert r("covariance", "svcca", 100, 8, 8, "tpu") == "covariance"
+    with pytest.raises(ValueError, match="no covariance form"):
+        r("covariance", "rbf_cka", 100, 8, 8)
+    with pytest.raises(ValueError, match="route="):
+        r("fast", "mean_cca", 100, 8, 8)

@@ -149,3 +149,45 @@ def test_streaming_errors():
                                       "rbf_cka")
     with pytest.raises(ValueError, match="Streaming supports"):
         St.StreamingSimilarity({"a": (2, 2)}, methods=("procrustes",))
+
+
+def test_streaming_rejects_nonfinite_naming_layer_and_count():
+    X, Y = _data(8, n=600)
+    X = X.copy()
+    X[5, 0], X[10, 3] = np.nan, np.inf
+    acc = St.StreamingSimilarity({"conv4_block6_out": (10, 14)},
+                                 methods=("mean_cca", "debiased_cka"))
+    for i in range(0, 600, 200):
+        acc.update({"conv4_block6_out": X[i:i + 200]}, {"conv4_block6_out": Y[i:i + 200]})
+    with pytest.raises(S.NonFiniteActivationsError, match="X of conv4_block6_out: 2 NaN/inf"):
+        acc.finish()
+    # a NaN in a masked (padding) row is not counted and does not matter
+    mask = np.r_[np.ones(5), 0.0].astype(np.float32)  # row 5 holds the NaN
+    assert int(St.update_covariance(St.init_covariance(10, 14), X[:6], Y[:6], mask).bad_x) == 0
+    assert int(St.update_covariance(St.init_covariance(10, 14), X[:6], Y[:6]).bad_x) == 1
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-15, 1e15, 1e30])
+def test_streaming_invariant_to_activation_scale(scale):
+    X, Y = _data(9, n=1200)
+    Xs = (X.astype(np.float64) * scale).astype(np.float32)
+    for methods in (St.COVARIANCE_METHODS, ("debiased_cka",)):
+        vals = []
+        for x in (X, Xs):
+            acc = St.StreamingSimilarity({"l": (10, 14)}, methods=methods)
+            for i in range(0, 1200, 300):
+                acc.update({"l": x[i:i + 300]}, {"l": Y[i:i + 300]})
+            vals.append(acc.finish()["l"])
+        for m in methods:
+            assert np.isfinite(vals[0][m]) and vals[0][m] > 0.05, m
+            assert vals[1][m] == pytest.approx(vals[0][m], abs=1e-5), (m, scale)
+
+
+def test_covariance_from_data_chunked_equals_np_cov():
+    X, Y = _data(10, n=1000)
+    full = np.cov(X.astype(np.float64).T, Y.astype(np.float64).T)
+    for chunk in (37, 10 ** 6):
+        c = St.covariance_from_data(X, Y, chunk=chunk)
+        np.testing.assert_allclose(c.sxx, full[:10, :10], rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(c.sxy, full[:10, 10:], rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(c.mean_y, Y.astype(np.float64).mean(0), rtol=1e-12)

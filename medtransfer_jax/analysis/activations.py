@@ -26,9 +26,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from medtransfer_jax import preprocessing as prep
 from medtransfer_jax.models import resnet
+from medtransfer_jax.training import sharding
 from medtransfer_jax.weights import checkpoint
 
 SPATIAL_MODES = ("positions", "pool")
@@ -89,6 +91,50 @@ def _compiled_extractor(model: resnet.ResNet, layers: Tuple[str, ...]):
     return run
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@functools.lru_cache(maxsize=16)
+def with_dtype(model: resnet.ResNet, compute_dtype: str = "float32") -> resnet.ResNet:
+    """``model`` computing in ``compute_dtype`` (parameters and BN statistics stay
+    float32). bf16 halves activation memory and runs on tensor cores / the MXU; its
+    effect on CCA is measured by ``python -m medtransfer_jax.bench network_scale``."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r}: choose one of {COMPUTE_DTYPES}.")
+    return model if compute_dtype == "float32" else dataclasses.replace(
+        model, dtype=jnp.dtype(compute_dtype))
+
+
+def forward_mesh(batch_size: int, mesh=None):
+    """The mesh forward passes run on: ``mesh`` (checked), else the training layout, a
+    1-D ``data`` mesh over the most local devices that divide ``batch_size`` (all of them
+    for the usual power-of-two batches; on several hosts all devices, which must divide).
+    """
+    if mesh is None:
+        n = jax.device_count()
+        if jax.process_count() == 1:
+            while batch_size % n:
+                n -= 1
+        mesh = sharding.make_mesh(n)
+    if batch_size % mesh.size:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.size} "
+                         "devices of the mesh.")
+    return mesh
+
+
+def replicate(tree, mesh):
+    """``tree`` (model variables) replicated on every device of ``mesh``."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_rows(x, mesh, global_rows: Optional[int] = None):
+    """A host array whose leading axis is this process's share of a global batch -> one
+    global jax.Array split over the mesh's ``data`` axis (multi-host safe)."""
+    return jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS)), np.asarray(x),
+        None if global_rows is None else (global_rows,) + tuple(np.shape(x)[1:]))
+
+
 def prepare_images(images, mode: str) -> np.ndarray:
     """Raw pixel values in [0, 255]: (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> float32
     (N, H, W, 3) normalised with ``mode`` (a preprocessing.MODES entry)."""
@@ -106,7 +152,7 @@ def prepare_images(images, mode: str) -> np.ndarray:
 
 def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size: int = 32,
                preprocessing: Optional[str] = None, normalized: bool = False,
-               to_host: bool = True) -> Dict[str, Any]:
+               to_host: bool = True, mesh=None) -> Dict[str, Any]:
     """Activations of ``layers`` for all ``images``.
 
     Args:
@@ -114,6 +160,7 @@ def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size
         ``metadata.preprocessing`` (or ``preprocessing``); pass ``normalized=True`` if they
         already are (N, H, W, 3).
       batch_size: fixed batch shape (the last batch is padded), so one compile per shape.
+      mesh: batches are split over its ``data`` axis (default :func:`forward_mesh`).
     Returns:
       ``{layer: array (N, h, w, C) or (N, C)}`` (NumPy unless ``to_host=False``).
     """
@@ -121,6 +168,8 @@ def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size
     x = np.asarray(images, np.float32) if normalized else prepare_images(
         images, preprocessing or loaded.metadata.preprocessing)
     run = _extractor(loaded.model, layers)
+    mesh = forward_mesh(batch_size, mesh)
+    variables = replicate(loaded.variables, mesh)
     outs: Dict[str, list] = {l: [] for l in layers}
     n = x.shape[0]
     for start in range(0, n, batch_size):
@@ -129,10 +178,10 @@ def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size
         if valid < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - valid,) + chunk.shape[1:],
                                                     chunk.dtype)])
-        acts = run(loaded.variables, jnp.asarray(chunk))
+        acts = run(variables, shard_rows(chunk, mesh))
         for l in layers:
-            a = acts[l][:valid]
-            outs[l].append(np.asarray(a) if to_host else a)
+            outs[l].append(sharding.gather_to_host(acts[l])[:valid] if to_host
+                           else acts[l][:valid])
     cat = np.concatenate if to_host else jnp.concatenate
     return {l: cat(v, axis=0) for l, v in outs.items()}
 

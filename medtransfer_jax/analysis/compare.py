@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.analysis import layer_map
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.models import resnet
@@ -36,9 +37,27 @@ from medtransfer_jax.models import resnet
 ModelLike = Union[str, act.LoadedModel]
 
 
+# CCA.py's stimulus resolution per dataset (fine-tuning used 256 px for breast/thyroid).
+PAPER_CCA_IMAGE_SIZE = {"pcam": 96, "pcam-small": 96, "pcam-middle": 96, "breast": 224,
+                        "mammograms": 224, "thyroid": 224}
+PAPER_CCA_DEFAULT_IMAGE_SIZE = 112  # chest, knee, isic
+
+
 @dataclasses.dataclass(frozen=True)
 class PaperCCAProtocol:
-    """The Revisiting study's CCA protocol (defaults = the paper; see module docstring)."""
+    """The Revisiting study's CCA protocol (defaults = the paper's CCA.py).
+
+    Inputs, as CCA.py did them (DovileDo/revisiting-transfer ``src/CCA.py``):
+    * ``preprocessing='caffe'``: Keras ``preprocess_input`` (caffe: RGB->BGR, mean
+      subtracted, no scaling) is fed to **every** model, RadImageNet included, although
+      RadImageNet was fine-tuned on (BGR - mean)/255. ``None`` gives each model its own
+      metadata preprocessing instead (what a model was trained on; not the paper).
+    * ``stimulus_split='val'``: the stimuli are images of one split of the fold; the
+      published results used the validation-fold CSV.
+    * ``image_size``: stimulus resolution; None = :func:`paper_image_size` of the dataset
+      (224 for breast, mammograms, thyroid; 96 for pcam; 112 otherwise), which callers
+      loading the stimuli should use. Images of another size are refused.
+    """
     layers: Optional[Tuple[str, ...]] = None  # None -> stage_output_names(depth)
     positions: int = 10000
     num_channels: int = 64
@@ -47,6 +66,19 @@ class PaperCCAProtocol:
     epsilon: float = 1e-12
     seed: int = 0
     batch_size: int = 64
+    preprocessing: Optional[str] = "caffe"
+    stimulus_split: str = "val"
+    image_size: Optional[int] = None
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides) -> "PaperCCAProtocol":
+        """The paper's protocol for ``dataset`` (its CCA.py stimulus size filled in)."""
+        return cls(**{"image_size": paper_image_size(dataset), **overrides})
+
+
+def paper_image_size(dataset: str) -> int:
+    """CCA.py's stimulus size for a dataset key (breast, thyroid, mammograms: 224)."""
+    return PAPER_CCA_IMAGE_SIZE.get(dataset.split("/")[0], PAPER_CCA_DEFAULT_IMAGE_SIZE)
 
 
 @dataclasses.dataclass
@@ -100,8 +132,8 @@ def _shapes_for(a: act.LoadedModel, b: act.LoadedModel, image_hw, layers):
 def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequence[Draw], *,
                   spatial: str = "positions", batch_size: int = 64,
                   preprocessing: Optional[str] = None,
-                  layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None
-                  ) -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
+                  layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None, mesh=None,
+                  compute_dtype: str = "float32") -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
     """Datapoint matrices (X (n, p), Y (n, q)) for every draw, kept on device.
 
     One forward pass per network and repeat over the union of that repeat's images, in
@@ -109,11 +141,16 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
     channels some draw needs are kept, so memory is O(datapoints x channels) rather than
     all stage maps of all images. ``layer_pairs`` maps a row name to (layer of A, layer of
     B) for cross-layer comparisons (maps brought to a common grid by
-    :func:`activations.match_spatial`). Rows are ordered by image index.
+    :func:`activations.match_spatial`). Rows are ordered by image index. Forward batches
+    are split over ``mesh`` (default :func:`activations.forward_mesh`).
     """
+    mesh = act.forward_mesh(batch_size, mesh)
+    va, vb = act.replicate(a.variables, mesh), act.replicate(b.variables, mesh)
     layer_pairs = layer_pairs or {d.layer: (d.layer, d.layer) for d in draws}
-    run_a = act._extractor(a.model, tuple(sorted({layer_pairs[d.layer][0] for d in draws})))
-    run_b = act._extractor(b.model, tuple(sorted({layer_pairs[d.layer][1] for d in draws})))
+    run_a = act._extractor(act.with_dtype(a.model, compute_dtype),
+                           tuple(sorted({layer_pairs[d.layer][0] for d in draws})))
+    run_b = act._extractor(act.with_dtype(b.model, compute_dtype),
+                           tuple(sorted({layer_pairs[d.layer][1] for d in draws})))
     mode_a = preprocessing or a.metadata.preprocessing
     mode_b = preprocessing or b.metadata.preprocessing
     images = np.asarray(images)
@@ -126,15 +163,16 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
         for start in range(0, len(needed), batch_size):
             chunk = needed[start:start + batch_size]
             pad = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
-            acts_a = run_a(a.variables, jnp.asarray(act.prepare_images(images[pad], mode_a)))
-            acts_b = run_b(b.variables, jnp.asarray(act.prepare_images(images[pad], mode_b)))
+            acts_a = run_a(va, act.shard_rows(act.prepare_images(images[pad], mode_a), mesh))
+            acts_b = run_b(vb, act.shard_rows(act.prepare_images(images[pad], mode_b), mesh))
             for i in idx:
                 d = draws[i]
                 rows = np.nonzero(np.isin(chunk, d.images))[0]
                 if rows.size == 0:
                     continue
                 name_a, name_b = layer_pairs[d.layer]
-                A, B = acts_a[name_a][rows], acts_b[name_b][rows]
+                A = acts_a[name_a][rows].astype(jnp.float32)
+                B = acts_b[name_b][rows].astype(jnp.float32)
                 if spatial == "positions":
                     A, B = act.match_spatial(A, B)
                 X = act.spatial_datapoints(A, spatial)
@@ -169,7 +207,9 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
                      batch_size: int = 64, preprocessing: Optional[str] = None,
                      layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None,
                      streaming_mode: bool = False, name_a: Optional[str] = None,
-                     name_b: Optional[str] = None, **options) -> List[dict]:
+                     name_b: Optional[str] = None, pairs: str = "same",
+                     max_channels: Optional[int] = None, mesh=None,
+                     compute_dtype: str = "float32", **options) -> List[dict]:
     """Similarity of two networks layer by layer on the same ``images``.
 
     Args:
@@ -187,10 +227,30 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
       streaming_mode: use every position of every image (no ``positions`` cap) through
         :class:`streaming.StreamingSimilarity`; methods limited to covariance-based ones
         and debiased_cka (minibatch estimator, one HSIC per forward batch).
-      options: passed to the kernels (``rtol``, ``epsilon``, ``keep``, ``threshold``, ``kernel``).
+      pairs: ``'same'`` (layer i of A vs layer i of B) or ``'all'``: every layer of A
+        against every layer of B in one streamed pass (:func:`layer_map.layer_map`; methods
+        from :data:`layer_map.MAP_METHODS`, ``spatial`` 'pool' or 'grid', channel cap
+        ``max_channels``, ``mesh``/``compute_dtype`` for the forward passes); rows then
+        carry ``layer_a``/``layer_b`` and ``layer`` = 'A~B'.
+      layers: Keras names, ``'all_blocks'`` (conv1_relu + every block output) or None
+        (the stage outputs).
+      options: passed to the kernels (``rtol``, ``epsilon``, ``keep``, ``threshold``,
+        ``kernel``, ``route``).
     Returns:
       rows (see module docstring).
     """
+    if pairs not in ("same", "all"):
+        raise ValueError(f"pairs={pairs!r}: choose 'same' (layer by layer) or 'all' (every "
+                         "layer of A against every layer of B).")
+    if pairs == "all":
+        methods = [method] if isinstance(method, str) else list(method)
+        kw = {k: v for k, v in options.items() if k in ("rtol", "epsilon", "keep")}
+        lmap = layer_map.layer_map(
+            weights_a, weights_b, images, layers=layers or "all_blocks", methods=methods,
+            spatial=spatial, max_channels=max_channels or num_channels,
+            batch_size=batch_size, preprocessing=preprocessing, seed=seed, mesh=mesh,
+            compute_dtype=compute_dtype, name_a=name_a, name_b=name_b, **kw)
+        return lmap.rows()
     a = act.load_model(weights_a, name_a)
     b = act.load_model(weights_b, name_b)
     if name_a:
@@ -206,46 +266,55 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
     images = np.asarray(images)
     if images.ndim not in (3, 4) or images.shape[0] < 2:
         raise ValueError(f"images must be (N, H, W[, C]) with N >= 2, got {images.shape}.")
-    if layer_pairs is None:
-        layers = tuple(layers) if layers else resnet.stage_output_names(a.depth)
-        act.check_layers(a, layers)
-        act.check_layers(b, layers)
-        layer_pairs = {l: (l, l) for l in layers}
-        shapes = _shapes_for(a, b, images.shape[1:3], layers)
-    else:
-        act.check_layers(a, [p[0] for p in layer_pairs.values()])
-        act.check_layers(b, [p[1] for p in layer_pairs.values()])
-        sa = act.layer_shapes(a, images.shape[1:3], [p[0] for p in layer_pairs.values()])
-        sb = act.layer_shapes(b, images.shape[1:3], [p[1] for p in layer_pairs.values()])
-        shapes = {}
-        for name, (la, lb) in layer_pairs.items():
-            ta, tb = sa[la], sb[lb]
-            if num_channels is not None and ta[-1] != tb[-1]:
-                raise ValueError(f"{name}: {la} has {ta[-1]} channels and {lb} {tb[-1]}; a "
-                                 "shared channel subset needs equal counts (num_channels=None).")
-            hw = tuple(min(x, y) for x, y in zip(ta[:-1], tb[:-1]))
-            shapes[name] = hw + (ta[-1],)
+    layer_pairs, shapes = _resolve_layers(a, b, images.shape[1:3], layers, layer_pairs,
+                                          num_channels)
     if streaming_mode:
         return _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels,
-                                  seed, batch_size, preprocessing, shapes, options)
+                                  seed, batch_size, preprocessing, shapes, options, mesh)
     draws = make_plan(shapes, images.shape[0], positions=positions, num_channels=num_channels,
                       repeats=repeats, seed=seed, spatial=spatial)
     pairs = collect_draws(a, b, images, draws, spatial=spatial, batch_size=batch_size,
-                          preprocessing=preprocessing, layer_pairs=layer_pairs)
+                          preprocessing=preprocessing, layer_pairs=layer_pairs, mesh=mesh,
+                          compute_dtype=compute_dtype)
     rows: List[dict] = []
     for m in methods:
         opts = _method_options(m, options)
         try:
-            values = sim.similarity_many(pairs, m, **opts)
+            values = sim.similarity_many(pairs, m, labels=[d.layer for d in draws], **opts)
         except ValueError as e:
-            raise ValueError(f"{a.name} vs {b.name}: {e}") from e
+            raise type(e)(f"{a.name} vs {b.name}: {e}") from e
         rows.extend(_summarise(draws, values, m, a, b, spatial, pairs))
     return rows
 
 
+def _resolve_layers(a, b, image_hw, layers, layer_pairs, num_channels):
+    """(layer_pairs {row: (layer of A, layer of B)}, per-row activation shape) for
+    ``layers`` (names, 'all_blocks' or None = stage outputs) or explicit ``layer_pairs``."""
+    if layer_pairs is None:
+        layers = (layer_map.all_blocks(a.depth) if layers == "all_blocks" else
+                  tuple(layers) if layers else resnet.stage_output_names(a.depth))
+        act.check_layers(a, layers)
+        act.check_layers(b, layers)
+        return {l: (l, l) for l in layers}, _shapes_for(a, b, image_hw, layers)
+    act.check_layers(a, [p[0] for p in layer_pairs.values()])
+    act.check_layers(b, [p[1] for p in layer_pairs.values()])
+    sa = act.layer_shapes(a, image_hw, [p[0] for p in layer_pairs.values()])
+    sb = act.layer_shapes(b, image_hw, [p[1] for p in layer_pairs.values()])
+    shapes = {}
+    for name, (la, lb) in layer_pairs.items():
+        ta, tb = sa[la], sb[lb]
+        if num_channels is not None and ta[-1] != tb[-1]:
+            raise ValueError(f"{name}: {la} has {ta[-1]} channels and {lb} {tb[-1]}; a "
+                             "shared channel subset needs equal counts (num_channels=None).")
+        hw = tuple(min(x, y) for x, y in zip(ta[:-1], tb[:-1]))
+        shapes[name] = hw + (ta[-1],)
+    return layer_pairs, shapes
+
+
 def _method_options(method: str, options: dict) -> dict:
-    allowed = {"mean_cca": ("rtol",), "paper_cca": ("rtol", "epsilon"),
-               "svcca": ("rtol", "keep"), "pwcca": ("rtol",), "linear_cka": (),
+    allowed = {"mean_cca": ("rtol", "route"), "paper_cca": ("rtol", "epsilon", "route"),
+               "svcca": ("rtol", "keep", "route"), "pwcca": ("rtol", "route"),
+               "linear_cka": ("route",),
                "rbf_cka": ("threshold",), "debiased_cka": ("kernel", "threshold"),
                "procrustes": ()}[method]
     return {k: v for k, v in options.items() if k in allowed and v is not None}
@@ -254,20 +323,33 @@ def _method_options(method: str, options: dict) -> dict:
 def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
                        protocol: PaperCCAProtocol = PaperCCAProtocol(), *,
                        preprocessing: Optional[str] = None, name_a: Optional[str] = None,
-                       name_b: Optional[str] = None) -> List[dict]:
+                       name_b: Optional[str] = None, mesh=None,
+                       compute_dtype: str = "float32") -> List[dict]:
     """The Revisiting CCA (``protocol`` defaults) between two networks; rows as
-    :func:`compare_networks`. Layers with fewer channels than ``num_channels`` use all."""
+    :func:`compare_networks`. Layers with fewer channels than ``num_channels`` use all.
+
+    ``preprocessing`` overrides ``protocol.preprocessing`` (caffe for every model, as the
+    paper); ``images`` must be ``protocol.image_size`` px when that is set.
+    """
+    images = np.asarray(images)
+    if protocol.image_size and tuple(images.shape[1:3]) != (protocol.image_size,) * 2:
+        raise ValueError(
+            f"The paper CCA protocol uses {protocol.image_size} px stimuli (CCA.py), got "
+            f"images of {images.shape[1]}x{images.shape[2]}; load the "
+            f"'{protocol.stimulus_split}' split at {protocol.image_size} px or set "
+            "image_size=None in the protocol.")
     a = act.load_model(weights_a, name_a)
     layers = protocol.layers or resnet.stage_output_names(a.depth)
     return compare_networks(
         a, weights_b, images, layers=layers, method=protocol.method, spatial="positions",
         positions=protocol.positions, num_channels=protocol.num_channels,
         repeats=protocol.repeats, seed=protocol.seed, batch_size=protocol.batch_size,
-        preprocessing=preprocessing, epsilon=protocol.epsilon, name_a=name_a, name_b=name_b)
+        preprocessing=preprocessing or protocol.preprocessing, epsilon=protocol.epsilon,
+        name_a=name_a, name_b=name_b, mesh=mesh, compute_dtype=compute_dtype)
 
 
 def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels, seed,
-                       batch_size, preprocessing, shapes, options) -> List[dict]:
+                       batch_size, preprocessing, shapes, options, mesh=None) -> List[dict]:
     allowed = streaming.COVARIANCE_METHODS + ("debiased_cka",)
     bad = [m for m in methods if m not in allowed]
     if bad:
@@ -287,12 +369,14 @@ def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels
     run_a = act._extractor(a.model, tuple(sorted({p[0] for p in layer_pairs.values()})))
     run_b = act._extractor(b.model, tuple(sorted({p[1] for p in layer_pairs.values()})))
     n = images.shape[0]
+    mesh = act.forward_mesh(batch_size, mesh)
+    va, vb = act.replicate(a.variables, mesh), act.replicate(b.variables, mesh)
     for start in range(0, n, batch_size):
         # Fixed batch shape (padded rows masked out): one compile for the whole stream.
         valid = min(batch_size, n - start)
         idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]
-        acts_a = run_a(a.variables, jnp.asarray(act.prepare_images(images[idx], mode_a)))
-        acts_b = run_b(b.variables, jnp.asarray(act.prepare_images(images[idx], mode_b)))
+        acts_a = run_a(va, act.shard_rows(act.prepare_images(images[idx], mode_a), mesh))
+        acts_b = run_b(vb, act.shard_rows(act.prepare_images(images[idx], mode_b), mesh))
         image_mask = (np.arange(batch_size) < valid).astype(np.float32)
         xs, ys, masks = {}, {}, {}
         for name, (na, nb) in layer_pairs.items():

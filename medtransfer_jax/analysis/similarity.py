@@ -25,6 +25,26 @@ Why the formulation looks the way it does
   ``jax.default_matmul_precision('highest')`` (which also reaches the matmuls inside
   QR/SVD expansions on TPU).
 
+Two routes for the CCA family and linear CKA (``route=``, :func:`resolve_route`)
+-------------------------------------------------------------------------------
+* ``qr``: the jitted kernels below (QR of each centred, equilibrated side, SVD of the
+  small R factors). Error ~ eps32 x condition of the data (not squared). Default on GPU /
+  TPU, where batched QR/SVD stay on device, and for n < 4 max(p, q).
+* ``covariance``: the scaled, centred, equilibrated Grams Xe^T Xe, Xe^T Ye, Ye^T Ye by one
+  float32 GEMM each on the device (no LAPACK), then the p x p problem (eigh whitening,
+  SVD) in float64 on the host (analysis/covariance.py). The Gram entries carry float32
+  rounding (~1e-7 x sqrt of the accumulation length), amplified by the condition number
+  of the correlation matrices; when that (kept lambda_max / lambda_min) exceeds
+  FLOAT32_GRAM_CONDITION_LIMIT (1e3) the Grams are re-formed from the data in float64
+  (NumPy), so the route's error stays ~1e-6 or below either way. Default on CPU for
+  n >= 4 max(p, q): there XLA's float32 GEMM is the fastest thing available and float32
+  QR via LAPACK is 2-4x slower than NumPy's float64 covariance algorithm.
+Both routes agree with float64 references to <= 1e-5 on the tested data (tests/
+test_similarity.py, bench ``abs_diff``). Inputs are checked first: NaN/inf raise
+:class:`NonFiniteActivationsError` with the count (they used to give a silent 0), and a
+power-of-two rescaling makes every method invariant to the activations' scale (float32
+products of ``X * 1e18`` used to overflow to a similarity of 0).
+
 Accuracy (float32 kernels vs float64 NumPy references, tested in tests/test_similarity.py):
 canonical correlations / CKA / Procrustes agree to ~1e-5 on well-conditioned data; the
 tests assert 2e-4 (means) to 1e-3 (individual correlations near rank deficiency).
@@ -47,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from medtransfer_jax.analysis import covariance as _cov
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -111,9 +133,29 @@ def _check_pair(X, Y, method: str, *, batched: bool = False):
 
 
 def _centre(X):
-    """Two-pass centring (the second pass removes the rounding left by the first)."""
+    """Scaled two-pass centring: X / 2^e (2^e ~ max |X|), then the mean removed twice.
+
+    The power-of-two scale is exact and makes every kernel invariant to the scale of the
+    activations: without it ``X * 1e18`` overflows float32 in the first product (and
+    ``X * 1e-30`` underflows), and every method silently returned 0. The second centring
+    pass removes the rounding left by the first.
+    """
+    top = jnp.max(jnp.abs(X))
+    _, e = jnp.frexp(jnp.where(top > 0, top, jnp.ones_like(top)))
+    X = jnp.ldexp(X, -e)
     X = X - jnp.mean(X, axis=0, keepdims=True)
     return X - jnp.mean(X, axis=0, keepdims=True)
+
+
+def _equilibrate(Xc):
+    """Columns scaled to unit norm (zero columns stay zero).
+
+    CCA is invariant to each neuron's scale, so its bases are computed from equilibrated
+    columns: the numerical-rank cut then measures linear dependence rather than units,
+    and the Gram matrix of the covariance route has a unit diagonal (smallest condition).
+    """
+    nrm = jnp.sqrt(jnp.sum(Xc * Xc, axis=0))
+    return Xc / jnp.where(nrm > 0, nrm, 1.0)[None, :]
 
 
 def _prune_columns(Xc, rel_var_tol):
@@ -157,10 +199,10 @@ def _safe_mean(rho, k):
 
 # ----------------------------------------------------------------------------- CCA core
 def _cca_core(X, Y, rtol):
-    Xc, kx0 = _prune_columns(_centre(X), rtol ** 2)
-    Yc, ky0 = _prune_columns(_centre(Y), rtol ** 2)
-    Ux, _, kx = _basis(Xc, rtol)
-    Uy, _, ky = _basis(Yc, rtol)
+    Xc, _ = _prune_columns(_centre(X), rtol ** 2)
+    Yc, _ = _prune_columns(_centre(Y), rtol ** 2)
+    Ux, _, kx = _basis(_equilibrate(Xc), rtol)
+    Uy, _, ky = _basis(_equilibrate(Yc), rtol)
     rho, k, _, _, _ = _correlations(Ux, kx, Uy, ky)
     return rho, k
 
@@ -183,8 +225,8 @@ def _paper_cca_core(X, Y, epsilon, rtol):
     Yc = _centre(Y)
     Xc, nx = _prune_columns(Xc, epsilon)
     Yc, ny = _prune_columns(Yc, epsilon)
-    Ux, _, kx = _basis(Xc, rtol)
-    Uy, _, ky = _basis(Yc, rtol)
+    Ux, _, kx = _basis(_equilibrate(Xc), rtol)
+    Uy, _, ky = _basis(_equilibrate(Yc), rtol)
     rho, _, _, _, _ = _correlations(Ux, kx, Uy, ky)
     count = jnp.minimum(jnp.sum(nx), jnp.sum(ny))
     return _safe_mean(rho, count)
@@ -209,8 +251,8 @@ def _svcca_core(X, Y, keep, rtol):
 def _pwcca_core(X, Y, rtol):
     Xc, _ = _prune_columns(_centre(X), rtol ** 2)
     Yc, _ = _prune_columns(_centre(Y), rtol ** 2)
-    Ux, _, kx = _basis(Xc, rtol)
-    Uy, _, ky = _basis(Yc, rtol)
+    Ux, _, kx = _basis(_equilibrate(Xc), rtol)
+    Uy, _, ky = _basis(_equilibrate(Yc), rtol)
     rho, k, valid, u, _ = _correlations(Ux, kx, Uy, ky, compute_uv=True)
     m = rho.shape[0]
     H = _mm(Ux, u[:, :m])  # (n, m) canonical variates of X, unit norm
@@ -383,37 +425,55 @@ def _options(method, X, rtol=None, epsilon=1e-12, keep=0.99, threshold=1.0,
                              threshold=float(threshold), kernel=kernel).items()))
 
 
-def similarity(X, Y, method: str = "mean_cca", **options) -> jax.Array:
+def similarity(X, Y, method: str = "mean_cca", *, route: str = "auto",
+               names: Tuple[str, str] = ("X", "Y"), **options) -> jax.Array:
     """One similarity value between ``X`` (n, p) and ``Y`` (n, q); returns a scalar array.
 
     ``method`` is one of :data:`METHODS`; ``options`` are the keyword arguments of the
     corresponding public function (``rtol``, ``epsilon``, ``keep``, ``threshold``,
     ``kernel``). Procrustes is a *distance* (0 = identical up to rotation/scale).
+    ``route`` picks the algorithm for the CCA family and linear CKA (:data:`ROUTES`,
+    :func:`resolve_route`); ``names`` label X and Y in the NaN/inf error (e.g. layers).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown similarity method {method!r}; choose one of {METHODS}.")
-    X, Y = _as_float(X), _as_float(Y)
-    X, Y = _promote(X, Y)
+    X, Y = _promote(_as_float(X), _as_float(Y))
     _check_pair(X, Y, method)
-    return _compiled(method, False, _options(method, X, **options))(X, Y)
+    check_finite(X, Y, names=names)
+    opts = _options(method, X, **options)
+    n, p, q = X.shape[0], X.shape[1], Y.shape[1]
+    if resolve_route(route, method, n, p, q) == "covariance":  # unbatched: no stacked copy
+        return jnp.asarray(_covariance_route(X, Y, method, dict(opts), batched=False)[0],
+                           X.dtype)
+    return _compiled(method, False, opts)(X, Y)
 
 
-def similarity_batch(Xs, Ys, method: str = "mean_cca", **options) -> jax.Array:
-    """``method`` on each pair of a stack: Xs (L, n, p), Ys (L, n, q) -> (L,), one compile."""
+def similarity_batch(Xs, Ys, method: str = "mean_cca", *, route: str = "auto",
+                     names: Tuple[str, str] = ("X", "Y"), labels: Optional[Sequence] = None,
+                     **options) -> jax.Array:
+    """``method`` on each pair of a stack: Xs (L, n, p), Ys (L, n, q) -> (L,), one compile.
+
+    ``labels`` (L,) name each pair in the NaN/inf error (default: the pair's index).
+    """
     if method not in METHODS:
         raise ValueError(f"Unknown similarity method {method!r}; choose one of {METHODS}.")
     Xs, Ys = _promote(_as_float(Xs), _as_float(Ys))
     _check_pair(Xs, Ys, method, batched=True)
-    return _compiled(method, True, _options(method, Xs, **options))(Xs, Ys)
+    check_finite(Xs, Ys, names=names, labels=labels)
+    opts = _options(method, Xs, **options)
+    n, p, q = Xs.shape[1], Xs.shape[2], Ys.shape[2]
+    if resolve_route(route, method, n, p, q) == "covariance":
+        return jnp.asarray(_covariance_route(Xs, Ys, method, dict(opts)), Xs.dtype)
+    return _compiled(method, True, opts)(Xs, Ys)
 
 
-def similarity_many(pairs: Sequence[Tuple[object, object]], method: str = "mean_cca",
-                    **options) -> np.ndarray:
+def similarity_many(pairs: Sequence[Tuple[object, object]], method: str = "mean_cca", *,
+                    labels: Optional[Sequence] = None, **options) -> np.ndarray:
     """``method`` on a list of (X_i, Y_i) pairs of any shapes -> float64 NumPy (len(pairs),).
 
     Pairs are grouped by (X.shape, Y.shape); each group is stacked and evaluated by one
     vmapped compiled call (e.g. 5 layers x 5 repeats of a network = 5 calls, or fewer
-    when layers share a shape).
+    when layers share a shape). ``labels`` name the pairs (layers) in errors.
     """
     groups: Dict[Tuple, List[int]] = {}
     for i, (X, Y) in enumerate(pairs):
@@ -422,8 +482,132 @@ def similarity_many(pairs: Sequence[Tuple[object, object]], method: str = "mean_
     for _, idx in groups.items():
         Xs = jnp.stack([jnp.asarray(pairs[i][0]) for i in idx])
         Ys = jnp.stack([jnp.asarray(pairs[i][1]) for i in idx])
-        vals = np.asarray(similarity_batch(Xs, Ys, method, **options), np.float64)
+        lab = [labels[i] if labels is not None else i for i in idx]
+        vals = np.asarray(similarity_batch(Xs, Ys, method, labels=lab, **options), np.float64)
         out[np.asarray(idx)] = vals
+    return out
+
+
+# ----------------------------------------------------------------------------- input checks
+class NonFiniteActivationsError(ValueError):
+    """Activations hold NaN or inf; every CCA/CKA value computed from them is meaningless."""
+
+
+@jax.jit
+def _nonfinite_counts(Xs, Ys):
+    bad = lambda a: jnp.sum(~jnp.isfinite(a), axis=(-2, -1))  # noqa: E731
+    return bad(Xs), bad(Ys)
+
+
+def check_finite(Xs, Ys, *, names: Tuple[str, str] = ("X", "Y"),
+                 labels: Optional[Sequence] = None) -> None:
+    """Raises :class:`NonFiniteActivationsError` if a stack (L, n, p) / (L, n, q) (or one
+    pair (n, p) / (n, q)) holds NaN or inf, naming the side, the pair (layer) and how many
+    values are bad.
+
+    Without it NaN silently became a similarity of 0 (the masked-rank logic reads a NaN
+    spectrum as rank 0), indistinguishable from "no similarity".
+    """
+    if not (jnp.issubdtype(Xs.dtype, jnp.floating) and jnp.issubdtype(Ys.dtype, jnp.floating)):
+        return
+    bx, by = (np.atleast_1d(np.asarray(c)) for c in _nonfinite_counts(Xs, Ys))
+    if not (bx.any() or by.any()):
+        return
+    size_x, size_y = Xs.shape[-2] * Xs.shape[-1], Ys.shape[-2] * Ys.shape[-1]
+    problems = []
+    for i in np.nonzero((bx > 0) | (by > 0))[0]:
+        where = labels[i] if labels is not None else (f"pair {i}" if len(bx) > 1 else "")
+        for side, counts, size in ((names[0], bx, size_x), (names[1], by, size_y)):
+            if counts[i]:
+                problems.append(f"{side}{' of ' + str(where) if where != '' else ''}: "
+                                f"{int(counts[i])} of {size} values are NaN/inf")
+    raise NonFiniteActivationsError(
+        "activations are not finite (" + "; ".join(problems) + "). Check the model's "
+        "weights and inputs (a diverged checkpoint, unnormalised images, bf16 overflow); "
+        "similarities of non-finite activations are undefined.")
+
+
+# ----------------------------------------------------------------------------- routes
+ROUTES = ("auto", "qr", "covariance")
+COVARIANCE_ROUTE_METHODS = _cov.COVARIANCE_METHODS
+# Largest kept eigenvalue ratio of the equilibrated correlation matrices for which the
+# float32 Gram is trusted; above it the blocks are re-formed in float64 (see module doc).
+FLOAT32_GRAM_CONDITION_LIMIT = 1e3
+
+
+def resolve_route(route: str, method: str, n: int, p: int, q: int,
+                  backend: Optional[str] = None) -> str:
+    """``'qr'`` or ``'covariance'`` for ``method`` on (n, p) / (n, q) data.
+
+    ``auto``: the covariance route on CPU when n >= 4 max(p, q) (there one float32 GEMM
+    per block plus a float64 p x p problem beats float32 QR, whose LAPACK cost is ~4 n p^2
+    with poor threading); the QR route on accelerators (batched QR/SVD stay on device and
+    float64 is slow or absent there) and for small n, where the p^3 host work dominates.
+    Methods without a covariance form always take their kernel; so does linear CKA under
+    ``auto``: its kernel is already three GEMMs on the device, and finishing on the host
+    only adds the transfer (measured 0.33 s vs 0.47 s at 512 x 10k on this CPU).
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route={route!r}: choose one of {ROUTES}.")
+    if method not in COVARIANCE_ROUTE_METHODS:
+        if route == "covariance":
+            raise ValueError(f"route='covariance' supports {COVARIANCE_ROUTE_METHODS}; "
+                             f"{method} has no covariance form (use route='auto').")
+        return "qr"
+    if route != "auto":
+        return route
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return "qr"
+    if method == "linear_cka":  # its jitted kernel already is the feature-space GEMM form
+        return "qr"
+    return "covariance" if n >= 4 * max(p, q) else "qr"
+
+
+@functools.lru_cache(maxsize=None)
+def _grams_fn(batched: bool = True):
+    """Jitted (L, n, p), (L, n, q) -> equilibrated Grams (L, p, p), (L, p, q), (L, q, q)
+    and column norms (L, p), (L, q) of the scaled, centred data: three GEMMs, no LAPACK.
+    ``batched=False``: one pair (n, p), (n, q) with the same outputs less the L axis."""
+    def grams(X, Y):
+        Xc, Yc = _centre(X), _centre(Y)
+        dx = jnp.sqrt(jnp.sum(Xc * Xc, axis=0))
+        dy = jnp.sqrt(jnp.sum(Yc * Yc, axis=0))
+        Xe, Ye = _equilibrate(Xc), _equilibrate(Yc)
+        return _mm(Xe.T, Xe), _mm(Xe.T, Ye), _mm(Ye.T, Ye), dx, dy
+    fn = _highest(grams)
+    return jax.jit(jax.vmap(fn) if batched else fn)
+
+
+def _covariances(gxx, gxy, gyy, dx, dy, n) -> _cov.Covariances:
+    """Float64 covariance blocks D G D / (n - 1) from equilibrated Grams and norms."""
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    dx, dy = f(dx), f(dy)
+    sym = lambda a: 0.5 * (a + a.T)  # noqa: E731
+    return _cov.Covariances(n, np.zeros(dx.size), np.zeros(dy.size),
+                            sym(f(gxx)) * np.outer(dx, dx) / (n - 1),
+                            sym(f(gyy)) * np.outer(dy, dy) / (n - 1),
+                            f(gxy) * np.outer(dx, dy) / (n - 1))
+
+
+def _covariance_route(Xs, Ys, method: str, opts: dict, batched: bool = True) -> np.ndarray:
+    """The covariance route for a stack (or one pair, ``batched=False``): Grams by GEMM on
+    the device (float32), then each p x p problem in float64 on the host; pairs whose
+    correlation matrices are worse conditioned than FLOAT32_GRAM_CONDITION_LIMIT are
+    re-formed from the data in float64."""
+    n = Xs.shape[-2]
+    kw = dict(rtol=opts["rtol"], epsilon=opts["epsilon"], keep=opts["keep"])
+    blocks = [np.asarray(b) for b in _grams_fn(batched)(Xs, Ys)]
+    if not batched:
+        blocks, Xs, Ys = [b[None] for b in blocks], [Xs], [Ys]
+    out = np.zeros(len(blocks[0]))
+    for i in range(len(out)):
+        cov = _covariances(*(b[i] for b in blocks), n)
+        out[i], cond = _cov.similarity_from_covariance(cov, method, return_condition=True,
+                                                       **kw)
+        if cond > FLOAT32_GRAM_CONDITION_LIMIT:
+            cov = _cov.covariance_from_data(np.asarray(Xs[i]), np.asarray(Ys[i]))
+            out[i] = _cov.similarity_from_covariance(cov, method, **kw)
     return out
 
 
@@ -442,6 +626,7 @@ def cca_correlations(X, Y, *, rtol: Optional[float] = None) -> Tuple[jax.Array, 
     """
     X, Y = _promote(_as_float(X), _as_float(Y))
     _check_pair(X, Y, "mean_cca")
+    check_finite(X, Y)
     rtol = default_rtol(X.dtype) if rtol is None else float(rtol)
     return _cca_corr_jit(X, Y, rtol)
 
@@ -456,6 +641,7 @@ def cca_correlations_batch(Xs, Ys, *, rtol: Optional[float] = None):
     """Batched :func:`cca_correlations`: (L, n, p), (L, n, q) -> ((L, m), (L,))."""
     Xs, Ys = _promote(_as_float(Xs), _as_float(Ys))
     _check_pair(Xs, Ys, "mean_cca", batched=True)
+    check_finite(Xs, Ys)
     rtol = default_rtol(Xs.dtype) if rtol is None else float(rtol)
     return _cca_corr_batch_jit(Xs, Ys, rtol)
 

@@ -26,7 +26,6 @@ activations, so the activations of 100k+ positions never need to exist at once:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -35,11 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from medtransfer_jax.analysis import similarity as _sim
+from medtransfer_jax.analysis.covariance import (  # noqa: F401  (re-exported)
+    COVARIANCE_METHODS, CCAResult, Covariances, cca_from_covariance, covariance_from_data,
+    similarity_from_covariance)
 
 _mm = _sim._mm
 _highest = _sim._highest
 
-COVARIANCE_METHODS = ("mean_cca", "paper_cca", "svcca", "pwcca", "linear_cka")
 DEFAULT_STREAMING_RTOL = 1e-3
 
 
@@ -55,13 +56,44 @@ class CovarianceState(NamedTuple):
     comp_xx: jax.Array  # Kahan compensation terms
     comp_yy: jax.Array
     comp_xy: jax.Array
+    bad_x: jax.Array  # NaN/inf values seen in valid rows of x (int32)
+    bad_y: jax.Array
+    scale_x: jax.Array  # power-of-two scale of x fixed by the first batch (0 = not yet)
+    scale_y: jax.Array
 
 
 def init_covariance(p: int, q: int, dtype=jnp.float32) -> CovarianceState:
     """Empty statistics for X with p neurons and Y with q neurons."""
     z = lambda *s: jnp.zeros(s, dtype)  # noqa: E731
-    return CovarianceState(jnp.zeros((), jnp.int32), z(p), z(q), z(p, p), z(q, q), z(p, q),
-                           z(p, p), z(q, q), z(p, q))
+    i = jnp.zeros((), jnp.int32)
+    return CovarianceState(i, z(p), z(q), z(p, p), z(q, q), z(p, q), z(p, p), z(q, q),
+                           z(p, q), i, i, z(), z())
+
+
+def _stream_scale(current, a, m):
+    """The stream's power-of-two scale: ``current`` once set, else 2^e ~ max |a| over the
+    valid rows of this batch. Statistics are accumulated on a / scale, so activations of
+    any magnitude (1e-30 .. 1e30) neither overflow nor underflow float32 products, and
+    the exact power of two is undone in float64 when finishing."""
+    top = jnp.max(jnp.where(m[:, None] > 0, jnp.abs(jnp.where(jnp.isfinite(a), a, 0)), 0))
+    _, e = jnp.frexp(jnp.where(top > 0, top, 1.0).astype(jnp.float32))
+    return jnp.where(current > 0, current, jnp.ldexp(jnp.float32(1), e))
+
+
+def _bad(a, m):
+    """Number of non-finite entries in the valid rows (mask m) of a batch (b, k)."""
+    return jnp.sum(jnp.where(m[:, None] > 0, ~jnp.isfinite(a), False)).astype(jnp.int32)
+
+
+def _raise_if_bad(name: str, bad_x: int, bad_y: int) -> None:
+    if bad_x or bad_y:
+        where = f" of {name}" if name else ""
+        parts = [f"{side}{where}: {cnt} NaN/inf values" for side, cnt in
+                 (("X", bad_x), ("Y", bad_y)) if cnt]
+        raise _sim.NonFiniteActivationsError(
+            "streamed activations are not finite (" + "; ".join(parts) + "). Check the "
+            "model's weights and inputs (a diverged checkpoint, unnormalised images, bf16 "
+            "overflow); similarities of non-finite activations are undefined.")
 
 
 def _kahan_add(total, comp, term):
@@ -72,9 +104,11 @@ def _kahan_add(total, comp, term):
 
 def _update_covariance(state: CovarianceState, x, y, mask) -> CovarianceState:
     dt = state.cxx.dtype
-    x = jnp.asarray(x, dt)
-    y = jnp.asarray(y, dt)
     m = jnp.ones((x.shape[0],), dt) if mask is None else jnp.asarray(mask, dt)
+    x, y = jnp.asarray(x, dt), jnp.asarray(y, dt)
+    bad_x, bad_y = state.bad_x + _bad(x, m), state.bad_y + _bad(y, m)
+    sx, sy = _stream_scale(state.scale_x, x, m), _stream_scale(state.scale_y, y, m)
+    x, y = x / sx, y / sy
     nb = jnp.sum(m)
     safe_nb = jnp.maximum(nb, 1.0)
     mb_x = jnp.sum(x * m[:, None], axis=0) / safe_nb
@@ -92,7 +126,8 @@ def _update_covariance(state: CovarianceState, x, y, mask) -> CovarianceState:
     cxy, kxy = _kahan_add(state.cxy, state.comp_xy, _mm(xc.T, yc) + f * jnp.outer(dx, dy))
     w = nb / safe_n
     return CovarianceState(state.count + nb.astype(jnp.int32), state.mean_x + dx * w,
-                           state.mean_y + dy * w, cxx, cyy, cxy, kxx, kyy, kxy)
+                           state.mean_y + dy * w, cxx, cyy, cxy, kxx, kyy, kxy,
+                           bad_x, bad_y, sx, sy)
 
 
 @jax.jit
@@ -123,135 +158,24 @@ def update_covariance_many(states: Dict[str, CovarianceState], xs: Dict[str, jax
     return {k: _update_covariance(states[k], xs[k], ys[k], masks[k]) for k in states}
 
 
-@dataclasses.dataclass
-class Covariances:
-    """Finished float64 statistics: ``n`` datapoints, means, and covariance blocks
-    (divided by n - 1, like ``np.cov``)."""
-    n: int
-    mean_x: np.ndarray
-    mean_y: np.ndarray
-    sxx: np.ndarray
-    syy: np.ndarray
-    sxy: np.ndarray
+def finish_covariance(state: CovarianceState, name: str = "") -> Covariances:
+    """Pulls the statistics to the host and forms float64 covariances.
 
-
-def finish_covariance(state: CovarianceState) -> Covariances:
-    """Pulls the statistics to the host and forms float64 covariances."""
+    Raises :class:`similarity.NonFiniteActivationsError` naming ``name`` (the layer) and
+    the number of NaN/inf values seen in the stream: they would poison every statistic.
+    """
+    _raise_if_bad(name, int(state.bad_x), int(state.bad_y))
     n = int(state.count)
     if n < 2:
         raise ValueError(f"finish_covariance: need at least 2 datapoints, got {n}.")
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    cxx = f64(state.cxx) - f64(state.comp_xx)
-    cyy = f64(state.cyy) - f64(state.comp_yy)
-    cxy = f64(state.cxy) - f64(state.comp_xy)
+    sx, sy = float(state.scale_x), float(state.scale_y)  # exact powers of two
+    cxx = (f64(state.cxx) - f64(state.comp_xx)) * (sx * sx)
+    cyy = (f64(state.cyy) - f64(state.comp_yy)) * (sy * sy)
+    cxy = (f64(state.cxy) - f64(state.comp_xy)) * (sx * sy)
     sym = lambda a: 0.5 * (a + a.T)  # noqa: E731
-    return Covariances(n, f64(state.mean_x), f64(state.mean_y), sym(cxx) / (n - 1),
+    return Covariances(n, f64(state.mean_x) * sx, f64(state.mean_y) * sy, sym(cxx) / (n - 1),
                        sym(cyy) / (n - 1), cxy / (n - 1))
-
-
-def covariance_from_data(X, Y) -> Covariances:
-    """Float64 covariances of in-memory X (n, p), Y (n, q) (for tests and small data)."""
-    X = np.asarray(X, np.float64)
-    Y = np.asarray(Y, np.float64)
-    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
-    n = X.shape[0]
-    return Covariances(n, X.mean(0), Y.mean(0), Xc.T @ Xc / (n - 1), Yc.T @ Yc / (n - 1),
-                       Xc.T @ Yc / (n - 1))
-
-
-def _whitener(s: np.ndarray, rtol: float, keep_idx: Optional[np.ndarray] = None):
-    """W (p, r) with W^T s W = I on the eigen-directions above the floor rtol^2 * lambda_max."""
-    lam, V = np.linalg.eigh(s)
-    lam, V = lam[::-1], V[:, ::-1]
-    top = lam[0] if lam.size else 0.0
-    if top <= 0:
-        return np.zeros((s.shape[0], 0)), lam
-    ok = lam > (rtol ** 2) * top
-    if keep_idx is not None:
-        ok &= keep_idx
-    return V[:, ok] / np.sqrt(lam[ok]), lam
-
-
-def _prune(cov: Covariances, rel_var_tol: float):
-    vx, vy = np.diag(cov.sxx), np.diag(cov.syy)
-    kx = (vx > rel_var_tol * max(vx.max(), 0)) & (vx > 0)
-    ky = (vy > rel_var_tol * max(vy.max(), 0)) & (vy > 0)
-    return kx, ky
-
-
-def cca_from_covariance(cov: Covariances, *, rtol: float = DEFAULT_STREAMING_RTOL,
-                        epsilon: Optional[float] = None):
-    """Canonical correlations from covariance blocks (float64, host).
-
-    Neurons with variance < ``epsilon`` (default ``rtol^2``) x the largest are dropped;
-    each side is whitened by eigh with eigenvalue flooring at ``rtol^2 * lambda_max``.
-
-    Returns:
-      (rho (min(p, q),) descending with zeros beyond k, k, kept_x, kept_y, Wx, u) where
-      Wx (kept_x, r) whitens X's kept neurons and u (r, k) holds its canonical directions.
-    """
-    eps = rtol ** 2 if epsilon is None else epsilon
-    kx, ky = _prune(cov, eps)
-    sxx = cov.sxx[np.ix_(kx, kx)]
-    syy = cov.syy[np.ix_(ky, ky)]
-    sxy = cov.sxy[np.ix_(kx, ky)]
-    Wx, _ = _whitener(sxx, rtol)
-    Wy, _ = _whitener(syy, rtol)
-    m = min(cov.sxx.shape[0], cov.syy.shape[0])
-    rho = np.zeros(m)
-    k = min(Wx.shape[1], Wy.shape[1])
-    u = np.zeros((Wx.shape[1], 0))
-    if k > 0:
-        M = Wx.T @ sxy @ Wy
-        u, s, _ = np.linalg.svd(M, full_matrices=False)
-        rho[:k] = np.clip(s[:k], 0.0, 1.0)
-    return rho, k, kx, ky, Wx, u[:, :k]
-
-
-def similarity_from_covariance(cov: Covariances, method: str = "mean_cca", *,
-                               rtol: float = DEFAULT_STREAMING_RTOL, epsilon: float = 1e-12,
-                               keep: float = 0.99) -> float:
-    """One of :data:`COVARIANCE_METHODS` from finished covariances (float64 result)."""
-    if method not in COVARIANCE_METHODS:
-        raise ValueError(f"{method!r} cannot be finished from covariances; choose one of "
-                         f"{COVARIANCE_METHODS} (or use MinibatchCKA for debiased CKA).")
-    p, q = cov.sxx.shape[0], cov.syy.shape[0]
-    if method != "linear_cka" and cov.n <= max(p, q):
-        raise ValueError(f"{method} needs more datapoints than neurons, got n={cov.n} for "
-                         f"p={p} / q={q} neurons. Stream more batches or subsample channels.")
-    if method == "linear_cka":
-        den = np.linalg.norm(cov.sxx) * np.linalg.norm(cov.syy)
-        return float(np.sum(cov.sxy ** 2) / den) if den > 0 else 0.0
-    if method == "mean_cca":
-        rho, k, *_ = cca_from_covariance(cov, rtol=rtol)
-        return float(rho.sum() / k) if k else 0.0
-    if method == "paper_cca":
-        rho, k, kx, ky, *_ = cca_from_covariance(cov, rtol=rtol, epsilon=epsilon)
-        count = min(kx.sum(), ky.sum())
-        return float(rho.sum() / count) if count else 0.0
-    if method == "svcca":
-        def reduce(s):
-            lam, V = np.linalg.eigh(s)
-            lam, V = lam[::-1], V[:, ::-1]
-            lam = np.maximum(lam, 0)
-            frac = np.cumsum(lam) / max(lam.sum(), np.finfo(float).tiny)
-            d = int(np.sum(frac < keep)) + 1
-            ok = (np.arange(lam.size) < d) & (lam > rtol ** 2 * lam[0])
-            return V[:, ok] / np.sqrt(lam[ok])
-        Wx, Wy = reduce(cov.sxx), reduce(cov.syy)
-        k = min(Wx.shape[1], Wy.shape[1])
-        if k == 0:
-            return 0.0
-        s = np.linalg.svd(Wx.T @ cov.sxy @ Wy, compute_uv=False)
-        return float(np.clip(s[:k], 0, 1).sum() / k)
-    # pwcca: <h_i, x_j> for unit canonical variate h_i = Xc Wx u_i is (Sxx Wx u_i)_j * (n-1),
-    # up to a common factor that cancels in the normalisation.
-    rho, k, kx, _, Wx, u = cca_from_covariance(cov, rtol=rtol)
-    if k == 0:
-        return 0.0
-    sxx = cov.sxx[np.ix_(kx, kx)]
-    alpha = np.abs(sxx @ Wx @ u).sum(axis=0)
-    return float(np.sum(alpha * rho[:k]) / alpha.sum()) if alpha.sum() > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- minibatch CKA
@@ -261,11 +185,16 @@ class MinibatchCKAState(NamedTuple):
     hsic_xx: jax.Array
     hsic_yy: jax.Array
     batches: jax.Array
+    bad_x: jax.Array  # NaN/inf values seen in valid rows (int32)
+    bad_y: jax.Array
+    scale_x: jax.Array  # power-of-two scale fixed by the first batch (0 = not yet)
+    scale_y: jax.Array
 
 
 def init_minibatch_cka() -> MinibatchCKAState:
     z = jnp.zeros((), jnp.float32)
-    return MinibatchCKAState(z, z, z, jnp.zeros((), jnp.int32))
+    i = jnp.zeros((), jnp.int32)
+    return MinibatchCKAState(z, z, z, i, i, i, z, z)
 
 
 def _hsic_u_masked(x, y, m, kernel, threshold):
@@ -318,10 +247,13 @@ def _hsic_u_masked(x, y, m, kernel, threshold):
 @functools.partial(jax.jit, static_argnames=("kernel", "threshold"))
 @_highest
 def _update_mb_jit(state, x, y, mask, kernel, threshold):
-    (xy, xx, yy), ok = _hsic_u_masked(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
-                                      jnp.asarray(mask, jnp.float32), kernel, threshold)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    sx, sy = _stream_scale(state.scale_x, x, mask), _stream_scale(state.scale_y, y, mask)
+    (xy, xx, yy), ok = _hsic_u_masked(x / sx, y / sy, mask, kernel, threshold)
     return MinibatchCKAState(state.hsic_xy + xy, state.hsic_xx + xx, state.hsic_yy + yy,
-                             state.batches + ok.astype(jnp.int32))
+                             state.batches + ok.astype(jnp.int32),
+                             state.bad_x + _bad(x, mask), state.bad_y + _bad(y, mask), sx, sy)
 
 
 def update_minibatch_cka(state: MinibatchCKAState, x, y, mask=None, *, kernel: str = "linear",
@@ -337,8 +269,9 @@ def update_minibatch_cka(state: MinibatchCKAState, x, y, mask=None, *, kernel: s
     return _update_mb_jit(state, x, y, mask, kernel, float(threshold))
 
 
-def finish_minibatch_cka(state: MinibatchCKAState) -> float:
+def finish_minibatch_cka(state: MinibatchCKAState, name: str = "") -> float:
     """Minibatch CKA from the summed HSICs (the 1/batches factors cancel)."""
+    _raise_if_bad(name, int(state.bad_x), int(state.bad_y))
     if int(state.batches) == 0:
         raise ValueError("finish_minibatch_cka: no batch had >= 4 valid rows.")
     xy, xx, yy = (float(v) for v in (state.hsic_xy, state.hsic_xx, state.hsic_yy))
@@ -394,10 +327,10 @@ class StreamingSimilarity:
         out: Dict[str, Dict[str, float]] = {}
         for k in (self.cov or self.mb):
             row: Dict[str, float] = {}
-            cov = finish_covariance(self.cov[k]) if self.cov is not None else None
+            cov = finish_covariance(self.cov[k], k) if self.cov is not None else None
             for m in self.methods:
                 if m == "debiased_cka":
-                    row[m] = finish_minibatch_cka(self.mb[k])
+                    row[m] = finish_minibatch_cka(self.mb[k], k)
                 else:
                     opts = dict(self.options)
                     if m != "paper_cca":
@@ -410,3 +343,103 @@ class StreamingSimilarity:
             row["datapoints"] = cov.n if cov is not None else None
             out[k] = row
         return out
+
+
+# ----------------------------------------------------------------------------- joint (maps)
+class JointState(NamedTuple):
+    """Running statistics of the concatenated features Z = [layer_1 | ... | layer_L] (b, D)
+    of a stream: the co-moment of all layers with all layers (D, D) and, per batch, the
+    unbiased linear HSIC of every pair of layers (L, L). One GEMM Z^T Z per batch feeds
+    both, so a layer x layer map costs one pass however many layers it has.
+
+    ``segments`` (static, passed to the update) say which columns belong to which layer;
+    ``scale`` (D,) holds each layer's power-of-two scale (fixed by its first batch).
+    """
+    count: jax.Array
+    mean: jax.Array
+    c: jax.Array
+    comp: jax.Array
+    hsic: jax.Array
+    batches: jax.Array
+    bad: jax.Array
+    scale: jax.Array
+
+
+def init_joint(num_features: int, num_layers: int) -> JointState:
+    """Empty statistics for D = ``num_features`` columns in ``num_layers`` layers."""
+    d, L = num_features, num_layers
+    z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    i = jnp.zeros((), jnp.int32)
+    return JointState(i, z(d), z(d, d), z(d, d), z(L, L), i, jnp.zeros((d,), jnp.int32), z(d))
+
+
+def _membership(segments, d):
+    """(D, L) one-hot matrix of which layer each column belongs to."""
+    E = np.zeros((d, len(segments)), np.float32)
+    for l, (a, b) in enumerate(segments):
+        E[a:b, l] = 1.0
+    return jnp.asarray(E)
+
+
+@functools.partial(jax.jit, static_argnames=("segments",))
+@_highest
+def update_joint(state: JointState, z, mask, segments) -> JointState:
+    """Adds one batch z (b, D) with valid-row mask (b,); ``segments`` ((start, stop), ...)."""
+    m = jnp.asarray(mask, jnp.float32)
+    z = jnp.asarray(z, jnp.float32)
+    E = _membership(segments, z.shape[1])
+    bad = state.bad + jnp.sum(jnp.where(m[:, None] > 0, ~jnp.isfinite(z), False), 0,
+                              dtype=jnp.int32)
+    top = jnp.max(jnp.where(m[:, None] > 0, jnp.abs(jnp.where(jnp.isfinite(z), z, 0)), 0), 0)
+    layer_top = jnp.max(E * top[:, None], 0)  # (L,)
+    _, e = jnp.frexp(jnp.where(layer_top > 0, layer_top, 1.0))
+    scale = jnp.where(state.scale > 0, state.scale, _mm(E, jnp.ldexp(jnp.ones_like(
+        layer_top), e)))
+    z = z / scale
+    nb = jnp.sum(m)
+    safe = jnp.maximum(nb, 1.0)
+    mb = jnp.sum(z * m[:, None], 0) / safe
+    zc = (z - mb) * m[:, None]
+    G = _mm(zc.T, zc)
+    na = state.count.astype(jnp.float32)
+    n = na + nb
+    dm = mb - state.mean
+    c, comp = _kahan_add(state.c, state.comp, G + (na * nb / jnp.maximum(n, 1.0)) *
+                         jnp.outer(dm, dm))
+    # unbiased linear HSIC of every layer pair on this batch (centred data, so K~1 = -diag)
+    a = _mm(zc * zc, E)  # (b, L) squared row norms per layer
+    ss = _mm(E.T, _mm(G * G, E))  # (L, L) ||Z_i^T Z_j||_F^2
+    nn = jnp.maximum(nb, 4.0)
+    ab = _mm(a.T, a)
+    sa = jnp.sum(a, 0)
+    h = (ss - ab + jnp.outer(sa, sa) / ((nn - 1) * (nn - 2)) - 2.0 * ab / (nn - 2)) / (
+        nn * (nn - 3))
+    ok = nb >= 4
+    return JointState(state.count + nb.astype(jnp.int32), state.mean + dm * nb / jnp.maximum(n, 1.0),
+                      c, comp, state.hsic + jnp.where(ok, h, 0.0),
+                      state.batches + ok.astype(jnp.int32), bad, scale)
+
+
+def finish_joint(state: JointState, segments, names) -> Tuple[Covariances, np.ndarray]:
+    """Float64 covariance of all D columns (as a :class:`Covariances` with x = y = Z) and
+    the minibatch linear CKA matrix (L, L); raises on NaN/inf naming the layers."""
+    bad = np.asarray(state.bad)
+    problems = [f"{name}: {int(bad[a:b].sum())} NaN/inf values"
+                for name, (a, b) in zip(names, segments) if bad[a:b].sum()]
+    if problems:
+        raise _sim.NonFiniteActivationsError(
+            "streamed activations are not finite (" + "; ".join(problems) + "). Check the "
+            "model's weights and inputs (a diverged checkpoint, unnormalised images, bf16 "
+            "overflow); similarities of non-finite activations are undefined.")
+    n = int(state.count)
+    if n < 2:
+        raise ValueError(f"finish_joint: need at least 2 datapoints, got {n}.")
+    s = np.asarray(state.scale, np.float64)
+    c = (np.asarray(state.c, np.float64) - np.asarray(state.comp, np.float64))
+    c = 0.5 * (c + c.T) * np.outer(s, s) / (n - 1)
+    mean = np.asarray(state.mean, np.float64) * s
+    h = np.asarray(state.hsic, np.float64)
+    diag = np.sqrt(np.maximum(np.diag(h), 0.0))
+    den = np.outer(diag, diag)
+    cka = np.where(den > 0, h / np.where(den > 0, den, 1.0), 0.0)
+    return Covariances(n, mean, mean, c, c, c), cka

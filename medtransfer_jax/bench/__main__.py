@@ -5,6 +5,8 @@
   similarity   CCA/SVCCA/PWCCA/CKA on device vs a float64 NumPy svcca-style reference
   network      two-model ResNet50 stage-wise CCA end to end on N images
   scaling      how step time and CCA time grow (batch, image size, N, neurons)
+  network_scale  GPU record (#15.4): kernels at 2048 x 20k vs NumPy, the paper protocol on
+               two ResNet50s end to end, a 17 x 17 block map on 10k images (+ bf16 effect)
 
 Run with --helpfull for the flags of each. Bad flags: one line ``bench: error: ...``,
 exit status 2.

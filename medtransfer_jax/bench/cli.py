@@ -10,7 +10,8 @@ from medtransfer_jax import cli
 from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 
-WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input", "grid")
+WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input", "grid",
+         "network_scale")
 
 _DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
@@ -30,8 +31,14 @@ _DATAPOINTS = flags.DEFINE_list("datapoints", ["10000", "50000"], "Datapoints (s
 _METHODS = flags.DEFINE_list("methods", ["mean_cca", "svcca", "pwcca", "linear_cka"],
                              "Similarity methods to time; 'streaming:mean_cca' etc. times the "
                              "covariance-accumulator route of analysis/streaming.py.")
+_ROUTES = flags.DEFINE_list("routes", ["auto"], "Similarity routes to time: auto, qr, "
+                           "covariance (analysis/similarity.py resolve_route).")
 _NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
                                            "Images for the two-model comparison.")
+_MAP_IMAGES = flags.DEFINE_integer("map_images", 10000,
+                                   "network_scale: images of the all-blocks layer map.")
+_PARTS = flags.DEFINE_list("parts", ["kernels", "protocol", "map"],
+                           "network_scale: which parts to run.")
 _WIDTH = flags.DEFINE_integer("width", 64, "ResNet stem width (64 = the real model).")
 _CACHE_EXAMPLES = flags.DEFINE_integer("cache_examples", 512,
                                        "Images in the device-resident split (device_input).")
@@ -116,8 +123,9 @@ def main(argv):
         from medtransfer_jax.bench import similarity
         rows = similarity.run(neurons=_ints(_NEURONS.value),
                               datapoints=_ints(_DATAPOINTS.value), methods=_METHODS.value,
-                              repeats=_REPEATS.value)
-        common.print_report("Similarity kernels vs float64 NumPy", rows, None, cmd)
+                              repeats=_REPEATS.value, routes=_ROUTES.value)
+        common.print_report("Similarity kernels vs the google/svcca NumPy float64 algorithm",
+                            rows, None, cmd)
     elif what == "network":
         from medtransfer_jax.bench import similarity
         rows = similarity.run_network(num_images=_NUM_IMAGES_NETWORK.value,
@@ -133,6 +141,15 @@ def main(argv):
                         cfg_dir=_CONFIGS_DIR.value)
         common.print_report("Revisiting grid: measured per target, projected to 175 runs",
                             rows, grid.COLUMNS, cmd)
+    elif what == "network_scale":
+        from medtransfer_jax.bench import network_scale
+        rows = network_scale.run(network_scale.Sizes(
+            neurons=_ints(_NEURONS.value)[0], datapoints=_ints(_DATAPOINTS.value)[0],
+            methods=_METHODS.value, depth=_DEPTH.value, width=_WIDTH.value,
+            image_size=_ints(_IMAGE_SIZES.value)[0], protocol_images=_NUM_IMAGES_NETWORK.value,
+            map_images=_MAP_IMAGES.value, batch_size=_ints(_BATCH_SIZES.value)[0],
+            repeats=_REPEATS.value, parts=_PARTS.value))
+        common.print_report("Similarity at network scale", rows, None, cmd)
     elif what == "scaling":
         from medtransfer_jax.bench import scaling
         # ResNet18 unless --depth is given: the sweep's train cells should stay quick on a CPU.

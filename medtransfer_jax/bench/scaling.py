@@ -39,9 +39,10 @@ def run(width: int = 64, depth: int = 18, *, batch_sizes: Sequence[int] = (2, 4,
         image_sizes: Sequence[int] = (32, 64), base_batch: int = 4, base_image: int = 32,
         neurons: Sequence[int] = (64, 128, 256), datapoints: Sequence[int] = (2500, 10000, 40000),
         base_neurons: int = 128, base_datapoints: int = 10000, method: str = "mean_cca",
-        iters: int = 2, repeats: int = 2) -> List[Dict[str, Any]]:
+        iters: int = 2, repeats: int = 2, route: str = "qr") -> List[Dict[str, Any]]:
     """Train sweeps (batch at ``base_image``, image size at ``base_batch``) on one device,
-    then CCA sweeps (neurons at ``base_datapoints``, datapoints at ``base_neurons``)."""
+    then CCA sweeps (neurons at ``base_datapoints``, datapoints at ``base_neurons``) on
+    ``route`` (default the QR route, whose ~n p^2 growth the FLOP ratios describe)."""
     rows: List[Dict[str, Any]] = []
     cache: Dict[tuple, Dict[str, Any]] = {}  # shared base points are measured once
 
@@ -75,8 +76,9 @@ def run(width: int = 64, depth: int = 18, *, batch_sizes: Sequence[int] = (2, 4,
         for p, n in points:
             if ("cca", p, n) not in cache:
                 X, Y = similarity.make_data(n, p)
-                cache[("cca", p, n)] = similarity.time_jax(jax.device_put(X), jax.device_put(Y),
-                                                    method, repeats=repeats)
+                cache[("cca", p, n)] = similarity.time_pair(
+                    X, Y, jax.device_put(X), jax.device_put(Y), method, route, repeats=repeats,
+                    baseline=False)
             t = cache[("cca", p, n)]
             sweep.append(_row(f"cca ({method})", varied, neurons=p, datapoints=n,
                               time_ms=t["jax_s"] * 1e3, compile_s=t["compile_s"],

@@ -1,14 +1,21 @@
-"""Similarity kernels on device vs a float64 NumPy reference; two-network comparison end to end.
+"""Similarity kernels vs the google/svcca NumPy algorithm; two-network comparison end to end.
 
-``run`` times the jitted kernel of analysis/similarity.py and, in the same process on the
-same data, an independent float64 NumPy implementation of the same method written the
-google/svcca way (covariance matrices, epsilon-regularised inverse square roots from an
-eigendecomposition, SVD of the whitened cross-covariance). Every row therefore carries a
-speed ratio *and* a correctness check (``abs_diff`` between the two values).
+``run`` times :func:`similarity.similarity` (``route`` auto / qr / covariance) and, in the
+same process on the same data, the **google/svcca algorithm in NumPy float64** — the code
+a CPU user would otherwise run — re-implemented from its description (cca_core.py
+``get_cca_similarity``: ``np.cov`` of the stacked (neurons, datapoints) activations,
+max-rescaling, pruning of neurons with variance < epsilon, ``+ epsilon I``, ``pinv``,
+matrix square root by ``eigh``, SVD of the whitened cross-covariance; SVCCA = SVD of the
+centred activations, keep 99% of the variance, then that CCA; PWCCA = Morcos et al.'s
+projection weighting through the canonical variates, with the two known bugs of
+``pwcca.py`` fixed (the whitening is applied to the directions and the projections use
+centred activations), so its value is the quantity our kernel computes; linear CKA =
+Kornblith et al.'s ``feature_space_linear_cka`` in float64). Every row carries the speed
+ratio *and* ``abs_diff`` between the two values.
 
-The NumPy side accumulates the p x p cross-product matrices over row chunks in float64,
-so it never holds a float64 copy of the (n, p) activations: n = 200k, p = 2048 needs
-the 2 x 1.6 GB float32 inputs plus O(p^2) on the host.
+Timings are interleaved (kernel, baseline, kernel, baseline, ...) and the fastest call of
+each side is compared, so a background load that comes and goes hits both sides alike
+and only ever adds time.
 
 ``run_network`` times the Revisiting study's CCA protocol (analysis/compare.py) between
 two randomly initialised ResNets, split into activation extraction and similarity.
@@ -31,12 +38,11 @@ from medtransfer_jax.bench import common
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights.checkpoint import WeightsMetadata
 
-# Methods with a NumPy reference below. rbf_cka has none: it needs n x n Gram matrices
-# (80 GB in float64 at n = 100k), so only its device time is reported.
-NUMPY_METHODS = ("mean_cca", "paper_cca", "svcca", "pwcca", "linear_cka", "debiased_cka",
-                 "procrustes")
+# Methods with a google/svcca-style NumPy baseline (svcca has no CKA; Kornblith's colab
+# is the linear-CKA baseline). Others are timed on device only.
+BASELINE_METHODS = ("mean_cca", "paper_cca", "svcca", "pwcca", "linear_cka")
 
-COLUMNS = ["method", "p", "n", "jax_s", "compile_s", "numpy_s", "speedup", "value",
+COLUMNS = ["method", "route", "p", "n", "jax_s", "compile_s", "numpy_s", "speedup", "value",
            "abs_diff", "note"]
 
 # svcca's epsilon: 1e-10 as in its tutorials; paper_cca uses the study's 1e-12.
@@ -68,207 +74,170 @@ def make_data(n: int, p: int, q: Optional[int] = None, *, shared: int = 8,
     return X, Y
 
 
-# ----------------------------------------------------------------------------- NumPy reference
-def moments(X, Y, *, rows: bool = False, chunk: int = CHUNK_ROWS) -> Dict[str, Any]:
-    """Centred cross-products Xc^T Xc, Xc^T Yc, Yc^T Yc in float64, two passes over chunks.
+# ----------------------------------------------------------------------------- svcca baseline
+def _psd_sqrt(a):
+    """svcca positivedef_matrix_sqrt: V sqrt(w) V^T from eigh."""
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
 
-    ``rows=True`` also sums the per-datapoint squared norms that debiased CKA needs.
+
+def svcca_cca(acts1, acts2, epsilon: float = EPSILON) -> Dict[str, Any]:
+    """google/svcca ``get_cca_similarity`` core on (neurons, datapoints) arrays, float64.
+
+    Returns {'s': correlations (min(kept_x, kept_y),), 'u', 'invsqrt_xx', 'x_idxs'}.
     """
-    n, p, q = X.shape[0], X.shape[1], Y.shape[1]
-    mx, my = np.zeros(p), np.zeros(q)
-    for s in range(0, n, chunk):
-        mx += X[s:s + chunk].sum(0, dtype=np.float64)
-        my += Y[s:s + chunk].sum(0, dtype=np.float64)
-    mx /= n
-    my /= n
-    cxx, cxy, cyy = np.zeros((p, p)), np.zeros((p, q)), np.zeros((q, q))
-    sa = sb = sab = saa = sbb = 0.0
-    for s in range(0, n, chunk):
-        a = X[s:s + chunk].astype(np.float64) - mx
-        b = Y[s:s + chunk].astype(np.float64) - my
-        cxx += a.T @ a
-        cxy += a.T @ b
-        cyy += b.T @ b
-        if rows:
-            ra, rb = np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b)
-            sa, sb = sa + ra.sum(), sb + rb.sum()
-            sab, saa, sbb = sab + ra @ rb, saa + ra @ ra, sbb + rb @ rb
-    return dict(n=n, cxx=cxx, cxy=cxy, cyy=cyy, sa=sa, sb=sb, sab=sab, saa=saa, sbb=sbb)
-
-
-def _inv_sqrt(A, epsilon):
-    """(A + eps I)^(-1/2) by eigendecomposition (svcca: pinv, then matrix sqrt)."""
-    w, V = np.linalg.eigh(A + epsilon * np.eye(A.shape[0]))
-    return (V / np.sqrt(np.maximum(w, epsilon))) @ V.T
-
-
-def cov_cca(cxx, cxy, cyy, epsilon: float = EPSILON):
-    """svcca ``cca_core.get_cca_similarity`` on given cross-products.
-
-    Rescales by the largest covariance entry, drops neurons whose rescaled variance is
-    < epsilon, whitens with (S + eps I)^(-1/2) and takes the SVD. Returns
-    (rho, u, Wx, kept_x) with rho of length min(kept_x, kept_y).
-    """
-    xmax, ymax = np.abs(cxx).max(), np.abs(cyy).max()
+    numx = acts1.shape[0]
+    cov = np.cov(acts1, acts2)
+    sxx, sxy, syy = cov[:numx, :numx], cov[:numx, numx:], cov[numx:, numx:]
+    xmax, ymax = np.max(np.abs(sxx)), np.max(np.abs(syy))
     if xmax == 0 or ymax == 0:
-        return np.zeros(0), None, None, np.zeros(cxx.shape[0], bool)
-    sxx, syy, sxy = cxx / xmax, cyy / ymax, cxy / np.sqrt(xmax * ymax)
+        return dict(s=np.zeros(0), u=None, invsqrt_xx=None, x_idxs=np.zeros(numx, bool))
+    sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
     ix, iy = np.abs(np.diag(sxx)) >= epsilon, np.abs(np.diag(syy)) >= epsilon
     sxx, syy, sxy = sxx[ix][:, ix], syy[iy][:, iy], sxy[ix][:, iy]
-    wx, wy = _inv_sqrt(sxx, epsilon), _inv_sqrt(syy, epsilon)
-    u, rho, _ = np.linalg.svd(wx @ sxy @ wy)
-    m = min(sxx.shape[0], syy.shape[0])
-    return np.abs(rho[:m]), u, wx, ix
+    if not ix.any() or not iy.any():
+        return dict(s=np.zeros(0), u=None, invsqrt_xx=None, x_idxs=ix)
+    isx = _psd_sqrt(np.linalg.pinv(sxx + epsilon * np.eye(len(sxx))))
+    isy = _psd_sqrt(np.linalg.pinv(syy + epsilon * np.eye(len(syy))))
+    u, s, _ = np.linalg.svd(isx @ sxy @ isy)
+    return dict(s=np.abs(s), u=u, invsqrt_xx=isx, x_idxs=ix)
 
 
-def _reduce_99(cxx, keep):
-    """SVD reduction of one side in covariance form: eigenvectors of Xc^T Xc are the right
-    singular vectors of Xc (eigenvalues = s^2), so the top-d projection needs no (n, p) SVD.
-    Returns (V_d, eigenvalues_d)."""
-    w, V = np.linalg.eigh(cxx)
-    w, V = np.maximum(w[::-1], 0.0), V[:, ::-1]
-    frac = np.cumsum(w) / max(w.sum(), np.finfo(np.float64).tiny)
-    d = int(np.searchsorted(frac, keep)) + 1  # fewest directions reaching `keep`
-    return V[:, :d], w[:d]
+def _svd_reduce(acts, keep):
+    """SVCCA step 1 (svcca tutorial): SVD of the centred activations, keep the leading
+    directions explaining ``keep`` of the variance: (d, datapoints)."""
+    cacts = acts - acts.mean(axis=1, keepdims=True)
+    _, s, v = np.linalg.svd(cacts, full_matrices=False)
+    frac = np.cumsum(s ** 2) / np.sum(s ** 2)
+    d = int(np.searchsorted(frac, keep)) + 1
+    return s[:d, None] * v[:d]
 
 
-def numpy_similarity(X, Y, method: str, *, keep: float = 0.99,
-                     epsilon: Optional[float] = None) -> float:
-    """float64 NumPy value of ``method`` for X (n, p), Y (n, q), svcca-style formulas."""
-    if method not in NUMPY_METHODS:
-        raise ValueError(f"No NumPy reference for {method!r}; available: {NUMPY_METHODS}.")
-    if epsilon is None:
-        epsilon = 1e-12 if method == "paper_cca" else EPSILON
-    m = moments(X, Y, rows=method == "debiased_cka")
-    cxx, cxy, cyy, n = m["cxx"], m["cxy"], m["cyy"], m["n"]
-    if method in ("mean_cca", "paper_cca"):
-        rho = cov_cca(cxx, cxy, cyy, epsilon)[0]
-        return float(rho.mean()) if rho.size else 0.0
+def svcca_baseline(X, Y, method: str, *, keep: float = 0.99,
+                   epsilon: Optional[float] = None) -> float:
+    """The NumPy float64 value of ``method`` the google/svcca way; X (n, p), Y (n, q)."""
+    if method not in BASELINE_METHODS:
+        raise ValueError(f"No NumPy baseline for {method!r}; available: {BASELINE_METHODS}.")
+    if method == "linear_cka":  # Kornblith et al.'s feature_space_linear_cka
+        x = np.asarray(X, np.float64)
+        y = np.asarray(Y, np.float64)
+        x, y = x - x.mean(0), y - y.mean(0)
+        den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+        return float(np.linalg.norm(x.T @ y) ** 2 / den) if den > 0 else 0.0
+    eps = (1e-12 if method == "paper_cca" else EPSILON) if epsilon is None else epsilon
+    a1, a2 = np.asarray(X).T, np.asarray(Y).T  # svcca layout: (neurons, datapoints)
     if method == "svcca":
-        vx, wx = _reduce_99(cxx, keep)
-        vy, wy = _reduce_99(cyy, keep)
-        rho = cov_cca(np.diag(wx), vx.T @ cxy @ vy, np.diag(wy), epsilon)[0]
-        return float(rho.mean()) if rho.size else 0.0
-    if method == "pwcca":
-        # Morcos et al. 2018: weight rho_i by sum_j |<h_i, x_j>| over X's neurons, h_i the
-        # unit-norm canonical variate Xc a_i; all inner products come from Xc^T Xc.
-        rho, u, wx, ix = cov_cca(cxx, cxy, cyy, epsilon)
-        if not rho.size:
-            return 0.0
-        c = cxx[ix][:, ix]
-        a = wx @ u[:, :rho.size]  # canonical weights (any per-column scale cancels)
-        proj = a.T @ c  # (m, p): <Xc a_i, x_j>
-        norms = np.sqrt(np.maximum(np.einsum("ij,ij->j", a, c @ a), 0.0))
-        alpha = np.abs(proj).sum(1) / np.where(norms > 0, norms, 1.0)
-        return float(alpha @ rho / alpha.sum()) if alpha.sum() > 0 else 0.0
-    if method == "linear_cka":
-        den = np.linalg.norm(cxx) * np.linalg.norm(cyy)
-        return float(np.sum(cxy ** 2) / den) if den > 0 else 0.0
-    if method == "debiased_cka":
-        # Unbiased HSIC (Song et al. 2012) of linear kernels in feature space: with centred
-        # data K~1 = -diag(K), so every term is a Frobenius norm or a row-norm sum.
-        def hsic(c2, s_ab, s_a, s_b):
-            return c2 - s_ab + s_a * s_b / ((n - 1) * (n - 2)) - 2.0 * s_ab / (n - 2)
-        xy = hsic(np.sum(cxy ** 2), m["sab"], m["sa"], m["sb"])
-        xx = hsic(np.sum(cxx ** 2), m["saa"], m["sa"], m["sa"])
-        yy = hsic(np.sum(cyy ** 2), m["sbb"], m["sb"], m["sb"])
-        return float(xy / np.sqrt(xx * yy)) if xx * yy > 0 else 0.0
-    # procrustes: 2 - 2 ||Xc^T Yc||_* / (||Xc||_F ||Yc||_F)
-    den = np.sqrt(np.trace(cxx) * np.trace(cyy))
-    nuc = np.linalg.svd(cxy, compute_uv=False).sum()
-    return float(max(2.0 - 2.0 * nuc / den, 0.0)) if den > 0 else 2.0
+        a1 = _svd_reduce(a1.astype(np.float64), keep)
+        a2 = _svd_reduce(a2.astype(np.float64), keep)
+    r = svcca_cca(a1, a2, eps)
+    s = r["s"]
+    if not s.size:
+        return 0.0
+    if method != "pwcca":
+        return float(s.mean())
+    ix = r["x_idxs"]
+    cacts = a1[ix].astype(np.float64)
+    cacts -= cacts.mean(axis=1, keepdims=True)
+    dirns = (r["u"][:, :s.size].T @ r["invsqrt_xx"]) @ cacts  # canonical variates of X
+    P, _ = np.linalg.qr(dirns.T)
+    weights = np.sum(np.abs(P.T @ cacts.T), axis=1)
+    return float(np.sum(weights * s) / weights.sum())
 
 
 # ----------------------------------------------------------------------------- timing
-def time_jax(X, Y, method: str, *, repeats: int = 2, min_window_s: float = 0.2,
-             **options) -> Dict[str, float]:
-    """Steady-state seconds per call of ``similarity(X, Y, method)``, compile separately.
+def _jax_call(X, Y, method, route):
+    if method.startswith(STREAMING_PREFIX):
+        base = method[len(STREAMING_PREFIX):]
 
-    ``X``/``Y`` should already be on device (transfer is not the kernel's cost).
-    compile_s = first call - steady call (trace + XLA compile). Fast kernels are called
-    several times per window so dispatch jitter does not dominate.
-    """
-    def fn():
-        return sim.similarity(X, Y, method, **options)
+        def fn():
+            state = streaming.init_covariance(X.shape[1], Y.shape[1])
+            for i in range(0, X.shape[0], 20000):
+                state = streaming.update_covariance(state, X[i:i + 20000], Y[i:i + 20000])
+            return streaming.similarity_from_covariance(streaming.finish_covariance(state),
+                                                        base)
+        return fn
+    return lambda: float(sim.similarity(X, Y, method, route=route))
 
-    sync = lambda v: v.block_until_ready()  # noqa: E731
-    probe = common.time_fn(fn, iters=1, repeats=1, sync=sync)
-    iters = int(min(50, max(1, min_window_s // max(probe["median_s"], 1e-6))))
-    t = common.time_fn(fn, iters=iters, repeats=max(1, repeats), sync=sync)
-    return dict(jax_s=t["median_s"], compile_s=max(probe["first_s"] - probe["median_s"], 0.0),
-                value=float(fn()))
+
+def time_pair(X, Y, Xd, Yd, method: str, route: str = "auto", *, repeats: int = 3,
+              baseline: bool = True) -> Dict[str, float]:
+    """Interleaved timings of the kernel (device arrays Xd, Yd) and the NumPy baseline
+    (host X, Y): the fastest of ``repeats`` calls each, compile timed separately."""
+    fn = _jax_call(Xd, Yd, method, route)
+    t0 = time.perf_counter()
+    value = fn()
+    first = time.perf_counter() - t0
+    base = method[len(STREAMING_PREFIX):] if method.startswith(STREAMING_PREFIX) else method
+    jt, nt, ref = [], [], float("nan")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        value = fn()
+        jt.append(time.perf_counter() - t0)
+        if baseline and base in BASELINE_METHODS:
+            t0 = time.perf_counter()
+            ref = svcca_baseline(X, Y, base)
+            nt.append(time.perf_counter() - t0)
+    # The minimum of interleaved calls: background load only ever adds time, so on a
+    # shared machine the fastest call is the best estimate of each side's own cost.
+    jax_s = min(jt)
+    return dict(jax_s=jax_s, compile_s=max(first - statistics.median(jt), 0.0),
+                value=float(value), numpy_s=min(nt) if nt else float("nan"), ref=ref)
 
 
 STREAMING_PREFIX = "streaming:"
 
 
-def time_streaming(X, Y, method: str, *, repeats: int = 2, chunk: int = 20000
-                   ) -> Dict[str, float]:
-    """Seconds of the streaming route: covariances accumulated on device chunk by chunk
-    (analysis/streaming.py), finished in float64 on the host. Compile = first - steady."""
-    def fn():
-        state = streaming.init_covariance(X.shape[1], Y.shape[1])
-        for i in range(0, X.shape[0], chunk):
-            state = streaming.update_covariance(state, X[i:i + chunk], Y[i:i + chunk])
-        return streaming.similarity_from_covariance(streaming.finish_covariance(state), method)
-
-    probe = common.time_fn(fn, iters=1, repeats=1)
-    t = common.time_fn(fn, iters=1, repeats=max(1, repeats))
-    return dict(jax_s=t["median_s"], compile_s=max(probe["first_s"] - t["median_s"], 0.0),
-                value=float(fn()))
-
-
-def time_numpy(X, Y, method: str, *, repeats: int = 2) -> Dict[str, float]:
-    """Median seconds of :func:`numpy_similarity` (host float32 in, float64 throughout)."""
-    times, value = [], float("nan")
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        value = numpy_similarity(X, Y, method)
-        times.append(time.perf_counter() - t0)
-    return dict(numpy_s=statistics.median(times), value=value)
-
-
 def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = (10000, 50000),
         methods: Sequence[str] = ("mean_cca", "svcca", "pwcca", "linear_cka"),
-        repeats: int = 2, *, seed: int = 0, compare_numpy: bool = True) -> List[Dict[str, Any]]:
-    """One row per (neurons p = q, datapoints n, method): device vs NumPy in the same run."""
+        repeats: int = 3, *, routes: Sequence[str] = ("auto",), seed: int = 0,
+        compare_numpy: bool = True) -> List[Dict[str, Any]]:
+    """One row per (neurons p = q, datapoints n, method, route): device vs NumPy, same run."""
     bad = [m for m in methods if m not in sim.METHODS and not (
         m.startswith(STREAMING_PREFIX)
         and m[len(STREAMING_PREFIX):] in streaming.COVARIANCE_METHODS)]
     if bad:
         raise ValueError(f"Unknown method(s) {bad}; choose from {sim.METHODS} or "
                          f"{STREAMING_PREFIX}<one of {streaming.COVARIANCE_METHODS}>.")
-    nan = float("nan")
     rows = []
     for p in neurons:
         for n in datapoints:
             X, Y = make_data(n, p, seed=seed)
             Xd, Yd = jax.device_put(X), jax.device_put(Y)
             for m in methods:
-                row = dict(method=m, p=p, n=n, jax_s=nan, compile_s=nan, numpy_s=nan,
-                           speedup=nan, value=nan, abs_diff=nan, note="")
-                base = m[len(STREAMING_PREFIX):] if m.startswith(STREAMING_PREFIX) else m
-                if base in sim.CCA_FAMILY and n <= p:
-                    row["note"] = "skipped: CCA needs n > p"
-                else:
-                    if base != m:
-                        j = time_streaming(Xd, Yd, base, repeats=repeats)
-                        m = base  # the NumPy reference of the same measure
-                    else:
-                        j = time_jax(Xd, Yd, m, repeats=repeats)
-                    row.update(jax_s=j["jax_s"], compile_s=j["compile_s"], value=j["value"])
-                    if not compare_numpy:
-                        row["note"] = "NumPy not run"
-                    elif m in NUMPY_METHODS:
-                        r = time_numpy(X, Y, m, repeats=repeats)
-                        row.update(numpy_s=r["numpy_s"], speedup=r["numpy_s"] / j["jax_s"],
-                                   abs_diff=abs(r["value"] - j["value"]))
-                    else:
-                        row["note"] = "no NumPy reference (O(n^2) Gram)"
-                rows.append(row)
-                print(common.format_table([row], COLUMNS).splitlines()[-1], flush=True)
+                for route in routes:
+                    rows.append(_row(X, Y, Xd, Yd, m, route, p, n, repeats, compare_numpy))
+                    print(common.format_table([rows[-1]], COLUMNS).splitlines()[-1],
+                          flush=True)
             del Xd, Yd
     return rows
+
+
+def _row(X, Y, Xd, Yd, m, route, p, n, repeats, compare_numpy) -> Dict[str, Any]:
+    nan = float("nan")
+    base = m[len(STREAMING_PREFIX):] if m.startswith(STREAMING_PREFIX) else m
+    row = dict(method=m, route="streaming" if base != m else route, p=p, n=n, jax_s=nan,
+               compile_s=nan, numpy_s=nan, speedup=nan, value=nan, abs_diff=nan, note="")
+    if base in sim.CCA_FAMILY and n <= p:
+        row["note"] = "skipped: CCA needs n > p"
+        return row
+    if base == m and route != "auto":
+        try:
+            sim.resolve_route(route, m, n, p, p)
+        except ValueError as e:
+            row["note"] = f"skipped: {e}"
+            return row
+    if base == m:
+        row["route"] = f"{route}->{sim.resolve_route(route, m, n, p, p)}"
+    t = time_pair(X, Y, Xd, Yd, m, route, repeats=repeats, baseline=compare_numpy)
+    row.update(jax_s=t["jax_s"], compile_s=t["compile_s"], value=t["value"])
+    if not compare_numpy:
+        row["note"] = "NumPy not run"
+    elif base in BASELINE_METHODS:
+        row.update(numpy_s=t["numpy_s"], speedup=t["numpy_s"] / t["jax_s"],
+                   abs_diff=abs(t["ref"] - t["value"]))
+    else:
+        row["note"] = "no NumPy baseline"
+    return row
 
 
 # ----------------------------------------------------------------------------- two networks
@@ -313,7 +282,8 @@ def run_network(num_images: int = 1000, image_size: int = 224, depth: int = 50,
                               num_channels=protocol.num_channels, repeats=protocol.repeats,
                               seed=protocol.seed)
     t0 = time.perf_counter()
-    pairs = compare.collect_draws(a, b, images, draws, batch_size=protocol.batch_size)
+    pairs = compare.collect_draws(a, b, images, draws, batch_size=protocol.batch_size,
+                                  preprocessing=protocol.preprocessing)
     jax.block_until_ready(pairs)
     extract_s = time.perf_counter() - t0
     forwarded = sum(len(np.unique(np.concatenate([d.images for d in draws if d.repeat == r])))
