@@ -8,6 +8,7 @@ open raise on any argument that still carries ``gs:`` — the bug this module ex
 """
 import builtins
 import io
+import json
 import os
 import pathlib
 import re
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from _train_utils import REPO
+from _train_utils import REPO, TINY_CONFIG
 from medtransfer_jax import paths
 
 
@@ -205,3 +206,88 @@ def test_adopting_modules_have_no_os_path_left():
     for name in ("checkpoint.py", "conversion.py", "_common.py", "torchvision.py", "keras_h5.py"):
         text = open(os.path.join(REPO, "medtransfer_jax", "weights", name)).read()
         assert not re.search(r"\bos\.(path\.|makedirs|replace)|[^.]\bopen\(", text), name
+
+
+class _StepLog:
+    """A loop hook recording the steps a run trains (the resumed run starts after the save)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def after_step(self, step, state):
+        self.steps.append(step)
+
+
+def test_training_run_in_a_bucket_stays_there_and_resumes(fake_gcs, no_os_path_on_urls,
+                                                           monkeypatch, tmp_path):
+    """A tiny training with ``--workdir=gs://bucket/run``: config/metrics/predictions/
+    results/exports land in the bucket stand-in through paths.*, orbax is handed the URL
+    (the stand-in maps it to a local folder only at orbax's door, since orbax writes
+    arrays to GCS with tensorstore, which no local mock reaches), TensorBoard gets the URL
+    as its logdir, and a SIGTERM-interrupted run resumes from its checkpoint there."""
+    import _train_faults
+    import orbax.checkpoint as ocp
+
+    from medtransfer_jax.training import loop, periodic, sweep
+
+    def local(p):
+        s = os.fspath(p)
+        return str(fake_gcs / s[len("gs://"):]) if s.startswith("gs://") else s
+
+    handed = []   # what orbax and tensorboardX were given
+
+    class Manager(ocp.CheckpointManager):
+        def __init__(self, directory, *a, **k):
+            handed.append(("manager", os.fspath(directory)))
+            super().__init__(local(directory), *a, **k)
+
+    class Checkpointer(ocp.StandardCheckpointer):
+        def save(self, directory, *a, **k):
+            handed.append(("weights", os.fspath(directory)))
+            return super().save(local(directory), *a, **k)
+
+    class TB:
+        def __init__(self, logdir, **kwargs):
+            handed.append(("tb", logdir))
+
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ocp, "CheckpointManager", Manager)
+    monkeypatch.setattr(ocp, "StandardCheckpointer", Checkpointer)
+    monkeypatch.setattr(periodic, "SummaryWriter", TB)
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep.load_config(sweep.Run("gcs", TINY_CONFIG, "/unused"))
+    url = "gs://bucket/runs/tiny"
+    with pytest.raises(loop.Preempted):
+        loop.train_and_evaluate(cfg, url, hooks=[_train_faults.Fault("term", 5)])
+    bucket_run = fake_gcs / "bucket" / "runs" / "tiny"
+    assert (bucket_run / "checkpoints" / "5").is_dir()
+    assert not (bucket_run / "results.json").exists()
+
+    second = _StepLog()
+    res = loop.train_and_evaluate(cfg, url, hooks=[second])
+    assert second.steps[0] == 6 and second.steps[-1] == cfg.train.num_steps
+    assert res["status"] == "done"
+    assert json.loads((bucket_run / "results.json").read_text())["best_step"] == \
+        res["best_step"]
+    assert json.loads((bucket_run / "config.json").read_text())["seed"] == cfg.seed
+    events = [json.loads(line) for line in (bucket_run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [e["step"] for e in events if e["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == cfg.train.num_steps
+    for name in ("predictions.csv", "predictions/test.csv", "export/best/metadata.json",
+                 "export/last/metadata.json"):
+        assert (bucket_run / name).is_file(), name
+    kinds = {k for k, _ in handed}
+    assert kinds == {"manager", "weights", "tb"}
+    assert all(p.startswith(url + "/") for _, p in handed), handed
+    assert ("manager", url + "/checkpoints") in handed and ("tb", url + "/tb") in handed
+    assert not (tmp_path / "gs:").exists()
+    assert loop.read_results(url)["status"] == "done"
+    # A finished run in the bucket is recognised and not repeated.
+    third = _StepLog()
+    assert loop.train_and_evaluate(cfg, url, hooks=[third])["status"] == "done"
+    assert third.steps == []
