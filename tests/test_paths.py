@@ -291,3 +291,63 @@ def test_training_run_in_a_bucket_stays_there_and_resumes(fake_gcs, no_os_path_o
     third = _StepLog()
     assert loop.train_and_evaluate(cfg, url, hooks=[third])["status"] == "done"
     assert third.steps == []
+
+
+def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls, tmp_path,
+                                                    monkeypatch):
+    """A gs:// study keeps URLs for its layout, tables, stage markers, the sweep's
+    results reading (done runs are recognised, their metrics collected) and the
+    bootstrap CI read from a run's predictions file in the bucket."""
+    from test_study import _tiny_study_config
+
+    from medtransfer_jax.studies import analyses, runner, tables
+    from medtransfer_jax.training import predictions, sweep
+
+    monkeypatch.chdir(tmp_path)
+    url = "gs://bucket/study"
+    study = runner.Study(_tiny_study_config(), url)
+    assert study.workdir == url and study.path("tables", "a.csv") == url + "/tables/a.csv"
+    assert study.source_dir("natural") == url + "/sources/natural/run/export/best"
+    assert study.fine_tuned_dir("lesion", "random", fold=0) == \
+        url + "/finetune/lesion/random/fold0/export/best"
+    runs = study.finetune_runs()
+    assert runs and all(r.workdir.startswith(url + "/finetune/") for r in runs)
+
+    rows = [{"target": "lesion", "fold": 0, "auc": 0.75}, {"target": "lesion", "fold": 1,
+                                                            "auc": 0.25, "skip": [1]}]
+    tables.write_csv(study.path("tables", "runs.csv"), rows)
+    got = tables.read_csv(study.path("tables", "runs.csv"))
+    assert got == [{"target": "lesion", "fold": 0.0, "auc": 0.75},
+                   {"target": "lesion", "fold": 1.0, "auc": 0.25}]
+    assert tables.read_csv_if(study.path("tables", "none.csv")) == []
+    tables.write_json(study.path("tables", "x.json"), {"a": [1, 2]})
+    assert tables.read_json(study.path("tables", "x.json")) == {"a": [1, 2]}
+    assert (fake_gcs / "bucket" / "study" / "tables" / "runs.csv").is_file()
+
+    paths.makedirs(study.path("stages"))
+    assert not study.is_done("sources")
+    assert study._finish("sources", 1.0) == "done" and study.is_done("sources")
+    assert study._finish("report", 2.0) == "partial"  # other stages not done
+
+    run = runs[0]
+    assert run.status() == "new" and sweep.read_results(run.workdir) is None
+    paths.makedirs(paths.join(run.workdir, "checkpoints", "3"))
+    assert run.status() == "partial"
+    paths.write_text_atomic(paths.join(run.workdir, "results.json"), json.dumps(
+        {"status": "done", "best_step": 4, "test": {"auc": 0.5}}))
+    assert run.status() == "done"
+    assert sweep.collect([run])[0]["test.auc"] == 0.5
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 40)
+    probs = rng.dirichlet([1, 1], 40)
+    for where in (run.workdir, str(tmp_path / "local")):
+        predictions.write_predictions(paths.join(where, "predictions.csv"),
+                                      [str(i) for i in range(40)], ["g"] * 40, "test", labels,
+                                      probs)
+    remote = analyses.run_auc_ci(run.workdir, "test", "auc", 50)
+    local = analyses.run_auc_ci(str(tmp_path / "local"), "test", "auc", 50)
+    assert remote and remote == local
+    back = predictions.read_predictions(paths.join(run.workdir, "predictions.csv"))
+    np.testing.assert_array_equal(back["probs"], probs)
+    assert not (tmp_path / "gs:").exists()
