@@ -211,7 +211,11 @@ class RunCheckpointer:
         logging.warning("%s; skipping it (moved to %s)", error, dst)
         if jax.process_index() == 0:
             paths.makedirs(dst.parent)
-            paths.as_path(self._step_dir(step)).rename(dst)  # a prefix copy on GCS
+            if paths.is_remote(dst):  # a bucket has no empty folders, and epath's rename
+                # wants the destination folder to exist: an object makes the prefix exist
+                paths.write_text_atomic(dst.parent / "README.txt", "damaged checkpoints "
+                                        "moved aside by medtransfer_jax; safe to delete\n")
+            paths.as_path(self._step_dir(step)).rename(dst)  # recursive copy+delete on GCS
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.reload()
