@@ -224,7 +224,8 @@ def test_training_run_in_a_bucket_stays_there_and_resumes(fake_gcs, no_os_path_o
     results/exports land in the bucket stand-in through paths.*, orbax is handed the URL
     (the stand-in maps it to a local folder only at orbax's door, since orbax writes
     arrays to GCS with tensorstore, which no local mock reaches), TensorBoard gets the URL
-    as its logdir, and a SIGTERM-interrupted run resumes from its checkpoint there."""
+    as its logdir, and a SIGTERM-interrupted run resumes from its checkpoint there (a
+    damaged latest checkpoint is moved aside within the bucket)."""
     import _train_faults
     import orbax.checkpoint as ocp
 
@@ -268,9 +269,17 @@ def test_training_run_in_a_bucket_stays_there_and_resumes(fake_gcs, no_os_path_o
     assert (bucket_run / "checkpoints" / "5").is_dir()
     assert not (bucket_run / "results.json").exists()
 
+    # Damage the latest save: the resumed run moves it aside inside the bucket and
+    # resumes from the previous one (step 4, an evaluation).
+    for root, _, files in os.walk(bucket_run / "checkpoints" / "5" / "state"):
+        for name in files:
+            with builtins.open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
     second = _StepLog()
     res = loop.train_and_evaluate(cfg, url, hooks=[second])
-    assert second.steps[0] == 6 and second.steps[-1] == cfg.train.num_steps
+    assert second.steps[0] == 5 and second.steps[-1] == cfg.train.num_steps
+    damaged = sorted(p.name for p in (bucket_run / "checkpoints.damaged").iterdir())
+    assert len(damaged) == 2 and damaged[0].startswith("5-") and damaged[1] == "README.txt"
     assert res["status"] == "done"
     assert json.loads((bucket_run / "results.json").read_text())["best_step"] == \
         res["best_step"]
