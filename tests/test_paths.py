@@ -360,3 +360,18 @@ def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls
     back = predictions.read_predictions(paths.join(run.workdir, "predictions.csv"))
     np.testing.assert_array_equal(back["probs"], probs)
     assert not (tmp_path / "gs:").exists()
+
+
+def test_run_and_study_writers_have_no_os_path_left():
+    """Static half for the training loop's and the study's files: paths only through
+    paths.py. The one exception is named: the study's stage-marker mtime on local disks
+    (float precision), reached only after paths.is_remote said no."""
+    allowed = {"runner.py": {"os.path.getmtime(path)"}}
+    files = [("training", n) for n in ("loop.py", "checkpointing.py", "periodic.py",
+                                       "finalize.py", "predictions.py")]
+    files += [("studies", n) for n in ("runner.py", "tables.py", "analyses.py")]
+    for folder, name in files:
+        text = open(os.path.join(REPO, "medtransfer_jax", folder, name)).read()
+        hits = {m.group(0) for m in re.finditer(
+            r"\bos\.(path\.\w+|makedirs|replace)\([^)]*\)|[^.\w]open\([^)]*\)", text)}
+        assert hits <= allowed.get(name, set()), (folder, name, hits - allowed.get(name, set()))
