@@ -16,12 +16,11 @@ may use a workdir (``WORKDIR/.lock``). Exit status: 0 done, 1 diverged (see
 ``results.json``), 2 bad input (one line saying what to fix), 143 stopped by SIGTERM /
 a preemption notice / Ctrl-C after saving a checkpoint (rerun to resume).
 """
-import os
 import sys
 
 from absl import flags, logging
 
-from medtransfer_jax import cli, configs, workdir_lock
+from medtransfer_jax import cli, configs, paths, workdir_lock
 
 _CONFIG = cli.define_config_file(
     "train", configs.path("demo"), "Training config file (ml_collections), optionally "
@@ -64,7 +63,7 @@ def main(argv):
         val, test = results["val"], results["test"]
         print(f"done: best step {results['best_step']} | val auc {val['auc']:.4f} "
               f"acc {val['accuracy']:.4f} | test auc {test['auc']:.4f} acc {test['accuracy']:.4f}"
-              f" | results in {os.path.join(os.path.abspath(_WORKDIR.value), 'results.json')}",
+              f" | results in {paths.join(paths.workdir(_WORKDIR.value), 'results.json')}",
               flush=True)
 
 

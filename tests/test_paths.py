@@ -8,6 +8,7 @@ open raise on any argument that still carries ``gs:`` — the bug this module ex
 """
 import builtins
 import io
+import json
 import os
 import pathlib
 import re
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from _train_utils import REPO
+from _train_utils import REPO, TINY_CONFIG
 from medtransfer_jax import paths
 
 
@@ -205,3 +206,172 @@ def test_adopting_modules_have_no_os_path_left():
     for name in ("checkpoint.py", "conversion.py", "_common.py", "torchvision.py", "keras_h5.py"):
         text = open(os.path.join(REPO, "medtransfer_jax", "weights", name)).read()
         assert not re.search(r"\bos\.(path\.|makedirs|replace)|[^.]\bopen\(", text), name
+
+
+class _StepLog:
+    """A loop hook recording the steps a run trains (the resumed run starts after the save)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def after_step(self, step, state):
+        self.steps.append(step)
+
+
+def test_training_run_in_a_bucket_stays_there_and_resumes(fake_gcs, no_os_path_on_urls,
+                                                           monkeypatch, tmp_path):
+    """A tiny training with ``--workdir=gs://bucket/run``: config/metrics/predictions/
+    results/exports land in the bucket stand-in through paths.*, orbax is handed the URL
+    (the stand-in maps it to a local folder only at orbax's door, since orbax writes
+    arrays to GCS with tensorstore, which no local mock reaches), TensorBoard gets the URL
+    as its logdir, and a SIGTERM-interrupted run resumes from its checkpoint there (a
+    damaged latest checkpoint is moved aside within the bucket)."""
+    import _train_faults
+    import orbax.checkpoint as ocp
+
+    from medtransfer_jax.training import loop, periodic, sweep
+
+    def local(p):
+        s = os.fspath(p)
+        return str(fake_gcs / s[len("gs://"):]) if s.startswith("gs://") else s
+
+    handed = []   # what orbax and tensorboardX were given
+
+    class Manager(ocp.CheckpointManager):
+        def __init__(self, directory, *a, **k):
+            handed.append(("manager", os.fspath(directory)))
+            super().__init__(local(directory), *a, **k)
+
+    class Checkpointer(ocp.StandardCheckpointer):
+        def save(self, directory, *a, **k):
+            handed.append(("weights", os.fspath(directory)))
+            return super().save(local(directory), *a, **k)
+
+    class TB:
+        def __init__(self, logdir, **kwargs):
+            handed.append(("tb", logdir))
+
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ocp, "CheckpointManager", Manager)
+    monkeypatch.setattr(ocp, "StandardCheckpointer", Checkpointer)
+    monkeypatch.setattr(periodic, "SummaryWriter", TB)
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep.load_config(sweep.Run("gcs", TINY_CONFIG, "/unused"))
+    url = "gs://bucket/runs/tiny"
+    with pytest.raises(loop.Preempted):
+        loop.train_and_evaluate(cfg, url, hooks=[_train_faults.Fault("term", 5)])
+    bucket_run = fake_gcs / "bucket" / "runs" / "tiny"
+    assert (bucket_run / "checkpoints" / "5").is_dir()
+    assert not (bucket_run / "results.json").exists()
+
+    # Damage the latest save: the resumed run moves it aside inside the bucket and
+    # resumes from the previous one (step 4, an evaluation).
+    for root, _, files in os.walk(bucket_run / "checkpoints" / "5" / "state"):
+        for name in files:
+            with builtins.open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+    second = _StepLog()
+    res = loop.train_and_evaluate(cfg, url, hooks=[second])
+    assert second.steps[0] == 5 and second.steps[-1] == cfg.train.num_steps
+    damaged = sorted(p.name for p in (bucket_run / "checkpoints.damaged").iterdir())
+    assert len(damaged) == 2 and damaged[0].startswith("5-") and damaged[1] == "README.txt"
+    assert res["status"] == "done"
+    assert json.loads((bucket_run / "results.json").read_text())["best_step"] == \
+        res["best_step"]
+    assert json.loads((bucket_run / "config.json").read_text())["seed"] == cfg.seed
+    events = [json.loads(line) for line in (bucket_run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [e["step"] for e in events if e["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == cfg.train.num_steps
+    for name in ("predictions.csv", "predictions/test.csv", "export/best/metadata.json",
+                 "export/last/metadata.json"):
+        assert (bucket_run / name).is_file(), name
+    kinds = {k for k, _ in handed}
+    assert kinds == {"manager", "weights", "tb"}
+    assert all(p.startswith(url + "/") for _, p in handed), handed
+    assert ("manager", url + "/checkpoints") in handed and ("tb", url + "/tb") in handed
+    assert not (tmp_path / "gs:").exists()
+    assert loop.read_results(url)["status"] == "done"
+    # A finished run in the bucket is recognised and not repeated.
+    third = _StepLog()
+    assert loop.train_and_evaluate(cfg, url, hooks=[third])["status"] == "done"
+    assert third.steps == []
+
+
+def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls, tmp_path,
+                                                    monkeypatch):
+    """A gs:// study keeps URLs for its layout, tables, stage markers, the sweep's
+    results reading (done runs are recognised, their metrics collected) and the
+    bootstrap CI read from a run's predictions file in the bucket."""
+    from test_study import _tiny_study_config
+
+    from medtransfer_jax.studies import analyses, runner, tables
+    from medtransfer_jax.training import predictions, sweep
+
+    monkeypatch.chdir(tmp_path)
+    url = "gs://bucket/study"
+    study = runner.Study(_tiny_study_config(), url)
+    assert study.workdir == url and study.path("tables", "a.csv") == url + "/tables/a.csv"
+    assert study.source_dir("natural") == url + "/sources/natural/run/export/best"
+    assert study.fine_tuned_dir("lesion", "random", fold=0) == \
+        url + "/finetune/lesion/random/fold0/export/best"
+    runs = study.finetune_runs()
+    assert runs and all(r.workdir.startswith(url + "/finetune/") for r in runs)
+
+    rows = [{"target": "lesion", "fold": 0, "auc": 0.75}, {"target": "lesion", "fold": 1,
+                                                            "auc": 0.25, "skip": [1]}]
+    tables.write_csv(study.path("tables", "runs.csv"), rows)
+    got = tables.read_csv(study.path("tables", "runs.csv"))
+    assert got == [{"target": "lesion", "fold": 0.0, "auc": 0.75},
+                   {"target": "lesion", "fold": 1.0, "auc": 0.25}]
+    assert tables.read_csv_if(study.path("tables", "none.csv")) == []
+    tables.write_json(study.path("tables", "x.json"), {"a": [1, 2]})
+    assert tables.read_json(study.path("tables", "x.json")) == {"a": [1, 2]}
+    assert (fake_gcs / "bucket" / "study" / "tables" / "runs.csv").is_file()
+
+    paths.makedirs(study.path("stages"))
+    assert not study.is_done("sources")
+    assert study._finish("sources", 1.0) == "done" and study.is_done("sources")
+    assert study._finish("report", 2.0) == "partial"  # other stages not done
+
+    run = runs[0]
+    assert run.status() == "new" and sweep.read_results(run.workdir) is None
+    paths.makedirs(paths.join(run.workdir, "checkpoints", "3"))
+    assert run.status() == "partial"
+    paths.write_text_atomic(paths.join(run.workdir, "results.json"), json.dumps(
+        {"status": "done", "best_step": 4, "test": {"auc": 0.5}}))
+    assert run.status() == "done"
+    assert sweep.collect([run])[0]["test.auc"] == 0.5
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 40)
+    probs = rng.dirichlet([1, 1], 40)
+    for where in (run.workdir, str(tmp_path / "local")):
+        predictions.write_predictions(paths.join(where, "predictions.csv"),
+                                      [str(i) for i in range(40)], ["g"] * 40, "test", labels,
+                                      probs)
+    remote = analyses.run_auc_ci(run.workdir, "test", "auc", 50)
+    local = analyses.run_auc_ci(str(tmp_path / "local"), "test", "auc", 50)
+    assert remote and remote == local
+    back = predictions.read_predictions(paths.join(run.workdir, "predictions.csv"))
+    np.testing.assert_array_equal(back["probs"], probs)
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_run_and_study_writers_have_no_os_path_left():
+    """Static half for the training loop's and the study's files: paths only through
+    paths.py. The one exception is named: the study's stage-marker mtime on local disks
+    (float precision), reached only after paths.is_remote said no."""
+    allowed = {"runner.py": {"os.path.getmtime(path)"}}
+    files = [("training", n) for n in ("loop.py", "checkpointing.py", "periodic.py",
+                                       "finalize.py", "predictions.py")]
+    files += [("studies", n) for n in ("runner.py", "tables.py", "analyses.py")]
+    for folder, name in files:
+        text = open(os.path.join(REPO, "medtransfer_jax", folder, name)).read()
+        hits = {m.group(0) for m in re.finditer(
+            r"\bos\.(path\.\w+|makedirs|replace)\([^)]*\)|[^.\w]open\([^)]*\)", text)}
+        assert hits <= allowed.get(name, set()), (folder, name, hits - allowed.get(name, set()))

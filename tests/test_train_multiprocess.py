@@ -1,4 +1,9 @@
-"""Two local processes as two JAX hosts (1 CPU device each) train like one process."""
+"""Two local processes as two JAX hosts (1 CPU device each) train like one process, in one
+shared workdir where every shared file has exactly one writer (process 0).
+
+The processes run under tests/_write_audit.py, which records every write through
+medtransfer_jax.paths and every ``open`` for writing, with the writer's process index.
+"""
 import json
 import os
 import subprocess
@@ -23,8 +28,10 @@ def test_two_hosts_match_single_process(tmp_path):
     port = _train_utils.free_port()
     env = _train_utils.subprocess_env()
     env.pop("XLA_FLAGS", None)  # each process: exactly one CPU device
+    audit = str(tmp_path / "writes.jsonl")
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "medtransfer_jax.train", f"--config={CONFIG}", f"--workdir={wd}",
+        [sys.executable, os.path.join(_train_utils.REPO, "tests", "_write_audit.py"), audit,
+         f"--config={CONFIG}", f"--workdir={wd}",
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
          "--num_cpu_devices=1", "--xla_cache_dir="],
         env=env, cwd=_train_utils.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -69,3 +76,58 @@ def test_two_hosts_match_single_process(tmp_path):
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_allclose(x, y, atol=2e-4, rtol=1e-3)
+    _assert_one_writer(audit, wd, ref_wd)
+
+
+SHARED = ("config.json", "results.json", "metrics.jsonl", "predictions.csv",
+          "predictions/val.csv", "predictions/test.csv", "export/best/metadata.json",
+          "export/last/metadata.json")
+
+
+def _target(path: str, wd: str) -> str:
+    """Workdir-relative name of a written file; an atomic write's temporary file
+    (``.NAME.tmp-PID-XXXX``) counts as NAME."""
+    rel = os.path.relpath(path, wd)
+    head, name = os.path.split(rel)
+    if name.startswith(".") and ".tmp-" in name:
+        rel = os.path.join(head, name[1:name.index(".tmp-")])
+    return rel
+
+
+def _assert_one_writer(audit: str, wd: str, ref_wd: str) -> None:
+    """Shared files: written by process 0 only, each whole file once (metrics.jsonl: one
+    append per event), the same rows as the one-process run's; process 1 writes nothing
+    outside the checkpoints (collective, orbax) and its own lock file."""
+    with open(audit) as f:
+        recs = [json.loads(line) for line in f]
+    mine = [(r["process"], _target(r["path"], wd), r["how"]) for r in recs
+            if os.path.abspath(r["path"]).startswith(wd + os.sep)]
+    assert {p for p, _, _ in mine} == {0, 1}, "the audit saw both processes"
+    by_1 = {t for p, t, _ in mine if p == 1}
+    assert all(t.startswith("checkpoints" + os.sep) or t == ".lock.1" for t in by_1), by_1
+    for name in SHARED:
+        api = [(p, how) for p, t, how in mine if t == name and not how.startswith("open")]
+        if name == "metrics.jsonl":
+            assert {p for p, _ in api} == {0} and api[0][1] == "write_text_atomic"
+        else:
+            assert api == [(0, "write_text_atomic")], (name, api)
+    assert not any(t.startswith("tb" + os.sep) for t in by_1)
+    assert any(p == 0 and t.startswith("tb" + os.sep) for p, t, _ in mine)
+
+    def rows(d, name):
+        with open(os.path.join(d, name)) as f:
+            return f.read().splitlines()
+
+    events = [json.loads(line) for line in rows(wd, "metrics.jsonl")]  # no cut lines
+    ref_events = [json.loads(line) for line in rows(ref_wd, "metrics.jsonl")]
+    assert [(e["step"], e["split"]) for e in events] == \
+        [(e["step"], e["split"]) for e in ref_events]
+    appends = sum(1 for p, t, how in mine if t == "metrics.jsonl" and how == "append_text")
+    assert appends == len(events)
+    for name in ("predictions.csv", "predictions/test.csv"):
+        got, want = rows(wd, name), rows(ref_wd, name)
+        assert got[0] == want[0] and len(got) == len(want)
+        assert [r.split(",")[:4] for r in got] == [r.split(",")[:4] for r in want]
+        np.testing.assert_allclose([[float(x) for x in r.split(",")[4:]] for r in got[1:]],
+                                   [[float(x) for x in r.split(",")[4:]] for r in want[1:]],
+                                   atol=1e-3)

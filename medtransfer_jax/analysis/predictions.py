@@ -28,12 +28,12 @@ Predictions files follow the project contract: ``predictions.csv`` with header
 from __future__ import annotations
 
 import csv
-import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import stats
 
+from medtransfer_jax import paths
 from medtransfer_jax.training import metrics
 
 #: Prediction-similarity modes -> (default split, AUC average for K > 2).
@@ -44,10 +44,10 @@ MODES = {"corrected": (None, "macro"), "paper": ("val", "weighted")}
 def load_predictions(path: str) -> Dict[str, np.ndarray]:
     """Reads a contract predictions CSV -> {'id', 'group', 'split', 'label' (int64),
     'probs' (N, K) float64}. Raises ValueError naming the file and the problem."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise ValueError(f"Predictions file {path!r} does not exist; write it with "
                          "medtransfer_jax.evaluate (or training's write_predictions).")
-    with open(path, newline="") as f:
+    with paths.open(path) as f:  # local or gs://
         reader = csv.reader(f)
         try:
             header = next(reader)

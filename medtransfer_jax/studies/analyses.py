@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from medtransfer_jax import data as data_lib
+from medtransfer_jax import data as data_lib, paths
 from medtransfer_jax.analysis import activations as act
 from medtransfer_jax.analysis import compare, filters, plots
 from medtransfer_jax.analysis import predictions as pred
@@ -49,8 +48,8 @@ def _auc_name(study) -> str:
 # ------------------------------------------------------------------------- fine-tuning
 def run_auc_ci(run_dir: str, split: str, auc_name: str, n_boot: int) -> Dict[str, float]:
     """Bootstrap 95% CI of one run's AUC on ``split`` from its predictions file."""
-    path = os.path.join(run_dir, "predictions.csv")
-    if not os.path.exists(path) or n_boot <= 0:
+    path = paths.to_str(paths.join(run_dir, "predictions.csv"))
+    if n_boot <= 0 or not paths.exists(path):
         return {}
     p = pred.load_predictions(path)
     sel = p["split"] == split
@@ -176,7 +175,7 @@ def representations(study):
     all_rows = []
     for target, fold in itertools.product(study.clean_targets, study.folds):
         out_csv = study.path("representations", f"{target}_fold{fold}.csv")
-        if not os.path.exists(out_csv):
+        if not paths.exists(out_csv):
             tables.write_csv(out_csv, compare_fold(study, target, fold))
         all_rows += tables.read_csv(out_csv)
     tables.write_csv(study.path("tables", "representations.csv"), all_rows)
@@ -207,19 +206,20 @@ def predictions(study):
     method = study.config.analysis.cca.methods[0]
     rows, gain_records = [], []
     for target, fold in itertools.product(study.clean_targets, study.folds):
-        paths = {s: os.path.join(study.fine_tuned_dir(target, s, fold=fold, export=False),
-                                 "predictions.csv") for s in sources}
+        files = {s: paths.to_str(paths.join(study.fine_tuned_dir(target, s, fold=fold,
+                                                                  export=False),
+                                             "predictions.csv")) for s in sources}
         for s1, s2 in itertools.combinations(sources, 2):
-            r = pred.compare_prediction_files(paths[s1], paths[s2], split="test")
+            r = pred.compare_prediction_files(files[s1], files[s2], split="test")
             rows.append(dict(target=target, fold=fold, pair=f"{s1} vs {s2}", model_a=s1,
                              model_b=s2, **r))
-        if "random" not in paths:
+        if "random" not in files:
             continue
         for s in sources:
             per_layer = _pre_vs_ft(sim_rows, target, fold, s, method)
             if s != "random" and per_layer:
-                r = pred.compare_prediction_files(paths[s], paths["random"], split="test",
-                                                  random_path=paths["random"])
+                r = pred.compare_prediction_files(files[s], files["random"], split="test",
+                                                  random_path=files["random"])
                 gain_records.append(dict(auc=r["auc_a"], auc_random=r["auc_random"],
                                          similarity=per_layer, source=s, target=target,
                                          fold=fold))

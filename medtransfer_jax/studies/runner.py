@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import ml_collections
 
-from medtransfer_jax import interrupts
+from medtransfer_jax import interrupts, paths
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 from medtransfer_jax.studies import analyses, preflight as preflight_lib, progress, report
@@ -76,13 +76,14 @@ class Study:
             with config.unlocked():
                 config.targets = ml_collections.ConfigDict()
         self.config = config
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = paths.to_str(paths.workdir(workdir))  # gs:// stays a URL
         self.mode = mode
         self.parallel = parallel
 
     # -- layout
     def path(self, *parts) -> str:
-        return os.path.join(self.workdir, *parts)
+        """``WORKDIR/part/...`` as a string (a URL for a ``gs://`` study)."""
+        return paths.to_str(paths.join(self.workdir, *parts))
 
     def source_dir(self, source: str) -> str:
         """The pre-trained ("before fine-tuning") weights directory of ``source``."""
@@ -90,7 +91,7 @@ class Study:
         if spec.get("weights_of"):
             return self.source_dir(spec.weights_of)
         if spec.kind == "weights":
-            return os.path.abspath(os.path.expanduser(spec.path))
+            return paths.to_str(paths.workdir(spec.path))
         if spec.kind == "pretrain":
             return self.path("sources", source, "run", "export", "best")
         return self.path("sources", source, "weights")
@@ -157,21 +158,21 @@ class Study:
                        export: bool = True) -> str:
         """The clean run's exported best weights (or its workdir with ``export=False``)."""
         d = self.run_dir(target, source, fold)
-        return os.path.join(d, "export", "best") if export else d
+        return paths.to_str(paths.join(d, "export", "best")) if export else d
 
     # -- stage bookkeeping
     def _marker(self, stage: str) -> str:
         return self.path("stages", f"{stage}.done")
 
     def is_done(self, stage: str) -> bool:
-        return os.path.exists(self._marker(stage))
+        return paths.exists(self._marker(stage))
 
     def _report_current(self) -> bool:
         """The report is done and no other stage finished after it was written."""
         if not self.is_done("report"):
             return False
-        t = os.path.getmtime(self._marker("report"))
-        return all(os.path.getmtime(self._marker(s)) <= t for s in STAGES[:-1]
+        t = _mtime(self._marker("report"))
+        return all(_mtime(self._marker(s)) <= t for s in STAGES[:-1]
                    if self.is_done(s))
 
     def _skip(self, stage: str, force: bool) -> bool:
@@ -189,7 +190,7 @@ class Study:
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise StudyError(f"unknown stage(s) {bad}; choose from {STAGES}.")
-        os.makedirs(self.path("stages"), exist_ok=True)
+        paths.makedirs(self.path("stages"))
         status, t_study = {}, time.time()
         todo = [s for s in STAGES if s in stages]
         for i, stage in enumerate(todo, 1):
@@ -215,8 +216,7 @@ class Study:
             print(f"[study] report: written from what exists; stages {missing} are not done, "
                   "so it is not marked done and will be rebuilt.", flush=True)
             return "partial"
-        with open(self._marker(stage), "w") as f:
-            f.write(f"{seconds:.1f}s\n")
+        paths.write_text_atomic(self._marker(stage), f"{seconds:.1f}s\n")
         return "done"
 
     # ------------------------------------------------------------------------- stages
@@ -231,9 +231,9 @@ class Study:
 
     def _prepare_source(self, name: str, spec):
         out = self.source_dir(name)
-        ready = os.path.exists(os.path.join(out, checkpoint.METADATA_FILE))
+        ready = paths.exists(paths.join(out, checkpoint.METADATA_FILE))
         if spec.kind == "convert" and not ready:
-            convert_lib.convert(spec.format, os.path.expanduser(spec.input), out,
+            convert_lib.convert(spec.format, paths.to_str(paths.workdir(spec.input)), out,
                                 source_name=name, overwrite=True,
                                 **({"preprocessing": spec.preprocessing}
                                    if spec.get("preprocessing") else {}))
@@ -247,7 +247,7 @@ class Study:
             self._run_all([run], "pretrain")
 
     def _save_random(self, out: str, name: str, spec, seed: int):
-        if os.path.exists(os.path.join(out, checkpoint.METADATA_FILE)):
+        if paths.exists(paths.join(out, checkpoint.METADATA_FILE)):
             return
         m = self.config.model
         model = resnet.ResNet(depth=m.depth, layout=m.layout, width=m.width, num_classes=None)
@@ -302,6 +302,14 @@ class Study:
 
     def stage_report(self):
         report.write_report(self)
+
+
+def _mtime(path: str) -> float:
+    """Modification time of a stage marker: float seconds locally (two stages can end
+    within one second), the object's (whole-second) time on a bucket."""
+    if paths.is_remote(path):
+        return float(paths.as_path(path).stat().mtime)
+    return os.path.getmtime(path)
 
 
 def _run_detail(run: sweep.Run, status: str) -> str:

@@ -1,43 +1,46 @@
 """The study's tables on disk: atomic CSV/JSON writes, typed reads, group summaries.
 
 Every stage writes its results through here, so a crash never leaves a half-written
-table (write to ``path.tmp``, then ``os.replace``) and every reader parses numbers the
+table (:func:`medtransfer_jax.paths.write_text_atomic`: a unique temporary file, then a
+rename; a single upload on ``gs://``) and every reader parses numbers the
 same way. :func:`summarise` is the one "mean ± sd over folds" of the study: the sample sd
 (ddof=1, :func:`analysis.stats.mean_sd`) and ``n`` = the number of values averaged.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from typing import Any, Dict, List, Sequence, Union
 
+from medtransfer_jax import paths
 from medtransfer_jax.analysis import stats
 
 
-def _atomic_open(path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return open(path + ".tmp", "w", newline="")
+def _write(path: paths.PathLike, text: str) -> str:
+    """Writes a whole table atomically (parents created); returns ``path`` as a string."""
+    target = paths.workdir(path)
+    paths.makedirs(target.parent)
+    paths.write_text_atomic(target, text)
+    return paths.to_str(path)
 
 
-def write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> str:
+def write_csv(path: paths.PathLike, rows: Sequence[Dict[str, Any]]) -> str:
     """Writes ``rows`` (columns = union of scalar keys, first-seen order); list/dict values
     are left out (they live in the JSON twin if needed). Returns ``path``."""
     cols: List[str] = []
     for r in rows:
         cols += [c for c in r if c not in cols and not isinstance(r[c], (list, dict))]
-    with _atomic_open(path) as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return _write(path, buf.getvalue())
 
 
-def read_csv(path: str) -> List[Dict[str, Any]]:
+def read_csv(path: paths.PathLike) -> List[Dict[str, Any]]:
     """CSV rows with every value that parses as a number turned into float."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(paths.read_text(path), newline="")))
     for r in rows:
         for k, v in r.items():
             try:
@@ -47,21 +50,17 @@ def read_csv(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
-def read_csv_if(path: str) -> List[Dict[str, Any]]:
+def read_csv_if(path: paths.PathLike) -> List[Dict[str, Any]]:
     """:func:`read_csv`, or [] when the table does not exist (yet)."""
-    return read_csv(path) if os.path.exists(path) else []
+    return read_csv(path) if paths.exists(path) else []
 
 
-def write_json(path: str, obj: Any) -> str:
-    with _atomic_open(path) as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
-    return path
+def write_json(path: paths.PathLike, obj: Any) -> str:
+    return _write(path, json.dumps(obj, indent=2, default=str))
 
 
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: paths.PathLike) -> Any:
+    return json.loads(paths.read_text(path))
 
 
 def summarise(rows: Sequence[Dict[str, Any]], keys: Sequence[str],

@@ -25,10 +25,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
-import glob
 import os
 import re
-import shutil
 import threading
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
@@ -39,6 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from medtransfer_jax import paths
 from medtransfer_jax.weights.checkpoint import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -78,8 +77,10 @@ class RunCheckpointer:
     """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 2, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        # Strings throughout (messages, the quarantine folder); a gs:// URL stays a URL
+        # and orbax gets it as an epath.Path, writing to the bucket directly.
+        self.workdir = paths.to_str(paths.workdir(workdir))
+        self.directory = paths.to_str(paths.join(self.workdir, CHECKPOINT_DIR))
         self._policy = _LatestAndProtected(max(1, int(max_to_keep)), set())
         options = ocp.CheckpointManagerOptions(
             preservation_policy=self._policy, enable_async_checkpointing=async_save,
@@ -88,7 +89,7 @@ class RunCheckpointer:
                     "meta": ocp.JsonCheckpointHandler(),
                     "data_iter": grain_ckpt.CheckpointHandler()}
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
+            self.manager = ocp.CheckpointManager(paths.as_path(self.directory), options=options,
                                                  item_handlers=handlers)
         except OSError as e:
             raise CheckpointError(f"cannot create the checkpoint directory {self.directory} "
@@ -147,15 +148,20 @@ class RunCheckpointer:
 
     def remove_tmp_dirs(self) -> list:
         """Deletes half-written ``<step>.orbax-checkpoint-tmp*`` folders; returns them."""
-        found = sorted(glob.glob(os.path.join(self.directory, f"*{TMP_SUFFIX}*")))
+        root = paths.as_path(self.directory)
+        found = sorted(paths.to_str(p) for p in root.glob(f"*{TMP_SUFFIX}*")) if \
+            paths.isdir(root) else []
         if jax.process_index() == 0:
             for path in found:
-                shutil.rmtree(path, ignore_errors=True)
+                try:
+                    paths.as_path(path).rmtree()
+                except OSError:
+                    pass
         return found
 
     # ------------------------------------------------------------------ restore
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return paths.to_str(paths.join(self.directory, str(step)))
 
     def restore_meta(self, step: Optional[int] = None) -> Optional[Tuple[int, Dict[str, Any]]]:
         """(step, meta) of the latest (or given) checkpoint; None when there is none."""
@@ -201,15 +207,19 @@ class RunCheckpointer:
     def _quarantine(self, step: int, error: DamagedCheckpoint) -> str:
         """Moves a damaged step directory out of orbax's sight (so the step can be saved
         again) and logs why; returns its new path."""
-        dst = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
+        dst = paths.join(self.workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
         logging.warning("%s; skipping it (moved to %s)", error, dst)
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.move(self._step_dir(step), dst)
+            paths.makedirs(dst.parent)
+            if paths.is_remote(dst):  # a bucket has no empty folders, and epath's rename
+                # wants the destination folder to exist: an object makes the prefix exist
+                paths.write_text_atomic(dst.parent / "README.txt", "damaged checkpoints "
+                                        "moved aside by medtransfer_jax; safe to delete\n")
+            paths.as_path(self._step_dir(step)).rename(dst)  # recursive copy+delete on GCS
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.reload()
-        return dst
+        return paths.to_str(dst)
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """Raises CheckpointError naming the first leaf whose shape/dtype/presence differs."""

@@ -7,7 +7,6 @@ reproduces the same files when re-run.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from medtransfer_jax import data as data_lib
+from medtransfer_jax import data as data_lib, paths
 from medtransfer_jax.training import metrics as metrics_lib
 from medtransfer_jax.training import predictions as pred_lib
 from medtransfer_jax.training import sharding as shard_lib
@@ -83,31 +82,34 @@ def evaluate_and_write_predictions(run_eval, splits, workdir: str, step: int,
         writer.write(step, f"final_{name}", mets)
         if is_main:
             ids, groups = ids_groups(src, arrays["index"])
-            pred_lib.write_predictions(os.path.join(workdir, "predictions", f"{name}.csv"),
+            pred_lib.write_predictions(paths.join(workdir, "predictions", f"{name}.csv"),
                                        ids, groups, name, arrays["label"], arrays["probs"])
             rows.append((ids, groups, [name] * len(ids), arrays["label"], arrays["probs"]))
             logging.info("best (step %d) on %s: %s", step, name,
                          {k: round(v, 4) for k, v in mets.items() if isinstance(v, float)})
     if is_main and rows:
         pred_lib.write_predictions(
-            os.path.join(workdir, "predictions.csv"), *[sum((list(r[i]) for r in rows), [])
+            paths.join(workdir, "predictions.csv"), *[sum((list(r[i]) for r in rows), [])
                                                         for i in range(3)],
             np.concatenate([r[3] for r in rows]), np.concatenate([r[4] for r in rows]))
     return results
 
 
-def export_weights(path: str, variables, metadata: weights_lib.WeightsMetadata) -> None:
-    """Gathers (possibly sharded) variables to host and saves them in the weights format."""
+def export_weights(path: paths.PathLike, variables,
+                   metadata: weights_lib.WeightsMetadata) -> None:
+    """Gathers (possibly sharded) variables to host and saves them in the weights format.
+
+    Every process calls this (orbax's save is collective); weights.checkpoint writes the
+    ``metadata.json`` from process 0 only.
+    """
     host_vars = jax.tree.map(shard_lib.gather_to_host, variables)
     weights_lib.save_weights(path, host_vars, metadata)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Atomic JSON write (tmp file + rename), so a kill never leaves half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str, allow_nan=True)
-    os.replace(tmp, path)
+def write_json(path: paths.PathLike, obj: Any) -> None:
+    """Atomic JSON write (paths.write_text_atomic: a reader never sees half a file, on
+    local disks and buckets alike). Callers write shared files from process 0 only."""
+    paths.write_text_atomic(path, json.dumps(obj, indent=2, default=str, allow_nan=True))
 
 
 def json_config(config) -> Dict[str, Any]:
@@ -115,14 +117,14 @@ def json_config(config) -> Dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), default=str))
 
 
-def read_results(workdir: str) -> Optional[Dict[str, Any]]:
-    """``results.json`` of a run, or None if there is none (or it is unreadable)."""
-    path = os.path.join(workdir, RESULTS_FILE)
-    if not os.path.exists(path):
-        return None
+def read_results(workdir: paths.PathLike) -> Optional[Dict[str, Any]]:
+    """``results.json`` of a run (local or ``gs://``), or None if there is none (or it is
+    unreadable)."""
+    path = paths.join(workdir, RESULTS_FILE)
     try:
-        with open(path) as f:
-            return json.load(f)
+        if not paths.exists(path):
+            return None
+        return json.loads(paths.read_text(path))
     except (json.JSONDecodeError, OSError):
         return None
 
@@ -158,7 +160,7 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
     exports = (("best", best_state, best_step, {k: by_split[k] for k in ("val", "test")}),
                ("last", state, step, {"val": ls.last_val}))
     for sub, st, stp, mets in exports:
-        export_weights(os.path.join(run.workdir, "export", sub), st.variables,
+        export_weights(paths.join(run.workdir, "export", sub), st.variables,
                        weights_lib.WeightsMetadata(
                            source="finetuned", layout=run.spec.layout, depth=run.spec.depth,
                            width=run.spec.width, num_classes=s.num_classes,
@@ -179,5 +181,5 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
         "wall_time_s": time.time() - run.t_start, **_compile_stats(run),
         "config": json_config(c)}
     if jax.process_index() == 0:
-        write_json(os.path.join(run.workdir, RESULTS_FILE), results)
+        write_json(paths.join(run.workdir, RESULTS_FILE), results)
     return results

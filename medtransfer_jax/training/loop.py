@@ -20,14 +20,13 @@ Files in ``workdir``: ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tb
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Dict, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 
-from medtransfer_jax import compile_cache
+from medtransfer_jax import compile_cache, paths
 from medtransfer_jax.training import finalize as finalize_lib, model_init, optim, periodic
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import run_setup
@@ -127,7 +126,7 @@ def _diverged(run: Run, step: int, loss: float, lr: float, limit: float):
            f"{lr:.3g}); try a 3-10x lower --config.train.lr, warmup (train.warmup_steps) or "
            "gradient clipping (train.grad_clip_norm), in a fresh --workdir")
     if jax.process_index() == 0:
-        finalize_lib.write_json(os.path.join(run.workdir, RESULTS_FILE), {
+        finalize_lib.write_json(paths.join(run.workdir, RESULTS_FILE), {
             "status": "diverged", "message": msg, "step": step, "loss": loss, "lr": lr,
             "config": finalize_lib.json_config(run.config)})
     raise Diverged(msg, step)
@@ -188,8 +187,9 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
       Diverged: the train loss became non-finite or exploded.
       CheckpointError: no checkpoint fits the config, or a save failed (disk full).
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    # A gs://bucket/run workdir stays a URL (os.path.abspath would make it ./gs:/...);
+    # every file below it is written through medtransfer_jax.paths, checkpoints by orbax.
+    workdir = paths.to_str(paths.makedirs(paths.workdir(workdir)))
     previous = read_results(workdir) or {}
     if previous.get("status") == "done":
         logging.info("%s already holds finished results; nothing to do", workdir)
@@ -204,7 +204,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
         state, state_sh, step, ls = run_setup.restore_or_init(run)
         run.writer = periodic.MetricWriter(workdir, step if step else None)
         run.stop = periodic.StopFlag().install()
-        run.profiler = periodic.Profiler(os.path.join(workdir, "profile"),
+        run.profiler = periodic.Profiler(paths.to_str(paths.join(workdir, "profile")),
                                          config.log.profile_start, config.log.profile_steps)
         while True:
             phase = run.phases[ls.phase]

@@ -7,7 +7,6 @@ writer lives here instead; it has the same ``write_scalars(step, dict)`` shape.)
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
-from medtransfer_jax import interrupts
+from medtransfer_jax import interrupts, paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -33,19 +32,22 @@ class MetricWriter:
 
     On resume, events after ``resume_step`` (and any final evaluation) are dropped from the
     JSONL first: the resumed run recomputes them identically, so the file ends up the same
-    as an uninterrupted run's.
+    as an uninterrupted run's. The JSONL goes through :mod:`medtransfer_jax.paths` (a
+    ``gs://`` workdir stays a bucket path; there each write rewrites the object, fine at
+    one event per ``log.every_steps``); TensorBoard gets the logdir as a string, which
+    tensorboardX writes to ``gs://`` itself (with ``google-cloud-storage`` installed).
+    Other processes write nothing: one writer per shared file.
     """
 
-    def __init__(self, workdir: str, resume_step: Optional[int]):
+    def __init__(self, workdir: paths.PathLike, resume_step: Optional[int]):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = paths.join(workdir, METRICS_FILE)
         self.tb = None
         if not self.enabled:
             return
         keep = _events_up_to(self.path, resume_step) if resume_step is not None else []
-        with open(self.path, "w") as f:
-            f.writelines(keep)
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30,
+        paths.write_text_atomic(self.path, "".join(keep))
+        self.tb = SummaryWriter(paths.to_str(paths.join(workdir, "tb")), flush_secs=30,
                                 purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, split: str, values: Dict[str, Any]) -> None:
@@ -54,8 +56,7 @@ class MetricWriter:
         rec = {"step": int(step), "split": split, "time": time.time()}
         rec.update({k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
                     for k, v in values.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec, default=str) + "\n")
+        paths.append_text(self.path, json.dumps(rec, default=str) + "\n")
         for k, v in values.items():
             if isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v):
                 self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -66,19 +67,18 @@ class MetricWriter:
             self.tb = None
 
 
-def _events_up_to(path: str, step: int) -> list:
+def _events_up_to(path: paths.PathLike, step: int) -> list:
     """Lines of a metrics JSONL with step <= ``step`` and no final evaluation."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
     keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", 0) <= step and not str(rec.get("split", "")).startswith("final_"):
-                keep.append(line if line.endswith("\n") else line + "\n")
+    for line in paths.read_text(path).splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if rec.get("step", 0) <= step and not str(rec.get("split", "")).startswith("final_"):
+            keep.append(line if line.endswith("\n") else line + "\n")
     return keep
 
 

@@ -7,20 +7,22 @@ are the softmax output. Plain CSV so it can be read by anything (pandas, R, Exce
 from __future__ import annotations
 
 import csv
-import os
+import io
 from typing import Dict, Sequence
 
 import numpy as np
 
+from medtransfer_jax import paths
+
 _FIXED = ("id", "group", "split", "label")
 
 
-def write_predictions(path: str, ids: Sequence[str], groups: Sequence[str], split,
+def write_predictions(path: paths.PathLike, ids: Sequence[str], groups: Sequence[str], split,
                       labels: np.ndarray, probs: np.ndarray) -> str:
     """Writes one CSV of predictions.
 
     Args:
-      path: output file (parent directories are created).
+      path: output file, local or ``gs://`` (parent directories are created).
       ids, groups: (N,) strings.
       split: a single split name for all rows, or a (N,) sequence of names.
       labels: (N,) int.
@@ -39,29 +41,30 @@ def write_predictions(path: str, ids: Sequence[str], groups: Sequence[str], spli
     splits = [split] * n if isinstance(split, str) else list(split)
     if len(splits) != n:
         raise ValueError(f"write_predictions({path}): {len(splits)} split names for {n} rows")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(list(_FIXED) + [f"prob_{k}" for k in range(probs.shape[1])])
-        for i in range(n):
-            w.writerow([ids[i], groups[i], splits[i], int(labels[i])] +
-                       [repr(float(p)) for p in probs[i]])
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    target = paths.workdir(path)
+    paths.makedirs(target.parent)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(list(_FIXED) + [f"prob_{k}" for k in range(probs.shape[1])])
+    for i in range(n):
+        w.writerow([ids[i], groups[i], splits[i], int(labels[i])] +
+                   [repr(float(p)) for p in probs[i]])
+    paths.write_text_atomic(target, buf.getvalue())  # a reader never sees half a file
     return path
 
 
-def read_predictions(path: str) -> Dict[str, np.ndarray]:
+def read_predictions(path: paths.PathLike) -> Dict[str, np.ndarray]:
     """Reads a predictions CSV.
 
     Returns:
       ``{'id': (N,) str, 'group': (N,) str, 'split': (N,) str, 'label': (N,) int64,
       'probs': (N, K) float64}``.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Predictions file {path!r} does not exist; write it with "
-                                "`python -m medtransfer_jax.evaluate` or a training run.")
-    with open(path, newline="") as f:
+    if not paths.exists(path):
+        raise FileNotFoundError(f"Predictions file {paths.to_str(path)!r} does not exist; "
+                                "write it with `python -m medtransfer_jax.evaluate` or a "
+                                "training run.")
+    with paths.open(path) as f:
         r = csv.reader(f)
         header = next(r, None)
         if header is None or tuple(header[:4]) != _FIXED or not all(

@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from absl import logging
 
-from medtransfer_jax import configs, interrupts, workdir_lock
+from medtransfer_jax import configs, interrupts, paths, workdir_lock
 from medtransfer_jax.errors import UserError
 
 STUDIES = ("revisiting", "source_matters", "demo")
@@ -74,16 +74,15 @@ class Run:
         res = read_results(self.workdir)
         if res and res.get("status"):
             return str(res["status"])
-        if os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+        if paths.isdir(paths.join(self.workdir, "checkpoints")):
             return "partial"
         return "new"
 
 
 def read_results(workdir: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(workdir, "results.json")
+    """The run's results.json (local or ``gs://``), or None."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(paths.join(workdir, "results.json")))
     except (OSError, json.JSONDecodeError):
         return None
 

@@ -89,7 +89,8 @@ def save_weights(directory: paths.PathLike, variables: Mapping[str, Any],
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / VARIABLES_DIR, tree, force=overwrite)
         ckptr.wait_until_finished()
-    paths.write_text_atomic(directory / METADATA_FILE, metadata.to_json())
+    if jax.process_index() == 0:  # orbax's save is collective; the metadata has one writer
+        paths.write_text_atomic(directory / METADATA_FILE, metadata.to_json())
     return paths.to_str(directory)
 
 
