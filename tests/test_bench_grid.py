@@ -1,28 +1,38 @@
-"""bench grid, scaled down: the real protocol files through the real loop, projected."""
-import jax
+"""bench grid, scaled down: the real protocol files through the real loop, projected.
+
+Runs in a fresh process: JAX initialises its persistent compilation cache once per
+process, so a test that checks cache hits must own the process.
+"""
+import json
+import subprocess
+import sys
+
+import _train_utils
 import pytest
 
-from medtransfer_jax import compile_cache
 from medtransfer_jax.bench import grid
 from medtransfer_jax.errors import UserError
 
+_SCRIPT = """
+import json, sys, jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+from medtransfer_jax.bench import grid
+rows = grid.run(targets=("breast", "knee"), scale=0.1, width=8, depth=18, max_image_size=32,
+                max_batch=16, dtype="float32", cache="device", workdir=sys.argv[2],
+                cfg_dir=sys.argv[3])
+print("ROWS=" + json.dumps(rows))
+"""
 
-@pytest.fixture()
-def persistent_cache(tmp_path):
-    """A fresh persistent cache that keeps every program (CPU compiles are quick)."""
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield tmp_path / "xla"
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
-
-def test_grid_projects_the_full_study_from_measured_epochs(persistent_cache, tmp_path):
-    rows = grid.run(targets=("breast", "knee"), scale=0.1, width=8, depth=18, max_image_size=32,
-                    max_batch=16, dtype="float32", cache="device", workdir=str(tmp_path / "w"))
-    breast, knee, total = rows
+def test_grid_projects_the_full_study_from_measured_epochs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path / "xla"), str(tmp_path / "w"),
+         f"{_train_utils.REPO}/configs"], env=_train_utils.subprocess_env(),
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("ROWS=")][-1]
+    breast, knee, total = json.loads(line[len("ROWS="):])
     assert breast["size"] == 32 and breast["batch"] == 16 and breast["epochs"] == 30
     assert knee["images"] == round(5222 * 0.1)  # the paper's N, scaled
     for r in (breast, knee):
@@ -33,7 +43,7 @@ def test_grid_projects_the_full_study_from_measured_epochs(persistent_cache, tmp
         assert r["warm_cache_hits"] > 0
     assert total["target_grid_s"] == pytest.approx(breast["target_grid_s"] + knee["target_grid_s"])
     assert total["target"].startswith("TOTAL (50 runs)")
-    assert any(persistent_cache.iterdir())
+    assert any((tmp_path / "xla").iterdir())
 
 
 def test_unknown_target_is_a_user_error():
