@@ -4,3 +4,21 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+#: Fixtures that build a full-size ResNet50 (Keras or torchvision): every test using one
+#: is 'slow', so ``-m "not slow"`` really skips full ResNet50s.
+FULL_RESNET50_FIXTURES = {"source", "converted"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not FULL_RESNET50_FIXTURES & set(getattr(item, "fixturenames", ())):
+            continue
+        module = item.module.__name__
+        callspec = getattr(item, "callspec", None)
+        depth = callspec.params.get("source") if callspec is not None else None
+        if module == "test_convert_keras" or (module == "test_convert_torchvision"
+                                              and depth == 50):
+            item.add_marker(pytest.mark.slow)

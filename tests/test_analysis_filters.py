@@ -6,6 +6,8 @@ from sklearn.decomposition import PCA
 
 from medtransfer_jax.analysis import filters as F
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _params(rng, scale=1.0):
     return {

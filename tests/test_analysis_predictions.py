@@ -8,6 +8,8 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from medtransfer_jax.analysis import predictions as P
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _probs(rng, labels, k, skill):
     logits = rng.normal(size=(len(labels), k))

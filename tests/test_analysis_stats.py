@@ -9,6 +9,8 @@ from scipy import stats as sps
 from medtransfer_jax.analysis import stats
 from medtransfer_jax.training import metrics
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def test_mean_sd_is_the_sample_sd():
     xs = [0.91, 0.88, float("nan"), 0.93, None]

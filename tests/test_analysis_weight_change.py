@@ -4,6 +4,8 @@ import pytest
 
 from medtransfer_jax.analysis import weight_change as W
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _tree(rng):
     return {

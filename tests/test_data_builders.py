@@ -10,6 +10,8 @@ from medtransfer_jax import data
 from medtransfer_jax.data import builders
 from medtransfer_jax.data.builders import chest, thyroid
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _png(path, value=50, size=8, rgb=False, fmt=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -5,6 +5,8 @@ import pytest
 from medtransfer_jax import data
 from medtransfer_jax.data import confounders, splits
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _rng_image(size=96, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)

@@ -9,6 +9,8 @@ from PIL import Image
 from medtransfer_jax import data
 from medtransfer_jax.data import sources
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _img(path, value=100, size=(12, 10), mode="L"):
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -9,6 +9,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from medtransfer_jax import data
 from medtransfer_jax.data import splits
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _dataset(n_patients=120, seed=0, k=3):
     rng = np.random.default_rng(seed)

@@ -7,6 +7,8 @@ from sklearn.metrics import roc_auc_score
 from medtransfer_jax import data
 from medtransfer_jax.data.synthetic import SyntheticSource, lesion_image
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def _box_blur(x, k=5):
     from numpy.lib.stride_tricks import sliding_window_view

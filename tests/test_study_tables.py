@@ -7,6 +7,8 @@ import pytest
 
 from medtransfer_jax.studies import progress, tables
 
+pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
 
 def test_csv_roundtrip_atomic_and_summarise(tmp_path):
     rows = [dict(target="b", source="imagenet", fold=f, auc=a, values=[1, 2])
