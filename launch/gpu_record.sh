@@ -5,7 +5,7 @@
 # and absl has, plus the wheels of the rest in .whl/ beside the repo (grain,
 # ml_collections, ...; see `launch/gpu_record.sh --wheels` run on a machine with PyPI):
 #
-#   bash launch/gpu_record.sh            # from the repo root, on the GPU machine
+#   bash launch/gpu_record.sh part1      # from the repo root, on the GPU machine; then part2
 #   OUT=/some/dir bash launch/gpu_record.sh
 #
 # Each benchmark prints its own markdown table (machine, versions, command) and is
@@ -52,20 +52,25 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark, its table to $OUT/NAME.m
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
-# 1. ResNet50 224 px bf16 train step at batch 128 and 256, torchvision AMP + channels_last
-#    (and torch.compile) in the same run: img/s, MFU, JAX/torch ratio.
-bench train 170 train --depth=50 --image_sizes=224 --batch_sizes=128,256 \
-  --dtypes=bfloat16 --iters=10 --repeats=3 --torch_compile
-# 2. Device-resident input (gather + warp + normalise in jit) vs an in-memory batch.
-bench device_input 80 device_input --depth=50 --image_sizes=224 --batch_sizes=256 \
-  --dtypes=bfloat16 --cache_examples=4096 --iters=10 --repeats=3
-# 3. The grain path with 8 and 16 worker processes (host decode + warp), for comparison.
-bench pipeline 60 pipeline --image_sizes=224 --workers=8,16 --num_images=2048
-# 4. Similarity kernels vs the float64 NumPy reference at 2048 neurons x 20k datapoints.
-bench similarity 60 similarity --neurons=2048 --datapoints=20000 --repeats=3
-# 5. The paper-protocol two-network CCA on two ResNet50s, end to end.
-bench network 80 network --depth=50 --image_sizes=224 --network_images=10000
-# 6. The Revisiting grid: every target's protocol through the real loop (cold, warm and
-#    2-epoch runs) with device-resident data in bf16, projected to 175 fine-tunes.
-bench grid 300 grid --dtypes=bfloat16 --cache=device --configs_dir="$PWD/configs"
+PART="${1:-all}"   # part1 (~5 min) | part2 (~7 min) | all: one call each fits the 10-min limit
+if [ "$PART" = part1 ] || [ "$PART" = all ]; then
+  # 1. ResNet50 224 px bf16 train step at batch 128 and 256, torchvision AMP +
+  #    channels_last (and torch.compile) in the same run: img/s, MFU, JAX/torch ratio.
+  bench train 150 train --depth=50 --image_sizes=224 --batch_sizes=128,256 \
+    --dtypes=bfloat16 --iters=10 --repeats=3 --torch_compile
+  # 2. Device-resident input (gather + warp + normalise in jit) vs an in-memory batch.
+  bench device_input 70 device_input --depth=50 --image_sizes=224 --batch_sizes=256 \
+    --dtypes=bfloat16 --cache_examples=4096 --iters=10 --repeats=3
+  # 3. The grain path with 8 and 16 worker processes (host decode + warp), for comparison.
+  bench pipeline 60 pipeline --image_sizes=224 --workers=8,16 --num_images=2048
+fi
+if [ "$PART" = part2 ] || [ "$PART" = all ]; then
+  # 4. Similarity at network scale: kernels vs the NumPy reference at 2048 x 20k, the paper
+  #    CCA protocol on two ResNet50s end to end, the 17 x 17 block map on 10k images.
+  bench network_scale 180 network_scale --depth=50 --neurons=2048 --datapoints=20000 \
+    --network_images=1000 --map_images=10000 --batch_sizes=128
+  # 5. The Revisiting grid: every target's protocol through the real loop (cold, warm and
+  #    2-epoch runs) with device-resident data in bf16, projected to 175 fine-tunes.
+  bench grid 240 grid --dtypes=bfloat16 --cache=device --configs_dir="$PWD/configs"
+fi
 echo "all tables are in $OUT"
