@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -94,16 +94,35 @@ def source_comparisons(rows: Sequence[Dict[str, Any]], metric: str) -> List[Dict
 
 
 # ------------------------------------------------------------------- representations
-def target_images(study, target: str, fold: int, num_images: int) -> np.ndarray:
-    """Raw uint8 test images (N, S, S, 3) of a target's fold, S = the run's image size
-    (the val split when the test split has fewer than 2 images)."""
+def stimulus_protocol(cfg) -> Dict[str, Any]:
+    """Where a target's CCA stimuli come from: its config's ``analysis`` fields when the
+    protocol declares them (Revisiting CCA.py: the validation fold, 224 px for breast /
+    mammograms / thyroid, caffe inputs for every model), else the test split at the
+    run's own size with each model's own preprocessing."""
+    a = cfg.get("analysis", None) or {}
+    return {"split": a.get("cca_stimulus", "test"),
+            "image_size": int(a.get("cca_image_size", 0) or cfg.data.image_size),
+            "preprocessing": a.get("cca_preprocessing", None)}
+
+
+def _probe_config(study, target: str):
     tspec = study.config.targets[target]
-    cfg = sweep.load_config(sweep.Run("probe", study.target_config(target), "",
-                                      list(tspec.get("overrides", []))))
+    return sweep.load_config(sweep.Run("probe", study.target_config(target), "",
+                                       list(tspec.get("overrides", []))))
+
+
+def target_images(study, target: str, fold: int, num_images: int) -> np.ndarray:
+    """Raw uint8 stimuli (N, S, S, 3) of a target's fold: the protocol's split and size
+    (:func:`stimulus_protocol`; the other split when that one has fewer than 2 images),
+    resized with the protocol's ``data.resize_method``."""
+    cfg = _probe_config(study, target)
+    proto = stimulus_protocol(cfg)
     splits = data_lib.get_splits(cfg.data, fold=fold)
-    src = splits.test if len(splits.test) >= 2 else splits.val
+    first, other = ((splits.val, splits.test) if proto["split"] == "val"
+                    else (splits.test, splits.val))
+    src = first if len(first) >= 2 else other
     n = min(num_images, len(src))
-    return np.stack([to_three_channels(pipeline.resize(src[i]["image"], cfg.data.image_size,
+    return np.stack([to_three_channels(pipeline.resize(src[i]["image"], proto["image_size"],
                                                        cfg.data.resize_method))
                      for i in range(n)])
 
@@ -128,8 +147,8 @@ def cca_pairs(study, target: str, fold: int) -> List[tuple]:
     return pairs
 
 
-def shuffled_null(wa: str, wb: str, images: np.ndarray, acfg, method: str
-                  ) -> Dict[str, tuple]:
+def shuffled_null(wa: str, wb: str, images: np.ndarray, acfg, method: str,
+                  preprocessing: Optional[str] = None) -> Dict[str, tuple]:
     """{layer: (mean, sd)} of ``method`` on the comparison's own draws (same seed, so the
     same images, positions and channels as :func:`compare.compare_networks`) with the
     rows of B shuffled: the chance level of exactly that comparison. One permutation per
@@ -139,7 +158,8 @@ def shuffled_null(wa: str, wb: str, images: np.ndarray, acfg, method: str
     draws = compare.make_plan(act.layer_shapes(a, images.shape[1:3], layers), len(images),
                               positions=acfg.positions, num_channels=acfg.num_channels,
                               repeats=acfg.repeats, seed=acfg.seed, spatial=acfg.spatial)
-    pairs = compare.collect_draws(a, b, images, draws, spatial=acfg.spatial)
+    pairs = compare.collect_draws(a, b, images, draws, spatial=acfg.spatial,
+                                  preprocessing=preprocessing)
     fn = lambda x, y: float(sim.similarity(x, y, method))  # noqa: E731
     values: Dict[str, list] = {}
     for i, (d, (x, y)) in enumerate(zip(draws, pairs)):
@@ -153,14 +173,16 @@ def compare_fold(study, target: str, fold: int) -> List[Dict[str, Any]]:
     shuffled-rows chance level of the first method."""
     acfg = study.config.analysis.cca
     images = target_images(study, target, fold, acfg.num_images)
+    preprocessing = stimulus_protocol(_probe_config(study, target))["preprocessing"]
     rows = []
     for label, kind, wa, wb in cca_pairs(study, target, fold):
         name_a, name_b = label.split(" vs ")
-        null = shuffled_null(wa, wb, images, acfg, acfg.methods[0])
+        null = shuffled_null(wa, wb, images, acfg, acfg.methods[0], preprocessing)
         for r in compare.compare_networks(
                 wa, wb, images, method=list(acfg.methods), spatial=acfg.spatial,
                 positions=acfg.positions, num_channels=acfg.num_channels,
-                repeats=acfg.repeats, seed=acfg.seed, name_a=name_a, name_b=name_b):
+                repeats=acfg.repeats, seed=acfg.seed, name_a=name_a, name_b=name_b,
+                preprocessing=preprocessing):
             chance = null.get(r["layer"]) if r["method"] == acfg.methods[0] else None
             r.update(pair=label, comparison=kind, target=target, fold=fold,
                      repeat_sd=stats.mean_sd(r.get("values", []))[1],
@@ -205,21 +227,25 @@ def predictions(study):
     sim_rows = tables.read_csv_if(study.path("tables", "representations.csv"))
     method = study.config.analysis.cca.methods[0]
     rows, gain_records = [], []
+    modes = {t: (_probe_config(study, t).get("analysis", None) or {}).get(
+        "similarity_mode", "corrected") for t in study.clean_targets}
     for target, fold in itertools.product(study.clean_targets, study.folds):
+        mode = modes[target]   # 'paper' reproduces the published similarity.csv (Feb-2023)
+        split = "test" if mode == "corrected" else None   # None: the mode's own split
         files = {s: paths.to_str(paths.join(study.fine_tuned_dir(target, s, fold=fold,
                                                                   export=False),
                                              "predictions.csv")) for s in sources}
         for s1, s2 in itertools.combinations(sources, 2):
-            r = pred.compare_prediction_files(files[s1], files[s2], split="test")
+            r = pred.compare_prediction_files(files[s1], files[s2], split=split, mode=mode)
             rows.append(dict(target=target, fold=fold, pair=f"{s1} vs {s2}", model_a=s1,
-                             model_b=s2, **r))
+                             model_b=s2, mode=mode, **r))
         if "random" not in files:
             continue
         for s in sources:
             per_layer = _pre_vs_ft(sim_rows, target, fold, s, method)
             if s != "random" and per_layer:
-                r = pred.compare_prediction_files(files[s], files["random"], split="test",
-                                                  random_path=files["random"])
+                r = pred.compare_prediction_files(files[s], files["random"], split=split,
+                                                  random_path=files["random"], mode=mode)
                 gain_records.append(dict(auc=r["auc_a"], auc_random=r["auc_random"],
                                          similarity=per_layer, source=s, target=target,
                                          fold=fold))
