@@ -14,19 +14,16 @@ on a GPU: < 1.05).
 """
 from __future__ import annotations
 
-import functools
-import time
 from typing import Any, Dict, List
 
 import jax
 import numpy as np
 
 from medtransfer_jax.bench import common
-from medtransfer_jax.bench.train_throughput import DTYPES, _train_cfg
+from medtransfer_jax.bench.train_throughput import make_train_state_and_step
 from medtransfer_jax.data import device_cache
 from medtransfer_jax.data.config import default_augment_config
-from medtransfer_jax.models import resnet
-from medtransfer_jax.training import optim, sharding, state as state_lib, step as step_lib
+from medtransfer_jax.training import sharding
 
 COLUMNS = ["input", "depth", "image_size", "batch", "dtype", "devices", "cache_mb",
            "compile_s", "step_ms", "img_per_s", "vs_in_memory"]
@@ -36,14 +33,8 @@ def run(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
         dtype: str = "float32", num_examples: int = 512, width: int = 64,
         iters: int = 3, repeats: int = 2) -> List[Dict[str, Any]]:
     mesh = sharding.make_mesh()
-    model = resnet.ResNet(depth=depth, layout="keras_v1", num_classes=2, width=width,
-                          dropout_rate=0.5, dtype=DTYPES[dtype])
-    variables = resnet.init_variables(model, jax.random.key(0), image_size)
-    tx = optim.make_optimizer(_train_cfg(), variables["params"], "none", total_steps=1000)
-    make_sh = functools.partial(sharding.state_shardings, mesh)
-    state, state_sh = state_lib.create_sharded_state(
-        variables, tx, jax.random.key_data(jax.random.key(1)), make_sh)
-    train_step = step_lib.make_train_step(model, tx, mesh, state_sh, num_classes=2)
+    state, train_step = make_train_state_and_step(mesh, depth=depth, image_size=image_size,
+                                                  dtype=dtype, width=width)
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (num_examples, image_size, image_size, 1), np.uint8)
@@ -71,7 +62,6 @@ def run(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
     rows = []
     base_ms = None
     for name, fn in (("in_memory", in_memory), ("device_cache", cached)):
-        t0 = time.perf_counter()
         t = common.time_fn(fn, iters=iters, repeats=repeats, sync=lambda x: x.block_until_ready())
         step_ms = t["median_s"] * 1e3
         base_ms = step_ms if base_ms is None else base_ms
@@ -81,5 +71,4 @@ def run(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
                          compile_s=t["first_s"], step_ms=step_ms,
                          img_per_s=batch_size / t["median_s"], vs_in_memory=step_ms / base_ms))
         print(common.format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
-        del t0
     return rows

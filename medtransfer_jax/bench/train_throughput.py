@@ -40,12 +40,10 @@ def compiled_flops(compiled) -> Optional[float]:
     return float(flops) if flops and flops > 0 else None
 
 
-def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
-                   dtype: str = "float32", num_devices: Optional[int] = None,
-                   width: int = 64, num_classes: int = 2, iters: int = 3,
-                   repeats: int = 2, layout: str = "keras_v1") -> Dict[str, Any]:
-    """Times the project's train step; returns a table row."""
-    mesh = sharding.make_mesh(num_devices)
+def make_train_state_and_step(mesh, *, depth: int, image_size: int, dtype: str, width: int,
+                              num_classes: int = 2, layout: str = "keras_v1"):
+    """(sharded TrainState, jitted train step) of the project's own step: Adam, dropout 0.5,
+    a ``num_classes`` head, random weights; what every train-step benchmark times."""
     model = resnet.ResNet(depth=depth, layout=layout, num_classes=num_classes, width=width,
                           dropout_rate=0.5, dtype=DTYPES[dtype])
     variables = resnet.init_variables(model, jax.random.key(0), image_size)
@@ -53,7 +51,18 @@ def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 
     make_sh = functools.partial(sharding.state_shardings, mesh)
     state, state_sh = state_lib.create_sharded_state(
         variables, tx, jax.random.key_data(jax.random.key(1)), make_sh)
-    train_step = step_lib.make_train_step(model, tx, mesh, state_sh, num_classes=num_classes)
+    return state, step_lib.make_train_step(model, tx, mesh, state_sh, num_classes=num_classes)
+
+
+def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
+                   dtype: str = "float32", num_devices: Optional[int] = None,
+                   width: int = 64, num_classes: int = 2, iters: int = 3,
+                   repeats: int = 2, layout: str = "keras_v1") -> Dict[str, Any]:
+    """Times the project's train step; returns a table row."""
+    mesh = sharding.make_mesh(num_devices)
+    state, train_step = make_train_state_and_step(mesh, depth=depth, image_size=image_size,
+                                                  dtype=dtype, width=width,
+                                                  num_classes=num_classes, layout=layout)
 
     rng = np.random.default_rng(0)
     batch = sharding.make_global_batch(mesh, {

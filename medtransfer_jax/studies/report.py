@@ -20,7 +20,7 @@ import math
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
-from medtransfer_jax.analysis import plots, stats
+from medtransfer_jax.analysis import plots
 from medtransfer_jax.studies import published, tables
 
 Block = Tuple[str, Any]
