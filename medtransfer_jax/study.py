@@ -28,6 +28,9 @@ _FORCE = flags.DEFINE_bool("force", False, "Rerun the given stages even if done.
 _MODE = flags.DEFINE_enum("mode", "inprocess", ["inprocess", "subprocess"],
                           "Run fine-tuning runs in this process or as subprocesses.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Concurrent runs in subprocess mode.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only the pre-flight: print the grid (runs, "
+                             "images to process) and everything missing (data roots, fold "
+                             "CSVs, checkpoint files, disk space); create nothing.")
 
 
 def _check(study: runner.Study) -> None:
@@ -48,6 +51,12 @@ def main(argv):
     cli.check_positive(_PARALLEL.value, "--parallel")
     study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value)
     _check(study)
+    if _DRY_RUN.value:
+        report = runner.preflight(_CONFIG.value, workdir)
+        print(report.text(), flush=True)
+        if report.missing:
+            raise UserError(report.error_message())
+        return
     cli.enable_compile_cache()  # the study's in-process runs share compiled programs
     with workdir_lock.hold(workdir):
         runner.run_study(_CONFIG.value, workdir, stages=_STAGES.value, force=_FORCE.value,
