@@ -157,3 +157,15 @@ def test_unknown_dataset_name():
     cfg.name = "imagenet21k"
     with pytest.raises(data.DataError, match="Unknown dataset name"):
         data.get_splits(cfg)
+
+
+@pytest.mark.parametrize("field", ["root", "fold_csv_dir"])
+def test_bucket_data_paths_are_refused_with_what_works(field):
+    cfg = data.default_data_config()
+    cfg.name = "breast"
+    cfg.root = "/tmp/not-used"
+    if field == "fold_csv_dir":
+        cfg.folds = "paper"
+    cfg[field] = "gs://bucket/busi"
+    with pytest.raises(data.DataError, match=f"data.{field}=gs://bucket/busi: .*mount"):
+        data.get_splits(cfg)

@@ -22,8 +22,22 @@ from medtransfer_jax.data.config import DATASET_NAMES
 log = logging.getLogger(__name__)
 
 
+def _refuse_bucket_paths(cfg) -> None:
+    """Dataset files are read with local file APIs (PIL, os.walk, csv): a gs:// data path
+    would otherwise fail as 'folder not found'; say what works instead."""
+    for field in ("root", "csv_path", "fold_csv_dir", "fold_csv_test", "tfds_data_dir"):
+        value = cfg.get(field)
+        if isinstance(value, str) and value.startswith("gs://"):
+            raise DataError(
+                f"data.{field}={value}: datasets are read from a local (or mounted) folder, "
+                "not from gs:// directly. Copy the data to the worker's disk, or mount the "
+                "bucket read-only (launch/tpu_vm.sh mount, gcsfuse) and point data."
+                f"{field} at the mount; run directories (--workdir) can be gs://.")
+
+
 def build_source(cfg) -> Source:
     """The whole dataset named by ``cfg.name`` as one random-access source."""
+    _refuse_bucket_paths(cfg)
     name = cfg.name
     if name == "synthetic":
         return synthetic.from_config(cfg.synthetic)
@@ -53,6 +67,7 @@ def paper_fold_dir(cfg) -> Optional[str]:
     mode = cfg.get("folds", "kfold")
     if mode == "kfold":
         return None
+    _refuse_bucket_paths(cfg)
     if mode != "paper":
         raise DataError(f"data.folds={mode!r}; choose 'paper' (the paper's fold CSVs) or 'kfold'")
     d = cfg.get("fold_csv_dir")
