@@ -39,8 +39,8 @@ def get_config(arg=None):
     if bad:
         raise ValueError(f"configs/study_revisiting.py: targets {bad} unknown; choose from "
                          f"{sorted(presets.REVISITING_TARGETS)}")
-    data = study_args.one(args, "data", study_args.env("MEDTRANSFER_DATA", "~/medtransfer_data"))
-    weights = study_args.env("MEDTRANSFER_WEIGHTS", "~/medtransfer_weights")
+    data = study_args.one(args, "data", presets.env_path("MEDTRANSFER_DATA", "~/medtransfer_data"))
+    weights = presets.env_path("MEDTRANSFER_WEIGHTS", "~/medtransfer_weights")
     protocol = study_args.one(args, "protocol", "sep2023")
     fold_csvs = study_args.one(args, "fold_csvs", "")
 

@@ -34,10 +34,10 @@ def get_config(arg=None):
     if bad:
         raise ValueError(f"configs/study_source_matters.py: confounders {bad} unknown; choose "
                          f"from {sorted(presets.CONFOUNDERS)}")
-    data = study_args.env("MEDTRANSFER_DATA", "~/medtransfer_data")
+    data = presets.env_path("MEDTRANSFER_DATA", "~/medtransfer_data")
     roots = {"nih_cxr14": study_args.one(args, "nih", os.path.join(data, "nih_cxr14")),
              "lidc": study_args.one(args, "lidc", os.path.join(data, "lidc"))}
-    weights = study_args.env("MEDTRANSFER_WEIGHTS", "~/medtransfer_weights")
+    weights = presets.env_path("MEDTRANSFER_WEIGHTS", "~/medtransfer_weights")
     ps = [float(p) for p in args.get("ps") or presets.CONFOUNDER_PS]
 
     c = ml_collections.ConfigDict()

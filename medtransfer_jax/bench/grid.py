@@ -23,16 +23,15 @@ On a 2-core CPU the same command runs scaled down (``--scale``, ``--width``,
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from medtransfer_jax import compile_cache
+from medtransfer_jax import compile_cache, configs
 from medtransfer_jax.errors import UserError
-from medtransfer_jax.training import loop
+from medtransfer_jax.training import loop, sweep
 
 #: The Revisiting targets as the paper used them: (images, classes) (REFERENCE.md table).
 PAPER_TARGETS: Dict[str, tuple] = {
@@ -50,13 +49,11 @@ COLUMNS = ["target", "images", "size", "batch", "epochs", "steps/epoch", "cold_s
 
 
 def configs_dir(flag_value: Optional[str] = None) -> str:
-    """The folder holding ``revisiting/<target>.py``: the flag, else ./configs, else the
-    source checkout's configs/ next to the package."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for cand in ([flag_value] if flag_value else [os.path.join(os.getcwd(), "configs"),
-                                                  os.path.join(here, "configs")]):
-        if cand and os.path.isfile(os.path.join(cand, "revisiting", "breast.py")):
-            return cand
+    """The folder holding ``revisiting/<target>.py``: the flag, else the sweep's
+    (``$MEDTRANSFER_CONFIGS``, the source checkout's configs/, ./configs)."""
+    cand = flag_value or sweep.default_config_dir()
+    if os.path.isfile(os.path.join(cand, "revisiting", "breast.py")):
+        return cand
     raise UserError(f"bench grid: no configs/revisiting/<target>.py under "
                     f"{flag_value or 'the working directory or the source checkout'}; pass "
                     "--configs_dir=<repo>/configs (the protocol files are not installed with "
@@ -67,10 +64,7 @@ def target_config(cfg_dir: str, target: str, *, protocol: str, scale: float, wid
                   depth: int, max_image_size: int, max_batch: int, dtype: str, cache: str):
     """The target's protocol config with synthetic data of the paper's size and classes."""
     path = os.path.join(cfg_dir, "revisiting", f"{target}.py")
-    spec = importlib.util.spec_from_file_location(f"_grid_{target}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"random,protocol={protocol},folds=kfold")
+    c = configs.load(f"{path}:random,protocol={protocol},folds=kfold")
     n, k = PAPER_TARGETS[target]
     c.data.name = "synthetic"
     c.data.synthetic.num_examples = max(8 * k, int(round(n * scale)))

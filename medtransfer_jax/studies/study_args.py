@@ -38,6 +38,3 @@ def one(args: Mapping[str, List[str]], key: str, default: str) -> str:
     v = args.get(key)
     return os.path.expanduser(v[0]) if v else os.path.expanduser(default)
 
-
-def env(var: str, default: str) -> str:
-    return os.path.expanduser(os.environ.get(var, default))
