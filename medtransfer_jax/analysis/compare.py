@@ -165,6 +165,10 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
             pad = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
             acts_a = run_a(va, act.shard_rows(act.prepare_images(images[pad], mode_a), mesh))
             acts_b = run_b(vb, act.shard_rows(act.prepare_images(images[pad], mode_b), mesh))
+            # The per-draw row/channel picks below are irregular eager gathers: run them on
+            # one replicated copy of this batch's maps, not on data-sharded arrays (XLA:CPU
+            # aborted now and then reshaping such a gather over 8 devices).
+            acts_a, acts_b = act.replicate(acts_a, mesh), act.replicate(acts_b, mesh)
             for i in idx:
                 d = draws[i]
                 rows = np.nonzero(np.isin(chunk, d.images))[0]
