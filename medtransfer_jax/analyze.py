@@ -197,7 +197,7 @@ def _check_layers(pairs: List[tuple]) -> None:
     """Unknown --layers fail before any image is loaded or any file written."""
     if not FLAGS.layers:
         return
-    from medtransfer_jax.analysis import activations as act
+    from medtransfer_jax.inference import activations as act
     for d in dict.fromkeys(p for pair in pairs for p in pair[:2]):
         try:
             act.check_layers(act.load_model(d), FLAGS.layers)
@@ -206,7 +206,7 @@ def _check_layers(pairs: List[tuple]) -> None:
 
 
 def run_similarity(out_dir: str) -> Dict[str, str]:
-    from medtransfer_jax.analysis import activations as act
+    from medtransfer_jax.inference import activations as act
     from medtransfer_jax.analysis import compare, plots
 
     pairs = _pairs()
@@ -391,7 +391,7 @@ def run_auc_vs_similarity(out_dir: str) -> Dict[str, str]:
 
 def run_map(out_dir: str) -> Dict[str, str]:
     """``analyze map``: a layer x layer similarity map (analysis/layer_map.py)."""
-    from medtransfer_jax.analysis import activations as act
+    from medtransfer_jax.inference import activations as act
     from medtransfer_jax.analysis import layer_map
 
     if not FLAGS.weights_a:

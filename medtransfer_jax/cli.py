@@ -252,7 +252,7 @@ def init_distributed() -> int:
     Imports JAX here, not at the top: the mains set ``jax.config`` options first.
     """
     enable_compile_cache()
-    from medtransfer_jax.training import sharding  # noqa: E402 (jax after jax.config)
+    from medtransfer_jax import sharding  # noqa: E402 (jax after jax.config)
     kwargs = {k: v for k, v in dict(coordinator_address=_COORD.value,
                                     num_processes=_NPROC.value,
                                     process_id=_PID.value).items() if v is not None}

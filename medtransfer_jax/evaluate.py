@@ -54,7 +54,7 @@ def main(argv):
     cli.init_distributed()
     import jax  # noqa: E402 (after distributed init)
     cli.check_divisible(_BATCH.value, jax.device_count(), "--batch_size")
-    from medtransfer_jax.training.evaluation import evaluate_checkpoint  # noqa: E402
+    from medtransfer_jax.inference.evaluation import evaluate_checkpoint  # noqa: E402
     out, mets = evaluate_checkpoint(
         _CKPT.value, dataset=_DATASET.value, data_root=_ROOT.value, fold=_FOLD.value,
         splits=_SPLITS.value, image_size=_SIZE.value, batch_size=_BATCH.value,

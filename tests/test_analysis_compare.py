@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import compare
 from medtransfer_jax.analysis import similarity as S
 from medtransfer_jax.models import resnet

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 
 from medtransfer_jax.analysis import stats
-from medtransfer_jax.training import metrics
+from medtransfer_jax.inference import metrics
 
 pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
 

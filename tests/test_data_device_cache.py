@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from medtransfer_jax import data
 from medtransfer_jax.data import device_cache, pipeline
 from medtransfer_jax.data.base import ArraySource, DataError
-from medtransfer_jax.training import sharding
+from medtransfer_jax import sharding
 
 
 def _source(n=24, size=20, seed=0, rgb=False):

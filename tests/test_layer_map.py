@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import compare
 from medtransfer_jax.analysis import layer_map as LM
 from medtransfer_jax.analysis import similarity as S
 from medtransfer_jax.analysis import streaming as St
 from medtransfer_jax.models import resnet
-from medtransfer_jax.training import sharding
+from medtransfer_jax import sharding
 from medtransfer_jax.weights.checkpoint import WeightsMetadata
 
 SIZE, N, BATCH = 64, 40, 8
@@ -119,7 +119,7 @@ import jax
 sys.path.insert(0, sys.argv[1])
 from test_layer_map import _net, SIZE
 from medtransfer_jax.analysis import compare, layer_map as LM
-from medtransfer_jax.training import sharding
+from medtransfer_jax import sharding
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(1)
 images = rng.integers(0, 256, (44, SIZE, SIZE, 3)).astype(np.uint8)

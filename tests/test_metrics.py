@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from medtransfer_jax.training import metrics, predictions
+from medtransfer_jax.inference import metrics, predictions
 
 
 def _probs(rng, n, k, ties=False):

@@ -310,7 +310,8 @@ def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls
     from test_study import _tiny_study_config
 
     from medtransfer_jax.studies import analyses, runner, tables
-    from medtransfer_jax.training import predictions, sweep
+    from medtransfer_jax.training import sweep
+    from medtransfer_jax.inference import predictions
 
     monkeypatch.chdir(tmp_path)
     url = "gs://bucket/study"

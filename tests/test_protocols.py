@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from medtransfer_jax import data
 from medtransfer_jax.data.base import ArraySource
 from medtransfer_jax.training import loop, presets, run_setup
-from medtransfer_jax.training import sharding as shard_lib
+from medtransfer_jax import sharding as shard_lib
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

@@ -9,8 +9,9 @@ import _train_utils  # noqa: F401  (persistent XLA cache)
 import numpy as np
 import pytest
 
-from medtransfer_jax.training import evaluation as evaluate
-from medtransfer_jax.training import loop, metrics, predictions, presets, sweep
+from medtransfer_jax.inference import evaluation as evaluate
+from medtransfer_jax.training import loop, presets, sweep
+from medtransfer_jax.inference import metrics, predictions
 from medtransfer_jax.weights.checkpoint import CheckpointError, load_weights
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from medtransfer_jax.training import optim, sharding, state as state_lib, step as step_lib
+from medtransfer_jax.training import optim, state as state_lib, step as step_lib
+from medtransfer_jax import sharding
 
 K = 2
 

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medtransfer_jax.training import optim, sharding, state as state_lib, step as step_lib
+from medtransfer_jax.training import optim, state as state_lib, step as step_lib
+from medtransfer_jax import sharding
 
 NUM_CLASSES = 3
 

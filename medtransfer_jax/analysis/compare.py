@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import jax.numpy as jnp
 import numpy as np
 
-from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import layer_map
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming

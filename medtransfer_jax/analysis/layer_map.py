@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import covariance as cov_lib
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.models import resnet

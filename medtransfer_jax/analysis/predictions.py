@@ -34,7 +34,7 @@ import numpy as np
 from scipy import stats
 
 from medtransfer_jax import paths
-from medtransfer_jax.training import metrics
+from medtransfer_jax.inference import metrics
 
 #: Prediction-similarity modes -> (default split, AUC average for K > 2).
 MODES = {"corrected": (None, "macro"), "paper": ("val", "weighted")}
@@ -181,7 +181,7 @@ def prediction_similarity(labels, probs_a, probs_b, mode: str = "corrected") -> 
 def roc_auc(labels, probs, average: str = "macro") -> float:
     """ROC-AUC of (N,) labels and (N, K) probabilities (or (N,) positive-class scores):
     binary -> the positive class; K > 2 -> one-vs-rest ``macro`` or prevalence-``weighted``
-    (training.metrics.auc_ovr, the project's one AUC: NaN where a class is absent)."""
+    (inference.metrics.auc_ovr, the project's one AUC: NaN where a class is absent)."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim == 1:
         probs = np.stack([1 - probs, probs], 1)

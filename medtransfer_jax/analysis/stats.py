@@ -58,7 +58,7 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray,
     """Percentile bootstrap CI of ``metric(labels, probs)`` over the N images.
 
     Args:
-      labels: (N,) ints; probs: (N, K); metric: e.g. ``training.metrics.auc_ovr``.
+      labels: (N,) ints; probs: (N, K); metric: e.g. ``inference.metrics.auc_ovr``.
       n_boot: resamples; those where the metric is undefined (NaN: a resample with one
         class only) are dropped.
     Returns:

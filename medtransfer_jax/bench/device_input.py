@@ -23,7 +23,7 @@ from medtransfer_jax.bench import common
 from medtransfer_jax.bench.train_throughput import make_train_state_and_step
 from medtransfer_jax.data import device_cache
 from medtransfer_jax.data.config import default_augment_config
-from medtransfer_jax.training import sharding
+from medtransfer_jax import sharding
 
 COLUMNS = ["input", "depth", "image_size", "batch", "dtype", "devices", "cache_mb",
            "compile_s", "step_ms", "img_per_s", "vs_in_memory"]

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import compare
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming

@@ -17,7 +17,8 @@ import numpy as np
 
 from medtransfer_jax.bench import common, torch_reference
 from medtransfer_jax.models import resnet
-from medtransfer_jax.training import optim, sharding, state as state_lib, step as step_lib
+from medtransfer_jax.training import optim, state as state_lib, step as step_lib
+from medtransfer_jax import sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from medtransfer_jax import data as data_lib, paths
-from medtransfer_jax.analysis import activations as act
+from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import compare, filters, plots
 from medtransfer_jax.analysis import predictions as pred
 from medtransfer_jax.analysis import similarity as sim
@@ -30,7 +30,8 @@ from medtransfer_jax.data import pipeline
 from medtransfer_jax.models import resnet
 from medtransfer_jax.preprocessing import to_three_channels
 from medtransfer_jax.studies import tables
-from medtransfer_jax.training import metrics, sweep
+from medtransfer_jax.training import sweep
+from medtransfer_jax.inference import metrics
 from medtransfer_jax.weights import checkpoint
 
 #: The metric of ``runs.csv``'s ``test.<name>`` -> a function of (labels, probs) for the

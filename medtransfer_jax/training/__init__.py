@@ -1,9 +1,9 @@
-"""Fine-tuning: sharding, optimisers/freezing, jitted steps, metrics, checkpoints, the loop.
+"""Fine-tuning: optimisers/freezing, jitted steps, checkpoints, the loop, sweeps.
 
-Modules: ``sharding`` (mesh, NamedSharding, multi-host), ``optim`` (optax, schedules,
-freeze policies), ``state`` (TrainState), ``step`` (jitted train/eval steps), ``metrics``
-(exact AUC variants), ``checkpointing`` (orbax run checkpoints), ``loop``
-(``train_and_evaluate``), ``predictions`` (predictions CSV), ``presets`` (config
-builders), ``sweep`` (grids of runs). Entry points: ``python -m medtransfer_jax.train``
-and ``python -m medtransfer_jax.evaluate``.
+Modules: ``optim`` (optax, schedules, freeze policies), ``state`` (TrainState), ``step``
+(jitted train/eval steps), ``checkpointing`` (orbax run checkpoints), ``loop``
+(``train_and_evaluate`` = setup -> run_phase -> finalize), ``presets`` (config
+builders), ``sweep`` (grids of runs). The mesh lives in ``medtransfer_jax.sharding``
+and the forward pass, metrics and predictions files in ``medtransfer_jax.inference``.
+Entry point: ``python -m medtransfer_jax.train``.
 """

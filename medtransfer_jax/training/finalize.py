@@ -15,9 +15,9 @@ import numpy as np
 from absl import logging
 
 from medtransfer_jax import data as data_lib, paths
-from medtransfer_jax.training import metrics as metrics_lib
-from medtransfer_jax.training import predictions as pred_lib
-from medtransfer_jax.training import sharding as shard_lib
+from medtransfer_jax.inference import metrics as metrics_lib
+from medtransfer_jax.inference import predictions as pred_lib
+from medtransfer_jax import sharding as shard_lib
 from medtransfer_jax.weights import checkpoint as weights_lib
 
 RESULTS_FILE = "results.json"

@@ -30,7 +30,7 @@ from medtransfer_jax import compile_cache, paths
 from medtransfer_jax.training import finalize as finalize_lib, model_init, optim, periodic
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import run_setup
-from medtransfer_jax.training import sharding as shard_lib
+from medtransfer_jax import sharding as shard_lib
 from medtransfer_jax.training import state as state_lib
 from medtransfer_jax.training import step as step_lib
 from medtransfer_jax.training.loop_state import LoopState

@@ -19,7 +19,7 @@ from medtransfer_jax import data as data_lib
 from medtransfer_jax.data import device_cache, integrity
 from medtransfer_jax.training import checkpointing, finalize as finalize_lib, model_init, optim
 from medtransfer_jax.training import phases as phases_lib
-from medtransfer_jax.training import sharding as shard_lib
+from medtransfer_jax import sharding as shard_lib
 from medtransfer_jax.training import state as state_lib
 from medtransfer_jax.training import step as step_lib
 from medtransfer_jax.training.loop_state import LoopState

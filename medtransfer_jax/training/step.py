@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from medtransfer_jax.training import sharding as shard_lib
+from medtransfer_jax import sharding as shard_lib
 from medtransfer_jax.training.state import TrainState
 
 

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from medtransfer_jax import preprocessing as prep
 from medtransfer_jax.models import resnet
-from medtransfer_jax.training import sharding
+from medtransfer_jax import sharding
 from medtransfer_jax.weights import checkpoint
 
 SPATIAL_MODES = ("positions", "pool")

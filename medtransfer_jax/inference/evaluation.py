@@ -54,7 +54,9 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
     import jax
 
     from medtransfer_jax import data as data_lib
-    from medtransfer_jax.training import loop, predictions, sharding, step
+    from medtransfer_jax.training import loop, step
+    from medtransfer_jax.inference import predictions
+    from medtransfer_jax import sharding
     from medtransfer_jax.weights import checkpoint as weights_lib
 
     weights, run_cfg = resolve_checkpoint(checkpoint)
