@@ -3,7 +3,8 @@
 One format for every set of weights the project hands between stages: converted
 source checkpoints (ImageNet / RadImageNet), and weights exported from fine-tuning
 runs. So any stage (training, evaluation, CCA, filter analysis) loads weights the same
-way and knows how to rebuild the model and normalise its inputs.
+way (:func:`load_model`, the one loader) and knows how to rebuild the model and
+normalise its inputs.
 
 A weights directory may be local or a ``gs://`` URL (see :mod:`medtransfer_jax.paths`);
 orbax writes the tree to the bucket directly. Layout::
