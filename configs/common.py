@@ -1,10 +1,10 @@
-"""Shared defaults of every run (medtransfer_jax.training.presets.base_config).
+"""Shared defaults of every run (medtransfer_jax.configs.base.base_config).
 
 Usable as a config itself: ``--config=configs/common.py --config.data.name=...``.
 """
-from medtransfer_jax.training import presets
+from medtransfer_jax.configs import base
 
 
 def get_config(arg=None):
     del arg
-    return presets.base_config()
+    return base.base_config()

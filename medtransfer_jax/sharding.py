@@ -65,6 +65,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (model variables) replicated on every device of ``mesh`` (a no-op for
+    arrays already laid out so)."""
+    return jax.device_put(tree, replicated(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``data``; other axes whole."""
     return NamedSharding(mesh, P(DATA_AXIS))
@@ -118,9 +124,17 @@ def make_global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict
     has leading dimension B_global on every process.
     """
     sharding = batch_sharding(mesh)
-    return {k: v if _is_global(v, sharding) else
-            jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    return {k: v if _is_global(v, sharding) else shard_rows(v, mesh)
             for k, v in local_batch.items()}
+
+
+def shard_rows(x, mesh: Mesh, global_rows: Optional[int] = None) -> jax.Array:
+    """A host array whose leading axis is this process's share of a global batch -> one
+    global jax.Array split over ``data`` (multi-host safe); ``global_rows`` is the
+    global leading size when it cannot be inferred."""
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh), x, None if global_rows is None else (global_rows,) + x.shape[1:])
 
 
 def _is_global(value, sharding: NamedSharding) -> bool:

@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 
 from medtransfer_jax import data
 from medtransfer_jax.data.base import ArraySource
+from medtransfer_jax.inference import predict
 from medtransfer_jax.training import loop, presets, run_setup
 from medtransfer_jax import sharding as shard_lib
 
@@ -174,7 +175,7 @@ def test_evaluate_source_resizes_and_reports_the_protocol_auc():
 
     out = {}
     for method in ("nearest", "bilinear"):
-        mets, arrays = loop.evaluate_source(eval_step, None, src, mesh, image_size=16,
+        mets, arrays = predict.evaluate_source(eval_step, None, src, mesh, image_size=16,
                                             preprocessing="unit", batch_size=4,
                                             resize_method=method, reported_auc="auc_ovr_weighted")
         out[method] = arrays["probs"][0, 1]

@@ -85,6 +85,10 @@ def test_evaluate_command_reproduces_test_metrics(run_dir, tmp_path):
     assert mets["test"]["auc"] == pytest.approx(res["test"]["auc"], abs=1e-6)
     p = predictions.read_predictions(out)
     assert set(p["split"]) == {"test"} and len(p["id"]) == res["num_test"]
+    with open(tmp_path / "preds.metrics.json") as f:
+        summary = json.load(f)
+    assert summary["metrics"]["test"]["auc"] == pytest.approx(mets["test"]["auc"])
+    assert summary["checkpoint"] == os.path.join(wd, "export", "best")
     with pytest.raises(ValueError, match="not available"):
         evaluate.evaluate_checkpoint(wd, splits=["nope"])
 

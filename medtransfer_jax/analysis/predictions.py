@@ -27,51 +27,20 @@ Predictions files follow the project contract: ``predictions.csv`` with header
 """
 from __future__ import annotations
 
-import csv
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import stats
 
-from medtransfer_jax import paths
 from medtransfer_jax.inference import metrics
+from medtransfer_jax.inference.predictions import read_predictions
 
 #: Prediction-similarity modes -> (default split, AUC average for K > 2).
 MODES = {"corrected": (None, "macro"), "paper": ("val", "weighted")}
 
 
-# ----------------------------------------------------------------------------- I/O
-def load_predictions(path: str) -> Dict[str, np.ndarray]:
-    """Reads a contract predictions CSV -> {'id', 'group', 'split', 'label' (int64),
-    'probs' (N, K) float64}. Raises ValueError naming the file and the problem."""
-    if not paths.exists(path):
-        raise ValueError(f"Predictions file {path!r} does not exist; write it with "
-                         "medtransfer_jax.evaluate (or training's write_predictions).")
-    with paths.open(path) as f:  # local or gs://
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ValueError(f"{path}: empty file; expected header "
-                             "id,group,split,label,prob_0,...") from None
-        rows = list(reader)
-    required = ["id", "group", "split", "label"]
-    if header[:4] != required:
-        raise ValueError(f"{path}: header starts {header[:4]}, expected {required} followed "
-                         "by prob_0..prob_{K-1}.")
-    prob_cols = header[4:]
-    if not prob_cols or prob_cols != [f"prob_{k}" for k in range(len(prob_cols))]:
-        raise ValueError(f"{path}: probability columns {prob_cols} are not prob_0..prob_K-1.")
-    if not rows:
-        raise ValueError(f"{path}: no prediction rows.")
-    try:
-        labels = np.array([int(r[3]) for r in rows], np.int64)
-        probs = np.array([[float(v) for v in r[4:]] for r in rows], np.float64)
-    except (ValueError, IndexError) as e:
-        raise ValueError(f"{path}: malformed row ({e}); every row needs an integer label and "
-                         f"{len(prob_cols)} probabilities.") from e
-    return dict(id=np.array([r[0] for r in rows]), group=np.array([r[1] for r in rows]),
-                split=np.array([r[2] for r in rows]), label=labels, probs=probs)
+# The one reader of the predictions contract (DataError naming the file); the old name.
+load_predictions = read_predictions
 
 
 def align_predictions(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *,
@@ -237,12 +206,12 @@ def compare_prediction_files(path_a: str, path_b: str, *, split: Optional[str] =
     """
     default_split, average = MODES[_check_mode(mode)]
     split = split or default_split
-    a, b = load_predictions(path_a), load_predictions(path_b)
+    a, b = read_predictions(path_a), read_predictions(path_b)
     labels, pa, pb = align_predictions(a, b, split=split, name_a=path_a, name_b=path_b)
     out = prediction_similarity(labels, pa, pb, mode)
     out["auc_a"], out["auc_b"] = roc_auc(labels, pa, average), roc_auc(labels, pb, average)
     if random_path:
-        r = load_predictions(random_path)
+        r = read_predictions(random_path)
         lr, _, prr = align_predictions(a, r, split=split, name_a=path_a, name_b=random_path)
         out["auc_random"] = roc_auc(lr, prr, average)
         out["gain_a"] = relative_auc_gain(out["auc_a"], out["auc_random"])

@@ -29,7 +29,10 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import jax
+
 from medtransfer_jax import compile_cache, configs
+from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.training import loop, sweep
 
@@ -107,8 +110,6 @@ def bench_target(target: str, config, root: str) -> Dict[str, Any]:
     ips = steps * bs / epoch_s
     mfu = float("nan")
     if config.model.width == 64 and config.model.depth == 50:
-        from medtransfer_jax.bench import common
-        import jax
         peak = common.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
         if peak:
             mfu = ips * TRAIN_GFLOP_224 * 1e9 * (size / 224) ** 2 / (peak * jax.device_count())

@@ -18,6 +18,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import Image
 
+from medtransfer_jax.data import config as data_config
+from medtransfer_jax.data import pipeline, sources
+
 
 def write_images(folder: str, num_images: int, size: int, fmt: str, grey: bool, seed: int = 0) -> None:
     """``num_images`` files in two class folders; textures so JPEG/PNG sizes are realistic."""
@@ -39,9 +42,6 @@ def run(image_size: int = 224, worker_counts: Sequence[int] = (0, 1, 2), num_ima
         fmt: str = "jpeg", source_size: int = 512, batch_size: int = 32, warmup_batches: int = 2,
         measure_batches: int = 8, grey: bool = True, augment: bool = True) -> List[Dict]:
     """Returns one row per worker count: {'workers', 'fmt', 'image_size', 'images_per_s', ...}."""
-    from medtransfer_jax.data import config as data_config
-    from medtransfer_jax.data import pipeline, sources
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_images(tmp, num_images, source_size, fmt, grey)

@@ -4,14 +4,17 @@ The package's own defaults live here, not in the repository's ``configs/``, so t
 mains work from any directory after a non-editable ``pip install .``:
 
 * ``demo.py``: the synthetic demo run (default of ``python -m medtransfer_jax.train``);
-* ``study_demo.py``: the demo study (default of ``python -m medtransfer_jax.study``).
+* ``study_demo.py``: the demo study (default of ``python -m medtransfer_jax.study``);
+* ``base.py``: the run schema, :func:`base.base_config` (every field a run reads) and
+  :func:`base.demo_config`, which training.presets and the ``configs/`` files build on.
 
 :func:`path` names them. The mains override fields with ml_collections ``config_flags``
 (``--config.train.lr=0.01``); everything else that overrides fields from strings (the
 sweep, the study, ``analyze --data_override``) goes through :func:`override`, and a
 sweep hands its runs the file :func:`write_resolved` wrote, so a run started in this
 process and one started as ``python -m medtransfer_jax.train`` read the same values.
-This module imports nothing from the project (it sits at the bottom of the house).
+This module imports nothing from the project (it sits at the bottom of the house);
+``base.py`` imports only data's defaults.
 """
 from __future__ import annotations
 

@@ -3,11 +3,11 @@
 Finishes in a few minutes on 2 CPU cores and reaches a clearly-above-chance val AUC:
     python -m medtransfer_jax.train --workdir=/tmp/medtransfer_demo
 """
-from medtransfer_jax.training import presets
+from medtransfer_jax.configs import base
 
 
 def get_config(arg=None):
     if arg:  # a misspelled argument must not silently give the default
         raise ValueError(f"demo.py takes no argument, got {arg!r}; override fields with "
                          "--config.FIELD=VALUE instead")
-    return presets.demo_config()
+    return base.demo_config()

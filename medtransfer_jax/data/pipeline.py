@@ -36,6 +36,7 @@ from PIL import Image
 
 from medtransfer_jax import preprocessing
 from medtransfer_jax.data.base import DataError
+from medtransfer_jax.data.config import default_augment_config
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,6 @@ def _augment_cfg(augment) -> Optional[Dict[str, Any]]:
     if augment is None or augment is False:
         return None
     if augment is True:
-        from medtransfer_jax.data.config import default_augment_config
         augment = default_augment_config()
     items = dict(augment.items()) if hasattr(augment, "items") else dict(augment)
     unknown = set(items) - set(_AUG_DEFAULTS)

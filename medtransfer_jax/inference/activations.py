@@ -26,7 +26,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from medtransfer_jax import preprocessing as prep
 from medtransfer_jax.models import resnet
@@ -36,31 +35,9 @@ from medtransfer_jax.weights import checkpoint
 SPATIAL_MODES = ("positions", "pool")
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    """A model rebuilt from a weights directory, ready for inference."""
-    model: resnet.ResNet
-    variables: Dict[str, Any]
-    metadata: checkpoint.WeightsMetadata
-    name: str
-
-    @property
-    def depth(self) -> int:
-        return self.model.depth
-
-    def valid_layers(self) -> Tuple[str, ...]:
-        return resnet.block_output_names(self.model.depth) + ("logits",)
-
-
-def load_model(weights: Union[str, LoadedModel], name: Optional[str] = None) -> LoadedModel:
-    """Loads a weights directory (see weights/checkpoint.py) or passes a LoadedModel through."""
-    if isinstance(weights, LoadedModel):
-        return weights
-    variables, metadata = checkpoint.load_weights(weights)
-    model = metadata.model_spec().build()
-    # On the device once: NumPy leaves would be re-uploaded with every forward batch.
-    variables = jax.device_put(variables)
-    return LoadedModel(model, variables, metadata, name or str(weights))
+# The one weights loader and the mesh helpers, re-exported for the analyses.
+LoadedModel, load_model = checkpoint.LoadedModel, checkpoint.load_model
+replicate, shard_rows = sharding.replicate, sharding.shard_rows
 
 
 def check_layers(loaded: LoadedModel, layers: Sequence[str]) -> Tuple[str, ...]:
@@ -120,19 +97,6 @@ def forward_mesh(batch_size: int, mesh=None):
         raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.size} "
                          "devices of the mesh.")
     return mesh
-
-
-def replicate(tree, mesh):
-    """``tree`` (model variables) replicated on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def shard_rows(x, mesh, global_rows: Optional[int] = None):
-    """A host array whose leading axis is this process's share of a global batch -> one
-    global jax.Array split over the mesh's ``data`` axis (multi-host safe)."""
-    return jax.make_array_from_process_local_data(
-        NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS)), np.asarray(x),
-        None if global_rows is None else (global_rows,) + tuple(np.shape(x)[1:]))
 
 
 def prepare_images(images, mode: str) -> np.ndarray:

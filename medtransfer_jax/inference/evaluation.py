@@ -2,46 +2,73 @@
 
 The library side of ``python -m medtransfer_jax.evaluate``; writes the predictions CSV
 (id, group, split, label, prob_0..) and a ``.metrics.json`` that the analysis reads.
+Checkpoint and output may be local or ``gs://`` (medtransfer_jax.paths).
 """
-import json
-import os
+from __future__ import annotations
 
+import json
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
 from absl import logging
 
+from medtransfer_jax import configs, data as data_lib, paths
+from medtransfer_jax import sharding
+from medtransfer_jax.inference import predict, predictions
+from medtransfer_jax.weights import checkpoint as weights_lib
 
-def _merge(cfg, d):
-    """Copies the JSON dict ``d`` into ConfigDict ``cfg`` (known keys only, recursively)."""
+
+def resolve_checkpoint(path: str) -> Tuple[str, Optional[Dict[str, Any]]]:
+    """(weights dir, run config dict or None) for a weights dir or a training workdir
+    (its ``export/best``; the run's ``config.json`` sits two levels above a weights dir
+    exported by training)."""
+    path = paths.workdir(path)
+    if paths.exists(paths.join(path, weights_lib.METADATA_FILE)):
+        weights, cand = path, paths.join(path.parent.parent, "config.json")
+    elif paths.isdir(paths.join(path, "export", "best")):
+        weights, cand = paths.join(path, "export", "best"), paths.join(path, "config.json")
+    else:
+        raise weights_lib.CheckpointError(
+            f"--checkpoint={paths.to_str(path)} is neither a weights directory (with "
+            f"{weights_lib.METADATA_FILE}) nor a training workdir with export/best/.")
+    run_cfg = json.loads(paths.read_text(cand)) if paths.exists(cand) else None
+    return paths.to_str(weights), run_cfg
+
+
+def _dotted(d: Mapping[str, Any], cfg, prefix: str = "") -> Iterator[str]:
+    """'key=repr(value)' items of the fields of JSON dict ``d`` that ConfigDict ``cfg``
+    knows (a run written by an older version may carry fields since removed)."""
     for k, v in d.items():
         if k not in cfg:
-            continue
-        if isinstance(v, dict) and hasattr(cfg[k], "keys"):
-            _merge(cfg[k], v)
+            logging.warning("data config field %s%s from the run ignored (unknown)", prefix, k)
+        elif isinstance(v, dict) and hasattr(cfg[k], "keys"):
+            yield from _dotted(v, cfg[k], f"{prefix}{k}.")
         else:
-            try:
-                cfg[k] = tuple(v) if isinstance(v, list) else v
-            except TypeError:
-                logging.warning("data config field %s=%r from the run ignored", k, v)
+            yield f"{prefix}{k}={v!r}"
 
 
-def resolve_checkpoint(path: str):
-    """(weights dir, run config dict or None) for a weights dir or a training workdir."""
-    from medtransfer_jax.weights.checkpoint import METADATA_FILE, CheckpointError
-    path = os.path.abspath(os.path.expanduser(path))
-    run_cfg = None
-    if os.path.exists(os.path.join(path, METADATA_FILE)):
-        weights = path
-        # export/best -> the workdir two levels up holds config.json
-        cand = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
-    elif os.path.isdir(os.path.join(path, "export", "best")):
-        weights = os.path.join(path, "export", "best")
-        cand = os.path.join(path, "config.json")
-    else:
-        raise CheckpointError(f"--checkpoint={path} is neither a weights directory (with "
-                              f"{METADATA_FILE}) nor a training workdir with export/best/.")
-    if os.path.exists(cand):
-        with open(cand) as f:
-            run_cfg = json.load(f)
-    return weights, run_cfg
+def data_config(run_cfg: Optional[Mapping[str, Any]], dataset=None, data_root=None):
+    """The data config to evaluate on: defaults <- the run's ``data`` <- the flags."""
+    cfg = data_lib.default_data_config()
+    if run_cfg and "data" in run_cfg:
+        configs.override(cfg, list(_dotted(run_cfg["data"], cfg)), flag="checkpoint")
+    if dataset:
+        cfg.name = dataset
+    if data_root:
+        cfg.root = data_root
+    return cfg
+
+
+def _pick_splits(ds, splits) -> Dict[str, Any]:
+    """{name: source} of the requested splits ('all': every split of ``ds``)."""
+    available = {"train": ds.train, "val": ds.val, "test": ds.test, **ds.extra_tests}
+    wanted = list(available) if list(splits) == ["all"] else list(splits)
+    unknown = [s for s in wanted if s not in available]
+    if unknown:
+        raise data_lib.DataError(f"--splits {unknown} not available for {ds.name}; choose "
+                                 f"from {sorted(available)} or 'all'")
+    return {s: available[s] for s in wanted}
 
 
 def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=None,
@@ -51,72 +78,51 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
     Returns:
       (output path, {split: metrics}).
     """
-    import jax
-
-    from medtransfer_jax import data as data_lib
-    from medtransfer_jax.training import loop, step
-    from medtransfer_jax.inference import predictions
-    from medtransfer_jax import sharding
-    from medtransfer_jax.weights import checkpoint as weights_lib
-
     weights, run_cfg = resolve_checkpoint(checkpoint)
-    variables, meta = weights_lib.load_weights(weights)
-    cfg = data_lib.default_data_config()
-    if run_cfg and "data" in run_cfg:
-        _merge(cfg, run_cfg["data"])
-    if dataset:
-        cfg.name = dataset
-    if data_root:
-        cfg.root = data_root
-    if fold is None:
-        fold = cfg.get("fold", 0)   # the run's data.fold (merged above), else 0
+    mesh = sharding.make_mesh()
+    loaded = weights_lib.load_model(weights, mesh=mesh)
+    meta = loaded.metadata
+    cfg = data_config(run_cfg, dataset, data_root)
+    fold = cfg.get("fold", 0) if fold is None else fold   # the run's data.fold, else 0
     fold = 0 if fold is None else int(fold)
-    size = image_size or (cfg.image_size if run_cfg else meta.image_size)
-    cfg.image_size = size
+    cfg.image_size = size = image_size or (cfg.image_size if run_cfg else meta.image_size)
     ds = data_lib.get_splits(cfg, fold=fold)
     if meta.num_classes != ds.num_classes:
         raise weights_lib.CheckpointError(
             f"{weights}: the head has {meta.num_classes} classes but dataset {ds.name!r} has "
             f"{ds.num_classes} {ds.class_names}; evaluate on the dataset it was trained on.")
-    available = {"train": ds.train, "val": ds.val, "test": ds.test, **ds.extra_tests}
-    wanted = list(available) if list(splits) == ["all"] else list(splits)
-    unknown = [s for s in wanted if s not in available]
-    if unknown:
-        raise ValueError(f"--splits {unknown} not available for {ds.name}; choose from "
-                         f"{sorted(available)} or 'all'")
-
-    model = meta.model_spec().build(num_classes=meta.num_classes)
-    mesh = sharding.make_mesh()
+    sources = _pick_splits(ds, splits)
     batch_size = -(-int(batch_size) // mesh.size) * mesh.size
-    repl = sharding.replicated(mesh)
-    var_sh = jax.tree.map(lambda _: repl, variables)
-    dev_vars = jax.device_put(variables, var_sh)
-    eval_step = step.make_eval_step(model, mesh, var_sh, num_classes=meta.num_classes)
+    var_sh = jax.tree.map(lambda _: sharding.replicated(mesh), loaded.variables)
+    eval_step = predict.make_eval_step(loaded.model, mesh, var_sh, num_classes=meta.num_classes)
+    reported = ((run_cfg or {}).get("eval") or {}).get("reported_auc")
     if output is None:
-        output = os.path.join(os.path.dirname(weights) if os.path.basename(weights) == "best"
-                              else weights, f"predictions_{ds.name}_fold{fold}.csv")
-    rows, all_metrics = [], {}
-    for name in wanted:
-        src = available[name]
-        mets, arrays = loop.evaluate_source(eval_step, dev_vars, src, mesh, image_size=size,
-                                            preprocessing=meta.preprocessing,
-                                            batch_size=batch_size,
-                                            resize_method=cfg.resize_method,
-                                            reported_auc=(run_cfg or {}).get("eval", {}).get(
-                                                "reported_auc"))
-        ids, groups = loop._ids_groups(src, arrays["index"])
+        parent = paths.workdir(weights)
+        parent = parent.parent if paths.basename(weights) == "best" else parent
+        output = paths.join(parent, f"predictions_{ds.name}_fold{fold}.csv")
+    rows: List[Tuple] = []
+    all_metrics = {}
+    for name, src in sources.items():
+        mets, arrays = predict.evaluate_source(
+            eval_step, loaded.variables, src, mesh, image_size=size,
+            preprocessing=meta.preprocessing, batch_size=batch_size,
+            resize_method=cfg.resize_method, reported_auc=reported)
+        ids, groups = predict.ids_groups(src, arrays["index"])
         rows.append((ids, groups, [name] * len(ids), arrays["label"], arrays["probs"]))
         all_metrics[name] = mets
         logging.info("%s: %s", name, {k: round(v, 4) for k, v in mets.items()
                                       if isinstance(v, float)})
     if jax.process_index() == 0:
-        import numpy as np
-        predictions.write_predictions(
-            output, [x for r in rows for x in r[0]], [x for r in rows for x in r[1]],
-            [x for r in rows for x in r[2]], np.concatenate([r[3] for r in rows]),
-            np.concatenate([r[4] for r in rows]))
-        with open(os.path.splitext(output)[0] + ".metrics.json", "w") as f:
-            json.dump({"checkpoint": weights, "dataset": ds.name, "fold": fold,
-                       "image_size": size, "preprocessing": meta.preprocessing,
-                       "metrics": all_metrics}, f, indent=2)
-    return output, all_metrics
+        _write(output, rows, {"checkpoint": weights, "dataset": ds.name, "fold": fold,
+                              "image_size": size, "preprocessing": meta.preprocessing,
+                              "metrics": all_metrics})
+    return paths.to_str(output), all_metrics
+
+
+def _write(output: paths.PathLike, rows: List[Tuple], summary: Dict[str, Any]) -> None:
+    """The predictions CSV of all ``rows`` and ``<output stem>.metrics.json`` beside it."""
+    predictions.write_predictions(
+        output, *[sum((list(r[i]) for r in rows), []) for i in range(3)],
+        np.concatenate([r[3] for r in rows]), np.concatenate([r[4] for r in rows]))
+    paths.write_text_atomic(paths.as_path(output).with_suffix(".metrics.json"),
+                            json.dumps(summary, indent=2))

@@ -13,6 +13,7 @@ from typing import Dict, Sequence
 import numpy as np
 
 from medtransfer_jax import paths
+from medtransfer_jax.data.base import DataError
 
 _FIXED = ("id", "group", "split", "label")
 
@@ -54,33 +55,44 @@ def write_predictions(path: paths.PathLike, ids: Sequence[str], groups: Sequence
 
 
 def read_predictions(path: paths.PathLike) -> Dict[str, np.ndarray]:
-    """Reads a predictions CSV.
+    """Reads a predictions CSV (local or ``gs://``): the one reader of the contract.
 
     Returns:
       ``{'id': (N,) str, 'group': (N,) str, 'split': (N,) str, 'label': (N,) int64,
-      'probs': (N, K) float64}``.
+      'probs': (N, K) float64}`` (N may be 0: a header-only file of an empty split).
+    Raises:
+      DataError naming the file and the problem: missing, empty, bad header, a line
+      with the wrong number of columns or a value that is not a number.
     """
+    shown = paths.to_str(path)
     if not paths.exists(path):
-        raise FileNotFoundError(f"Predictions file {paths.to_str(path)!r} does not exist; "
-                                "write it with `python -m medtransfer_jax.evaluate` or a "
-                                "training run.")
+        raise DataError(f"predictions file {shown} does not exist; write it with `python -m "
+                        "medtransfer_jax.evaluate` or a training run")
     with paths.open(path) as f:
         r = csv.reader(f)
         header = next(r, None)
-        if header is None or tuple(header[:4]) != _FIXED or not all(
-                h == f"prob_{k}" for k, h in enumerate(header[4:])) or len(header) < 5:
-            raise ValueError(f"{path}: header {header} is not "
-                             f"'id,group,split,label,prob_0,...' (medtransfer_jax predictions)")
         rows = list(r)
+    if not header:
+        raise DataError(f"predictions file {shown} is empty; expected the header "
+                        f"{','.join(_FIXED)},prob_0,...")
     k = len(header) - 4
+    if tuple(header[:4]) != _FIXED or k < 1 or header[4:] != [f"prob_{j}" for j in range(k)]:
+        raise DataError(f"predictions file {shown}: header {','.join(header)} is not "
+                        f"'{','.join(_FIXED)},prob_0,...,prob_{{K-1}}'")
     bad = [i + 2 for i, row in enumerate(rows) if len(row) != k + 4]
     if bad:
-        raise ValueError(f"{path}: line(s) {bad[:5]} do not have {k + 4} columns")
+        raise DataError(f"predictions file {shown}: line(s) {bad[:5]} do not have the "
+                        f"header's {k + 4} columns")
+    try:
+        labels = np.array([int(row[3]) for row in rows], np.int64)
+        probs = np.array([[float(x) for x in row[4:]] for row in rows], np.float64)
+    except ValueError as e:
+        raise DataError(f"predictions file {shown}: {e}; labels must be integers and "
+                        "prob_* columns numbers") from None
     return {
         "id": np.array([row[0] for row in rows], dtype=object).astype(str),
         "group": np.array([row[1] for row in rows], dtype=object).astype(str),
         "split": np.array([row[2] for row in rows], dtype=object).astype(str),
-        "label": np.array([int(row[3]) for row in rows], np.int64),
-        "probs": np.array([[float(x) for x in row[4:]] for row in rows],
-                          np.float64).reshape(len(rows), k),
+        "label": labels,
+        "probs": probs.reshape(len(rows), k),
     }

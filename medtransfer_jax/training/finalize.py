@@ -8,69 +8,25 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
-from medtransfer_jax import data as data_lib, paths
-from medtransfer_jax.inference import metrics as metrics_lib
-from medtransfer_jax.inference import predictions as pred_lib
+from medtransfer_jax import paths
 from medtransfer_jax import sharding as shard_lib
+from medtransfer_jax.inference import predict
+from medtransfer_jax.inference import predictions as pred_lib
 from medtransfer_jax.weights import checkpoint as weights_lib
 
 RESULTS_FILE = "results.json"
 
 
-def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, preprocessing: str,
-                    batch_size: int, worker_count: int = 0, resize_method: str = "bilinear",
-                    reported_auc: Optional[str] = None,
-                    batches: Optional[Any] = None) -> Tuple[Dict[str, float], Dict]:
-    """Runs the model over every example of ``source`` once.
-
-    ``batches``: the eval batches of ``source`` when they come from elsewhere (the
-    device-resident cache); else the grain eval pipeline reads ``source``.
-
-    Returns:
-      (metrics dict (metrics.classification_metrics), arrays {'index': (N,),
-      'label': (N,), 'probs': (N, K), 'loss': (N,)} in source order).
-    """
-    it = batches if batches is not None else data_lib.make_eval_iter(
-        source, image_size=image_size, preprocessing=preprocessing, global_batch_size=batch_size,
-        worker_count=worker_count, resize_method=resize_method)
-    outs: Dict[str, List[np.ndarray]] = {}
-    for batch in it:
-        batch = {k: batch[k] for k in ("image", "label", "weight", "index")}
-        out = eval_step(variables, shard_lib.make_global_batch(mesh, batch))
-        for k, v in out.items():
-            outs.setdefault(k, []).append(shard_lib.gather_to_host(v))
-    cat = {k: np.concatenate(v) for k, v in outs.items()}
-    keep = cat["weight"] > 0
-    order = np.argsort(cat["index"][keep], kind="stable")
-    arrays = {k: cat[k][keep][order] for k in ("index", "label", "probs", "loss")}
-    if len(arrays["index"]) != len(source) or np.any(arrays["index"] != np.arange(len(source))):
-        raise RuntimeError(f"evaluation saw {len(arrays['index'])} examples of {len(source)}; "
-                           "the eval pipeline must yield every example exactly once")
-    mets = metrics_lib.classification_metrics(arrays["label"], arrays["probs"],
-                                              loss=float(np.mean(arrays["loss"])) if len(source)
-                                              else None, reported_auc=reported_auc)
-    return mets, arrays
-
-
-def ids_groups(source, index: np.ndarray) -> Tuple[List[str], List[str]]:
-    """ids / groups of ``source`` rows (from its columns, else by reading records)."""
-    ids = getattr(source, "ids", None)
-    groups = getattr(source, "groups", None)
-    if ids is not None and groups is not None:
-        return [str(ids[i]) for i in index], [str(groups[i]) for i in index]
-    recs = [source[int(i)] for i in index]
-    return [str(r["id"]) for r in recs], [str(r.get("group", r["id"])) for r in recs]
-
-
 def evaluate_and_write_predictions(run_eval, splits, workdir: str, step: int,
                                    writer) -> Dict[str, Dict[str, float]]:
-    """Metrics of ``run_eval(source)`` on val, test and every extra test set; writes
+    """Metrics of ``run_eval(source)`` (inference.predict.evaluate_source on the run's
+    mesh) on val, test and every extra test set; writes
     ``predictions/<split>.csv`` and the combined ``predictions.csv`` (process 0)."""
     is_main = jax.process_index() == 0
     sets = {"val": splits.val, "test": splits.test}
@@ -81,7 +37,7 @@ def evaluate_and_write_predictions(run_eval, splits, workdir: str, step: int,
         results[name] = mets
         writer.write(step, f"final_{name}", mets)
         if is_main:
-            ids, groups = ids_groups(src, arrays["index"])
+            ids, groups = predict.ids_groups(src, arrays["index"])
             pred_lib.write_predictions(paths.join(workdir, "predictions", f"{name}.csv"),
                                        ids, groups, name, arrays["label"], arrays["probs"])
             rows.append((ids, groups, [name] * len(ids), arrays["label"], arrays["probs"]))

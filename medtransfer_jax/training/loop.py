@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from medtransfer_jax import compile_cache, paths
-from medtransfer_jax.training import finalize as finalize_lib, model_init, optim, periodic
+from medtransfer_jax.training import finalize as finalize_lib, optim, periodic
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import run_setup
 from medtransfer_jax import sharding as shard_lib
@@ -40,9 +40,7 @@ from medtransfer_jax.training.run_setup import Run, setup
 RESULTS_FILE = finalize_lib.RESULTS_FILE
 METRICS_FILE = periodic.METRICS_FILE
 Phase, make_phases = phases_lib.Phase, phases_lib.make_phases
-build_model_and_variables = model_init.build_model_and_variables
-evaluate_source, read_results = finalize_lib.evaluate_source, finalize_lib.read_results
-_ids_groups = finalize_lib.ids_groups
+read_results = finalize_lib.read_results
 finalize = finalize_lib.finalize
 
 

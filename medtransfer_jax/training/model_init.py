@@ -34,7 +34,8 @@ def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict,
         variables = resnet.init_variables(model, rng, image_size)
         return model, jax.device_get(variables), m.preprocessing or "unit", "random", spec
     init = os.path.expanduser(init)
-    loaded, meta = weights_lib.load_weights(init)
+    source = weights_lib.load_model(init, to_device=False)   # NumPy trunk, merged below
+    meta = source.metadata
     for key in ("depth", "layout", "width"):
         if m[key] is not None and m[key] != getattr(meta, key):
             logging.warning("config.model.%s=%r differs from %s/metadata.json (%r); the "
@@ -43,7 +44,8 @@ def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict,
     spec = dataclasses.replace(meta.model_spec(), num_classes=num_classes)
     model = spec.build(**common)
     fresh = jax.device_get(resnet.init_variables(model, rng, image_size))
-    variables = weights_lib.merge_into(fresh, loaded, skip_head=True, source_name=init)
+    variables = weights_lib.merge_into(fresh, source.variables, skip_head=True,
+                                       source_name=init)
     mode = m.preprocessing or meta.preprocessing
     if mode not in prep_lib.MODES:
         raise ValueError(f"config.model.preprocessing={mode!r} is not one of {prep_lib.MODES}")

@@ -20,8 +20,8 @@ from medtransfer_jax.data import device_cache, integrity
 from medtransfer_jax.training import checkpointing, finalize as finalize_lib, model_init, optim
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax import sharding as shard_lib
+from medtransfer_jax.inference import predict
 from medtransfer_jax.training import state as state_lib
-from medtransfer_jax.training import step as step_lib
 from medtransfer_jax.training.loop_state import LoopState
 
 
@@ -74,12 +74,12 @@ class Run:
     def eval_step(self, state_sh):
         """The jitted eval step for variables sharded like ``state_sh``."""
         sh = {"params": state_sh.params, "batch_stats": state_sh.batch_stats}
-        return step_lib.make_eval_step(self.model, self.mesh, sh,
+        return predict.make_eval_step(self.model, self.mesh, sh,
                                        num_classes=self.splits.num_classes)
 
     def run_eval(self, eval_step, variables, source):
         """(metrics, arrays) of ``variables`` on every example of ``source``."""
-        return finalize_lib.evaluate_source(
+        return predict.evaluate_source(
             eval_step, variables, source, self.mesh, image_size=self.config.data.image_size,
             preprocessing=self.prep, batch_size=self.eval_bs,
             worker_count=self.config.data.worker_count,

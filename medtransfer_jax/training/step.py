@@ -1,6 +1,6 @@
-"""Jitted train and eval steps over a device mesh.
+"""The jitted train step over a device mesh (the eval step is inference.predict's).
 
-Both steps take *global* arrays (see sharding.make_global_batch); the state is donated
+It takes *global* arrays (see sharding.make_global_batch); the state is donated
 to the train step so params/optimizer moments are updated in place. BatchNorm sees the
 whole global batch (one logical array), so its statistics are global, not per device.
 """
@@ -14,16 +14,15 @@ import optax
 from jax.sharding import Mesh
 
 from medtransfer_jax import sharding as shard_lib
+from medtransfer_jax.inference.predict import cross_entropy
 from medtransfer_jax.training.state import TrainState
 
 
 def _weighted_loss(logits, labels, weights, num_classes, label_smoothing):
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if label_smoothing:
-        onehot = optax.smooth_labels(onehot, label_smoothing)
-    per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+    """Weighted mean of the per-example cross-entropy (weight-0 rows are padding)."""
+    per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
     wsum = jnp.maximum(jnp.sum(weights), 1e-12)
-    return jnp.sum(per_example * weights) / wsum, per_example
+    return jnp.sum(per_example * weights) / wsum
 
 
 def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_sharding: Any,
@@ -54,7 +53,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_s
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"],
                 train=True, batch_norm_train=batch_norm_train, mutable=["batch_stats"],
                 rngs={"dropout": dropout_rng})
-            loss, _ = _weighted_loss(logits, batch["label"], batch["weight"], num_classes,
+            loss = _weighted_loss(logits, batch["label"], batch["weight"], num_classes,
                                      label_smoothing)
             return loss, (logits, new_vars["batch_stats"])
 
@@ -77,24 +76,3 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_s
                    in_shardings=(state_sharding, shard_lib.batch_sharding(mesh)),
                    out_shardings=(state_sharding, shard_lib.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
-
-
-def make_eval_step(model, mesh: Mesh, variables_sharding: Any, *, num_classes: int) -> Callable:
-    """Returns ``eval_step(variables, batch) -> outputs`` (inference mode).
-
-    outputs: {'probs': (B, K) softmax, 'loss': (B,) per-example cross-entropy, 'label',
-    'weight', 'index': passed through} -- all sharded over ``data`` like the batch, so
-    sharding.gather_to_host can assemble them on every host.
-    """
-
-    def eval_step(variables, batch):
-        logits = model.apply(variables, batch["image"], train=False)
-        _, per_example = _weighted_loss(logits, batch["label"], batch["weight"], num_classes, 0.0)
-        out = {"probs": jax.nn.softmax(logits.astype(jnp.float32), -1), "loss": per_example}
-        for k in ("label", "weight", "index"):
-            if k in batch:
-                out[k] = batch[k]
-        return out
-
-    bs = shard_lib.batch_sharding(mesh)
-    return jax.jit(eval_step, in_shardings=(variables_sharding, bs), out_shardings=bs)

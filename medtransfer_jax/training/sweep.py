@@ -38,9 +38,11 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+import jax
 from absl import logging
 
 from medtransfer_jax import configs, interrupts, paths, workdir_lock
+from medtransfer_jax.training import loop
 from medtransfer_jax.errors import UserError
 
 STUDIES = ("revisiting", "source_matters", "demo")
@@ -260,10 +262,6 @@ def _last_error_line(log_path: str) -> str:
 
 def _run_inprocess(run: Run) -> str:
     """One run in this process, from the same resolved file a subprocess would read."""
-    import jax  # noqa: E402 (not at the top: the subprocess mode must not start a backend)
-
-    from medtransfer_jax.training import loop  # noqa: E402 (loop imports the model stack)
-
     interrupts.check(f"before run {run.name}")
     diverged = getattr(loop, "Diverged", ())
     try:

@@ -3,7 +3,8 @@
 One format for every set of weights the project hands between stages: converted
 source checkpoints (ImageNet / RadImageNet), and weights exported from fine-tuning
 runs. So any stage (training, evaluation, CCA, filter analysis) loads weights the same
-way and knows how to rebuild the model and normalise its inputs.
+way (:func:`load_model`, the one loader) and knows how to rebuild the model and
+normalise its inputs.
 
 A weights directory may be local or a ``gs://`` URL (see :mod:`medtransfer_jax.paths`);
 orbax writes the tree to the bucket directly. Layout::
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import numpy as np
 
-from medtransfer_jax import paths, preprocessing
+from medtransfer_jax import paths, preprocessing, sharding
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 
@@ -131,6 +132,42 @@ def load_weights(directory: paths.PathLike) -> Tuple[Dict[str, Any], WeightsMeta
         raise CheckpointError(f"Cannot restore weights from {path}: {type(e).__name__}: {e}. "
                               "The directory is damaged; convert/export again.") from e
     return {k: dict(v) for k, v in tree.items()}, metadata
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model rebuilt from a weights directory, ready for inference."""
+    model: resnet.ResNet
+    variables: Dict[str, Any]
+    metadata: WeightsMetadata
+    name: str
+
+    @property
+    def depth(self) -> int:
+        return self.model.depth
+
+    def valid_layers(self) -> Tuple[str, ...]:
+        return resnet.block_output_names(self.model.depth) + ("logits",)
+
+
+def load_model(weights: Union[paths.PathLike, LoadedModel], name: Optional[str] = None, *,
+               mesh=None, to_device: bool = True) -> LoadedModel:
+    """The one "weights directory -> model + variables" path of the project.
+
+    The model is built from ``metadata.model_spec()`` (architecture and head as saved).
+    The variables go on the device once (NumPy leaves would be re-uploaded with every
+    forward batch): replicated over ``mesh`` if given, else on the default device;
+    ``to_device=False`` keeps them as NumPy (training merges them into a fresh head).
+    A LoadedModel passes through. Errors: CheckpointError naming the directory.
+    """
+    if isinstance(weights, LoadedModel):
+        return weights
+    variables, metadata = load_weights(weights)
+    if to_device:
+        variables = (jax.device_put(variables) if mesh is None
+                     else sharding.replicate(variables, mesh))
+    return LoadedModel(metadata.model_spec().build(), variables, metadata,
+                       name or paths.to_str(weights))
 
 
 def merge_into(target: Mapping[str, Any], source: Mapping[str, Any], *,

@@ -8,9 +8,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Dict, Optional
 
+import jax
+import numpy as np
 from absl import logging
 
 from medtransfer_jax import paths
+from medtransfer_jax import preprocessing as prep
+from medtransfer_jax.weights import _common, checkpoint, keras_h5, torchvision
 
 FORMATS = ("keras_h5", "torchvision")
 
@@ -42,9 +46,6 @@ def convert(fmt: str, input_path: str, output_dir: str, *, num_classes: Optional
     Raises:
       ValueError for bad arguments, CheckpointError for unusable files.
     """
-    from medtransfer_jax import preprocessing as prep
-    from medtransfer_jax.weights import _common, checkpoint, keras_h5, torchvision
-
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r} is not one of {FORMATS}.")
     if num_classes is not None and num_classes < 1:
@@ -110,13 +111,8 @@ def check_weights_dir(directory: str, expected: Optional[Dict[str, Any]] = None,
     model's outputs on two normalised random images are finite. Returns a one-line
     description; raises CheckpointError on any failure.
     """
-    import jax
-    import numpy as np
-
-    from medtransfer_jax import preprocessing as prep
-    from medtransfer_jax.weights import checkpoint
-
-    variables, metadata = checkpoint.load_weights(directory)
+    loaded = checkpoint.load_model(directory, to_device=False)
+    variables, metadata, model = loaded.variables, loaded.metadata, loaded.model
     if expected is not None:
         for coll, layers in expected.items():
             for layer, leaves in layers.items():
@@ -126,7 +122,6 @@ def check_weights_dir(directory: str, expected: Optional[Dict[str, Any]] = None,
                         raise checkpoint.CheckpointError(
                             f"self-check: {directory} {coll}/{layer}/{leaf} does not read back "
                             "as written.")
-    model = metadata.model_spec().build()
     images = np.random.default_rng(0).integers(0, 256, (2, image_size, image_size, 3))
     x = prep.normalize(images.astype(np.float32), metadata.preprocessing)
     try:

@@ -47,6 +47,7 @@ def load_source(cfg) -> Source:
         return CsvSource(cfg.csv_path, root=cfg.get("root"), class_names=class_names, skip_corrupt=skip)
     module = get_builder(name)
     if cfg.get("tfds_data_dir"):
+        # Here, not at the top: tfds_builder imports this package back (for the parsers).
         from medtransfer_jax.data.builders import tfds_builder
         return tfds_builder.TfdsSource(name, cfg.tfds_data_dir)
     examples = module.examples(cfg.root, cfg)

@@ -80,7 +80,7 @@ def builder_class(name: str):
     if name in _CLASSES:
         return _CLASSES[name]
     tfds = _tfds()
-    from medtransfer_jax.data import builders
+    from medtransfer_jax.data import builders  # noqa: E402 (the package imports this module)
     parser = builders.get_builder(name)
 
     def _info(self):
