@@ -12,14 +12,16 @@ dropped (and counted) their unreadable files.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import (DataError, DatasetSplits, Source, SubsetSource,
                                        TransformedSource)
-from medtransfer_jax.data.sources import FileSource
+from medtransfer_jax.data.sources import FileSource, open_image
 
 #: How many bad files the error message lists in full (the count is always exact).
 MAX_LISTED = 20
@@ -38,18 +40,31 @@ def _file_sources(source: Source, indices=None) -> List[Tuple[FileSource, List[i
 
 
 def check_file(path: str, loader=None) -> Optional[str]:
-    """None if ``path`` is a readable image (or ``loader(path)`` succeeds), else the reason."""
-    if not os.path.isfile(path):
-        return "file not found"
+    """None if ``path`` is a readable image (or ``loader(path)`` succeeds), else the reason.
+
+    A local file is opened by path (twice: verify, then decode); an object in a bucket
+    is downloaded once and both passes read the same bytes.
+    """
     try:
         if loader is not None:
+            if not paths.is_remote(path) and not os.path.isfile(path):
+                return "file not found"
             loader(path)
             return None
-        with Image.open(path) as im:  # header / chunk structure (cheap)
+        if paths.is_remote(path):
+            data = paths.read_bytes(path)
+            def reopen():
+                return Image.open(io.BytesIO(data))
+        else:
+            def reopen():
+                return open_image(path)
+        with reopen() as im:  # header / chunk structure (cheap)
             im.verify()
-        with Image.open(path) as im:  # verify() leaves the image unusable: decode anew,
-            im.load()                 # as training will (catches truncated JPEG data)
+        with reopen() as im:  # verify() leaves the image unusable: decode anew,
+            im.load()         # as training will (catches truncated JPEG data)
         return None
+    except FileNotFoundError:
+        return "file not found"
     except Exception as e:  # noqa: BLE001 -- any failure of a file counts as unreadable
         return f"{type(e).__name__}: {e}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import List
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.sources import Example, list_images
 from medtransfer_jax.data.builders._common import find_root, require
 
@@ -40,18 +41,19 @@ def patient_id(filename: str) -> str:
 
 
 def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: all(os.path.isdir(os.path.join(d, s)) for s in ("train", "test")),
-                     ("chest_xray",), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+    ls = paths.Listings()
+    root = find_root(root, lambda d: all(ls.isdir(os.path.join(d, s)) for s in ("train", "test")),
+                     ("chest_xray",), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     out = []
     for subset in SUBSETS:
         for label, folder in enumerate(("NORMAL", "PNEUMONIA")):
             d = os.path.join(root, subset, folder)
-            if not os.path.isdir(d):
+            if not ls.isdir(d):
                 if subset == "val":
                     continue
                 require(False, f"{NAME}: folder not found: {d}", MANUAL_DOWNLOAD_INSTRUCTIONS)
             for p in list_images(d, (".jpeg", ".jpg", ".png"), recursive=False):
-                rel = os.path.relpath(p, root)
+                rel = paths.relpath(p, root)
                 out.append(Example(p, label, rel, patient_id(os.path.basename(p)),
                                    {"original_split": subset}, relpath=rel))
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import List
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
@@ -60,8 +61,9 @@ def _label(row, rule: str, where: str):
 
 
 def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: os.path.isfile(os.path.join(d, CSV_NAME)), ("LIDC-IDRI", "lidc"),
-                     NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+    ls = paths.Listings()
+    root = find_root(root, lambda d: ls.isfile(os.path.join(d, CSV_NAME)), ("LIDC-IDRI", "lidc"),
+                     NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     path = os.path.join(root, CSV_NAME)
     rows = read_csv_rows(path, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
     out = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import List
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
@@ -48,8 +49,9 @@ def _col(row, *names):
 
 
 def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: os.path.isfile(os.path.join(d, CSV_FILES[0])),
-                     ("CBIS-DDSM", "mammograms"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+    ls = paths.Listings()
+    root = find_root(root, lambda d: ls.isfile(os.path.join(d, CSV_FILES[0])),
+                     ("CBIS-DDSM", "mammograms"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     out = []
     for csv_name in CSV_FILES:
         path = os.path.join(root, csv_name)

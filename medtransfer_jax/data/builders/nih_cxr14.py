@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
@@ -34,9 +35,10 @@ The CSV columns used: 'Image Index', 'Finding Labels', 'Patient ID', 'Patient Ag
 
 
 def _index_images(root: str) -> Dict[str, str]:
+    """File name -> path of every PNG under ``root`` (one listing per folder)."""
     found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for dirpath, dirnames, filenames in paths.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             if f.endswith(".png"):
                 found.setdefault(f, os.path.join(dirpath, f))
@@ -52,9 +54,10 @@ def _age(v: str) -> int:
 
 
 def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: any(os.path.isfile(os.path.join(d, c)) for c in CSV_NAMES),
-                     ("ChestX-ray14", "NIH", "nih_cxr14"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
-    csv_path = next(os.path.join(root, c) for c in CSV_NAMES if os.path.isfile(os.path.join(root, c)))
+    ls = paths.Listings()
+    root = find_root(root, lambda d: any(ls.isfile(os.path.join(d, c)) for c in CSV_NAMES),
+                     ("ChestX-ray14", "NIH", "nih_cxr14"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
+    csv_path = next(os.path.join(root, c) for c in CSV_NAMES if ls.isfile(os.path.join(root, c)))
     negative, positive = tuple(cfg.get("nih_labels", ("No Finding", "Atelectasis"))) if cfg is not None \
         else ("No Finding", "Atelectasis")
     views = set(cfg.get("nih_views", ("PA",))) if cfg is not None else {"PA"}
@@ -82,7 +85,7 @@ def examples(root: str, cfg=None) -> List[Example]:
         path = images.get(name, os.path.join(root, "images", name))
         meta = {"sex": sex, "age": age, "age_bucket": ">=60" if age >= 60 else "<60", "view": view}
         out.append(Example(path, label, name, pid.lstrip("0") or "0", meta,
-                           relpath=os.path.relpath(path, root)))
+                           relpath=paths.relpath(path, root)))
     require(bool(out), f"{NAME}: no {view_list(views)} rows with {positive!r} or {negative!r} in {csv_path}")
     return out
 
