@@ -190,13 +190,7 @@ def walk(folder: PathLike) -> Iterator[Tuple[str, List[str], List[str]]]:
     if not is_remote(text):
         yield from os.walk(text)
         return
-    listing = scandir(text)
-    if listing is None:
-        return
-    dirs, files = listing
-    yield text, dirs, files
-    for d in list(dirs):
-        yield from walk(posixpath.join(text, d))
+    yield from Listings().walk(text)
 
 
 class Listings:
@@ -232,17 +226,31 @@ class Listings:
     def isfile(self, path: PathLike) -> bool:
         return self._in(path, 1)
 
+    def walk(self, folder: PathLike) -> Iterator[Tuple[str, List[str], List[str]]]:
+        """:func:`walk` through this cache (a URL's folders are listed at most once)."""
+        text = _text(folder)
+        if not is_remote(text):
+            yield from os.walk(text)
+            return
+        listing = self.listing(text)
+        if listing is None:
+            return
+        dirs, files = list(listing[0]), list(listing[1])
+        yield text, dirs, files
+        for d in dirs:
+            yield from self.walk(posixpath.join(text, d))
+
     def names(self, folder: PathLike) -> List[str]:
         """Sorted names (dirs and files) in ``folder``; [] if it does not exist."""
         listing = self.listing(folder)
         return sorted(listing[0] + listing[1]) if listing else []
 
 
-def missing_files(files: Iterable[PathLike]) -> List[str]:
+def missing_files(files: Iterable[PathLike], listings: Optional[Listings] = None) -> List[str]:
     """The entries of ``files`` that are not existing files, in order.
 
     Local paths: one ``stat`` each (cheap). URLs: one listing per parent folder
-    (:class:`Listings`), not one request per file.
+    (``listings``, e.g. the one a dataset parser already filled), not one request per file.
     """
     files = [_text(f) for f in files]
     remote = [f for f in files if is_remote(f)]
@@ -251,7 +259,7 @@ def missing_files(files: Iterable[PathLike]) -> List[str]:
         by_parent = collections.defaultdict(list)
         for f in remote:
             by_parent[posixpath.dirname(f)].append(f)
-        listings = Listings()
+        listings = listings or Listings()
         for parent, group in by_parent.items():
             listing = listings.listing(parent)
             names = set(listing[1]) if listing else set()

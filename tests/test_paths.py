@@ -23,7 +23,9 @@ from medtransfer_jax import paths
 
 
 @pytest.fixture
-def fake_gcs(tmp_path):
+def fake_gcs(tmp_path, monkeypatch):
+    # The stand-in serves gs:// itself: no gcsfs/TensorFlow needed for it.
+    monkeypatch.setattr(paths, "remote_support_installed", lambda: True)
     root = tmp_path / "gcs"
     root.mkdir()
 

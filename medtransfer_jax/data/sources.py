@@ -164,10 +164,13 @@ class FileSource(Source):
         otherwise missing files raise now and corrupt files raise when read.
       require_all_classes: an empty class is an error.
       num_threads: threads used for the up-front validation.
+      listing: the folder listings the parser already made (files in a bucket are then
+        checked against them, not listed again).
     """
 
     def __init__(self, examples: Sequence[Example], class_names: Sequence[str], name: str = "files",
-                 skip_corrupt: bool = False, require_all_classes: bool = True, num_threads: int = 4):
+                 skip_corrupt: bool = False, require_all_classes: bool = True, num_threads: int = 4,
+                 listing: Optional[paths.Listings] = None):
         self.name = name
         self.class_names = tuple(class_names)
         examples = list(examples)
@@ -182,7 +185,7 @@ class FileSource(Source):
                             "first: %s", name, len(self.skipped), len(examples), self.skipped[0][1])
             examples = keep
         else:
-            missing = paths.missing_files(ex.path for ex in examples)
+            missing = paths.missing_files((ex.path for ex in examples), listing)
             if missing:
                 raise DataError(f"{name}: {len(missing)} of {len(examples)} files do not exist, e.g. "
                                 f"{missing[:3]}. Check data.root and the layout, or set "
@@ -243,16 +246,12 @@ def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, recur
                 listing: Optional[paths.Listings] = None) -> List[str]:
     """Sorted image files under ``folder`` (case-insensitive extensions), hidden files skipped.
 
-    Each folder is listed once (``paths.walk``; a bucket answers one listing per folder);
-    a non-recursive call reuses ``listing`` (the parser's cache) when given.
+    Each folder is listed once (a bucket answers one listing per folder), through
+    ``listing`` (the parser's cache) when given.
     """
     out = []
     exts = tuple(e.lower() for e in extensions)
-    if not recursive and listing is not None:
-        level = [(folder, [], (listing.listing(folder) or ([], []))[1])]
-    else:
-        level = paths.walk(folder)
-    for dirpath, dirnames, filenames in level:
+    for dirpath, dirnames, filenames in (listing or paths.Listings()).walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             if not f.startswith(".") and f.lower().endswith(exts):
@@ -273,7 +272,7 @@ class ImageFolderSource(FileSource):
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, skip_corrupt: bool = False,
                  group_fn: Optional[Callable[[str], str]] = None, name: str = "image_folder"):
         root = _require_dir(root, name)
-        listing = paths.Listings()
+        listing = paths.Listings()   # class folders listed once, here and in FileSource
         if class_names is None:
             class_names = [d for d in (listing.listing(root) or ([], []))[0] if not d.startswith(".")]
             if not class_names:
@@ -284,14 +283,15 @@ class ImageFolderSource(FileSource):
             folder = os.path.join(root, cname)
             if not listing.isdir(folder):
                 raise DataError(f"{name}: class folder not found: {folder}")
-            files = list_images(folder, extensions)
+            files = list_images(folder, extensions, listing=listing)
             if not files:
                 raise DataError(f"{name}: class {cname!r} is empty: no {'/'.join(extensions)} "
                                 f"files in {folder}")
             for p in files:
                 rel = paths.relpath(p, root)
                 examples.append(Example(p, label, rel, group_fn(rel) if group_fn else rel, relpath=rel))
-        super().__init__(examples, class_names, name=f"{name} {root}", skip_corrupt=skip_corrupt)
+        super().__init__(examples, class_names, name=f"{name} {root}", skip_corrupt=skip_corrupt,
+                         listing=listing)
 
 
 class CsvSource(FileSource):

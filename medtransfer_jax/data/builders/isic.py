@@ -8,7 +8,7 @@ remove the file (or set data.group_split=False) to split by image as the paper d
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
@@ -34,8 +34,8 @@ The ground-truth CSV has columns image,MEL,NV,BCC,AKIEC,BKL,DF,VASC (one-hot).
 """
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    ls = paths.Listings()
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
     root = find_root(root, lambda d: ls.isdir(os.path.join(d, IMAGES)), ("ISIC2018",), NAME,
                      MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     gt_path = os.path.join(root, GT)

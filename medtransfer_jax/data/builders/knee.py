@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
@@ -76,8 +76,8 @@ def _views(rule: str, acl: int, men: int) -> List[Tuple[str, int]]:
     raise DataError(f"{NAME}: unknown data.knee_label_rule {rule!r}; use 'paper' or 'exclusive'")
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    ls = paths.Listings()
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
     root = find_root(root, lambda d: ls.isfile(os.path.join(d, "train-acl.csv")),
                      ("MRNet-v1.0", "knee"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     rule = cfg.get("knee_label_rule", "paper") if cfg is not None else "paper"
@@ -102,7 +102,7 @@ def examples(root: str, cfg=None) -> List[Example]:
             folder = os.path.join(root, "images", view)
             if not ls.isdir(folder):
                 continue
-            for p in list_images(folder, (".png",), recursive=False):
+            for p in list_images(folder, (".png",), recursive=False, listing=ls):
                 m = _PNG.match(os.path.basename(p))
                 require(m is not None, f"{NAME}: unexpected file name {p} (want <case>_sagittal_<s>.png)")
                 case = m.group(1).zfill(4)

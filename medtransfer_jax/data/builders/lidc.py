@@ -12,7 +12,7 @@ column (<= 2 benign, >= 4 malignant, 3 dropped), the usual LIDC benchmark rule.
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
@@ -60,8 +60,8 @@ def _label(row, rule: str, where: str):
     raise DataError(f"{where}: label {row['label']!r} is not benign/malignant/0/1")
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    ls = paths.Listings()
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
     root = find_root(root, lambda d: ls.isfile(os.path.join(d, CSV_NAME)), ("LIDC-IDRI", "lidc"),
                      NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     path = os.path.join(root, CSV_NAME)

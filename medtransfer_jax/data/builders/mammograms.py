@@ -8,7 +8,7 @@ with several abnormalities appears once per abnormality, as in the paper: 3,568 
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
@@ -48,8 +48,8 @@ def _col(row, *names):
     raise DataError(f"{NAME}: none of the columns {names} in CSV row with columns {list(row)}")
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    ls = paths.Listings()
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
     root = find_root(root, lambda d: ls.isfile(os.path.join(d, CSV_FILES[0])),
                      ("CBIS-DDSM", "mammograms"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     out = []

@@ -9,7 +9,7 @@ images dropped; only the views in ``data.nih_views`` (default PA). Metadata: ``s
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
@@ -34,10 +34,10 @@ The CSV columns used: 'Image Index', 'Finding Labels', 'Patient ID', 'Patient Ag
 """
 
 
-def _index_images(root: str) -> Dict[str, str]:
+def _index_images(root: str, listing: paths.Listings) -> Dict[str, str]:
     """File name -> path of every PNG under ``root`` (one listing per folder)."""
     found = {}
-    for dirpath, dirnames, filenames in paths.walk(root):
+    for dirpath, dirnames, filenames in listing.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             if f.endswith(".png"):
@@ -53,15 +53,15 @@ def _age(v: str) -> int:
         return -1
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    ls = paths.Listings()
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
     root = find_root(root, lambda d: any(ls.isfile(os.path.join(d, c)) for c in CSV_NAMES),
                      ("ChestX-ray14", "NIH", "nih_cxr14"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     csv_path = next(os.path.join(root, c) for c in CSV_NAMES if ls.isfile(os.path.join(root, c)))
     negative, positive = tuple(cfg.get("nih_labels", ("No Finding", "Atelectasis"))) if cfg is not None \
         else ("No Finding", "Atelectasis")
     views = set(cfg.get("nih_views", ("PA",))) if cfg is not None else {"PA"}
-    images = _index_images(root)
+    images = _index_images(root, ls)
     require(bool(images), f"{NAME}: no PNG images under {root}", MANUAL_DOWNLOAD_INSTRUCTIONS)
     out = []
     for line, row in enumerate(read_csv_rows(csv_path, NAME), start=2):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -71,8 +71,8 @@ def _h5_open(path: str):
     return h5py.File(paths.open(path, "rb") if paths.is_remote(path) else path, "r")
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    ls = paths.Listings()
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
 
     def is_root(d):
         return ls.isfile(_h5(d, "train", "y")) or any(_PNG.search(f) for f in ls.names(d)[:1000])

@@ -62,8 +62,8 @@ def tirads_label(tirads: Optional[str]) -> int:
     return int(m is not None and int(m.group(1)) >= 4)
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    ls = paths.Listings()
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
     root = find_root(root, lambda d: any(f.endswith(".xml") for f in ls.names(d)),
                      ("DDTI", "thyroid"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     cases = {}
