@@ -9,9 +9,12 @@ from PIL import Image
 from medtransfer_jax import data
 from medtransfer_jax.data import builders
 from medtransfer_jax.data.builders import chest, thyroid
-from test_paths import fake_gcs, no_os_path_on_urls  # noqa: F401 -- pytest fixtures (bucket stand-in)
+import test_paths
 
 pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
+# The gs:// bucket stand-in and the no-os.path-on-URLs guard (pytest fixtures).
+fake_gcs, no_os_path_on_urls = test_paths.fake_gcs, test_paths.no_os_path_on_urls
 
 
 def _png(path, value=50, size=8, rgb=False, fmt=None):

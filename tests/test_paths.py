@@ -365,6 +365,60 @@ def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls
     assert not (tmp_path / "gs:").exists()
 
 
+def test_study_report_and_figures_land_in_the_bucket(fake_gcs, no_os_path_on_urls, tmp_path,
+                                                     monkeypatch):
+    """A gs:// study's figures (rendered in memory, one upload each) and report.md /
+    report.html are written into the bucket; the Markdown links figures relative to the
+    study, the HTML embeds the very bytes stored in the bucket."""
+    import base64
+
+    from test_study_report import _study
+
+    from medtransfer_jax.studies import report
+
+    monkeypatch.chdir(tmp_path)
+    url = "gs://bucket/study"
+    study, _ = _study(url)          # its tables and a similarity figure go to the URL
+    out = report.write_report(study)
+    assert out == {"markdown": url + "/report.md", "html": url + "/report.html"}
+    bucket = fake_gcs / "bucket" / "study"
+    png = (bucket / "figures" / "similarity_breast.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    md = (bucket / "report.md").read_text()
+    assert "](figures/similarity_breast.png)" in md and "## Headline" in md
+    page = (bucket / "report.html").read_text()
+    assert base64.b64encode(png).decode() in page
+    assert sorted(p.name for p in bucket.iterdir()) == ["figures", "report.html", "report.md",
+                                                        "tables"]   # no temporaries
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_data_readers_touch_files_only_through_paths():
+    """Static half for the data layer: no disk-touching os/PIL/NumPy/h5py/XML call on a
+    path except the named local-only branches (reached after paths.is_remote said no).
+    String joins (os.path.join/basename) are fine on URLs and not listed."""
+    touching = (r"\bos\.(path\.(isfile|isdir|exists|getsize|abspath|expanduser|realpath|"
+                r"relpath)|listdir|walk|makedirs|replace)\([^)]*\)|[^.\w]open\([^)]*\)|"
+                r"Image\.open\([^)]*\)|np\.load\([^)]*\)|h5py\.File\([^)]*\)|"
+                r"ET\.parse\([^)]*\)")
+    allowed = {
+        "sources.py": {"Image.open(path)", 'np.load(path, mmap_mode="r")',
+                       "os.path.abspath(csv_path)"},
+        "integrity.py": {"os.path.isfile(path)"},
+        "thyroid.py": {"ET.parse(f)"},   # f = paths.open(path, "rb")
+    }
+    names = [("data", n) for n in ("sources.py", "splits.py", "integrity.py", "registry.py",
+                                   "device_cache.py", "pipeline.py")]
+    names += [("data/builders", n) for n in ("_common.py", "breast.py", "chest.py", "isic.py",
+                                             "knee.py", "lidc.py", "mammograms.py",
+                                             "nih_cxr14.py", "pcam.py", "thyroid.py")]
+    for folder, name in names:
+        text = open(os.path.join(REPO, "medtransfer_jax", folder, name)).read()
+        hits = {m.group(0) for m in re.finditer(touching, text)
+                if not re.search(r"paths\.|BytesIO", m.group(0))}   # already through paths
+        assert hits <= allowed.get(name, set()), (folder, name, hits - allowed.get(name, set()))
+
+
 def test_run_and_study_writers_have_no_os_path_left():
     """Static half for the training loop's and the study's files: paths only through
     paths.py. The one exception is named: the study's stage-marker mtime on local disks
@@ -373,7 +427,8 @@ def test_run_and_study_writers_have_no_os_path_left():
     files = [("training", n) for n in ("loop.py", "checkpointing.py", "periodic.py",
                                        "finalize.py")]
     files += [("inference", "predictions.py")]
-    files += [("studies", n) for n in ("runner.py", "tables.py", "analyses.py")]
+    files += [("studies", n) for n in ("runner.py", "tables.py", "analyses.py", "report.py")]
+    files += [("analysis", "plots.py")]
     for folder, name in files:
         text = open(os.path.join(REPO, "medtransfer_jax", folder, name)).read()
         hits = {m.group(0) for m in re.finditer(
