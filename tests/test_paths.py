@@ -365,6 +365,61 @@ def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls
     assert not (tmp_path / "gs:").exists()
 
 
+def test_tiny_training_reads_its_dataset_from_a_bucket(fake_gcs, no_os_path_on_urls, tmp_path,
+                                                       monkeypatch):
+    """One epoch of a tiny ResNet on the BUSI builder whose download folder lies in the
+    bucket stand-in (data.root=gs://...): listing, the integrity check, decoding and the
+    grain pipeline all read through paths; the run directory is local here."""
+    from PIL import Image
+
+    from medtransfer_jax import data
+    from medtransfer_jax.training import loop, presets
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    root = fake_gcs / "bucket" / "busi" / "Dataset_BUSI_with_GT"
+    for folder, n in (("benign", 10), ("malignant", 10), ("normal", 4)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, (40, 36), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / folder / f"{folder} ({i + 1}).png")
+    cfg = presets.tiny_config(**{"data.name": "breast", "data.root": "gs://bucket/busi",
+                                 "data.num_folds": 3, "data.heldout_val_fraction": 0.5,
+                                 "train.batch_size": 8, "eval.batch_size": 8})
+    splits = data.get_splits(cfg.data)
+    assert all(p.startswith("gs://bucket/busi/") for p in splits.train.base.paths)
+    res = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert res["status"] == "done"
+    assert res["test"]["num_examples"] == len(splits.test) > 0
+    assert 0.0 <= res["test"]["auc"] <= 1.0
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_study_preflight_with_workdir_and_data_in_a_bucket(fake_gcs, no_os_path_on_urls,
+                                                           tmp_path, monkeypatch):
+    """Pre-flight of a gs:// study (it used to loop forever looking for a local disk above
+    gs://): no disk-space limit, a data root in the bucket is found, a missing one named."""
+    import ml_collections
+    from test_study import _tiny_study_config
+
+    from medtransfer_jax.studies import runner
+
+    monkeypatch.chdir(tmp_path)
+    (fake_gcs / "bucket" / "busi" / "benign").mkdir(parents=True)
+    c = _tiny_study_config()
+    c.targets.lesion.overrides = list(c.targets.lesion.overrides) + [
+        "data.name=breast", "data.root=gs://bucket/busi"]
+    pf = runner.preflight(c, "gs://bucket/study")
+    assert pf.missing == [] and "a bucket: no disk limit" in pf.text()
+    c.targets.lesion.overrides[-1] = "data.root=gs://bucket/nothing"
+    c.sources.natural = ml_collections.ConfigDict(dict(kind="convert", format="keras_h5",
+                                                       input="gs://bucket/nope.h5"))
+    missing = runner.preflight(c, "gs://bucket/study").missing
+    assert len(missing) == 2 and "gs://bucket/nope.h5" in missing[0]
+    assert "gs://bucket/nothing" in missing[1]
+    assert not (tmp_path / "gs:").exists()
+
+
 def test_study_report_and_figures_land_in_the_bucket(fake_gcs, no_os_path_on_urls, tmp_path,
                                                      monkeypatch):
     """A gs:// study's figures (rendered in memory, one upload each) and report.md /
