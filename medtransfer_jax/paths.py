@@ -199,8 +199,9 @@ class Listings:
     A dataset parser asks "is there a ``train/`` here, a ``train-acl.csv`` there?" dozens
     of times and then "does each of these 10,000 files exist?". On a bucket each
     question would be a round trip; here each *folder* is listed once (:func:`scandir`)
-    and every later question about it is a dictionary lookup. Listings are a snapshot:
-    make a new object to see files written since.
+    and every later question about it is a dictionary lookup. Local paths keep the
+    cheaper ``stat`` for ``isdir``/``isfile`` (no parent listing). Listings are a
+    snapshot: make a new object to see files written since.
     """
 
     def __init__(self):
@@ -213,11 +214,14 @@ class Listings:
         return self._cache[key]
 
     def _in(self, path: PathLike, kind: int) -> bool:
-        text = _text(path).rstrip("/")
+        text = _text(path)
+        if not is_remote(text):
+            return os.path.isdir(text) if kind == 0 else os.path.isfile(text)
+        text = text.rstrip("/")
         parent, name = posixpath.split(text)
-        if not name or (is_remote(text) and text.count("/") < 3):   # a bucket itself
-            return kind == 0 and scandir(text) is not None
-        listing = self.listing(parent or ".")
+        if text.count("/") < 3:   # gs://bucket itself
+            return kind == 0 and self.listing(text) is not None
+        listing = self.listing(parent)
         return listing is not None and name in listing[kind]
 
     def isdir(self, path: PathLike) -> bool:
