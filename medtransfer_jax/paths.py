@@ -38,6 +38,8 @@ REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
 def _text(path: PathLike) -> str:
     """``path`` as a plain string (a URL keeps its ``scheme://``)."""
+    if type(path) is str:   # the common case, per file of a dataset: keep it cheap
+        return path
     if isinstance(path, epath.Path):
         return os.fspath(path)
     text = os.fspath(path)
@@ -120,7 +122,7 @@ def relpath(path: PathLike, root: PathLike) -> str:
     """``path`` relative to ``root``; for URLs a plain prefix strip (``os.path.relpath``
     would make ``gs://b`` absolute against the cwd)."""
     text, base = _text(path), _text(root)
-    if not (is_remote(text) or is_remote(base)):
+    if not (text.startswith(REMOTE_SCHEMES) or base.startswith(REMOTE_SCHEMES)):
         return os.path.relpath(text, base)
     base = base.rstrip("/") + "/"
     if not text.startswith(base):
@@ -257,18 +259,19 @@ def missing_files(files: Iterable[PathLike], listings: Optional[Listings] = None
     (``listings``, e.g. the one a dataset parser already filled), not one request per file.
     """
     files = [_text(f) for f in files]
-    remote = [f for f in files if is_remote(f)]
-    found = set()
-    if remote:
-        by_parent = collections.defaultdict(list)
-        for f in remote:
+    by_parent = collections.defaultdict(list)
+    missing = set()
+    for f in files:
+        if f.startswith(REMOTE_SCHEMES):
             by_parent[posixpath.dirname(f)].append(f)
-        listings = listings or Listings()
-        for parent, group in by_parent.items():
-            listing = listings.listing(parent)
-            names = set(listing[1]) if listing else set()
-            found.update(f for f in group if posixpath.basename(f) in names)
-    return [f for f in files if (f not in found if is_remote(f) else not os.path.isfile(f))]
+        elif not os.path.isfile(f):
+            missing.add(f)
+    listings = listings or Listings()
+    for parent, group in by_parent.items():
+        listing = listings.listing(parent)
+        names = set(listing[1]) if listing else set()
+        missing.update(f for f in group if posixpath.basename(f) not in names)
+    return [f for f in files if f in missing]
 
 
 def makedirs(path: PathLike) -> epath.Path:
