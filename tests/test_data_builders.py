@@ -600,7 +600,8 @@ def test_bucket_paper_folds_and_a_bad_image_are_reported_with_their_urls(fake_gc
                                              r"benign/benign \(2\).png"):
         integrity.check_splits(data.get_splits(cfg, 0), num_threads=2)
     os.remove(bad)
-    with pytest.raises(data.DataError, match=r"gs://bucket/folds/train_fold1.csv: 1 of 3 rows .*benign \(2\)"):
+    with pytest.raises(data.DataError,
+                       match=r"gs://bucket/folds/train_fold1.csv: 1 of 3 rows .*benign \(2\)"):
         data.get_splits(cfg, 0)
     # name='csv' with the CSV in the bucket: relative rows resolve in the bucket, a missing
     # file is named by its URL.

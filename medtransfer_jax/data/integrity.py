@@ -21,7 +21,7 @@ from PIL import Image
 from medtransfer_jax import paths
 from medtransfer_jax.data.base import (DataError, DatasetSplits, Source, SubsetSource,
                                        TransformedSource)
-from medtransfer_jax.data.sources import FileSource, open_image
+from medtransfer_jax.data.sources import FileSource
 
 #: How many bad files the error message lists in full (the count is always exact).
 MAX_LISTED = 20
@@ -51,17 +51,12 @@ def check_file(path: str, loader=None) -> Optional[str]:
                 return "file not found"
             loader(path)
             return None
-        if paths.is_remote(path):
-            data = paths.read_bytes(path)
-            def reopen():
-                return Image.open(io.BytesIO(data))
-        else:
-            def reopen():
-                return open_image(path)
-        with reopen() as im:  # header / chunk structure (cheap)
-            im.verify()
-        with reopen() as im:  # verify() leaves the image unusable: decode anew,
-            im.load()         # as training will (catches truncated JPEG data)
+        data = paths.read_bytes(path) if paths.is_remote(path) else None
+        # First the header / chunk structure (cheap), then -- verify() leaves the image
+        # unusable -- a full decode as training will do (catches truncated JPEG data).
+        for step in ("verify", "load"):
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
+                getattr(im, step)()
         return None
     except FileNotFoundError:
         return "file not found"

@@ -87,7 +87,8 @@ def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> L
             if not ls.isfile(ypath):
                 require(split != "train", f"{NAME}: missing {ypath}", MANUAL_DOWNLOAD_INSTRUCTIONS)
                 continue
-            require(ls.isfile(xpath), f"{NAME}: missing {xpath} (next to {ypath})", MANUAL_DOWNLOAD_INSTRUCTIONS)
+            require(ls.isfile(xpath), f"{NAME}: missing {xpath} (next to {ypath})",
+                    MANUAL_DOWNLOAD_INSTRUCTIONS)
             try:
                 with _h5_open(ypath) as f:
                     y = np.asarray(f["y"]).reshape(-1).astype(np.int64)
