@@ -6,7 +6,6 @@ the CSV/JSON files without recomputing anything.
 from __future__ import annotations
 
 import io
-import os
 from typing import Dict, Mapping, Optional, Sequence
 
 import matplotlib

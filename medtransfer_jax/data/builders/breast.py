@@ -38,8 +38,8 @@ def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> L
                      ("Dataset_BUSI_with_GT",), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     out = []
     for folder, label in FOLDERS.items():
-        files = [p for p in list_images(os.path.join(root, folder), (".png",), recursive=False, listing=ls)
-                 if "_mask" not in os.path.basename(p)]
+        pngs = list_images(os.path.join(root, folder), (".png",), recursive=False, listing=ls)
+        files = [p for p in pngs if "_mask" not in os.path.basename(p)]
         require(bool(files), f"{NAME}: no images in {os.path.join(root, folder)}", MANUAL_DOWNLOAD_INSTRUCTIONS)
         for p in files:
             rel = paths.relpath(p, root)
