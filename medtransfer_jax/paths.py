@@ -18,12 +18,17 @@ the bucket.
 """
 from __future__ import annotations
 
+import collections
+import importlib.util
+import io
 import os
 import posixpath
 import uuid
-from typing import IO, List, Union
+from typing import IO, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from etils import epath
+
+from medtransfer_jax.errors import UserError
 
 PathLike = Union[str, os.PathLike]
 
@@ -33,6 +38,8 @@ REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
 def _text(path: PathLike) -> str:
     """``path`` as a plain string (a URL keeps its ``scheme://``)."""
+    if type(path) is str:   # the common case, per file of a dataset: keep it cheap
+        return path
     if isinstance(path, epath.Path):
         return os.fspath(path)
     text = os.fspath(path)
@@ -44,6 +51,28 @@ def _text(path: PathLike) -> str:
 def is_remote(path: PathLike) -> bool:
     """True for ``gs://...`` (and the other URL schemes epath serves)."""
     return _text(path).startswith(REMOTE_SCHEMES)
+
+
+class RemoteSupportError(UserError):
+    """A ``gs://`` path on a machine without the libraries that read buckets."""
+
+
+def remote_support_installed() -> bool:
+    """True when epath can reach ``gs://``: gcsfs (fsspec) or TensorFlow (tf.io.gfile)."""
+    return any(importlib.util.find_spec(m) is not None for m in ("gcsfs", "tensorflow"))
+
+
+def require_remote_support(path: PathLike, what: str = "path") -> None:
+    """Raises RemoteSupportError for a URL when neither gcsfs nor TensorFlow is installed.
+
+    Without either, epath fails deep inside fsspec on the first read; this names the
+    flag/field and the one command that fixes it instead.
+    """
+    if not is_remote(path) or remote_support_installed():
+        return
+    raise RemoteSupportError(
+        f"{what}={_text(path)}: reading gs:// needs gcsfs (or TensorFlow) on this machine; "
+        "pip install 'medtransfer_jax[gcs]' (launch/setup_worker.sh does), or use a local path")
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -79,6 +108,33 @@ def basename(path: PathLike) -> str:
     return posixpath.basename(_text(path).rstrip("/"))
 
 
+def expand(path: PathLike) -> str:
+    """A user path as a string: a URL unchanged, a local path with ``~`` expanded.
+
+    Unlike :func:`workdir` a relative local path stays relative (data roots keep the
+    form the user gave, so ids and messages read as before).
+    """
+    text = _text(path)
+    return text if is_remote(text) else os.path.expanduser(text)
+
+
+def relpath(path: PathLike, root: PathLike) -> str:
+    """``path`` relative to ``root``; for URLs a plain prefix strip (``os.path.relpath``
+    would make ``gs://b`` absolute against the cwd)."""
+    text, base = _text(path), _text(root)
+    if not (text.startswith(REMOTE_SCHEMES) or base.startswith(REMOTE_SCHEMES)):
+        return os.path.relpath(text, base)
+    base = base.rstrip("/") + "/"
+    if not text.startswith(base):
+        raise ValueError(f"{text} is not under {base}")
+    return text[len(base):]
+
+
+def is_absolute(path: PathLike) -> bool:
+    """True for a URL or an absolute local path."""
+    return is_remote(path) or os.path.isabs(_text(path))
+
+
 def exists(path: PathLike) -> bool:
     return as_path(path).exists()
 
@@ -101,6 +157,123 @@ def listdir(path: PathLike) -> List[str]:
     return sorted(p.name for p in as_path(path).iterdir())
 
 
+def scandir(folder: PathLike) -> Optional[Tuple[List[str], List[str]]]:
+    """``(dirs, files)``: sorted names in ``folder`` from ONE listing; None if no folder.
+
+    Why not ``listdir`` + ``isdir`` per entry: on a bucket each of those is an HTTP
+    round trip (tens of ms), so a 10,000-image folder would take minutes; one listing
+    (``ls`` with object types, paginated by the server) takes well under a second.
+    Locally this is one ``os.scandir``.
+    """
+    text = _text(folder)
+    if not is_remote(text):
+        try:
+            with os.scandir(text) as it:
+                entries = [(e.name, e.is_dir()) for e in it]
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    else:
+        # epath's walk lists one level per step (fsspec / tf.io.gfile alike); take the
+        # first step only. A missing prefix yields nothing.
+        top = next(iter(as_path(text).walk()), None)
+        if top is None:
+            return None
+        entries = [(d, True) for d in top[1]] + [(f, False) for f in top[2] if f]
+    dirs = sorted(n for n, is_dir in entries if is_dir)
+    files = sorted(n for n, is_dir in entries if not is_dir)
+    return dirs, files
+
+
+def walk(folder: PathLike) -> Iterator[Tuple[str, List[str], List[str]]]:
+    """``os.walk`` for local folders and URLs: ``(folder, dirs, files)`` top-down, each
+    folder listed once (:func:`scandir`); prune by editing ``dirs`` in place. ``folder``
+    strings keep their ``gs://`` (fsspec's own walk returns them without it)."""
+    text = _text(folder)
+    if not is_remote(text):
+        yield from os.walk(text)
+        return
+    yield from Listings().walk(text)
+
+
+class Listings:
+    """Answers ``isdir``/``isfile``/``names`` from cached folder listings.
+
+    A dataset parser asks "is there a ``train/`` here, a ``train-acl.csv`` there?" dozens
+    of times and then "does each of these 10,000 files exist?". On a bucket each
+    question would be a round trip; here each *folder* is listed once (:func:`scandir`)
+    and every later question about it is a dictionary lookup. Local paths keep the
+    cheaper ``stat`` for ``isdir``/``isfile`` (no parent listing). Listings are a
+    snapshot: make a new object to see files written since.
+    """
+
+    def __init__(self):
+        self._cache: Dict[str, Optional[Tuple[List[str], List[str]]]] = {}
+
+    def listing(self, folder: PathLike) -> Optional[Tuple[List[str], List[str]]]:
+        key = _text(folder).rstrip("/") or "/"
+        if key not in self._cache:
+            self._cache[key] = scandir(key)
+        return self._cache[key]
+
+    def _in(self, path: PathLike, kind: int) -> bool:
+        text = _text(path)
+        if not is_remote(text):
+            return os.path.isdir(text) if kind == 0 else os.path.isfile(text)
+        text = text.rstrip("/")
+        parent, name = posixpath.split(text)
+        if text.count("/") < 3:   # gs://bucket itself
+            return kind == 0 and self.listing(text) is not None
+        listing = self.listing(parent)
+        return listing is not None and name in listing[kind]
+
+    def isdir(self, path: PathLike) -> bool:
+        return self._in(path, 0)
+
+    def isfile(self, path: PathLike) -> bool:
+        return self._in(path, 1)
+
+    def walk(self, folder: PathLike) -> Iterator[Tuple[str, List[str], List[str]]]:
+        """:func:`walk` through this cache (a URL's folders are listed at most once)."""
+        text = _text(folder)
+        if not is_remote(text):
+            yield from os.walk(text)
+            return
+        listing = self.listing(text)
+        if listing is None:
+            return
+        dirs, files = list(listing[0]), list(listing[1])
+        yield text, dirs, files
+        for d in dirs:
+            yield from self.walk(posixpath.join(text, d))
+
+    def names(self, folder: PathLike) -> List[str]:
+        """Sorted names (dirs and files) in ``folder``; [] if it does not exist."""
+        listing = self.listing(folder)
+        return sorted(listing[0] + listing[1]) if listing else []
+
+
+def missing_files(files: Iterable[PathLike], listings: Optional[Listings] = None) -> List[str]:
+    """The entries of ``files`` that are not existing files, in order.
+
+    Local paths: one ``stat`` each (cheap). URLs: one listing per parent folder
+    (``listings``, e.g. the one a dataset parser already filled), not one request per file.
+    """
+    files = [_text(f) for f in files]
+    by_parent = collections.defaultdict(list)
+    missing = set()
+    for f in files:
+        if f.startswith(REMOTE_SCHEMES):
+            by_parent[posixpath.dirname(f)].append(f)
+        elif not os.path.isfile(f):
+            missing.add(f)
+    listings = listings or Listings()
+    for parent, group in by_parent.items():
+        listing = listings.listing(parent)
+        names = set(listing[1]) if listing else set()
+        missing.update(f for f in group if posixpath.basename(f) not in names)
+    return [f for f in files if f in missing]
+
+
 def makedirs(path: PathLike) -> epath.Path:
     """Creates ``path`` and its parents if missing; returns it as an ``epath.Path``.
 
@@ -116,6 +289,12 @@ def makedirs(path: PathLike) -> epath.Path:
 def open(path: PathLike, mode: str = "r") -> IO:  # pylint: disable=redefined-builtin
     """Opens a local file or a remote object (``'a'`` is not available on GCS)."""
     return as_path(path).open(mode)
+
+
+def open_text(path: PathLike, encoding: str = "utf-8") -> IO[str]:
+    """A text stream over a local file or an object, newlines untranslated (what the
+    ``csv`` module wants: ``open(path, newline="")``)."""
+    return io.TextIOWrapper(as_path(path).open("rb"), encoding=encoding, newline="")
 
 
 def read_text(path: PathLike) -> str:

@@ -9,7 +9,11 @@ Why ``fcntl.flock`` and not "the file exists": the kernel drops the lock when it
 process dies (SIGKILL, OOM, a preempted VM that comes back), so a stale lock file from a
 dead process is simply taken over (with a warning naming the dead pid); nobody has to
 delete it by hand. The pid/host written inside only serve the error message. Remote
-paths (``gs://``) cannot be locked this way and are not locked. Multi-process runs
+paths (``gs://``) cannot be locked this way and are not locked: a lock object in a
+bucket needs a create-if-absent write (GCS generation-match precondition), which epath
+does not offer, and a check-then-write marker would race and outlive a preempted
+holder. So a ``gs://`` workdir only gets a warning, once per directory, that two writers
+must be avoided. Multi-process runs
 lock one file per process index (``.lock``, ``.lock.1``, ...), so the processes of one
 job share the workdir while a second job is still refused.
 """
@@ -29,6 +33,7 @@ from absl import logging
 from medtransfer_jax.errors import WorkdirError
 
 LOCK_FILE = ".lock"
+_WARNED_REMOTE = set()   # gs:// workdirs already warned about in this process
 
 
 def lock_path(workdir: str, process_index: int = 0) -> str:
@@ -51,6 +56,13 @@ def acquire(workdir: str, process_index: int = 0, command: Optional[str] = None)
       WorkdirError: another live process holds the lock.
     """
     if "://" in workdir:
+        if process_index == 0 and workdir not in _WARNED_REMOTE:
+            _WARNED_REMOTE.add(workdir)
+            logging.warning(
+                "workdir %s is in a bucket and is NOT locked (flock works on local disks "
+                "only): make sure no other train/study/sweep writes there at the same time, "
+                "or the two will delete each other's checkpoints and interleave metrics.",
+                workdir)
         return None
     os.makedirs(workdir, exist_ok=True)
     path = lock_path(workdir, process_index)

@@ -9,8 +9,12 @@ from PIL import Image
 from medtransfer_jax import data
 from medtransfer_jax.data import builders
 from medtransfer_jax.data.builders import chest, thyroid
+import test_paths
 
 pytestmark = pytest.mark.fast  # pure NumPy/SciPy: no JAX compilation
+
+# The gs:// bucket stand-in and the no-os.path-on-URLs guard (pytest fixtures).
+fake_gcs, no_os_path_on_urls = test_paths.fake_gcs, test_paths.no_os_path_on_urls
 
 
 def _png(path, value=50, size=8, rgb=False, fmt=None):
@@ -442,3 +446,177 @@ def test_source_matters_sex_experiment_csvs(tmp_path):
     assert (len(sp.train), len(sp.val)) == (6, 2)
     got = dict(zip(sp.test.ids, sp.test.labels))
     assert [got[n] for n in test] == [1, 1, 0, 0]         # Atelectasis positive, No Finding 0
+
+
+# ---------------------------------------------------------------------------------------
+# The same download layouts inside a bucket (gs://), read through medtransfer_jax.paths
+# ---------------------------------------------------------------------------------------
+
+def _layout_chest(root):
+    for f in ("train/NORMAL/IM-0761-0001.jpeg", "test/NORMAL/NORMAL2-IM-0300-0001.jpeg",
+              "val/NORMAL/IM-0011-0001-0001.jpeg", "train/PNEUMONIA/person1_bacteria_1.jpeg",
+              "test/PNEUMONIA/person22_virus_55.jpeg"):
+        _png(str(root / "chest_xray" / f), value=len(f), fmt="JPEG")
+
+
+def _layout_breast(root):
+    for folder, n in (("benign", 2), ("malignant", 2), ("normal", 1)):
+        for i in range(1, n + 1):
+            _png(str(root / "Dataset_BUSI_with_GT" / folder / f"{folder} ({i}).png"), 10 * i)
+            _png(str(root / "Dataset_BUSI_with_GT" / folder / f"{folder} ({i})_mask.png"), 255)
+
+
+def _layout_thyroid(root):
+    os.makedirs(root)
+    for c, t in {"1": "4a", "2": "3", "3": "5"}.items():
+        (root / f"{c}.xml").write_text(_ddti_xml(c, t))
+        _png(str(root / f"{c}_1.jpg"), value=int(c) * 30, fmt="JPEG")
+
+
+def _layout_mammograms(root):
+    os.makedirs(root)
+    header = ["patient_id", "breast_density", "image view", "abnormality id", "abnormality type",
+              "pathology", "image file path"]
+    for k, fname in enumerate(("calc_case_description_train_set.csv", "calc_case_description_test_set.csv",
+                               "mass_case_description_train_set.csv", "mass_case_description_test_set.csv")):
+        key = f"Case_P_{k:05d}_LEFT_CC"
+        _write_csv(root / fname, header, [[f"P_{k}", 2, "CC", 1, "mass", ("BENIGN", "MALIGNANT")[k % 2],
+                                           f"{key}/1.2/3.4/000000.dcm\n"]])
+        _png(str(root / "images" / f"{key}.png"), value=40 * k)
+
+
+def _layout_knee(root):
+    _mrnet(root / "MRNet-v1.0", n_train=2, n_valid=2, depth=5)
+
+
+def _layout_knee_png(root):
+    _mrnet(root, n_train=1, n_valid=1)
+    for view in ("acl", "meniscus"):
+        for c in range(2):
+            _png(str(root / "images" / view / f"{c:04d}_sagittal_{10 + c}.000000.png"), value=c)
+
+
+def _layout_isic(root):
+    rows = []
+    for i in range(7):
+        img = f"ISIC_{24306 + i:07d}"
+        _png(str(root / "ISIC2018_Task3_Training_Input" / f"{img}.jpg"), value=i, rgb=True, fmt="JPEG")
+        rows.append([img] + [float(k == i) for k in range(7)])
+    os.makedirs(root / "ISIC2018_Task3_Training_GroundTruth")
+    _write_csv(root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv",
+               ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"], rows)
+
+
+def _layout_pcam(root):
+    h5py = pytest.importorskip("h5py")
+    os.makedirs(root)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("valid", 2), ("test", 2)):
+        with h5py.File(root / f"camelyonpatch_level_2_split_{split}_x.h5", "w") as f:
+            f.create_dataset("x", data=rng.integers(0, 256, (n, 96, 96, 3)).astype(np.uint8))
+        with h5py.File(root / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as f:
+            f.create_dataset("y", data=(np.arange(n) % 2).astype(np.uint8).reshape(n, 1, 1, 1))
+
+
+def _layout_nih(root):
+    _nih(root, n_pos=3, n_neg=3)
+
+
+def _layout_lidc(root):
+    rows = []
+    for i in range(4):
+        rel = f"images/LIDC-IDRI-{i // 2:04d}_nodule{i % 2}.png"
+        _png(str(root / rel), value=i)
+        rows.append([rel, ("benign", "malignant")[i % 2], f"LIDC-IDRI-{i // 2:04d}"])
+    _write_csv(root / "lidc_slices.csv", ["path", "label", "patient_id"], rows)
+
+
+def _layout_image_folder(root):
+    for cls in ("a", "b"):
+        for i in range(2):
+            _png(str(root / cls / "sub" / f"{cls}{i}.png"), value=i)
+
+
+BUCKET_LAYOUTS = {"chest": _layout_chest, "breast": _layout_breast, "thyroid": _layout_thyroid,
+                  "mammograms": _layout_mammograms, "knee": _layout_knee, "knee_png": _layout_knee_png,
+                  "isic": _layout_isic, "pcam": _layout_pcam, "nih_cxr14": _layout_nih,
+                  "lidc": _layout_lidc, "image_folder": _layout_image_folder}
+
+
+def test_bucket_layouts_cover_every_builder():
+    assert set(builders.BUILDERS) <= {k.split("_png")[0] for k in BUCKET_LAYOUTS}
+
+
+@pytest.mark.parametrize("layout", sorted(BUCKET_LAYOUTS))
+def test_every_builder_reads_its_layout_from_a_bucket(layout, fake_gcs, no_os_path_on_urls,
+                                                      monkeypatch):
+    """The download layout copied into a bucket (stand-in) parses to the same examples as
+    the local folder, every image decodes to the same pixels, every bucket folder is
+    listed at most once, and no gs:// path reaches os.path / open (the guard)."""
+    from medtransfer_jax import paths
+    from medtransfer_jax.data import integrity
+
+    name = layout.split("_png")[0]
+    local = fake_gcs / "bucket" / "data" / layout
+    BUCKET_LAYOUTS[layout](local)
+    url = f"gs://bucket/data/{layout}"
+    kw = {"pcam_num_examples": 0, "knee_num_slices": 2}
+    listed = []
+    scandir = paths.scandir
+    monkeypatch.setattr(paths, "scandir", lambda folder: listed.append(str(folder)) or scandir(folder))
+    remote = _load(name, url, **kw)
+    assert listed and all(p.startswith("gs://bucket/") for p in listed)
+    assert len(listed) == len(set(listed)), sorted(listed)      # each folder listed once
+    here = _load(name, local, **kw)
+    assert len(remote) == len(here) > 0
+    assert list(remote.ids) == list(here.ids) and remote.labels.tolist() == here.labels.tolist()
+    assert list(remote.groups) == list(here.groups) and remote.relpaths == here.relpaths
+    assert all(p.startswith(url + "/") for p in remote.paths)
+    for i in range(len(remote)):
+        np.testing.assert_array_equal(remote[i]["image"], here[i]["image"])
+    sp = data.get_splits(_cfg(name, url, num_folds=2, heldout_val_fraction=1.0, **kw), 0)
+    assert integrity.check_splits(sp, num_threads=2) > 0
+
+
+def test_bucket_paper_folds_and_a_bad_image_are_reported_with_their_urls(fake_gcs,
+                                                                       no_os_path_on_urls):
+    """fold_csv_dir in the bucket; a corrupt and a missing file are named by URL."""
+    from medtransfer_jax.data import integrity
+
+    _layout_breast(fake_gcs / "bucket" / "busi")
+    folds = fake_gcs / "bucket" / "folds"
+    os.makedirs(folds)
+    names = [("benign (1).png", "benign"), ("benign (2).png", "benign"), ("malignant (1).png", "malignant"),
+             ("malignant (2).png", "malignant"), ("normal (1).png", "benign")]
+    for split, rows in (("train", names[:3]), ("val", names[3:4]), ("test", names[4:])):
+        _write_csv(folds / f"{split}_fold1.csv", ["", "path", "class"],
+                   [[i, f"../data/breast/{f}", c] for i, (f, c) in enumerate(rows)])
+    cfg = _cfg("breast", "gs://bucket/busi", folds="paper", fold_csv_dir="gs://bucket/folds")
+    sp = data.get_splits(cfg, 0)
+    assert sp.info["folds"] == "paper" and [os.path.basename(i) for i in sp.test.ids] == ["normal (1).png"]
+    bad = fake_gcs / "bucket" / "busi" / "Dataset_BUSI_with_GT" / "benign" / "benign (2).png"
+    bad.write_bytes(bad.read_bytes()[:20])
+    with pytest.raises(data.DataError, match=r"1 of 5 .*gs://bucket/busi/Dataset_BUSI_with_GT/"
+                                             r"benign/benign \(2\).png"):
+        integrity.check_splits(data.get_splits(cfg, 0), num_threads=2)
+    os.remove(bad)
+    with pytest.raises(data.DataError,
+                       match=r"gs://bucket/folds/train_fold1.csv: 1 of 3 rows .*benign \(2\)"):
+        data.get_splits(cfg, 0)
+    # name='csv' with the CSV in the bucket: relative rows resolve in the bucket, a missing
+    # file is named by its URL.
+    _write_csv(fake_gcs / "bucket" / "busi" / "list.csv", ["path", "label"],
+               [["Dataset_BUSI_with_GT/benign/benign (1).png", "b"],
+                ["Dataset_BUSI_with_GT/malignant/malignant (1).png", "m"]])
+    csv_cfg = _cfg("csv", "gs://bucket/busi", csv_path="gs://bucket/busi/list.csv")
+    src = builders.load_source(csv_cfg)
+    assert list(src.paths) == ["gs://bucket/busi/Dataset_BUSI_with_GT/benign/benign (1).png",
+                               "gs://bucket/busi/Dataset_BUSI_with_GT/malignant/malignant (1).png"]
+    assert src[1]["image"].shape == (8, 8) and src.labels.tolist() == [0, 1]
+    with open(fake_gcs / "bucket" / "busi" / "list.csv", "a") as f:
+        f.write("Dataset_BUSI_with_GT/benign/benign (2).png,b\n")
+    with pytest.raises(data.DataError, match=r"line 4: file gs://bucket/busi/Dataset_BUSI_with_GT/"
+                                             r"benign/benign \(2\).png does not exist"):
+        builders.load_source(csv_cfg)
+    assert len(data.get_splits(_cfg("breast", "gs://bucket/busi", folds="kfold", num_folds=2,
+                                    skip_corrupt=True), 0).train) > 0

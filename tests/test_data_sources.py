@@ -159,13 +159,24 @@ def test_unknown_dataset_name():
         data.get_splits(cfg)
 
 
+def test_bucket_tfds_dir_is_refused_with_what_works():
+    """ArrayRecord files cannot be read from gs:// (array_record opens local files only)."""
+    cfg = data.default_data_config()
+    cfg.name, cfg.root, cfg.tfds_data_dir = "breast", "/tmp/not-used", "gs://bucket/tfds"
+    with pytest.raises(data.DataError, match="data.tfds_data_dir=gs://bucket/tfds: .*data.root=gs://"):
+        data.get_splits(cfg)
+
+
 @pytest.mark.parametrize("field", ["root", "fold_csv_dir"])
-def test_bucket_data_paths_are_refused_with_what_works(field):
+def test_bucket_data_paths_without_gcsfs_name_the_field_and_the_extra(field, monkeypatch):
+    from medtransfer_jax import errors, paths
+
+    monkeypatch.setattr(paths, "remote_support_installed", lambda: False)
     cfg = data.default_data_config()
     cfg.name = "breast"
     cfg.root = "/tmp/not-used"
     if field == "fold_csv_dir":
         cfg.folds = "paper"
     cfg[field] = "gs://bucket/busi"
-    with pytest.raises(data.DataError, match=f"data.{field}=gs://bucket/busi: .*mount"):
+    with pytest.raises(errors.UserError, match=rf"data.{field}=gs://bucket/busi: .*\[gcs\]"):
         data.get_splits(cfg)

@@ -23,7 +23,9 @@ from medtransfer_jax import paths
 
 
 @pytest.fixture
-def fake_gcs(tmp_path):
+def fake_gcs(tmp_path, monkeypatch):
+    # The stand-in serves gs:// itself: no gcsfs/TensorFlow needed for it.
+    monkeypatch.setattr(paths, "remote_support_installed", lambda: True)
     root = tmp_path / "gcs"
     root.mkdir()
 
@@ -363,6 +365,115 @@ def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls
     assert not (tmp_path / "gs:").exists()
 
 
+def test_tiny_training_reads_its_dataset_from_a_bucket(fake_gcs, no_os_path_on_urls, tmp_path,
+                                                       monkeypatch):
+    """One epoch of a tiny ResNet on the BUSI builder whose download folder lies in the
+    bucket stand-in (data.root=gs://...): listing, the integrity check, decoding and the
+    grain pipeline all read through paths; the run directory is local here."""
+    from PIL import Image
+
+    from medtransfer_jax import data
+    from medtransfer_jax.training import loop, presets
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    root = fake_gcs / "bucket" / "busi" / "Dataset_BUSI_with_GT"
+    for folder, n in (("benign", 10), ("malignant", 10), ("normal", 4)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, (40, 36), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / folder / f"{folder} ({i + 1}).png")
+    cfg = presets.tiny_config(**{"data.name": "breast", "data.root": "gs://bucket/busi",
+                                 "data.num_folds": 3, "data.heldout_val_fraction": 0.5,
+                                 "train.batch_size": 8, "eval.batch_size": 8})
+    splits = data.get_splits(cfg.data)
+    assert all(p.startswith("gs://bucket/busi/") for p in splits.train.base.paths)
+    res = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert res["status"] == "done"
+    assert res["test"]["num_examples"] == len(splits.test) > 0
+    assert 0.0 <= res["test"]["auc"] <= 1.0
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_study_preflight_with_workdir_and_data_in_a_bucket(fake_gcs, no_os_path_on_urls,
+                                                           tmp_path, monkeypatch):
+    """Pre-flight of a gs:// study (it used to loop forever looking for a local disk above
+    gs://): no disk-space limit, a data root in the bucket is found, a missing one named."""
+    import ml_collections
+    from test_study import _tiny_study_config
+
+    from medtransfer_jax.studies import runner
+
+    monkeypatch.chdir(tmp_path)
+    (fake_gcs / "bucket" / "busi" / "benign").mkdir(parents=True)
+    c = _tiny_study_config()
+    c.targets.lesion.overrides = list(c.targets.lesion.overrides) + [
+        "data.name=breast", "data.root=gs://bucket/busi"]
+    pf = runner.preflight(c, "gs://bucket/study")
+    assert pf.missing == [] and "a bucket: no disk limit" in pf.text()
+    c.targets.lesion.overrides[-1] = "data.root=gs://bucket/nothing"
+    c.sources.natural = ml_collections.ConfigDict(dict(kind="convert", format="keras_h5",
+                                                       input="gs://bucket/nope.h5"))
+    missing = runner.preflight(c, "gs://bucket/study").missing
+    assert len(missing) == 2 and "gs://bucket/nope.h5" in missing[0]
+    assert "gs://bucket/nothing" in missing[1]
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_study_report_and_figures_land_in_the_bucket(fake_gcs, no_os_path_on_urls, tmp_path,
+                                                     monkeypatch):
+    """A gs:// study's figures (rendered in memory, one upload each) and report.md /
+    report.html are written into the bucket; the Markdown links figures relative to the
+    study, the HTML embeds the very bytes stored in the bucket."""
+    import base64
+
+    from test_study_report import _study
+
+    from medtransfer_jax.studies import report
+
+    monkeypatch.chdir(tmp_path)
+    url = "gs://bucket/study"
+    study, _ = _study(url)          # its tables and a similarity figure go to the URL
+    out = report.write_report(study)
+    assert out == {"markdown": url + "/report.md", "html": url + "/report.html"}
+    bucket = fake_gcs / "bucket" / "study"
+    png = (bucket / "figures" / "similarity_breast.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    md = (bucket / "report.md").read_text()
+    assert "](figures/similarity_breast.png)" in md and "## Headline" in md
+    page = (bucket / "report.html").read_text()
+    assert base64.b64encode(png).decode() in page
+    assert sorted(p.name for p in bucket.iterdir()) == ["figures", "report.html", "report.md",
+                                                        "tables"]   # no temporaries
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_data_readers_touch_files_only_through_paths():
+    """Static half for the data layer: no disk-touching os/PIL/NumPy/h5py/XML call on a
+    path except the named local-only branches (reached after paths.is_remote said no).
+    String joins (os.path.join/basename) are fine on URLs and not listed."""
+    touching = (r"\bos\.(path\.(isfile|isdir|exists|getsize|abspath|expanduser|realpath|"
+                r"relpath)|listdir|walk|makedirs|replace)\([^)]*\)|[^.\w]open\([^)]*\)|"
+                r"Image\.open\([^)]*\)|np\.load\([^)]*\)|h5py\.File\([^)]*\)|"
+                r"ET\.parse\([^)]*\)")
+    allowed = {
+        "sources.py": {"Image.open(path)", 'np.load(path, mmap_mode="r")',
+                       "os.path.abspath(csv_path)"},
+        "integrity.py": {"os.path.isfile(path)"},
+        "thyroid.py": {"ET.parse(f)"},   # f = paths.open(path, "rb")
+    }
+    names = [("data", n) for n in ("sources.py", "splits.py", "integrity.py", "registry.py",
+                                   "device_cache.py", "pipeline.py")]
+    names += [("data/builders", n) for n in ("_common.py", "breast.py", "chest.py", "isic.py",
+                                             "knee.py", "lidc.py", "mammograms.py",
+                                             "nih_cxr14.py", "pcam.py", "thyroid.py")]
+    for folder, name in names:
+        text = open(os.path.join(REPO, "medtransfer_jax", folder, name)).read()
+        hits = {m.group(0) for m in re.finditer(touching, text)
+                if not re.search(r"paths\.|BytesIO", m.group(0))}   # already through paths
+        assert hits <= allowed.get(name, set()), (folder, name, hits - allowed.get(name, set()))
+
+
 def test_run_and_study_writers_have_no_os_path_left():
     """Static half for the training loop's and the study's files: paths only through
     paths.py. The one exception is named: the study's stage-marker mtime on local disks
@@ -371,7 +482,8 @@ def test_run_and_study_writers_have_no_os_path_left():
     files = [("training", n) for n in ("loop.py", "checkpointing.py", "periodic.py",
                                        "finalize.py")]
     files += [("inference", "predictions.py")]
-    files += [("studies", n) for n in ("runner.py", "tables.py", "analyses.py")]
+    files += [("studies", n) for n in ("runner.py", "tables.py", "analyses.py", "report.py")]
+    files += [("analysis", "plots.py")]
     for folder, name in files:
         text = open(os.path.join(REPO, "medtransfer_jax", folder, name)).read()
         hits = {m.group(0) for m in re.finditer(

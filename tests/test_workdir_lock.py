@@ -76,3 +76,14 @@ def test_processes_of_one_job_lock_separately(tmp_path):
         workdir_lock.release(fd0)
         workdir_lock.release(fd1)
     assert workdir_lock.acquire("gs://bucket/run") is None  # remote: not lockable, not locked
+
+
+def test_bucket_workdir_is_not_locked_and_says_so_once(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(workdir_lock.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    for index in (0, 0, 1):
+        assert workdir_lock.acquire("gs://bucket/unlocked-run", index) is None
+    assert len(warnings) == 1
+    assert "gs://bucket/unlocked-run is in a bucket and is NOT locked" in warnings[0]
+    with workdir_lock.hold("gs://bucket/other-run") as fd:
+        assert fd is None and len(warnings) == 2

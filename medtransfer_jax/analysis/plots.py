@@ -5,7 +5,7 @@ the CSV/JSON files without recomputing anything.
 """
 from __future__ import annotations
 
-import os
+import io
 from typing import Dict, Mapping, Optional, Sequence
 
 import matplotlib
@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from medtransfer_jax import paths  # noqa: E402
 
 #: Line styles per test set / phase, so curves of one source share a colour (hue) and
 #: differ in style: i.i.d. solid, clean dotted, o.o.d. dashed.
@@ -33,9 +35,14 @@ def source_style(name: str) -> str:
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """Renders ``fig`` into memory, then writes it in one go (paths.write_bytes_atomic):
+    ``path`` may be a gs:// URL (one upload, no half-written PNG), or a local file."""
+    target = paths.workdir(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=target.suffix[1:] or "png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    paths.makedirs(target.parent)
+    paths.write_bytes_atomic(target, buf.getvalue())
     return path
 
 

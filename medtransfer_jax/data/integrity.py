@@ -12,11 +12,13 @@ dropped (and counted) their unreadable files.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import (DataError, DatasetSplits, Source, SubsetSource,
                                        TransformedSource)
 from medtransfer_jax.data.sources import FileSource
@@ -38,18 +40,26 @@ def _file_sources(source: Source, indices=None) -> List[Tuple[FileSource, List[i
 
 
 def check_file(path: str, loader=None) -> Optional[str]:
-    """None if ``path`` is a readable image (or ``loader(path)`` succeeds), else the reason."""
-    if not os.path.isfile(path):
-        return "file not found"
+    """None if ``path`` is a readable image (or ``loader(path)`` succeeds), else the reason.
+
+    A local file is opened by path (twice: verify, then decode); an object in a bucket
+    is downloaded once and both passes read the same bytes.
+    """
     try:
         if loader is not None:
+            if not paths.is_remote(path) and not os.path.isfile(path):
+                return "file not found"
             loader(path)
             return None
-        with Image.open(path) as im:  # header / chunk structure (cheap)
-            im.verify()
-        with Image.open(path) as im:  # verify() leaves the image unusable: decode anew,
-            im.load()                 # as training will (catches truncated JPEG data)
+        data = paths.read_bytes(path) if paths.is_remote(path) else None
+        # First the header / chunk structure (cheap), then -- verify() leaves the image
+        # unusable -- a full decode as training will do (catches truncated JPEG data).
+        for step in ("verify", "load"):
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
+                getattr(im, step)()
         return None
+    except FileNotFoundError:
+        return "file not found"
     except Exception as e:  # noqa: BLE001 -- any failure of a file counts as unreadable
         return f"{type(e).__name__}: {e}"
 

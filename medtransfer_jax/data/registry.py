@@ -8,11 +8,11 @@ apply the Source Matters confounder if ``cfg.confounder.kind != 'none'``.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, Optional
 
 import numpy as np
 
+from medtransfer_jax import paths
 from medtransfer_jax.data import builders, confounders
 from medtransfer_jax.data import splits as splits_lib
 from medtransfer_jax.data import synthetic
@@ -22,22 +22,27 @@ from medtransfer_jax.data.config import DATASET_NAMES
 log = logging.getLogger(__name__)
 
 
-def _refuse_bucket_paths(cfg) -> None:
-    """Dataset files are read with local file APIs (PIL, os.walk, csv): a gs:// data path
-    would otherwise fail as 'folder not found'; say what works instead."""
-    for field in ("root", "csv_path", "fold_csv_dir", "fold_csv_test", "tfds_data_dir"):
+def _check_bucket_paths(cfg) -> None:
+    """Data paths may be ``gs://`` (read through medtransfer_jax.paths); say up front when
+    this machine lacks the library that reads buckets, and refuse the one path that
+    cannot be a bucket: ArrayRecord files (``tfds_data_dir``) are read by array_record's
+    C++ reader, which opens local files only (google/array_record#120)."""
+    for field in ("root", "csv_path", "fold_csv_dir", "fold_csv_test"):
         value = cfg.get(field)
-        if isinstance(value, str) and value.startswith("gs://"):
-            raise DataError(
-                f"data.{field}={value}: datasets are read from a local (or mounted) folder, "
-                "not from gs:// directly. Copy the data to the worker's disk, or mount the "
-                "bucket read-only (launch/tpu_vm.sh mount, gcsfuse) and point data."
-                f"{field} at the mount; run directories (--workdir) can be gs://.")
+        if isinstance(value, str):
+            paths.require_remote_support(value, f"data.{field}")
+    value = cfg.get("tfds_data_dir")
+    if isinstance(value, str) and paths.is_remote(value):
+        raise DataError(
+            f"data.tfds_data_dir={value}: prepared ArrayRecord files are read with local file "
+            "APIs only (array_record cannot open gs://). Copy the prepared folder to the "
+            "worker's disk, or point data.root at the raw download in the bucket instead "
+            "(data.root=gs://... works).")
 
 
 def build_source(cfg) -> Source:
     """The whole dataset named by ``cfg.name`` as one random-access source."""
-    _refuse_bucket_paths(cfg)
+    _check_bucket_paths(cfg)
     name = cfg.name
     if name == "synthetic":
         return synthetic.from_config(cfg.synthetic)
@@ -67,17 +72,17 @@ def paper_fold_dir(cfg) -> Optional[str]:
     mode = cfg.get("folds", "kfold")
     if mode == "kfold":
         return None
-    _refuse_bucket_paths(cfg)
+    _check_bucket_paths(cfg)
     if mode != "paper":
         raise DataError(f"data.folds={mode!r}; choose 'paper' (the paper's fold CSVs) or 'kfold'")
     d = cfg.get("fold_csv_dir")
-    if not d or not os.path.isdir(d):
+    if not d or not paths.isdir(paths.expand(d)):
         origin = cfg.get("fold_csv_origin") or "the paper repository's data/<task>/ folder"
         raise DataError(
             f"data.folds='paper' splits by the paper's fold CSVs, but data.fold_csv_dir={d!r} "
             f"is not a folder. Get them from {origin} (or pass --config.data.fold_csv_dir="
             "<folder>), or run the project's own split with --config.data.folds=kfold.")
-    return d
+    return paths.expand(d)
 
 
 def _class_lookup(cfg, source: Source) -> Dict[str, int]:

@@ -9,12 +9,18 @@
   metadata); relative paths are resolved against ``root`` (default: the CSV's folder).
 
 Every failure is a :class:`DataError` whose message names the file and the fix.
+
+Paths may be local or ``gs://`` URLs: folders are listed once each through
+:mod:`medtransfer_jax.paths` (a bucket answers one listing per folder, not one request
+per file), remote files are read as bytes and decoded from memory, and local files are
+opened by path as before (no extra copy).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -22,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError, Source, _as_object_array, check_labels
 
 log = logging.getLogger(__name__)
@@ -55,11 +62,8 @@ def decode_image(path: str) -> np.ndarray:
     to 0..255 per image; palette / RGBA / CMYK are converted to RGB. Raises DataError
     naming the file when it is missing, truncated or not an image.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"Image file not found: {path}. Check data.root and the dataset layout "
-                        "(see the builder's MANUAL_DOWNLOAD_INSTRUCTIONS).")
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             mode = im.mode
             if mode in ("L", "RGB"):
@@ -70,11 +74,20 @@ def decode_image(path: str) -> np.ndarray:
                 arr = _scale_to_uint8(np.asarray(im))
             else:  # P, RGBA, CMYK, YCbCr, ...
                 arr = np.asarray(im.convert("RGB"))
-    except DataError:
-        raise
+    except FileNotFoundError:
+        raise DataError(f"Image file not found: {path}. Check data.root and the dataset layout "
+                        "(see the builder's MANUAL_DOWNLOAD_INSTRUCTIONS).") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"Cannot decode image {path}: {type(e).__name__}: {e}. {SKIP_HINT}") from None
     return np.ascontiguousarray(arr)
+
+
+def open_image(path: str) -> Image.Image:
+    """``PIL.Image.open`` for a local file (by path: no copy) or an object in a bucket
+    (its bytes read once, decoded from memory). A missing file raises FileNotFoundError."""
+    if paths.is_remote(path):
+        return Image.open(io.BytesIO(paths.read_bytes(path)))
+    return Image.open(path)
 
 
 def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -90,9 +103,16 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def load_npy_slice(path: str, axis: int = 0, index: Optional[int] = None) -> np.ndarray:
-    """One 2-D slice of a 3-D ``.npy`` volume (middle slice by default), scaled to uint8."""
+    """One 2-D slice of a 3-D ``.npy`` volume (middle slice by default), scaled to uint8.
+
+    Local volumes are memory-mapped; a volume in a bucket is read whole (MRNet volumes
+    are a few MB; the device cache decodes each slice once).
+    """
     try:
-        vol = np.load(path, mmap_mode="r")
+        if paths.is_remote(path):
+            vol = np.load(io.BytesIO(paths.read_bytes(path)))
+        else:
+            vol = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise DataError(f"Cannot read volume {path}: {e}. {SKIP_HINT}") from None
     if vol.ndim != 3:
@@ -112,6 +132,15 @@ class NpySliceLoader:
 
     def __call__(self, path: str) -> np.ndarray:
         return load_npy_slice(path, self.axis, self.index)
+
+
+def npy_shape(path: str) -> Tuple[int, ...]:
+    """The shape of a ``.npy`` array from its header alone (a bucket object is not
+    downloaded whole). Raises OSError/ValueError for a missing or malformed file."""
+    with paths.open(path, "rb") as f:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        return tuple(read(f)[0])
 
 
 def _check_readable(ex: Example) -> Optional[str]:
@@ -135,10 +164,13 @@ class FileSource(Source):
         otherwise missing files raise now and corrupt files raise when read.
       require_all_classes: an empty class is an error.
       num_threads: threads used for the up-front validation.
+      listing: the folder listings the parser already made (files in a bucket are then
+        checked against them, not listed again).
     """
 
     def __init__(self, examples: Sequence[Example], class_names: Sequence[str], name: str = "files",
-                 skip_corrupt: bool = False, require_all_classes: bool = True, num_threads: int = 4):
+                 skip_corrupt: bool = False, require_all_classes: bool = True, num_threads: int = 4,
+                 listing: Optional[paths.Listings] = None):
         self.name = name
         self.class_names = tuple(class_names)
         examples = list(examples)
@@ -153,7 +185,7 @@ class FileSource(Source):
                             "first: %s", name, len(self.skipped), len(examples), self.skipped[0][1])
             examples = keep
         else:
-            missing = [ex.path for ex in examples if not os.path.isfile(ex.path)]
+            missing = paths.missing_files((ex.path for ex in examples), listing)
             if missing:
                 raise DataError(f"{name}: {len(missing)} of {len(examples)} files do not exist, e.g. "
                                 f"{missing[:3]}. Check data.root and the layout, or set "
@@ -203,17 +235,23 @@ def _column(values: List[Any]) -> np.ndarray:
 def _require_dir(path: Optional[str], what: str) -> str:
     if not path:
         raise DataError(f"{what}: data.root is not set; point it at the dataset folder.")
-    path = os.path.expanduser(str(path))
-    if not os.path.isdir(path):
+    path = paths.expand(str(path))
+    paths.require_remote_support(path, "data.root")
+    if not paths.isdir(path):
         raise DataError(f"{what}: folder not found: {path}. Check data.root.")
     return path
 
 
-def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True) -> List[str]:
-    """Sorted image files under ``folder`` (case-insensitive extensions), hidden files skipped."""
+def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True,
+                listing: Optional[paths.Listings] = None) -> List[str]:
+    """Sorted image files under ``folder`` (case-insensitive extensions), hidden files skipped.
+
+    Each folder is listed once (a bucket answers one listing per folder), through
+    ``listing`` (the parser's cache) when given.
+    """
     out = []
     exts = tuple(e.lower() for e in extensions)
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in (listing or paths.Listings()).walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             if not f.startswith(".") and f.lower().endswith(exts):
@@ -234,25 +272,26 @@ class ImageFolderSource(FileSource):
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, skip_corrupt: bool = False,
                  group_fn: Optional[Callable[[str], str]] = None, name: str = "image_folder"):
         root = _require_dir(root, name)
+        listing = paths.Listings()   # class folders listed once, here and in FileSource
         if class_names is None:
-            class_names = sorted(d for d in os.listdir(root)
-                                 if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+            class_names = [d for d in (listing.listing(root) or ([], []))[0] if not d.startswith(".")]
             if not class_names:
                 raise DataError(f"{name}: no class sub-folders in {root}; expected "
                                 f"{root}/<class>/<image files>.")
         examples = []
         for label, cname in enumerate(class_names):
             folder = os.path.join(root, cname)
-            if not os.path.isdir(folder):
+            if not listing.isdir(folder):
                 raise DataError(f"{name}: class folder not found: {folder}")
-            files = list_images(folder, extensions)
+            files = list_images(folder, extensions, listing=listing)
             if not files:
                 raise DataError(f"{name}: class {cname!r} is empty: no {'/'.join(extensions)} "
                                 f"files in {folder}")
             for p in files:
-                rel = os.path.relpath(p, root)
+                rel = paths.relpath(p, root)
                 examples.append(Example(p, label, rel, group_fn(rel) if group_fn else rel, relpath=rel))
-        super().__init__(examples, class_names, name=f"{name} {root}", skip_corrupt=skip_corrupt)
+        super().__init__(examples, class_names, name=f"{name} {root}", skip_corrupt=skip_corrupt,
+                         listing=listing)
 
 
 class CsvSource(FileSource):
@@ -266,10 +305,15 @@ class CsvSource(FileSource):
                  class_names: Optional[Sequence[str]] = None, skip_corrupt: bool = False,
                  path_column: str = "path", label_column: str = "label",
                  group_column: str = "group", name: str = "csv"):
-        if not csv_path or not os.path.isfile(csv_path):
+        csv_path = paths.expand(csv_path) if csv_path else csv_path
+        paths.require_remote_support(csv_path or "", "data.csv_path")
+        if not csv_path or not paths.isfile(csv_path):
             raise DataError(f"{name}: CSV file not found: {csv_path} (config field data.csv_path)")
-        root = os.path.dirname(os.path.abspath(csv_path)) if root is None else os.path.expanduser(root)
-        with open(csv_path, newline="") as f:
+        if root is None:
+            root = (os.path.dirname(csv_path) if paths.is_remote(csv_path)
+                    else os.path.dirname(os.path.abspath(csv_path)))
+        root = paths.expand(root)
+        with paths.open_text(csv_path) as f:
             reader = csv.DictReader(f)
             cols = reader.fieldnames or []
             for need in (path_column, label_column):
@@ -296,15 +340,16 @@ class CsvSource(FileSource):
             else:
                 raise DataError(f"{csv_path} line {line}: label {lab!r} is not one of {class_names}")
             rel = row[path_column].strip()
-            path = rel if os.path.isabs(rel) else os.path.join(root, rel)
+            path = rel if paths.is_absolute(rel) else os.path.join(root, rel)
             ex_id = row.get("id") or rel
             group = (row.get(group_column) or "").strip() or ex_id
             meta = {k: v for k, v in row.items()
                     if k not in (path_column, label_column, group_column, "id") and k}
             examples.append(Example(path, label, ex_id, group, meta, relpath=rel))
         if not skip_corrupt:
+            missing = set(paths.missing_files(ex.path for ex in examples))
             for line, ex in enumerate(examples, start=2):
-                if not os.path.isfile(ex.path):
+                if ex.path in missing:
                     raise DataError(f"{csv_path} line {line}: file {ex.path} does not exist "
                                     "(relative paths are resolved against data.root, default the "
                                     "CSV's folder). Set data.skip_corrupt=True to skip such rows.")

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,9 @@ class PathMatcher:
 
 def read_fold_csv(path: str) -> List[Dict[str, str]]:
     """Rows of one paper fold CSV as dicts (needs a ``path`` column; ``class`` if present)."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise DataError(f"fold CSV not found: {path}")
-    with open(path, newline="") as f:
+    with paths.open_text(path) as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise DataError(f"{path}: expected a 'path' column (the paper's fold CSVs have "
@@ -178,11 +179,11 @@ def _test_csv(fold_csv_dir: str, fold: int, test_csv: Optional[str]) -> Optional
     """The test file of a fold: ``test_csv`` if given, else ``test_fold{k}.csv`` (Sep-2023),
     else one fixed ``test.csv`` (Source Matters), else None (Feb-2023: val is the test)."""
     if test_csv:
-        if not os.path.isfile(test_csv):
+        if not paths.isfile(test_csv):
             raise DataError(f"data.fold_csv_test={test_csv!r} does not exist")
         return test_csv
     for name in (f"test_fold{fold + 1}.csv", "test.csv"):
-        if os.path.isfile(os.path.join(fold_csv_dir, name)):
+        if paths.isfile(os.path.join(fold_csv_dir, name)):
             return os.path.join(fold_csv_dir, name)
     return None
 

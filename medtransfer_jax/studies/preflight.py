@@ -21,6 +21,7 @@ from typing import List, Optional
 import jax
 import jax.numpy as jnp
 
+from medtransfer_jax import paths
 from medtransfer_jax.models import resnet
 from medtransfer_jax.training import sweep
 from medtransfer_jax.weights import checkpoint
@@ -31,6 +32,8 @@ DATASET_SIZES = {"chest": 5856, "breast": 780, "thyroid": 480, "mammograms": 356
 #: Bytes written per parameter by one run: 3 orbax checkpoints (max_to_keep=2 + best) of
 #: params + Adam's two moments (3 x 4 bytes each) plus the exported float32 weights.
 BYTES_PER_PARAM = 3 * 3 * 4 + 4
+#: "Free bytes" of a gs:// workdir: a bucket has no disk to fill (its quota is not checked).
+UNLIMITED = 1 << 62
 
 
 @dataclasses.dataclass
@@ -47,9 +50,11 @@ class Preflight:
     def text(self) -> str:
         """The grid and what is missing, for a person (``--dry_run`` prints this)."""
         imgs = f"{self.images:,}" if self.images is not None else "unknown"
+        free = ("a bucket: no disk limit" if self.bytes_free >= UNLIMITED
+                else f"{self.bytes_free / 1e9:.1f} GB free")
         lines = [f"[study] pre-flight: {self.runs} fine-tuning runs ({self.runs_done} done), "
                  f"<= {imgs} training images to process, ~{self.bytes_needed / 1e9:.1f} GB to "
-                 f"write ({self.bytes_free / 1e9:.1f} GB free)"]
+                 f"write ({free})"]
         lines += [f"[study]   {g}" for g in self.grid]
         lines += [f"[study] MISSING: {m}" for m in self.missing] or ["[study] pre-flight: ok"]
         return "\n".join(lines)
@@ -64,13 +69,13 @@ def check_source(name: str, spec, source_dir: str) -> List[str]:
     """What a source lacks: a weights dir, an input file to convert, a pre-train config."""
     if spec.get("weights_of"):
         return []
-    if spec.kind == "weights" and not os.path.exists(os.path.join(source_dir,
-                                                                  checkpoint.METADATA_FILE)):
+    if spec.kind == "weights" and not paths.exists(paths.join(source_dir,
+                                                               checkpoint.METADATA_FILE)):
         return [f"sources.{name}.path={spec.path}: no weights dir ({checkpoint.METADATA_FILE} "
                 "missing); convert the checkpoint with medtransfer_jax.convert"]
     if spec.kind == "convert":
-        done = os.path.exists(os.path.join(source_dir, checkpoint.METADATA_FILE))
-        if not done and not os.path.isfile(os.path.expanduser(str(spec.input))):
+        done = paths.exists(paths.join(source_dir, checkpoint.METADATA_FILE))
+        if not done and not paths.isfile(paths.expand(str(spec.input))):
             return [f"sources.{name}.input={spec.input}: checkpoint file not found"]
     if spec.kind == "pretrain" and not os.path.isfile(spec.config.partition(":")[0]):
         return [f"sources.{name}.config={spec.config}: config file not found"]
@@ -85,13 +90,13 @@ def check_run_config(target: str, run: sweep.Run) -> List[str]:
         return [f"targets.{target}: config {run.config} does not load ({e})"]
     d = cfg.data
     out = []
-    if d.name != "synthetic" and not (d.get("root") and os.path.isdir(d.root)):
+    if d.name != "synthetic" and not (d.get("root") and paths.isdir(paths.expand(d.root))):
         out.append(f"targets.{target}: data root {d.get('root')!r} is not a directory "
                    "(give the study config its data folder, e.g. ...study_revisiting.py:"
                    "data=DIR, or fix data.root in the target's overrides)")
     for field in ("fold_csv_dir", "csv_path"):
         p = d.get(field)
-        if p and not os.path.exists(p if os.path.isabs(p) else os.path.join(d.root or "", p)):
+        if p and not paths.exists(p if paths.is_absolute(p) else os.path.join(d.root or "", p)):
             out.append(f"targets.{target}: data.{field}={p!r} not found")
     return out
 
@@ -117,6 +122,11 @@ def training_images(cfg) -> Optional[int]:
 
 
 def _free_bytes(path: str) -> int:
+    """Free bytes on the disk holding ``path`` (its nearest existing parent); a bucket has
+    no such limit (quota is not checked)."""
+    if paths.is_remote(path):
+        return UNLIMITED
+    path = os.path.abspath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return shutil.disk_usage(path).free

@@ -17,9 +17,9 @@ import base64
 import datetime
 import html
 import math
-import os
 from typing import Any, Dict, List, Sequence, Tuple
 
+from medtransfer_jax import paths
 from medtransfer_jax.analysis import plots
 from medtransfer_jax.studies import published, tables
 
@@ -88,7 +88,7 @@ def render_markdown(blocks: Sequence[Block], root: str) -> str:
             out.append("")
         elif kind == "img":
             path, caption = val
-            out.append(f"![{caption}]({os.path.relpath(path, root)})\n")
+            out.append(f"![{caption}]({paths.relpath(path, root)})\n")
     return "\n".join(out)
 
 
@@ -109,8 +109,7 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
                         f"{trs}</tbody></table></div>")
         elif kind == "img":
             path, caption = val
-            with open(path, "rb") as f:
-                data = base64.b64encode(f.read()).decode()
+            data = base64.b64encode(paths.read_bytes(path)).decode()
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="'
                         f'{html.escape(caption)}"><figcaption>{html.escape(caption)}'
                         "</figcaption></figure>")
@@ -158,7 +157,7 @@ class _Page:
 
     def figure(self, name: str, caption: str):
         path = self.study.path("figures", name)
-        if os.path.exists(path):
+        if paths.exists(path):
             self.add("img", (path, caption))
 
 
@@ -168,7 +167,7 @@ def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
     page.add("h2", "What was run")
     done = sum(r.get("status") == "done" for r in runs)
     stages = [s for s in ("sources", "finetune", "representations", "predictions", "filters",
-                          "robustness") if os.path.exists(study.path("stages", f"{s}.done"))]
+                          "robustness") if paths.exists(study.path("stages", f"{s}.done"))]
     page.add("p", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
                   f" in {study.workdir}. Sources: {', '.join(cfg.sources)}; targets: "
                   f"{', '.join(cfg.targets) or 'none'}; folds: {list(cfg.folds)}; model: "
@@ -350,8 +349,6 @@ def write_report(study) -> Dict[str, str]:
     for path, text in ((md_path, render_markdown(blocks, study.workdir)),
                        (html_path, render_html(blocks, "Study report: "
                                                + study.config.get("name", "study")))):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        paths.write_text_atomic(path, text)
     print(f"[study] report: {md_path}\n[study] report: {html_path}", flush=True)
     return {"markdown": md_path, "html": html_path}

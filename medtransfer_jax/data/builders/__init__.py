@@ -5,7 +5,9 @@ Each module turns the dataset's manual-download folder into a list of
 
 * ``NAME`` (the ``data.name`` key), ``CLASS_NAMES``, ``CHANNELS`` (1 grey / 3 colour),
 * ``MANUAL_DOWNLOAD_INSTRUCTIONS``: where to download and the exact folder layout,
-* ``examples(root, cfg) -> list[Example]``.
+* ``examples(root, cfg, listing=None) -> list[Example]`` (``listing``: a
+  ``paths.Listings`` the parser lists folders through, shared with the FileSource's
+  existence check so a bucket folder is listed once).
 
 ``load_source(cfg)`` reads a dataset straight from its raw folder (no TensorFlow needed);
 ``tfds_builder`` wraps the same parsers as TFDS builders that prepare ArrayRecord files.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError, Source
 from medtransfer_jax.data.builders import (breast, chest, isic, knee, lidc, mammograms, nih_cxr14,
                                            pcam, thyroid)
@@ -50,7 +53,9 @@ def load_source(cfg) -> Source:
         # Here, not at the top: tfds_builder imports this package back (for the parsers).
         from medtransfer_jax.data.builders import tfds_builder
         return tfds_builder.TfdsSource(name, cfg.tfds_data_dir)
-    examples = module.examples(cfg.root, cfg)
-    source = FileSource(examples, module.CLASS_NAMES, name=f"{name} ({cfg.root})", skip_corrupt=skip)
+    listing = paths.Listings()
+    examples = module.examples(cfg.root, cfg, listing)
+    source = FileSource(examples, module.CLASS_NAMES, name=f"{name} ({cfg.root})", skip_corrupt=skip,
+                        listing=listing)
     log.info("%s: %s", name, source)
     return source

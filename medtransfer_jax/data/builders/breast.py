@@ -7,8 +7,9 @@ the split unit is the image. 780 images (437 benign + 133 normal, 210 malignant)
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.sources import Example, list_images
 from medtransfer_jax.data.builders._common import find_root, require
 
@@ -31,15 +32,16 @@ Files whose name contains '_mask' are segmentation masks and are ignored.
 FOLDERS = {"benign": 0, "malignant": 1, "normal": 0}
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: all(os.path.isdir(os.path.join(d, f)) for f in FOLDERS),
-                     ("Dataset_BUSI_with_GT",), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: all(ls.isdir(os.path.join(d, f)) for f in FOLDERS),
+                     ("Dataset_BUSI_with_GT",), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     out = []
     for folder, label in FOLDERS.items():
-        files = [p for p in list_images(os.path.join(root, folder), (".png",), recursive=False)
-                 if "_mask" not in os.path.basename(p)]
+        pngs = list_images(os.path.join(root, folder), (".png",), recursive=False, listing=ls)
+        files = [p for p in pngs if "_mask" not in os.path.basename(p)]
         require(bool(files), f"{NAME}: no images in {os.path.join(root, folder)}", MANUAL_DOWNLOAD_INSTRUCTIONS)
         for p in files:
-            rel = os.path.relpath(p, root)
+            rel = paths.relpath(p, root)
             out.append(Example(p, label, rel, rel, {"finding": folder}, relpath=rel))
     return out

@@ -8,8 +8,9 @@ paper's ``import_chest``: ``IM-0761-0001.jpeg`` and ``NORMAL2-IM-0761-0001.jpeg`
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.sources import Example, list_images
 from medtransfer_jax.data.builders._common import find_root, require
 
@@ -39,19 +40,20 @@ def patient_id(filename: str) -> str:
     return name.split("-")[0]
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: all(os.path.isdir(os.path.join(d, s)) for s in ("train", "test")),
-                     ("chest_xray",), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: all(ls.isdir(os.path.join(d, s)) for s in ("train", "test")),
+                     ("chest_xray",), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     out = []
     for subset in SUBSETS:
         for label, folder in enumerate(("NORMAL", "PNEUMONIA")):
             d = os.path.join(root, subset, folder)
-            if not os.path.isdir(d):
+            if not ls.isdir(d):
                 if subset == "val":
                     continue
                 require(False, f"{NAME}: folder not found: {d}", MANUAL_DOWNLOAD_INSTRUCTIONS)
-            for p in list_images(d, (".jpeg", ".jpg", ".png"), recursive=False):
-                rel = os.path.relpath(p, root)
+            for p in list_images(d, (".jpeg", ".jpg", ".png"), recursive=False, listing=ls):
+                rel = paths.relpath(p, root)
                 out.append(Example(p, label, rel, patient_id(os.path.basename(p)),
                                    {"original_split": subset}, relpath=rel))
     return out

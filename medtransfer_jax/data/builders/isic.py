@@ -8,8 +8,9 @@ remove the file (or set data.group_split=False) to split by image as the paper d
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
@@ -33,16 +34,17 @@ The ground-truth CSV has columns image,MEL,NV,BCC,AKIEC,BKL,DF,VASC (one-hot).
 """
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: os.path.isdir(os.path.join(d, IMAGES)), ("ISIC2018",), NAME,
-                     MANUAL_DOWNLOAD_INSTRUCTIONS)
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: ls.isdir(os.path.join(d, IMAGES)), ("ISIC2018",), NAME,
+                     MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     gt_path = os.path.join(root, GT)
-    if not os.path.isfile(gt_path) and os.path.isfile(os.path.join(root, os.path.basename(GT))):
+    if not ls.isfile(gt_path) and ls.isfile(os.path.join(root, os.path.basename(GT))):
         gt_path = os.path.join(root, os.path.basename(GT))
     rows = read_csv_rows(gt_path, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
     lesion = {}
     gpath = os.path.join(root, GROUPINGS)
-    if os.path.isfile(gpath):
+    if ls.isfile(gpath):
         lesion = {r["image"]: r["lesion_id"] for r in read_csv_rows(gpath, NAME)}
     out = []
     for line, row in enumerate(rows, start=2):

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-import numpy as np
-
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
-from medtransfer_jax.data.sources import Example, NpySliceLoader, list_images
+from medtransfer_jax.data.sources import Example, NpySliceLoader, list_images, npy_shape
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
 
 NAME = "knee"
@@ -77,15 +76,16 @@ def _views(rule: str, acl: int, men: int) -> List[Tuple[str, int]]:
     raise DataError(f"{NAME}: unknown data.knee_label_rule {rule!r}; use 'paper' or 'exclusive'")
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: os.path.isfile(os.path.join(d, "train-acl.csv")),
-                     ("MRNet-v1.0", "knee"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: ls.isfile(os.path.join(d, "train-acl.csv")),
+                     ("MRNet-v1.0", "knee"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     rule = cfg.get("knee_label_rule", "paper") if cfg is not None else "paper"
     n_slices = int(cfg.get("knee_num_slices", 3)) if cfg is not None else 3
     layout = cfg.get("knee_layout", "any") if cfg is not None else "any"
     if layout not in ("any", "png"):
         raise DataError(f"{NAME}: data.knee_layout={layout!r}; choose 'png' or 'any'")
-    has_png = os.path.isdir(os.path.join(root, "images"))
+    has_png = ls.isdir(os.path.join(root, "images"))
     if layout == "png" and not has_png:
         raise DataError(
             f"{NAME}: data.knee_layout='png' but {os.path.join(root, 'images')} does not exist. "
@@ -100,22 +100,22 @@ def examples(root: str, cfg=None) -> List[Example]:
         for view, cls in (("acl", 1), ("meniscus", 2)):
             table = acl if view == "acl" else men
             folder = os.path.join(root, "images", view)
-            if not os.path.isdir(folder):
+            if not ls.isdir(folder):
                 continue
-            for p in list_images(folder, (".png",), recursive=False):
+            for p in list_images(folder, (".png",), recursive=False, listing=ls):
                 m = _PNG.match(os.path.basename(p))
                 require(m is not None, f"{NAME}: unexpected file name {p} (want <case>_sagittal_<s>.png)")
                 case = m.group(1).zfill(4)
                 require(case in table, f"{NAME}: case {case} of {p} is not in the {view} label CSVs")
-                rel = os.path.relpath(p, root)
+                rel = paths.relpath(p, root)
                 out.append(Example(p, cls if table[case] else 0, rel, case,
                                    {"view": view, "slice": int(m.group(2))}, relpath=rel))
         require(bool(out), f"{NAME}: no PNG slices under {os.path.join(root, 'images')}")
         return out
     for subset in ("train", "valid"):
         folder = os.path.join(root, subset, "sagittal")
-        require(os.path.isdir(folder), f"{NAME}: folder not found: {folder}", MANUAL_DOWNLOAD_INSTRUCTIONS)
-        for f in sorted(os.listdir(folder)):
+        require(ls.isdir(folder), f"{NAME}: folder not found: {folder}", MANUAL_DOWNLOAD_INSTRUCTIONS)
+        for f in ls.listing(folder)[1]:
             if not f.endswith(".npy"):
                 continue
             case = os.path.splitext(f)[0].zfill(4)
@@ -124,7 +124,7 @@ def examples(root: str, cfg=None) -> List[Example]:
                 raise DataError(f"{NAME}: case {case} ({path}) has no row in {subset}-acl.csv / "
                                 f"{subset}-meniscus.csv")
             try:
-                depth = np.load(path, mmap_mode="r").shape[0]
+                depth = npy_shape(path)[0]
             except (OSError, ValueError) as e:
                 raise DataError(f"{NAME}: cannot read volume {path}: {e}") from None
             for view, label in _views(rule, acl[case], men[case]):

@@ -12,8 +12,9 @@ column (<= 2 benign, >= 4 malignant, 3 dropped), the usual LIDC benchmark rule.
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
@@ -59,9 +60,10 @@ def _label(row, rule: str, where: str):
     raise DataError(f"{where}: label {row['label']!r} is not benign/malignant/0/1")
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: os.path.isfile(os.path.join(d, CSV_NAME)), ("LIDC-IDRI", "lidc"),
-                     NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: ls.isfile(os.path.join(d, CSV_NAME)), ("LIDC-IDRI", "lidc"),
+                     NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     path = os.path.join(root, CSV_NAME)
     rows = read_csv_rows(path, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
     out = []

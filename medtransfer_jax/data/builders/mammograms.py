@@ -8,8 +8,9 @@ with several abnormalities appears once per abnormality, as in the paper: 3,568 
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
@@ -47,9 +48,10 @@ def _col(row, *names):
     raise DataError(f"{NAME}: none of the columns {names} in CSV row with columns {list(row)}")
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: os.path.isfile(os.path.join(d, CSV_FILES[0])),
-                     ("CBIS-DDSM", "mammograms"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: ls.isfile(os.path.join(d, CSV_FILES[0])),
+                     ("CBIS-DDSM", "mammograms"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     out = []
     for csv_name in CSV_FILES:
         path = os.path.join(root, csv_name)

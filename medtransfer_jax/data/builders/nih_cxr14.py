@@ -9,8 +9,9 @@ images dropped; only the views in ``data.nih_views`` (default PA). Metadata: ``s
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example
 from medtransfer_jax.data.builders._common import find_root, read_csv_rows, require
@@ -33,10 +34,11 @@ The CSV columns used: 'Image Index', 'Finding Labels', 'Patient ID', 'Patient Ag
 """
 
 
-def _index_images(root: str) -> Dict[str, str]:
+def _index_images(root: str, listing: paths.Listings) -> Dict[str, str]:
+    """File name -> path of every PNG under ``root`` (one listing per folder)."""
     found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for dirpath, dirnames, filenames in listing.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             if f.endswith(".png"):
                 found.setdefault(f, os.path.join(dirpath, f))
@@ -51,14 +53,15 @@ def _age(v: str) -> int:
         return -1
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: any(os.path.isfile(os.path.join(d, c)) for c in CSV_NAMES),
-                     ("ChestX-ray14", "NIH", "nih_cxr14"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
-    csv_path = next(os.path.join(root, c) for c in CSV_NAMES if os.path.isfile(os.path.join(root, c)))
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: any(ls.isfile(os.path.join(d, c)) for c in CSV_NAMES),
+                     ("ChestX-ray14", "NIH", "nih_cxr14"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
+    csv_path = next(os.path.join(root, c) for c in CSV_NAMES if ls.isfile(os.path.join(root, c)))
     negative, positive = tuple(cfg.get("nih_labels", ("No Finding", "Atelectasis"))) if cfg is not None \
         else ("No Finding", "Atelectasis")
     views = set(cfg.get("nih_views", ("PA",))) if cfg is not None else {"PA"}
-    images = _index_images(root)
+    images = _index_images(root, ls)
     require(bool(images), f"{NAME}: no PNG images under {root}", MANUAL_DOWNLOAD_INSTRUCTIONS)
     out = []
     for line, row in enumerate(read_csv_rows(csv_path, NAME), start=2):
@@ -82,7 +85,7 @@ def examples(root: str, cfg=None) -> List[Example]:
         path = images.get(name, os.path.join(root, "images", name))
         meta = {"sex": sex, "age": age, "age_bucket": ">=60" if age >= 60 else "<60", "view": view}
         out.append(Example(path, label, name, pid.lstrip("0") or "0", meta,
-                           relpath=os.path.relpath(path, root)))
+                           relpath=paths.relpath(path, root)))
     require(bool(out), f"{NAME}: no {view_list(views)} rows with {positive!r} or {negative!r} in {csv_path}")
     return out
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import re
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example, list_images
 from medtransfer_jax.data.builders._common import find_root, require
@@ -47,43 +48,51 @@ _HANDLES = {}
 
 
 class H5PatchLoader:
-    """Picklable loader of patch ``index`` from an HDF5 ``x`` file (handle cached per process)."""
+    """Picklable loader of patch ``index`` from an HDF5 ``x`` file (handle cached per process;
+    a file in a bucket is opened as a seekable stream, so only the patch's chunks are read)."""
 
     def __init__(self, index: int):
         self.index = int(index)
 
     def __call__(self, path: str) -> np.ndarray:
-        import h5py
         key = (os.getpid(), path)
         f = _HANDLES.get(key)
         if f is None:
             try:
-                f = _HANDLES[key] = h5py.File(path, "r")
+                f = _HANDLES[key] = _h5_open(path)
             except OSError as e:
                 raise DataError(f"{NAME}: cannot open {path}: {e}") from None
         return np.asarray(f["x"][self.index], np.uint8)
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    def is_root(d):
-        return os.path.isfile(_h5(d, "train", "y")) or any(_PNG.search(f) for f in os.listdir(d)[:1000])
+def _h5_open(path: str):
+    """``h5py.File`` on a local path, or on a file object for a ``gs://`` object."""
+    import h5py
+    return h5py.File(paths.open(path, "rb") if paths.is_remote(path) else path, "r")
 
-    root = find_root(root, is_root, ("pcam", "PCam", "png_images"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+
+    def is_root(d):
+        return ls.isfile(_h5(d, "train", "y")) or any(_PNG.search(f) for f in ls.names(d)[:1000])
+
+    root = find_root(root, is_root, ("pcam", "PCam", "png_images"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     n_keep = int(cfg.get("pcam_num_examples", 10000)) if cfg is not None else 10000
     seed = int(cfg.get("pcam_sample_seed", 22)) if cfg is not None else 22
     out = []
-    if os.path.isfile(_h5(root, "train", "y")):
-        import h5py
+    if ls.isfile(_h5(root, "train", "y")):
         for split in SPLITS:
             ypath, xpath = _h5(root, split, "y"), _h5(root, split, "x")
-            if not os.path.isfile(ypath):
+            if not ls.isfile(ypath):
                 require(split != "train", f"{NAME}: missing {ypath}", MANUAL_DOWNLOAD_INSTRUCTIONS)
                 continue
-            require(os.path.isfile(xpath), f"{NAME}: missing {xpath} (next to {ypath})", MANUAL_DOWNLOAD_INSTRUCTIONS)
+            require(ls.isfile(xpath), f"{NAME}: missing {xpath} (next to {ypath})",
+                    MANUAL_DOWNLOAD_INSTRUCTIONS)
             try:
-                with h5py.File(ypath, "r") as f:
+                with _h5_open(ypath) as f:
                     y = np.asarray(f["y"]).reshape(-1).astype(np.int64)
-                with h5py.File(xpath, "r") as f:
+                with _h5_open(xpath) as f:
                     nx = f["x"].shape[0]
             except (OSError, KeyError) as e:
                 raise DataError(f"{NAME}: cannot read {ypath} / {xpath}: {e}") from None
@@ -93,7 +102,7 @@ def examples(root: str, cfg=None) -> List[Example]:
                 out.append(Example(xpath, int(label), f"{split}/{i}", f"{split}/{i}",
                                    {"original_split": split}, loader=H5PatchLoader(i), relpath=f"{rel}/{i}"))
     else:
-        for p in list_images(root, (".png",), recursive=False):
+        for p in list_images(root, (".png",), recursive=False, listing=ls):
             m = _PNG.search(os.path.basename(p))
             if m:
                 rel = os.path.basename(p)

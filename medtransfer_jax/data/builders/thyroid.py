@@ -13,6 +13,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional
 
+from medtransfer_jax import paths
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.data.sources import Example, list_images
 from medtransfer_jax.data.builders._common import find_root, require
@@ -38,7 +39,8 @@ Each <case>.xml has <number>case</number> and <tirads>4a</tirads> (maybe empty),
 def parse_case_xml(path: str) -> Dict[str, Optional[str]]:
     """{'number', 'tirads', 'age', 'sex'} from one DDTI case XML (missing tags -> None)."""
     try:
-        tree = ET.parse(path)
+        with paths.open(path, "rb") as f:
+            tree = ET.parse(f)
     except (ET.ParseError, OSError) as e:
         raise DataError(f"{NAME}: cannot parse {path}: {e}") from None
     node = tree.getroot()
@@ -60,15 +62,16 @@ def tirads_label(tirads: Optional[str]) -> int:
     return int(m is not None and int(m.group(1)) >= 4)
 
 
-def examples(root: str, cfg=None) -> List[Example]:
-    root = find_root(root, lambda d: any(f.endswith(".xml") for f in os.listdir(d)),
-                     ("DDTI", "thyroid"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS)
+def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> List[Example]:
+    ls = listing or paths.Listings()
+    root = find_root(root, lambda d: any(f.endswith(".xml") for f in ls.names(d)),
+                     ("DDTI", "thyroid"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     cases = {}
-    for f in sorted(os.listdir(root)):
+    for f in ls.names(root):
         if f.endswith(".xml") and not f.startswith("."):
             info = parse_case_xml(os.path.join(root, f))
             cases[info["number"]] = info
-    images = list_images(root, (".jpg", ".jpeg", ".png"), recursive=False)
+    images = list_images(root, (".jpg", ".jpeg", ".png"), recursive=False, listing=ls)
     require(bool(images), f"{NAME}: no <case>_<k>.jpg images in {root}", MANUAL_DOWNLOAD_INSTRUCTIONS)
     out, orphans = [], []
     for p in images:
@@ -77,7 +80,7 @@ def examples(root: str, cfg=None) -> List[Example]:
         if info is None:
             orphans.append(p)
             continue
-        rel = os.path.relpath(p, root)
+        rel = paths.relpath(p, root)
         meta = {"tirads": info["tirads"] or "", "sex": info["sex"] or "", "age": info["age"] or ""}
         out.append(Example(p, tirads_label(info["tirads"]), rel, case, meta, relpath=rel))
     if orphans:
