@@ -7,6 +7,7 @@ fold, the tag confounder at p=1: four fine-tuning runs of a few steps at 32 px.
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -89,7 +90,7 @@ def test_every_stage_ran_and_report_reads_top_down(study):
 
 
 def test_progress_lines_one_per_run(study):
-    _, _, out = study
+    wd, _, out = study
     lines = [l for l in out.splitlines() if l.startswith("run ")]
     assert len(lines) == 4
     pat = re.compile(r"run (\d)/4 lesion/(natural|random)/(tag-p1/)?fold0: test AUC "
@@ -98,6 +99,15 @@ def test_progress_lines_one_per_run(study):
     assert [int(pat.fullmatch(l).group(1)) for l in lines] == [1, 2, 3, 4]
     assert lines[-1].endswith("ETA 0 s")
     assert "pre-flight: ok" in out and "[study] stage 2/7 finetune" in out
+    # the stage and overall ETA: '?' until the first run is timed, then a number
+    eta = [l for l in out.splitlines() if l.startswith("[study] stage 2/7 finetune (4 runs)")]
+    assert len(eta) == 5 and eta[0].endswith(": running, stage ETA ?, overall ETA ?")
+    assert all(re.fullmatch(r".*: stage ETA \S+( s)?, overall ETA \d\S*( s)?", l)
+               for l in eta[1:]), eta
+    assert eta[-1].split(": ")[1].startswith("stage ETA 0 s, overall ETA ")
+    rates = json.load(open(os.path.join(wd, "stages", "rates.json")))["stages"]
+    assert set(rates) == set(runner.STAGES) and rates["finetune"]["items"] == 4
+    assert rates["sources"]["units"] == 3     # natural (pre-trained), random, its twin
 
 
 def test_tables_statistics_and_directions(study):

@@ -194,7 +194,8 @@ def _sources_work(study, parallel: int) -> progress.StageWork:
 
 def _representations_work(study, tf, cca) -> progress.StageWork:
     """CCA pairs x repeats x images x (image_size / 224)^2 (each draw is a forward pass
-    of both networks, the shuffled null's again); the size is the target's own."""
+    of both networks, the shuffled null's again); the stimuli come from a held-out
+    split, so at most ~1/5 of the target's images; the size is the target's own."""
     if not cca or not tf:
         return progress.StageWork(0, "pairs")
     pairs, units = 0, 0.0
@@ -202,11 +203,13 @@ def _representations_work(study, tf, cca) -> progress.StageWork:
         n = len(analyses.cca_pairs(study, target, fold))
         run = next(r for r in study.finetune_runs() if r.keys["target"] == target)
         try:
-            size = sweep.load_config(run).data.image_size
+            cfg = sweep.load_config(run)
+            size, ex = cfg.data.image_size, _examples(cfg)
         except Exception:  # reported by check_run_config
-            size = math.nan
+            size, ex = math.nan, None
+        images = min(cca.num_images, 0.2 * ex) if ex else cca.num_images
         pairs += n
-        units += n * cca.repeats * cca.num_images * (size / 224) ** 2
+        units += n * cca.repeats * images * (size / 224) ** 2
     return progress.StageWork(pairs, "pairs", units)
 
 
