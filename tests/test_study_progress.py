@@ -116,9 +116,10 @@ def test_stage_work_of_the_tiny_study_counts_by_hand(tmp_path):
     assert w["finetune"].units == pytest.approx(4 * 10 * 32 * (32 / 224) ** 2)
     assert sorted(w["finetune"].items) == sorted(r.name for r in study.finetune_runs())
     # CCA pairs of lesion/fold0: natural and random pre vs fine-tuned (2), natural vs
-    # random before and after (2), random vs its twin (1); x 2 repeats x 24 images at 32 px
+    # random before and after (2), random vs its twin (1); x 2 repeats x the images (24,
+    # but at most the held-out fifth of 96) at 32 px
     assert w["representations"].label == "5 pairs"
-    assert w["representations"].units == pytest.approx(5 * 2 * 24 * (32 / 224) ** 2)
+    assert w["representations"].units == pytest.approx(5 * 2 * 96 / 5 * (32 / 224) ** 2)
     assert w["predictions"].units == 2     # natural vs random + the gain vs random
     n_params = preflight.param_count(18, 8, "keras_v1") / 1e6
     assert w["filters"].units == pytest.approx(4 * n_params)   # 2 sources x (pre, ft)
@@ -138,7 +139,7 @@ def test_dry_run_estimate_only_once_a_rate_exists(tmp_path):
     assert pf.basis["finetune"] == "measured" and pf.basis["filters"] == "prior"
     assert pf.estimate["report"] == pytest.approx(_prior("report", 7.0))
     assert pf.estimate["representations"] == pytest.approx(
-        5 * 2 * 24 * (32 / 224) ** 2 * _prior("representations", 7.0))
+        5 * 2 * 96 / 5 * (32 / 224) ** 2 * _prior("representations", 7.0))
     line = [l for l in pf.text().splitlines() if l.startswith("[study] estimate:")]
     assert line == [pf.estimate_line()]
     assert line[0].startswith(f"[study] estimate: "
