@@ -170,8 +170,13 @@ def test_rerun_skips_finished_stages(study):
     wd, _, _ = study
     os.remove(os.path.join(wd, "report.md"))
     os.remove(os.path.join(wd, "stages", "report.done"))
+    rates = os.path.join(wd, "stages", "rates.json")
+    before = json.load(open(rates))["stages"]
     status = runner.run_study(_tiny_study_config(), wd)
     assert status["finetune"] == "skipped" and status["sources"] == "skipped"
+    after = json.load(open(rates))["stages"]   # the resumed study kept its rates
+    assert after["finetune"] == before["finetune"] and after["sources"] == before["sources"]
+    assert after["report"]["items"] > before["report"]["items"]
     assert status["report"] == "done" and os.path.exists(os.path.join(wd, "report.md"))
 
 

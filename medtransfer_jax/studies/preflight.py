@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 import os
 import shutil
@@ -213,40 +214,47 @@ def _representations_work(study, tf, cca) -> progress.StageWork:
     return progress.StageWork(pairs, "pairs", units)
 
 
+def _stage_work(study, stage: str, parallel: int) -> progress.StageWork:
+    cfg = study.config
+    tf = list(itertools.product(study.clean_targets, study.folds))
+    n_src = len(cfg.sources)
+    if stage == "sources":
+        return _sources_work(study, parallel)
+    if stage == "finetune":
+        return _finetune_work(study, parallel)
+    if stage == "representations":
+        return _representations_work(study, tf, cfg.get("analysis", {}).get("cca"))
+    if stage == "predictions":
+        per = n_src * (n_src - 1) // 2 + (n_src - 1 if "random" in cfg.sources else 0)
+        return progress.StageWork(per * len(tf), "pairs", float(per * len(tf)))
+    if stage == "filters":
+        # filters-only: every source once; else each (pre, fine-tuned) pair
+        models = 2 * n_src * len(tf) if cfg.targets else n_src
+        mparams = param_count(cfg.model.depth, cfg.model.width, cfg.model.layout) / 1e6
+        return progress.StageWork(models, "models", models * mparams)
+    if stage == "robustness":
+        n = sum(r.keys["confounder"] != "none" for r in study.finetune_runs())
+        return progress.StageWork(n, "runs", float(n))
+    return progress.StageWork(1, "report", 1.0)
+
+
 def stage_work(study, stages: Sequence[str] = progress.STAGES,
                parallel: int = 1) -> Dict[str, progress.StageWork]:
     """{stage: its work in cost units} (``progress.StageWork``), counted from the config:
 
     sources: sources to prepare; finetune: 224-px training-image equivalents of the runs
     not done; representations: CCA pairs x repeats x 224-px image equivalents;
-    predictions: prediction-file pairs; filters: millions of parameters whose filters are analysed; robustness: runs
-    with a confounder; report: 1. ``parallel``: runs at once (sources, finetune).
+    predictions: prediction-file pairs; filters: millions of parameters whose filters
+    are analysed; robustness: runs with a confounder; report: 1. ``parallel``: runs at
+    once (sources, finetune). A stage that cannot be counted gets NaN units ('?').
     """
-    cfg = study.config
-    tf = list(itertools.product(study.clean_targets, study.folds))
-    cca = cfg.get("analysis", {}).get("cca")
-    n_src = len(cfg.sources)
     out = {}
     for stage in stages:
-        if stage == "sources":
-            out[stage] = _sources_work(study, parallel)
-        elif stage == "finetune":
-            out[stage] = _finetune_work(study, parallel)
-        elif stage == "representations":
-            out[stage] = _representations_work(study, tf, cca)
-        elif stage == "predictions":
-            per = n_src * (n_src - 1) // 2 + (n_src - 1 if "random" in cfg.sources else 0)
-            out[stage] = progress.StageWork(per * len(tf), "pairs", float(per * len(tf)))
-        elif stage == "filters":
-            # filters-only: every source once; else each (pre, fine-tuned) pair
-            models = 2 * n_src * len(tf) if cfg.targets else n_src
-            mparams = param_count(cfg.model.depth, cfg.model.width, cfg.model.layout) / 1e6
-            out[stage] = progress.StageWork(models, "models", models * mparams)
-        elif stage == "robustness":
-            n = sum(r.keys["confounder"] != "none" for r in study.finetune_runs())
-            out[stage] = progress.StageWork(n, "runs", float(n))
-        else:
-            out[stage] = progress.StageWork(1, "report", 1.0)
+        try:
+            out[stage] = _stage_work(study, stage, parallel)
+        except Exception as e:  # an ETA must never stop a study
+            logging.warning("study ETA: cannot count the work of stage %s (%s)", stage, e)
+            out[stage] = progress.StageWork(0, "items", math.nan)
     return out
 
 
