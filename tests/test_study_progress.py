@@ -145,4 +145,5 @@ def test_dry_run_estimate_only_once_a_rate_exists(tmp_path):
     assert line[0].startswith(f"[study] estimate: "
                               f"{progress.format_duration(sum(pf.estimate.values()))} left = "
                               f"sources ")
-    assert f"finetune {progress.format_duration(ft)} (measured)" in line[0]
+    assert f" + finetune {progress.format_duration(ft)} + " in line[0]
+    assert f" + filters {progress.format_duration(pf.estimate['filters'])}* + " in line[0]

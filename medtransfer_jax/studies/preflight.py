@@ -57,14 +57,16 @@ class Preflight:
     basis: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def estimate_line(self) -> Optional[str]:
-        """``[study] estimate: 3h05m left = finetune 2h50m (measured) + ...``, or None."""
+        """``[study] estimate: 3h05m left = finetune 2h50m + representations 15m* ...``
+        (``*``: the stage's prior rate, not one measured in this workdir), or None."""
         if not self.estimate:
             return None
-        parts = [f"{s} {progress.format_duration(t)} ({self.basis.get(s, 'none')})"
+        parts = [f"{s} {progress.format_duration(t)}"
+                 + ("*" if self.basis.get(s) == "prior" else "")
                  for s, t in self.estimate.items()]
         return (f"[study] estimate: {progress.format_duration(sum(self.estimate.values()))} "
-                "left = " + " + ".join(parts) + " (measured: rates timed in this workdir; "
-                "prior: progress.PRIORS)")
+                "left = " + " + ".join(parts) + " (rates measured in this workdir; "
+                "*: a prior, progress.PRIORS)")
 
     def text(self) -> str:
         """The grid and what is missing, for a person (``--dry_run`` prints this)."""
