@@ -36,7 +36,7 @@ def _tracker(rates):
 def test_before_any_measurement_every_eta_is_a_question_mark():
     t, lines = _tracker(progress.Rates())
     line = t.start("finetune", 2, 7)
-    assert line == "[study] stage 2/7 finetune (3 runs): running, stage ETA ?, overall ETA ?"
+    assert line == "[study] stage 2/7 finetune: running (3 runs), stage ETA ?, overall ETA ?"
     assert lines == [line]
     assert math.isnan(t.stage_eta()) and math.isnan(t.overall_eta())
     # an unknown amount of work (a run config that does not load) stays unknown

@@ -212,11 +212,13 @@ class StudyProgress:
         return sum(self.stage_eta(s) for s in self.work)
 
     def line(self, state: str = "") -> str:
-        """``[study] stage 3/7 representations (12 pairs): stage ETA 4m10s, overall ETA 1h12m``."""
-        return (f"[study] stage {self.position} {self.stage} ({self.work[self.stage].label}): "
-                + (f"{state}, " if state else "")
-                + f"stage ETA {format_duration(self.stage_eta())}, "
-                f"overall ETA {format_duration(self.overall_eta())}")
+        """``[study] stage 2/7 finetune (175 runs): stage ETA 1h12m, overall ETA 1h31m``;
+        with a ``state``: ``[study] stage 3/7 representations: running (12 pairs), ...``."""
+        head = f"[study] stage {self.position} {self.stage}"
+        label = self.work[self.stage].label
+        return (f"{head}: {state} ({label}), " if state else f"{head} ({label}): ") + (
+            f"stage ETA {format_duration(self.stage_eta())}, "
+            f"overall ETA {format_duration(self.overall_eta())}")
 
     def _say(self, line: str) -> str:
         if self.echo:
