@@ -9,7 +9,7 @@ earlier do not count towards the mean.
 
 The study's ETA is a cost model: each stage's work is counted before it starts in units
 the study knows (:class:`StageWork`: 224-px training-image equivalents per fine-tuning
-run, pair x layer x image for CCA, prediction-file pairs, parameters whose filters are
+run, CCA pair x repeat x image, prediction-file pairs, parameters whose filters are
 analysed, ...), and each stage's seconds per unit is measured on the items this workdir
 has finished (:class:`Rates`, ``WORKDIR/stages/rates.json``, so a resumed study keeps
 them). A stage not timed yet uses a prior (:data:`PRIORS`); fine-tuning has none, so
@@ -36,13 +36,14 @@ RATES_FILE = ("stages", "rates.json")
 #: r x the fine-tuning rate this workdir measured (stages whose time is forward passes
 #: on the accelerator, so they speed up with it), ``("seconds", s)`` = s seconds per unit
 #: (host-side stages: file reading, NumPy, plotting). Measured on the demo study
-#: (``python -m medtransfer_jax.study``, 2026-11-26, this project's loaded 2-core CPU:
-#: fine-tuning 0.367 s per 224-px image equivalent, representations 0.401 s per
-#: pair x repeat x 224-px image = 1.09 x fine-tuning, which BENCHMARKS.md sections 1 and 4
-#: corroborate for ResNet50: 4 forwards x 0.105 s / 0.44 s per training image = 0.95),
-#: except filters (section 9: pre vs fine-tuned ResNet50, 47 M parameters in 18.7 s). A
-#: rough prior, replaced by the stage's own rate once it has run in the workdir.
-PRIORS = {"sources": ("seconds", 12.9), "representations": ("vs_finetune", 1.09),
+#: (``python -m medtransfer_jax.study``, 2026-11-26, two runs on this project's loaded
+#: 2-core CPU): fine-tuning 0.37 / 0.54 s per 224-px image equivalent, representations
+#: 1.82 / 1.51 x that per pair x repeat x 224-px image as counted (an upper bound of the
+#: stimuli: the demo used ~39 images where it counts 77); BENCHMARKS.md sections 1 and 4
+#: give 0.95 for ResNet50 per image actually forwarded (4 forwards x 0.105 s / 0.44 s).
+#: Filters: section 9 (pre vs fine-tuned ResNet50, 47 M parameters in 18.7 s). A rough
+#: prior, replaced by the stage's own rate once it has run in the workdir.
+PRIORS = {"sources": ("seconds", 12.9), "representations": ("vs_finetune", 1.7),
           "predictions": ("seconds", 0.036), "filters": ("seconds", 0.40),
           "robustness": ("seconds", 0.061), "report": ("seconds", 0.33)}
 
