@@ -201,12 +201,14 @@ def _representations_work(study, tf, cca) -> progress.StageWork:
     split, so at most ~1/5 of the target's images; the size is the target's own."""
     if not cca or not tf:
         return progress.StageWork(0, "pairs")
+    first = {}  # target -> its first run, whose config gives the image size and N
+    for r in study.finetune_runs():
+        first.setdefault(r.keys["target"], r)
     pairs, units = 0, 0.0
     for target, fold in tf:
         n = len(analyses.cca_pairs(study, target, fold))
-        run = next(r for r in study.finetune_runs() if r.keys["target"] == target)
         try:
-            cfg = sweep.load_config(run)
+            cfg = sweep.load_config(first[target])
             size, ex = cfg.data.image_size, _examples(cfg)
         except Exception:  # reported by check_run_config
             size, ex = math.nan, None
