@@ -7,6 +7,7 @@ fold, the tag confounder at p=1: four fine-tuning runs of a few steps at 32 px.
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -89,7 +90,7 @@ def test_every_stage_ran_and_report_reads_top_down(study):
 
 
 def test_progress_lines_one_per_run(study):
-    _, _, out = study
+    wd, _, out = study
     lines = [l for l in out.splitlines() if l.startswith("run ")]
     assert len(lines) == 4
     pat = re.compile(r"run (\d)/4 lesion/(natural|random)/(tag-p1/)?fold0: test AUC "
@@ -98,6 +99,16 @@ def test_progress_lines_one_per_run(study):
     assert [int(pat.fullmatch(l).group(1)) for l in lines] == [1, 2, 3, 4]
     assert lines[-1].endswith("ETA 0 s")
     assert "pre-flight: ok" in out and "[study] stage 2/7 finetune" in out
+    # the stage and overall ETA: '?' until the first run is timed, then a number
+    assert ("[study] stage 2/7 finetune: running (4 runs), stage ETA ?, overall ETA ?"
+            in out.splitlines())
+    eta = [l for l in out.splitlines() if l.startswith("[study] stage 2/7 finetune (4 runs)")]
+    assert len(eta) == 4 and all(
+        re.fullmatch(r".*: stage ETA \S+( s)?, overall ETA \d\S*( s)?", l) for l in eta), eta
+    assert eta[-1].split(": ")[1].startswith("stage ETA 0 s, overall ETA ")
+    rates = json.load(open(os.path.join(wd, "stages", "rates.json")))["stages"]
+    assert set(rates) == set(runner.STAGES) and rates["finetune"]["items"] == 4
+    assert rates["sources"]["units"] == 3     # natural (pre-trained), random, its twin
 
 
 def test_tables_statistics_and_directions(study):
@@ -160,8 +171,13 @@ def test_rerun_skips_finished_stages(study):
     wd, _, _ = study
     os.remove(os.path.join(wd, "report.md"))
     os.remove(os.path.join(wd, "stages", "report.done"))
+    rates = os.path.join(wd, "stages", "rates.json")
+    before = json.load(open(rates))["stages"]
     status = runner.run_study(_tiny_study_config(), wd)
     assert status["finetune"] == "skipped" and status["sources"] == "skipped"
+    after = json.load(open(rates))["stages"]   # the resumed study kept its rates
+    assert after["finetune"] == before["finetune"] and after["sources"] == before["sources"]
+    assert after["report"]["items"] > before["report"]["items"]
     assert status["report"] == "done" and os.path.exists(os.path.join(wd, "report.md"))
 
 

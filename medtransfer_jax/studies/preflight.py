@@ -6,23 +6,31 @@ after the first 40 runs. :func:`check` looks at every source (weights dirs, ``.h
 to convert, pre-training configs), every target (its run config loads; data root, fold
 CSVs and CSV files exist) and the free disk space against an estimate of what the runs
 write, and describes the grid (runs, runs already done, images processed at most).
+:func:`stage_work` counts each stage's work in the units of the study's cost model
+(``progress.py``); with rates measured earlier in the same workdir the pre-flight adds
+a time estimate.
 
-It reads a study object (``config``, ``path()``, ``source_dir()``, ``finetune_runs()``)
-and never imports the runner.
+It reads a study object (``config``, ``path()``, ``source_dir()``, ``finetune_runs()``,
+``folds``, ``clean_targets``, ``random_twin_dir()``, ``is_done()``) and never imports
+the runner.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import logging
+import math
 import os
 import shutil
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from medtransfer_jax import paths
 from medtransfer_jax.models import resnet
+from medtransfer_jax.studies import analyses, progress
 from medtransfer_jax.training import sweep
 from medtransfer_jax.weights import checkpoint
 
@@ -46,6 +54,22 @@ class Preflight:
     bytes_needed: int
     bytes_free: int
     grid: List[str]
+    #: {stage: seconds} of the stages not done, from ``WORKDIR/stages/rates.json``
+    #: (NaN where nothing is known); empty when that workdir has timed nothing yet.
+    estimate: Dict[str, float] = dataclasses.field(default_factory=dict)
+    basis: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def estimate_line(self) -> Optional[str]:
+        """``[study] estimate: 3h05m left = finetune 2h50m + representations 15m* ...``
+        (``*``: the stage's prior rate, not one measured in this workdir), or None."""
+        if not self.estimate:
+            return None
+        parts = [f"{s} {progress.format_duration(t)}"
+                 + ("*" if self.basis.get(s) == "prior" else "")
+                 for s, t in self.estimate.items()]
+        return (f"[study] estimate: {progress.format_duration(sum(self.estimate.values()))} "
+                "left = " + " + ".join(parts) + " (rates measured in this workdir; "
+                "*: a prior, progress.PRIORS)")
 
     def text(self) -> str:
         """The grid and what is missing, for a person (``--dry_run`` prints this)."""
@@ -56,6 +80,7 @@ class Preflight:
                  f"<= {imgs} training images to process, ~{self.bytes_needed / 1e9:.1f} GB to "
                  f"write ({free})"]
         lines += [f"[study]   {g}" for g in self.grid]
+        lines += [self.estimate_line()] if self.estimate else []
         lines += [f"[study] MISSING: {m}" for m in self.missing] or ["[study] pre-flight: ok"]
         return "\n".join(lines)
 
@@ -110,15 +135,149 @@ def param_count(depth: int, width: int, layout: str) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(shapes)))
 
 
+def _examples(cfg) -> Optional[int]:
+    d = cfg.data
+    return (d.synthetic.num_examples if d.name == "synthetic" else
+            d.get("max_examples") or DATASET_SIZES.get(d.name))
+
+
 def training_images(cfg) -> Optional[int]:
     """Upper bound of images one run trains on (steps x batch, or epochs x 4/5 of N)."""
     t = cfg.train
     if t.get("num_steps"):
         return int(t.num_steps) * int(t.batch_size)
-    d = cfg.data
-    n = (d.synthetic.num_examples if d.name == "synthetic" else
-         d.get("max_examples") or DATASET_SIZES.get(d.name))
+    n = _examples(cfg)
     return int(t.num_epochs * 0.8 * n) if n else None
+
+
+def run_units(cfg, num_train: Optional[int] = None) -> float:
+    """Cost of one run in 224-px training-image equivalents: :func:`training_images`, plus
+    a frozen-base head phase's images at 1/3 (forward only through the base), times
+    (image_size / 224)^2. An upper bound (early stopping ends runs sooner), which the
+    measured seconds per unit absorb. A dataset whose size only its split files know
+    (Source Matters' CSVs) needs ``num_train`` (a finished run's), else NaN."""
+    t, ex = cfg.train, _examples(cfg)
+    epoch = 0.8 * ex if ex else (num_train or math.nan)
+    n = t.num_steps * t.batch_size if t.get("num_steps") else t.num_epochs * epoch
+    if t.get("freeze") == "two_phase":
+        h = t.head_phase
+        n += (h.num_steps * t.batch_size if h.get("num_steps") else h.num_epochs * epoch) / 3
+    return n * (cfg.data.image_size / 224) ** 2
+
+
+def finished_run_units(run: sweep.Run) -> float:
+    """:func:`run_units` of a finished run, its dataset size read from its results."""
+    return run_units(sweep.load_config(run),
+                     (sweep.read_results(run.workdir) or {}).get("num_train"))
+
+
+def _finetune_work(study, parallel: int) -> progress.StageWork:
+    """The runs not done, each weighted by :func:`run_units` (NaN if its config fails);
+    a target's dataset size unknown from its config is read from a finished run's."""
+    runs, items, num_train = study.finetune_runs(), {}, {}
+    done = {r.name: r.status() == "done" for r in runs}
+    for r in runs:
+        if done[r.name] and not num_train.get(r.keys["target"]):
+            num_train[r.keys["target"]] = (sweep.read_results(r.workdir) or {}).get("num_train")
+    for r in runs:
+        if not done[r.name]:
+            try:
+                items[r.name] = run_units(sweep.load_config(r), num_train.get(r.keys["target"]))
+            except Exception:  # check_run_config reports it; the ETA says '?'
+                items[r.name] = math.nan
+    return progress.StageWork(len(runs), "runs", items=items, parallel=parallel)
+
+
+def _sources_work(study, parallel: int) -> progress.StageWork:
+    """One unit per source to prepare (converted, random, its random twin, pre-trained);
+    the pre-training runs are timed one by one."""
+    units, items = 0, {}
+    for name, spec in study.config.sources.items():
+        if not spec.get("weights_of"):
+            units += 1 + bool(study.random_twin_dir(name))
+            if spec.get("kind") == "pretrain":
+                items[f"sources/{name}"] = 1.0
+    return progress.StageWork(units, "sources", units - len(items), items, parallel)
+
+
+def _representations_work(study, tf, cca) -> progress.StageWork:
+    """CCA pairs x repeats x images x (image_size / 224)^2 (each draw is a forward pass
+    of both networks, the shuffled null's again); the stimuli come from a held-out
+    split, so at most ~1/5 of the target's images; the size is the target's own."""
+    if not cca or not tf:
+        return progress.StageWork(0, "pairs")
+    first = {}  # target -> its first run, whose config gives the image size and N
+    for r in study.finetune_runs():
+        first.setdefault(r.keys["target"], r)
+    pairs, units = 0, 0.0
+    for target, fold in tf:
+        n = len(analyses.cca_pairs(study, target, fold))
+        try:
+            cfg = sweep.load_config(first[target])
+            size, ex = cfg.data.image_size, _examples(cfg)
+        except Exception:  # reported by check_run_config
+            size, ex = math.nan, None
+        images = min(cca.num_images, 0.2 * ex) if ex else cca.num_images
+        pairs += n
+        units += n * cca.repeats * images * (size / 224) ** 2
+    return progress.StageWork(pairs, "pairs", units)
+
+
+def _stage_work(study, stage: str, parallel: int) -> progress.StageWork:
+    cfg = study.config
+    tf = list(itertools.product(study.clean_targets, study.folds))
+    n_src = len(cfg.sources)
+    if stage == "sources":
+        return _sources_work(study, parallel)
+    if stage == "finetune":
+        return _finetune_work(study, parallel)
+    if stage == "representations":
+        return _representations_work(study, tf, cfg.get("analysis", {}).get("cca"))
+    if stage == "predictions":
+        per = n_src * (n_src - 1) // 2 + (n_src - 1 if "random" in cfg.sources else 0)
+        return progress.StageWork(per * len(tf), "pairs", float(per * len(tf)))
+    if stage == "filters":
+        # filters-only: every source once; else each (pre, fine-tuned) pair
+        models = 2 * n_src * len(tf) if cfg.targets else n_src
+        mparams = param_count(cfg.model.depth, cfg.model.width, cfg.model.layout) / 1e6
+        return progress.StageWork(models, "models", models * mparams)
+    if stage == "robustness":
+        n = sum(r.keys["confounder"] != "none" for r in study.finetune_runs())
+        return progress.StageWork(n, "runs", float(n))
+    return progress.StageWork(1, "report", 1.0)
+
+
+def stage_work(study, stages: Sequence[str] = progress.STAGES,
+               parallel: int = 1) -> Dict[str, progress.StageWork]:
+    """{stage: its work in cost units} (``progress.StageWork``), counted from the config:
+
+    sources: sources to prepare; finetune: 224-px training-image equivalents of the runs
+    not done; representations: CCA pairs x repeats x 224-px image equivalents;
+    predictions: prediction-file pairs; filters: millions of parameters whose filters
+    are analysed; robustness: runs with a confounder; report: 1. ``parallel``: runs at
+    once (sources, finetune). A stage that cannot be counted gets NaN units ('?').
+    """
+    out = {}
+    for stage in stages:
+        try:
+            out[stage] = _stage_work(study, stage, parallel)
+        except Exception as e:  # an ETA must never stop a study
+            logging.warning("study ETA: cannot count the work of stage %s (%s)", stage, e)
+            out[stage] = progress.StageWork(0, "items", math.nan)
+    return out
+
+
+def estimate(study) -> tuple:
+    """({stage: seconds}, {stage: 'measured'|'prior'|'none'}) of the stages not done, at
+    the rates this workdir measured; two empty dicts when it measured none."""
+    rates = progress.Rates.load(study.path(*progress.RATES_FILE))
+    if not rates.measured:
+        return {}, {}
+    parallel = study.parallel if getattr(study, "mode", "") == "subprocess" else 1
+    todo = [s for s in progress.STAGES if not study.is_done(s)]
+    work = stage_work(study, todo, parallel)
+    return ({s: progress.stage_eta(w, rates, s) for s, w in work.items()},
+            {s: rates.source(s) for s in todo})
 
 
 def _free_bytes(path: str) -> int:
@@ -162,4 +321,6 @@ def check(study) -> Preflight:
     if need > free:
         missing.append(f"disk space: ~{need / 1e9:.1f} GB needed under {study.workdir}, "
                        f"{free / 1e9:.1f} GB free")
-    return Preflight(missing, len(runs), len(runs) - len(todo), images, need, free, grid)
+    eta, basis = estimate(study)
+    return Preflight(missing, len(runs), len(runs) - len(todo), images, need, free, grid,
+                     eta, basis)

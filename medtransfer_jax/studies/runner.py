@@ -27,7 +27,10 @@ The study config (``configs/study_*.py``) names:
   the report compares with, ``studies/published.json``).
 
 Progress: one line per finished run (``run 7/175 breast/imagenet/fold2: test AUC
-0.912, 41 s, ETA 1h12m``). The report stage writes what exists at any time but is only
+0.912, 41 s, ETA 1h12m``) followed by the stage and overall ETA (``[study] stage 2/7
+finetune (175 runs): stage ETA 1h12m, overall ETA 1h31m``), also printed at each stage's
+start; the cost model and its rates (``WORKDIR/stages/rates.json``) are in
+``progress.py``. The report stage writes what exists at any time but is only
 marked done once every other stage is, so a report made mid-study is rebuilt later.
 Before any training, :func:`preflight` checks data roots, checkpoint files and disk
 space and lists everything missing at once (``--dry_run`` stops there).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -51,8 +55,7 @@ from medtransfer_jax.training import sweep
 from medtransfer_jax.weights import checkpoint
 from medtransfer_jax.weights import conversion as convert_lib
 
-STAGES = ("sources", "finetune", "representations", "predictions", "filters", "robustness",
-          "report")
+STAGES = progress.STAGES
 SOURCE_KINDS = ("weights", "convert", "pretrain", "random")
 
 
@@ -79,6 +82,7 @@ class Study:
         self.workdir = paths.to_str(paths.workdir(workdir))  # gs:// stays a URL
         self.mode = mode
         self.parallel = parallel
+        self.tracker: Optional[progress.StudyProgress] = None  # set while run() runs
 
     # -- layout
     def path(self, *parts) -> str:
@@ -193,6 +197,8 @@ class Study:
         paths.makedirs(self.path("stages"))
         status, t_study = {}, time.time()
         todo = [s for s in STAGES if s in stages]
+        self.tracker = self._tracker([s for s in todo if s == "report"
+                                      or not self._skip(s, force)])
         for i, stage in enumerate(todo, 1):
             # A stop request whose immediate raise got lost (signals can land in a gc
             # callback, where exceptions are dropped) still stops here, between stages.
@@ -200,15 +206,25 @@ class Study:
             if self._skip(stage, force):
                 print(f"[study] stage {i}/{len(todo)} {stage}: done earlier, skipped", flush=True)
                 status[stage] = "skipped"
+                self.tracker.skip(stage)
                 continue
             t0 = time.time()
-            print(f"[study] stage {i}/{len(todo)} {stage}: running ...", flush=True)
+            self.tracker.start(stage, i, len(todo))
             getattr(self, f"stage_{stage}")()
+            self.tracker.finish(stage, time.time() - t0)
             status[stage] = self._finish(stage, time.time() - t0)
             print(f"[study] stage {i}/{len(todo)} {stage}: {status[stage]} in "
                   f"{progress.format_duration(time.time() - t0)} (study: "
                   f"{progress.format_duration(time.time() - t_study)})", flush=True)
         return status
+
+    def _tracker(self, stages: Sequence[str]) -> progress.StudyProgress:
+        """The ETA of ``stages`` from their work (``preflight.stage_work``) and the rates
+        this workdir measured so far."""
+        parallel = self.parallel if self.mode == "subprocess" else 1
+        return progress.StudyProgress(
+            preflight_lib.stage_work(self, stages, parallel),
+            progress.Rates.load(self.path(*progress.RATES_FILE)))
 
     def _finish(self, stage: str, seconds: float) -> str:
         if stage == "report" and not all(self.is_done(s) for s in STAGES[:-1]):
@@ -261,8 +277,10 @@ class Study:
         """Runs ``runs`` (``parallel`` at a time in subprocess mode), one progress line
         per finished run; raises StudyError naming the failed ones at the end."""
         todo = [r for r in runs if r.status() != "done"]
+        tracker = self.tracker
         prog = progress.Progress(kind, len(runs), done_before=len(runs) - len(todo),
-                                 parallel=self.parallel if self.mode == "subprocess" else 1)
+                                 parallel=self.parallel if self.mode == "subprocess" else 1,
+                                 eta_fn=tracker.stage_eta if tracker else None)
         failed = {}
 
         def one(run):
@@ -276,10 +294,29 @@ class Study:
                 run, st, secs = fut.result()
                 if st.startswith("failed"):
                     failed[run.name] = st
+                # the cost model learns from finished runs only; the run line shows its
+                # stage ETA and the next line the overall one
+                counted = not failed.get(run.name) and self._count_run(run, secs)
                 prog.item_done(run.name, secs, _run_detail(run, st))
+                if counted:
+                    tracker.echo_line()
         if failed:
             raise StudyError(f"{len(failed)} run(s) failed: {failed}. Fix the cause and rerun "
                              "the study: finished runs are skipped, interrupted ones resume.")
+
+    def _count_run(self, run: sweep.Run, seconds: float) -> bool:
+        """Feeds a finished run to the cost model. A run whose size only its split files
+        knew (NaN units) is measured from its results, and the runs left are recounted
+        with its dataset size."""
+        t = self.tracker
+        w = t.work.get(t.stage) if t else None
+        if w is None or run.name not in w.items:
+            return False
+        if not math.isfinite(w.items[run.name]):
+            w.items[run.name] = preflight_lib.finished_run_units(run)
+            rest = preflight_lib.stage_work(self, [t.stage], w.parallel)[t.stage].items
+            w.items.update({k: v for k, v in rest.items() if k in w.items})
+        return t.record(run.name, seconds)
 
     def stage_finetune(self):
         runs = self.finetune_runs()
