@@ -14,7 +14,7 @@ import os
 
 from absl import flags
 
-from medtransfer_jax import cli
+from medtransfer_jax import cli, paths
 from medtransfer_jax.errors import UserError
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Weights directory or training workdir.")
@@ -33,17 +33,19 @@ _OUTPUT = flags.DEFINE_string("output", None, "Predictions CSV file (default: "
 def _validate() -> None:
     """Everything that can be checked without JAX: fails before anything is loaded."""
     cli.require(_CKPT.value, "--checkpoint", "a weights dir or a training workdir")
-    if not os.path.isdir(_CKPT.value):
+    # A gs:// checkpoint is checked when it is loaded (no bucket access before that).
+    if not paths.is_remote(_CKPT.value) and not os.path.isdir(_CKPT.value):
         raise UserError(f"--checkpoint={_CKPT.value} does not exist; give a weights "
-                            "directory (metadata.json + variables/) or a training workdir")
+                        "directory (metadata.json + variables/) or a training workdir")
     cli.check_positive(_BATCH.value, "--batch_size")
     cli.check_positive(_SIZE.value, "--image_size")
     if _FOLD.value is not None and _FOLD.value < 0:
         raise UserError(f"--fold={_FOLD.value}: folds are 0-based, >= 0")
     if _OUTPUT.value:
-        if os.path.isdir(_OUTPUT.value):
-            raise UserError(f"--output={_OUTPUT.value} is a directory; give a CSV file path")
-        cli.check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
+        if not paths.is_remote(_OUTPUT.value):
+            if os.path.isdir(_OUTPUT.value):
+                raise UserError(f"--output={_OUTPUT.value} is a directory; give a CSV file path")
+            cli.check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
     else:
         cli.check_output_dir(_CKPT.value, "--checkpoint (the default output goes there)")
 

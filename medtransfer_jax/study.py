@@ -52,7 +52,8 @@ def main(argv):
     study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value)
     _check(study)
     if _DRY_RUN.value:
-        report = runner.preflight(_CONFIG.value, workdir)
+        report = runner.preflight(_CONFIG.value, workdir, mode=_MODE.value,
+                                  parallel=_PARALLEL.value)
         print(report.text(), flush=True)
         if report.missing:
             raise UserError(report.error_message())

@@ -360,9 +360,11 @@ def _run_detail(run: sweep.Run, status: str) -> str:
             if isinstance(auc, (int, float)) else "done")
 
 
-def preflight(config: ml_collections.ConfigDict, workdir: str) -> preflight_lib.Preflight:
-    """What a study would run and what it lacks, without running anything (``--dry_run``)."""
-    return preflight_lib.check(Study(config, workdir))
+def preflight(config: ml_collections.ConfigDict, workdir: str, *, mode: str = "inprocess",
+              parallel: int = 1) -> preflight_lib.Preflight:
+    """What a study would run and what it lacks, without running anything (``--dry_run``);
+    ``mode``/``parallel`` as the study would run (the time estimate divides by them)."""
+    return preflight_lib.check(Study(config, workdir, mode=mode, parallel=parallel))
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str, *,
