@@ -233,17 +233,22 @@ def test_analyze_paper_protocol_reproduces_the_studys_cca_rows(study, tmp_path):
     FLAGS = flags.FLAGS
     if not FLAGS.is_parsed():
         FLAGS.mark_as_parsed()
-    with flagsaver.flagsaver():
-        for flag in FLAGS.flags_by_module_dict()[analyze.__name__]:
-            flag.unparse()
-        for k, v in dict(output_dir=str(tmp_path), protocol="paper", methods=["paper_cca"],
-                         pair=[f"{pre},{os.path.join(run_dir, 'export', 'best')},x"],
-                         positions=300, channels=8, repeats=2, num_images=24, seed=0,
-                         batch_size=64, fold=0,
-                         stimuli_config=os.path.join(run_dir, "sweep_config.py")).items():
-            setattr(FLAGS, k, v)
-        files = analyze.run(["analyze", "cca"])
-    theirs = {r["layer"]: float(r["value"]) for r in _rows(files["csv"])}
+
+    def analyze_cca(out, **extra):
+        with flagsaver.flagsaver():
+            for flag in FLAGS.flags_by_module_dict()[analyze.__name__]:
+                flag.unparse()
+            for k, v in dict(output_dir=str(out), protocol="paper", methods=["paper_cca"],
+                             pair=[f"{pre},{os.path.join(run_dir, 'export', 'best')},x"],
+                             positions=300, channels=8, repeats=2, num_images=24, seed=0,
+                             batch_size=64, fold=0,
+                             stimuli_config=os.path.join(run_dir, "sweep_config.py"),
+                             **extra).items():
+                setattr(FLAGS, k, v)
+            files = analyze.run(["analyze", "cca"])
+        return {r["layer"]: float(r["value"]) for r in _rows(files["csv"])}
+
+    theirs = analyze_cca(tmp_path / "same")
     ours = {r["layer"]: float(r["value"])
             for r in _rows(os.path.join(wd, "tables", "representations.csv"))
             if r["pair"] == "natural (pre) vs natural (fine-tuned)"
@@ -251,3 +256,7 @@ def test_analyze_paper_protocol_reproduces_the_studys_cca_rows(study, tmp_path):
     assert len(ours) == 5 and set(theirs) == set(ours)
     for layer, v in ours.items():
         assert theirs[layer] == pytest.approx(v, abs=1e-6), layer
+    # other stimuli (the val split) or other inputs (caffe) give other numbers
+    for extra in (dict(split="val"), dict(preprocessing="caffe")):
+        other = analyze_cca(tmp_path / "other", **extra)
+        assert max(abs(other[l] - v) for l, v in ours.items()) > 1e-3, extra

@@ -262,7 +262,7 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
     if name_b:
         b = dataclasses.replace(b, name=name_b)
     methods = [method] if isinstance(method, str) else list(method)
-    sim.check_methods(methods)
+    sim.check_methods(methods, what="compare_networks")
     if spatial not in act.SPATIAL_MODES:
         raise ValueError(f"spatial={spatial!r}: choose one of {act.SPATIAL_MODES}.")
     images = np.asarray(images)

@@ -126,10 +126,13 @@ def check_methods(methods: Sequence[str], *, need: Optional[str] = None,
     ``need``: a :class:`Method` capability every one must have ('streaming', 'maps')."""
     allowed = tuple(m for m, s in REGISTRY.items() if not need or getattr(s, need))
     bad = [m for m in methods if m not in allowed]
-    if bad or not methods:
-        verb = {"maps": "mapped", "streaming": "streamed"}.get(need, "used")
-        raise ValueError(f"{what}: {bad or 'none given'} cannot be {verb}; choose from "
-                         f"{allowed}.")
+    if not methods:
+        raise ValueError(f"{what}: no method given; choose from {allowed}.")
+    if bad and not need:
+        raise ValueError(f"Unknown method(s) {bad} in {what}; choose from {allowed}.")
+    if bad:
+        verb = {"maps": "mapped", "streaming": "streamed"}.get(need, need)
+        raise ValueError(f"{what}: {bad} cannot be {verb}; choose from {allowed}.")
     return tuple(methods)
 
 
