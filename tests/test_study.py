@@ -197,10 +197,10 @@ def test_layer_maps_per_pair_are_written_listed_and_resumable(study):
         (f"{s} (pre) vs {s} (fine-tuned)", m) for s in ("natural", "random")
         for m in ("linear_cka", "debiased_cka")}
     for r in index:
-        rows = _rows(r["csv"])
+        rows = _rows(os.path.join(wd, r["csv"]))
         layers = {x["layer_a"] for x in rows}
         assert len(layers) == 9 and len(rows) == 2 * 81  # ResNet18: conv1 + 8 blocks
-        with open(r["png"], "rb") as f:
+        with open(os.path.join(wd, r["png"]), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         # a few fine-tuning steps barely move a layer: each layer is closest to itself
         assert 0 < float(r["off_diagonal_mean"]) < float(r["diagonal_mean"]) <= 1 + 1e-6, r
@@ -209,8 +209,8 @@ def test_layer_maps_per_pair_are_written_listed_and_resumable(study):
     assert sec.count("| lesion |") == 4 and sec.count("![") == 2  # first fold, first method
     # resumable: only the pair whose files are missing is computed again
     st = runner.Study(_tiny_study_config(), wd)
-    gone = next(r for r in index if r["pair"].startswith("random"))["csv"]
-    kept = next(r for r in index if r["pair"].startswith("natural"))["csv"]
+    gone = os.path.join(wd, next(r for r in index if r["pair"].startswith("random"))["csv"])
+    kept = os.path.join(wd, next(r for r in index if r["pair"].startswith("natural"))["csv"])
     t_kept = os.path.getmtime(kept)
     os.remove(gone)
     again = analyses.layer_maps(st)

@@ -216,14 +216,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
-def layer_map_files(study, target: str, fold: int, label: str,
+def layer_map_files(target: str, fold: int, label: str,
                     methods: Sequence[str]) -> Dict[str, str]:
-    """Where one pair's map goes: ``layer_maps/<target>_fold<k>/<pair>.csv`` (+ .json)
-    and ``figures/layer_maps/<target>_fold<k>_<pair>_<method>.png``."""
-    stem = f"{target}_fold{fold}"
-    prefix = study.path("figures", "layer_maps", f"{stem}_{_slug(label)}")
-    return dict(csv=study.path("layer_maps", stem, f"{_slug(label)}.csv"), prefix=prefix,
-                **{f"png_{m}": f"{prefix}_{m}.png" for m in methods})
+    """Where one pair's map goes, relative to the study's workdir:
+    ``layer_maps/<target>_fold<k>/<pair>.csv`` (+ .json) and
+    ``figures/layer_maps/<target>_fold<k>_<pair>_<method>.png``."""
+    stem = f"{target}_fold{fold}_{_slug(label)}"
+    return dict(csv=f"layer_maps/{target}_fold{fold}/{_slug(label)}.csv",
+                **{f"png_{m}": f"figures/layer_maps/{stem}_{m}.png" for m in methods})
 
 
 def _map_summary(rows: Sequence[Dict[str, Any]], method: str) -> Dict[str, float]:
@@ -241,7 +241,7 @@ def layer_maps(study) -> List[Dict[str, Any]]:
     :func:`cca_pairs`, ``methods``, ``num_images``, ``spatial``, ``max_channels``,
     ``folds``) of every selected pair of each clean (target, fold): a CSV and one heatmap
     per method each (pairs whose files exist are skipped), and ``tables/layer_maps.csv``
-    listing them."""
+    listing them (paths relative to the workdir)."""
     lm = layer_map_settings(study)
     if lm is None:
         return []
@@ -255,17 +255,18 @@ def layer_maps(study) -> List[Dict[str, Any]]:
         for label, kind, wa, wb in cca_pairs(study, target, fold):
             if kind not in lm.comparisons:
                 continue
-            files = layer_map_files(study, target, fold, label, methods)
-            if not all(paths.exists(files[k]) for k in files if k != "prefix"):
+            files = layer_map_files(target, fold, label, methods)
+            where = {k: study.path(*f.split("/")) for k, f in files.items()}
+            if not all(paths.exists(f) for f in where.values()):
                 images = stimuli.load_pool(spec) if images is None else images
                 pair = _pair(label, wa, wb)
                 task = tasks.LayerMapTask(
                     wa, wb, spec, name_a=pair.name_a, name_b=pair.name_b, methods=methods,
                     spatial=lm.get("spatial", "pool"), max_channels=lm.get("max_channels"),
                     preprocessing=preprocessing, seed=int(lm.get("seed", 0)))
-                tasks.write_layer_map(tasks.layer_map_of(task, images), files["csv"],
-                                      files["prefix"])
-            rows = tables.read_csv(files["csv"])
+                tasks.write_layer_map(tasks.layer_map_of(task, images), where["csv"],
+                                      {m: where[f"png_{m}"] for m in methods})
+            rows = tables.read_csv(where["csv"])
             index += [dict(target=target, fold=fold, pair=label, comparison=kind, method=m,
                            **_map_summary(rows, m), csv=files["csv"], png=files[f"png_{m}"])
                       for m in methods]

@@ -146,20 +146,20 @@ def layer_map_of(task: LayerMapTask, images: Optional[np.ndarray] = None):
         name_b=task.name_b)
 
 
-def write_layer_map(lmap, csv_path: str, png_prefix: str) -> Dict[str, str]:
-    """A map's table (CSV + JSON twin) and one heatmap per method ``PREFIX_<method>.png``."""
+def write_layer_map(lmap, csv_path: str, pngs: Dict[str, str]) -> Dict[str, str]:
+    """A map's table (CSV + JSON twin) and its heatmaps (``pngs``: method -> file)."""
     rows = lmap.rows()
     files = dict(csv=tables.write_csv(csv_path, rows),
                  json=tables.write_json(os.path.splitext(csv_path)[0] + ".json", rows))
     for m in lmap.values:
-        files[f"png_{m}"] = layer_map_lib.plot_layer_map(lmap, m, f"{png_prefix}_{m}.png")
+        files[f"png_{m}"] = layer_map_lib.plot_layer_map(lmap, m, pngs[m])
     return files
 
 
 def run_layer_map(task: LayerMapTask, out_dir: str) -> Dict[str, str]:
     """layer_map.csv/.json and layer_map_<method>.png."""
     return write_layer_map(layer_map_of(task), _out(out_dir, "layer_map.csv"),
-                           _out(out_dir, "layer_map"))
+                           {m: _out(out_dir, f"layer_map_{m}.png") for m in task.methods})
 
 
 # ----------------------------------------------------------------------- predictions
