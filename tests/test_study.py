@@ -206,7 +206,8 @@ def test_layer_maps_per_pair_are_written_listed_and_resumable(study):
         assert 0 < float(r["off_diagonal_mean"]) < float(r["diagonal_mean"]) <= 1 + 1e-6, r
     md = open(os.path.join(wd, "report.md")).read()
     sec = md[md.index("## Layer × layer maps"):md.index("## Details")]
-    assert sec.count("| lesion |") == 4 and sec.count("![") == 2  # first fold, first method
+    assert sec.count("| lesion | 0 |") == 4 and sec.count("![") == 2  # first fold, first method
+    assert "| layer_maps/lesion_fold0/natural_pre_vs_natural_fine_tuned.csv |" in sec
     # resumable: only the pair whose files are missing is computed again
     st = runner.Study(_tiny_study_config(), wd)
     gone = os.path.join(wd, next(r for r in index if r["pair"].startswith("random"))["csv"])

@@ -264,7 +264,7 @@ def _figures(page: _Page):
 def _layer_maps(page: _Page):
     """The layer x layer maps of the representations stage (``analysis.layer_maps``): one
     line per (target, fold, pair, method) with its files; the first fold's maps shown."""
-    index = page.table("layer_maps.csv")
+    index = [dict(r, fold=int(r["fold"])) for r in page.table("layer_maps.csv")]
     if not index:
         return
     page.add("h2", "Layer × layer maps")
@@ -280,7 +280,7 @@ def _layer_maps(page: _Page):
     for r in index:
         if r["fold"] == first and r["method"] == index[0]["method"]:
             page.figure(f"layer_maps/{os.path.basename(r['png'])}",
-                        f"{r['target']} fold {int(r['fold'])}: {r['pair']} ({r['method']}).")
+                        f"{r['target']} fold {r['fold']}: {r['pair']} ({r['method']}).")
 
 
 def _details(page: _Page, auc: str, runs):
