@@ -8,7 +8,9 @@ WHAT (positional, or ``--what``):
   ``--protocol=custom`` uses ``--methods``, ``--layers``, ``--spatial``, ``--streaming``.
   Several pairs: repeat ``--pair=DIR_A,DIR_B[,LABEL]``. Images: ``--images=data`` (the
   data config: ``--dataset``, ``--data_root``, ``--fold``, ``--split``,
-  ``--data_override=key=value``) or ``--images=random`` (uniform noise, for smoke tests).
+  ``--data_override=key=value``; or ``--stimuli_config=RUN_CONFIG.py[:ARG]``: the stimuli
+  a run config declares, exactly as the study reads them) or ``--images=random``
+  (uniform noise, for smoke tests). The pool: ``analysis/stimuli.py``.
 * ``map``: every block output of --weights_a against every block output of --weights_b
   (or of A itself when --weights_b is not given) in one streamed pass -> layer_map.csv/
   .json and one heatmap PNG per method (``--methods``, default mean_cca,svcca,pwcca,
@@ -23,19 +25,20 @@ WHAT (positional, or ``--what``):
 * ``auc_vs_similarity``: relative AUC gain over random init vs per-layer similarity across
   fine-tuned runs (``--run=SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON`` repeated) ->
   auc_vs_similarity.csv/.json/.png.
+
+This main only turns flags into the typed tasks of ``studies/tasks.py`` (the functions the
+study's stages call too) and runs one; tables are written atomically (``studies/tables``).
 """
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
-from absl import app, flags, logging
-import numpy as np
+from absl import flags, logging
 
-from medtransfer_jax import cli, configs
-from medtransfer_jax.errors import ConfigError, UserError
+from medtransfer_jax import cli
+from medtransfer_jax.errors import UserError
 
 WHATS = ("cca", "similarity", "map", "predictions", "weights", "filters", "auc_vs_similarity")
 
@@ -82,7 +85,18 @@ _define("string", "dataset", None, "Data config name, data.name (default: the co
 flags.DEFINE_alias("data_name", "dataset")  # the flag's name before the vocabulary was unified
 _define("string", "data_root", None, "Data config root (manual-download dir).")
 _define("integer", "fold", 0, "Fold of the data splits.")
-_define("string", "split", "test", "Split used as stimulus (train/val/test or an extra test).")
+_define("string", "split", None, "Split used as stimulus (train/val/test or an extra test; "
+        "default: val for --protocol=paper, the config's protocol with --stimuli_config, "
+        "else test).")
+_define("enum", "selection", None, "Which images of the split: first (the first N, as the "
+        "paper's CCA.py and the study) or random (seeded by --seed). Default: first for "
+        "--protocol=paper or --stimuli_config, else random.", ["first", "random"])
+_define("string", "resize_method", None, "Resize filter for the stimuli (default: the data "
+        "config's data.resize_method).")
+_define("string", "stimuli_config", None, "CONFIG.py[:ARG] of a training run (e.g. a study "
+        "run's sweep_config.py or configs/revisiting/breast.py:imagenet): its data config and "
+        "analysis.cca_* fields (split, size, preprocessing) give the stimuli, exactly as the "
+        "study's representations stage reads them.")
 _define("multi_string", "data_override", [], "key=value overrides of the data config.")
 # predictions
 _define("string", "predictions_a", None, "predictions.csv of model A.")
@@ -104,44 +118,29 @@ _define("string", "similarity_method", None, "auc_vs_similarity: method rows to 
         "(default: the first method in each table).")
 
 
+class FlagError(UserError):
+    """Bad flags: the harness prints 'analyze: error: ...' and exits 2."""
+
+
 def _fail(msg: str):
-    """Bad input: the harness prints 'analyze: error: msg' and exits 2."""
-    raise app.UsageError(msg)
+    raise FlagError(msg)
 
 
-def _write_rows(rows: Sequence[dict], path: str, drop: Sequence[str] = ("values",)) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r if k not in drop))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in keys})
-    return path
+# ------------------------------------------------------------------ flags -> stimuli
+def _load_stimuli_config():
+    """The run config of --stimuli_config with --data_override applied to its data."""
+    from medtransfer_jax import configs
+    try:
+        cfg = configs.load(FLAGS.stimuli_config)
+        configs.override(cfg.data, FLAGS.data_override, flag="data_override")
+    except UserError as e:
+        _fail(f"--stimuli_config={FLAGS.stimuli_config}: {e}")
+    return cfg
 
 
-def _write_json(obj, path: str) -> str:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    return path
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
-
-
-# ----------------------------------------------------------------------------- images
-def load_images(image_size: int) -> np.ndarray:
-    """The stimulus pool: (N, S, S, 3) uint8 from the data split, or uniform noise."""
-    rng = np.random.default_rng(FLAGS.seed)
-    if FLAGS.images == "random":
-        return rng.integers(0, 256, (FLAGS.num_images, image_size, image_size, 3), np.uint8)
-    from medtransfer_jax import data, preprocessing
-    from medtransfer_jax.data import pipeline
-
+def _data_config():
+    """The data config of --dataset, --data_root and --data_override."""
+    from medtransfer_jax import configs, data
     cfg = data.default_data_config()
     if FLAGS.dataset:
         cfg.name = FLAGS.dataset
@@ -149,155 +148,145 @@ def load_images(image_size: int) -> np.ndarray:
         cfg.root = FLAGS.data_root
     try:
         configs.override(cfg, FLAGS.data_override, flag="data_override")
-    except ConfigError as e:
+    except UserError as e:
         _fail(f"{e} (of the data config)")
-    splits = data.get_splits(cfg, fold=FLAGS.fold)
-    sources = {"train": splits.train, "val": splits.val, "test": splits.test,
-               **dict(splits.extra_tests)}
-    if FLAGS.split not in sources:
-        _fail(f"--split={FLAGS.split!r}: {splits.name} has splits {sorted(sources)}.")
-    src = sources[FLAGS.split]
-    if len(src) < 2:
-        _fail(f"--split={FLAGS.split} of {splits.name} has {len(src)} examples; need >= 2.")
-    idx = np.sort(rng.choice(len(src), min(FLAGS.num_images, len(src)), replace=False))
-    out = np.zeros((len(idx), image_size, image_size, 3), np.uint8)
-    for j, i in enumerate(idx):
-        img = preprocessing.to_three_channels(np.asarray(src[int(i)]["image"]))
-        if img.shape[:2] != (image_size, image_size):
-            img = pipeline.resize(img.astype(np.uint8), image_size,
-                                  cfg.get("resize_method", "bilinear"))
-        out[j] = img
-    logging.info("Loaded %d images of %s/%s fold %d at %d px.", len(out), splits.name,
-                 FLAGS.split, FLAGS.fold, image_size)
-    return out
+    return cfg
 
 
-# ----------------------------------------------------------------------------- commands
-def _pairs() -> List[tuple]:
+def stimulus_spec(paper: bool, first_weights: str):
+    """(StimulusSpec, the protocol's preprocessing or None) from the image flags.
+
+    --stimuli_config: the run config's protocol (:func:`stimuli.protocol_spec`);
+    --protocol=paper: the paper's split (val) and CCA.py size of the dataset; else the
+    data config's split 'test' and size. --split/--image_size/--resize_method/--selection
+    override any of these.
+    """
+    from medtransfer_jax.analysis import compare, stimuli
+    from medtransfer_jax.weights import checkpoint
+
+    selection = FLAGS.selection or ("first" if paper or FLAGS.stimuli_config else "random")
+    if FLAGS.images == "random":
+        size = FLAGS.image_size or checkpoint.load_metadata(first_weights).image_size
+        return stimuli.StimulusSpec(source="noise", num_images=FLAGS.num_images,
+                                    image_size=int(size), seed=FLAGS.seed), None
+    preprocessing = None
+    if FLAGS.stimuli_config:
+        cfg = _load_stimuli_config()
+        spec = stimuli.protocol_spec(cfg, fold=FLAGS.fold, num_images=FLAGS.num_images)
+        preprocessing = stimuli.protocol_of(cfg)["preprocessing"]
+    else:
+        cfg = _data_config()
+        proto = compare.PaperCCAProtocol()
+        spec = stimuli.StimulusSpec(
+            data=cfg, split=proto.stimulus_split if paper else "test", fold=FLAGS.fold,
+            num_images=FLAGS.num_images,
+            image_size=compare.paper_image_size(cfg.name) if paper else 0)
+        preprocessing = proto.preprocessing if paper else None
+    spec = dataclasses.replace(
+        spec, split=FLAGS.split or spec.split, image_size=FLAGS.image_size or spec.image_size,
+        resize_method=FLAGS.resize_method or spec.resize_method, selection=selection,
+        seed=FLAGS.seed)
+    return spec, preprocessing
+
+
+# ------------------------------------------------------------------- flags -> tasks
+def _pairs():
+    from medtransfer_jax.studies import tasks
     pairs = []
     if FLAGS.weights_a or FLAGS.weights_b:
         if not (FLAGS.weights_a and FLAGS.weights_b):
             _fail("Give both --weights_a and --weights_b (or use --pair=DIR_A,DIR_B).")
-        pairs.append((FLAGS.weights_a, FLAGS.weights_b, FLAGS.label_a, FLAGS.label_b))
+        pairs.append(tasks.Pair(FLAGS.weights_a, FLAGS.weights_b, name_a=FLAGS.label_a,
+                                name_b=FLAGS.label_b))
     for p in FLAGS.pair:
         parts = p.split(",")
         if len(parts) not in (2, 3):
             _fail(f"--pair={p!r}: expected DIR_A,DIR_B[,LABEL].")
-        pairs.append((parts[0], parts[1], None, None) + ((parts[2],) if len(parts) == 3 else ()))
+        pairs.append(tasks.Pair(parts[0], parts[1], parts[2] if len(parts) == 3 else None))
     if not pairs:
         _fail("cca/similarity needs --weights_a and --weights_b, or --pair=DIR_A,DIR_B.")
     for p in pairs:
-        for d in p[:2]:
+        for d in (p.a, p.b):
             if not os.path.isdir(d):
                 _fail(f"Weights directory {d!r} does not exist.")
-    return pairs
+    return tuple(pairs)
 
 
-def _check_layers(pairs: List[tuple]) -> None:
-    """Unknown --layers fail before any image is loaded or any file written."""
-    if not FLAGS.layers:
-        return
-    from medtransfer_jax.inference import activations as act
-    for d in dict.fromkeys(p for pair in pairs for p in pair[:2]):
-        try:
-            act.check_layers(act.load_model(d), FLAGS.layers)
-        except ValueError as e:
-            _fail(f"--layers={','.join(FLAGS.layers)}: {e}")
-
-
-def run_similarity(out_dir: str) -> Dict[str, str]:
-    from medtransfer_jax.inference import activations as act
-    from medtransfer_jax.analysis import compare, plots
-
-    pairs = _pairs()
-    first = act.load_model(pairs[0][0])
-    size = FLAGS.image_size or _data_image_size() or first.metadata.image_size
-    images = load_images(size)
-    rows: List[dict] = []
-    for pair in pairs:
-        a = act.load_model(pair[0], pair[2])
-        b = act.load_model(pair[1], pair[3])
-        label = pair[4] if len(pair) > 4 else f"{a.name} vs {b.name}"
-        if FLAGS.protocol == "paper":
-            d = compare.PaperCCAProtocol()
-            proto = compare.PaperCCAProtocol(
-                layers=tuple(FLAGS.layers) if FLAGS.layers else None,
-                positions=FLAGS.positions or d.positions,
-                num_channels=(d.num_channels if FLAGS.channels is None
-                              else (FLAGS.channels or None)),
-                repeats=FLAGS.repeats or d.repeats,
-                method=(FLAGS.methods or [d.method])[0], seed=FLAGS.seed,
-                batch_size=FLAGS.batch_size)
-            if FLAGS.methods and len(FLAGS.methods) > 1:
-                _fail("--protocol=paper computes one method; use --protocol=custom for several.")
-            r = compare.run_paper_protocol(a, b, images, proto,
-                                           preprocessing=FLAGS.preprocessing)
-        else:
-            r = compare.compare_networks(
-                a, b, images, layers=FLAGS.layers, method=FLAGS.methods or ["mean_cca"],
-                spatial=FLAGS.spatial, positions=FLAGS.positions or 10000,
-                num_channels=FLAGS.channels or None, repeats=FLAGS.repeats or 1,
-                seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                preprocessing=FLAGS.preprocessing, streaming_mode=FLAGS.streaming)
-        for row in r:
-            row["pair"] = label
-        rows.extend(r)
-    return dict(csv=_write_rows(rows, os.path.join(out_dir, "similarity.csv")),
-                json=_write_json(rows, os.path.join(out_dir, "similarity.json")),
-                png=plots.plot_layer_similarity(rows, os.path.join(out_dir, "similarity.png")))
-
-
-def _data_image_size() -> Optional[int]:
-    if FLAGS.images != "data":
-        return None
+def _methods(default: Sequence[str], need: Optional[str] = None) -> Tuple[str, ...]:
+    from medtransfer_jax.analysis import similarity as sim
     try:
-        from medtransfer_jax import data
-        return int(data.default_data_config().image_size)
-    except Exception:  # data module missing or config without image_size
-        return None
-
-
-def run_predictions(out_dir: str) -> Dict[str, str]:
-    from medtransfer_jax.analysis import plots, predictions
-
-    if not (FLAGS.predictions_a and FLAGS.predictions_b):
-        _fail("predictions needs --predictions_a and --predictions_b (predictions.csv files).")
-    try:
-        res = predictions.compare_prediction_files(
-            FLAGS.predictions_a, FLAGS.predictions_b, split=FLAGS.prediction_split,
-            random_path=FLAGS.random_predictions)
+        return sim.check_methods(FLAGS.methods or default, need=need, what="--methods")
     except ValueError as e:
         _fail(str(e))
-    res.update(model_a=FLAGS.label_a or _short(FLAGS.predictions_a),
-               model_b=FLAGS.label_b or _short(FLAGS.predictions_b))
-    return dict(csv=_write_rows([res], os.path.join(out_dir, "prediction_similarity.csv")),
-                json=_write_json(res, os.path.join(out_dir, "prediction_similarity.json")),
-                png=plots.plot_prediction_similarity(
-                    [res], os.path.join(out_dir, "prediction_similarity.png")))
 
 
-def _short(path: str) -> str:
-    """'runs/imagenet_fold1/predictions.csv' -> 'imagenet_fold1/predictions.csv'."""
-    parts = os.path.normpath(path).split(os.sep)
-    return os.path.join(*parts[-2:]) if len(parts) > 1 else path
+def similarity_task():
+    """--protocol=paper: the Revisiting CCA preset (one method); custom: the flags."""
+    from medtransfer_jax.analysis import compare
+    from medtransfer_jax.studies import tasks
+
+    pairs = _pairs()
+    tasks.check_layers([d for p in pairs for d in (p.a, p.b)], FLAGS.layers)
+    paper = FLAGS.protocol == "paper"
+    stimuli, preprocessing = stimulus_spec(paper, pairs[0].a)
+    common = dict(layers=tuple(FLAGS.layers) if FLAGS.layers else None, seed=FLAGS.seed,
+                  batch_size=FLAGS.batch_size,
+                  preprocessing=FLAGS.preprocessing or preprocessing)
+    if paper:
+        d = compare.PaperCCAProtocol()
+        methods = _methods([d.method])
+        if len(methods) > 1:
+            _fail("--protocol=paper computes one method; use --protocol=custom for several.")
+        return tasks.SimilarityTask(
+            pairs, stimuli, methods=methods, spatial="positions",
+            positions=FLAGS.positions or d.positions,
+            num_channels=d.num_channels if FLAGS.channels is None else (FLAGS.channels or None),
+            repeats=FLAGS.repeats or d.repeats, **common)
+    return tasks.SimilarityTask(
+        pairs, stimuli, methods=_methods(["mean_cca"], "streaming" if FLAGS.streaming
+                                         else None),
+        spatial=FLAGS.spatial, positions=FLAGS.positions or 10000,
+        num_channels=FLAGS.channels or None, repeats=FLAGS.repeats or 1,
+        streaming=FLAGS.streaming, **common)
 
 
-def run_weights(out_dir: str) -> Dict[str, str]:
-    from medtransfer_jax.analysis import plots, weight_change
+def layer_map_task():
+    from medtransfer_jax.analysis import layer_map
+    from medtransfer_jax.studies import tasks
 
+    if not FLAGS.weights_a:
+        _fail("map needs --weights_a (and --weights_b, or none to map A against itself).")
+    for d in (FLAGS.weights_a, FLAGS.weights_b):
+        if d and not os.path.isdir(d):
+            _fail(f"Weights directory {d!r} does not exist.")
+    methods = _methods(layer_map.DEFAULT_MAP_METHODS, "maps")
+    stimuli, _ = stimulus_spec(False, FLAGS.weights_a)
+    return tasks.LayerMapTask(
+        FLAGS.weights_a, FLAGS.weights_b, stimuli, name_a=FLAGS.label_a, name_b=FLAGS.label_b,
+        layers=tuple(FLAGS.layers) if FLAGS.layers else "all_blocks", methods=methods,
+        spatial="pool" if FLAGS.spatial == "pool" else "grid",
+        max_channels=FLAGS.channels or None, batch_size=FLAGS.batch_size,
+        preprocessing=FLAGS.preprocessing, seed=FLAGS.seed)
+
+
+def predictions_task():
+    from medtransfer_jax.studies import tasks
+    if not (FLAGS.predictions_a and FLAGS.predictions_b):
+        _fail("predictions needs --predictions_a and --predictions_b (predictions.csv files).")
+    return tasks.PredictionsTask(FLAGS.predictions_a, FLAGS.predictions_b,
+                                 FLAGS.random_predictions, FLAGS.prediction_split,
+                                 FLAGS.label_a, FLAGS.label_b)
+
+
+def weight_change_task():
+    from medtransfer_jax.studies import tasks
     if not (FLAGS.weights_a and FLAGS.weights_b):
         _fail("weights needs --weights_a and --weights_b (weights directories).")
-    rows = weight_change.weight_change_dirs(FLAGS.weights_a, FLAGS.weights_b,
-                                            include_batch_stats=FLAGS.include_batch_stats)
-    return dict(csv=_write_rows(rows, os.path.join(out_dir, "weight_change.csv")),
-                json=_write_json(rows, os.path.join(out_dir, "weight_change.json")),
-                png=plots.plot_weight_change(rows, os.path.join(out_dir, "weight_change.png")))
+    return tasks.WeightChangeTask(FLAGS.weights_a, FLAGS.weights_b, FLAGS.include_batch_stats)
 
 
-def run_filters(out_dir: str) -> Dict[str, str]:
-    from medtransfer_jax.analysis import filters, plots
-    from medtransfer_jax.weights import checkpoint
-
+def filters_task():
+    from medtransfer_jax.studies import tasks
     if not FLAGS.weights:
         _fail("filters needs at least one --weights=NAME=DIR (or --weights=DIR).")
     models = {}
@@ -305,131 +294,42 @@ def run_filters(out_dir: str) -> Dict[str, str]:
         name, d = item.split("=", 1) if "=" in item else (os.path.basename(item.rstrip("/")), item)
         if name in models:
             _fail(f"--weights: duplicate name {name!r}; use NAME=DIR to tell them apart.")
-        models[name] = checkpoint.load_weights(d)[0]["params"]
-    groups = {}
+        models[name] = d
+    groups = []
     for g in FLAGS.groups:
         if "=" not in g:
             _fail(f"--groups={g!r}: expected GROUP=NAME1,NAME2.")
         k, v = g.split("=", 1)
-        groups[k] = [s for s in v.split(",") if s]
-    try:
-        rep = filters.analyse_filters(models, groups=groups or None,
-                                      with_orthogonality=FLAGS.orthogonality)
-    except ValueError as e:
-        _fail(str(e))
-    files = dict(
-        layers=_write_rows(rep.layer_rows, os.path.join(out_dir, "filter_layers.csv")),
-        drift=_write_rows(rep.drift_rows, os.path.join(out_dir, "filter_drift.csv")),
-        json=_write_json(dict(pca_components=rep.pca.components, pca_mean=rep.pca.mean,
-                              explained_variance_ratio=rep.pca.explained_variance_ratio,
-                              ranges=rep.ranges, layers=rep.layer_rows, drift=rep.drift_rows),
-                         os.path.join(out_dir, "filters.json")))
-    np.savez(os.path.join(out_dir, "filter_histograms.npz"),
-             bin_edges=rep.bin_edges(),
-             **{f"{m}|{k}": h for (m, k), h in rep.histograms.items()},
-             **{f"layer|{m}|{k}": h for (m, k), h in rep.layer_histograms.items()})
-    files["npz"] = os.path.join(out_dir, "filter_histograms.npz")
-    units = list(groups) if groups else list(models)
-    files["hist_png"] = plots.plot_filter_histograms(
-        rep.histograms, rep.bin_edges(), os.path.join(out_dir, "filter_histograms.png"),
-        keys=[(u, "all") for u in units], explained=rep.pca.explained_variance_ratio)
-    for b in sorted({k[1] for k in rep.histograms if k[1] != "all"}):
-        files[f"hist_png_{b}"] = plots.plot_filter_histograms(
-            rep.histograms, rep.bin_edges(),
-            os.path.join(out_dir, f"filter_histograms_depth_{b}.png"),
-            keys=[(u, b) for u in units if (u, b) in rep.histograms],
-            explained=rep.pca.explained_variance_ratio)
-    if rep.drift_rows:
-        files["drift_layer_png"] = plots.plot_kl_drift(
-            rep.drift_rows, os.path.join(out_dir, "filter_drift_layer.png"), scope="layer")
-        files["drift_depth_png"] = plots.plot_kl_drift(
-            rep.drift_rows, os.path.join(out_dir, "filter_drift_depth.png"), scope="depth_bin")
-    return files
+        groups.append((k, tuple(s for s in v.split(",") if s)))
+    return tasks.FiltersTask(tuple(models.items()), tuple(groups), FLAGS.orthogonality)
 
 
-def _read_metric(path: str) -> float:
-    if not os.path.exists(path):
-        _fail(f"--run: results file {path!r} does not exist.")
-    with open(path) as f:
-        res = json.load(f)
-    try:
-        return float(res[FLAGS.auc_split][FLAGS.auc_metric])
-    except (KeyError, TypeError, ValueError):
-        _fail(f"{path}: no {FLAGS.auc_split}.{FLAGS.auc_metric} (see --auc_split/--auc_metric).")
-
-
-def run_auc_vs_similarity(out_dir: str) -> Dict[str, str]:
-    from medtransfer_jax.analysis import plots, predictions
-
+def auc_vs_similarity_task():
+    from medtransfer_jax.studies import tasks
     if not FLAGS.run:
         _fail("auc_vs_similarity needs --run=SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON "
               "(one per fine-tuned run).")
-    records = []
+    runs = []
     for item in FLAGS.run:
         parts = item.split(",")
         if len(parts) != 3:
             _fail(f"--run={item!r}: expected SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON.")
-        sim_csv, res, rand = parts
-        if not os.path.exists(sim_csv):
-            _fail(f"--run: similarity table {sim_csv!r} does not exist.")
-        with open(sim_csv) as f:
-            rows = list(csv.DictReader(f))
-        method = FLAGS.similarity_method or (rows[0]["method"] if rows else None)
-        sim = {r["layer"]: float(r["value"]) for r in rows if r["method"] == method}
-        if not sim:
-            _fail(f"{sim_csv}: no rows for method {method!r}.")
-        records.append(dict(similarity=sim, auc=_read_metric(res), auc_random=_read_metric(rand),
-                            run=res))
-    table = predictions.auc_gain_vs_similarity(records)
-    return dict(csv=_write_rows(table, os.path.join(out_dir, "auc_vs_similarity.csv"),
-                                drop=("similarity", "gain")),
-                json=_write_json(dict(layers=table, runs=records),
-                                 os.path.join(out_dir, "auc_vs_similarity.json")),
-                png=plots.plot_auc_vs_similarity(table,
-                                                 os.path.join(out_dir, "auc_vs_similarity.png")))
+        runs.append(tasks.RunRecord(*parts))
+    return tasks.AucVsSimilarityTask(tuple(runs), FLAGS.auc_metric, FLAGS.auc_split,
+                                     FLAGS.similarity_method)
 
 
-def run_map(out_dir: str) -> Dict[str, str]:
-    """``analyze map``: a layer x layer similarity map (analysis/layer_map.py)."""
-    from medtransfer_jax.inference import activations as act
-    from medtransfer_jax.analysis import layer_map
-
-    if not FLAGS.weights_a:
-        _fail("map needs --weights_a (and --weights_b, or none to map A against itself).")
-    for d in (FLAGS.weights_a, FLAGS.weights_b):
-        if d and not os.path.isdir(d):
-            _fail(f"Weights directory {d!r} does not exist.")
-    bad = [m for m in FLAGS.methods or [] if m not in layer_map.MAP_METHODS]
-    if bad:
-        _fail(f"--methods: {bad} cannot be mapped; choose from {layer_map.MAP_METHODS}.")
-    a = act.load_model(FLAGS.weights_a, FLAGS.label_a)
-    b = act.load_model(FLAGS.weights_b, FLAGS.label_b) if FLAGS.weights_b else None
-    images = load_images(FLAGS.image_size or _data_image_size() or a.metadata.image_size)
-    try:
-        lmap = layer_map.layer_map(
-            a, b, images, layers=FLAGS.layers or "all_blocks",
-            methods=FLAGS.methods or layer_map.DEFAULT_MAP_METHODS,
-            spatial="pool" if FLAGS.spatial == "pool" else "grid",
-            max_channels=FLAGS.channels or None, batch_size=FLAGS.batch_size,
-            preprocessing=FLAGS.preprocessing, seed=FLAGS.seed)
-    except ValueError as e:
-        _fail(f"map: {e}")
-    rows = lmap.rows()
-    files = dict(csv=_write_rows(rows, os.path.join(out_dir, "layer_map.csv")),
-                 json=_write_json(rows, os.path.join(out_dir, "layer_map.json")))
-    for m in lmap.values:
-        files[f"png_{m}"] = layer_map.plot_layer_map(
-            lmap, m, os.path.join(out_dir, f"layer_map_{m}.png"))
-    return files
+#: analysis -> (flags -> task, name of the tasks.run_* function)
+COMMANDS = {"cca": (similarity_task, "run_similarity"),
+            "similarity": (similarity_task, "run_similarity"),
+            "map": (layer_map_task, "run_layer_map"),
+            "predictions": (predictions_task, "run_predictions"),
+            "weights": (weight_change_task, "run_weight_change"),
+            "filters": (filters_task, "run_filters"),
+            "auc_vs_similarity": (auc_vs_similarity_task, "run_auc_vs_similarity")}
 
 
-COMMANDS = {"auc_vs_similarity": run_auc_vs_similarity, "cca": run_similarity, "map": run_map,
-            "similarity": run_similarity, "predictions": run_predictions,
-            "weights": run_weights, "filters": run_filters}
-
-
-def run(argv: Sequence[str]) -> Dict[str, str]:
-    """Runs the analysis named by argv[1] or --what; returns {kind: written file}."""
+def _what(argv: Sequence[str]) -> str:
     if len(argv) > 2:
         _fail(f"Unexpected arguments {list(argv[2:])}; flags need --name=value.")
     what = argv[1] if len(argv) > 1 else FLAGS.what
@@ -440,17 +340,28 @@ def run(argv: Sequence[str]) -> Dict[str, str]:
         _fail(f"Unknown analysis {what!r}; choose one of {WHATS}.")
     if FLAGS.what and len(argv) > 1 and FLAGS.what != what:
         _fail(f"Positional {what!r} conflicts with --what={FLAGS.what}.")
+    return what
+
+
+def run(argv: Sequence[str]) -> Dict[str, str]:
+    """Parses the flags into the task of the analysis named by argv[1] or --what, runs
+    it (:mod:`studies.tasks`); returns {kind: written file}."""
+    from medtransfer_jax.studies import tasks
+
+    what = _what(argv)
     if not FLAGS.output_dir:
         _fail("--output_dir is required.")
     cli.check_output_dir(FLAGS.output_dir, "--output_dir")
     cli.check_positive(FLAGS.batch_size, "--batch_size")
     cli.check_positive(FLAGS.num_images, "--num_images")
     cli.check_positive(FLAGS.image_size, "--image_size")
-    if what in ("cca", "similarity"):
-        _check_layers(_pairs())
+    make_task, fn = COMMANDS[what]
+    task = make_task()
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     try:
-        files = COMMANDS[what](FLAGS.output_dir)
+        files = getattr(tasks, fn)(task, FLAGS.output_dir)
+    except UserError:
+        raise
     except ValueError as e:  # the analysis kernels reject bad input with ValueError
         raise UserError(str(e)) from e
     for k, v in files.items():

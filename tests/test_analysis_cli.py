@@ -2,16 +2,15 @@
 import csv
 import json
 import os
-import types
 
-import ml_collections
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import flags
 from absl.testing import flagsaver
 
-import medtransfer_jax
 from medtransfer_jax import analyze
+from medtransfer_jax.analysis import stimuli
+from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
 
@@ -50,6 +49,15 @@ def _run(command, **overrides):
     return analyze.run(["analyze"] + ([command] if command else []))
 
 
+def _task(make, **overrides):
+    """The task analyze builds from its flags (defaults plus ``overrides``)."""
+    for flag in FLAGS.flags_by_module_dict()[analyze.__name__]:
+        flag.unparse()
+    for k, v in overrides.items():
+        setattr(FLAGS, k, v)
+    return make()
+
+
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -70,37 +78,35 @@ def test_cca_paper_protocol_with_two_pairs(weights, tmp_path):
     assert js[0]["method"] == "paper_cca" and len(js[0]["values"]) == 2
 
 
-def test_similarity_custom_with_data_contract(weights, tmp_path, monkeypatch):
-    """--images=data goes through data.default_data_config / get_splits (faked here)."""
-    rng = np.random.default_rng(0)
-    recs = [dict(image=rng.integers(0, 256, (80, 72), dtype=np.uint8), label=i % 2,
-                 id=f"r{i}", group=f"r{i}") for i in range(30)]
-    seen = {}
-
-    def get_splits(cfg, fold=0):
-        seen.update(name=cfg.name, fold=fold, n=cfg.synthetic.num_examples)
-        return types.SimpleNamespace(train=recs, val=recs[:5], test=recs, num_classes=2,
-                                     class_names=("a", "b"), name=cfg.name, extra_tests={})
-
-    fake = types.SimpleNamespace(
-        default_data_config=lambda: ml_collections.ConfigDict(dict(
-            name="synthetic", root="", image_size=SIZE,
-            synthetic=dict(num_examples=100, image_size=SIZE))),
-        get_splits=get_splits)
-    monkeypatch.setattr(medtransfer_jax, "data", fake, raising=False)
+def test_similarity_custom_with_data_contract(weights, tmp_path):
+    """--images=data: the data config's split of --fold with --data_override, drawn by the
+    one stimulus-pool loader (seeded random subset for --protocol=custom)."""
+    task = _task(analyze.similarity_task, weights_a=weights[0], weights_b=weights[1],
+                 protocol="custom", num_images=5, fold=1,
+                 data_override=["synthetic.num_examples=60"])
+    spec = task.stimuli
+    assert (spec.split, spec.fold, spec.selection, spec.size()) == ("test", 1, "random", SIZE)
+    assert spec.data.synthetic.num_examples == 60
+    pool = stimuli.load_pool(spec)
+    first = stimuli.load_pool(stimuli.StimulusSpec(data=spec.data, split="test", fold=1,
+                                                   num_images=10 ** 6))
+    assert pool.dtype == np.uint8 and pool.shape[1:] == (SIZE, SIZE, 3)
+    # a sorted random subset of the split, not its first images
+    assert len(pool) == 5 and len(first) > 5
+    rows = [next(i for i in range(len(first)) if np.array_equal(first[i], img)) for img in pool]
+    assert rows == sorted(rows) and rows != list(range(len(pool)))
     files = _run("similarity", output_dir=str(tmp_path), weights_a=weights[0],
                  weights_b=weights[1], protocol="custom", methods=["linear_cka", "mean_cca"],
                  layers=["conv4_block6_out"], spatial="positions", positions=208,
-                 channels=16, batch_size=16, fold=2, split="test",
-                 data_override=["synthetic.num_examples=7"])
-    assert seen == dict(name="synthetic", fold=2, n=7)
+                 channels=16, batch_size=16, fold=1, split="train",
+                 data_override=["synthetic.num_examples=60"])
     rows = _rows(files["csv"])
     assert {r["method"] for r in rows} == {"linear_cka", "mean_cca"}
     assert all(r["channels"] == "16" and r["datapoints"] == "208" for r in rows)  # 13 img x 16
-    with pytest.raises(app.UsageError, match="has splits"):
+    with pytest.raises(UserError, match="has splits"):
         _run("similarity", output_dir=str(tmp_path), weights_a=weights[0],
              weights_b=weights[1], split="holdout")
-    with pytest.raises(app.UsageError, match="no field"):
+    with pytest.raises(UserError, match="no field"):
         _run("similarity", output_dir=str(tmp_path), weights_a=weights[0],
              weights_b=weights[1], data_override=["nonsense=1"])
 
@@ -139,7 +145,7 @@ def test_predictions_command(tmp_path):
     res = json.load(open(files["json"]))
     assert res["expected_independent"] == pytest.approx(
         res["acc_a"] * res["acc_b"] + (1 - res["acc_a"]) * (1 - res["acc_b"]))
-    with pytest.raises(app.UsageError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         _run("predictions", output_dir=str(tmp_path), predictions_a=str(tmp_path / "a.csv"),
              predictions_b=str(tmp_path / "zzz.csv"))
 
@@ -164,22 +170,22 @@ def test_auc_vs_similarity_command(tmp_path):
     row = _rows(files["csv"])[0]
     assert row["layer"] == "conv1_relu" and int(row["n"]) == 5
     assert float(row["pearson_r"]) == pytest.approx(np.corrcoef(xs, gains)[0, 1])
-    with pytest.raises(app.UsageError, match="no test.auroc"):
+    with pytest.raises(UserError, match="no test.auroc"):
         _run("auc_vs_similarity", output_dir=str(tmp_path / "o"), run=runs, auc_metric="auroc")
 
 
 def test_flag_errors(weights, tmp_path):
-    with pytest.raises(app.UsageError, match="Say what"):
+    with pytest.raises(UserError, match="Say what"):
         _run(None, output_dir=str(tmp_path))
-    with pytest.raises(app.UsageError, match="Unknown analysis"):
+    with pytest.raises(UserError, match="Unknown analysis"):
         _run("histology", output_dir=str(tmp_path))
-    with pytest.raises(app.UsageError, match="output_dir"):
+    with pytest.raises(UserError, match="output_dir"):
         _run("weights", weights_a=weights[0], weights_b=weights[1])
-    with pytest.raises(app.UsageError, match="both --weights_a and --weights_b"):
+    with pytest.raises(UserError, match="both --weights_a and --weights_b"):
         _run("cca", output_dir=str(tmp_path), weights_a=weights[0], images="random")
-    with pytest.raises(app.UsageError, match="DIR_A,DIR_B"):
+    with pytest.raises(UserError, match="DIR_A,DIR_B"):
         _run("cca", output_dir=str(tmp_path), pair=[weights[0]], images="random")
-    with pytest.raises(app.UsageError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         _run("cca", output_dir=str(tmp_path), pair=[f"{weights[0]},/nope"], images="random")
-    with pytest.raises(app.UsageError, match="--weights"):
+    with pytest.raises(UserError, match="--weights"):
         _run("filters", output_dir=str(tmp_path))

@@ -4,10 +4,11 @@ import os
 
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import flags
 from absl.testing import flagsaver
 
 from medtransfer_jax import analyze
+from medtransfer_jax.errors import UserError
 from medtransfer_jax.analysis import layer_map
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
@@ -71,10 +72,10 @@ def test_map_command_writes_table_and_heatmaps(weights, tmp_path):
 
 
 def test_map_command_errors(weights, tmp_path):
-    with pytest.raises(app.UsageError, match="needs --weights_a"):
+    with pytest.raises(UserError, match="needs --weights_a"):
         _run(output_dir=str(tmp_path))
-    with pytest.raises(app.UsageError, match="cannot be mapped"):
+    with pytest.raises(UserError, match="cannot be mapped"):
         _run(output_dir=str(tmp_path), weights_a=weights[0], methods=["rbf_cka"])
-    with pytest.raises(app.UsageError, match="more datapoints than channels"):
+    with pytest.raises(UserError, match="more datapoints than channels"):
         _run(output_dir=str(tmp_path), weights_a=weights[0], images="random", num_images=16,
              image_size=SIZE, batch_size=16, spatial="pool", methods=["mean_cca"])

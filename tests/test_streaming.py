@@ -147,7 +147,7 @@ def test_streaming_errors():
     with pytest.raises(ValueError, match="cannot be finished"):
         St.similarity_from_covariance(St.covariance_from_data(np.ones((9, 2)), np.ones((9, 2))),
                                       "rbf_cka")
-    with pytest.raises(ValueError, match="Streaming supports"):
+    with pytest.raises(ValueError, match="cannot be streamed"):
         St.StreamingSimilarity({"a": (2, 2)}, methods=("procrustes",))
 
 

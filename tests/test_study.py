@@ -16,7 +16,7 @@ import _train_utils
 import ml_collections
 import pytest
 
-from medtransfer_jax.studies import runner
+from medtransfer_jax.studies import analyses, runner
 
 TRAIN = os.path.join(_train_utils.REPO, "configs", "demo.py")
 COMMON = ["data.image_size=32", "data.synthetic.image_size=32", "train.batch_size=32",
@@ -48,6 +48,9 @@ def _tiny_study_config():
     c.analysis.cca = ml_collections.ConfigDict(dict(
         methods=["paper_cca", "linear_cka"], spatial="positions", positions=300,
         num_channels=8, repeats=2, seed=0, num_images=24))
+    c.analysis.layer_maps = ml_collections.ConfigDict(dict(
+        comparisons=["pre_vs_finetuned"], methods=["linear_cka", "debiased_cka"],
+        num_images=24, spatial="pool"))
     return c
 
 
@@ -201,3 +204,76 @@ def test_preflight_lists_everything_missing(tmp_path):
 def test_bad_stage_name_is_a_clear_error(tmp_path):
     with pytest.raises(runner.StudyError, match="unknown stage"):
         runner.Study(_tiny_study_config(), str(tmp_path)).run(stages=["nope"])
+
+
+def test_layer_maps_per_pair_are_written_listed_and_resumable(study):
+    wd, _, _ = study
+    index = _rows(os.path.join(wd, "tables", "layer_maps.csv"))
+    assert {(r["pair"], r["method"]) for r in index} == {
+        (f"{s} (pre) vs {s} (fine-tuned)", m) for s in ("natural", "random")
+        for m in ("linear_cka", "debiased_cka")}
+    for r in index:
+        rows = _rows(os.path.join(wd, r["csv"]))
+        layers = {x["layer_a"] for x in rows}
+        assert len(layers) == 9 and len(rows) == 2 * 81  # ResNet18: conv1 + 8 blocks
+        with open(os.path.join(wd, r["png"]), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        # a few fine-tuning steps barely move a layer: each layer is closest to itself
+        assert 0 < float(r["off_diagonal_mean"]) < float(r["diagonal_mean"]) <= 1 + 1e-6, r
+    md = open(os.path.join(wd, "report.md")).read()
+    sec = md[md.index("## Layer × layer maps"):md.index("## Details")]
+    assert sec.count("| lesion | 0 |") == 4 and sec.count("![") == 2  # first fold, first method
+    assert "| layer_maps/lesion_fold0/natural_pre_vs_natural_fine_tuned.csv |" in sec
+    # resumable: only the pair whose files are missing is computed again
+    st = runner.Study(_tiny_study_config(), wd)
+    gone = os.path.join(wd, next(r for r in index if r["pair"].startswith("random"))["csv"])
+    kept = os.path.join(wd, next(r for r in index if r["pair"].startswith("natural"))["csv"])
+    t_kept = os.path.getmtime(kept)
+    os.remove(gone)
+    again = analyses.layer_maps(st)
+    assert os.path.exists(gone) and os.path.getmtime(kept) == t_kept
+    assert [r["diagonal_mean"] for r in again] == pytest.approx(
+        [float(r["diagonal_mean"]) for r in index], abs=1e-6)
+
+
+def test_analyze_paper_protocol_reproduces_the_studys_cca_rows(study, tmp_path):
+    """`analyze cca --protocol=paper --stimuli_config=<a study run's config>` on the
+    study's weights gives the representations table's paper_cca values: same stimuli,
+    same draws, same kernel."""
+    from absl import flags
+    from absl.testing import flagsaver
+    from medtransfer_jax import analyze
+
+    wd, _, _ = study
+    run_dir = os.path.join(wd, "finetune", "lesion", "natural", "fold0")
+    pre = os.path.join(wd, "sources", "natural", "run", "export", "best")
+    FLAGS = flags.FLAGS
+    if not FLAGS.is_parsed():
+        FLAGS.mark_as_parsed()
+
+    def analyze_cca(out, **extra):
+        with flagsaver.flagsaver():
+            for flag in FLAGS.flags_by_module_dict()[analyze.__name__]:
+                flag.unparse()
+            for k, v in dict(output_dir=str(out), protocol="paper", methods=["paper_cca"],
+                             pair=[f"{pre},{os.path.join(run_dir, 'export', 'best')},x"],
+                             positions=300, channels=8, repeats=2, num_images=24, seed=0,
+                             batch_size=64, fold=0,
+                             stimuli_config=os.path.join(run_dir, "sweep_config.py"),
+                             **extra).items():
+                setattr(FLAGS, k, v)
+            files = analyze.run(["analyze", "cca"])
+        return {r["layer"]: float(r["value"]) for r in _rows(files["csv"])}
+
+    theirs = analyze_cca(tmp_path / "same")
+    ours = {r["layer"]: float(r["value"])
+            for r in _rows(os.path.join(wd, "tables", "representations.csv"))
+            if r["pair"] == "natural (pre) vs natural (fine-tuned)"
+            and r["method"] == "paper_cca"}
+    assert len(ours) == 5 and set(theirs) == set(ours)
+    for layer, v in ours.items():
+        assert theirs[layer] == pytest.approx(v, abs=1e-6), layer
+    # other stimuli (the val split) or other inputs (caffe) give other numbers
+    for extra in (dict(split="val"), dict(preprocessing="caffe")):
+        other = analyze_cca(tmp_path / "other", **extra)
+        assert max(abs(other[l] - v) for l, v in ours.items()) > 1e-3, extra

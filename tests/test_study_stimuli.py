@@ -5,8 +5,12 @@ import types
 
 import ml_collections
 import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
 
-from medtransfer_jax import data
+from medtransfer_jax import analyze, data
+from medtransfer_jax.analysis import stimuli
 from medtransfer_jax.studies import analyses
 from medtransfer_jax.training import presets
 
@@ -22,12 +26,12 @@ def _protocol_config(target, arg):
 
 
 def test_revisiting_protocol_reads_cca_py_stimuli():
-    breast = analyses.stimulus_protocol(_protocol_config("breast", "radimagenet"))
+    breast = stimuli.protocol_of(_protocol_config("breast", "radimagenet"))
     assert breast == {"split": "val", "image_size": 224, "preprocessing": "caffe"}
-    chest = analyses.stimulus_protocol(_protocol_config("chest", "imagenet"))
+    chest = stimuli.protocol_of(_protocol_config("chest", "imagenet"))
     assert chest["image_size"] == 112 and chest["preprocessing"] == "caffe"
     # A config without analysis fields: the test split at the run's size, own inputs.
-    demo = analyses.stimulus_protocol(presets.tiny_config())
+    demo = stimuli.protocol_of(presets.tiny_config())
     assert demo == {"split": "test", "image_size": 32, "preprocessing": None}
 
 
@@ -49,6 +53,70 @@ def test_target_images_use_the_protocol_split_and_size(tmp_path):
     assert images.shape == (5, 24, 24, 3)
     want = data.pipeline.resize(val[0]["image"], 24, "nearest")
     np.testing.assert_array_equal(images[0, ..., 0], want if want.ndim == 2 else want[..., 0])
+
+
+def _analyze_spec(**overrides):
+    """The (StimulusSpec, preprocessing) analyze builds from its flags."""
+    FLAGS = flags.FLAGS
+    paper = overrides.pop("paper", True)
+    if not FLAGS.is_parsed():
+        FLAGS.mark_as_parsed()
+    for flag in FLAGS.flags_by_module_dict()[analyze.__name__]:
+        flag.unparse()
+    for k, v in overrides.items():
+        setattr(FLAGS, k, v)
+    return analyze.stimulus_spec(paper, first_weights="unused")
+
+
+@flagsaver.flagsaver
+def test_analyze_and_the_study_draw_byte_identical_pools(tmp_path):
+    """One loader: analyze --stimuli_config=<the target's config> gives the study's
+    stimuli byte for byte (val split, 24 px, nearest, first N), and a different resize
+    filter or selection would show (the comparison can fail)."""
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from medtransfer_jax.training import presets\n"
+        "def get_config(arg=None):\n"
+        "    c = presets.tiny_config()\n"
+        "    c.data.resize_method = 'nearest'\n"
+        "    c.analysis = presets.analysis_defaults(cca_image_size=24, cca_stimulus='val')\n"
+        "    return c\n")
+    study = types.SimpleNamespace(
+        config=ml_collections.ConfigDict({"targets": {"t": {"overrides": []}}}),
+        target_config=lambda target: str(cfg_file))
+    ours = analyses.target_images(study, "t", fold=1, num_images=7)
+    spec, preprocessing = _analyze_spec(stimuli_config=str(cfg_file), fold=1, num_images=7)
+    assert (spec.split, spec.image_size, spec.resize_method, spec.selection) == (
+        "val", 24, "nearest", "first") and preprocessing == "caffe"
+    theirs = stimuli.load_pool(spec)
+    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == (7, 24, 24, 3)
+    assert ours.tobytes() == theirs.tobytes()
+    spec_bilinear, _ = _analyze_spec(stimuli_config=str(cfg_file), fold=1, num_images=7,
+                                     resize_method="bilinear")
+    assert stimuli.load_pool(spec_bilinear).tobytes() != ours.tobytes()
+    spec_random, _ = _analyze_spec(stimuli_config=str(cfg_file), fold=1, num_images=7,
+                                   selection="random", seed=3)
+    assert stimuli.load_pool(spec_random).tobytes() != ours.tobytes()
+
+
+@flagsaver.flagsaver
+def test_analyze_paper_protocol_defaults_to_the_papers_stimuli():
+    """Without a run config, --protocol=paper still reads CCA.py's stimuli: the val split,
+    the dataset's CCA.py size, the first N images, caffe inputs."""
+    spec, preprocessing = _analyze_spec(paper=True)
+    assert (spec.split, spec.selection, spec.image_size, preprocessing) == (
+        "val", "first", 112, "caffe")  # synthetic: CCA.py's default 112 px
+    spec, preprocessing = _analyze_spec(paper=False)
+    assert (spec.split, spec.selection, spec.image_size, preprocessing) == (
+        "test", "random", 0, None)
+    with pytest.raises(stimuli.StimulusError, match="need >= 2"):
+        stimuli.load_pool(stimuli.StimulusSpec(data=_tiny_data(), split="val", image_size=8))
+
+
+def _tiny_data():
+    cfg = presets.tiny_config().data
+    cfg.synthetic.num_examples = 8  # a val split of < 2 images
+    return cfg
 
 
 def test_prediction_similarity_uses_the_protocol_mode(tmp_path, monkeypatch):

@@ -262,9 +262,7 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
     if name_b:
         b = dataclasses.replace(b, name=name_b)
     methods = [method] if isinstance(method, str) else list(method)
-    bad = [m for m in methods if m not in sim.METHODS]
-    if bad:
-        raise ValueError(f"Unknown method(s) {bad}; choose from {sim.METHODS}.")
+    sim.check_methods(methods, what="compare_networks")
     if spatial not in act.SPATIAL_MODES:
         raise ValueError(f"spatial={spatial!r}: choose one of {act.SPATIAL_MODES}.")
     images = np.asarray(images)
@@ -354,10 +352,7 @@ def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
 
 def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels, seed,
                        batch_size, preprocessing, shapes, options, mesh=None) -> List[dict]:
-    allowed = streaming.COVARIANCE_METHODS + ("debiased_cka",)
-    bad = [m for m in methods if m not in allowed]
-    if bad:
-        raise ValueError(f"streaming_mode supports {allowed}; got {bad}.")
+    sim.check_methods(methods, need="streaming", what="streaming_mode")
     rng = np.random.default_rng(seed)
     channels = {}
     for name, shape in shapes.items():

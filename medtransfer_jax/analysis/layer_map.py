@@ -40,10 +40,11 @@ import numpy as np
 
 from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import covariance as cov_lib
+from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.models import resnet
 
-MAP_METHODS = ("mean_cca", "svcca", "pwcca", "paper_cca", "linear_cka", "debiased_cka")
+MAP_METHODS = sim.MAP_METHODS  # the registry's (similarity.REGISTRY) mappable methods
 DEFAULT_MAP_METHODS = ("mean_cca", "svcca", "pwcca", "debiased_cka")
 MAP_SPATIAL = ("pool", "grid")
 
@@ -177,9 +178,7 @@ def layer_map(weights_a, weights_b, images, *, layers: Union[str, Sequence[str]]
     ``batch_size`` must be a multiple of its size. ``compute_dtype='bfloat16'`` runs the
     forward passes in bf16 (statistics stay float32; see BENCHMARKS for its effect).
     """
-    bad = [m for m in methods if m not in MAP_METHODS]
-    if bad or not methods:
-        raise ValueError(f"layer_map: methods {list(bad) or 'none'}; choose from {MAP_METHODS}.")
+    methods = sim.check_methods(methods, need="maps", what="layer_map: methods")
     if spatial not in MAP_SPATIAL:
         raise ValueError(f"layer_map: spatial={spatial!r}; choose 'pool' (global average per "
                          "image) or 'grid' (every position of a common grid).")
@@ -304,7 +303,7 @@ def plot_layer_map(lmap: LayerMap, method: str, path: str) -> str:
     ax.set_yticks(range(len(lmap.layers_a)), [short(l) for l in lmap.layers_a])
     ax.set_xlabel(f"{lmap.name_b} layer")
     ax.set_ylabel(f"{lmap.name_a} layer")
-    fig.colorbar(im, ax=ax, label=method)
+    fig.colorbar(im, ax=ax, label=sim.label(method))
     ax.set_title(lmap.title(method), fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

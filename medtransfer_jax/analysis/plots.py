@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medtransfer_jax import paths  # noqa: E402
+from medtransfer_jax.analysis import similarity as sim  # noqa: E402
 
 #: Line styles per test set / phase, so curves of one source share a colour (hue) and
 #: differ in style: i.i.d. solid, clean dotted, o.o.d. dashed.
@@ -75,7 +76,7 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=30, ha="right")
         ax.set_xlabel("layer (Keras name)")
-        ax.set_ylabel(f"{m.replace('_', ' ')} (unitless, error bars: {error_label})")
+        ax.set_ylabel(f"{sim.label(m)} (unitless, error bars: {error_label})")
         ax.set_title(title or m)
         ax.grid(alpha=0.3)
     # One legend under the panels: inside an axis it hides the curves when pairs are many.

@@ -60,6 +60,7 @@ one compiled call per distinct shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -72,9 +73,67 @@ from medtransfer_jax.analysis import covariance as _cov
 
 HIGHEST = lax.Precision.HIGHEST
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One similarity method: what every caller (CLI validation, streaming, layer maps,
+    plots, the study) needs to know about it, in one place.
+
+    ``kernel``: name of this module's public function (:data:`KERNELS` maps the method to
+    it); ``label``: axis/legend text; ``cca``: needs n > neurons on each side;
+    ``streaming``: has an accumulator (:class:`streaming.StreamingSimilarity`: every
+    covariance-form method and minibatch debiased CKA); ``maps``: computable from the
+    joint co-moment of :func:`layer_map.layer_map`; ``distance``: 0 = identical.
+    """
+    name: str
+    kernel: str
+    label: str
+    cca: bool = False
+    streaming: bool = False
+    maps: bool = False
+    distance: bool = False
+
+
+#: The one table of similarity methods; every other list of method names derives from it.
+REGISTRY: Dict[str, Method] = {m.name: m for m in (
+    Method("mean_cca", "mean_cca", "mean CCA", cca=True, streaming=True, maps=True),
+    Method("paper_cca", "svcca_paper_cca", "mean CCA (Revisiting CCA.py)", cca=True,
+           streaming=True, maps=True),
+    Method("svcca", "svcca", "SVCCA", cca=True, streaming=True, maps=True),
+    Method("pwcca", "pwcca", "PWCCA", cca=True, streaming=True, maps=True),
+    Method("linear_cka", "linear_cka", "linear CKA", streaming=True, maps=True),
+    Method("rbf_cka", "rbf_cka", "RBF CKA"),
+    Method("debiased_cka", "debiased_cka", "debiased CKA", streaming=True, maps=True),
+    Method("procrustes", "procrustes_distance", "Procrustes distance", distance=True),
+)}
+METHODS = tuple(REGISTRY)
 # Methods whose estimator needs n > number of neurons on each side.
-CCA_FAMILY = ("mean_cca", "paper_cca", "svcca", "pwcca")
-METHODS = CCA_FAMILY + ("linear_cka", "rbf_cka", "debiased_cka", "procrustes")
+CCA_FAMILY = tuple(m for m, s in REGISTRY.items() if s.cca)
+STREAMING_METHODS = tuple(m for m, s in REGISTRY.items() if s.streaming)
+MAP_METHODS = tuple(m for m, s in REGISTRY.items() if s.maps)
+
+
+def label(method: str) -> str:
+    """Display text of ``method`` (plots, reports); unknown names are shown as given."""
+    spec = REGISTRY.get(method)
+    return spec.label if spec else method.replace("_", " ")
+
+
+def check_methods(methods: Sequence[str], *, need: Optional[str] = None,
+                  what: str = "methods") -> Tuple[str, ...]:
+    """``methods`` as a tuple, or ValueError naming the bad ones and the allowed choice.
+    ``need``: a :class:`Method` capability every one must have ('streaming', 'maps')."""
+    allowed = tuple(m for m, s in REGISTRY.items() if not need or getattr(s, need))
+    bad = [m for m in methods if m not in allowed]
+    if not methods:
+        raise ValueError(f"{what}: no method given; choose from {allowed}.")
+    if bad and not need:
+        raise ValueError(f"Unknown method(s) {bad} in {what}; choose from {allowed}.")
+    if bad:
+        verb = {"maps": "mapped", "streaming": "streamed"}.get(need, need)
+        raise ValueError(f"{what}: {bad} cannot be {verb}; choose from {allowed}.")
+    return tuple(methods)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -708,3 +767,7 @@ def procrustes_distance(X, Y) -> jax.Array:
     """Orthogonal Procrustes distance (Ding et al. 2021) of centred, unit-Frobenius X, Y:
     ``2 - 2 ||Xc^T Yc||_*`` in [0, 2]; 0 iff Y is a rotation/reflection + scaling of X."""
     return similarity(X, Y, "procrustes")
+
+
+#: method name -> its public kernel function ``(X, Y, **options) -> scalar``.
+KERNELS: Dict[str, Callable] = {m: globals()[s.kernel] for m, s in REGISTRY.items()}

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medtransfer_jax.analysis import similarity as _sim
+from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis.covariance import (  # noqa: F401  (re-exported)
     COVARIANCE_METHODS, CCAResult, Covariances, cca_from_covariance, covariance_from_data,
     similarity_from_covariance)
@@ -296,10 +297,7 @@ class StreamingSimilarity:
     def __init__(self, shapes: Dict[str, Tuple[int, int]], methods=("mean_cca",), *,
                  rtol: float = DEFAULT_STREAMING_RTOL, epsilon: float = 1e-12,
                  keep: float = 0.99, kernel: str = "linear", threshold: float = 1.0):
-        unknown = [m for m in methods if m not in COVARIANCE_METHODS + ("debiased_cka",)]
-        if unknown:
-            raise ValueError(f"Streaming supports {COVARIANCE_METHODS + ('debiased_cka',)}; "
-                             f"got {unknown}. Use in-memory compare for rbf_cka/procrustes.")
+        sim.check_methods(methods, need="streaming", what="StreamingSimilarity")
         self.methods = tuple(methods)
         self.options = dict(rtol=rtol, epsilon=epsilon, keep=keep)
         self.kernel, self.threshold = kernel, threshold

@@ -60,4 +60,9 @@ def get_config(arg=None):
     c.analysis.cca = ml_collections.ConfigDict(dict(
         methods=["paper_cca", "linear_cka"], spatial="positions", positions=2000,
         num_channels=16, repeats=2, seed=0, num_images=128))
+    # Layer x layer maps (every block output against every other) of each source before
+    # vs after fine-tuning, first fold: studies/analyses.layer_maps.
+    c.analysis.layer_maps = ml_collections.ConfigDict(dict(
+        comparisons=["pre_vs_finetuned"], methods=["linear_cka", "debiased_cka"],
+        num_images=64, spatial="pool", folds=[0]))
     return c

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Dict, List, Optional, Sequence
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from medtransfer_jax import data as data_lib, paths
+from medtransfer_jax import paths
 from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import compare, filters, plots
+from medtransfer_jax.analysis import layer_map as layer_map_lib
 from medtransfer_jax.analysis import predictions as pred
 from medtransfer_jax.analysis import similarity as sim
-from medtransfer_jax.analysis import stats, weight_change
-from medtransfer_jax.data import pipeline
+from medtransfer_jax.analysis import stats, stimuli, weight_change
 from medtransfer_jax.models import resnet
-from medtransfer_jax.preprocessing import to_three_channels
-from medtransfer_jax.studies import tables
+from medtransfer_jax.studies import tables, tasks
 from medtransfer_jax.training import sweep
 from medtransfer_jax.inference import metrics
 from medtransfer_jax.weights import checkpoint
@@ -95,37 +95,25 @@ def source_comparisons(rows: Sequence[Dict[str, Any]], metric: str) -> List[Dict
 
 
 # ------------------------------------------------------------------- representations
-def stimulus_protocol(cfg) -> Dict[str, Any]:
-    """Where a target's CCA stimuli come from: its config's ``analysis`` fields when the
-    protocol declares them (Revisiting CCA.py: the validation fold, 224 px for breast /
-    mammograms / thyroid, caffe inputs for every model), else the test split at the
-    run's own size with each model's own preprocessing."""
-    a = cfg.get("analysis", None) or {}
-    return {"split": a.get("cca_stimulus", "test"),
-            "image_size": int(a.get("cca_image_size", 0) or cfg.data.image_size),
-            "preprocessing": a.get("cca_preprocessing", None)}
-
-
 def _probe_config(study, target: str):
     tspec = study.config.targets[target]
     return sweep.load_config(sweep.Run("probe", study.target_config(target), "",
                                        list(tspec.get("overrides", []))))
 
 
-def target_images(study, target: str, fold: int, num_images: int) -> np.ndarray:
-    """Raw uint8 stimuli (N, S, S, 3) of a target's fold: the protocol's split and size
-    (:func:`stimulus_protocol`; the other split when that one has fewer than 2 images),
-    resized with the protocol's ``data.resize_method``."""
+def target_stimuli(study, target: str, fold: int,
+                   num_images: int) -> Tuple[stimuli.StimulusSpec, Optional[str]]:
+    """(the stimulus pool of a target's fold, the protocol's preprocessing): what the
+    target's config declares (:func:`stimuli.protocol_spec`), as ``analyze
+    --stimuli_config`` reads it."""
     cfg = _probe_config(study, target)
-    proto = stimulus_protocol(cfg)
-    splits = data_lib.get_splits(cfg.data, fold=fold)
-    first, other = ((splits.val, splits.test) if proto["split"] == "val"
-                    else (splits.test, splits.val))
-    src = first if len(first) >= 2 else other
-    n = min(num_images, len(src))
-    return np.stack([to_three_channels(pipeline.resize(src[i]["image"], proto["image_size"],
-                                                       cfg.data.resize_method))
-                     for i in range(n)])
+    return (stimuli.protocol_spec(cfg, fold=fold, num_images=num_images),
+            stimuli.protocol_of(cfg)["preprocessing"])
+
+
+def target_images(study, target: str, fold: int, num_images: int) -> np.ndarray:
+    """Raw uint8 stimuli (N, S, S, 3) of a target's fold (:func:`target_stimuli`)."""
+    return stimuli.load_pool(target_stimuli(study, target, fold, num_images)[0])
 
 
 def cca_pairs(study, target: str, fold: int) -> List[tuple]:
@@ -148,44 +136,46 @@ def cca_pairs(study, target: str, fold: int) -> List[tuple]:
     return pairs
 
 
-def shuffled_null(wa: str, wb: str, images: np.ndarray, acfg, method: str,
-                  preprocessing: Optional[str] = None) -> Dict[str, tuple]:
+def shuffled_null(task: tasks.SimilarityTask, pair: tasks.Pair, images: np.ndarray,
+                  method: str) -> Dict[str, tuple]:
     """{layer: (mean, sd)} of ``method`` on the comparison's own draws (same seed, so the
-    same images, positions and channels as :func:`compare.compare_networks`) with the
-    rows of B shuffled: the chance level of exactly that comparison. One permutation per
-    draw; the spread is over the ``repeats`` draws."""
-    a, b = act.load_model(wa), act.load_model(wb)
-    layers = resnet.stage_output_names(a.depth)
+    same images, positions and channels as :func:`tasks.pair_rows`) with the rows of B
+    shuffled: the chance level of exactly that comparison. One permutation per draw; the
+    spread is over the ``repeats`` draws."""
+    a, b = act.load_model(pair.a), act.load_model(pair.b)
+    layers = task.layers or resnet.stage_output_names(a.depth)
     draws = compare.make_plan(act.layer_shapes(a, images.shape[1:3], layers), len(images),
-                              positions=acfg.positions, num_channels=acfg.num_channels,
-                              repeats=acfg.repeats, seed=acfg.seed, spatial=acfg.spatial)
-    pairs = compare.collect_draws(a, b, images, draws, spatial=acfg.spatial,
-                                  preprocessing=preprocessing)
+                              positions=task.positions, num_channels=task.num_channels,
+                              repeats=task.repeats, seed=task.seed, spatial=task.spatial)
+    pairs = compare.collect_draws(a, b, images, draws, spatial=task.spatial,
+                                  preprocessing=task.preprocessing)
     fn = lambda x, y: float(sim.similarity(x, y, method))  # noqa: E731
     values: Dict[str, list] = {}
     for i, (d, (x, y)) in enumerate(zip(draws, pairs)):
         values.setdefault(d.layer, []).append(
-            stats.null_similarity(x, y, fn, repeats=1, seed=acfg.seed + i)[0])
+            stats.null_similarity(x, y, fn, repeats=1, seed=task.seed + i)[0])
     return {l: (float(np.mean(v)), stats.mean_sd(v)[1]) for l, v in values.items()}
+
+
+def _pair(label: str, wa: str, wb: str) -> tasks.Pair:
+    name_a, name_b = label.split(" vs ")
+    return tasks.Pair(wa, wb, label, name_a, name_b)
 
 
 def compare_fold(study, target: str, fold: int) -> List[Dict[str, Any]]:
     """Rows of every CCA pair of one (target, fold): value, sd over repeats, and the
     shuffled-rows chance level of the first method."""
     acfg = study.config.analysis.cca
-    images = target_images(study, target, fold, acfg.num_images)
-    preprocessing = stimulus_protocol(_probe_config(study, target))["preprocessing"]
+    spec, preprocessing = target_stimuli(study, target, fold, acfg.num_images)
+    task = tasks.SimilarityTask.from_study(acfg, spec, preprocessing)
+    images = stimuli.load_pool(spec)
     rows = []
     for label, kind, wa, wb in cca_pairs(study, target, fold):
-        name_a, name_b = label.split(" vs ")
-        null = shuffled_null(wa, wb, images, acfg, acfg.methods[0], preprocessing)
-        for r in compare.compare_networks(
-                wa, wb, images, method=list(acfg.methods), spatial=acfg.spatial,
-                positions=acfg.positions, num_channels=acfg.num_channels,
-                repeats=acfg.repeats, seed=acfg.seed, name_a=name_a, name_b=name_b,
-                preprocessing=preprocessing):
-            chance = null.get(r["layer"]) if r["method"] == acfg.methods[0] else None
-            r.update(pair=label, comparison=kind, target=target, fold=fold,
+        pair = _pair(label, wa, wb)
+        null = shuffled_null(task, pair, images, task.methods[0])
+        for r in tasks.pair_rows(task, pair, images):
+            chance = null.get(r["layer"]) if r["method"] == task.methods[0] else None
+            r.update(comparison=kind, target=target, fold=fold,
                      repeat_sd=stats.mean_sd(r.get("values", []))[1],
                      null_mean=chance[0] if chance else float("nan"),
                      null_sd=chance[1] if chance else float("nan"))
@@ -211,6 +201,77 @@ def representations(study):
             sel, study.path("figures", f"similarity_{target}.png"),
             title=f"{target}: similarity per layer (n = {len(study.folds)} folds)",
             error_label="sd over folds")
+    layer_maps(study)
+
+
+# ------------------------------------------------------------------------ layer maps
+def layer_map_settings(study) -> Optional[Any]:
+    """``analysis.layer_maps`` of the study config, or None when it asks for no maps
+    (absent, or no ``comparisons``)."""
+    lm = study.config.get("analysis", {}).get("layer_maps", None)
+    return lm if lm and lm.get("comparisons") else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def layer_map_files(target: str, fold: int, label: str,
+                    methods: Sequence[str]) -> Dict[str, str]:
+    """Where one pair's map goes, relative to the study's workdir:
+    ``layer_maps/<target>_fold<k>/<pair>.csv`` (+ .json) and
+    ``figures/layer_maps/<target>_fold<k>_<pair>_<method>.png``."""
+    stem = f"{target}_fold{fold}_{_slug(label)}"
+    return dict(csv=f"layer_maps/{target}_fold{fold}/{_slug(label)}.csv",
+                **{f"png_{m}": f"figures/layer_maps/{stem}_{m}.png" for m in methods})
+
+
+def _map_summary(rows: Sequence[Dict[str, Any]], method: str) -> Dict[str, float]:
+    """Mean similarity of a map on its diagonal (same layer) and off it."""
+    sel = [r for r in rows if r["method"] == method]
+    diag = [float(r["value"]) for r in sel if r["layer_a"] == r["layer_b"]]
+    off = [float(r["value"]) for r in sel if r["layer_a"] != r["layer_b"]]
+    return dict(diagonal_mean=float(np.mean(diag)) if diag else float("nan"),
+                off_diagonal_mean=float(np.mean(off)) if off else float("nan"),
+                layers=len({r["layer_a"] for r in sel}))
+
+
+def layer_maps(study) -> List[Dict[str, Any]]:
+    """Layer x layer maps (``analysis.layer_maps``: ``comparisons`` = pair kinds of
+    :func:`cca_pairs`, ``methods``, ``num_images``, ``spatial``, ``max_channels``,
+    ``folds``) of every selected pair of each clean (target, fold): a CSV and one heatmap
+    per method each (pairs whose files exist are skipped), and ``tables/layer_maps.csv``
+    listing them (paths relative to the workdir)."""
+    lm = layer_map_settings(study)
+    if lm is None:
+        return []
+    methods = tuple(lm.get("methods", None) or layer_map_lib.DEFAULT_MAP_METHODS)
+    folds = list(lm.get("folds", None) or study.folds)
+    index = []
+    for target, fold in itertools.product(study.clean_targets, folds):
+        spec, preprocessing = target_stimuli(study, target, fold,
+                                             int(lm.get("num_images", 128)))
+        images = None
+        for label, kind, wa, wb in cca_pairs(study, target, fold):
+            if kind not in lm.comparisons:
+                continue
+            files = layer_map_files(target, fold, label, methods)
+            where = {k: study.path(*f.split("/")) for k, f in files.items()}
+            if not all(paths.exists(f) for f in where.values()):
+                images = stimuli.load_pool(spec) if images is None else images
+                pair = _pair(label, wa, wb)
+                task = tasks.LayerMapTask(
+                    wa, wb, spec, name_a=pair.name_a, name_b=pair.name_b, methods=methods,
+                    spatial=lm.get("spatial", "pool"), max_channels=lm.get("max_channels"),
+                    preprocessing=preprocessing, seed=int(lm.get("seed", 0)))
+                tasks.write_layer_map(tasks.layer_map_of(task, images), where["csv"],
+                                      {m: where[f"png_{m}"] for m in methods})
+            rows = tables.read_csv(where["csv"])
+            index += [dict(target=target, fold=fold, pair=label, comparison=kind, method=m,
+                           **_map_summary(rows, m), csv=files["csv"], png=files[f"png_{m}"])
+                      for m in methods]
+    tables.write_csv(study.path("tables", "layer_maps.csv"), index)
+    return index
 
 
 # ----------------------------------------------------------------------- predictions

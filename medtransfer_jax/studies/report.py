@@ -260,6 +260,28 @@ def _figures(page: _Page):
                                               "pre-trained vs fine-tuned (mean over runs).")
 
 
+def _layer_maps(page: _Page):
+    """The layer x layer maps of the representations stage (``analysis.layer_maps``): one
+    line per (target, fold, pair, method) with its files; the first fold's maps shown."""
+    index = [dict(r, fold=int(r["fold"])) for r in page.table("layer_maps.csv")]
+    if not index:
+        return
+    page.add("h2", "Layer × layer maps")
+    page.add("p", "Every block output of A against every block output of B on the "
+                  "target's stimuli (tables under layer_maps/, heatmaps under "
+                  "figures/layer_maps/): the diagonal compares the same layer; bright "
+                  "off-diagonal cells are layers of B that represent a layer of A.")
+    page.add("table", _table(index, ("target", "fold", "pair", "method", "diagonal_mean",
+                                     "off_diagonal_mean", "csv", "png"),
+                             ("target", "fold", "pair", "method", "diagonal mean",
+                              "off-diagonal mean", "table", "heatmap")))
+    first = index[0]["fold"]
+    for r in index:
+        if r["fold"] == first and r["method"] == index[0]["method"]:
+            page.figure(f"layer_maps/{os.path.basename(r['png'])}",
+                        f"{r['target']} fold {r['fold']}: {r['pair']} ({r['method']}).")
+
+
 def _details(page: _Page, auc: str, runs):
     page.add("h2", "Details")
     done = [r for r in runs if r.get("status") == "done"]
@@ -338,6 +360,7 @@ def build_blocks(study) -> List[Block]:
     _headline(page, auc, summary)
     _published(page, auc, summary)
     _figures(page)
+    _layer_maps(page)
     _details(page, auc, runs)
     return page.blocks
 

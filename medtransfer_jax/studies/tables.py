@@ -13,6 +13,8 @@ import io
 import json
 from typing import Any, Dict, List, Sequence, Union
 
+import numpy as np
+
 from medtransfer_jax import paths
 from medtransfer_jax.analysis import stats
 
@@ -56,7 +58,17 @@ def read_csv_if(path: paths.PathLike) -> List[Dict[str, Any]]:
 
 
 def write_json(path: paths.PathLike, obj: Any) -> str:
-    return _write(path, json.dumps(obj, indent=2, default=str))
+    """Writes ``obj`` as indented JSON atomically; NumPy arrays become lists, NumPy
+    scalars numbers, anything else unknown its ``str``. Returns ``path``."""
+    return _write(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    return str(o)
 
 
 def read_json(path: paths.PathLike) -> Any:
