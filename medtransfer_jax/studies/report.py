@@ -278,7 +278,7 @@ def _layer_maps(page: _Page):
     first = index[0]["fold"]
     for r in index:
         if r["fold"] == first and r["method"] == index[0]["method"]:
-            page.figure(f"layer_maps/{os.path.basename(r['png'])}",
+            page.figure(f"layer_maps/{paths.basename(r['png'])}",
                         f"{r['target']} fold {r['fold']}: {r['pair']} ({r['method']}).")
 
 
