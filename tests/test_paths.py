@@ -383,9 +383,9 @@ def test_tiny_training_reads_its_dataset_from_a_bucket(fake_gcs, no_os_path_on_u
         for i in range(n):
             pixels = rng.integers(0, 256, (40, 36), dtype=np.uint8)
             Image.fromarray(pixels).save(root / folder / f"{folder} ({i + 1}).png")
-    cfg = presets.tiny_config(**{"data.name": "breast", "data.root": "gs://bucket/busi",
-                                 "data.num_folds": 3, "data.heldout_val_fraction": 0.5,
-                                 "train.batch_size": 8, "eval.batch_size": 8})
+    cfg = presets.tiny_config(["data.name=breast", "data.root=gs://bucket/busi",
+                               "data.num_folds=3", "data.heldout_val_fraction=0.5",
+                               "train.batch_size=8", "eval.batch_size=8"])
     splits = data.get_splits(cfg.data)
     assert all(p.startswith("gs://bucket/busi/") for p in splits.train.base.paths)
     res = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
