@@ -17,26 +17,14 @@ from __future__ import annotations
 import logging
 
 from medtransfer_jax import paths
-from medtransfer_jax.data.base import DataError, Source
-from medtransfer_jax.data.builders import (breast, chest, isic, knee, lidc, mammograms, nih_cxr14,
-                                           pcam, thyroid)
+from medtransfer_jax.data.base import Source
+from medtransfer_jax.data.builders import tfds_builder
+from medtransfer_jax.data.builders.parsers import BUILDERS, get_builder, instructions
 from medtransfer_jax.data.sources import CsvSource, FileSource, ImageFolderSource
 
+__all__ = ["BUILDERS", "get_builder", "instructions", "load_source"]
+
 log = logging.getLogger(__name__)
-
-BUILDERS = {m.NAME: m for m in (chest, breast, thyroid, mammograms, knee, isic, pcam, nih_cxr14, lidc)}
-
-
-def get_builder(name: str):
-    """The parser module of dataset ``name``."""
-    if name not in BUILDERS:
-        raise DataError(f"No dataset parser named {name!r}; known: {sorted(BUILDERS)}")
-    return BUILDERS[name]
-
-
-def instructions(name: str) -> str:
-    """The manual-download instructions of dataset ``name``."""
-    return get_builder(name).MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
 def load_source(cfg) -> Source:
@@ -50,8 +38,6 @@ def load_source(cfg) -> Source:
         return CsvSource(cfg.csv_path, root=cfg.get("root"), class_names=class_names, skip_corrupt=skip)
     module = get_builder(name)
     if cfg.get("tfds_data_dir"):
-        # Here, not at the top: tfds_builder imports this package back (for the parsers).
-        from medtransfer_jax.data.builders import tfds_builder
         return tfds_builder.TfdsSource(name, cfg.tfds_data_dir)
     listing = paths.Listings()
     examples = module.examples(cfg.root, cfg, listing)

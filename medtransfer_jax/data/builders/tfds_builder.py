@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from medtransfer_jax.data.base import DataError, Source, _as_object_array
+from medtransfer_jax.data.builders import parsers
 from medtransfer_jax.data.sources import Example, _column, decode_image
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,7 @@ def builder_class(name: str):
     if name in _CLASSES:
         return _CLASSES[name]
     tfds = _tfds()
-    from medtransfer_jax.data import builders  # noqa: E402 (the package imports this module)
-    parser = builders.get_builder(name)
+    parser = parsers.get_builder(name)
 
     def _info(self):
         return self.dataset_info_from_configs(
