@@ -127,8 +127,8 @@ def test_label_smoothing_and_weighted_loss_match_numpy():
     logits = rng.normal(size=(6, 3)).astype(np.float32)
     labels = np.array([0, 1, 2, 2, 1, 0])
     w = np.array([1, 1, 0, 1, 0.5, 1], np.float32)
-    loss, _ = step_lib._weighted_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(w),
-                                      3, 0.1)
+    loss = step_lib._weighted_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(w),
+                                   3, 0.1)
     lg = logits.astype(np.float64)
     logp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
     target = np.eye(3)[labels] * 0.9 + 0.1 / 3
