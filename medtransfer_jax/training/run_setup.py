@@ -52,6 +52,8 @@ class Run:
     compile_timer: Any = None          # compile_cache.CompileTimer of this process's session
     #: data.cache=device: {id(split source): batches(global_batch_size) -> iterator}
     eval_data: Dict[int, Any] = dataclasses.field(default_factory=dict)
+    #: jitted eval steps by variables sharding (Run.eval_step)
+    eval_steps: Dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def tx(self, phase: phases_lib.Phase):
         return optim.make_optimizer(self.config.train, self.variables["params"], phase.policy,
@@ -72,10 +74,15 @@ class Run:
                             abstract, sh), sh
 
     def eval_step(self, state_sh):
-        """The jitted eval step for variables sharded like ``state_sh``."""
+        """The jitted eval step for variables sharded like ``state_sh``; one per sharding,
+        so the final evaluation reuses the loop's compiled program."""
         sh = {"params": state_sh.params, "batch_stats": state_sh.batch_stats}
-        return step_lib.make_eval_step(self.model, self.mesh, sh,
-                                       num_classes=self.splits.num_classes)
+        leaves, treedef = jax.tree.flatten(sh)
+        key = (treedef, tuple(leaves))
+        if key not in self.eval_steps:
+            self.eval_steps[key] = step_lib.make_eval_step(
+                self.model, self.mesh, sh, num_classes=self.splits.num_classes)
+        return self.eval_steps[key]
 
     def run_eval(self, eval_step, variables, source):
         """(metrics, arrays) of ``variables`` on every example of ``source``."""
