@@ -93,6 +93,9 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.image_size = 64            # also data.synthetic.image_size (one FieldReference)
     c.data.synthetic.num_examples = 640
     c.data.heldout_val_fraction = 0.5   # 64 val / 64 test images: a less noisy AUC
+    # Generate each synthetic image once, not once per epoch and evaluation (the same
+    # pixels as 'none', bit for bit): 6,144 + 896 renders -> 640, ~1.4 s of CPU.
+    c.data.cache = "host"
     c.model.depth = 18
     c.model.width = 16
     c.model.bn_momentum = 0.9

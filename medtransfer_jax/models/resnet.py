@@ -198,8 +198,12 @@ def _basic(x, filters, stride, prefix, conv, norm, project):
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> Dict[str, Any]:
     """Initialises ``{'params', 'batch_stats'}`` for (1, image_size, image_size, 3) inputs."""
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
-    return {k: v for k, v in variables.items() if k != "activations"}
+
+    def init(rng, x):  # drop the sown activations inside jit: XLA then skips the forward
+        variables = model.init(rng, x, train=False)
+        return {k: v for k, v in variables.items() if k != "activations"}
+
+    return jax.jit(init)(rng, x)
 
 
 def random_variables(model: ResNet, seed: int) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from typing import Any, Dict, Optional, Protocol, Sequence
@@ -15,9 +16,30 @@ from typing import Any, Dict, Optional, Protocol, Sequence
 import jax
 import numpy as np
 from absl import logging
-from tensorboardX import SummaryWriter
 
 from medtransfer_jax import interrupts, paths
+
+
+def _import_summary_writer():
+    """tensorboardX's SummaryWriter without importing torch.
+
+    ``tensorboardX.writer`` runs ``try: import torch`` at import only to accept torch
+    tensors; we log floats, and loading torch costs ~1.5 s of the demo's ~25 s on a
+    2-core CPU. torch is hidden for that one import unless something loaded it already.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter as writer_cls
+        return writer_cls
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter as writer_cls
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return writer_cls
+
+
+SummaryWriter = _import_summary_writer()
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -174,4 +174,5 @@ def tiny_config(overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     c.eval.batch_size = 32
     c.log.every_steps = 2
     c.checkpoint.async_save = False
+    c.data.cache = "none"             # the tests exercise the file pipeline
     return configs.override(c, overrides)
