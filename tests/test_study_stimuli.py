@@ -35,7 +35,8 @@ def test_revisiting_protocol_reads_cca_py_stimuli():
     assert demo == {"split": "test", "image_size": 32, "preprocessing": None}
 
 
-def test_target_images_use_the_protocol_split_and_size(tmp_path):
+def _one_target_study(tmp_path):
+    """A study stand-in with one target whose config asks for 24 px nearest val stimuli."""
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text(
         "from medtransfer_jax.training import presets\n"
@@ -47,6 +48,11 @@ def test_target_images_use_the_protocol_split_and_size(tmp_path):
     study = types.SimpleNamespace(
         config=ml_collections.ConfigDict({"targets": {"t": {"overrides": []}}}),
         target_config=lambda target: str(cfg_file))
+    return study, cfg_file
+
+
+def test_target_images_use_the_protocol_split_and_size(tmp_path):
+    study, cfg_file = _one_target_study(tmp_path)
     images = analyses.target_images(study, "t", fold=0, num_images=5)
     cfg = presets.tiny_config()
     val = data.get_splits(cfg.data, fold=0).val
@@ -73,17 +79,7 @@ def test_analyze_and_the_study_draw_byte_identical_pools(tmp_path):
     """One loader: analyze --stimuli_config=<the target's config> gives the study's
     stimuli byte for byte (val split, 24 px, nearest, first N), and a different resize
     filter or selection would show (the comparison can fail)."""
-    cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(
-        "from medtransfer_jax.training import presets\n"
-        "def get_config(arg=None):\n"
-        "    c = presets.tiny_config()\n"
-        "    c.data.resize_method = 'nearest'\n"
-        "    c.analysis = presets.analysis_defaults(cca_image_size=24, cca_stimulus='val')\n"
-        "    return c\n")
-    study = types.SimpleNamespace(
-        config=ml_collections.ConfigDict({"targets": {"t": {"overrides": []}}}),
-        target_config=lambda target: str(cfg_file))
+    study, cfg_file = _one_target_study(tmp_path)
     ours = analyses.target_images(study, "t", fold=1, num_images=7)
     spec, preprocessing = _analyze_spec(stimuli_config=str(cfg_file), fold=1, num_images=7)
     assert (spec.split, spec.image_size, spec.resize_method, spec.selection) == (
