@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from medtransfer_jax.studies import preflight, progress, runner
+from medtransfer_jax.studies import analyses, preflight, progress, runner
 from test_study import _tiny_study_config
 
 
@@ -121,6 +121,12 @@ def test_stage_work_of_the_tiny_study_counts_by_hand(tmp_path):
     assert w["representations"].label == "5 pairs"
     assert w["representations"].units == pytest.approx(5 * 2 * 96 / 5 * (32 / 224) ** 2)
     assert w["predictions"].units == 2     # natural vs random + the gain vs random
+    # the analysis stages' items, named as their loops name them (StageItems)
+    assert sorted(w["representations"].items) == sorted(
+        f"lesion/fold0 {p[0]}" for p in analyses.cca_pairs(study, "lesion", 0))
+    assert w["predictions"].items == {"lesion": 2.0}
+    assert w["robustness"].items == {"lesion": 2.0} and w["filters"].untimed == 0
+    assert sorted(w["filters"].items) == ["lesion/fold0 natural", "lesion/fold0 random"]
     n_params = preflight.param_count(18, 8, "keras_v1") / 1e6
     assert w["filters"].units == pytest.approx(4 * n_params)   # 2 sources x (pre, ft)
     assert w["robustness"].units == 2 and w["report"].units == 1
@@ -147,3 +153,57 @@ def test_dry_run_estimate_only_once_a_rate_exists(tmp_path):
                               f"sources ")
     assert f" + finetune {progress.format_duration(ft)} + " in line[0]
     assert f" + filters {progress.format_duration(pf.estimate['filters'])}* + " in line[0]
+
+
+def test_stage_items_lines_rates_and_skips_on_a_fake_clock(tmp_path):
+    """An analysis stage's item loop: item a is done earlier (skipped: counted in n/N,
+    not in the rate or the work left), b, c and d are timed on a fake clock."""
+    rates = progress.Rates(str(tmp_path / "rates.json"),
+                           {"finetune": {"seconds": 10.0, "units": 10.0, "items": 1}})
+    work = {"representations": progress.StageWork(
+                4, "pairs", items={"a": 10.0, "b": 10.0, "c": 20.0, "d": 10.0}),
+            "report": progress.StageWork(1, "report", 1.0)}
+    t = progress.StudyProgress(work, rates, echo=None)
+    t.start("representations", 3, 7)
+    now, lines = [100.0], []
+    items = progress.StageItems("representations", t, ["a", "b", "c", "d"], skip=["a"],
+                                clock=lambda: now[0], echo=lambda l, flush: lines.append(l))
+    # the skipped item left the work: 40 units at the prior (1.7 x 1 s/unit fine-tuning)
+    assert t.stage_eta() == pytest.approx(40 * _prior("representations", 1.0))
+    report = _prior("report", 1.0)
+
+    def run(name, seconds, detail=""):
+        with items.item(name) as it:
+            now[0] += seconds
+            it.detail = detail
+
+    run("b", 5.0, "mean paper_cca 0.500")    # 5 s / 10 units; 30 units left -> 15 s
+    assert lines == ["representations 2/4 b: mean paper_cca 0.500, 5 s, stage ETA 15 s, "
+                     f"overall ETA {progress.format_duration(15 + report)}"]
+    assert rates.measured["representations"] == {"seconds": 5.0, "units": 10.0, "items": 1}
+    with pytest.raises(RuntimeError):        # a failed item: no line, no rate
+        with items.item("c"):
+            now[0] += 99.0
+            raise RuntimeError("boom")
+    assert len(lines) == 1 and rates.measured["representations"]["items"] == 1
+    run("c", 30.0)                           # 35 s / 30 units; 10 units left -> 11.7 s
+    assert lines[-1] == ("representations 3/4 c: 30 s, stage ETA 12 s, overall ETA "
+                         f"{progress.format_duration(35 / 30 * 10 + report)}")
+    run("d", 1.0)
+    assert lines[-1].startswith("representations 4/4 d: 1 s, stage ETA 0 s, overall ETA ")
+    saved = json.load(open(tmp_path / "rates.json"))["stages"]["representations"]
+    assert saved == {"seconds": 36.0, "units": 40.0, "items": 3}   # a is not in it
+    t.finish("representations", 50.0)        # all timed: the overhead is not a rate
+    assert rates.measured["representations"]["seconds"] == 36.0
+    # outside a study: the mean of the items timed here; a one-item loop prints nothing
+    lines.clear()
+    alone = progress.StageItems("layer maps", None, ["x", "y", "z"], clock=lambda: now[0],
+                                echo=lambda l, flush: lines.append(l))
+    with alone.item("x"):
+        now[0] += 4.0
+    assert lines == ["layer maps 1/3 x: 4 s, ETA 8 s"]
+    one = progress.StageItems("robustness", None, ["only"], clock=lambda: now[0],
+                              echo=lambda l, flush: lines.append(l))
+    with one.item("only"):
+        now[0] += 1.0
+    assert len(lines) == 1

@@ -29,7 +29,7 @@ from medtransfer_jax.analysis import predictions as pred
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import stats, stimuli, weight_change
 from medtransfer_jax.models import resnet
-from medtransfer_jax.studies import tables, tasks
+from medtransfer_jax.studies import progress, tables, tasks
 from medtransfer_jax.training import sweep
 from medtransfer_jax.inference import metrics
 from medtransfer_jax.weights import checkpoint
@@ -44,6 +44,23 @@ TESTS = ("iid", "clean", "ood")
 
 def _auc_name(study) -> str:
     return study.config.get("analysis", {}).get("auc_metric", "auc")
+
+
+def item_name(target: str, fold: int, what: str) -> str:
+    """An analysis item's name in its progress line and in the stage's cost model
+    (``preflight.stage_work``): 'breast/fold2 imagenet (pre) vs imagenet (fine-tuned)'."""
+    return f"{target}/fold{fold} {what}"
+
+
+def _items(study, kind: str, names: Sequence[str], skip: Sequence[str] = ()):
+    """The progress of a stage's item loop (:class:`progress.StageItems`), fed to the
+    running study's cost model when there is one."""
+    return progress.StageItems(kind, getattr(study, "tracker", None), names, skip=skip)
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return float(np.nanmean(values)) if values else float("nan")
 
 
 # ------------------------------------------------------------------------- fine-tuning
@@ -162,19 +179,29 @@ def _pair(label: str, wa: str, wb: str) -> tasks.Pair:
     return tasks.Pair(wa, wb, label, name_a, name_b)
 
 
-def compare_fold(study, target: str, fold: int) -> List[Dict[str, Any]]:
+def compare_fold(study, target: str, fold: int,
+                 items: Optional[progress.StageItems] = None) -> List[Dict[str, Any]]:
     """Rows of every CCA pair of one (target, fold): value, sd over repeats, and the
-    shuffled-rows chance level of the first method."""
+    shuffled-rows chance level of the first method. ``items``: the stage's progress,
+    one line per pair (default: this fold's own)."""
     acfg = study.config.analysis.cca
     spec, preprocessing = target_stimuli(study, target, fold, acfg.num_images)
     task = tasks.SimilarityTask.from_study(acfg, spec, preprocessing)
     images = stimuli.load_pool(spec)
-    rows = []
-    for label, kind, wa, wb in cca_pairs(study, target, fold):
-        pair = _pair(label, wa, wb)
-        null = shuffled_null(task, pair, images, task.methods[0])
-        for r in tasks.pair_rows(task, pair, images):
-            chance = null.get(r["layer"]) if r["method"] == task.methods[0] else None
+    pairs = cca_pairs(study, target, fold)
+    if items is None:
+        items = _items(study, "representations",
+                       [item_name(target, fold, p[0]) for p in pairs])
+    rows, method = [], task.methods[0]
+    for label, kind, wa, wb in pairs:
+        with items.item(item_name(target, fold, label)) as it:
+            pair = _pair(label, wa, wb)
+            null = shuffled_null(task, pair, images, method)
+            pair_rows = tasks.pair_rows(task, pair, images)
+            it.detail = f"mean {method} " + format(
+                _mean(r["value"] for r in pair_rows if r["method"] == method), ".3f")
+        for r in pair_rows:
+            chance = null.get(r["layer"]) if r["method"] == method else None
             r.update(comparison=kind, target=target, fold=fold,
                      repeat_sd=stats.mean_sd(r.get("values", []))[1],
                      null_mean=chance[0] if chance else float("nan"),
@@ -184,13 +211,18 @@ def compare_fold(study, target: str, fold: int) -> List[Dict[str, Any]]:
 
 
 def representations(study):
-    """tables/representations*.csv and one figure per target (mean over folds)."""
+    """tables/representations*.csv and one figure per target (mean over folds); one
+    progress line per CCA pair (a (target, fold) whose CSV exists is skipped whole)."""
+    tf = list(itertools.product(study.clean_targets, study.folds))
+    csvs = {k: study.path("representations", f"{k[0]}_fold{k[1]}.csv") for k in tf}
+    names = {k: [item_name(*k, p[0]) for p in cca_pairs(study, *k)] for k in tf}
+    items = _items(study, "representations", [n for k in tf for n in names[k]],
+                   skip=[n for k in tf if paths.exists(csvs[k]) for n in names[k]])
     all_rows = []
-    for target, fold in itertools.product(study.clean_targets, study.folds):
-        out_csv = study.path("representations", f"{target}_fold{fold}.csv")
-        if not paths.exists(out_csv):
-            tables.write_csv(out_csv, compare_fold(study, target, fold))
-        all_rows += tables.read_csv(out_csv)
+    for k in tf:
+        if not paths.exists(csvs[k]):
+            tables.write_csv(csvs[k], compare_fold(study, *k, items=items))
+        all_rows += tables.read_csv(csvs[k])
     tables.write_csv(study.path("tables", "representations.csv"), all_rows)
     summary = tables.summarise(all_rows, ("target", "pair", "comparison", "layer", "method"),
                                ("value", "null_mean"))
@@ -236,6 +268,25 @@ def _map_summary(rows: Sequence[Dict[str, Any]], method: str) -> Dict[str, float
                 layers=len({r["layer_a"] for r in sel}))
 
 
+def _layer_map_pair(study, lm, methods, target_fold, pair_spec, where, pools) -> None:
+    """Computes and writes one pair's map; ``pools`` keeps the stimuli of the last
+    (target, fold), loaded once for its pairs."""
+    if target_fold not in pools:
+        spec, preprocessing = target_stimuli(study, *target_fold,
+                                             int(lm.get("num_images", 128)))
+        pools.clear()
+        pools[target_fold] = spec, preprocessing, stimuli.load_pool(spec)
+    spec, preprocessing, images = pools[target_fold]
+    label, wa, wb = pair_spec
+    pair = _pair(label, wa, wb)
+    task = tasks.LayerMapTask(
+        wa, wb, spec, name_a=pair.name_a, name_b=pair.name_b, methods=methods,
+        spatial=lm.get("spatial", "pool"), max_channels=lm.get("max_channels"),
+        preprocessing=preprocessing, seed=int(lm.get("seed", 0)))
+    tasks.write_layer_map(tasks.layer_map_of(task, images), where["csv"],
+                          {m: where[f"png_{m}"] for m in methods})
+
+
 def layer_maps(study) -> List[Dict[str, Any]]:
     """Layer x layer maps (``analysis.layer_maps``: ``comparisons`` = pair kinds of
     :func:`cca_pairs`, ``methods``, ``num_images``, ``spatial``, ``max_channels``,
@@ -246,30 +297,26 @@ def layer_maps(study) -> List[Dict[str, Any]]:
     if lm is None:
         return []
     methods = tuple(lm.get("methods", None) or layer_map_lib.DEFAULT_MAP_METHODS)
-    folds = list(lm.get("folds", None) or study.folds)
-    index = []
-    for target, fold in itertools.product(study.clean_targets, folds):
-        spec, preprocessing = target_stimuli(study, target, fold,
-                                             int(lm.get("num_images", 128)))
-        images = None
-        for label, kind, wa, wb in cca_pairs(study, target, fold):
-            if kind not in lm.comparisons:
-                continue
-            files = layer_map_files(target, fold, label, methods)
-            where = {k: study.path(*f.split("/")) for k, f in files.items()}
-            if not all(paths.exists(f) for f in where.values()):
-                images = stimuli.load_pool(spec) if images is None else images
-                pair = _pair(label, wa, wb)
-                task = tasks.LayerMapTask(
-                    wa, wb, spec, name_a=pair.name_a, name_b=pair.name_b, methods=methods,
-                    spatial=lm.get("spatial", "pool"), max_channels=lm.get("max_channels"),
-                    preprocessing=preprocessing, seed=int(lm.get("seed", 0)))
-                tasks.write_layer_map(tasks.layer_map_of(task, images), where["csv"],
-                                      {m: where[f"png_{m}"] for m in methods})
-            rows = tables.read_csv(where["csv"])
-            index += [dict(target=target, fold=fold, pair=label, comparison=kind, method=m,
-                           **_map_summary(rows, m), csv=files["csv"], png=files[f"png_{m}"])
-                      for m in methods]
+    pairs = [(item_name(t, f, p[0]), t, f) + tuple(p)
+             for t, f in itertools.product(study.clean_targets, lm.get("folds", None)
+                                           or study.folds)
+             for p in cca_pairs(study, t, f) if p[1] in lm.comparisons]
+    files = {n: layer_map_files(t, f, label, methods) for n, t, f, label, *_ in pairs}
+    where = {n: {k: study.path(*f.split("/")) for k, f in fs.items()}
+             for n, fs in files.items()}
+    done = {n for n in where if all(paths.exists(f) for f in where[n].values())}
+    items, pools, index = _items(study, "layer maps", list(where), skip=done), {}, []
+    for name, target, fold, label, kind, wa, wb in pairs:
+        if name not in done:
+            with items.item(name) as it:
+                _layer_map_pair(study, lm, methods, (target, fold), (label, wa, wb),
+                                where[name], pools)
+                it.detail = f"diagonal {methods[0]} " + format(_map_summary(
+                    tables.read_csv(where[name]["csv"]), methods[0])["diagonal_mean"], ".3f")
+        rows = tables.read_csv(where[name]["csv"])
+        index += [dict(target=target, fold=fold, pair=label, comparison=kind, method=m,
+                       **_map_summary(rows, m), csv=files[name]["csv"],
+                       png=files[name][f"png_{m}"]) for m in methods]
     tables.write_csv(study.path("tables", "layer_maps.csv"), index)
     return index
 
@@ -281,36 +328,52 @@ def _pre_vs_ft(sim_rows, target, fold, source, method) -> Dict[str, float]:
             and r["pair"] == f"{source} (pre) vs {source} (fine-tuned)"}
 
 
+def _predictions_fold(study, target, fold, mode, sim_rows, method) -> tuple:
+    """(prediction-similarity rows of every source pair, AUC-gain records vs random) of
+    one (target, fold)."""
+    sources = list(study.config.sources)
+    split = "test" if mode == "corrected" else None   # None: the mode's own split
+    files = {s: paths.to_str(paths.join(study.fine_tuned_dir(target, s, fold=fold,
+                                                              export=False),
+                                         "predictions.csv")) for s in sources}
+    rows, gain_records = [], []
+    for s1, s2 in itertools.combinations(sources, 2):
+        r = pred.compare_prediction_files(files[s1], files[s2], split=split, mode=mode)
+        rows.append(dict(target=target, fold=fold, pair=f"{s1} vs {s2}", model_a=s1,
+                         model_b=s2, mode=mode, **r))
+    if "random" not in files:
+        return rows, gain_records
+    for s in sources:
+        per_layer = _pre_vs_ft(sim_rows, target, fold, s, method)
+        if s != "random" and per_layer:
+            r = pred.compare_prediction_files(files[s], files["random"], split=split,
+                                              random_path=files["random"], mode=mode)
+            gain_records.append(dict(auc=r["auc_a"], auc_random=r["auc_random"],
+                                     similarity=per_layer, source=s, target=target,
+                                     fold=fold))
+    return rows, gain_records
+
+
 def predictions(study):
-    """Prediction similarity per source pair (n = test images) and AUC gain vs CCA."""
+    """Prediction similarity per source pair (n = test images) and AUC gain vs CCA; one
+    progress line per target (its folds' pairs)."""
     if not study.clean_targets:
         return
-    sources = list(study.config.sources)
     sim_rows = tables.read_csv_if(study.path("tables", "representations.csv"))
     method = study.config.analysis.cca.methods[0]
     rows, gain_records = [], []
+    # 'paper' reproduces the published similarity.csv (Feb-2023)
     modes = {t: (_probe_config(study, t).get("analysis", None) or {}).get(
         "similarity_mode", "corrected") for t in study.clean_targets}
-    for target, fold in itertools.product(study.clean_targets, study.folds):
-        mode = modes[target]   # 'paper' reproduces the published similarity.csv (Feb-2023)
-        split = "test" if mode == "corrected" else None   # None: the mode's own split
-        files = {s: paths.to_str(paths.join(study.fine_tuned_dir(target, s, fold=fold,
-                                                                  export=False),
-                                             "predictions.csv")) for s in sources}
-        for s1, s2 in itertools.combinations(sources, 2):
-            r = pred.compare_prediction_files(files[s1], files[s2], split=split, mode=mode)
-            rows.append(dict(target=target, fold=fold, pair=f"{s1} vs {s2}", model_a=s1,
-                             model_b=s2, mode=mode, **r))
-        if "random" not in files:
-            continue
-        for s in sources:
-            per_layer = _pre_vs_ft(sim_rows, target, fold, s, method)
-            if s != "random" and per_layer:
-                r = pred.compare_prediction_files(files[s], files["random"], split=split,
-                                                  random_path=files["random"], mode=mode)
-                gain_records.append(dict(auc=r["auc_a"], auc_random=r["auc_random"],
-                                         similarity=per_layer, source=s, target=target,
-                                         fold=fold))
+    items = _items(study, "predictions", study.clean_targets)
+    for target in study.clean_targets:
+        with items.item(target) as it:
+            for fold in study.folds:
+                r, g = _predictions_fold(study, target, fold, modes[target], sim_rows, method)
+                rows += r
+                gain_records += g
+            it.detail = "mean kappa " + format(_mean(
+                r["cohen_kappa"] for r in rows if r["target"] == target), ".3f")
     tables.write_csv(study.path("tables", "prediction_similarity.csv"), rows)
     summary = tables.summarise(rows, ("target", "pair"), (
         "observed", "expected_independent", "excess", "agreement", "cohen_kappa",
@@ -338,15 +401,22 @@ def filters_stage(study):
     if not study.config.targets:
         return filters_of_sources(study)
     drift, layers, change = [], [], []
+    tf = list(itertools.product(study.clean_targets, study.folds))
+    items = _items(study, "filters", [item_name(t, f, s) for s in study.config.sources
+                                      for t, f in tf])
     for s in study.config.sources:
         pre, _ = checkpoint.load_weights(study.source_dir(s))
-        for target, fold in itertools.product(study.clean_targets, study.folds):
-            ft, _ = checkpoint.load_weights(study.fine_tuned_dir(target, s, fold=fold))
-            keys = dict(source=s, target=target, fold=fold)
-            d, l = _filter_pair(pre, ft, (f"{s}:pre", f"{s}:fine-tuned"))
+        for target, fold in tf:
+            with items.item(item_name(target, fold, s)) as it:
+                ft, _ = checkpoint.load_weights(study.fine_tuned_dir(target, s, fold=fold))
+                keys = dict(source=s, target=target, fold=fold)
+                d, l = _filter_pair(pre, ft, (f"{s}:pre", f"{s}:fine-tuned"))
+                c = [dict(r, **keys) for r in weight_change.weight_change(pre, ft)]
+                it.detail = "mean relative weight change " + format(
+                    _mean(r["rel_l2"] for r in c if r["status"] == "ok"), ".3f")
             drift += [dict(r, comparison="pre_vs_finetuned", **keys) for r in d]
             layers += [dict(r, **keys) for r in l]
-            change += [dict(r, **keys) for r in weight_change.weight_change(pre, ft)]
+            change += c
     tables.write_csv(study.path("tables", "filter_drift.csv"), drift)
     tables.write_csv(study.path("tables", "filter_layers.csv"), layers)
     tables.write_csv(study.path("tables", "weight_change.csv"), change)
@@ -423,8 +493,14 @@ def robustness_tests(rows, sources) -> List[Dict[str, Any]]:
 
 def robustness(study):
     """tables/robustness*.csv (+ tests) and the AUC-vs-p figure with significance marks."""
-    rows = [robustness_row(run) for run in study.finetune_runs()
-            if run.keys["confounder"] != "none"]
+    runs = [run for run in study.finetune_runs() if run.keys["confounder"] != "none"]
+    targets, rows = list(dict.fromkeys(run.keys["target"] for run in runs)), []
+    items = _items(study, "robustness", targets)
+    for target in targets:   # one progress line per target (its runs)
+        with items.item(target) as it:
+            rows += [robustness_row(run) for run in runs if run.keys["target"] == target]
+            it.detail = "mean AUC drop i.i.d. -> o.o.d. " + format(_mean(
+                r["drop_iid_to_ood"] for r in rows if r["target"] == target), ".3f")
     tables.write_csv(study.path("tables", "robustness.csv"), rows)
     summary = tables.summarise(rows, ("target", "source", "confounder", "p"),
                                [f"auc_{t}" for t in TESTS] + [f"n_{t}" for t in TESTS]

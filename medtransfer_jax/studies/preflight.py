@@ -16,6 +16,7 @@ the runner.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -203,24 +204,26 @@ def _sources_work(study, parallel: int) -> progress.StageWork:
 def _representations_work(study, tf, cca) -> progress.StageWork:
     """CCA pairs x repeats x images x (image_size / 224)^2 (each draw is a forward pass
     of both networks, the shuffled null's again); the stimuli come from a held-out
-    split, so at most ~1/5 of the target's images; the size is the target's own."""
+    split, so at most ~1/5 of the target's images; the size is the target's own. One
+    item per pair (``analyses.item_name``), timed one by one."""
     if not cca or not tf:
         return progress.StageWork(0, "pairs")
     first = {}  # target -> its first run, whose config gives the image size and N
     for r in study.finetune_runs():
         first.setdefault(r.keys["target"], r)
-    pairs, units = 0, 0.0
+    pairs, items = 0, {}
     for target, fold in tf:
-        n = len(analyses.cca_pairs(study, target, fold))
+        labels = [p[0] for p in analyses.cca_pairs(study, target, fold)]
         try:
             cfg = sweep.load_config(first[target])
             size, ex = cfg.data.image_size, _examples(cfg)
         except Exception:  # reported by check_run_config
             size, ex = math.nan, None
         images = min(cca.num_images, 0.2 * ex) if ex else cca.num_images
-        pairs += n
-        units += n * cca.repeats * images * (size / 224) ** 2
-    return progress.StageWork(pairs, "pairs", units)
+        pairs += len(labels)
+        items.update({analyses.item_name(target, fold, label):
+                      cca.repeats * images * (size / 224) ** 2 for label in labels})
+    return progress.StageWork(pairs, "pairs", items=items)
 
 
 def _stage_work(study, stage: str, parallel: int) -> progress.StageWork:
@@ -233,17 +236,22 @@ def _stage_work(study, stage: str, parallel: int) -> progress.StageWork:
         return _finetune_work(study, parallel)
     if stage == "representations":
         return _representations_work(study, tf, cfg.get("analysis", {}).get("cca"))
-    if stage == "predictions":
+    if stage == "predictions":   # one item per target: its folds' pairs
         per = n_src * (n_src - 1) // 2 + (n_src - 1 if "random" in cfg.sources else 0)
-        return progress.StageWork(per * len(tf), "pairs", float(per * len(tf)))
+        return progress.StageWork(per * len(tf), "pairs", items={
+            t: float(per * len(study.folds)) for t in study.clean_targets})
     if stage == "filters":
-        # filters-only: every source once; else each (pre, fine-tuned) pair
-        models = 2 * n_src * len(tf) if cfg.targets else n_src
+        # filters-only: every source once (one step); else each (pre, fine-tuned) pair
         mparams = param_count(cfg.model.depth, cfg.model.width, cfg.model.layout) / 1e6
-        return progress.StageWork(models, "models", models * mparams)
-    if stage == "robustness":
-        n = sum(r.keys["confounder"] != "none" for r in study.finetune_runs())
-        return progress.StageWork(n, "runs", float(n))
+        if not cfg.targets:
+            return progress.StageWork(n_src, "models", n_src * mparams)
+        return progress.StageWork(2 * n_src * len(tf), "models", items={
+            analyses.item_name(t, f, s): 2 * mparams for s in cfg.sources for t, f in tf})
+    if stage == "robustness":   # one item per target: its runs with a confounder
+        n = collections.Counter(r.keys["target"] for r in study.finetune_runs()
+                                if r.keys["confounder"] != "none")
+        return progress.StageWork(sum(n.values()), "runs",
+                                  items={t: float(k) for t, k in n.items()})
     return progress.StageWork(1, "report", 1.0)
 
 

@@ -2,6 +2,11 @@
 
     run 7/175 breast/imagenet/fold2: test AUC 0.912, 41 s, ETA 1h12m
     [study] stage 2/7 finetune (175 runs): stage ETA 1h12m, overall ETA 1h31m
+    representations 3/350 breast/fold0 imagenet vs radimagenet (pre): mean paper_cca
+        0.712, 40 s, stage ETA 3h51m, overall ETA 4h02m   (one line)
+
+The analysis stages' item loops go through :class:`StageItems` (one line per finished
+item, its seconds fed to the cost model).
 
 :class:`Progress` alone (no cost model) gives (items left) x (mean seconds per item
 finished in this session) / (items run at once); items skipped because they were done
@@ -18,11 +23,12 @@ The overall ETA is the sum of the ETAs of the stages left.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 from medtransfer_jax import paths
 from medtransfer_jax.studies import tables
@@ -61,13 +67,18 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts finished items of one stage and formats the progress lines."""
+    """Counts finished items of one stage and formats the progress lines.
+
+    ``eta_fn``: the study's stage ETA (``StudyProgress.stage_eta``) instead of the mean
+    of the items timed here; with ``overall_fn`` too, a line ends ``stage ETA 7m40s,
+    overall ETA 1h02m`` (the analysis stages, whose lines carry both)."""
 
     def __init__(self, kind: str, total: int, *, done_before: int = 0, parallel: int = 1,
                  clock: Callable[[], float] = time.time, echo: Optional[Callable] = print,
-                 eta_fn: Optional[Callable[[], float]] = None):
+                 eta_fn: Optional[Callable[[], float]] = None,
+                 overall_fn: Optional[Callable[[], float]] = None):
         self.kind, self.total, self.parallel = kind, total, max(1, int(parallel))
-        self.eta_fn = eta_fn  # the study's cost model (StudyProgress.stage_eta), if any
+        self.eta_fn, self.overall_fn = eta_fn, overall_fn
         self.finished = done_before
         self.timed = 0
         self.seconds = 0.0
@@ -91,9 +102,11 @@ class Progress:
         self.finished += 1
         self.timed += 1
         self.seconds += seconds
+        eta = f"ETA {format_duration(self.eta())}"
+        if self.overall_fn is not None:
+            eta = f"stage {eta}, overall ETA {format_duration(self.overall_fn())}"
         line = (f"{self.kind} {self.finished}/{self.total} {name}: "
-                + (f"{detail}, " if detail else "")
-                + f"{format_duration(seconds)}, ETA {format_duration(self.eta())}")
+                + (f"{detail}, " if detail else "") + f"{format_duration(seconds)}, {eta}")
         if self.echo:
             self.echo(line, flush=True)
         return line
@@ -104,8 +117,9 @@ class StageWork:
     """What one stage has left to do, counted before it starts.
 
     ``count``/``noun``: the label, '(12 pairs)'; ``untimed``: cost units not timed item by
-    item (a whole analysis stage); ``items``: units of the items the runner times one by
-    one (the runs of a stage, by name); ``parallel``: items run at once. NaN units:
+    item (a stage timed as a whole: the report, the filters of a sources-only study);
+    ``items``: units of the items timed one by one, by name (the runs of a stage, an
+    analysis stage's :class:`StageItems`); ``parallel``: items run at once. NaN units:
     unknown (e.g. a run config that does not load), so the ETA says '?'.
     """
     count: int
@@ -242,6 +256,13 @@ class StudyProgress:
         self._timed_s += seconds
         return True
 
+    def drop(self, name: str) -> None:
+        """An item of the current stage done earlier (its outputs exist): no work left
+        for it, and no rate from it."""
+        w = self.work.get(self.stage)
+        if w is not None:
+            w.items.pop(name, None)
+
     def echo_line(self) -> str:
         """Prints (and returns) the current stage's ETA line."""
         return self._say(self.line())
@@ -256,10 +277,63 @@ class StudyProgress:
 
     def finish(self, stage: str, seconds: float) -> None:
         """Ends ``stage`` after ``seconds`` of wall time: the units not timed item by item
-        (a whole analysis stage) become one measurement of the time not spent on timed
+        (a stage timed as a whole) become one measurement of the time not spent on timed
         items; the overhead of a stage whose items were all timed is not counted."""
         w = self.work.get(stage)
         if w is not None and w.untimed > 0:
             self.rates.add(stage, seconds - self._timed_s / max(1, w.parallel), w.untimed)
             w.untimed = 0.0
         self.finished.add(stage)
+
+
+class Item:
+    """One item of a :meth:`StageItems.item` block; the body sets ``detail`` to the
+    item's headline number ('mean paper_cca 0.71'), shown in its line."""
+
+    def __init__(self, name: str):
+        self.name, self.detail = name, ""
+
+
+class StageItems:
+    """The progress of one analysis stage's item loop, all in one place.
+
+    ``names``: the stage's items in order, as ``preflight.stage_work`` names them (so
+    each item's seconds go to the cost model with that item's units); ``skip``: those
+    whose outputs exist, which count towards n/N but neither towards a rate nor towards
+    the work left. ``tracker``: the running study's :class:`StudyProgress` (the line
+    shows its stage and overall ETA), or None outside a study (the ETA is then the mean
+    of the items timed here). A loop of one item prints no line (its stage line says
+    it all) but is still timed::
+
+        items = StageItems("filters", study.tracker, names, skip=done)
+        for name in names_left:
+            with items.item(name) as it:
+                ...
+                it.detail = f"mean drift {d:.2f}"
+    """
+
+    def __init__(self, kind: str, tracker: Optional[StudyProgress], names: Sequence[str], *,
+                 skip: Sequence[str] = (), clock: Callable[[], float] = time.time,
+                 echo: Optional[Callable] = print):
+        names, skip = list(names), set(skip)
+        skipped = [n for n in names if n in skip]
+        if tracker is not None:
+            for n in skipped:
+                tracker.drop(n)
+        self.tracker = tracker
+        self.progress = Progress(
+            kind, len(names), done_before=len(skipped), clock=clock,
+            echo=echo if len(names) > 1 else None,
+            eta_fn=tracker.stage_eta if tracker else None,
+            overall_fn=tracker.overall_eta if tracker else None)
+
+    @contextlib.contextmanager
+    def item(self, name: str) -> Iterator[Item]:
+        """Times the block as item ``name``; when it ends without an error, records its
+        seconds (``StudyProgress.record``) and prints its line."""
+        it, t0 = Item(name), self.progress.clock()
+        yield it
+        seconds = self.progress.clock() - t0
+        if self.tracker is not None:
+            self.tracker.record(name, seconds)
+        self.progress.item_done(name, seconds, it.detail)
