@@ -114,6 +114,38 @@ def test_progress_lines_one_per_run(study):
     assert rates["sources"]["units"] == 3     # natural (pre-trained), random, its twin
 
 
+def test_analysis_stages_print_one_line_per_item(study):
+    wd, _, out = study
+    pat = re.compile(r"representations (\d)/5 lesion/fold0 (.+): mean paper_cca (\d\.\d{3}), "
+                     r"\S+(?: s)?, stage ETA (\S+(?: s)?), overall ETA (\d\S*(?: s)?)")
+    found = [pat.fullmatch(l) for l in out.splitlines() if l.startswith("representations ")]
+    assert len(found) == 5 and all(found), found
+    assert [int(m.group(1)) for m in found] == [1, 2, 3, 4, 5]
+    assert found[-1].group(4) == "0 s" and found[0].group(4) != "0 s"
+    st = runner.Study(_tiny_study_config(), wd)
+    assert [m.group(2) for m in found] == [p[0] for p in analyses.cca_pairs(st, "lesion", 0)]
+    # the headline of each pair is its mean paper_cca over the layers in the table
+    sim = _rows(os.path.join(wd, "tables", "representations.csv"))
+    for m in found:
+        values = [float(r["value"]) for r in sim
+                  if r["pair"] == m.group(2) and r["method"] == "paper_cca"]
+        assert len(values) == 5 and float(m.group(3)) == pytest.approx(
+            sum(values) / 5, abs=5e-4), m.group(0)
+    # layer maps (2 pairs) and filters (2 (pre, fine-tuned) pairs) print theirs; the one
+    # target's predictions and robustness are one item each: no line, but timed
+    maps = [l for l in out.splitlines() if l.startswith("layer maps ")]
+    assert [l.split(" lesion/fold0 ")[0] for l in maps] == ["layer maps 1/2", "layer maps 2/2"]
+    assert all(re.search(r": diagonal linear_cka \d\.\d{3}, .*, overall ETA ", l) for l in maps)
+    filt = [l for l in out.splitlines() if l.startswith("filters ")]
+    assert [l.split(":")[0] for l in filt] == ["filters 1/2 lesion/fold0 natural",
+                                               "filters 2/2 lesion/fold0 random"]
+    assert not [l for l in out.splitlines() if l.startswith(("predictions ", "robustness "))]
+    rates = json.load(open(os.path.join(wd, "stages", "rates.json")))["stages"]
+    assert {s: rates[s]["items"] for s in ("representations", "predictions", "filters",
+                                           "robustness")} == {
+        "representations": 5, "predictions": 1, "filters": 2, "robustness": 1}
+
+
 def test_tables_statistics_and_directions(study):
     wd, _, _ = study
     runs = _rows(os.path.join(wd, "tables", "runs.csv"))
@@ -277,3 +309,26 @@ def test_analyze_paper_protocol_reproduces_the_studys_cca_rows(study, tmp_path):
     for extra in (dict(split="val"), dict(preprocessing="caffe")):
         other = analyze_cca(tmp_path / "other", **extra)
         assert max(abs(other[l] - v) for l, v in ours.items()) > 1e-3, extra
+
+
+def test_resumed_representations_stage_skips_done_items_without_timing_them(study):
+    """A representations stage redone with its CCA tables and one layer map present:
+    only the missing map runs (its line says 2/2), and the rates stay those of the
+    items actually computed."""
+    wd, _, _ = study
+    rates_file = os.path.join(wd, "stages", "rates.json")
+    before = json.load(open(rates_file))["stages"]
+    index = _rows(os.path.join(wd, "tables", "layer_maps.csv"))
+    os.remove(os.path.join(wd, next(r for r in index if r["pair"].startswith("random"))["csv"]))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = runner.run_study(_tiny_study_config(), wd, stages=["representations"],
+                                  force=True)
+    assert status == {"representations": "done"}
+    lines = out.getvalue().splitlines()
+    assert not [l for l in lines if l.startswith("representations ")]
+    maps = [l for l in lines if l.startswith("layer maps ")]
+    assert len(maps) == 1 and maps[0].startswith(
+        "layer maps 2/2 lesion/fold0 random (pre) vs random (fine-tuned): diagonal ")
+    after = json.load(open(rates_file))["stages"]
+    assert after["representations"] == before["representations"]
