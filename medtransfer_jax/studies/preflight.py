@@ -262,8 +262,10 @@ def stage_work(study, stages: Sequence[str] = progress.STAGES,
     sources: sources to prepare; finetune: 224-px training-image equivalents of the runs
     not done; representations: CCA pairs x repeats x 224-px image equivalents;
     predictions: prediction-file pairs; filters: millions of parameters whose filters
-    are analysed; robustness: runs with a confounder; report: 1. ``parallel``: runs at
-    once (sources, finetune). A stage that cannot be counted gets NaN units ('?').
+    are analysed; robustness: runs with a confounder; report: 1. The analysis stages'
+    units sit in ``items`` named as their loops name them (``analyses.item_name``, a
+    target), each timed as it finishes. ``parallel``: runs at once (sources, finetune).
+    A stage that cannot be counted gets NaN units ('?').
     """
     out = {}
     for stage in stages:

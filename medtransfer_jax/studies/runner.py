@@ -30,9 +30,11 @@ The study config (``configs/study_*.py``) names:
 Progress: one line per finished run (``run 7/175 breast/imagenet/fold2: test AUC
 0.912, 41 s, ETA 1h12m``) followed by the stage and overall ETA (``[study] stage 2/7
 finetune (175 runs): stage ETA 1h12m, overall ETA 1h31m``), also printed at each stage's
-start; the cost model and its rates (``WORKDIR/stages/rates.json``) are in
-``progress.py``. The report stage writes what exists at any time but is only
-marked done once every other stage is, so a report made mid-study is rebuilt later.
+start; the analysis stages print one line per finished item (a CCA pair, a filter pair,
+...) with both ETAs on it (``progress.StageItems``). The cost model and its rates
+(``WORKDIR/stages/rates.json``) are in ``progress.py``. The report stage writes what
+exists at any time but is only marked done once every other stage is, so a report made
+mid-study is rebuilt later.
 Before any training, :func:`preflight` checks data roots, checkpoint files and disk
 space and lists everything missing at once (``--dry_run`` stops there).
 """
