@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from medtransfer_jax.inference import activations as act
-from medtransfer_jax.analysis import compare
+from medtransfer_jax.analysis import compare, plots
 from medtransfer_jax.analysis import layer_map as LM
 from medtransfer_jax.analysis import similarity as S
 from medtransfer_jax.analysis import streaming as St
@@ -88,7 +88,7 @@ def test_self_map_pool_and_rows(nets, images, tmp_path):
     rows = compare.compare_networks(a, a, images, layers=layers, pairs="all",
                                     method=["mean_cca"], spatial="pool", batch_size=BATCH)
     assert len(rows) == 9 and {r["layer_a"] for r in rows} == set(layers)
-    png = LM.plot_layer_map(m, "mean_cca", str(tmp_path / "map.png"))
+    png = plots.plot_layer_map(m, "mean_cca", str(tmp_path / "map.png"))
     assert (tmp_path / "map.png").stat().st_size > 5000 and png.endswith("map.png")
 
 

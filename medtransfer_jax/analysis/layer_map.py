@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
@@ -284,28 +283,3 @@ def _side_fn(method, opts):
         return functools.partial(cov_lib.svcca_side, keep=opts["keep"], rtol=opts["rtol"])
     eps = opts["epsilon"] if method == "paper_cca" else None
     return functools.partial(cov_lib.cca_side, rtol=opts["rtol"], epsilon=eps)
-
-
-def plot_layer_map(lmap: LayerMap, method: str, path: str) -> str:
-    """Heatmap of ``lmap.values[method]``: rows = A's layers, columns = B's layers,
-    colour scale 0..1 with a colorbar; the title names the method, the spatial handling
-    and n. Writes a PNG and returns its path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mat = lmap.values[method]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(lmap.layers_b),
-                                    1.2 + 0.35 * len(lmap.layers_a)))
-    im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
-    short = lambda l: l.replace("_block", ".").replace("_out", "").replace("_relu", "")  # noqa
-    ax.set_xticks(range(len(lmap.layers_b)), [short(l) for l in lmap.layers_b], rotation=90)
-    ax.set_yticks(range(len(lmap.layers_a)), [short(l) for l in lmap.layers_a])
-    ax.set_xlabel(f"{lmap.name_b} layer")
-    ax.set_ylabel(f"{lmap.name_a} layer")
-    fig.colorbar(im, ax=ax, label=sim.label(method))
-    ax.set_title(lmap.title(method), fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path

@@ -6,6 +6,7 @@ the CSV/JSON files without recomputing anything.
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Dict, Mapping, Optional, Sequence
 
 import matplotlib
@@ -320,4 +321,25 @@ def plot_layer_statistics(rows: Sequence[Mapping], path: str) -> str:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle("3x3 filter statistics per layer (error bars: sd over fine-tuned runs)")
+    return _save(fig, path)
+
+
+def plot_layer_map(lmap, method: str, path: str) -> str:
+    """Heatmap of a layer_map.LayerMap's ``values[method]``: rows = A's layers, columns =
+    B's layers, colour scale 0..1 with a colorbar; the title names the method, the
+    spatial handling and n (wrapped to the figure's width). Writes a PNG (local or
+    gs://) and returns its path."""
+    mat = lmap.values[method]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(lmap.layers_b),
+                                    1.2 + 0.35 * len(lmap.layers_a)))
+    im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
+    short = lambda l: l.replace("_block", ".").replace("_out", "").replace("_relu", "")  # noqa
+    ax.set_xticks(range(len(lmap.layers_b)), [short(l) for l in lmap.layers_b], rotation=90)
+    ax.set_yticks(range(len(lmap.layers_a)), [short(l) for l in lmap.layers_a])
+    ax.set_xlabel(f"{lmap.name_b} layer")
+    ax.set_ylabel(f"{lmap.name_a} layer")
+    fig.colorbar(im, ax=ax, label=sim.label(method))
+    width = max(40, int(15 * fig.get_figwidth()))  # ~characters at 8 pt across the figure
+    title = "\n".join(textwrap.fill(line, width) for line in lmap.title(method).split("\n"))
+    fig.suptitle(title, fontsize=8, y=1.0, va="bottom")  # above the axes and the colorbar
     return _save(fig, path)

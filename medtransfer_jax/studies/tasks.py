@@ -152,7 +152,7 @@ def write_layer_map(lmap, csv_path: str, pngs: Dict[str, str]) -> Dict[str, str]
     files = dict(csv=tables.write_csv(csv_path, rows),
                  json=tables.write_json(os.path.splitext(csv_path)[0] + ".json", rows))
     for m in lmap.values:
-        files[f"png_{m}"] = layer_map_lib.plot_layer_map(lmap, m, pngs[m])
+        files[f"png_{m}"] = plots.plot_layer_map(lmap, m, pngs[m])
     return files
 
 
