@@ -121,7 +121,7 @@ def test_analysis_stages_print_one_line_per_item(study):
     found = [pat.fullmatch(l) for l in out.splitlines() if l.startswith("representations ")]
     assert len(found) == 5 and all(found), found
     assert [int(m.group(1)) for m in found] == [1, 2, 3, 4, 5]
-    assert found[-1].group(4) == "0 s" and found[0].group(4) != "0 s"
+    assert found[0].group(4) != "0 s"   # the maps after the CCA pairs are the stage's rest
     st = runner.Study(_tiny_study_config(), wd)
     assert [m.group(2) for m in found] == [p[0] for p in analyses.cca_pairs(st, "lesion", 0)]
     # the headline of each pair is its mean paper_cca over the layers in the table
@@ -136,6 +136,7 @@ def test_analysis_stages_print_one_line_per_item(study):
     maps = [l for l in out.splitlines() if l.startswith("layer maps ")]
     assert [l.split(" lesion/fold0 ")[0] for l in maps] == ["layer maps 1/2", "layer maps 2/2"]
     assert all(re.search(r": diagonal linear_cka \d\.\d{3}, .*, overall ETA ", l) for l in maps)
+    assert ", stage ETA 0 s, " in maps[-1]   # the last item of the stage: nothing left
     filt = [l for l in out.splitlines() if l.startswith("filters ")]
     assert [l.split(":")[0] for l in filt] == ["filters 1/2 lesion/fold0 natural",
                                                "filters 2/2 lesion/fold0 random"]
@@ -143,7 +144,7 @@ def test_analysis_stages_print_one_line_per_item(study):
     rates = json.load(open(os.path.join(wd, "stages", "rates.json")))["stages"]
     assert {s: rates[s]["items"] for s in ("representations", "predictions", "filters",
                                            "robustness")} == {
-        "representations": 5, "predictions": 1, "filters": 2, "robustness": 1}
+        "representations": 5 + 2, "predictions": 1, "filters": 2, "robustness": 1}
 
 
 def test_tables_statistics_and_directions(study):
@@ -313,8 +314,8 @@ def test_analyze_paper_protocol_reproduces_the_studys_cca_rows(study, tmp_path):
 
 def test_resumed_representations_stage_skips_done_items_without_timing_them(study):
     """A representations stage redone with its CCA tables and one layer map present:
-    only the missing map runs (its line says 2/2), and the rates stay those of the
-    items actually computed."""
+    only the missing map runs (its line says 2/2), and the rates gain that one item
+    only (the skipped CCA pairs and map add nothing)."""
     wd, _, _ = study
     rates_file = os.path.join(wd, "stages", "rates.json")
     before = json.load(open(rates_file))["stages"]
@@ -329,6 +330,8 @@ def test_resumed_representations_stage_skips_done_items_without_timing_them(stud
     assert not [l for l in lines if l.startswith("representations ")]
     maps = [l for l in lines if l.startswith("layer maps ")]
     assert len(maps) == 1 and maps[0].startswith(
-        "layer maps 2/2 lesion/fold0 random (pre) vs random (fine-tuned): diagonal ")
+        "layer maps 2/2 lesion/fold0 random (pre) vs random (fine-tuned) [map]: diagonal ")
     after = json.load(open(rates_file))["stages"]
-    assert after["representations"] == before["representations"]
+    b, a = before["representations"], after["representations"]
+    assert a["items"] == b["items"] + 1
+    assert a["units"] == pytest.approx(b["units"] + 96 / 5 * (32 / 224) ** 2)  # one map

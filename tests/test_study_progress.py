@@ -117,13 +117,17 @@ def test_stage_work_of_the_tiny_study_counts_by_hand(tmp_path):
     assert sorted(w["finetune"].items) == sorted(r.name for r in study.finetune_runs())
     # CCA pairs of lesion/fold0: natural and random pre vs fine-tuned (2), natural vs
     # random before and after (2), random vs its twin (1); x 2 repeats x the images (24,
-    # but at most the held-out fifth of 96) at 32 px
-    assert w["representations"].label == "5 pairs"
-    assert w["representations"].units == pytest.approx(5 * 2 * 96 / 5 * (32 / 224) ** 2)
+    # but at most the held-out fifth of 96) at 32 px; plus 2 layer maps (pre vs
+    # fine-tuned of natural and random), one pass over min(24, 96/5) images each
+    assert w["representations"].label == "7 pairs"
+    assert w["representations"].units == pytest.approx(
+        (5 * 2 * 96 / 5 + 2 * 96 / 5) * (32 / 224) ** 2)
     assert w["predictions"].units == 2     # natural vs random + the gain vs random
     # the analysis stages' items, named as their loops name them (StageItems)
+    pairs = analyses.cca_pairs(study, "lesion", 0)
     assert sorted(w["representations"].items) == sorted(
-        f"lesion/fold0 {p[0]}" for p in analyses.cca_pairs(study, "lesion", 0))
+        [f"lesion/fold0 {p[0]}" for p in pairs] +
+        [f"lesion/fold0 {p[0]} [map]" for p in pairs if p[1] == "pre_vs_finetuned"])
     assert w["predictions"].items == {"lesion": 2.0}
     assert w["robustness"].items == {"lesion": 2.0} and w["filters"].untimed == 0
     assert sorted(w["filters"].items) == ["lesion/fold0 natural", "lesion/fold0 random"]
@@ -144,8 +148,8 @@ def test_dry_run_estimate_only_once_a_rate_exists(tmp_path):
     assert pf.estimate["finetune"] == pytest.approx(ft)
     assert pf.basis["finetune"] == "measured" and pf.basis["filters"] == "prior"
     assert pf.estimate["report"] == pytest.approx(_prior("report", 7.0))
-    assert pf.estimate["representations"] == pytest.approx(
-        5 * 2 * 96 / 5 * (32 / 224) ** 2 * _prior("representations", 7.0))
+    assert pf.estimate["representations"] == pytest.approx(   # 5 CCA pairs + 2 maps
+        (5 * 2 + 2) * 96 / 5 * (32 / 224) ** 2 * _prior("representations", 7.0))
     line = [l for l in pf.text().splitlines() if l.startswith("[study] estimate:")]
     assert line == [pf.estimate_line()]
     assert line[0].startswith(f"[study] estimate: "

@@ -244,6 +244,21 @@ def layer_map_settings(study) -> Optional[Any]:
     return lm if lm and lm.get("comparisons") else None
 
 
+def map_item_name(target: str, fold: int, label: str) -> str:
+    """A layer map's item name (progress line, cost model): its pair's CCA item name
+    would collide with the CCA item of the same stage."""
+    return item_name(target, fold, f"{label} [map]")
+
+
+def map_pairs(study, lm) -> List[tuple]:
+    """(item name, target, fold, label, kind, weights a, weights b) of every pair the
+    study's ``analysis.layer_maps`` selects."""
+    return [(map_item_name(t, f, p[0]), t, f) + tuple(p)
+            for t, f in itertools.product(study.clean_targets, lm.get("folds", None)
+                                          or study.folds)
+            for p in cca_pairs(study, t, f) if p[1] in lm.comparisons]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
@@ -297,10 +312,7 @@ def layer_maps(study) -> List[Dict[str, Any]]:
     if lm is None:
         return []
     methods = tuple(lm.get("methods", None) or layer_map_lib.DEFAULT_MAP_METHODS)
-    pairs = [(item_name(t, f, p[0]), t, f) + tuple(p)
-             for t, f in itertools.product(study.clean_targets, lm.get("folds", None)
-                                           or study.folds)
-             for p in cca_pairs(study, t, f) if p[1] in lm.comparisons]
+    pairs = map_pairs(study, lm)
     files = {n: layer_map_files(t, f, label, methods) for n, t, f, label, *_ in pairs}
     where = {n: {k: study.path(*f.split("/")) for k, f in fs.items()}
              for n, fs in files.items()}

@@ -205,13 +205,14 @@ def _representations_work(study, tf, cca) -> progress.StageWork:
     """CCA pairs x repeats x images x (image_size / 224)^2 (each draw is a forward pass
     of both networks, the shuffled null's again); the stimuli come from a held-out
     split, so at most ~1/5 of the target's images; the size is the target's own. One
-    item per pair (``analyses.item_name``), timed one by one."""
+    item per pair (``analyses.item_name``), timed one by one; a layer map
+    (``analysis.layer_maps``) is one more item, counted as one repeat over its images."""
     if not cca or not tf:
         return progress.StageWork(0, "pairs")
     first = {}  # target -> its first run, whose config gives the image size and N
     for r in study.finetune_runs():
         first.setdefault(r.keys["target"], r)
-    pairs, items = 0, {}
+    pairs, items, scale = 0, {}, {}
     for target, fold in tf:
         labels = [p[0] for p in analyses.cca_pairs(study, target, fold)]
         try:
@@ -219,10 +220,18 @@ def _representations_work(study, tf, cca) -> progress.StageWork:
             size, ex = cfg.data.image_size, _examples(cfg)
         except Exception:  # reported by check_run_config
             size, ex = math.nan, None
+        scale[target] = (size / 224) ** 2, ex
         images = min(cca.num_images, 0.2 * ex) if ex else cca.num_images
         pairs += len(labels)
         items.update({analyses.item_name(target, fold, label):
-                      cca.repeats * images * (size / 224) ** 2 for label in labels})
+                      cca.repeats * images * scale[target][0] for label in labels})
+    lm = analyses.layer_map_settings(study)
+    if lm is not None:  # a map: one pass of both networks over its images (one repeat)
+        for name, target, *_ in analyses.map_pairs(study, lm):
+            per_px, ex = scale.get(target, (math.nan, None))
+            n = int(lm.get("num_images", 128))
+            items[name] = (min(n, 0.2 * ex) if ex else n) * per_px
+            pairs += 1
     return progress.StageWork(pairs, "pairs", items=items)
 
 
