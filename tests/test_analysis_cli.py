@@ -3,16 +3,15 @@ import csv
 import json
 import os
 
+import _analyze_utils
 import numpy as np
 import pytest
 from absl import flags
-from absl.testing import flagsaver
 
 from medtransfer_jax import analyze
 from medtransfer_jax.analysis import stimuli
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
-from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
 
 FLAGS = flags.FLAGS
 SIZE = 64
@@ -20,24 +19,11 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_weights")
-    model = resnet.ResNet(depth=50, width=8, num_classes=None)
-    out = []
-    for i in range(2):
-        d = str(root / f"w{i}")
-        save_weights(d, resnet.random_variables(model, 10 + i),
-                     WeightsMetadata(source="random", layout="keras_v1", depth=50, width=8,
-                                     preprocessing="unit", image_size=SIZE))
-        out.append(d)
-    return out
+    return _analyze_utils.random_weights_dirs(tmp_path_factory.mktemp("cli_weights"), depth=50,
+                                              width=8, image_size=SIZE, seeds=(10, 11))
 
 
-@pytest.fixture(autouse=True)
-def _parsed_flags():
-    if not FLAGS.is_parsed():
-        FLAGS.mark_as_parsed()
-    with flagsaver.flagsaver():
-        yield
+_parsed_flags = _analyze_utils.parsed_flags
 
 
 def _run(command, **overrides):

@@ -2,16 +2,14 @@
 import csv
 import os
 
+import _analyze_utils
 import numpy as np
 import pytest
 from absl import flags
-from absl.testing import flagsaver
 
 from medtransfer_jax import analyze
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.analysis import layer_map
-from medtransfer_jax.models import resnet
-from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
 
 FLAGS = flags.FLAGS
 SIZE = 32
@@ -19,24 +17,11 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("map_weights")
-    model = resnet.ResNet(depth=18, width=8, num_classes=None)
-    out = []
-    for i in range(2):
-        d = str(root / f"w{i}")
-        save_weights(d, resnet.random_variables(model, 20 + i),
-                     WeightsMetadata(source="random", layout="keras_v1", depth=18, width=8,
-                                     preprocessing="unit", image_size=SIZE))
-        out.append(d)
-    return out
+    return _analyze_utils.random_weights_dirs(tmp_path_factory.mktemp("map_weights"), depth=18,
+                                              width=8, image_size=SIZE, seeds=(20, 21))
 
 
-@pytest.fixture(autouse=True)
-def _parsed_flags():
-    if not FLAGS.is_parsed():
-        FLAGS.mark_as_parsed()
-    with flagsaver.flagsaver():
-        yield
+_parsed_flags = _analyze_utils.parsed_flags
 
 
 def _run(**overrides):
