@@ -20,7 +20,7 @@ from _train_utils import REPO
 
 STUB = r'''#!__PYTHON__
 """Multi-call stub: behaves as gcloud / python / hostname / nvidia-smi / srun / scontrol."""
-import json, os, shutil, signal, subprocess, sys, time
+import fcntl, json, os, shutil, signal, subprocess, sys, time
 
 ROOT = os.environ["STUB_ROOT"]
 NAME = os.path.basename(sys.argv[0])
@@ -39,16 +39,23 @@ def record(**extra):
 
 
 def take(key, default):
-    """Pops the next value of scenario[key] (a list; its last value repeats)."""
+    """Pops the next value of scenario[key] (a list; its last value repeats).
+
+    Detached jobs on several fake workers call this at the same time, so the
+    read-modify-write of state.json holds a lock and replaces the file atomically.
+    """
     path = os.path.join(ROOT, "state.json")
-    state = json.load(open(path)) if os.path.exists(path) else {}
     seq = cfg().get(key)
     if seq is None:
         return default
-    i = state.get(key, 0)
-    state[key] = i + 1
-    with open(path, "w") as f:
-        json.dump(state, f)
+    with open(os.path.join(ROOT, "state.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.load(open(path)) if os.path.exists(path) else {}
+        i = state.get(key, 0)
+        state[key] = i + 1
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(path + ".tmp", path)
     return seq[min(i, len(seq) - 1)]
 
 
