@@ -58,14 +58,15 @@ def test_measures_match_sklearn_scipy():
 
 def test_auc_gain_vs_similarity():
     rng = np.random.default_rng(1)
-    recs = [dict(auc=0.7 + 0.2 * c, auc_random=0.65,
+    recs = [dict(auc=0.7 + 0.2 * c, auc_random=0.65, source=("imagenet", "radimagenet")[i % 2],
                  similarity={"conv1_relu": c, "conv5_block3_out": rng.uniform()})
-            for c in rng.uniform(0.2, 0.9, 8)]
+            for i, c in enumerate(rng.uniform(0.2, 0.9, 8))]
     assert P.relative_auc_gain(0.9, 0.6) == pytest.approx(0.5)
     rows = {r["layer"]: r for r in P.auc_gain_vs_similarity(recs)}
     x = np.array([r["similarity"]["conv1_relu"] for r in recs])
     y = np.array([(r["auc"] - 0.65) / 0.65 for r in recs])
     assert rows["conv1_relu"]["pearson_r"] == pytest.approx(1.0)
+    assert rows["conv1_relu"]["source"] == [r["source"] for r in recs]  # the plot's colours
     assert rows["conv1_relu"]["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
     x5 = np.array([r["similarity"]["conv5_block3_out"] for r in recs])
     assert rows["conv5_block3_out"]["spearman_r"] == pytest.approx(stats.spearmanr(x5, y)[0])

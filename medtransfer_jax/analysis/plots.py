@@ -75,9 +75,12 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
         if any(null):
             ax.plot(range(len(layers)), null, ":", color="grey", label="chance (shuffled rows)")
         ax.set_xticks(range(len(layers)))
-        ax.set_xticklabels(layers, rotation=30, ha="right")
+        # Anchored rotation and half a slot of margin: the first name stays clear of the
+        # y label instead of running under it.
+        ax.set_xticklabels(layers, rotation=30, ha="right", rotation_mode="anchor")
+        ax.set_xlim(-0.5, len(layers) - 0.5)
         ax.set_xlabel("layer (Keras name)")
-        ax.set_ylabel(f"{sim.label(m)} (unitless, error bars: {error_label})")
+        ax.set_ylabel(f"{sim.label(m)}\n(unitless; error bars: {error_label})")
         ax.set_title(title or m)
         ax.grid(alpha=0.3)
     # One legend under the panels: inside an axis it hides the curves when pairs are many.
@@ -166,25 +169,45 @@ def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
     return _save(fig, path)
 
 
-def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str) -> str:
-    """One panel per layer: relative AUC gain vs similarity, with the least-squares line."""
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.5 * len(rows), 3.5), squeeze=False,
+def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str, method: str = "") -> str:
+    """One panel per layer: relative AUC gain vs similarity (``method``), one point per
+    run coloured by source, with the least-squares line over all points."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.5 * len(rows), 3.9), squeeze=False,
                              sharey=True)
+    sources = list(dict.fromkeys(s for r in rows for s in r.get("source") or []))
+    colours = {s: f"C{i}" for i, s in enumerate(sources)}
     for ax, r in zip(axes[0], rows):
-        ax.scatter(r["similarity"], r["gain"])
+        x, y = np.asarray(r["similarity"]), np.asarray(r["gain"])
+        src = list(r.get("source") or [""] * len(x))
+        for s in dict.fromkeys(src):
+            idx = [i for i, v in enumerate(src) if v == s]
+            ax.scatter(x[idx], y[idx], color=colours.get(s, "C0"), label=s or None)
         if np.isfinite(r["slope"]):
             xs = np.linspace(min(r["similarity"]), max(r["similarity"]), 10)
-            ax.plot(xs, r["slope"] * xs + r["intercept"])
-        ax.set_title(f"{r['layer']} (r={r['pearson_r']:.2f}, n={int(r['n'])} runs)")
-        ax.set_xlabel("similarity pre vs fine-tuned")
-    axes[0, 0].set_ylabel("relative AUC gain over random init")
+            ax.plot(xs, r["slope"] * xs + r["intercept"], color="grey",
+                    label="least squares (all runs)")
+        ax.axhline(0, color="black", linewidth=0.5)
+        # Two short lines: the layer names are long and the panels narrow.
+        ax.set_title(f"{r['layer']}\nPearson r = {r['pearson_r']:.2f}, n = {int(r['n'])} runs",
+                     fontsize=9)
+        ax.set_xlabel(f"{sim.label(method) if method else 'similarity'}, pre vs fine-tuned",
+                      fontsize=8)
+    axes[0, 0].set_ylabel("relative AUC gain over random init\n"
+                          "(AUC - AUC_random) / AUC_random")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
     return _save(fig, path)
 
 
-def plot_weight_change(rows: Sequence[Mapping], path: str) -> str:
-    """Relative L2 change and cosine per layer (network order)."""
+def plot_weight_change(rows: Sequence[Mapping], path: str, title: str = "") -> str:
+    """Relative L2 change and cosine per layer (network order); ``title`` names a and b
+    (a PNG opened on its own has no caption to say which weights were compared)."""
     ok = [r for r in rows if r["status"] == "ok"]
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    if title:
+        axes[0].set_title(title)
     x = np.arange(len(ok))
     for kind in dict.fromkeys(r["kind"] for r in ok):  # one line per layer kind
         idx = [i for i, r in enumerate(ok) if r["kind"] == kind]
@@ -219,24 +242,35 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
     """Source Matters' figure: AUC vs artefact fraction p, one panel per (target,
     confounder); one colour per source, one line style per test set (i.i.d. solid, clean
     dotted, o.o.d. dashed); error bars = sample sd over folds. ``marks[(target, kind, p,
-    test)]`` = significance stars of the between-source test, drawn above the points."""
+    test)]`` = significance stars of the between-source test, drawn above the points.
+    The series are dodged sideways (within 0.3 of the smallest gap between p values) so
+    that error bars at the same p do not hide each other; the x ticks are the true p."""
     panels = list(dict.fromkeys((r["target"], r["confounder"]) for r in summary))
     colours = source_colours(list(dict.fromkeys(r["source"] for r in summary)))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for ax, (target, kind) in zip(axes[0], panels):
         sel = [r for r in summary if r["target"] == target and r["confounder"] == kind]
         folds = sorted({int(_finite_or_0(r.get("n_rows"))) for r in sel})
-        for src in dict.fromkeys(r["source"] for r in sel):
+        sources = list(dict.fromkeys(r["source"] for r in sel))
+        ps = sorted({float(r["p"]) for r in sel})
+        gap = min(np.diff(ps)) if len(ps) > 1 else 1.0
+        n_series = len(sources) * len(TEST_STYLES)
+        step = 0.3 * gap / max(n_series, 1)
+        k = 0
+        for src in sources:
             pts = sorted((float(r["p"]), r) for r in sel if r["source"] == src)
             for test, style in TEST_STYLES.items():
+                dx = (k - (n_series - 1) / 2) * step
+                k += 1
                 ys = [_nan(r.get(f"auc_{test}")) for _, r in pts]
-                ax.errorbar([p for p, _ in pts], ys,
+                ax.errorbar([p + dx for p, _ in pts], ys,
                             yerr=[_finite_or_0(r.get(f"auc_{test}_sd")) for _, r in pts],
                             ls=style, marker="o", ms=3, capsize=2, color=colours[src],
                             label=f"{src}, {TEST_NAMES[test]}")
                 for (p, _), y in zip(pts, ys):
-                    _mark(ax, p, y, (marks or {}).get((target, kind, p, test), ""),
+                    _mark(ax, p + dx, y, (marks or {}).get((target, kind, p, test), ""),
                           colours[src])
+        ax.set_xticks(ps)
         ax.set_xlabel("fraction p of positive training images with the artefact")
         ax.set_ylabel("test ROC-AUC (error bars: sd over folds)")
         ax.set_title(f"{target}: {kind} (n = {', '.join(map(str, folds))} folds)")

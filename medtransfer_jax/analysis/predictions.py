@@ -172,15 +172,16 @@ def auc_gain_vs_similarity(records: Sequence[Mapping]) -> List[dict]:
         'similarity': {layer: value}, ...}`` (e.g. CCA of pre-trained vs fine-tuned).
     Returns:
       one row per layer: ``layer, n, pearson_r, spearman_r, slope, intercept`` (least squares
-      of gain on similarity), plus the points as ``similarity``/``gain`` lists.
+      of gain on similarity), plus the points as ``similarity``/``gain`` lists and, for the
+      plot's colours, each point's ``source`` (the record's, or '').
     """
     if not records:
         raise ValueError("auc_gain_vs_similarity: no records.")
     layers = list(dict.fromkeys(l for r in records for l in r["similarity"]))
     rows = []
     for layer in layers:
-        pts = [(float(r["similarity"][layer]), relative_auc_gain(r["auc"], r["auc_random"]))
-               for r in records if layer in r["similarity"]]
+        pts = [(float(r["similarity"][layer]), relative_auc_gain(r["auc"], r["auc_random"]),
+                str(r.get("source", ""))) for r in records if layer in r["similarity"]]
         x = np.array([p[0] for p in pts])
         y = np.array([p[1] for p in pts])
         slope = intercept = float("nan")
@@ -191,7 +192,8 @@ def auc_gain_vs_similarity(records: Sequence[Mapping]) -> List[dict]:
                          spearman_r=(_pearson(stats.rankdata(x), stats.rankdata(y)) if len(x) >= 2
                                      else float("nan")),
                          slope=slope, intercept=intercept,
-                         similarity=x.tolist(), gain=y.tolist()))
+                         similarity=x.tolist(), gain=y.tolist(),
+                         source=[p[2] for p in pts]))
     return rows
 
 

@@ -398,7 +398,8 @@ def predictions(study):
     if len(gain_records) >= 2:
         gain_rows = pred.auc_gain_vs_similarity(gain_records)
         tables.write_csv(study.path("tables", "auc_gain_vs_similarity.csv"), gain_rows)
-        plots.plot_auc_vs_similarity(gain_rows, study.path("figures", "auc_gain_vs_cca.png"))
+        plots.plot_auc_vs_similarity(gain_rows, study.path("figures", "auc_gain_vs_cca.png"),
+                                     method=method)
 
 
 # --------------------------------------------------------------------------- filters
@@ -447,9 +448,11 @@ def _filter_figures(study, drift, layers, change):
     if per_layer:
         plots.plot_layer_statistics(per_layer, fig("filter_layer_statistics.png"))
     for s in dict.fromkeys(r["source"] for r in change):
-        mean_rows = tables.summarise([r for r in change if r["source"] == s],
-                                     ("layer", "kind", "status"), ("rel_l2", "cosine"))
-        plots.plot_weight_change(mean_rows, fig(f"weight_change_{s}.png"))
+        sel = [r for r in change if r["source"] == s]
+        mean_rows = tables.summarise(sel, ("layer", "kind", "status"), ("rel_l2", "cosine"))
+        runs = len({(r.get("target"), r.get("fold")) for r in sel})
+        plots.plot_weight_change(mean_rows, fig(f"weight_change_{s}.png"), title=(
+            f"{s}: a = pre-trained, b = fine-tuned weights (mean over {runs} runs)"))
 
 
 def filters_of_sources(study):

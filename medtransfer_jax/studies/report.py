@@ -246,11 +246,15 @@ def _figures(page: _Page):
     page.figure("prediction_similarity.png",
                 "Prediction similarity on the test split vs the independent-errors baseline "
                 "acc_A·acc_B + (1−acc_A)(1−acc_B); mean over folds.")
-    page.figure("auc_gain_vs_cca.png", "Relative AUC gain over random init vs similarity "
-                                       "pre/fine-tuned per layer; one point per run.")
+    page.figure("auc_gain_vs_cca.png", "Relative AUC gain over random init, (AUC − "
+                                       "AUC_random)/AUC_random, vs similarity pre/fine-tuned "
+                                       "per layer; one point per run, coloured by source; grey: "
+                                       "least-squares line over all runs.")
     page.figure("robustness.png", "AUC vs artefact fraction p per source (colour) and test set "
-                                  "(line style); error bars: sample sd over folds; stars: "
-                                  "permutation t-test between sources (* p<.05, ** p<.01).")
+                                  "(line style); error bars: sample sd over folds; series "
+                                  "shifted slightly sideways so bars at one p stay apart; "
+                                  "stars: permutation t-test between sources "
+                                  "(* p<.05, ** p<.01).")
     page.figure("filter_kl_drift.png", "3×3 filter KL drift pre vs fine-tuned by depth bin "
                                        "(CNN-Filter-DB definition); dotted: noise floor.")
     page.figure("filter_layer_statistics.png", "Sparsity and variance entropy of the 3×3 "

@@ -211,7 +211,8 @@ def run_weight_change(task: WeightChangeTask, out_dir: str) -> Dict[str, str]:
                                             include_batch_stats=task.include_batch_stats)
     return dict(csv=tables.write_csv(_out(out_dir, "weight_change.csv"), rows),
                 json=tables.write_json(_out(out_dir, "weight_change.json"), rows),
-                png=plots.plot_weight_change(rows, _out(out_dir, "weight_change.png")))
+                png=plots.plot_weight_change(rows, _out(out_dir, "weight_change.png"),
+                                             title=f"a = {task.a}\nb = {task.b}"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +322,8 @@ def run_auc_vs_similarity(task: AucVsSimilarityTask, out_dir: str) -> Dict[str, 
     return dict(csv=tables.write_csv(_out(out_dir, "auc_vs_similarity.csv"), table),
                 json=tables.write_json(_out(out_dir, "auc_vs_similarity.json"),
                                        dict(layers=table, runs=records)),
-                png=plots.plot_auc_vs_similarity(table, _out(out_dir, "auc_vs_similarity.png")))
+                png=plots.plot_auc_vs_similarity(table, _out(out_dir, "auc_vs_similarity.png"),
+                                                 method=task.method or ""))
 
 
 def check_layers(weights_dirs: Sequence[str], layers: Optional[Sequence[str]]) -> None:

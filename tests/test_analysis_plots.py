@@ -1,0 +1,56 @@
+"""What a reader sees in the study figures: the drawn data, legends and titles (the
+figure objects are inspected before they are saved)."""
+import numpy as np
+import pytest
+
+from medtransfer_jax.analysis import plots
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Collects the figures the plot functions would save."""
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    return figs
+
+
+def test_robustness_series_at_one_p_are_dodged_not_stacked(drawn):
+    rows = [dict(target="chest", confounder="tag", source=s, p=p, n_rows=5,
+                 **{f"auc_{t}": 0.7 + 0.01 * i for i, t in enumerate(plots.TEST_STYLES)},
+                 **{f"auc_{t}_sd": 0.02 for t in plots.TEST_STYLES})
+            for s in ("imagenet", "radimagenet") for p in (0.0, 0.1, 0.5, 1.0)]
+    plots.plot_robustness(rows, "unused.png")
+    (ax,) = drawn[0].axes
+    series = [c.lines[0].get_xdata() for c in ax.containers]  # one errorbar per series
+    assert len(series) == 2 * len(plots.TEST_STYLES)
+    xs = np.array(series, dtype=float)             # (series, p)
+    true_p = np.array([0.0, 0.1, 0.5, 1.0])
+    # every series is off the others at each p, and stays within 0.15 of the 0.1 gap
+    for j in range(4):
+        assert len(set(np.round(xs[:, j], 9))) == len(series)
+    assert np.abs(xs - true_p).max() <= 0.15 * 0.1 + 1e-12
+    np.testing.assert_allclose(ax.get_xticks(), true_p)
+
+
+def test_auc_gain_points_are_coloured_by_source_and_the_method_is_named(drawn):
+    rows = [dict(layer="conv1_relu", n=4, pearson_r=0.5, slope=1.0, intercept=0.0,
+                 similarity=[0.1, 0.2, 0.3, 0.4], gain=[0.0, 0.1, 0.1, 0.3],
+                 source=["imagenet", "radimagenet", "imagenet", "radimagenet"])]
+    plots.plot_auc_vs_similarity(rows, "unused.png", method="paper_cca")
+    fig = drawn[0]
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:2] == ["imagenet", "radimagenet"] and "least squares" in labels[2]
+    colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
+    assert len(colours) == 2                        # one colour per source
+    assert "conv1_relu\n" in ax.get_title() and "n = 4 runs" in ax.get_title()
+    assert plots.sim.label("paper_cca") in ax.get_xlabel()
+    assert "AUC_random" in ax.get_ylabel()
+
+
+def test_weight_change_says_what_was_compared(drawn):
+    rows = [dict(layer=f"l{i}", kind="conv", status="ok", rel_l2=0.01 * i, cosine=1 - 1e-4 * i)
+            for i in range(3)]
+    plots.plot_weight_change(rows, "unused.png", title="imagenet: a = pre-trained, b = "
+                                                       "fine-tuned weights (mean over 5 runs)")
+    assert "mean over 5 runs" in drawn[0].axes[0].get_title()
