@@ -142,3 +142,30 @@ def test_streaming_route_rows_agree_with_numpy():
     assert rows[0]["value"] == pytest.approx(rows[1]["value"], abs=1e-4)
     with pytest.raises(ValueError, match="streaming:"):
         B.run(neurons=[8], datapoints=[100], methods=["streaming:rbf_cka"])
+
+
+def test_train_bench_times_torch_compile_after_every_other_cell(monkeypatch):
+    """torch.compile is the slowest thing the GPU script times: it goes last, so a timeout
+    loses only its rows; each torch row carries its ratio to the matching JAX row."""
+    from medtransfer_jax.bench import train_throughput as tt
+    calls = []
+
+    def fake_jax(*, batch_size, image_size, dtype, **_):
+        calls.append(("jax", batch_size))
+        return dict(framework="jax", image_size=image_size, batch=batch_size, dtype=dtype,
+                    img_per_s=100.0 * batch_size)
+
+    def fake_torch(*, batch_size, image_size, dtype, compile, **_):
+        calls.append(("torch.compile" if compile else "torch", batch_size))
+        return dict(framework="torch.compile" if compile else "torch", image_size=image_size,
+                    batch=batch_size, dtype=dtype, img_per_s=50.0 * batch_size * (1 + compile))
+
+    monkeypatch.setattr(tt, "bench_jax_step", fake_jax)
+    monkeypatch.setattr(tt, "bench_torch_step", fake_torch)
+    rows = tt.run(image_sizes=(32,), batch_sizes=(8, 16), dtypes=("bfloat16",),
+                  torch_compile=True)
+    assert calls == [("jax", 8), ("torch", 8), ("jax", 16), ("torch", 16),
+                     ("torch.compile", 8), ("torch.compile", 16)]
+    by = {(r["framework"], r["batch"]): r for r in rows}
+    assert by[("jax", 8)]["jax_speedup"] == pytest.approx(2.0)        # vs eager torch
+    assert by[("torch.compile", 16)]["jax_speedup"] == pytest.approx(1.0)

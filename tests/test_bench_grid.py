@@ -52,3 +52,27 @@ def test_grid_projects_the_full_study_from_measured_epochs(tmp_path):
 def test_unknown_target_is_a_user_error():
     with pytest.raises(UserError, match="unknown target"):
         grid.run(targets=("lung",))
+
+
+def test_time_budget_measures_the_largest_target_and_projects_the_rest(tmp_path, capsys,
+                                                                       monkeypatch):
+    """A budget too small for a second target: the largest (breast: 780 images vs
+    thyroid's 480, same capped size) is measured, thyroid is projected from it."""
+    # 640 x 0.05 = 32 images: breast's 16-image epoch is timed over 2 extra epochs
+    monkeypatch.setattr(grid, "MIN_EXTRA_IMAGES", 640)
+    rows = grid.run(targets=("thyroid", "breast"), scale=0.05, width=8, depth=18,
+                    max_image_size=32, max_batch=16, dtype="float32", cache="host",
+                    workdir=str(tmp_path / "w"), cfg_dir=f"{_train_utils.REPO}/configs",
+                    xla_cache_dir=None, time_budget_s=1e-3)
+    thyroid, breast, total = rows                  # the table keeps the asked order
+    assert breast["extra_epochs"] == 2             # a tiny epoch is timed over several
+    assert breast["how"] == "measured" and thyroid["how"] == "projected"
+    assert "cold_s" not in thyroid                 # nothing of thyroid was timed
+    per_image_pixel = breast["epoch_s"] / (breast["images"] * 32 ** 2)
+    assert thyroid["epoch_s"] == pytest.approx(per_image_pixel * thyroid["images"] * 32 ** 2)
+    assert thyroid["run_s"] == pytest.approx(breast["fixed_s"]
+                                             + thyroid["epochs"] * thyroid["epoch_s"])
+    assert total["target_grid_s"] == pytest.approx(thyroid["target_grid_s"]
+                                                   + breast["target_grid_s"])
+    assert "1 of 2 targets measured" in total["target"]
+    assert "projected from the 1 measured: thyroid" in capsys.readouterr().out

@@ -1,9 +1,11 @@
 """launch/gpu_record.sh, rehearsed without a GPU.
 
-A GPU session has ~15 minutes of device time in all; a misspelled flag or a part that
-outgrows the 10-minute per-call limit would waste most of it. So every `bench` line of
-the script is parsed here with the real absl flags and the bench's own validation, and
-each part's timeouts must fit one call with room for start-up and the wheel install.
+A GPU session has ~15 minutes of device time in all, a machine start costs 1-2 of them
+and a machine goes back 30 s after a call, so the script is one call. A misspelled flag
+or benchmarks that outgrow the 10-minute call limit would waste the session. So every
+`bench` line of the script is parsed here with the real absl flags and the bench's own
+validation, and the benchmarks' timeouts together must fit one call with room for
+start-up and the wheel install.
 """
 import pathlib
 import re
@@ -14,8 +16,9 @@ import sys
 import _train_utils
 
 SCRIPT = pathlib.Path(_train_utils.REPO) / "launch" / "gpu_record.sh"
-#: One device call may run 600 s; leave this much for pip, nvidia-smi and JAX start-up.
-CALL_LIMIT_S, STARTUP_S = 600, 60
+#: One device call may run 600 s; the script's header asks for timeout_s=570, and pip,
+#: nvidia-smi and five JAX start-ups need some of that.
+CALL_TIMEOUT_S, STARTUP_S = 570, 90
 
 
 def _bench_lines():
@@ -54,14 +57,16 @@ def test_every_bench_line_parses_with_the_real_flags():
         assert p.returncode == 0 and "OK" in p.stdout, (part, name, args, p.stderr[-2000:])
 
 
-def test_each_part_fits_one_device_call():
-    per_part = {}
-    for part, _, seconds, _ in _bench_lines():
-        assert part in ("part1", "part2"), "a bench line outside part1/part2"
-        per_part[part] = per_part.get(part, 0) + seconds
-    assert set(per_part) == {"part1", "part2"}
-    for part, total in per_part.items():
-        assert total <= CALL_LIMIT_S - STARTUP_S, (part, total)
+def test_all_benchmarks_fit_one_device_call():
+    lines = _bench_lines()
+    assert {part for part, _, _, _ in lines} == {"part1", "part2"}
+    total = sum(seconds for _, _, seconds, _ in lines)
+    assert total <= CALL_TIMEOUT_S - STARTUP_S, total
+    assert "timeout_s=570" in SCRIPT.read_text()
+    # the grid's own budget ends inside its timeout, so its TOTAL row is always printed
+    (grid,) = [(s, a) for _, name, s, a in lines if name == "grid"]
+    budget = [float(a.split("=", 1)[1]) for a in grid[1] if a.startswith("--time_budget_s=")]
+    assert budget and budget[0] <= grid[0] - 20
 
 
 def test_a_flag_the_bench_does_not_know_is_caught():

@@ -51,6 +51,9 @@ _PROTOCOL = flags.DEFINE_enum("protocol", "sep2023", ["sep2023", "feb2023"],
 _SCALE = flags.DEFINE_float("scale", 1.0, "grid: fraction of each target's images (CPU runs).")
 _MAX_IMAGE_SIZE = flags.DEFINE_integer("max_image_size", 4096, "grid: cap on image sizes.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 4096, "grid: cap on batch sizes.")
+_TIME_BUDGET = flags.DEFINE_float("time_budget_s", None, "grid: seconds to spend; targets run "
+                                  "largest first, the ones that would not fit are projected "
+                                  "from the measured ones (marked in the table).")
 _CACHE = flags.DEFINE_enum("cache", "device", ["none", "host", "device"], "grid: data.cache.")
 _CONFIGS_DIR = flags.DEFINE_string("configs_dir", None, "grid: the repo's configs/ folder "
                                    "(default ./configs or the source checkout's).")
@@ -72,6 +75,8 @@ def _validate(what: str) -> None:
         _ints(flags.FLAGS[flag].value, flag)
     for flag in ("iters", "repeats", "num_images", "network_images", "width", "depth"):
         cli.check_positive(flags.FLAGS[flag].value, f"--{flag}")
+    if _TIME_BUDGET.value is not None:
+        cli.check_positive(_TIME_BUDGET.value, "--time_budget_s")
     counts = [c for c in _DEVICE_COUNTS.value if c != "all"]
     _ints(counts, "device_counts")
     if what == "train":
@@ -138,7 +143,7 @@ def main(argv):
                         width=_WIDTH.value, depth=_DEPTH.value,
                         max_image_size=_MAX_IMAGE_SIZE.value, max_batch=_MAX_BATCH.value,
                         dtype=_DTYPES.value[0], cache=_CACHE.value,
-                        cfg_dir=_CONFIGS_DIR.value)
+                        cfg_dir=_CONFIGS_DIR.value, time_budget_s=_TIME_BUDGET.value)
         common.print_report("Revisiting grid: measured per target, projected to 175 runs",
                             rows, grid.COLUMNS, cmd)
     elif what == "network_scale":

@@ -10,19 +10,29 @@ checkpoints, final predictions on val and test, exports), three times in one pro
 
 * ``cold``: 1 epoch, first compile of the target's shapes;
 * ``warm1``: 1 epoch again (compiled programs from the persistent cache);
-* ``warm2``: 2 epochs.
+* ``warm_more``: 1 + k epochs, k >= 1 chosen so that the k extra epochs train on at least
+  ``MIN_EXTRA_IMAGES`` (x ``--scale``) images: a small target's epoch on a GPU is a
+  fraction of a second, less than the run-to-run noise of the fixed cost.
 
-So one epoch (train + its validation + checkpoint) costs ``warm2 - warm1``, a run's fixed
-cost (setup, cache decode, compile-cache reads, final predictions, export) is ``warm1 -
-epoch``, and the projected run is ``fixed + epochs x epoch``. The freeze variants' head
+So one epoch (train + its validation + checkpoint) costs ``(warm_more - warm1) / k``, a
+run's fixed cost (setup, cache decode, compile-cache reads, final predictions, export) is
+``warm1 - epoch``, and the projected run is ``fixed + epochs x epoch``. An epoch measured
+as <= 0 (noise larger than the extra epochs) is reported as NaN, never as a tiny number. The freeze variants' head
 phase is counted as full-cost epochs (an upper bound: its backward pass stops at the
 head). Early stopping is off, as in the Sep-2023 protocol (patience = epochs).
 
 On a 2-core CPU the same command runs scaled down (``--scale``, ``--width``,
 ``--max_image_size``, ``--max_batch``); the GPU record script runs it at full size.
+
+With a time budget (``--time_budget_s``, for a device lent by the minute) the targets run
+largest first (images x pixels x epochs) and no target starts that would not finish in
+the budget; each one left out is projected from the measured ones (their seconds per
+image-pixel for an epoch, their mean fixed cost) in a row marked ``projected``, and the
+TOTAL row says how many targets were measured.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -40,15 +50,17 @@ from medtransfer_jax.training import loop, sweep
 PAPER_TARGETS: Dict[str, tuple] = {
     "chest": (5856, 2), "breast": (780, 2), "thyroid": (480, 2), "mammograms": (3568, 2),
     "knee": (5222, 3), "isic": (10015, 7), "pcam": (10000, 2)}
+#: Training images the extra epochs of ``warm_more`` cover at least (at --scale=1).
+MIN_EXTRA_IMAGES = 8192
 #: Source variants per target and how many of them train a head phase first.
 VARIANTS, FROZEN_VARIANTS, FOLDS = 5, 2, 5
 #: XLA's cost analysis of the ResNet50 train step at 224 px (BENCHMARKS.md section 1),
 #: per image; scales with the pixel count. Used for MFU at width 64 only.
 TRAIN_GFLOP_224 = 22.6
 
-COLUMNS = ["target", "images", "size", "batch", "epochs", "steps/epoch", "cold_s", "warm1_s",
-           "warm2_s", "compile_cold_s", "compile_warm_s", "epoch_s", "img_per_s", "mfu",
-           "run_s", "frz_run_s", "target_grid_s"]
+COLUMNS = ["target", "how", "images", "size", "batch", "epochs", "steps/epoch", "cold_s",
+           "warm1_s", "extra_epochs", "warm_more_s", "compile_cold_s", "compile_warm_s", "epoch_s", "img_per_s",
+           "mfu", "run_s", "frz_run_s", "target_grid_s"]
 
 
 def configs_dir(flag_value: Optional[str] = None) -> str:
@@ -92,20 +104,36 @@ def _timed_run(config, epochs: int, root: str):
     return secs, res
 
 
-def bench_target(target: str, config, root: str) -> Dict[str, Any]:
-    """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 2 epochs) -> a table row."""
+def _epoch_work(config) -> float:
+    """Images x pixels of one training epoch: what an epoch's time scales with."""
+    return float(config.data.synthetic.num_examples) * float(config.data.image_size) ** 2
+
+
+def _grid_s(run_s: float, frz_run_s: float) -> float:
+    return FOLDS * ((VARIANTS - FROZEN_VARIANTS) * run_s + FROZEN_VARIANTS * frz_run_s)
+
+
+def bench_target(target: str, config, root: str,
+                 min_extra_images: float = MIN_EXTRA_IMAGES) -> Dict[str, Any]:
+    """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 1 + k epochs) -> a row."""
     epochs = int(config.train.num_epochs)  # the protocol's; the timed runs change it
     head_epochs = int(config.train.head_phase.num_epochs)
+    t0 = time.perf_counter()
     cold, rc = _timed_run(config, 1, root)
     warm1, r1 = _timed_run(config, 1, root)
-    warm2, _ = _timed_run(config, 2, root)
-    config.train.num_epochs = epochs
-    epoch_s = max(warm2 - warm1, 1e-9)
-    fixed_s = max(warm1 - epoch_s, 0.0)
-    run_s = fixed_s + epochs * epoch_s
-    frz_run_s = run_s + head_epochs * epoch_s
     steps = int(r1["steps_per_epoch"])
     bs = int(config.train.batch_size)
+    extra = int(min(max(1, math.ceil(min_extra_images / (steps * bs))), max(epochs, 1)))
+    warm_more, _ = _timed_run(config, 1 + extra, root)
+    config.train.num_epochs = epochs
+    epoch_s = (warm_more - warm1) / extra
+    if epoch_s <= 0:
+        print(f"[grid] {target}: {extra} extra epoch(s) took no measurable time "
+              f"({warm1:.2f} s vs {warm_more:.2f} s); epoch time reported as NaN", flush=True)
+        epoch_s = float("nan")
+    fixed_s = max(warm1 - epoch_s, 0.0) if math.isfinite(epoch_s) else float("nan")
+    run_s = fixed_s + epochs * epoch_s
+    frz_run_s = run_s + head_epochs * epoch_s
     size = int(config.data.image_size)
     ips = steps * bs / epoch_s
     mfu = float("nan")
@@ -113,22 +141,47 @@ def bench_target(target: str, config, root: str) -> Dict[str, Any]:
         peak = common.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
         if peak:
             mfu = ips * TRAIN_GFLOP_224 * 1e9 * (size / 224) ** 2 / (peak * jax.device_count())
-    grid_s = FOLDS * ((VARIANTS - FROZEN_VARIANTS) * run_s + FROZEN_VARIANTS * frz_run_s)
-    return {"target": target, "images": int(config.data.synthetic.num_examples), "size": size,
+    return {"target": target, "how": "measured",
+            "images": int(config.data.synthetic.num_examples), "size": size,
             "batch": bs, "epochs": epochs, "steps/epoch": steps, "cold_s": cold,
-            "warm1_s": warm1, "warm2_s": warm2, "compile_cold_s": rc.get("compile_s", float("nan")),
+            "warm1_s": warm1, "extra_epochs": extra, "warm_more_s": warm_more,
+            "compile_cold_s": rc.get("compile_s", float("nan")),
             "compile_warm_s": r1.get("compile_s", float("nan")),
             "warm_cache_hits": r1.get("compile_cache_hits", 0), "epoch_s": epoch_s,
             "img_per_s": ips, "mfu": mfu, "run_s": run_s, "frz_run_s": frz_run_s,
-            "target_grid_s": grid_s}
+            "target_grid_s": _grid_s(run_s, frz_run_s), "fixed_s": fixed_s,
+            "bench_s": time.perf_counter() - t0, "work": _epoch_work(config)}
+
+
+def project_target(target: str, config, measured: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """A target the budget left out, from the measured rows: epoch time at their mean
+    seconds per image-pixel, their mean fixed cost; nothing is timed."""
+    ok = [r for r in measured if math.isfinite(r["epoch_s"])] or measured  # NaN if none
+    per_work = sum(r["epoch_s"] for r in ok) / sum(r["work"] for r in ok)
+    fixed_s = sum(r["fixed_s"] for r in ok) / len(ok)
+    epochs = int(config.train.num_epochs)
+    epoch_s = per_work * _epoch_work(config)
+    run_s = fixed_s + epochs * epoch_s
+    frz_run_s = run_s + int(config.train.head_phase.num_epochs) * epoch_s
+    return {"target": target, "how": "projected",
+            "images": int(config.data.synthetic.num_examples),
+            "size": int(config.data.image_size), "batch": int(config.train.batch_size),
+            "epochs": epochs, "epoch_s": epoch_s, "run_s": run_s, "frz_run_s": frz_run_s,
+            "target_grid_s": _grid_s(run_s, frz_run_s)}
 
 
 def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep2023",
         scale: float = 1.0, width: int = 64, depth: int = 50, max_image_size: int = 4096,
         max_batch: int = 4096, dtype: str = "bfloat16", cache: str = "device",
         cfg_dir: Optional[str] = None, workdir: Optional[str] = None,
-        xla_cache_dir: Optional[str] = compile_cache.DEFAULT_DIR) -> List[Dict[str, Any]]:
-    """One row per target plus a TOTAL row (the projected 175-run grid)."""
+        xla_cache_dir: Optional[str] = compile_cache.DEFAULT_DIR,
+        time_budget_s: Optional[float] = None) -> List[Dict[str, Any]]:
+    """One row per target plus a TOTAL row (the projected 175-run grid).
+
+    ``time_budget_s``: run the targets largest first and start none that would not finish
+    within it (judged by the slowest target measured so far); the rest are projected
+    (:func:`project_target`). At least one target is always measured.
+    """
     bad = [t for t in targets if t not in PAPER_TARGETS]
     if bad:
         raise UserError(f"bench grid: unknown target(s) {bad}; choose from {list(PAPER_TARGETS)}")
@@ -136,20 +189,34 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
     cfg_dir = configs_dir(cfg_dir)
     root = workdir or tempfile.mkdtemp(prefix="medtransfer_grid_")
     os.makedirs(root, exist_ok=True)
-    rows = []
-    for i, t in enumerate(targets):
-        cfg = target_config(cfg_dir, t, protocol=protocol, scale=scale, width=width, depth=depth,
-                            max_image_size=max_image_size, max_batch=max_batch, dtype=dtype,
-                            cache=cache)
-        rows.append(bench_target(t, cfg, root))
-        r = rows[-1]
-        print(f"[grid] {i + 1}/{len(targets)} {t}: epoch {r['epoch_s']:.1f} s, run "
+    cfgs = {t: target_config(cfg_dir, t, protocol=protocol, scale=scale, width=width,
+                             depth=depth, max_image_size=max_image_size, max_batch=max_batch,
+                             dtype=dtype, cache=cache) for t in targets}
+    order = list(targets)
+    if time_budget_s:
+        order.sort(key=lambda t: -_epoch_work(cfgs[t]) * int(cfgs[t].train.num_epochs))
+    t0 = time.perf_counter()
+    measured, left = [], []
+    for t in order:
+        slowest = max((r["bench_s"] for r in measured), default=0.0)
+        if measured and time_budget_s and time.perf_counter() - t0 + slowest > time_budget_s:
+            left.append(t)
+            continue
+        measured.append(bench_target(t, cfgs[t], root, MIN_EXTRA_IMAGES * scale))
+        r = measured[-1]
+        print(f"[grid] {len(measured)}/{len(targets)} {t}: epoch {r['epoch_s']:.1f} s, run "
               f"{r['run_s']:.0f} s, compile cold {r['compile_cold_s']:.1f} s / warm "
-              f"{r['compile_warm_s']:.1f} s, 25 runs {r['target_grid_s'] / 60:.1f} min",
-              flush=True)
-    total = sum(r["target_grid_s"] for r in rows)
-    rows.append({"target": f"TOTAL ({len(rows) * VARIANTS * FOLDS} runs)",
-                 "target_grid_s": total,
-                 "compile_cold_s": sum(r["compile_cold_s"] for r in rows),
-                 "compile_warm_s": sum(r["compile_warm_s"] for r in rows)})
+              f"{r['compile_warm_s']:.1f} s, 25 runs {r['target_grid_s'] / 60:.1f} min "
+              f"(bench {r['bench_s']:.0f} s)", flush=True)
+    projected = [project_target(t, cfgs[t], measured) for t in left]
+    if left:
+        print(f"[grid] time budget {time_budget_s:.0f} s: {len(left)} target(s) projected "
+              f"from the {len(measured)} measured: {', '.join(left)}", flush=True)
+    rows = sorted(measured + projected, key=lambda r: list(targets).index(r["target"]))
+    how = (f", {len(measured)} of {len(rows)} targets measured, the rest projected"
+           if projected else "")
+    rows.append({"target": f"TOTAL ({len(rows) * VARIANTS * FOLDS} runs{how})",
+                 "target_grid_s": sum(r["target_grid_s"] for r in rows),
+                 "compile_cold_s": sum(r["compile_cold_s"] for r in measured),
+                 "compile_warm_s": sum(r["compile_warm_s"] for r in measured)})
     return rows

@@ -120,8 +120,11 @@ def run(*, depth: int = 50, image_sizes: Sequence[int] = (224,),
         device_counts: Sequence[Optional[int]] = (None,), compare_torch: bool = True,
         iters: int = 3, repeats: int = 2, width: int = 64,
         torch_compile: bool = False) -> List[Dict[str, Any]]:
-    """Grid over image size x batch x dtype x device count; torch row + ratio per cell."""
-    rows = []
+    """Grid over image size x batch x dtype x device count; torch row + ratio per cell.
+
+    torch.compile rows come last, after every JAX and eager-torch cell: its compilation
+    is the slowest part, and a run stopped by a timeout should lose only those rows."""
+    rows, cells = [], []
     for size in image_sizes:
         for bs in batch_sizes:
             for dt in dtypes:
@@ -131,21 +134,32 @@ def run(*, depth: int = 50, image_sizes: Sequence[int] = (224,),
                                          repeats=repeats, width=width)
                     rows.append(row)
                     print(common.format_table([row]).splitlines()[-1], flush=True)
-                for compiled in ((False, True) if torch_compile else (False,)):
-                    if not (compare_torch and width == 64):
-                        break
-                    trow = bench_torch_step(depth=depth, image_size=size, batch_size=bs,
-                                            dtype=dt, iters=iters, repeats=repeats,
-                                            compile=compiled)
-                    if trow:
-                        jax_1dev = [r for r in rows if r["image_size"] == size and
-                                    r["batch"] == bs and r["dtype"] == dt][0]
-                        trow["jax_speedup"] = jax_1dev["img_per_s"] / trow["img_per_s"]
-                        if not compiled:  # the JAX row carries the ratio to eager torch
-                            jax_1dev["jax_speedup"] = trow["jax_speedup"]
-                        rows.append(trow)
-                        print(common.format_table([trow]).splitlines()[-1], flush=True)
+                cells.append((size, bs, dt))
+                _torch_row(rows, size, bs, dt, compiled=False, depth=depth, width=width,
+                           compare_torch=compare_torch, iters=iters, repeats=repeats)
+    if torch_compile:
+        for size, bs, dt in cells:
+            _torch_row(rows, size, bs, dt, compiled=True, depth=depth, width=width,
+                       compare_torch=compare_torch, iters=iters, repeats=repeats)
     return rows
+
+
+def _torch_row(rows, size, bs, dt, *, compiled, depth, width, compare_torch, iters, repeats):
+    """Appends the torchvision row of one cell, with the JAX/torch ratio (the JAX row
+    carries the ratio to eager torch)."""
+    if not (compare_torch and width == 64):
+        return
+    trow = bench_torch_step(depth=depth, image_size=size, batch_size=bs, dtype=dt,
+                            iters=iters, repeats=repeats, compile=compiled)
+    if not trow:
+        return
+    jax_1dev = [r for r in rows if r["framework"] == "jax" and r["image_size"] == size
+                and r["batch"] == bs and r["dtype"] == dt][0]
+    trow["jax_speedup"] = jax_1dev["img_per_s"] / trow["img_per_s"]
+    if not compiled:
+        jax_1dev["jax_speedup"] = trow["jax_speedup"]
+    rows.append(trow)
+    print(common.format_table([trow]).splitlines()[-1], flush=True)
 
 
 COLUMNS = ["framework", "depth", "image_size", "batch", "dtype", "devices", "compile_s",
