@@ -54,3 +54,16 @@ def test_weight_change_says_what_was_compared(drawn):
     plots.plot_weight_change(rows, "unused.png", title="imagenet: a = pre-trained, b = "
                                                        "fine-tuned weights (mean over 5 runs)")
     assert "mean over 5 runs" in drawn[0].axes[0].get_title()
+
+
+def test_prediction_similarity_over_folds_shows_the_spread_and_the_fold_count(drawn):
+    rows = [dict(pair="a vs b", observed=0.6, observed_sd=0.1, observed_n=5,
+                 expected_independent=0.5, expected_independent_sd=0.02, n=38)]
+    plots.plot_prediction_similarity(rows, "unused.png")
+    ax = drawn[0].axes[0]
+    assert "38 test images per fold" in ax.get_title() and "over 5 folds" in ax.get_title()
+    caps = [c for c in ax.containers if hasattr(c, "errorbar") and c.errorbar is not None]
+    assert len(caps) == 2                                  # both bars carry the sd
+    single = [dict(pair="a vs b", observed=0.6, expected_independent=0.5, n=38)]
+    plots.plot_prediction_similarity(single, "unused.png")  # one comparison: no folds
+    assert "folds" not in drawn[1].axes[0].get_title()

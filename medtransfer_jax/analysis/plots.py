@@ -151,20 +151,32 @@ def plot_filter_histograms(histograms: Mapping, bin_edges: np.ndarray, path: str
 
 
 def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
-    """Bars: observed both-right-or-both-wrong vs the independent-errors baseline."""
+    """Bars: observed both-right-or-both-wrong vs the independent-errors baseline. Rows
+    summarised over folds (``observed_sd``, ``observed_n``) get sd error bars and the
+    number of folds in the title."""
     labels = [r.get("pair", f"{r.get('model_a', 'A')} vs {r.get('model_b', 'B')}") for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
-    ax.bar(x - 0.2, [r["observed"] for r in rows], 0.4, label="observed")
+    over_folds = any("observed_sd" in r for r in rows)
+
+    def err(key):
+        return [_finite_or_0(r.get(f"{key}_sd")) for r in rows] if over_folds else None
+
+    ax.bar(x - 0.2, [r["observed"] for r in rows], 0.4, yerr=err("observed"), capsize=3,
+           label="observed")
     ax.bar(x + 0.2, [r["expected_independent"] for r in rows], 0.4,
-           label="independent errors")
+           yerr=err("expected_independent"), capsize=3, label="independent errors")
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of test images both right or both wrong")
     ns = sorted({int(r["n"]) for r in rows if _finite_or_0(r.get("n"))})
-    ax.set_title("prediction similarity" + (f" (n = {', '.join(map(str, ns))} test images "
-                                             "per fold)" if ns else ""))
+    what = [f"n = {', '.join(map(str, ns))} test images" + (" per fold" if over_folds else "")
+            ] if ns else []
+    if over_folds:
+        folds = sorted({int(_finite_or_0(r.get("observed_n"))) for r in rows})
+        what.append(f"mean ± sd over {', '.join(map(str, folds))} folds")
+    ax.set_title("prediction similarity" + (f"\n({'; '.join(what)})" if what else ""))
     ax.legend()
     return _save(fig, path)
 

@@ -245,7 +245,8 @@ def _figures(page: _Page):
                     "(shuffled rows) of that layer's comparison.")
     page.figure("prediction_similarity.png",
                 "Prediction similarity on the test split vs the independent-errors baseline "
-                "acc_A·acc_B + (1−acc_A)(1−acc_B); mean over folds.")
+                "acc_A·acc_B + (1−acc_A)(1−acc_B); mean over folds, error bars: sample sd "
+                "over folds.")
     page.figure("auc_gain_vs_cca.png", "Relative AUC gain over random init, (AUC − "
                                        "AUC_random)/AUC_random, vs similarity pre/fine-tuned "
                                        "per layer; one point per run, coloured by source; grey: "
