@@ -59,8 +59,9 @@ def _items(study, kind: str, names: Sequence[str], skip: Sequence[str] = ()):
 
 
 def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return float(np.nanmean(values)) if values else float("nan")
+    """Mean of the finite values; NaN (without numpy's empty-slice warning) if none."""
+    values = [v for v in (float(v) for v in values) if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 # ------------------------------------------------------------------------- fine-tuning
