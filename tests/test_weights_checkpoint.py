@@ -94,6 +94,13 @@ def test_missing_and_broken_directories(r18, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no metadata.json"):
         load_weights(str(tmp_path / "empty"))
+    # a training run's directory names its exported weights
+    run = tmp_path / "run"
+    (run / "export" / "best").mkdir(parents=True)
+    (run / "export" / "best" / "metadata.json").write_text(
+        WeightsMetadata(source="x", layout="keras_v1").to_json())
+    with pytest.raises(CheckpointError, match=f"exported weights are in '{run}/export/best'"):
+        load_metadata(str(run))
     d = tmp_path / "nometa_vars"
     d.mkdir()
     (d / "metadata.json").write_text(WeightsMetadata(source="x", layout="keras_v1").to_json())

@@ -102,11 +102,18 @@ def load_metadata(directory: paths.PathLike) -> WeightsMetadata:
     if not paths.isdir(directory):
         raise CheckpointError(
             f"Weights directory {shown!r} does not exist. Create one with "
-            "`python -m medtransfer_jax.convert --format=keras_h5 --input=FILE --output=DIR`.")
+            "`python -m medtransfer_jax.convert --format=keras_h5 --input=FILE "
+            "--output_dir=DIR`.")
     if not paths.exists(path):
+        # A training run (or a study's pre-trained source) holds its weights further down.
+        inside = [paths.to_str(paths.join(directory, *sub)) for sub in (
+            ("export", "best"), ("run", "export", "best"))
+            if paths.exists(paths.join(directory, *sub, METADATA_FILE))]
+        hint = (f"; its exported weights are in {inside[0]!r}: pass that" if inside else
+                " (made by medtransfer_jax.convert or exported by training)")
         raise CheckpointError(
             f"{shown!r} has no {METADATA_FILE}; it is not a medtransfer_jax weights "
-            "directory (made by medtransfer_jax.convert or exported by training).")
+            f"directory{hint}.")
     try:
         raw = json.loads(paths.read_text(path))
         return WeightsMetadata(**raw)

@@ -56,10 +56,10 @@ def convert(fmt: str, input_path: str, output_dir: str, *, num_classes: Optional
         raise ValueError(f"--image_size must be >= 32, got {image_size}.")
     output_dir = paths.to_str(paths.workdir(output_dir))  # gs:// kept, local made absolute
     if paths.exists(paths.join(output_dir, checkpoint.METADATA_FILE)) and not overwrite:
-        raise ValueError(f"--output={output_dir} already holds a weights directory; pass "
+        raise ValueError(f"--output_dir={output_dir} already holds a weights directory; pass "
                          "--overwrite to replace it or choose another directory.")
     if paths.isfile(output_dir):
-        raise ValueError(f"--output={output_dir} is a file; give a directory path.")
+        raise ValueError(f"--output_dir={output_dir} is a file; give a directory path.")
 
     loader = keras_h5.load_keras_h5 if fmt == "keras_h5" else torchvision.load_torchvision
     variables, info = loader(input_path, depth=depth)
