@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 
 import _analyze_utils
 import numpy as np
@@ -115,6 +116,10 @@ def test_weights_and_filters_commands(weights, tmp_path):
     assert npz["bin_edges"].shape == (9, 71)
     for k in ("hist_png", "drift_layer_png"):
         assert os.path.getsize(files[k]) > 1000
+    # one histogram figure per depth bin, named so a shell needs no quoting
+    per_bin = sorted(os.path.basename(v) for k, v in files.items() if k.startswith("hist_png_"))
+    assert "filter_histograms_depth_0.0-0.1.png" in per_bin
+    assert all(re.fullmatch(r"filter_histograms_depth_[0-9.]+-[0-9.]+\.png", f) for f in per_bin)
 
 
 def test_predictions_command(tmp_path):

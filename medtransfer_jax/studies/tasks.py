@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import io
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -256,13 +257,19 @@ def _write_histograms(rep, path: str) -> str:
     return path
 
 
+def _bin_slug(depth_bin: str) -> str:
+    """'(0.1, 0.2]' -> '0.1-0.2': a file name without spaces, brackets or commas."""
+    return "-".join(re.findall(r"\d+(?:\.\d+)?", depth_bin)) or re.sub(r"\W+", "_", depth_bin)
+
+
 def _filter_figures(rep, units: Sequence[str], out_dir: str) -> Dict[str, str]:
     files = {"hist_png": plots.plot_filter_histograms(
         rep.histograms, rep.bin_edges(), _out(out_dir, "filter_histograms.png"),
         keys=[(u, "all") for u in units], explained=rep.pca.explained_variance_ratio)}
     for b in sorted({k[1] for k in rep.histograms if k[1] != "all"}):
-        files[f"hist_png_{b}"] = plots.plot_filter_histograms(
-            rep.histograms, rep.bin_edges(), _out(out_dir, f"filter_histograms_depth_{b}.png"),
+        files[f"hist_png_{_bin_slug(b)}"] = plots.plot_filter_histograms(
+            rep.histograms, rep.bin_edges(),
+            _out(out_dir, f"filter_histograms_depth_{_bin_slug(b)}.png"),
             keys=[(u, b) for u in units if (u, b) in rep.histograms],
             explained=rep.pca.explained_variance_ratio)
     if rep.drift_rows:
