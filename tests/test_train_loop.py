@@ -12,6 +12,7 @@ import pytest
 from medtransfer_jax.inference import evaluation as evaluate
 from medtransfer_jax.training import loop, presets, sweep
 from medtransfer_jax.inference import metrics, predictions
+from medtransfer_jax.errors import WorkdirError
 from medtransfer_jax.weights.checkpoint import CheckpointError, load_weights
 
 
@@ -105,6 +106,11 @@ def test_incompatible_checkpoint_names_leaf(run_dir, tmp_path):
     dst = _copy_unfinished(wd, tmp_path)
     other = _tiny()
     other.model.width = 16
+    # The run's config.json names the change first ...
+    with pytest.raises(WorkdirError, match=r"model.width: 8 -> 16"):
+        loop.train_and_evaluate(other, dst)
+    # ... and a checkpoint without one (copied, or from an older version) names the leaf.
+    os.remove(os.path.join(dst, "config.json"))
     with pytest.raises(CheckpointError) as e:
         loop.train_and_evaluate(other, dst)
     msg = str(e.value)

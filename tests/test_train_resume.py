@@ -155,3 +155,41 @@ def test_protected_step_survives_a_reopened_manager(tmp_path):
     ckpt.save(7, state, None, {"step": 7}, protect=7)  # a new best replaces the old one
     ckpt.close()
     assert steps() == [6, 7]
+
+
+def test_resume_and_finished_runs_refuse_another_config(reference, tmp_path):
+    """Resuming with other training settings would finish the run under them while
+    config.json claimed them from the start: refused, naming the fields. Where files are
+    and how the run is logged may change; a finished run is not silently reported for a
+    config it was not trained with."""
+    from medtransfer_jax.errors import WorkdirError
+    wd = str(tmp_path / "run")
+    with pytest.raises(loop.Preempted):
+        loop.train_and_evaluate(_config(), wd, hooks=[_train_faults.Fault("term", 5)])
+    changed = _config()
+    changed.train.lr = 0.5
+    changed.data.image_size = 48
+    with pytest.raises(WorkdirError, match=r"holds a checkpoint \(step 5\).*"
+                                           r"data.image_size: 32 -> 48;.*train.lr: 0.002 -> 0.5"):
+        loop.train_and_evaluate(changed, wd)
+    relocated = _config()
+    relocated.log.every_steps = 1            # logging and layout may change on resume
+    relocated.checkpoint.max_to_keep = 5
+    res = loop.train_and_evaluate(relocated, wd)
+    assert res["status"] == "done"
+    with pytest.raises(WorkdirError, match="holds a finished run.*train.lr"):
+        loop.train_and_evaluate(changed, wd)
+    assert loop.train_and_evaluate(_config(), wd)["status"] == "done"  # same config: its results
+
+
+def test_config_changes_ignore_paths_and_new_fields():
+    from medtransfer_jax.training import run_setup
+    c = _config()
+    stored = json.loads(json.dumps(c.to_dict(), default=str))
+    c.data.root = "/elsewhere"
+    assert run_setup.config_changes(stored, c) == []
+    del stored["train"]["lr"]                # a field a newer version added
+    c.train.lr = 0.1
+    assert run_setup.config_changes(stored, c) == []
+    c.train.optimizer = "sgd"
+    assert run_setup.config_changes(stored, c) == ["train.optimizer: 'adam' -> 'sgd'"]

@@ -190,6 +190,9 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
     workdir = paths.to_str(paths.makedirs(paths.workdir(workdir)))
     previous = read_results(workdir) or {}
     if previous.get("status") == "done":
+        if isinstance(previous.get("config"), dict):
+            run_setup.check_same_config(previous["config"], config, workdir,
+                                        "holds a finished run")
         logging.info("%s already holds finished results; nothing to do", workdir)
         return previous
     if previous.get("status") == "diverged":

@@ -7,15 +7,16 @@ SIGTERM flag, profiler), so the loop's steps take one argument instead of twenty
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import os
 import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
 from absl import logging
 
-from medtransfer_jax import data as data_lib, sharding as shard_lib
+from medtransfer_jax import data as data_lib, paths, sharding as shard_lib
+from medtransfer_jax.errors import WorkdirError
 from medtransfer_jax.data import device_cache, integrity
 from medtransfer_jax.inference import predict
 from medtransfer_jax.training import checkpointing, finalize as finalize_lib, model_init, optim
@@ -102,6 +103,51 @@ class Run:
         self.ckpt.close()
 
 
+CONFIG_FILE = "config.json"
+#: Config fields a resumed run may change: where files are, how the run is logged,
+#: checkpointed and laid out on devices. Any other change would train the rest of the run
+#: under other settings than its start (and config.json would hide that), so it is refused.
+RESUMABLE_CHANGES = ("log.", "checkpoint.async_save", "checkpoint.max_to_keep", "sharding.",
+                     "eval.batch_size", "data.worker_count", "data.cache_placement",
+                     "data.root", "data.csv_path", "data.fold_csv_dir", "data.fold_csv_origin",
+                     "data.fold_csv_test", "data.tfds_data_dir")
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(stored: Dict[str, Any], config) -> List[str]:
+    """``'field: old -> new'`` for every field of ``config`` that differs from the
+    ``stored`` JSON config of the run in a way a resume must not accept (fields the stored
+    config lacks, e.g. added by a newer version, are not changes)."""
+    old, new = _flat(stored), _flat(finalize_lib.json_config(config))
+    changes = []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] == new[key] or key.startswith(RESUMABLE_CHANGES):
+            continue
+        if key == "model.init" and "random" not in (old[key], new[key]):
+            continue  # the same weights at another path: only read at the start
+        changes.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changes
+
+
+def check_same_config(stored: Dict[str, Any], config, workdir: str, what: str) -> None:
+    """Raises WorkdirError naming the changed fields when ``config`` is not the config
+    ``workdir``'s run was started with (``what``: 'holds a finished run' / 'holds ...')."""
+    changes = config_changes(stored, config)
+    if changes:
+        raise WorkdirError(
+            f"--workdir={workdir} {what} started with another config ({'; '.join(changes)}); "
+            "rerun it with its original settings (its config.json) or use a fresh --workdir")
+
+
 def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
     """Mesh, data (every file checked on a fresh start), model, phases, data iterator and
     checkpointer of a run; writes ``config.json``."""
@@ -113,6 +159,10 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
     ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
     try:
+        stored = paths.join(workdir, CONFIG_FILE)
+        if ckpt.latest_step() is not None and paths.exists(stored):
+            check_same_config(json.loads(paths.read_text(stored)), config, workdir,
+                              f"holds a checkpoint (step {ckpt.latest_step()}) of a run")
         if ckpt.latest_step() is None and not config.data.skip_corrupt:
             integrity.check_splits(splits)  # before any compilation; a resumed run passed it
         init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
@@ -122,7 +172,7 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
         phases = phases_lib.make_phases(config, steps_per_epoch)
         splits, train_iter, eval_data = _data_path(config, splits, mesh, prep, gbs)
         if jax.process_index() == 0:
-            finalize_lib.write_json(os.path.join(workdir, "config.json"),
+            finalize_lib.write_json(paths.join(workdir, CONFIG_FILE),
                                     finalize_lib.json_config(config))
             logging.info("data:\n%s", splits.summary())
             logging.info("model ResNet%d/%s width %d, init %s, preprocessing %s; mesh %s; %d "
