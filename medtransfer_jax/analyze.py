@@ -128,10 +128,19 @@ def _fail(msg: str):
 
 # ------------------------------------------------------------------ flags -> stimuli
 def _load_stimuli_config():
-    """The run config of --stimuli_config with --data_override applied to its data."""
+    """The run config of --stimuli_config with --data_root and --data_override applied to
+    its data (the dataset is the run's: a different --dataset is refused)."""
     from medtransfer_jax import configs
     try:
         cfg = configs.load(FLAGS.stimuli_config)
+    except UserError as e:
+        _fail(f"--stimuli_config={FLAGS.stimuli_config}: {e}")
+    if FLAGS.dataset and FLAGS.dataset != cfg.data.name:
+        _fail(f"--dataset={FLAGS.dataset} contradicts --stimuli_config, whose run reads "
+              f"{cfg.data.name!r}; leave --dataset out")
+    if FLAGS.data_root:
+        cfg.data.root = FLAGS.data_root
+    try:
         configs.override(cfg.data, FLAGS.data_override, flag="data_override")
     except UserError as e:
         _fail(f"--stimuli_config={FLAGS.stimuli_config}: {e}")

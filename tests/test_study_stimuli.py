@@ -144,3 +144,14 @@ def test_prediction_similarity_uses_the_protocol_mode(tmp_path, monkeypatch):
         seen.clear()
         analyses.predictions(study)
         assert seen == [(None if mode == "paper" else "test", mode)]
+
+
+@flagsaver.flagsaver
+def test_analyze_stimuli_config_takes_data_root_and_refuses_another_dataset(tmp_path):
+    """--data_root moves the run config's data (a study run's files on another machine);
+    a --dataset other than the run's is an error, not silently ignored."""
+    _, cfg_file = _one_target_study(tmp_path)
+    spec, _ = _analyze_spec(stimuli_config=str(cfg_file), data_root=str(tmp_path / "moved"))
+    assert spec.data.root == str(tmp_path / "moved")
+    with pytest.raises(analyze.FlagError, match="--dataset=breast contradicts"):
+        _analyze_spec(stimuli_config=str(cfg_file), dataset="breast")
