@@ -202,3 +202,18 @@ def test_nonfinite_activations_name_the_layer(weights, images):
     with pytest.raises(S.NonFiniteActivationsError, match=r"Y of conv1_relu: \d+ of"):
         compare.compare_networks(weights[0], broken, images, layers=["conv1_relu"],
                                  positions=200, num_channels=8, batch_size=16)
+
+
+def test_too_few_datapoints_are_warned_about():
+    """2 images at 7x7 give 98 positions for 64 channels: far from the protocol's 10,000
+    and under 10 per channel (CCA inflated); a well-fed layer gets no warning."""
+    shapes = {"conv5": (7, 7, 64), "conv1": (112, 112, 64)}  # conv1: 1 image suffices
+    draws = compare.make_plan(shapes, 2, positions=10000, num_channels=64, repeats=1, seed=0)
+    msgs = compare.warn_few_datapoints(draws, shapes, "positions", 10000, ["paper_cca"])
+    assert len(msgs) == 1 and msgs[0].startswith("conv5: 98 datapoints from 2 image(s)")
+    assert "asks ~10000" in msgs[0] and "biased upward" in msgs[0]
+    many = compare.make_plan(shapes, 400, positions=10000, num_channels=64, repeats=1, seed=0)
+    assert compare.warn_few_datapoints(many, shapes, "positions", 10000, ["paper_cca"]) == []
+    # CKA is not inflated that way: only the shortfall against the protocol is reported
+    (cka,) = compare.warn_few_datapoints(draws, shapes, "positions", 10000, ["linear_cka"])
+    assert "biased" not in cka

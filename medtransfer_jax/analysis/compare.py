@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import layer_map
@@ -114,6 +115,42 @@ def make_plan(shapes: Dict[str, Tuple[int, ...]], num_images: int, *, positions:
                 ch = np.sort(rng.choice(c, num_channels, replace=False))
             draws.append(Draw(layer, r, np.sort(perm[:n_img]), ch))
     return draws
+
+
+#: CCA of n datapoints in p dimensions is biased towards 1 as p/n grows; below this many
+#: datapoints per channel a warning says so (SVCCA's authors suggest well over 10).
+MIN_DATAPOINTS_PER_CHANNEL = 10
+
+
+def warn_few_datapoints(draws: Sequence[Draw], shapes, spatial: str, positions: int,
+                        methods: Sequence[str]) -> List[str]:
+    """Returns one warning per layer whose first draw has fewer datapoints than the
+    protocol asks (``positions``) or, for the CCA family, fewer than
+    MIN_DATAPOINTS_PER_CHANNEL per channel (values there are inflated, silently otherwise),
+    and logs each distinct one once per process."""
+    cca = any(sim.REGISTRY[m].cca for m in methods if m in sim.REGISTRY)
+    out = []
+    for d in draws:
+        if d.repeat != 0:
+            continue
+        shape = shapes[d.layer]
+        per_image = shape[0] * shape[1] if spatial == "positions" and len(shape) == 3 else 1
+        n = len(d.images) * per_image
+        p = len(d.channels) if d.channels is not None else shape[-1]
+        short = spatial == "positions" and len(shape) == 3 and n < 0.9 * positions
+        if short or (cca and n < MIN_DATAPOINTS_PER_CHANNEL * p):
+            out.append(f"{d.layer}: {n} datapoints from {len(d.images)} image(s) for {p} "
+                       f"channels" + (f" (the protocol asks ~{positions})" if short else "")
+                       + (f"; CCA is biased upward below {MIN_DATAPOINTS_PER_CHANNEL} per "
+                          "channel" if cca and n < MIN_DATAPOINTS_PER_CHANNEL * p else "")
+                       + ": give more images")
+            if out[-1] not in _WARNED:  # a study compares many pairs on the same shapes
+                _WARNED.add(out[-1])
+                logging.warning("compare: %s", out[-1])
+    return out
+
+
+_WARNED: set = set()
 
 
 def _shapes_for(a: act.LoadedModel, b: act.LoadedModel, image_hw, layers):
@@ -275,6 +312,7 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
                                   seed, batch_size, preprocessing, shapes, options, mesh)
     draws = make_plan(shapes, images.shape[0], positions=positions, num_channels=num_channels,
                       repeats=repeats, seed=seed, spatial=spatial)
+    warn_few_datapoints(draws, shapes, spatial, positions, methods)
     pairs = collect_draws(a, b, images, draws, spatial=spatial, batch_size=batch_size,
                           preprocessing=preprocessing, layer_pairs=layer_pairs, mesh=mesh,
                           compute_dtype=compute_dtype)
