@@ -102,7 +102,8 @@ _define("multi_string", "data_override", [], "key=value overrides of the data co
 _define("string", "predictions_a", None, "predictions.csv of model A.")
 _define("string", "predictions_b", None, "predictions.csv of model B.")
 _define("string", "random_predictions", None, "predictions.csv of the random-init model.")
-_define("string", "prediction_split", None, "Only rows of this split (default: all rows).")
+_define("string", "prediction_split", None, "Only rows of this split (default: 'test' when "
+        "the files hold several splits, else all rows; --similarity_mode=paper: 'val').")
 # weights / filters
 _define("bool", "include_batch_stats", False, "weights: include BatchNorm running stats.")
 _define("multi_string", "weights", [], "filters: NAME=DIR or DIR (repeatable).")

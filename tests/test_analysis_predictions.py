@@ -156,3 +156,24 @@ def test_paper_mode_reproduces_the_published_similarity_table(tmp_path):
     assert fixed["auc_a"] == pytest.approx(macro) and abs(macro - auc["a"]) > 1e-4
     with pytest.raises(ValueError, match="not one of"):
         P.compare_prediction_files(*files, mode="published")
+
+
+def test_val_and_test_rows_are_not_pooled_by_default(tmp_path):
+    """A training run's predictions.csv holds val and test rows; the comparison defaults to
+    the test rows (val picked the model), and says which split it used."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 30)
+    pa, pb = (_probs(rng, labels, 2, s) for s in (2.0, 1.0))
+    for name, p in (("a", pa), ("b", pb)):
+        _write(tmp_path / f"{name}_val.csv", [f"v{i}" for i in range(10)], labels[:10], p[:10],
+               split="val")
+        _write(tmp_path / f"{name}_test.csv", [f"t{i}" for i in range(20)], labels[10:],
+               p[10:], split="test")
+        rows = [(tmp_path / f"{name}_{s}.csv").read_text().splitlines() for s in ("val", "test")]
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows[0] + rows[1][1:]) + "\n")
+    out = P.compare_prediction_files(str(tmp_path / "a.csv"), str(tmp_path / "b.csv"))
+    want = P.prediction_similarity(labels[10:], pa[10:], pb[10:])
+    assert out["split"] == "test" and out["n"] == 20
+    assert out["observed"] == pytest.approx(want["observed"])
+    pooled = P.compare_prediction_files(str(tmp_path / "a_test.csv"), str(tmp_path / "b_test.csv"))
+    assert pooled["split"] == "all" and pooled["n"] == 20   # one split: all its rows

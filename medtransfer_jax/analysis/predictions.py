@@ -7,8 +7,8 @@ study's script computed ``acc_A*acc_A + ...``; here both accuracies are used.)
 
 Two modes (``mode=``; the Revisiting configs name theirs in ``analysis.similarity_mode``):
 
-* ``corrected`` (default): the baseline above, the split the caller names (the study
-  runner uses the test split), one-vs-rest macro AUC for the gain;
+* ``corrected`` (default): the baseline above, the split the caller names (default: the
+  test split when a file holds several, else all its rows), one-vs-rest macro AUC;
 * ``paper``: what produced the published ``results/similarity.csv`` and simVSauc
   figures (Feb-2023 ``prediction_similarity.py`` / ``base_AUC.py``): the validation fold,
   ``acc_A**2 + (1 - acc_A)**2`` as the baseline, and sklearn's AUC (binary; one-vs-rest
@@ -66,7 +66,8 @@ def align_predictions(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
     if only_a or only_b:
         raise ValueError(f"Predictions cover different examples: {len(only_a)} ids only in "
                          f"{name_a}, {len(only_b)} only in {name_b} (e.g. "
-                         f"{sorted(only_a | only_b)[:3]}). Evaluate both on the same split.")
+                         f"{[str(x) for x in sorted(only_a | only_b)[:3]]}). Evaluate both on "
+                         "the same split.")
     if not ia:
         raise ValueError(f"No predictions{' for split ' + split if split else ''}.")
     ids = list(a["id"])
@@ -209,8 +210,11 @@ def compare_prediction_files(path_a: str, path_b: str, *, split: Optional[str] =
     default_split, average = MODES[_check_mode(mode)]
     split = split or default_split
     a, b = read_predictions(path_a), read_predictions(path_b)
+    if split is None and len(set(a["split"])) > 1 and "test" in set(a["split"]):
+        split = "test"  # never pool the validation images (model selection) with the test
     labels, pa, pb = align_predictions(a, b, split=split, name_a=path_a, name_b=path_b)
     out = prediction_similarity(labels, pa, pb, mode)
+    out["split"] = split or "all"
     out["auc_a"], out["auc_b"] = roc_auc(labels, pa, average), roc_auc(labels, pb, average)
     if random_path:
         r = read_predictions(random_path)
