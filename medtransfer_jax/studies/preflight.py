@@ -153,7 +153,7 @@ def check_source(name: str, spec, source_dir: str, info=None) -> List[str]:
                                                                checkpoint.METADATA_FILE)):
         return [f"sources.{name}.path={spec.path}: no weights dir ({checkpoint.METADATA_FILE} "
                 "missing); convert the checkpoint with medtransfer_jax.convert"
-                + (f" or {_fix(hint, '')}" if hint else "")]
+                + (f" or give {hint}" if hint else "")]
     if spec.kind == "convert":
         if paths.exists(paths.join(source_dir, checkpoint.METADATA_FILE)):
             return []
@@ -162,7 +162,8 @@ def check_source(name: str, spec, source_dir: str, info=None) -> List[str]:
             return [f"sources.{name}.input={spec.input}: checkpoint file not found ({fix})"]
         problem = checkpoint_problem(paths.expand(str(spec.input)), spec.get("format", ""))
         if problem:
-            return [f"sources.{name}.input: {problem} ({fix} with {WHAT.get(spec.format, 'a checkpoint')})"]
+            what = WHAT.get(spec.get("format"), "a checkpoint file")
+            return [f"sources.{name}.input: {problem} ({fix} with {what})"]
     if spec.kind == "pretrain" and not os.path.isfile(spec.config.partition(":")[0]):
         return [f"sources.{name}.config={spec.config}: config file not found"]
     return []
@@ -236,8 +237,9 @@ def check_fold_csvs(target: str, d, folds: Sequence[int], hint: Optional[str]) -
     return []
 
 
-def check_folds(study, target: str, d) -> Optional[str]:
-    """The study's folds outside ``[0, data.num_folds)`` of a target's protocol, or None."""
+def check_folds(study, d) -> Optional[str]:
+    """The study's folds outside ``[0, data.num_folds)`` of a target's protocol, or None
+    (one message for every target with that protocol)."""
     bad = [f for f in study.folds if not 0 <= f < d.num_folds]
     if not bad:
         return None
@@ -265,7 +267,7 @@ def check_run_config(study, target: str, run: sweep.Run,
     out = check_data(target, d, _target_hint(study, target, "root"),
                      {} if layouts is None else layouts)
     out += check_fold_csvs(target, d, study.folds, _target_hint(study, target, "fold_csv_dir"))
-    folds = check_folds(study, target, d)
+    folds = check_folds(study, d)
     out += [folds] if folds else []
     p = d.get("csv_path")
     if p and not paths.exists(p if paths.is_absolute(p) else os.path.join(d.root or "", p)):
