@@ -233,7 +233,8 @@ def check_fold_csvs(target: str, d, folds: Sequence[int], hint: Optional[str]) -
                     f"(fold {fold} reads {', '.join(want)}; {fix})"]
     test = d.get("fold_csv_test")
     if test and not paths.isfile(paths.expand(test)):
-        return [f"targets.{target}: data.fold_csv_test={test!r} not found"]
+        return [f"targets.{target}: data.fold_csv_test={test!r} not found (the test CSV "
+                f"every fold reads; {fix})"]
     return []
 
 
