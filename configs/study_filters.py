@@ -17,6 +17,7 @@ import ml_collections
 from medtransfer_jax.studies import study_args
 
 KNOWN = dict(weights=None, groups=None)
+CONFIG, EXAMPLE = "configs/study_filters.py", "weights=~/w/imagenet.h5,~/w/b.pth"
 
 
 def _source(path: str) -> dict:
@@ -27,19 +28,20 @@ def _source(path: str) -> dict:
 
 
 def get_config(arg=None):
-    args = study_args.parse(arg, KNOWN, "configs/study_filters.py")
+    args = study_args.parse(arg, KNOWN, CONFIG, EXAMPLE)
     paths = [os.path.expanduser(p) for p in args.get("weights", [])]
     if not paths:
         raise ValueError("configs/study_filters.py: give weights=FILE[,FILE...] (Keras .h5, "
                          "torchvision .pth or converted weights dirs).")
     c = ml_collections.ConfigDict()
     c.name = "filters"
+    c.args = study_args.describe(CONFIG, KNOWN, EXAMPLE)
     c.folds = [0]
     c.model = ml_collections.ConfigDict(dict(depth=50, width=64, layout="keras_v1"))
     c.sources = ml_collections.ConfigDict()
     for p in paths:
         name = os.path.basename(p.rstrip("/")).split(".")[0].replace("-", "_")
-        c.sources[name] = _source(p)
+        c.sources[name] = dict(_source(p), study_arg="weights")
     c.targets = ml_collections.ConfigDict()
     c.analysis = ml_collections.ConfigDict()
     c.analysis.filters = ml_collections.ConfigDict()

@@ -30,10 +30,11 @@ from medtransfer_jax.training import presets
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWN = dict(targets=None, folds=None, data=None, imagenet=None, radimagenet=None,
              fold_csvs=None, protocol=None, freeze=None)
+CONFIG, EXAMPLE = "configs/study_revisiting.py", "targets=breast,thyroid,folds=0,1"
 
 
 def get_config(arg=None):
-    args = study_args.parse(arg, KNOWN, "configs/study_revisiting.py")
+    args = study_args.parse(arg, KNOWN, CONFIG, EXAMPLE)
     targets = args.get("targets") or list(presets.REVISITING_TARGETS)
     bad = [t for t in targets if t not in presets.REVISITING_TARGETS]
     if bad:
@@ -46,6 +47,7 @@ def get_config(arg=None):
 
     c = ml_collections.ConfigDict()
     c.name = f"revisiting-{protocol}"
+    c.args = study_args.describe(CONFIG, KNOWN, EXAMPLE)
     c.published = "revisiting" if protocol == "sep2023" else ""
     c.folds = [int(f) for f in args.get("folds") or range(5)]
     c.model = ml_collections.ConfigDict(dict(depth=50, width=64, layout="keras_v1"))
@@ -53,7 +55,7 @@ def get_config(arg=None):
     c.sources = ml_collections.ConfigDict()
     for name, default in (("imagenet", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
                           ("radimagenet", "RadImageNet-ResNet50_notop.h5")):
-        c.sources[name] = dict(kind="convert", format="keras_h5", arg=name,
+        c.sources[name] = dict(kind="convert", format="keras_h5", arg=name, study_arg=name,
                                input=study_args.one(args, name, os.path.join(weights, default)))
         if study_args.one(args, "freeze", "both") == "both":
             c.sources[f"{name}_frz"] = dict(weights_of=name, arg=f"{name},freeze=true")
@@ -66,7 +68,8 @@ def get_config(arg=None):
         if fold_csvs:
             overrides.append(f"data.fold_csv_dir={os.path.join(fold_csvs, csv_task)}")
         c.targets[t] = dict(config=os.path.join(HERE, "revisiting", f"{t}.py")
-                            + f":protocol={protocol}", overrides=overrides)
+                            + f":protocol={protocol}", overrides=overrides,
+                            from_args=dict(root=f"data/{t}", fold_csv_dir=f"fold_csvs/{csv_task}"))
     c.confounders = []
 
     c.analysis = ml_collections.ConfigDict()

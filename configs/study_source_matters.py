@@ -25,10 +25,11 @@ from medtransfer_jax.training import presets
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWN = dict(confounders=None, ps=None, folds=None, nih=None, lidc=None, imagenet=None,
              radimagenet=None, noise_dataset=None)
+CONFIG, EXAMPLE = "configs/study_source_matters.py", "confounders=tag,ps=0,1.0,folds=0,1"
 
 
 def get_config(arg=None):
-    args = study_args.parse(arg, KNOWN, "configs/study_source_matters.py")
+    args = study_args.parse(arg, KNOWN, CONFIG, EXAMPLE)
     kinds = args.get("confounders") or list(presets.CONFOUNDERS)
     bad = [k for k in kinds if k not in presets.CONFOUNDERS]
     if bad:
@@ -42,13 +43,14 @@ def get_config(arg=None):
 
     c = ml_collections.ConfigDict()
     c.name = "source-matters"
+    c.args = study_args.describe(CONFIG, KNOWN, EXAMPLE)
     c.published = "source_matters"
     c.folds = [int(f) for f in args.get("folds") or range(5)]
     c.model = ml_collections.ConfigDict(dict(depth=50, width=64, layout="keras_v1"))
     c.sources = ml_collections.ConfigDict()
     for name, default in (("imagenet", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
                           ("radimagenet", "RadImageNet-ResNet50_notop.h5")):
-        c.sources[name] = dict(kind="convert", format="keras_h5", arg=name,
+        c.sources[name] = dict(kind="convert", format="keras_h5", arg=name, study_arg=name,
                                input=study_args.one(args, name, os.path.join(weights, default)))
     c.sources.random = dict(kind="random", seed=0, arg="random", preprocessing="caffe")
 
@@ -61,6 +63,7 @@ def get_config(arg=None):
         c.targets[kind] = dict(
             config=os.path.join(HERE, "source_matters", f"{kind}.py") + f":dataset={dataset}",
             overrides=[f"data.root={roots[dataset]}"], clean=False,
+            from_args=dict(root={"nih_cxr14": "nih"}.get(dataset, dataset)),
             confounders=[ml_collections.ConfigDict(dict(kind=kind, ps=ps))])
     c.confounders = []
     c.analysis = ml_collections.ConfigDict(dict(auc_metric="auc_keras", bootstrap=1000,

@@ -409,6 +409,11 @@ def test_study_preflight_with_workdir_and_data_in_a_bucket(fake_gcs, no_os_path_
     c = _tiny_study_config()
     c.targets.lesion.overrides = list(c.targets.lesion.overrides) + [
         "data.name=breast", "data.root=gs://bucket/busi"]
+    missing = runner.preflight(c, "gs://bucket/study").missing   # the parser lists the bucket
+    assert len(missing) == 1 and "gs://bucket/busi does not have the expected layout" in missing[0]
+    for folder in ("benign", "malignant", "normal"):   # listed, never decoded
+        (fake_gcs / "bucket" / "busi" / folder).mkdir(exist_ok=True)
+        (fake_gcs / "bucket" / "busi" / folder / f"{folder} (1).png").write_bytes(b"x")
     pf = runner.preflight(c, "gs://bucket/study")
     assert pf.missing == [] and "a bucket: no disk limit" in pf.text()
     c.targets.lesion.overrides[-1] = "data.root=gs://bucket/nothing"

@@ -102,3 +102,158 @@ def test_filters_study_end_to_end(tmp_path):
     assert all(r["drift"] > 0 and r["noise_floor"] > 0 for r in drift)
     md = open(tmp_path / "wd" / "report.md").read()
     assert "filter_layer_statistics.png" in md and "filter_kl_drift.png" in md
+
+
+# ---------------------------------------------------- pre-flight: what would make runs fail
+def _busi(root):
+    """A BUSI layout the breast parser accepts: one (never decoded) PNG per class folder."""
+    for folder in ("benign", "malignant", "normal"):
+        os.makedirs(root / folder)
+        (root / folder / f"{folder} (1).png").write_bytes(b"not decoded")
+
+
+def _fold_csv(path, n):
+    path.write_text(",path,class\n" + "".join(f"{i},x/{i}.png,no\n" for i in range(n)))
+
+
+def test_revisiting_preflight_finds_empty_data_text_h5_missing_csvs_and_bad_folds(tmp_path):
+    """The audit's case (empty data and fold-CSV folders, a text file as .h5, folds=7)
+    used to pass; each is now one MISSING line naming the argument of this config."""
+    d, f = tmp_path / "D", tmp_path / "F"
+    os.makedirs(d / "breast")
+    os.makedirs(f / "breast")
+    (tmp_path / "B.h5").write_text("hello world\n")
+    (tmp_path / "A.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))  # the signature only
+    arg = (f"targets=breast,folds=0,7,data={d},imagenet={tmp_path}/A.h5,"
+           f"radimagenet={tmp_path}/B.h5,fold_csvs={f}")
+    pf = runner.preflight(_config("study_revisiting", arg), str(tmp_path / "wd"))
+    assert pf.missing == [
+        f"sources.radimagenet.input: {tmp_path}/B.h5 is not a Keras .h5 weights file (no HDF5 "
+        "signature: it starts with b'hello wo') (give configs/study_revisiting.py:"
+        "radimagenet=FILE with a Keras .h5 weights file)",
+        f"targets.breast: breast: {d}/breast does not have the expected layout (give "
+        "configs/study_revisiting.py:data=DIR with DIR/breast in it; the layout: "
+        "medtransfer_jax.data.builders.instructions('breast'))",
+        f"targets.breast: fold CSV {f}/breast/train_fold1.csv not found (fold 0 reads "
+        "train_fold1.csv, val_fold1.csv; give configs/study_revisiting.py:fold_csvs=DIR with "
+        "DIR/breast in it, the CSVs from https://github.com/DovileDo/revisiting-transfer "
+        "(HEAD, Sep 2023: train/val/test_fold1..5.csv), data/breast/: clone it and set "
+        "MEDTRANSFER_FOLD_CSVS=<clone>/data)",
+        "folds [7]: outside the protocol's 5 folds (0-4, 0-based; e.g. "
+        "configs/study_revisiting.py:folds=0,1)"], pf.missing
+    assert "pre-flight: ok" not in pf.text()
+
+    # Data in the layout, train CSV only, one per-fold test file: the first missing file.
+    os.rmdir(d / "breast")
+    _busi(d / "breast")
+    _fold_csv(f / "breast" / "train_fold1.csv", 7)
+    _fold_csv(f / "breast" / "test_fold2.csv", 2)
+    arg = arg.replace("folds=0,7", "folds=0")
+    missing = runner.preflight(_config("study_revisiting", arg), str(tmp_path / "wd")).missing
+    assert len(missing) == 2 and "B.h5" in missing[0]
+    assert missing[1].startswith(f"targets.breast: fold CSV {f}/breast/val_fold1.csv not found "
+                                 "(fold 0 reads train_fold1.csv, val_fold1.csv, test_fold1.csv;")
+    _fold_csv(f / "breast" / "val_fold1.csv", 2)
+    _fold_csv(f / "breast" / "test_fold1.csv", 2)
+    os.remove(tmp_path / "B.h5")
+    (tmp_path / "B.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    pf = runner.preflight(_config("study_revisiting", arg), str(tmp_path / "wd"))
+    assert pf.missing == [] and "pre-flight: ok" in pf.text()
+    # the training split is the CSV's 7 rows: 30 epochs x 7 per run, 5 runs
+    assert pf.images == 5 * 30 * 7 and "<= 210 images/run" in pf.text()
+
+
+def test_preflight_checkpoint_signatures(tmp_path):
+    """The cheap checks of a source file, by format (first bytes; a zip's directory)."""
+    import zipfile
+
+    from medtransfer_jax.studies import preflight
+
+    def write_zip(name, member):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            z.writestr(member, b"x")
+        return str(tmp_path / name)
+
+    torch_zip = write_zip("ok.pth", "archive/data.pkl")
+    keras_zip = write_zip("ok.keras", "model.weights.h5")
+    (tmp_path / "legacy.pth").write_bytes(b"\x80\x02}q\x00.")
+    (tmp_path / "text.pth").write_text("<html>404</html>")
+    (tmp_path / "cut.pth").write_bytes(open(torch_zip, "rb").read()[:20])
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "w.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    check = preflight.checkpoint_problem
+    assert check(torch_zip, "torchvision") is None and check(keras_zip, "keras_h5") is None
+    assert check(str(tmp_path / "legacy.pth"), "torchvision") is None
+    assert check(str(tmp_path / "w.h5"), "keras_h5") is None
+    assert check(str(tmp_path / "w.h5"), "torchvision") == (
+        f"{tmp_path}/w.h5 is not a PyTorch .pth/.pt state dict (neither a zip nor a pickle: "
+        "it starts with b'\\x89HDF\\r\\n\\x1a\\n')")
+    assert "neither a zip nor a pickle: it starts with b'<html>40'" in check(
+        str(tmp_path / "text.pth"), "torchvision")
+    assert "is a damaged zip" in check(str(tmp_path / "cut.pth"), "torchvision")
+    assert check(keras_zip, "torchvision") == (f"{keras_zip} is a zip without data.pkl, so "
+                                               "not a PyTorch .pth/.pt state dict")
+    assert "is empty (0 bytes)" in check(str(tmp_path / "empty.h5"), "keras_h5")
+    # The filters study names its own argument for a bad file.
+    pf = runner.preflight(_config("study_filters", f"weights={tmp_path}/text.pth"),
+                          str(tmp_path / "wd"))
+    assert len(pf.missing) == 1 and pf.missing[0].endswith(
+        "(give configs/study_filters.py:weights=FILE with a PyTorch .pth/.pt state dict)")
+
+
+def _nih(root, n_images):
+    os.makedirs(root / "images")
+    rows = ["Image Index,Finding Labels,Patient ID,Patient Age,Patient Gender,View Position"]
+    for i in range(n_images):
+        (root / "images" / f"{i:08d}_000.png").write_bytes(b"not decoded")
+        rows.append(f"{i:08d}_000.png,{'Atelectasis' if i % 2 else 'No Finding'},{i},50,M,PA")
+    (root / "Data_Entry_2017.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_source_matters_preflight_hints_and_images_from_the_csvs(tmp_path, monkeypatch):
+    """Hints name configs/study_source_matters.py and its nih/lidc arguments and the fold
+    CSVs' variable; the images to process come from train_fold{K+1}.csv, or are said to
+    be unknown until the data is there (once, not '<= ?' per target)."""
+    from medtransfer_jax.studies import preflight
+
+    monkeypatch.setenv("MEDTRANSFER_SM_FOLD_CSVS", str(tmp_path / "sm"))
+    h5 = tmp_path / "w.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n")
+    weights = f"imagenet={h5},radimagenet={h5}"
+    cfg = _config("study_source_matters", f"confounders=tag,noise,noise_dataset=lidc,ps=0,"
+                                          f"folds=0,nih=/nonexistent,lidc={tmp_path}/l,{weights}")
+    pf = runner.preflight(cfg, str(tmp_path / "wd"))
+    assert ("targets.tag: data root '/nonexistent' is not a directory (give "
+            "configs/study_source_matters.py:nih=DIR)") in pf.missing
+    assert (f"targets.noise: data root '{tmp_path}/l' is not a directory (give "
+            "configs/study_source_matters.py:lidc=DIR)") in pf.missing
+    assert not any("study_revisiting" in m or "data=DIR" in m for m in pf.missing)
+    csv = [m for m in pf.missing if m.startswith("targets.tag: data.fold_csv_dir=")]
+    assert len(csv) == 1 and "set MEDTRANSFER_SM_FOLD_CSVS=<clone>/data" in csv[0]
+    text = pf.text()
+    assert pf.images is None and "?" not in text and "unknown" not in text.split("\n", 1)[1]
+    assert text.count("unknown until the data is there") == 1
+    with pytest.raises(ValueError) as e:
+        _config("study_source_matters", "data=/x")
+    assert str(e.value).endswith("(e.g. configs/study_source_matters.py:confounders=tag,"
+                                 "ps=0,1.0,folds=0,1)") and "targets" not in str(e.value)
+
+    # Data and CSVs there: the training split is the CSV's 5 rows, 30 epochs per run.
+    _nih(tmp_path / "nih", 6)
+    os.makedirs(tmp_path / "sm" / "chest14")
+    _fold_csv(tmp_path / "sm" / "chest14" / "train_fold1.csv", 5)
+    _fold_csv(tmp_path / "sm" / "chest14" / "val_fold1.csv", 2)
+    _fold_csv(tmp_path / "sm" / "chest14" / "test.csv", 2)
+    cfg = _config("study_source_matters", f"confounders=tag,ps=0,folds=0,nih={tmp_path}/nih,"
+                                          f"{weights}")
+    pf = runner.preflight(cfg, str(tmp_path / "wd"))
+    assert pf.missing == [] and pf.images == 3 * 30 * 5, pf.missing
+    assert "<= 450 training images to process" in pf.text() and "<= 150 images/run" in pf.text()
+    work = preflight.stage_work(runner.Study(cfg, str(tmp_path / "wd")), ["finetune"])
+    assert list(work["finetune"].items.values()) == [30 * 5.0] * 3   # the ETA's units too
+    os.remove(tmp_path / "nih" / "images" / "00000003_000.png")
+    missing = runner.preflight(cfg, str(tmp_path / "wd")).missing
+    assert missing == [f"targets.tag: nih_cxr14: 1 of 6 listed files do not exist, e.g. "
+                       f"{tmp_path}/nih/images/00000003_000.png (give "
+                       "configs/study_source_matters.py:nih=DIR; the layout: "
+                       "medtransfer_jax.data.builders.instructions('nih_cxr14'))"]

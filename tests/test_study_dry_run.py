@@ -33,3 +33,39 @@ def test_dry_run_lists_everything_missing_in_one_line(tmp_path):
     assert "Traceback" not in out.stderr
     assert out.stdout.count("[study] MISSING:") >= 3   # two .h5 files, the data root, ...
     assert not wd.exists()
+
+
+def test_dry_run_of_the_audit_case_names_each_problem_and_its_argument(tmp_path):
+    """Empty data and fold-CSV folders, a text file as .h5 and folds=7 passed the old
+    pre-flight ('ok', exit 0); each is now a MISSING line and the study exits 2."""
+    cfg = os.path.join(_train_utils.REPO, "configs", "study_revisiting.py")
+    os.makedirs(tmp_path / "D" / "breast")
+    os.makedirs(tmp_path / "F" / "breast")
+    (tmp_path / "B.h5").write_text("not hdf5\n")
+    (tmp_path / "A.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    wd = tmp_path / "rt"
+    out = _study(f"--workdir={wd}", "--dry_run",
+                 f"--config={cfg}:targets=breast,folds=0,7,data={tmp_path}/D,imagenet="
+                 f"{tmp_path}/A.h5,radimagenet={tmp_path}/B.h5,fold_csvs={tmp_path}/F")
+    assert out.returncode == 2, out.stderr[-2000:]
+    missing = [m for m in out.stdout.splitlines() if m.startswith("[study] MISSING:")]
+    assert len(missing) == 4 and "pre-flight: ok" not in out.stdout, out.stdout
+    assert f"{tmp_path}/B.h5 is not a Keras .h5 weights file (no HDF5 signature" in missing[0]
+    assert f"{tmp_path}/D/breast does not have the expected layout" in missing[1]
+    assert f"fold CSV {tmp_path}/F/breast/train_fold1.csv not found" in missing[2]
+    assert "folds [7]: outside the protocol's 5 folds" in missing[3]
+    err = [line for line in out.stderr.splitlines() if line.startswith("study: error:")]
+    assert len(err) == 1 and err[0].startswith("study: error: 4 thing(s) missing")
+    assert not wd.exists()
+
+
+def test_dry_run_of_source_matters_names_its_own_arguments(tmp_path):
+    cfg = os.path.join(_train_utils.REPO, "configs", "study_source_matters.py")
+    out = _study(f"--workdir={tmp_path / 'sm'}", "--dry_run",
+                 f"--config={cfg}:confounders=tag,ps=0,folds=0,nih=/nonexistent")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert ("[study] MISSING: targets.tag: data root '/nonexistent' is not a directory "
+            "(give configs/study_source_matters.py:nih=DIR)") in out.stdout
+    assert "study_revisiting" not in out.stdout + out.stderr
+    assert "training images to process: unknown until the data is there" in out.stdout
+    assert "?" not in out.stdout

@@ -175,6 +175,12 @@ def read_fold_csv(path: str) -> List[Dict[str, str]]:
         return list(reader)
 
 
+def fold_csv_name(split: str, fold: int) -> str:
+    """``train_fold3.csv`` for split 'train' of the 0-based ``fold`` 2 (the papers number
+    their fold files 1..5)."""
+    return f"{split}_fold{fold + 1}.csv"
+
+
 def _test_csv(fold_csv_dir: str, fold: int, test_csv: Optional[str]) -> Optional[str]:
     """The test file of a fold: ``test_csv`` if given, else ``test_fold{k}.csv`` (Sep-2023),
     else one fixed ``test.csv`` (Source Matters), else None (Feb-2023: val is the test)."""
@@ -182,7 +188,7 @@ def _test_csv(fold_csv_dir: str, fold: int, test_csv: Optional[str]) -> Optional
         if not paths.isfile(test_csv):
             raise DataError(f"data.fold_csv_test={test_csv!r} does not exist")
         return test_csv
-    for name in (f"test_fold{fold + 1}.csv", "test.csv"):
+    for name in (fold_csv_name("test", fold), "test.csv"):
         if paths.isfile(os.path.join(fold_csv_dir, name)):
             return os.path.join(fold_csv_dir, name)
     return None
@@ -213,7 +219,7 @@ def read_fold_csvs(fold_csv_dir: str, fold: int, relpaths: Sequence[str],
     out: Dict[str, np.ndarray] = {}
     csv_labels = np.full(len(relpaths), -1, np.int64)
     for split in ("train", "val", "test"):
-        path = os.path.join(fold_csv_dir, f"{split}_fold{fold + 1}.csv")
+        path = os.path.join(fold_csv_dir, fold_csv_name(split, fold))
         if split == "test":
             path = _test_csv(fold_csv_dir, fold, test_csv)
             if path is None:

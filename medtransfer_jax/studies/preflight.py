@@ -3,9 +3,14 @@
 A real study is 100+ runs over hours; a missing data root or a mistyped checkpoint path
 should stop it in the first second with one message listing *everything* missing, not
 after the first 40 runs. :func:`check` looks at every source (weights dirs, ``.h5`` files
-to convert, pre-training configs), every target (its run config loads; data root, fold
-CSVs and CSV files exist) and the free disk space against an estimate of what the runs
-write, and describes the grid (runs, runs already done, images processed at most).
+to convert and their file signatures, pre-training configs), every target (its run config
+loads; its data root has the dataset's layout, as the parser that builds the run's source
+sees it, listing files without decoding any; every fold's CSV files exist; the folds are
+within the protocol) and the free disk space against an estimate of what the runs write,
+and describes the grid (runs, runs already done, images processed at most: the training
+splits' sizes from the fold CSVs where a run splits by them). Each finding names the
+study config argument that fixes it (``configs/study_source_matters.py:nih=DIR``) when
+the config records it (``studies/study_args.py``).
 :func:`stage_work` counts each stage's work in the units of the study's cost model
 (``progress.py``); with rates measured earlier in the same workdir the pre-flight adds
 a time estimate.
@@ -24,16 +29,21 @@ import logging
 import math
 import os
 import shutil
+import zipfile
 from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from medtransfer_jax import paths
+from medtransfer_jax.data import builders, splits
+from medtransfer_jax.data.base import DataError
 from medtransfer_jax.models import resnet
-from medtransfer_jax.studies import analyses, progress
+from medtransfer_jax.studies import analyses, progress, study_args
 from medtransfer_jax.training import sweep
+from medtransfer_jax.weights import _common as weights_common
 from medtransfer_jax.weights import checkpoint
+from medtransfer_jax.weights.checkpoint import CheckpointError
 
 #: Examples per dataset (REFERENCE / the papers), for the images-processed estimate.
 DATASET_SIZES = {"chest": 5856, "breast": 780, "thyroid": 480, "mammograms": 3568,
@@ -74,11 +84,12 @@ class Preflight:
 
     def text(self) -> str:
         """The grid and what is missing, for a person (``--dry_run`` prints this)."""
-        imgs = f"{self.images:,}" if self.images is not None else "unknown"
+        imgs = (f"<= {self.images:,} training images to process" if self.images is not None
+                else "training images to process: unknown until the data is there")
         free = ("a bucket: no disk limit" if self.bytes_free >= UNLIMITED
                 else f"{self.bytes_free / 1e9:.1f} GB free")
         lines = [f"[study] pre-flight: {self.runs} fine-tuning runs ({self.runs_done} done), "
-                 f"<= {imgs} training images to process, ~{self.bytes_needed / 1e9:.1f} GB to "
+                 f"{imgs}, ~{self.bytes_needed / 1e9:.1f} GB to "
                  f"write ({free})"]
         lines += [f"[study]   {g}" for g in self.grid]
         lines += [self.estimate_line()] if self.estimate else []
@@ -91,39 +102,177 @@ class Preflight:
                 "and rerun; nothing was trained.")
 
 
-def check_source(name: str, spec, source_dir: str) -> List[str]:
-    """What a source lacks: a weights dir, an input file to convert, a pre-train config."""
+#: What each source format's reader opens, by the file's first bytes (``sniff``): a Keras
+#: .h5 (or a Keras 3 .keras zip), a torch.save zip or a legacy pickle.
+READABLE = {"keras_h5": ("hdf5", "zip"), "torchvision": ("zip", "pickle")}
+WHAT = {"keras_h5": "a Keras .h5 weights file", "torchvision": "a PyTorch .pth/.pt state dict"}
+#: The member a readable zip of each format holds (a name ending so).
+ZIP_MEMBER = {"keras_h5": "model.weights.h5", "torchvision": "data.pkl"}
+
+
+def checkpoint_problem(path: str, fmt: str) -> Optional[str]:
+    """Why the ``fmt`` reader (``weights/keras_h5.py``, ``torchvision.py``) would reject
+    ``path``, from its first 8 bytes and, for a local zip, its directory; None if it
+    looks right. Cheap: no weights are read."""
+    try:
+        path = weights_common.check_input_file(path, WHAT.get(fmt, "checkpoint"))
+        kind = weights_common.sniff(path)
+    except CheckpointError as e:
+        return str(e).rstrip(".")
+    except OSError as e:
+        return f"{path} cannot be read ({e})"
+    if kind not in READABLE.get(fmt, (kind,)):
+        with paths.open(path, "rb") as f:
+            head = f.read(8)
+        lacks = "no HDF5 signature" if fmt == "keras_h5" else "neither a zip nor a pickle"
+        return f"{path} is not {WHAT[fmt]} ({lacks}: it starts with {head!r})"
+    if kind == "zip" and not paths.is_remote(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                ok = any(n.endswith(ZIP_MEMBER[fmt]) for n in z.namelist())
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{path} is a damaged zip ({e}); download it again"
+        if not ok:
+            return f"{path} is a zip without {ZIP_MEMBER[fmt]}, so not {WHAT[fmt]}"
+    return None
+
+
+def _fix(hint: Optional[str], fallback: str) -> str:
+    return f"give {hint}" if hint else fallback
+
+
+def check_source(name: str, spec, source_dir: str, info=None) -> List[str]:
+    """What a source lacks: a weights dir, a readable input file to convert (HDF5 / zip /
+    pickle signature), a pre-train config. ``info``: the study config's ``args``, whose
+    argument (the source's ``study_arg``) the hint names."""
     if spec.get("weights_of"):
         return []
+    hint = study_args.usage(info, spec.get("study_arg"),
+                            "DIR" if spec.kind == "weights" else "FILE")
     if spec.kind == "weights" and not paths.exists(paths.join(source_dir,
                                                                checkpoint.METADATA_FILE)):
         return [f"sources.{name}.path={spec.path}: no weights dir ({checkpoint.METADATA_FILE} "
-                "missing); convert the checkpoint with medtransfer_jax.convert"]
+                "missing); convert the checkpoint with medtransfer_jax.convert"
+                + (f" or give {hint}" if hint else "")]
     if spec.kind == "convert":
-        done = paths.exists(paths.join(source_dir, checkpoint.METADATA_FILE))
-        if not done and not paths.isfile(paths.expand(str(spec.input))):
-            return [f"sources.{name}.input={spec.input}: checkpoint file not found"]
+        if paths.exists(paths.join(source_dir, checkpoint.METADATA_FILE)):
+            return []
+        fix = _fix(hint, f"fix sources.{name}.input in the study config")
+        if not paths.isfile(paths.expand(str(spec.input))):
+            return [f"sources.{name}.input={spec.input}: checkpoint file not found ({fix})"]
+        problem = checkpoint_problem(paths.expand(str(spec.input)), spec.get("format", ""))
+        if problem:
+            what = WHAT.get(spec.get("format"), "a checkpoint file")
+            return [f"sources.{name}.input: {problem} ({fix} with {what})"]
     if spec.kind == "pretrain" and not os.path.isfile(spec.config.partition(":")[0]):
         return [f"sources.{name}.config={spec.config}: config file not found"]
     return []
 
 
-def check_run_config(target: str, run: sweep.Run) -> List[str]:
-    """What a target's run config points at that does not exist (data root, CSVs)."""
+def layout_problem(d) -> Optional[str]:
+    """The first line of the dataset parser's complaint about ``d.root`` (the check each
+    run makes when it builds its source: folders, CSV, listed files exist), or None.
+    Lists folders and reads the label files only; decodes no image."""
+    if d.name not in builders.BUILDERS or d.get("tfds_data_dir"):
+        return None
+    listing = paths.Listings()
+    try:
+        found = builders.get_builder(d.name).examples(paths.expand(d.root), d, listing)
+        missing = ([] if d.get("skip_corrupt") else
+                   paths.missing_files((ex.path for ex in found), listing))
+    except DataError as e:
+        return str(e).splitlines()[0].rstrip(". ")
+    except Exception as e:  # noqa: BLE001 -- any parser failure is a finding, not a crash
+        return f"{d.name}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    if missing:
+        return (f"{d.name}: {len(missing)} of {len(found)} listed files do not exist, e.g. "
+                f"{missing[0]}")
+    return None
+
+
+def check_data(target: str, d, hint: Optional[str], layouts: Dict) -> List[str]:
+    """A target's data root: a directory with the dataset's layout (``layouts``: results
+    by (name, root), so targets sharing a dataset parse it once). ``hint``: the study
+    config argument that sets the root."""
+    if d.name == "synthetic":
+        return []
+    fix = _fix(hint, "fix data.root in the target's overrides")
+    if not (d.get("root") and paths.isdir(paths.expand(d.root))):
+        return [f"targets.{target}: data root {d.get('root')!r} is not a directory ({fix})"]
+    key = (d.name, d.root)
+    if key not in layouts:
+        layouts[key] = layout_problem(d)
+    if layouts[key]:
+        return [f"targets.{target}: {layouts[key]} ({fix}; the layout: "
+                f"medtransfer_jax.data.builders.instructions({d.name!r}))"]
+    return []
+
+
+def check_fold_csvs(target: str, d, folds: Sequence[int], hint: Optional[str]) -> List[str]:
+    """With ``data.folds='paper'``: the folder and the first per-fold file a run of
+    ``folds`` would read that is missing (``splits.read_fold_csvs``' names:
+    ``{train,val}_fold{K+1}.csv``, and ``test_fold{K+1}.csv`` where the folder has
+    test files per fold); folds outside the protocol are :func:`check_folds`' report."""
+    if d.get("folds", "kfold") != "paper":
+        return []
+    where = d.get("fold_csv_origin") or "the paper repository's data/<task>/ folder"
+    fix = (f"give {hint}, the CSVs from {where}" if hint else f"get them from {where}")
+    csv_dir = d.get("fold_csv_dir")
+    if not csv_dir or not paths.isdir(paths.expand(csv_dir)):
+        return [f"targets.{target}: data.fold_csv_dir={csv_dir!r} not found: runs split by "
+                f"the paper's fold CSVs ({fix})"]
+    csv_dir = paths.expand(csv_dir)
+    names = set(paths.Listings().names(csv_dir))
+    per_fold_test = any(n.startswith("test_fold") for n in names)
+    for fold in (f for f in folds if 0 <= f < d.num_folds):
+        want = [splits.fold_csv_name(s, fold) for s in ("train", "val")
+                + (("test",) if per_fold_test else ())]
+        absent = [w for w in want if w not in names]
+        if absent:
+            return [f"targets.{target}: fold CSV {os.path.join(csv_dir, absent[0])} not found "
+                    f"(fold {fold} reads {', '.join(want)}; {fix})"]
+    test = d.get("fold_csv_test")
+    if test and not paths.isfile(paths.expand(test)):
+        return [f"targets.{target}: data.fold_csv_test={test!r} not found (the test CSV "
+                f"every fold reads; {fix})"]
+    return []
+
+
+def check_folds(study, d) -> Optional[str]:
+    """The study's folds outside ``[0, data.num_folds)`` of a target's protocol, or None
+    (one message for every target with that protocol)."""
+    bad = [f for f in study.folds if not 0 <= f < d.num_folds]
+    if not bad:
+        return None
+    info = study.config.get("args")
+    fix = (f"e.g. {info['config']}:folds=0,1" if info else "fix the study config's folds")
+    return (f"folds {bad}: outside the protocol's {d.num_folds} folds (0-{d.num_folds - 1}, "
+            f"0-based; {fix})")
+
+
+def _target_hint(study, target: str, field: str) -> Optional[str]:
+    """``configs/study_X.py:ARG=DIR`` for the study argument behind ``data.<field>``."""
+    return study_args.usage(study.config.get("args"),
+                            study.config.targets[target].get("from_args", {}).get(field))
+
+
+def check_run_config(study, target: str, run: sweep.Run,
+                     layouts: Optional[Dict] = None) -> List[str]:
+    """What a target's run config needs that is not there: the config loads; data root
+    and its layout; fold CSVs of every study fold; folds within the protocol; csv_path."""
     try:
         cfg = sweep.load_config(run)
     except Exception as e:  # any error loading the config is a finding, not a crash
         return [f"targets.{target}: config {run.config} does not load ({e})"]
     d = cfg.data
-    out = []
-    if d.name != "synthetic" and not (d.get("root") and paths.isdir(paths.expand(d.root))):
-        out.append(f"targets.{target}: data root {d.get('root')!r} is not a directory "
-                   "(give the study config its data folder, e.g. ...study_revisiting.py:"
-                   "data=DIR, or fix data.root in the target's overrides)")
-    for field in ("fold_csv_dir", "csv_path"):
-        p = d.get(field)
-        if p and not paths.exists(p if paths.is_absolute(p) else os.path.join(d.root or "", p)):
-            out.append(f"targets.{target}: data.{field}={p!r} not found")
+    out = check_data(target, d, _target_hint(study, target, "root"),
+                     {} if layouts is None else layouts)
+    out += check_fold_csvs(target, d, study.folds, _target_hint(study, target, "fold_csv_dir"))
+    folds = check_folds(study, d)
+    out += [folds] if folds else []
+    p = d.get("csv_path")
+    if p and not paths.exists(p if paths.is_absolute(p) else os.path.join(d.root or "", p)):
+        out.append(f"targets.{target}: data.csv_path={p!r} not found")
     return out
 
 
@@ -142,11 +291,26 @@ def _examples(cfg) -> Optional[int]:
             d.get("max_examples") or DATASET_SIZES.get(d.name))
 
 
-def training_images(cfg) -> Optional[int]:
-    """Upper bound of images one run trains on (steps x batch, or epochs x 4/5 of N)."""
+def csv_train_size(d, fold: int) -> Optional[int]:
+    """Rows of the paper's ``train_fold{K+1}.csv`` a run of ``fold`` trains on (with
+    ``data.folds='paper'``), or None when that file is not there (yet)."""
+    if d.get("folds", "kfold") != "paper" or not d.get("fold_csv_dir"):
+        return None
+    path = os.path.join(paths.expand(d.fold_csv_dir), splits.fold_csv_name("train", fold))
+    try:
+        return len(splits.read_fold_csv(path)) if paths.isfile(path) else None
+    except (DataError, OSError, UnicodeDecodeError):
+        return None
+
+
+def training_images(cfg, num_train: Optional[int] = None) -> Optional[int]:
+    """Upper bound of images one run trains on: steps x batch, or epochs x its training
+    split (``num_train``, e.g. :func:`csv_train_size`; else 4/5 of the dataset's N)."""
     t = cfg.train
     if t.get("num_steps"):
         return int(t.num_steps) * int(t.batch_size)
+    if num_train:
+        return int(t.num_epochs * num_train)
     n = _examples(cfg)
     return int(t.num_epochs * 0.8 * n) if n else None
 
@@ -183,7 +347,9 @@ def _finetune_work(study, parallel: int) -> progress.StageWork:
     for r in runs:
         if not done[r.name]:
             try:
-                items[r.name] = run_units(sweep.load_config(r), num_train.get(r.keys["target"]))
+                cfg = sweep.load_config(r)
+                n = num_train.get(r.keys["target"]) or csv_train_size(cfg.data, cfg.data.fold)
+                items[r.name] = run_units(cfg, n)
             except Exception:  # check_run_config reports it; the ETA says '?'
                 items[r.name] = math.nan
     return progress.StageWork(len(runs), "runs", items=items, parallel=parallel)
@@ -310,30 +476,44 @@ def _free_bytes(path: str) -> int:
     return shutil.disk_usage(path).free
 
 
+def _target_images(target: str, trs: List[sweep.Run], todo) -> tuple:
+    """(images the target's runs not done train on at most, the most one run does), each
+    None when unknown (no config, or a dataset size only its missing fold CSVs know)."""
+    try:
+        cfg = sweep.load_config(trs[0])
+    except Exception:  # already reported by check_run_config
+        return None, None
+    per_fold = {f: training_images(cfg, csv_train_size(cfg.data, f))
+                for f in {r.keys["fold"] for r in trs}}
+    if any(v is None for v in per_fold.values()):
+        return None, None
+    return (sum(per_fold[r.keys["fold"]] for r in trs if r in todo),
+            max(per_fold.values(), default=0))
+
+
 def check(study) -> Preflight:
     """Checks a study (see module docstring); never trains or writes anything."""
     cfg = study.config
     missing = []
     for name, spec in cfg.sources.items():
-        missing += check_source(name, spec, study.source_dir(name))
+        missing += check_source(name, spec, study.source_dir(name), cfg.get("args"))
         if spec.get("weights_of") and spec.weights_of not in cfg.sources:
             missing.append(f"sources.{name}.weights_of={spec.weights_of}: no such source")
     runs = study.finetune_runs()
     todo = [r for r in runs if r.status() != "done"]
-    images, grid = 0, []
+    images, grid, layouts = 0, [], {}
     for target in cfg.targets:
         trs = [r for r in runs if r.keys["target"] == target]
-        missing += check_run_config(target, trs[0]) if trs else []
-        try:
-            per_run = training_images(sweep.load_config(trs[0])) if trs else 0
-        except Exception:  # already reported by check_run_config
-            per_run = None
+        if trs:
+            missing += [m for m in check_run_config(study, target, trs[0], layouts)
+                        if m not in missing]   # a fold range is said once per study
+        left_images, per_run = _target_images(target, trs, todo) if trs else (0, 0)
+        images = None if images is None or left_images is None else images + left_images
         left = sum(r in todo for r in trs)
-        images = None if images is None or per_run is None else images + left * per_run
         grid.append(f"{target}: {len(trs)} runs ({len(trs) - left} done) = sources "
                     f"{list(cfg.sources)} x folds {study.folds} x settings "
-                    f"{len(trs) // max(len(cfg.sources) * len(study.folds), 1)}, "
-                    f"<= {per_run if per_run is not None else '?'} images/run")
+                    f"{len(trs) // max(len(cfg.sources) * len(study.folds), 1)}"
+                    + (f", <= {per_run} images/run" if per_run is not None else ""))
     m = cfg.model
     need = len(todo) * param_count(m.depth, m.width, m.layout) * BYTES_PER_PARAM
     free = _free_bytes(study.workdir)
