@@ -4,11 +4,12 @@ RadImageNet vs random init under four confounders.
     python -m medtransfer_jax.study --config=configs/study_source_matters.py --workdir=DIR
     ... --config=configs/study_source_matters.py:confounders=tag,ps=0,1.0,folds=0,1
 
-Arguments: ``confounders`` (tag, lowpass, sampled on NIH ChestX-ray14; noise on
-LIDC-IDRI; default all four), ``ps`` (fraction of positive training images with the
-artefact; default 0, 0.1, 0.2, 0.5, 0.8, 1.0), ``folds`` (default 0-4), ``nih`` and
-``lidc`` (dataset roots; default $MEDTRANSFER_DATA/<dataset>), ``imagenet`` and
-``radimagenet`` (Keras ``.h5`` files, converted once).
+Arguments: ``confounders`` (tag, lowpass, noise and sampled, all on NIH ChestX-ray14 by
+default; ``noise_dataset=lidc`` moves noise to LIDC-IDRI; default all four), ``ps``
+(fraction of positive training images with the artefact; default 0, 0.1, 0.2, 0.5, 0.8,
+1.0), ``folds`` (default 0-4), ``nih`` and ``lidc`` (dataset roots; default
+$MEDTRANSFER_DATA/<dataset>), ``imagenet`` and ``radimagenet`` (Keras ``.h5`` files,
+converted once).
 
 Per confounder, source, p and fold one run (4 x 3 x 6 x 5 = 360 runs); every run is
 tested i.i.d. (artefact as in training), clean and o.o.d. (artefact on every negative).

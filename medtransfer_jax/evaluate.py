@@ -27,7 +27,9 @@ _SIZE = flags.DEFINE_integer("image_size", None, "Input size (default: the run's
                              "checkpoint's metadata).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global eval batch size.")
 _OUTPUT = flags.DEFINE_string("output", None, "Predictions CSV file (default: "
-                              "<checkpoint>/predictions_<dataset>_fold<k>.csv).")
+                              "predictions_<dataset>_fold<k>.csv in the run directory when "
+                              "--checkpoint is a run or its export/best, else in the weights "
+                              "directory).")
 
 
 def _validate() -> None:

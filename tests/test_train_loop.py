@@ -92,6 +92,12 @@ def test_evaluate_command_reproduces_test_metrics(run_dir, tmp_path):
     assert summary["checkpoint"] == os.path.join(wd, "export", "best")
     with pytest.raises(ValueError, match="not available"):
         evaluate.evaluate_checkpoint(wd, splits=["nope"])
+    # without --output: next to the run's own predictions, as `evaluate --help` says
+    default_out, _ = evaluate.evaluate_checkpoint(os.path.join(wd, "export", "best"),
+                                                  splits=["test"])
+    assert default_out == os.path.join(wd, "predictions_synthetic_fold0.csv")
+    for f in (default_out, default_out[:-4] + ".metrics.json"):
+        os.remove(f)
 
 
 def _copy_unfinished(wd, tmp_path):

@@ -97,8 +97,10 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
     eval_step = predict.make_eval_step(loaded.model, mesh, var_sh, num_classes=meta.num_classes)
     reported = ((run_cfg or {}).get("eval") or {}).get("reported_auc")
     if output is None:
+        # A run's export/best -> the run directory; another weights dir -> itself.
         parent = paths.workdir(weights)
-        parent = parent.parent if paths.basename(weights) == "best" else parent
+        if paths.basename(weights) == "best" and parent.parent.name == "export":
+            parent = parent.parent.parent
         output = paths.join(parent, f"predictions_{ds.name}_fold{fold}.csv")
     rows: List[Tuple] = []
     all_metrics = {}
