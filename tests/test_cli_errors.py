@@ -21,6 +21,14 @@ def _run(*args, cwd=REPO):
                           capture_output=True, text=True, timeout=300)
 
 
+def _notes_dir(tmp_path):
+    """A folder that holds somebody's files (not a weights directory)."""
+    d = tmp_path / "my_notes"
+    d.mkdir(exist_ok=True)
+    (d / "notes.txt").write_text("keep me")
+    return d
+
+
 def _read_only_dir(tmp_path):
     """A directory no process may write into (root ignores chmod; sysfs refuses root)."""
     if IS_ROOT:
@@ -125,6 +133,8 @@ def test_convert_errors(tmp_path):
         ((f"--input={h5}", "--format=keras_h5",
           f"--output_dir={_read_only_dir(tmp_path)}/w"), ["not writable"]),
         ((f"--input={h5}", "--format=keras_h5", f"--output_dir={out}"), ["Cannot convert"]),
+        ((f"--input={h5}", "--format=keras_h5", f"--output_dir={_notes_dir(tmp_path)}"),
+         ["other files in it", "new or empty directory"]),
     ]
     for args, expect in cases:
         p = _run("medtransfer_jax.convert", *args)

@@ -60,6 +60,11 @@ def convert(fmt: str, input_path: str, output_dir: str, *, num_classes: Optional
                          "--overwrite to replace it or choose another directory.")
     if paths.isfile(output_dir):
         raise ValueError(f"--output_dir={output_dir} is a file; give a directory path.")
+    if (not overwrite and paths.isdir(output_dir) and paths.listdir(output_dir)
+            and not paths.exists(paths.join(output_dir, checkpoint.METADATA_FILE))):
+        raise ValueError(f"--output_dir={output_dir} is a folder with other files in it; give "
+                         "a new or empty directory (the weights are written into it), or "
+                         "--overwrite.")
 
     loader = keras_h5.load_keras_h5 if fmt == "keras_h5" else torchvision.load_torchvision
     variables, info = loader(input_path, depth=depth)
