@@ -102,6 +102,10 @@ def test_filters_study_end_to_end(tmp_path):
     assert all(r["drift"] > 0 and r["noise_floor"] > 0 for r in drift)
     md = open(tmp_path / "wd" / "report.md").read()
     assert "filter_layer_statistics.png" in md and "filter_kl_drift.png" in md
+    # the sources are compared with each other, not pre vs fine-tuned, and nothing is pending
+    assert "between the sources" in md and "pre vs fine-tuned" not in md
+    assert "No fine-tuning results yet" not in md and "fine-tunes nothing" in md
+    assert "ResNet50 (width 64" not in md and "filter_histograms.png" in md
 
 
 # ---------------------------------------------------- pre-flight: what would make runs fail

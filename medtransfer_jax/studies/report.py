@@ -171,7 +171,8 @@ def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
     page.add("p", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
                   f" in {study.workdir}. Sources: {', '.join(cfg.sources)}; targets: "
                   f"{', '.join(cfg.targets) or 'none'}; folds: {list(cfg.folds)}; model: "
-                  f"ResNet{cfg.model.depth} (width {cfg.model.width}, {cfg.model.layout}). "
+                  + (f"ResNet{cfg.model.depth} (width {cfg.model.width}, {cfg.model.layout}). "
+                     if cfg.targets else "each source's own (no fine-tuning). ")
                   + (f"Fine-tuning runs finished: {done} of {len(runs)}. " if runs else
                      "No fine-tuning runs recorded yet. ")
                   + f"Stages done: {', '.join(stages) or 'none'}.")
@@ -180,6 +181,10 @@ def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
 def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
     sources = list(page.study.config.sources)
     page.add("h2", f"Headline: test AUC ({auc}), mean ± sample sd over folds")
+    if not page.study.config.targets:
+        page.add("p", "This study fine-tunes nothing: it compares the sources' 3×3 filters "
+                      "(figures below).")
+        return
     if not summary:
         page.add("p", "No fine-tuning results yet.")
         return
@@ -256,8 +261,14 @@ def _figures(page: _Page):
                                   "shifted slightly sideways so bars at one p stay apart; "
                                   "stars: permutation t-test between sources "
                                   "(* p<.05, ** p<.01).")
-    page.figure("filter_kl_drift.png", "3×3 filter KL drift pre vs fine-tuned by depth bin "
-                                       "(CNN-Filter-DB definition); dotted: noise floor.")
+    if cfg.targets:
+        page.figure("filter_kl_drift.png", "3×3 filter KL drift pre vs fine-tuned by depth "
+                                           "bin (CNN-Filter-DB definition); dotted: noise floor.")
+    else:
+        page.figure("filter_kl_drift.png", "3×3 filter KL drift between the sources by depth "
+                                           "bin (CNN-Filter-DB definition).")
+        page.figure("filter_histograms.png", "Distribution of each of the 9 PCA coefficients "
+                                             "of the sources' 3×3 filters (shared basis).")
     page.figure("filter_layer_statistics.png", "Sparsity and variance entropy of the 3×3 "
                                                "filters per layer.")
     for s in cfg.sources:
