@@ -37,7 +37,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from absl import flags, logging
 
-from medtransfer_jax import cli
+from medtransfer_jax import cli, paths
 from medtransfer_jax.errors import UserError
 
 WHATS = ("cca", "similarity", "map", "predictions", "weights", "filters", "auc_vs_similarity")
@@ -367,13 +367,17 @@ def run(argv: Sequence[str]) -> Dict[str, str]:
     cli.check_positive(FLAGS.image_size, "--image_size")
     make_task, fn = COMMANDS[what]
     task = make_task()
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    local = "://" not in FLAGS.output_dir
+    created = local and not os.path.isdir(FLAGS.output_dir)
+    paths.makedirs(FLAGS.output_dir)  # a gs:// URL stays one
     try:
         files = getattr(tasks, fn)(task, FLAGS.output_dir)
-    except UserError:
+    except BaseException as e:
+        if created and not os.listdir(FLAGS.output_dir):
+            os.rmdir(FLAGS.output_dir)  # nothing half-created by a failed analysis
+        if isinstance(e, ValueError) and not isinstance(e, UserError):
+            raise UserError(str(e)) from e  # the kernels reject bad input with ValueError
         raise
-    except ValueError as e:  # the analysis kernels reject bad input with ValueError
-        raise UserError(str(e)) from e
     for k, v in files.items():
         logging.info("wrote %s: %s", k, v)
         print(v)

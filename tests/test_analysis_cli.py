@@ -163,6 +163,9 @@ def test_auc_vs_similarity_command(tmp_path):
     assert float(row["pearson_r"]) == pytest.approx(np.corrcoef(xs, gains)[0, 1])
     with pytest.raises(UserError, match="no test.auroc"):
         _run("auc_vs_similarity", output_dir=str(tmp_path / "o"), run=runs, auc_metric="auroc")
+    with pytest.raises(UserError, match="at least 2 \\(got 1\\)"):
+        _run("auc_vs_similarity", output_dir=str(tmp_path / "o1"), run=runs[:1])
+    assert not (tmp_path / "o1").exists()  # a failed analysis leaves no empty folder
 
 
 def test_flag_errors(weights, tmp_path):

@@ -321,6 +321,9 @@ def _run_similarity(run: RunRecord, method: Optional[str]) -> Dict[str, float]:
 
 def run_auc_vs_similarity(task: AucVsSimilarityTask, out_dir: str) -> Dict[str, str]:
     """auc_vs_similarity.csv/.json/.png."""
+    if len(task.runs) < 2:
+        raise AnalysisError(f"auc_vs_similarity correlates runs: give at least 2 (got "
+                            f"{len(task.runs)}); one run has no slope or correlation.")
     records = [dict(similarity=_run_similarity(r, task.method),
                     auc=_read_metric(r.results, task.split, task.metric),
                     auc_random=_read_metric(r.random_results, task.split, task.metric),
