@@ -42,8 +42,9 @@ def _choice(name: str, value: Any, choices: Iterable, error=ConfigError) -> None
 
 
 def _range(name: str, value: Any, ok: bool, expect: str, error=ConfigError) -> None:
+    """Raises ``error`` unless ``ok``; ``expect`` says the valid range and an example."""
     if not ok:
-        raise error(f"{_field(name, value)}: must be {expect}; pass such a value")
+        raise error(f"{_field(name, value)}: must be {expect}")
 
 
 def _number(value: Any) -> bool:
@@ -76,14 +77,17 @@ def _check_model(m) -> None:
     if m.get("preprocessing") is not None:
         _choice("model.preprocessing", m.preprocessing, preprocessing.MODES)
     rate = m.get("dropout_rate")
-    _range("model.dropout_rate", rate, _number(rate) and 0 <= rate < 1, "in [0, 1)")
+    _range("model.dropout_rate", rate, _number(rate) and 0 <= rate < 1,
+           "in [0, 1) (the studies used 0.5)")
 
 
 def _check_steps(name: str, section) -> None:
     """num_steps / num_epochs >= 0, and one of them > 0 (the phase has steps)."""
     steps, epochs = section.get("num_steps"), section.get("num_epochs")
-    _range(f"{name}.num_steps", steps, _number(steps) and steps >= 0, ">= 0 (0 = num_epochs)")
-    _range(f"{name}.num_epochs", epochs, _number(epochs) and epochs >= 0, ">= 0")
+    _range(f"{name}.num_steps", steps, _number(steps) and steps >= 0,
+           ">= 0 (0: train for num_epochs)")
+    _range(f"{name}.num_epochs", epochs, _number(epochs) and epochs >= 0,
+           ">= 0 (e.g. 30)")
     if not steps and not epochs:
         raise ConfigError(f"--config.{name}.num_steps=0 and --config.{name}.num_epochs=0: "
                           "the phase has no steps; set one of them to a positive value")
@@ -106,7 +110,7 @@ def _check_data(d) -> None:
     size = d.get("image_size")
     low = data_config.MIN_IMAGE_SIZE
     _range("data.image_size", size, isinstance(size, int) and size >= low,
-           f"an integer >= {low} (pixels)", DataError)
+           f"an integer >= {low} (the input side in pixels, e.g. 224)", DataError)
     _choice("data.cache", d.get("cache", "none"), device_cache.CACHE_MODES, DataError)
     _choice("data.folds", d.get("folds", "kfold"), data_config.FOLD_MODES, DataError)
     splits.check_fold(d.get("fold", 0), int(d.num_folds), "--config.data.fold")
