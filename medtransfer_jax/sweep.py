@@ -109,7 +109,9 @@ def main(argv):
         with workdir_lock.hold(root, process):
             _sweep(runs, process, csv_path)
     except UserError:
-        if created:  # a run rejected its input: leave no empty sweep directory behind
+        # A run rejected its input: leave no empty sweep directory behind (hold() has
+        # already removed it when process 0's lock was all it held).
+        if created and os.path.isdir(root):
             for name in os.listdir(root):
                 if name.startswith(workdir_lock.LOCK_FILE):
                     os.remove(os.path.join(root, name))

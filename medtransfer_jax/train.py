@@ -45,6 +45,8 @@ def main(argv):
     config = _CONFIG.value
     configs.check_batch_sizes(config)
     jax = _setup_jax()
+    from medtransfer_jax.configs import validation  # noqa: E402 (imports the model: after jax)
+    validation.validate(config)  # every field, before the workdir (lock) is created
     process = cli.init_distributed()
     configs.check_batch_sizes(config, jax.device_count())
     from medtransfer_jax.training import loop  # noqa: E402 (heavy; after validation)
@@ -60,11 +62,18 @@ def main(argv):
         print(f"train: diverged: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     if process == 0:
-        val, test = results["val"], results["test"]
-        print(f"done: best step {results['best_step']} | val auc {val['auc']:.4f} "
-              f"acc {val['accuracy']:.4f} | test auc {test['auc']:.4f} acc {test['accuracy']:.4f}"
-              f" | results in {paths.join(paths.workdir(_WORKDIR.value), 'results.json')}",
+        print(done_line(results, paths.join(paths.workdir(_WORKDIR.value), "results.json")),
               flush=True)
+
+
+def done_line(results, where) -> str:
+    """The last line of a finished run: val/test accuracy and the AUC the protocol's paper
+    reported (``results['reported_auc']``, from eval.reported_auc), named by its metric."""
+    auc = results.get("reported_auc") or "auc"
+    val, test = results["val"], results["test"]
+    return (f"done: best step {results['best_step']} | val {auc} {val[auc]:.4f} acc "
+            f"{val['accuracy']:.4f} | test {auc} {test[auc]:.4f} acc {test['accuracy']:.4f} | "
+            f"results in {where}")
 
 
 if __name__ == "__main__":

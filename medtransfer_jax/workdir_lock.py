@@ -100,12 +100,56 @@ def release(fd: Optional[int]) -> None:
         os.close(fd)
 
 
+def _first_missing(path: str) -> Optional[str]:
+    """The topmost missing directory on the way to ``path`` (None if ``path`` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_if_unused(workdir: str, top: str, process_index: int) -> None:
+    """Deletes ``workdir`` (and its new parents up to ``top``) when it holds nothing but
+    its lock file and empty directories; anything else (a file someone else wrote)
+    keeps it. Called while the lock is still held."""
+    lock = os.path.abspath(lock_path(workdir, process_index))
+    dirs = []
+    for root, subdirs, files in os.walk(workdir, topdown=False):
+        if any(os.path.abspath(os.path.join(root, f)) != lock for f in files):
+            return
+        dirs.append(root)
+    try:
+        os.remove(lock)
+        for d in dirs:  # bottom-up: children first
+            os.rmdir(d)
+        parent = os.path.dirname(os.path.abspath(workdir))
+        while len(parent) >= len(top) and parent.startswith(top):
+            os.rmdir(parent)
+            parent = os.path.dirname(parent)
+    except OSError:  # something appeared meanwhile: leave the rest
+        pass
+
+
 @contextlib.contextmanager
 def hold(workdir: str, process_index: int = 0,
          command: Optional[str] = None) -> Iterator[Optional[int]]:
-    """``with hold(workdir):`` the block is the only writer of ``workdir``."""
+    """``with hold(workdir):`` the block is the only writer of ``workdir``.
+
+    If the block fails and ``hold`` created the (local) workdir, process 0 removes it
+    again when it holds nothing but the lock and empty directories, so a run that failed
+    at startup (a bad config, a missing dataset) leaves nothing behind.
+    """
+    local_main = process_index == 0 and "://" not in workdir
+    top = _first_missing(workdir) if local_main else None
     fd = acquire(workdir, process_index, command)
     try:
         yield fd
+    except BaseException:
+        if top is not None:
+            _remove_if_unused(workdir, top, process_index)
+        raise
     finally:
         release(fd)

@@ -67,6 +67,45 @@ def test_train_config_errors(tmp_path, extra, expect):
     assert not wd.exists()
 
 
+# Bad field values (the user audit): each fails in configs.validation before the workdir
+# lock, as one line naming the flag and its valid values; the workdir never appears.
+@pytest.mark.parametrize("flag, expect", [
+    ("model.depth=19", ["18, 34, 50, 101, 152"]),
+    ("model.preprocessing=bogus", ["caffe", "unit"]),
+    ("model.dropout_rate=2", ["[0, 1)"]),
+    ("model.dropout_rate=-0.5", ["[0, 1)"]),
+    ("train.optimizer=foo", ["adam, adamw, sgd"]),
+    ("train.schedule=foo", ["constant, cosine, linear"]),
+    ("train.freeze=bogus", ["linear_probe", "stage:k with k in 1..5"]),
+    ("train.num_steps=-1", [">= 0"]),
+    ("data.fold=7", ["5 folds", "0..4"]),
+    ("data.image_size=-3", [">= 8"]),
+    ("data.name=bogus", ["synthetic", "breast"]),
+    ("data.cache=bogus", ["none, host, device"]),
+    ("eval.monitor=bogus", ["loss, accuracy, auc", "reported_auc"]),
+    ("eval.reported_auc=bogus", ["auc_keras"]),
+])
+def test_train_bad_field_values(tmp_path, flag, expect):
+    wd = tmp_path / "new" / "run"
+    p = _run("medtransfer_jax.train", f"--workdir={wd}", f"--config.{flag}")
+    _assert_user_error(p, "train", f"--config.{flag}", *expect)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--config.model.init=/nonexistent"], ["/nonexistent", "does not exist"]),
+    (["--config.data.folds=paper", "--config.data.fold_csv_dir=/no/such/csvs"],
+     ["data.fold_csv_dir='/no/such/csvs'", "is not a folder"]),
+])
+def test_train_errors_after_the_lock_leave_no_workdir(tmp_path, extra, expect):
+    """Errors found inside the run (missing weights / fold CSVs) remove the workdir that
+    train created for it (workdir_lock.hold)."""
+    wd = tmp_path / "new" / "run"
+    p = _run("medtransfer_jax.train", f"--workdir={wd}", *extra)
+    _assert_user_error(p, "train", *expect)
+    assert os.listdir(tmp_path) == []
+
+
 def test_train_workdir_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
@@ -109,6 +148,18 @@ def test_evaluate_errors(tmp_path, extra, expect):
     if "--batch_size=0" in extra:
         p = _run("medtransfer_jax.evaluate", f"--checkpoint={tmp_path}", *extra)
     _assert_user_error(p, "evaluate", *expect)
+
+
+def test_evaluate_fold_out_of_range(tmp_path):
+    """--fold is checked against the run's data.num_folds before any weights are read
+    (the weights here are a stub that would not load)."""
+    best = tmp_path / "run" / "export" / "best"
+    best.mkdir(parents=True)
+    (best / "metadata.json").write_text("{}")
+    (tmp_path / "run" / "config.json").write_text('{"data": {"name": "synthetic", "fold": 1}}')
+    for fold, folds in (("7", "5 folds"), ("5", "0..4")):
+        p = _run("medtransfer_jax.evaluate", f"--checkpoint={tmp_path / 'run'}", f"--fold={fold}")
+        _assert_user_error(p, "evaluate", f"--fold={fold}", folds)
 
 
 def test_evaluate_batch_not_divisible_and_bad_output(tmp_path):

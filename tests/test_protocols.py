@@ -107,6 +107,28 @@ def test_source_matters_files(kind):
     assert noise.data.confounder.p0_originals and noise.data.confounder.clean_test_originals
 
 
+def test_every_protocol_config_passes_validation_untouched():
+    """configs.validation accepts every protocol file (both studies, every option) and
+    the embedded demo, and changes no field."""
+    from medtransfer_jax.configs import base, validation
+    cases = [base.demo_config(), base.base_config(), presets.tiny_config()]
+    for target in presets.REVISITING_TARGETS:
+        cases += [_load("revisiting", target, arg) for arg in (
+            "imagenet,fold=4", "radimagenet,protocol=feb2023,freeze=true", "random")]
+    for kind in presets.CONFOUNDERS:
+        cases += [_load("source_matters", kind, arg) for arg in (
+            "radimagenet,p=0.2,fold=3", "imagenet,dataset=lidc", "random")]
+    for c in cases:
+        before = c.to_dict()
+        validation.validate(c)
+        assert c.to_dict() == before
+    assert len(cases) == 3 + 3 * len(presets.REVISITING_TARGETS) + 3 * len(presets.CONFOUNDERS)
+    bad = _load("revisiting", "breast", "imagenet,fold=4")
+    bad.data.num_folds = 4   # the same fold, now out of range: the check reads the config
+    with pytest.raises(data.DataError, match="--config.data.fold=4: the data has 4 folds"):
+        validation.validate(bad)
+
+
 def _synthetic_like(c, n=200):
     """The protocol's data section on the synthetic dataset (the project's own k-fold)."""
     c.data.name, c.data.folds = "synthetic", "kfold"

@@ -63,5 +63,5 @@ def test_device_cache_resumes_bit_exactly(device_reference, tmp_path):
 
 
 def test_unknown_cache_mode_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="data.cache='gpu' is not one of"):
+    with pytest.raises(DataError, match="--config.data.cache=gpu is not one of"):
         loop.train_and_evaluate(_config("gpu"), str(tmp_path / "x"))

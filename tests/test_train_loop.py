@@ -4,11 +4,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
-import _train_utils  # noqa: F401  (persistent XLA cache)
+import _train_utils  # (persistent XLA cache)
 import numpy as np
 import pytest
 
+from medtransfer_jax.errors import ConfigError
 from medtransfer_jax.inference import evaluation as evaluate
 from medtransfer_jax.training import loop, presets, sweep
 from medtransfer_jax.inference import metrics, predictions
@@ -98,6 +101,55 @@ def test_evaluate_command_reproduces_test_metrics(run_dir, tmp_path):
     assert default_out == os.path.join(wd, "predictions_synthetic_fold0.csv")
     for f in (default_out, default_out[:-4] + ".metrics.json"):
         os.remove(f)
+
+
+def test_bad_monitor_fails_before_any_step(tmp_path):
+    """eval.monitor used to fail in the first evaluation (after an epoch of training);
+    train_and_evaluate now refuses the config before touching the workdir."""
+    class Count:
+        steps = 0
+
+        def after_step(self, step, state):
+            Count.steps += 1
+
+    for field, value in (("eval.monitor", "bogus"), ("train.head_phase.monitor", "auc_x")):
+        c = _tiny(**{field: value, "train.freeze": "two_phase"})
+        with pytest.raises(ConfigError, match=re.escape(f"--config.{field}={value} is not")):
+            loop.train_and_evaluate(c, str(tmp_path / "run"), hooks=[Count()])
+    assert Count.steps == 0 and not os.path.exists(tmp_path / "run")
+
+
+def _train_main(wd, *flags):
+    return subprocess.run([sys.executable, "-m", "medtransfer_jax.train", f"--workdir={wd}",
+                           f"--config={_train_utils.TINY_CONFIG}", *flags],
+                          cwd=_train_utils.REPO, env=_train_utils.subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_done_line_names_the_reported_auc(tmp_path):
+    """train's last line prints the AUC the protocol reports, by its metric name."""
+    wd = tmp_path / "run"
+    p = _train_main(wd, "--config.eval.reported_auc=auc_keras", "--config.train.num_steps=4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(wd / "results.json") as f:
+        res = json.load(f)
+    assert res["reported_auc"] == "auc_keras"
+    done = p.stdout.strip().splitlines()[-1]
+    val, test = res["val"]["auc_keras"], res["test"]["auc_keras"]
+    assert done.startswith(f"done: best step {res['best_step']} | val auc_keras {val:.4f} acc ")
+    assert f"| test auc_keras {test:.4f} acc {res['test']['accuracy']:.4f} |" in done
+    # The demo's metric stays 'auc' (and a results file without the key reads as 'auc').
+    demo = dict(res, reported_auc="auc")
+    for r in (demo, {k: v for k, v in res.items() if k != "reported_auc"}):
+        code = ("import json, sys; from medtransfer_jax.train import done_line; "
+                "print(done_line(json.loads(sys.stdin.read()), 'R'))")
+        q = subprocess.run([sys.executable, "-c", code], input=json.dumps(r),
+                           capture_output=True, text=True, env=_train_utils.subprocess_env(),
+                           cwd=_train_utils.REPO, timeout=120)
+        assert q.stdout.strip() == (
+            f"done: best step {res['best_step']} | val auc {res['val']['auc']:.4f} acc "
+            f"{res['val']['accuracy']:.4f} | test auc {res['test']['auc']:.4f} acc "
+            f"{res['test']['accuracy']:.4f} | results in R"), q.stderr[-2000:]
 
 
 def _copy_unfinished(wd, tmp_path):

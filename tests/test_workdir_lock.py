@@ -87,3 +87,43 @@ def test_bucket_workdir_is_not_locked_and_says_so_once(monkeypatch):
     assert "gs://bucket/unlocked-run is in a bucket and is NOT locked" in warnings[0]
     with workdir_lock.hold("gs://bucket/other-run") as fd:
         assert fd is None and len(warnings) == 2
+
+
+class _Boom(Exception):
+    pass
+
+
+def _fail_inside(wd, index=0, write=None):
+    with pytest.raises(_Boom):
+        with workdir_lock.hold(str(wd), index):
+            os.makedirs(os.path.join(wd, "checkpoints", "tmp"))  # empty dirs, as orbax makes
+            if write:
+                with open(os.path.join(wd, write), "w") as f:
+                    f.write("x")
+            raise _Boom
+
+
+def test_failed_body_removes_the_workdir_hold_created(tmp_path):
+    """A run that fails at startup leaves nothing behind: the workdir (and the parents
+    hold made for it) goes when it holds only the lock and empty directories."""
+    wd = tmp_path / "new" / "run"
+    _fail_inside(wd)
+    assert os.listdir(tmp_path) == []
+    # Success keeps it; a failure after some file was written keeps it too.
+    with workdir_lock.hold(str(wd)):
+        pass
+    assert sorted(os.listdir(wd)) == [".lock"]
+    other = tmp_path / "other"
+    _fail_inside(other, write="config.json")
+    assert sorted(os.listdir(other)) == [".lock", "checkpoints", "config.json"]
+
+
+def test_failed_body_keeps_a_workdir_that_existed(tmp_path):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    _fail_inside(wd)
+    assert sorted(os.listdir(wd)) == [".lock", "checkpoints"]  # not ours to delete
+    fresh = tmp_path / "fresh"
+    _fail_inside(fresh, index=1)  # only process 0 cleans up (other hosts share the dir)
+    assert sorted(os.listdir(fresh)) == [".lock.1", "checkpoints"]
+    workdir_lock.release(workdir_lock.acquire(str(wd)))  # the lock was released

@@ -4,12 +4,34 @@ Lives with the config toolbox (not in training/) so the embedded configs and the
 user-facing ``configs/`` files build runs without importing the training stack;
 training.presets re-exports :func:`base_config` and :func:`demo_config`. Imports only
 data's defaults (``data.default_data_config``).
+
+The name tables of the enumerated fields live here too, below the layers that use them
+(training.optim, inference.metrics), so configs.validation can check a run config up
+front without importing the training stack.
 """
 from __future__ import annotations
 
 import ml_collections
 
 from medtransfer_jax.data import config as data_config
+
+OPTIMIZERS = ("adam", "adamw", "sgd")                 # train.optimizer
+SCHEDULES = ("constant", "cosine", "linear")          # train.schedule (after warmup)
+FREEZE_POLICIES = ("none", "linear_probe", "two_phase")  # train.freeze, plus "stage:k"
+FREEZE_STAGES = range(1, 6)                           # k of "stage:k": conv1_* .. convK_*
+#: What inference.metrics.classification_metrics returns per split (besides
+#: 'num_examples' and 'reported_auc'): the names eval.monitor may choose.
+METRICS = ("loss", "accuracy", "auc", "auc_ovr_macro", "auc_ovr_weighted", "auc_micro",
+           "auc_keras")
+#: Metric names a protocol may report (``eval.reported_auc``) -> what the paper computed.
+REPORTED_AUCS = {
+    "auc": "binary AUC (K == 2) / one-vs-rest macro AUC (the project's default)",
+    "auc_keras": "keras.metrics.AUC() on one-hot labels x softmax: micro, 200 thresholds "
+                 "(Revisiting Sep-2023 AUC.py, Source Matters fine-tuning.py)",
+    "auc_ovr_weighted": "sklearn roc_auc_score: binary, or one-vs-rest prevalence-weighted "
+                        "for K > 2 (Revisiting Feb-2023 base_AUC.py / prediction_similarity.py)",
+    "auc_micro": "exact ROC-AUC over the flattened one-hot matrix (auc_keras without binning)",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -66,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.patience = 0               # evaluations without improvement; 0 = no early stopping
     c.eval.min_delta = 0.0
     # The AUC the protocol's paper reported, repeated as 'reported_auc' in the results
-    # (metrics.REPORTED_AUCS): auc | auc_keras | auc_ovr_weighted | auc_micro.
+    # (REPORTED_AUCS): auc | auc_keras | auc_ovr_weighted | auc_micro.
     c.eval.reported_auc = "auc"
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -17,6 +17,9 @@ DATASET_NAMES = (
 )
 
 CONFOUNDER_KINDS = ("none", "tag", "lowpass", "noise", "sampled")
+FOLD_MODES = ("kfold", "paper")   # data.folds
+#: Smallest data.image_size a run accepts (and the synthetic generator draws).
+MIN_IMAGE_SIZE = 8
 
 
 def default_augment_config() -> ml_collections.ConfigDict:

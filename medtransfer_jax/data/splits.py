@@ -92,6 +92,16 @@ def stratified_group_kfold(labels: Sequence[int], groups: Optional[Sequence] = N
     return group_fold[group_idx]
 
 
+def check_fold(fold, num_folds: int, flag: str = "data.fold") -> None:
+    """Raises DataError unless ``fold`` is a 0-based fold of a ``num_folds``-fold protocol
+    (``flag`` names the setting in the message, e.g. ``--fold`` or ``--config.data.fold``)."""
+    integer = isinstance(fold, (int, np.integer)) and not isinstance(fold, bool)
+    if not integer or not 0 <= fold < num_folds:
+        raise DataError(f"{flag}={fold}: the data has {num_folds} folds (data.num_folds); use "
+                        f"0..{num_folds - 1} (folds are 0-based here; the paper's fold CSVs "
+                        f"are numbered 1..{num_folds})")
+
+
 def train_val_test_indices(labels: Sequence[int], groups: Optional[Sequence] = None, fold: int = 0,
                            num_folds: int = 5, seed: int = 2,
                            heldout_val_fraction: float = 0.25) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,9 +111,7 @@ def train_val_test_indices(labels: Sequence[int], groups: Optional[Sequence] = N
     stratified parts; the first is val, the rest test. ``heldout_val_fraction=1`` gives
     the Feb-2023 protocol (val = test = the held-out fold). Indices are sorted.
     """
-    if not 0 <= fold < num_folds:
-        raise ValueError(f"fold must be in [0, {num_folds}), got {fold} (folds are 0-based here; "
-                         "the paper's fold CSVs are numbered 1..5)")
+    check_fold(fold, num_folds)
     labels = np.asarray(labels, np.int64)
     folds = stratified_group_kfold(labels, groups, num_folds, seed)
     train = np.flatnonzero(folds != fold)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from medtransfer_jax.data.base import DataError, Source, _as_object_array
+from medtransfer_jax.data.config import MIN_IMAGE_SIZE
 
 TASKS = ("lesion", "natural")
 LESION_KINDS = ("bright", "dark", "ring", "ellipse")
@@ -97,9 +98,10 @@ class SyntheticSource(Source):
                             "(config field data.synthetic.task).")
         if num_classes < 2:
             raise DataError(f"synthetic num_classes must be >= 2, got {num_classes}")
-        if num_examples < 1 or image_size < 8:
-            raise DataError(f"synthetic needs num_examples >= 1 and image_size >= 8, got "
-                            f"{num_examples}, {image_size}")
+        if num_examples < 1 or image_size < MIN_IMAGE_SIZE:
+            raise DataError(f"synthetic needs data.synthetic.num_examples >= 1 and "
+                            f"data.image_size >= {MIN_IMAGE_SIZE}, got {num_examples}, "
+                            f"{image_size}")
         self.num_examples = int(num_examples)
         self.image_size = int(image_size)
         self.seed = int(seed)

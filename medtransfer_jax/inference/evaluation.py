@@ -79,12 +79,13 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
       (output path, {split: metrics}).
     """
     weights, run_cfg = resolve_checkpoint(checkpoint)
-    mesh = sharding.make_mesh()
-    loaded = weights_lib.load_model(weights, mesh=mesh)
-    meta = loaded.metadata
     cfg = data_config(run_cfg, dataset, data_root)
     fold = cfg.get("fold", 0) if fold is None else fold   # the run's data.fold, else 0
     fold = 0 if fold is None else int(fold)
+    data_lib.splits.check_fold(fold, int(cfg.num_folds), "--fold")  # before loading weights
+    mesh = sharding.make_mesh()
+    loaded = weights_lib.load_model(weights, mesh=mesh)
+    meta = loaded.metadata
     cfg.image_size = size = image_size or (cfg.image_size if run_cfg else meta.image_size)
     ds = data_lib.get_splits(cfg, fold=fold)
     if meta.num_classes != ds.num_classes:

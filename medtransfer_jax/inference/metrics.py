@@ -26,6 +26,12 @@ from typing import Dict, Optional
 import numpy as np
 from scipy import stats
 
+from medtransfer_jax.configs import base as schema
+
+#: eval.reported_auc choices -> what each paper computed (the table lives in configs.base;
+#: schema.METRICS lists the keys classification_metrics returns).
+REPORTED_AUCS = schema.REPORTED_AUCS
+
 
 def _check_labels_probs(labels, probs):
     labels = np.asarray(labels)
@@ -152,17 +158,6 @@ def cross_entropy(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-12) -> 
     if not labels.size:
         return float("nan")
     return float(-np.mean(np.log(np.clip(probs[np.arange(labels.size), labels], eps, 1.0))))
-
-
-#: Metric names a protocol may report (``eval.reported_auc``) -> what the paper computed.
-REPORTED_AUCS = {
-    "auc": "binary AUC (K == 2) / one-vs-rest macro AUC (the project's default)",
-    "auc_keras": "keras.metrics.AUC() on one-hot labels x softmax: micro, 200 thresholds "
-                 "(Revisiting Sep-2023 AUC.py, Source Matters fine-tuning.py)",
-    "auc_ovr_weighted": "sklearn roc_auc_score: binary, or one-vs-rest prevalence-weighted "
-                        "for K > 2 (Revisiting Feb-2023 base_AUC.py / prediction_similarity.py)",
-    "auc_micro": "exact ROC-AUC over the flattened one-hot matrix (auc_keras without binning)",
-}
 
 
 def check_reported_auc(name: str) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from medtransfer_jax import compile_cache, paths
+from medtransfer_jax.configs import validation
 from medtransfer_jax.training import finalize as finalize_lib, optim, periodic
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import run_setup
@@ -185,6 +186,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
       Diverged: the train loss became non-finite or exploded.
       CheckpointError: no checkpoint fits the config, or a save failed (disk full).
     """
+    validation.validate(config)  # a bad field fails here, before the workdir is touched
     # A gs://bucket/run workdir stays a URL (os.path.abspath would make it ./gs:/...);
     # every file below it is written through medtransfer_jax.paths, checkpoints by orbax.
     workdir = paths.to_str(paths.makedirs(paths.workdir(workdir)))

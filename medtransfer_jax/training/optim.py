@@ -26,8 +26,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import optax
 
+from medtransfer_jax.configs import base as schema
+from medtransfer_jax.configs.validation import parse_freeze  # noqa: F401 (public here too)
+
 HEAD = "predictions"
-POLICIES = ("none", "linear_probe", "two_phase")  # plus "stage:k"
+POLICIES = schema.FREEZE_POLICIES  # plus "stage:k"
 _STAGE_RE = re.compile(r"^conv(\d+)_")
 
 
@@ -40,18 +43,6 @@ def layer_stage(layer: str) -> int:
         raise ValueError(f"Layer name {layer!r} is not a Keras ResNet layer name "
                          "(conv1_*, convK_block*_*, predictions).")
     return int(m.group(1))
-
-
-def parse_freeze(policy: str) -> Tuple[str, int]:
-    """``'none'|'linear_probe'|'two_phase'|'stage:k'`` -> (kind, k)."""
-    policy = str(policy).strip().lower()
-    if policy in POLICIES:
-        return policy, 0
-    m = re.fullmatch(r"stage:([1-5])", policy)
-    if m:
-        return "stage", int(m.group(1))
-    raise ValueError(f"train.freeze={policy!r} is not one of {POLICIES} or 'stage:k' "
-                     "with k in 1..5 (freeze conv1_* .. convK_*).")
 
 
 def phase_policies(policy: str) -> Tuple[str, ...]:
@@ -98,7 +89,7 @@ def make_schedule(lr: float, total_steps: int, schedule: str = "constant",
         main = optax.linear_schedule(lr, lr * end_lr_factor,
                                      max(1, total_steps - warmup_steps))
     else:
-        raise ValueError(f"train.schedule={schedule!r}; choose constant, cosine or linear")
+        raise ValueError(f"train.schedule={schedule!r}; choose {', '.join(schema.SCHEDULES)}")
     if not warmup_steps:
         return main
     return optax.join_schedules(
@@ -134,7 +125,7 @@ def make_base_optimizer(name: str, schedule: optax.Schedule, *, momentum: float 
             parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
         parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
     else:
-        raise ValueError(f"train.optimizer={name!r}; choose adam, adamw or sgd")
+        raise ValueError(f"train.optimizer={name!r}; choose {', '.join(schema.OPTIMIZERS)}")
     return optax.chain(*parts) if len(parts) > 1 else parts[0]
 
 
