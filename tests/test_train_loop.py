@@ -294,3 +294,26 @@ def test_sweep_grid_run_collect(run_dir, tmp_path):
     with open(tmp_path / "table.csv") as f:
         header = f.readline().strip().split(",")
     assert {"name", "target", "status", "val.auc", "test.auc", "best_step"} <= set(header)
+
+
+def test_preprocessing_that_overrides_the_weights_is_warned_about(tmp_path, caplog):
+    """A protocol's preprocessing (caffe) on weights pre-trained with torch inputs is
+    used as asked, with a warning naming both; matching settings stay quiet."""
+    import jax
+    from medtransfer_jax.models import resnet
+    from medtransfer_jax.training import model_init
+    from medtransfer_jax.weights.checkpoint import WeightsMetadata, save_weights
+    model = resnet.ResNet(depth=18, layout="keras_v1", width=8, num_classes=None)
+    save_weights(str(tmp_path / "w"), resnet.init_variables(model, jax.random.key(0), 32),
+                 WeightsMetadata(source="tv", layout="keras_v1", depth=18, width=8,
+                                 preprocessing="torch"))
+    cfg = _tiny(**{"model.init": str(tmp_path / "w"), "model.preprocessing": "caffe"})
+    model_init._WARNED.clear()
+    with caplog.at_level("WARNING"):
+        *_, mode, _, _ = model_init.build_model_and_variables(cfg, 2, jax.random.key(1))
+    assert mode == "caffe" and "overrides" in caplog.text and "'torch'" in caplog.text
+    caplog.clear()
+    cfg = _tiny(**{"model.init": str(tmp_path / "w"), "model.preprocessing": "torch"})
+    with caplog.at_level("WARNING"):
+        model_init.build_model_and_variables(cfg, 2, jax.random.key(1))
+    assert "overrides" not in caplog.text

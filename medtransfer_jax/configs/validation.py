@@ -104,7 +104,7 @@ def _check_train(t) -> str:
     return kind
 
 
-def _check_data(d) -> None:
+def _check_data(d, check_fold: bool = True) -> None:
     """Data fields, raised as DataError (what the data layer raises for them later)."""
     _choice("data.name", d.name, data_config.DATASET_NAMES, DataError)
     size = d.get("image_size")
@@ -113,11 +113,14 @@ def _check_data(d) -> None:
            f"an integer >= {low} (the input side in pixels, e.g. 224)", DataError)
     _choice("data.cache", d.get("cache", "none"), device_cache.CACHE_MODES, DataError)
     _choice("data.folds", d.get("folds", "kfold"), data_config.FOLD_MODES, DataError)
-    splits.check_fold(d.get("fold", 0), int(d.num_folds), "--config.data.fold")
+    if check_fold:
+        splits.check_fold(d.get("fold", 0), int(d.num_folds), "--config.data.fold")
 
 
-def validate(config) -> None:
+def validate(config, check_fold: bool = True) -> None:
     """Checks a run config (the base.base_config schema) without touching disk or devices.
+    ``check_fold=False`` leaves data.fold to the caller (the study's pre-flight lists
+    folds outside the protocol with everything else that is missing).
 
     Raises:
       ConfigError / DataError (UserErrors): one line naming ``--config.<field>=<value>``,
@@ -126,7 +129,7 @@ def validate(config) -> None:
     _check_model(config.model)
     kind = _check_train(config.train)
     check_batch_sizes(config)
-    _check_data(config.data)
+    _check_data(config.data, check_fold)
     e = config.eval
     _choice("eval.reported_auc", e.reported_auc, base.REPORTED_AUCS)
     _choice("eval.monitor", e.monitor, MONITORS)

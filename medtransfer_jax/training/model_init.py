@@ -47,6 +47,19 @@ def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict,
     variables = weights_lib.merge_into(fresh, source.variables, skip_head=True,
                                        source_name=init)
     mode = m.preprocessing or meta.preprocessing
+    pair = (m.preprocessing, meta.preprocessing)
+    if all(pair) and pair[0] != pair[1] and pair not in _WARNED:
+        # Deliberate in the papers' protocols (caffe inputs for RadImageNet too), a silent
+        # mismatch otherwise (e.g. torchvision weights fed a Keras protocol's inputs); said
+        # once per process, not once per run of a study.
+        _WARNED.add(pair)
+        logging.warning("config.model.preprocessing=%r overrides %s/metadata.json (%r): the "
+                        "inputs are normalised unlike the weights' pre-training; set "
+                        "--config.model.preprocessing=%s to match it.", m.preprocessing, init,
+                        meta.preprocessing, meta.preprocessing)
     if mode not in prep_lib.MODES:
         raise ValueError(f"config.model.preprocessing={mode!r} is not one of {prep_lib.MODES}")
     return model, variables, mode, init, spec
+
+
+_WARNED: set = set()

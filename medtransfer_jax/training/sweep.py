@@ -42,6 +42,7 @@ import jax
 from absl import logging
 
 from medtransfer_jax import configs, interrupts, paths, workdir_lock
+from medtransfer_jax.configs import validation
 from medtransfer_jax.training import loop
 from medtransfer_jax.errors import UserError
 
@@ -182,16 +183,21 @@ def write_config(run: Run, process_index: int = 0, config=None) -> str:
                                   origin=f"{run.config} + {run.overrides}")
 
 
-def check_runs(runs: Sequence[Run]) -> None:
-    """Resolves every run's config once: a bad field or file fails the sweep before any
-    run starts or any directory is created."""
+def check_runs(runs: Sequence[Run], check_folds: bool = True) -> None:
+    """Resolves and validates every run's config once: a bad field or file fails the sweep
+    before any run starts or any directory is created (``check_folds=False``: the study's
+    pre-flight reports folds outside the protocol instead)."""
     seen = set()
     for run in runs:
         key = (run.config, tuple(run.overrides))
         if key in seen:
             continue
         seen.add(key)
-        configs.check_batch_sizes(load_config(run))
+        config = load_config(run)
+        try:
+            validation.validate(config, check_fold=check_folds)
+        except UserError as e:
+            raise type(e)(f"{run.name}: {e}") from None
 
 
 def _command(run: Run, python: str, train_flags: Sequence[str] = (),
