@@ -93,7 +93,7 @@ def test_train_bad_field_values(tmp_path, flag, expect):
 
 
 @pytest.mark.parametrize("extra, expect", [
-    (["--config.model.init=/nonexistent"], ["/nonexistent", "does not exist"]),
+    (["--config.model.init=/nonexistent"], ["--config.model.init=/nonexistent:", "does not exist"]),
     (["--config.data.folds=paper", "--config.data.fold_csv_dir=/no/such/csvs"],
      ["data.fold_csv_dir='/no/such/csvs'", "is not a folder"]),
 ])

@@ -34,7 +34,10 @@ def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict,
         variables = resnet.init_variables(model, rng, image_size)
         return model, jax.device_get(variables), m.preprocessing or "unit", "random", spec
     init = os.path.expanduser(init)
-    source = weights_lib.load_model(init, to_device=False)   # NumPy trunk, merged below
+    try:
+        source = weights_lib.load_model(init, to_device=False)   # NumPy trunk, merged below
+    except weights_lib.CheckpointError as e:
+        raise weights_lib.CheckpointError(f"--config.model.init={m.init}: {e}") from None
     meta = source.metadata
     for key in ("depth", "layout", "width"):
         if m[key] is not None and m[key] != getattr(meta, key):
