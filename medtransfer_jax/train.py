@@ -18,7 +18,7 @@ a preemption notice / Ctrl-C after saving a checkpoint (rerun to resume).
 """
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from medtransfer_jax import cli, configs, paths, workdir_lock
 
@@ -51,7 +51,6 @@ def main(argv):
     configs.check_batch_sizes(config, jax.device_count())
     from medtransfer_jax.training import loop  # noqa: E402 (heavy; after validation)
 
-    logging.info("config:\n%s", config)
     diverged = getattr(loop, "Diverged", ())  # added with the divergence check
     try:
         with workdir_lock.hold(_WORKDIR.value, process):

@@ -174,6 +174,8 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
         if jax.process_index() == 0:
             finalize_lib.write_json(paths.join(workdir, CONFIG_FILE),
                                     finalize_lib.json_config(config))
+            # Logged once the run is set up, so a start-up error is not buried under it.
+            logging.info("config (also in %s):\n%s", paths.join(workdir, CONFIG_FILE), config)
             logging.info("data:\n%s", splits.summary())
             logging.info("model ResNet%d/%s width %d, init %s, preprocessing %s; mesh %s; %d "
                          "steps/epoch; phases %s", spec.depth, spec.layout, spec.width, init_desc,
