@@ -84,6 +84,8 @@ def test_train_config_errors(tmp_path, extra, expect):
     ("data.cache=bogus", ["none, host, device"]),
     ("eval.monitor=bogus", ["loss, accuracy, auc", "reported_auc"]),
     ("eval.reported_auc=bogus", ["auc_keras"]),
+    ("data.confounder.p=1.5", ["in [0, 1]"]),
+    ("data.confounder.kind=stamp", ["tag, lowpass, noise, sampled"]),
 ])
 def test_train_bad_field_values(tmp_path, flag, expect):
     wd = tmp_path / "new" / "run"

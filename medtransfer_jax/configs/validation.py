@@ -115,6 +115,13 @@ def _check_data(d, check_fold: bool = True) -> None:
     _choice("data.folds", d.get("folds", "kfold"), data_config.FOLD_MODES, DataError)
     if check_fold:
         splits.check_fold(d.get("fold", 0), int(d.num_folds), "--config.data.fold")
+    conf = d.get("confounder")
+    if conf is not None:
+        _choice("data.confounder.kind", conf.kind, data_config.CONFOUNDER_KINDS, DataError)
+        p = conf.get("p")
+        _range("data.confounder.p", p, _number(p) and 0 <= p <= 1,
+               "in [0, 1] (the fraction of positive training images with the artefact, "
+               "e.g. 0.5)", DataError)
 
 
 def validate(config, check_fold: bool = True) -> None:
