@@ -215,6 +215,10 @@ def test_rerun_skips_finished_stages(study):
     assert after["finetune"] == before["finetune"] and after["sources"] == before["sources"]
     assert after["report"]["items"] > before["report"]["items"]
     assert status["report"] == "done" and os.path.exists(os.path.join(wd, "report.md"))
+    # a report deleted by hand is written again by --stages=report (its marker stays)
+    os.remove(os.path.join(wd, "report.html"))
+    status = runner.run_study(_tiny_study_config(), wd, stages=["report"])
+    assert status["report"] == "done" and os.path.exists(os.path.join(wd, "report.html"))
 
 
 def test_preflight_lists_everything_missing(tmp_path):

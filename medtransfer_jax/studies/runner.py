@@ -175,8 +175,10 @@ class Study:
         return paths.exists(self._marker(stage))
 
     def _report_current(self) -> bool:
-        """The report is done and no other stage finished after it was written."""
-        if not self.is_done("report"):
+        """The report is done, its files are there, and no other stage finished after
+        it was written."""
+        if not self.is_done("report") or not all(
+                paths.exists(self.path(f)) for f in ("report.md", "report.html")):
             return False
         t = _mtime(self._marker("report"))
         return all(_mtime(self._marker(s)) <= t for s in STAGES[:-1]
