@@ -349,16 +349,22 @@ def _robustness_details(page: _Page):
     page.add("p", "Robustness: AUC on the i.i.d. test (artefact as in training), the clean "
                   "test and the o.o.d. test (artefact on every negative), mean ± sd over folds.")
     page.add("table", _table(summ, ("target", "source", "confounder", "p", "auc_iid",
-                                    "auc_iid_sd", "auc_clean", "auc_ood", "auc_ood_sd",
-                                    "n_ood", "n_rows"),
-                             ("target", "source", "confounder", "p", "i.i.d.", "sd", "clean",
-                              "o.o.d.", "sd", "o.o.d. test images", "folds")))
+                                    "auc_iid_sd", "auc_clean", "auc_clean_sd", "auc_ood",
+                                    "auc_ood_sd", "n_ood", "n_rows"),
+                             ("target", "source", "confounder", "artefact p", "i.i.d.", "sd",
+                              "clean", "sd", "o.o.d.", "sd", "o.o.d. test images", "folds")))
     tests = page.table("robustness_tests.csv")
     if tests:
+        pairs = sorted({f"{r['source_a']} vs {r['source_b']}" for r in tests})
+        page.add("p", "Sources compared per setting: Source Matters' permutation t-test "
+                      "(unpaired: the two sources' fold AUCs, all relabellings of the "
+                      f"folds; with k folds per source the smallest p is 2/C(2k, k)); pairs: "
+                      f"{', '.join(pairs)} (random init is not compared; "
+                      "analysis.compare_sources sets the sources); * p<.05, ** p<.01.")
         page.add("table", _table(tests, ("target", "confounder", "p", "test", "source_a",
-                                         "source_b", "t", "p_value", "mark"),
-                                 ("target", "confounder", "p", "test", "a", "b", "t",
-                                  "p (perm.)", "")))
+                                         "source_b", "n_a", "t", "p_value", "mark"),
+                                 ("target", "confounder", "artefact p", "test set", "a", "b",
+                                  "folds per source", "t", "p-value (perm.)", "signif.")))
 
 
 def build_blocks(study) -> List[Block]:

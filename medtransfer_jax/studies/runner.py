@@ -242,15 +242,21 @@ class Study:
 
     # ------------------------------------------------------------------------- stages
     def stage_sources(self):
+        pretrain = [self._prepare_source(name, spec)
+                    for name, spec in self.config.sources.items()
+                    if not spec.get("weights_of")]
+        pretrain = [r for r in pretrain if r is not None]
+        if pretrain:  # one counter over all of them (pretrain 1/2, 2/2)
+            self._run_all(pretrain, "pretrain")
         for name, spec in self.config.sources.items():
-            if not spec.get("weights_of"):
-                self._prepare_source(name, spec)
             twin = self.random_twin_dir(name)
             if twin:
                 self._save_random(twin, name, spec, spec.get("seed", 0) + 1)
             checkpoint.load_metadata(self.source_dir(name))  # clear error if missing/corrupt
 
-    def _prepare_source(self, name: str, spec):
+    def _prepare_source(self, name: str, spec) -> Optional[sweep.Run]:
+        """Converts or draws a source now; a 'pretrain' source is returned as the run
+        that makes it (stage_sources runs them together)."""
         out = self.source_dir(name)
         ready = paths.exists(paths.join(out, checkpoint.METADATA_FILE))
         if spec.kind == "convert" and not ready:
@@ -265,7 +271,8 @@ class Study:
             run = sweep.Run(f"sources/{name}", spec.config, self.path("sources", name, "run"),
                             list(spec.get("overrides", [])) + model_ov,
                             {"source": name, "stage": "pretrain"})
-            self._run_all([run], "pretrain")
+            return run
+        return None
 
     def _save_random(self, out: str, name: str, spec, seed: int):
         if paths.exists(paths.join(out, checkpoint.METADATA_FILE)):
