@@ -67,3 +67,14 @@ def test_prediction_similarity_over_folds_shows_the_spread_and_the_fold_count(dr
     single = [dict(pair="a vs b", observed=0.6, expected_independent=0.5, n=38)]
     plots.plot_prediction_similarity(single, "unused.png")  # one comparison: no folds
     assert "folds" not in drawn[1].axes[0].get_title()
+
+
+def test_filter_statistics_tell_pre_trained_from_fine_tuned_in_the_legend(drawn):
+    rows = [dict(model=f"imagenet:{k}", layer=f"l{i}", sparsity=0.01 * i, sparsity_sd=0.0,
+                 variance_entropy=0.9, variance_entropy_sd=0.01)
+            for k in ("pre", "fine-tuned") for i in range(3)]
+    plots.plot_layer_statistics(rows, "unused.png")
+    handles, labels = drawn[0].axes[1].get_legend_handles_labels()
+    styles = {lab: (h.get_linestyle(), h.get_marker()) for h, lab in zip(handles, labels)}
+    assert styles["imagenet:pre"] != styles["imagenet:fine-tuned"]
+    assert styles["imagenet:fine-tuned"][0] == "--"

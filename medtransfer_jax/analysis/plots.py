@@ -356,10 +356,15 @@ def plot_layer_statistics(rows: Sequence[Mapping], path: str) -> str:
         for m in models:
             pts = {r["layer"]: r for r in rows if r["model"] == m}
             xs = [i for i, l in enumerate(layers) if l in pts]
-            ax.errorbar(xs, [_nan(pts[layers[i]][stat]) for i in xs],
-                        yerr=[_finite_or_0(pts[layers[i]].get(f"{stat}_sd")) for i in xs],
-                        color=colours[m.split(":")[0]],
-                        ls="--" if m.endswith("fine-tuned") else "-", marker=".", label=m)
+            ys = [_nan(pts[layers[i]][stat]) for i in xs]
+            colour, tuned = colours[m.split(":")[0]], m.endswith("fine-tuned")
+            # The line carries the legend entry (dashed + filled squares = fine-tuned,
+            # solid + open circles = pre-trained); the bars are drawn without one.
+            ax.plot(xs, ys, color=colour, ls="--" if tuned else "-",
+                    marker="s" if tuned else "o", ms=4,
+                    mfc=colour if tuned else "none", label=m)
+            ax.errorbar(xs, ys, yerr=[_finite_or_0(pts[layers[i]].get(f"{stat}_sd"))
+                                      for i in xs], fmt="none", ecolor=colour, capsize=2)
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=70, ha="right", fontsize=6)
         ax.set_xlabel("3x3 conv layer (network order)")
