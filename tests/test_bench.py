@@ -66,7 +66,7 @@ def test_run_rows():
     # CCA with n <= p is skipped with a note, not an exception
     skipped = B.run(neurons=[16], datapoints=[10], methods=["mean_cca"], repeats=1)
     assert "n > p" in skipped[0]["note"] and math.isnan(skipped[0]["jax_s"])
-    with pytest.raises(ValueError, match="Unknown method"):
+    with pytest.raises(ValueError, match="unknown method"):
         B.run(neurons=[8], datapoints=[100], methods=["magic"])
 
 
@@ -106,7 +106,12 @@ def test_cli_similarity_prints_table():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    assert "## Similarity kernels vs the google/svcca NumPy" in text and "- backend:" in text
+    # stdout is the labelled report alone; the rows measured along the way went to stderr
+    # under their own header
+    assert text.strip().startswith("## Similarity kernels vs the google/svcca NumPy")
+    assert "- backend:" in text
+    progress = [ln for ln in out.stderr.splitlines() if ln.startswith("|")]
+    assert progress[0].startswith("| method | route |") and len(progress) == 4, out.stderr
     table = text[text.index("| method |"):].strip().splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:10] == ["method", "route", "p", "n", "jax_s", "compile_s", "numpy_s",
@@ -169,3 +174,51 @@ def test_train_bench_times_torch_compile_after_every_other_cell(monkeypatch):
     by = {(r["framework"], r["batch"]): r for r in rows}
     assert by[("jax", 8)]["jax_speedup"] == pytest.approx(2.0)        # vs eager torch
     assert by[("torch.compile", 16)]["jax_speedup"] == pytest.approx(1.0)
+
+
+def _table(stdout, first_column):
+    """The report's table as dicts (the stdout of a bench CLI run)."""
+    table = stdout[stdout.index(f"| {first_column} |"):].strip().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            for line in table[2:] if line.startswith("|")]
+
+
+def test_cli_pipeline_with_default_workers_and_two_sizes():
+    """The default --workers (0,1,2: 0 = in-process) run; every --image_sizes value gets
+    rows; 'images' is the --num_images timed."""
+    cmd = [sys.executable, "-m", "medtransfer_jax.bench", "pipeline", "--image_sizes=32,48",
+           "--num_images=64"]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().startswith("## Input pipeline throughput")
+    rows = _table(out.stdout, "workers")
+    assert [(r["image_size"], r["workers"]) for r in rows] == [
+        (s, w) for s in ("32", "48") for w in ("0", "1", "2")]
+    for r in rows:
+        assert r["images"] == "64" and float(r["images_per_s"]) > 0
+        assert float(r["images_per_s"]) == pytest.approx(64 / float(r["seconds"]), rel=0.02)
+
+
+@pytest.mark.parametrize("num_images, batch, timed", [(40, 32, 32), (16, 32, 16)])
+def test_pipeline_times_num_images_in_whole_batches(monkeypatch, num_images, batch, timed):
+    """Counts the batches the timed loop really draws (after 2 warm-up batches)."""
+    from medtransfer_jax.bench import pipeline as P
+    drawn = []
+    real = P.pipeline.make_train_iter
+
+    def counting(*args, **kw):
+        it = real(*args, **kw)
+
+        class Counted:
+            def __next__(self):
+                b = next(it)
+                drawn.append(len(b["label"]))
+                return b
+        return Counted()
+
+    monkeypatch.setattr(P.pipeline, "make_train_iter", counting)
+    rows = P.run(image_size=32, worker_counts=(0,), num_images=num_images, fmt="png",
+                 source_size=48, batch_size=batch)
+    assert sum(drawn[2:]) == timed == rows[0]["images"]

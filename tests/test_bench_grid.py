@@ -46,6 +46,7 @@ def test_grid_projects_the_full_study_from_measured_epochs(tmp_path):
         assert r["warm_cache_hits"] > 0
     assert total["target_grid_s"] == pytest.approx(breast["target_grid_s"] + knee["target_grid_s"])
     assert total["target"].startswith("TOTAL (50 runs)")
+    assert "projected to 50 runs (2 of 7 targets)" in grid.title(("breast", "knee"))
     assert any((tmp_path / "xla").iterdir())
 
 
@@ -75,4 +76,15 @@ def test_time_budget_measures_the_largest_target_and_projects_the_rest(tmp_path,
     assert total["target_grid_s"] == pytest.approx(thyroid["target_grid_s"]
                                                    + breast["target_grid_s"])
     assert "1 of 2 targets measured" in total["target"]
-    assert "projected from the 1 measured: thyroid" in capsys.readouterr().out
+    assert "projected from the 1 measured: thyroid" in capsys.readouterr().err
+    assert breast["mfu"] == "n/a"  # width 8: no FLOP count (the report's footnote says why)
+    assert "ResNet50 at width 64" in grid.mfu_note(8, 18, "float32")
+
+
+def test_report_title_counts_the_runs_of_the_targets_and_notes_mfu_on_cpu():
+    """The title's run count is the TOTAL row's (5 variants x 5 folds per target), and on
+    a CPU (no peak FLOP/s) the mfu column is explained, not a bare NaN."""
+    assert grid.grid_runs(len(grid.PAPER_TARGETS)) == 175
+    assert "projected to 175 runs (7 of 7" in grid.title(tuple(grid.PAPER_TARGETS))
+    assert "projected to 25 runs (1 of 7" in grid.title(("thyroid",))
+    assert "n/a on CPU" in grid.mfu_note(64, 50, "float32")

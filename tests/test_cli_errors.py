@@ -284,6 +284,16 @@ def test_sweep_errors(tmp_path):
     (["train", "--batch_sizes=0"], ["--batch_sizes=0", "positive"]),
     (["train", "--batch_sizes=12", "--depth=18"], ["--batch_sizes=12", "8 devices"]),
     (["similarity", "--neurons=a"], ["--neurons=a"]),
+    (["pipeline", "--workers=-1"], ["--workers=-1", ">= 0"]),
+    (["pipeline", "--image_sizes=64,0"], ["--image_sizes=64,0", "positive"]),
+    (["similarity", "--methods=foo"], ["--methods", "'foo'", "mean_cca"]),
+    (["similarity", "--routes=foo"], ["--routes=foo", "covariance"]),
+    (["network_scale", "--methods=streaming:mean_cca"], ["streaming:mean_cca"]),
+    (["network_scale", "--parts=gpu"], ["--parts=gpu", "kernels"]),
+    (["network", "--image_sizes=64,32"], ["--image_sizes=64,32", "one value"]),
+    (["train", "--dtypes=float16"], ["--dtypes=float16", "bfloat16"]),
+    (["grid", "--scale=0", "--targets=thyroid"], ["--scale=0", "(0, 1]"]),
+    (["grid", "--targets=lung"], ["--targets=lung", "thyroid"]),
 ])
 def test_bench_errors(args, expect):
     _assert_user_error(_run("medtransfer_jax.bench", *args), "bench", *expect)

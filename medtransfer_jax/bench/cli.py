@@ -23,8 +23,10 @@ _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", True,
                                    "Time torchvision's train step in the same run.")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed calls per window.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed windows (median is reported).")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts (pipeline).")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Images per pipeline measurement.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts (pipeline); "
+                             "0 = in the main process.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "pipeline: images written and timed "
+                                   "per row (whole batches of 32, after 2 warm-up batches).")
 _FORMAT = flags.DEFINE_enum("format", "jpeg", ["jpeg", "png"], "Image file format (pipeline).")
 _NEURONS = flags.DEFINE_list("neurons", ["512", "1024", "2048"], "Neurons per side (similarity).")
 _DATAPOINTS = flags.DEFINE_list("datapoints", ["10000", "50000"], "Datapoints (similarity).")
@@ -48,7 +50,8 @@ _TARGETS = flags.DEFINE_list("targets", ["chest", "breast", "thyroid", "mammogra
                                          "isic", "pcam"], "Revisiting targets (grid).")
 _PROTOCOL = flags.DEFINE_enum("protocol", "sep2023", ["sep2023", "feb2023"],
                               "Revisiting protocol of the grid.")
-_SCALE = flags.DEFINE_float("scale", 1.0, "grid: fraction of each target's images (CPU runs).")
+_SCALE = flags.DEFINE_float("scale", 1.0, "grid: fraction of each target's images, in (0, 1] "
+                            "(CPU runs).")
 _MAX_IMAGE_SIZE = flags.DEFINE_integer("max_image_size", 4096, "grid: cap on image sizes.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 4096, "grid: cap on batch sizes.")
 _TIME_BUDGET = flags.DEFINE_float("time_budget_s", None, "grid: seconds to spend; targets run "
@@ -59,26 +62,51 @@ _CONFIGS_DIR = flags.DEFINE_string("configs_dir", None, "grid: the repo's config
                                    "(default ./configs or the source checkout's).")
 
 
-def _ints(values, flag: str = "") -> List[int]:
+#: Flags a benchmark reads one value of: more than one given is refused, not silently cut
+#: (left out, the first value of the flag's default list is used).
+_SINGLE = {"network": ("image_sizes",), "grid": ("dtypes",),
+           "network_scale": ("neurons", "datapoints", "image_sizes", "batch_sizes")}
+
+
+def _ints(values, flag: str, minimum: int = 1) -> List[int]:
     try:
         out = [int(v) for v in values]
     except ValueError:
         raise UserError(f"--{flag}={','.join(values)}: expected comma-separated integers") from None
     for v in out:
-        cli.check_positive(v, f"--{flag}")
+        if v < minimum:
+            must = "a positive number" if minimum == 1 else f">= {minimum}"
+            raise UserError(f"--{flag}={','.join(values)}: every value must be {must}")
     return out
 
 
+def _choices(values, flag: str, allowed) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise UserError(f"--{flag}={','.join(values)}: unknown {bad}; choose from "
+                        f"{', '.join(allowed)}")
+
+
 def _validate(what: str) -> None:
-    """Flags checked before any benchmark imports JAX models or compiles anything."""
+    """Flags checked before any benchmark builds a model or compiles anything."""
     for flag in ("image_sizes", "batch_sizes", "neurons", "datapoints"):
         _ints(flags.FLAGS[flag].value, flag)
-    for flag in ("iters", "repeats", "num_images", "network_images", "width", "depth"):
+    _ints(_WORKERS.value, "workers", minimum=0)
+    for flag in ("iters", "repeats", "num_images", "network_images", "width", "depth",
+                 "map_images", "cache_examples", "max_image_size", "max_batch"):
         cli.check_positive(flags.FLAGS[flag].value, f"--{flag}")
     if _TIME_BUDGET.value is not None:
         cli.check_positive(_TIME_BUDGET.value, "--time_budget_s")
+    if not 0 < _SCALE.value <= 1:
+        raise UserError(f"--scale={_SCALE.value}: must be in (0, 1] (the fraction of each "
+                        "target's images)")
+    for flag in _SINGLE.get(what, ()):  # not given: the first default, as documented
+        if flags.FLAGS[flag].present and len(flags.FLAGS[flag].value) > 1:
+            raise UserError(f"--{flag}={','.join(flags.FLAGS[flag].value)}: bench {what} "
+                            "takes one value; run it once per value")
     counts = [c for c in _DEVICE_COUNTS.value if c != "all"]
     _ints(counts, "device_counts")
+    _validate_tables(what)
     if what == "train":
         import jax  # noqa: E402 (only to count the devices)
         n_all = jax.device_count()
@@ -89,75 +117,124 @@ def _validate(what: str) -> None:
                 cli.check_divisible(b, n, "--batch_sizes")
 
 
+def _validate_tables(what: str) -> None:
+    """Names checked against the project's tables (imported only by the benchmarks that
+    read them: they pull in JAX)."""
+    if what in ("train", "device_input", "grid"):
+        from medtransfer_jax.bench import train_throughput
+        _choices(_DTYPES.value, "dtypes", train_throughput.DTYPES)
+    if what == "similarity":
+        from medtransfer_jax.analysis import similarity as kernels
+        from medtransfer_jax.bench import similarity
+        similarity.check_methods(_METHODS.value, flag="--methods")
+        _choices(_ROUTES.value, "routes", kernels.ROUTES)
+    if what == "network_scale":
+        from medtransfer_jax.bench import network_scale, similarity
+        similarity.check_methods(_METHODS.value, flag="--methods", streaming_ok=False)
+        _choices(_PARTS.value, "parts", network_scale.PARTS)
+    if what == "grid":
+        from medtransfer_jax.bench import grid
+        _choices(_TARGETS.value, "targets", grid.PAPER_TARGETS)
+
+
+def _int_list(flag: str, minimum: int = 1) -> List[int]:
+    return _ints(flags.FLAGS[flag].value, flag, minimum)
+
+
+def _train():
+    from medtransfer_jax.bench import train_throughput as tt
+    counts = [None if c == "all" else int(c) for c in _DEVICE_COUNTS.value]
+    rows = tt.run(depth=_DEPTH.value, image_sizes=_int_list("image_sizes"),
+                  batch_sizes=_int_list("batch_sizes"), dtypes=_DTYPES.value,
+                  device_counts=counts, compare_torch=_COMPARE_TORCH.value,
+                  iters=_ITERS.value, repeats=_REPEATS.value, width=_WIDTH.value,
+                  torch_compile=_TORCH_COMPILE.value)
+    return ("ResNet train step throughput", rows, tt.COLUMNS,
+            common.mfu_note(_DTYPES.value))
+
+
+def _device_input():
+    from medtransfer_jax.bench import device_input
+    rows = []
+    for size in _int_list("image_sizes"):
+        for bs in _int_list("batch_sizes"):
+            for dt in _DTYPES.value:
+                rows += device_input.run(depth=_DEPTH.value, image_size=size, batch_size=bs,
+                                         dtype=dt, num_examples=_CACHE_EXAMPLES.value,
+                                         width=_WIDTH.value, iters=_ITERS.value,
+                                         repeats=_REPEATS.value)
+    return "Device-resident input vs in-memory batch", rows, device_input.COLUMNS, None
+
+
+def _pipeline():
+    from medtransfer_jax.bench import pipeline
+    rows = pipeline.run(image_sizes=_int_list("image_sizes"),
+                        worker_counts=_int_list("workers", minimum=0),
+                        num_images=_NUM_IMAGES.value, fmt=_FORMAT.value)
+    return "Input pipeline throughput", rows, None, None
+
+
+def _similarity():
+    from medtransfer_jax.bench import similarity
+    rows = similarity.run(neurons=_int_list("neurons"), datapoints=_int_list("datapoints"),
+                          methods=_METHODS.value, repeats=_REPEATS.value,
+                          routes=_ROUTES.value)
+    return ("Similarity kernels vs the google/svcca NumPy float64 algorithm", rows,
+            similarity.COLUMNS, None)
+
+
+def _network():
+    from medtransfer_jax.bench import similarity
+    rows = similarity.run_network(num_images=_NUM_IMAGES_NETWORK.value,
+                                  image_size=_int_list("image_sizes")[0],
+                                  depth=_DEPTH.value, width=_WIDTH.value)
+    return "Two-model stage-wise CCA, end to end", rows, None, None
+
+
+def _grid():
+    from medtransfer_jax.bench import grid
+    cli.enable_compile_cache()
+    rows = grid.run(targets=_TARGETS.value, protocol=_PROTOCOL.value, scale=_SCALE.value,
+                    width=_WIDTH.value, depth=_DEPTH.value,
+                    max_image_size=_MAX_IMAGE_SIZE.value, max_batch=_MAX_BATCH.value,
+                    dtype=_DTYPES.value[0], cache=_CACHE.value,
+                    cfg_dir=_CONFIGS_DIR.value, time_budget_s=_TIME_BUDGET.value)
+    return (grid.title(_TARGETS.value), rows, grid.COLUMNS,
+            grid.mfu_note(_WIDTH.value, _DEPTH.value, _DTYPES.value[0]))
+
+
+def _network_scale():
+    from medtransfer_jax.bench import network_scale
+    rows = network_scale.run(network_scale.Sizes(
+        neurons=_int_list("neurons")[0], datapoints=_int_list("datapoints")[0],
+        methods=_METHODS.value, depth=_DEPTH.value, width=_WIDTH.value,
+        image_size=_int_list("image_sizes")[0], protocol_images=_NUM_IMAGES_NETWORK.value,
+        map_images=_MAP_IMAGES.value, batch_size=_int_list("batch_sizes")[0],
+        repeats=_REPEATS.value, parts=_PARTS.value))
+    return "Similarity at network scale", rows, None, None
+
+
+def _scaling():
+    from medtransfer_jax.bench import scaling
+    # ResNet18 unless --depth is given: the sweep's train cells should stay quick on a CPU.
+    rows = scaling.run(width=_WIDTH.value,
+                       depth=_DEPTH.value if flags.FLAGS["depth"].present else 18)
+    return "Scaling", rows, None, None
+
+
+#: what -> a function that runs it: (title, rows, columns or None, footnote or None).
+_RUNS = {"train": _train, "pipeline": _pipeline, "similarity": _similarity,
+         "network": _network, "scaling": _scaling, "device_input": _device_input,
+         "grid": _grid, "network_scale": _network_scale}
+assert tuple(_RUNS) == WHATS
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in WHATS:
         raise UserError(f"usage: python -m medtransfer_jax.bench {{{','.join(WHATS)}}} "
                         f"[flags]; got {argv[1:]!r} (see --helpfull)")
-    _validate(argv[1])
     what = argv[1]
-    if what == "grid":
-        cli.enable_compile_cache()
+    _validate(what)
+    title, rows, columns, note = _RUNS[what]()
     cmd = "python -m medtransfer_jax.bench " + " ".join(sys.argv[1:])
-    if what == "train":
-        from medtransfer_jax.bench import train_throughput as tt
-        counts = [None if c == "all" else int(c) for c in _DEVICE_COUNTS.value]
-        rows = tt.run(depth=_DEPTH.value, image_sizes=_ints(_IMAGE_SIZES.value),
-                      batch_sizes=_ints(_BATCH_SIZES.value), dtypes=_DTYPES.value,
-                      device_counts=counts, compare_torch=_COMPARE_TORCH.value,
-                      iters=_ITERS.value, repeats=_REPEATS.value, width=_WIDTH.value,
-                      torch_compile=_TORCH_COMPILE.value)
-        common.print_report("ResNet train step throughput", rows, tt.COLUMNS, cmd)
-    elif what == "device_input":
-        from medtransfer_jax.bench import device_input
-        rows = []
-        for bs in _ints(_BATCH_SIZES.value):
-            for dt in _DTYPES.value:
-                rows += device_input.run(depth=_DEPTH.value, image_size=_ints(
-                    _IMAGE_SIZES.value)[0], batch_size=bs, dtype=dt,
-                    num_examples=_CACHE_EXAMPLES.value, width=_WIDTH.value,
-                    iters=_ITERS.value, repeats=_REPEATS.value)
-        common.print_report("Device-resident input vs in-memory batch", rows,
-                            device_input.COLUMNS, cmd)
-    elif what == "pipeline":
-        from medtransfer_jax.bench import pipeline
-        rows = pipeline.run(image_size=_ints(_IMAGE_SIZES.value)[0],
-                            worker_counts=_ints(_WORKERS.value), num_images=_NUM_IMAGES.value,
-                            fmt=_FORMAT.value)
-        common.print_report("Input pipeline throughput", rows, None, cmd)
-    elif what == "similarity":
-        from medtransfer_jax.bench import similarity
-        rows = similarity.run(neurons=_ints(_NEURONS.value),
-                              datapoints=_ints(_DATAPOINTS.value), methods=_METHODS.value,
-                              repeats=_REPEATS.value, routes=_ROUTES.value)
-        common.print_report("Similarity kernels vs the google/svcca NumPy float64 algorithm",
-                            rows, None, cmd)
-    elif what == "network":
-        from medtransfer_jax.bench import similarity
-        rows = similarity.run_network(num_images=_NUM_IMAGES_NETWORK.value,
-                                      image_size=_ints(_IMAGE_SIZES.value)[0],
-                                      depth=_DEPTH.value, width=_WIDTH.value)
-        common.print_report("Two-model stage-wise CCA, end to end", rows, None, cmd)
-    elif what == "grid":
-        from medtransfer_jax.bench import grid
-        rows = grid.run(targets=_TARGETS.value, protocol=_PROTOCOL.value, scale=_SCALE.value,
-                        width=_WIDTH.value, depth=_DEPTH.value,
-                        max_image_size=_MAX_IMAGE_SIZE.value, max_batch=_MAX_BATCH.value,
-                        dtype=_DTYPES.value[0], cache=_CACHE.value,
-                        cfg_dir=_CONFIGS_DIR.value, time_budget_s=_TIME_BUDGET.value)
-        common.print_report("Revisiting grid: measured per target, projected to 175 runs",
-                            rows, grid.COLUMNS, cmd)
-    elif what == "network_scale":
-        from medtransfer_jax.bench import network_scale
-        rows = network_scale.run(network_scale.Sizes(
-            neurons=_ints(_NEURONS.value)[0], datapoints=_ints(_DATAPOINTS.value)[0],
-            methods=_METHODS.value, depth=_DEPTH.value, width=_WIDTH.value,
-            image_size=_ints(_IMAGE_SIZES.value)[0], protocol_images=_NUM_IMAGES_NETWORK.value,
-            map_images=_MAP_IMAGES.value, batch_size=_ints(_BATCH_SIZES.value)[0],
-            repeats=_REPEATS.value, parts=_PARTS.value))
-        common.print_report("Similarity at network scale", rows, None, cmd)
-    elif what == "scaling":
-        from medtransfer_jax.bench import scaling
-        # ResNet18 unless --depth is given: the sweep's train cells should stay quick on a CPU.
-        rows = scaling.run(width=_WIDTH.value,
-                           depth=_DEPTH.value if flags.FLAGS["depth"].present else 18)
-        common.print_report("Scaling", rows, None, cmd)
+    common.print_report(title, rows, columns, cmd, notes=[note] if note else [])

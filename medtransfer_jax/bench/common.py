@@ -41,6 +41,19 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
+def mfu_note(dtypes: Sequence[str]) -> str | None:
+    """The footnote for an ``n/a`` MFU cell: no peak FLOP/s on record for this device."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    missing = [d for d in dtypes if peak_flops(kind, d) is None]
+    if not missing:
+        return None
+    where = "on CPU" if jax.default_backend() == "cpu" else f"for {kind!r}"
+    return (f"mfu: n/a {where} ({', '.join(missing)}): no peak FLOP/s on record "
+            "(bench/common.py PEAK_FLOPS)")
+
+
 def time_fn(fn: Callable[[], Any], *, iters: int, repeats: int = 3,
             sync: Callable[[Any], Any] = lambda x: x) -> Dict[str, float]:
     """Returns {'first_s', 'median_s' (per call), 'min_s'} for ``fn``.
@@ -109,12 +122,34 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     return "\n".join(lines)
 
 
-def print_report(title: str, rows: List[Mapping[str, Any]], columns=None, command: str | None = None):
+_progress_header: List[str] = []
+
+
+def progress(message: str) -> None:
+    """A progress line: stderr, so stdout holds only the labelled report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress_row(row: Mapping[str, Any], columns: Sequence[str] | None = None) -> None:
+    """``row`` as a table line on stderr as soon as it is measured (a run stopped by a
+    timeout keeps it); the column header goes first, again whenever the columns change."""
+    table = format_table([row], columns).splitlines()
+    if table[0] != (_progress_header or [None])[0]:
+        _progress_header[:] = table[:1]
+        progress("\n".join(table[:2]))
+    progress(table[-1])
+
+
+def print_report(title: str, rows: List[Mapping[str, Any]], columns=None,
+                 command: str | None = None, notes: Sequence[str] = ()):
+    """The report on stdout: title, machine facts, the table, then ``notes`` (footnotes)."""
     print(f"\n## {title}\n")
     for k, v in machine_info().items():
         print(f"- {k}: {v}")
     print(f"- command: `{command or ' '.join(sys.argv)}`\n")
     print(format_table(rows, columns))
+    for note in notes:
+        print(f"\n{note}")
     sys.stdout.flush()
 
 

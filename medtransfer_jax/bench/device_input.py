@@ -70,5 +70,5 @@ def run(*, depth: int = 50, image_size: int = 224, batch_size: int = 32,
                          cache_mb=cache.nbytes / 2 ** 20 if name == "device_cache" else 0.0,
                          compile_s=t["first_s"], step_ms=step_ms,
                          img_per_s=batch_size / t["median_s"], vs_in_memory=step_ms / base_ms))
-        print(common.format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
+        common.progress_row(rows[-1], COLUMNS)
     return rows

@@ -109,6 +109,24 @@ def _epoch_work(config) -> float:
     return float(config.data.synthetic.num_examples) * float(config.data.image_size) ** 2
 
 
+def grid_runs(num_targets: int) -> int:
+    """Fine-tunes of the study grid for ``num_targets`` targets (175 for all seven)."""
+    return num_targets * VARIANTS * FOLDS
+
+
+def title(targets: Sequence[str]) -> str:
+    """The report title: says how many runs the TOTAL row projects to."""
+    return (f"Revisiting grid: measured per target, projected to {grid_runs(len(targets))} "
+            f"runs ({len(targets)} of {len(PAPER_TARGETS)} targets)")
+
+
+def mfu_note(width: int, depth: int, dtype: str) -> Optional[str]:
+    """The footnote of an ``n/a`` mfu column (None when MFU is computed)."""
+    if (width, depth) != (64, 50):
+        return "mfu: n/a, the FLOP count is known for ResNet50 at width 64 only"
+    return common.mfu_note([dtype])
+
+
 def _grid_s(run_s: float, frz_run_s: float) -> float:
     return FOLDS * ((VARIANTS - FROZEN_VARIANTS) * run_s + FROZEN_VARIANTS * frz_run_s)
 
@@ -128,15 +146,15 @@ def bench_target(target: str, config, root: str,
     config.train.num_epochs = epochs
     epoch_s = (warm_more - warm1) / extra
     if epoch_s <= 0:
-        print(f"[grid] {target}: {extra} extra epoch(s) took no measurable time "
-              f"({warm1:.2f} s vs {warm_more:.2f} s); epoch time reported as NaN", flush=True)
+        common.progress(f"[grid] {target}: {extra} extra epoch(s) took no measurable time "
+                        f"({warm1:.2f} s vs {warm_more:.2f} s); epoch time reported as NaN")
         epoch_s = float("nan")
     fixed_s = max(warm1 - epoch_s, 0.0) if math.isfinite(epoch_s) else float("nan")
     run_s = fixed_s + epochs * epoch_s
     frz_run_s = run_s + head_epochs * epoch_s
     size = int(config.data.image_size)
     ips = steps * bs / epoch_s
-    mfu = float("nan")
+    mfu: Any = "n/a"  # see mfu_note
     if config.model.width == 64 and config.model.depth == 50:
         peak = common.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
         if peak:
@@ -176,7 +194,8 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
         cfg_dir: Optional[str] = None, workdir: Optional[str] = None,
         xla_cache_dir: Optional[str] = compile_cache.DEFAULT_DIR,
         time_budget_s: Optional[float] = None) -> List[Dict[str, Any]]:
-    """One row per target plus a TOTAL row (the projected 175-run grid).
+    """One row per target plus a TOTAL row (the grid of these targets projected: 175 runs
+    for all seven).
 
     ``time_budget_s``: run the targets largest first and start none that would not finish
     within it (judged by the slowest target measured so far); the rest are projected
@@ -204,18 +223,19 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
             continue
         measured.append(bench_target(t, cfgs[t], root, MIN_EXTRA_IMAGES * scale))
         r = measured[-1]
-        print(f"[grid] {len(measured)}/{len(targets)} {t}: epoch {r['epoch_s']:.1f} s, run "
-              f"{r['run_s']:.0f} s, compile cold {r['compile_cold_s']:.1f} s / warm "
-              f"{r['compile_warm_s']:.1f} s, 25 runs {r['target_grid_s'] / 60:.1f} min "
-              f"(bench {r['bench_s']:.0f} s)", flush=True)
+        common.progress(f"[grid] {len(measured)}/{len(targets)} {t}: epoch "
+                        f"{r['epoch_s']:.1f} s, run {r['run_s']:.0f} s, compile cold "
+                        f"{r['compile_cold_s']:.1f} s / warm {r['compile_warm_s']:.1f} s, "
+                        f"{grid_runs(1)} runs {r['target_grid_s'] / 60:.1f} min "
+                        f"(bench {r['bench_s']:.0f} s)")
     projected = [project_target(t, cfgs[t], measured) for t in left]
     if left:
-        print(f"[grid] time budget {time_budget_s:.0f} s: {len(left)} target(s) projected "
-              f"from the {len(measured)} measured: {', '.join(left)}", flush=True)
+        common.progress(f"[grid] time budget {time_budget_s:.0f} s: {len(left)} target(s) "
+                        f"projected from the {len(measured)} measured: {', '.join(left)}")
     rows = sorted(measured + projected, key=lambda r: list(targets).index(r["target"]))
     how = (f", {len(measured)} of {len(rows)} targets measured, the rest projected"
            if projected else "")
-    rows.append({"target": f"TOTAL ({len(rows) * VARIANTS * FOLDS} runs{how})",
+    rows.append({"target": f"TOTAL ({grid_runs(len(rows))} runs{how})",
                  "target_grid_s": sum(r["target_grid_s"] for r in rows),
                  "compile_cold_s": sum(r["compile_cold_s"] for r in measured),
                  "compile_warm_s": sum(r["compile_warm_s"] for r in measured)})

@@ -36,7 +36,10 @@ from medtransfer_jax.analysis import compare
 from medtransfer_jax.analysis import layer_map
 from medtransfer_jax.analysis import similarity as kernels_lib
 from medtransfer_jax.bench import common, similarity
+from medtransfer_jax.errors import UserError
 
+#: The parts of the run, in the order they run by default.
+PARTS = ("kernels", "protocol", "map")
 COLUMNS = ["part", "what", "seconds", "speedup", "value", "abs_diff", "note"]
 
 
@@ -56,14 +59,14 @@ class Sizes:
     batch_size: int = 64
     repeats: int = 2
     bf16: bool = True
-    parts: Sequence[str] = ("kernels", "protocol", "map")
+    parts: Sequence[str] = PARTS
 
 
 def _row(part, what, seconds=float("nan"), **kw) -> Dict[str, Any]:
     row = dict(part=part, what=what, seconds=seconds, speedup="", value="", abs_diff="",
                note="")
     row.update(kw)
-    print(common.format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    common.progress_row(row, COLUMNS)
     return row
 
 
@@ -127,9 +130,9 @@ def block_map(s: Sizes) -> List[Dict[str, Any]]:
 
 def run(s: Sizes = Sizes()) -> List[Dict[str, Any]]:
     """The parts named in ``s.parts``, in order; rows for :func:`common.print_report`."""
-    bad = [p for p in s.parts if p not in ("kernels", "protocol", "map")]
+    bad = [p for p in s.parts if p not in PARTS]
     if bad:
-        raise ValueError(f"network_scale: unknown part(s) {bad}; choose kernels, protocol, map.")
+        raise UserError(f"network_scale: unknown part(s) {bad}; choose from {', '.join(PARTS)}")
     parts = dict(kernels=kernels, protocol=protocol, map=block_map)
     rows: List[Dict[str, Any]] = []
     for p in s.parts:

@@ -63,7 +63,7 @@ def run(width: int = 64, depth: int = 18, *, batch_sizes: Sequence[int] = (2, 4,
             sweep.append(_row("train", varied, batch=bs, image_size=size,
                               time_ms=t["step_ms"], compile_s=t["compile_s"],
                               per_s=t["img_per_s"]))
-            print(common.format_table([sweep[-1]], COLUMNS).splitlines()[-1], flush=True)
+            common.progress_row(sweep[-1], COLUMNS)
         if sweep:
             _relative(sweep, key, power)
         rows += sweep
@@ -83,7 +83,7 @@ def run(width: int = 64, depth: int = 18, *, batch_sizes: Sequence[int] = (2, 4,
             sweep.append(_row(f"cca ({method})", varied, neurons=p, datapoints=n,
                               time_ms=t["jax_s"] * 1e3, compile_s=t["compile_s"],
                               per_s=n / t["jax_s"]))
-            print(common.format_table([sweep[-1]], COLUMNS).splitlines()[-1], flush=True)
+            common.progress_row(sweep[-1], COLUMNS)
         if sweep:
             _relative(sweep, key, power)
         rows += sweep

@@ -35,6 +35,7 @@ from medtransfer_jax.analysis import compare
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.bench import common
+from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights.checkpoint import WeightsMetadata
 
@@ -187,17 +188,26 @@ def time_pair(X, Y, Xd, Yd, method: str, route: str = "auto", *, repeats: int = 
 STREAMING_PREFIX = "streaming:"
 
 
+def check_methods(methods: Sequence[str], *, flag: str = "methods",
+                  streaming_ok: bool = True) -> None:
+    """UserError unless every method is in the similarity registry or (``streaming_ok``)
+    is ``streaming:<a covariance method>``; checked before any data is made."""
+    bad = [m for m in methods if m not in sim.METHODS and not (
+        streaming_ok and m.startswith(STREAMING_PREFIX)
+        and m[len(STREAMING_PREFIX):] in streaming.COVARIANCE_METHODS)]
+    if bad or not methods:
+        also = (f" or {STREAMING_PREFIX}<one of {', '.join(streaming.COVARIANCE_METHODS)}>"
+                if streaming_ok else "")
+        raise UserError(f"{flag}: unknown method(s) {bad or '(none given)'}; choose from "
+                        f"{', '.join(sim.METHODS)}{also}")
+
+
 def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = (10000, 50000),
         methods: Sequence[str] = ("mean_cca", "svcca", "pwcca", "linear_cka"),
         repeats: int = 3, *, routes: Sequence[str] = ("auto",), seed: int = 0,
         compare_numpy: bool = True) -> List[Dict[str, Any]]:
     """One row per (neurons p = q, datapoints n, method, route): device vs NumPy, same run."""
-    bad = [m for m in methods if m not in sim.METHODS and not (
-        m.startswith(STREAMING_PREFIX)
-        and m[len(STREAMING_PREFIX):] in streaming.COVARIANCE_METHODS)]
-    if bad:
-        raise ValueError(f"Unknown method(s) {bad}; choose from {sim.METHODS} or "
-                         f"{STREAMING_PREFIX}<one of {streaming.COVARIANCE_METHODS}>.")
+    check_methods(methods)
     rows = []
     for p in neurons:
         for n in datapoints:
@@ -206,8 +216,7 @@ def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = 
             for m in methods:
                 for route in routes:
                     rows.append(_row(X, Y, Xd, Yd, m, route, p, n, repeats, compare_numpy))
-                    print(common.format_table([rows[-1]], COLUMNS).splitlines()[-1],
-                          flush=True)
+                    common.progress_row(rows[-1], COLUMNS)
             del Xd, Yd
     return rows
 

@@ -94,7 +94,8 @@ def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 
                dtype=dtype, devices=n_dev, compile_s=compile_s, step_ms=step_s * 1e3,
                img_per_s=batch_size / step_s,
                gflop_per_img=(flops / batch_size / 1e9) if flops else float("nan"),
-               mfu=(flops / step_s / (peak * n_dev)) if (flops and peak) else float("nan"))
+               # "n/a": no peak on record (common.mfu_note) or no FLOP count from XLA
+               mfu=(flops / step_s / (peak * n_dev)) if (flops and peak) else "n/a")
     return row
 
 
@@ -102,8 +103,8 @@ def bench_torch_step(*, depth: int = 50, image_size: int = 224, batch_size: int 
                      dtype: str = "float32", num_classes: int = 2, iters: int = 3,
                      repeats: int = 2, compile: bool = False) -> Optional[Dict[str, Any]]:
     if not torch_reference.available():
-        print("torch/torchvision not installed: skipping the PyTorch comparison "
-              "(pip install -e .[test]).")
+        common.progress("torch/torchvision not installed: skipping the PyTorch comparison "
+                        "(pip install -e .[test]).")
         return None
     t = torch_reference.time_train_step(batch_size=batch_size, image_size=image_size,
                                         dtype=dtype, num_classes=num_classes, iters=iters,
@@ -112,7 +113,7 @@ def bench_torch_step(*, depth: int = 50, image_size: int = 224, batch_size: int 
                 image_size=image_size, batch=batch_size,
                 dtype=dtype, devices=1, compile_s=t["first_s"], step_ms=t["median_s"] * 1e3,
                 img_per_s=batch_size / t["median_s"], gflop_per_img=float("nan"),
-                mfu=float("nan"))
+                mfu="n/a")  # no FLOP count for the torch step
 
 
 def run(*, depth: int = 50, image_sizes: Sequence[int] = (224,),
@@ -133,7 +134,7 @@ def run(*, depth: int = 50, image_sizes: Sequence[int] = (224,),
                                          dtype=dt, num_devices=nd, iters=iters,
                                          repeats=repeats, width=width)
                     rows.append(row)
-                    print(common.format_table([row]).splitlines()[-1], flush=True)
+                    common.progress_row(row, COLUMNS)
                 cells.append((size, bs, dt))
                 _torch_row(rows, size, bs, dt, compiled=False, depth=depth, width=width,
                            compare_torch=compare_torch, iters=iters, repeats=repeats)
@@ -159,7 +160,7 @@ def _torch_row(rows, size, bs, dt, *, compiled, depth, width, compare_torch, ite
     if not compiled:
         jax_1dev["jax_speedup"] = trow["jax_speedup"]
     rows.append(trow)
-    print(common.format_table([trow]).splitlines()[-1], flush=True)
+    common.progress_row(trow, COLUMNS)
 
 
 COLUMNS = ["framework", "depth", "image_size", "batch", "dtype", "devices", "compile_s",
