@@ -34,6 +34,10 @@
 # (SIGTERM before maintenance, `gcloud alpha`) is requested where the Cloud TPU docs
 # list it (v2-v4, v5e). GCP_PROJECT=... adds --project; MEDTRANSFER_POLL_S sets the
 # polling interval (30 s).
+#
+# Input is checked before gcloud runs (exit 2, one line): `train`/`resume` need
+# --workdir after -- (unless a --flagfile holds it); --worker is all or a number;
+# --lines/--grace/--timeout/--max-restarts whole numbers; --job letters, digits, . _ -.
 set -euo pipefail
 
 die() { echo "tpu_vm.sh: error: $*" >&2; exit 2; }    # the user's input is wrong
