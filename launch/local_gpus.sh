@@ -20,16 +20,39 @@
 # Open MPI or Kubernetes (and on Cloud TPU); see launch/slurm_example.sbatch. Anywhere
 # else pass --coordinator_address/--num_processes/--process_id to every process.
 # Pick GPUs with CUDA_VISIBLE_DEVICES as usual. Re-running any command resumes.
+#
+# Every command refuses (exit 2) when no GPU is visible; ALLOW_CPU=1 lets `train` run
+# on the CPU instead (slow: for trying a config). PYTHON=... picks the interpreter
+# (default: `python` on PATH), e.g. PYTHON=~/medtransfer_venv/bin/python, the venv
+# launch/setup_worker.sh makes; it must import medtransfer_jax and its dependencies.
 set -euo pipefail
 die() { echo "local_gpus.sh: error: $*" >&2; exit 2; }
+# The usage is this file's header comment, whole.
+usage() { awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; }
 
 cmd=${1:-}
-[[ -n $cmd ]] || die "usage: local_gpus.sh train|multiproc|sweep -- ARGS"
+case $cmd in
+  -h|--help|help) usage; exit 0 ;;
+  train|multiproc|sweep) ;;
+  '') die "usage: local_gpus.sh train|multiproc|sweep -- ARGS (local_gpus.sh --help)" ;;
+  *) die "unknown command '$cmd' (train, multiproc, sweep; local_gpus.sh --help)" ;;
+esac
 shift
 [[ ${1:-} == -- ]] && shift
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 python=${PYTHON:-python}
+no_gpu="no GPU visible (nvidia-smi -L lists none and CUDA_VISIBLE_DEVICES is empty)"
+
+# The main's imports, before any process starts: a `python` outside the venv fails here
+# in one line instead of with a traceback per process.
+check_python() {  # module
+  local err fix="set PYTHON to the venv's python, e.g. PYTHON=~/medtransfer_venv/bin/python (made by launch/setup_worker.sh)"
+  command -v "$python" >/dev/null || die "PYTHON=$python: no such program; $fix"
+  err=$("$python" -c "import $1" 2>&1 >/dev/null) && return 0
+  err=${err%$'\n'}
+  die "PYTHON=$python cannot import $1${err:+ (${err##*$'\n'})}; $fix"
+}
 
 # Indices of the visible GPUs, comma-separated (empty if none).
 gpu_list() {
@@ -55,10 +78,11 @@ cleanup() {
 multiproc() {
   local gpus nproc port i pid status=0
   IFS=, read -r -a gpus <<< "$(gpu_list)"
-  ((${#gpus[@]})) || die "multiproc: no GPU visible (nvidia-smi -L lists none and CUDA_VISIBLE_DEVICES is empty)"
+  ((${#gpus[@]})) || die "multiproc: $no_gpu"
   nproc=${NPROC:-${#gpus[@]}}
   [[ $nproc =~ ^[0-9]+$ ]] && ((nproc >= 1)) || die "NPROC=$nproc is not a positive number"
   ((nproc <= ${#gpus[@]})) || die "NPROC=$nproc but only ${#gpus[@]} GPU(s) are visible (${gpus[*]}); set NPROC<=${#gpus[@]} or CUDA_VISIBLE_DEVICES"
+  check_python medtransfer_jax.train
   port=${PORT:-$((20000 + RANDOM % 20000))}
   trap 'cleanup; exit 130' INT TERM
   for ((i = 0; i < nproc; i++)); do
@@ -91,11 +115,14 @@ multiproc() {
 }
 
 case $cmd in
-  train) exec "$python" -m medtransfer_jax.train "$@" ;;
+  train)
+    [[ -n $(gpu_list) || ${ALLOW_CPU:-0} == 1 ]] || die "train: $no_gpu; ALLOW_CPU=1 trains on the CPU instead"
+    check_python medtransfer_jax.train
+    exec "$python" -m medtransfer_jax.train "$@" ;;
   multiproc) multiproc "$@" ;;
   sweep)
     slots=$(gpu_list)
-    [[ -n $slots ]] || die "sweep: no GPU visible (nvidia-smi -L lists none and CUDA_VISIBLE_DEVICES is empty)"
+    [[ -n $slots ]] || die "sweep: $no_gpu"
+    check_python medtransfer_jax.sweep
     exec "$python" -m medtransfer_jax.sweep --gpu_slots="$slots" "$@" ;;
-  *) die "unknown command '$cmd' (train, multiproc, sweep)" ;;
 esac

@@ -34,13 +34,20 @@
 # (SIGTERM before maintenance, `gcloud alpha`) is requested where the Cloud TPU docs
 # list it (v2-v4, v5e). GCP_PROJECT=... adds --project; MEDTRANSFER_POLL_S sets the
 # polling interval (30 s).
+#
+# Input is checked before gcloud runs (exit 2, one line): `train`/`resume` need
+# --workdir after -- (unless a --flagfile holds it); --worker is all or a number;
+# --lines/--grace/--timeout/--max-restarts whole numbers; --job letters, digits, . _ -.
 set -euo pipefail
 
 die() { echo "tpu_vm.sh: error: $*" >&2; exit 2; }    # the user's input is wrong
 fail() { echo "tpu_vm.sh: $*" >&2; exit 1; }          # the cloud said no
 
+# The usage is this file's header comment, whole: a new command cannot fall outside it.
+usage() { awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; }
+
 cmd=${1:-}
-[[ -n $cmd && $cmd != -h && $cmd != --help ]] || { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0; }
+case $cmd in ''|-h|--help|help) usage; exit 0 ;; esac
 case $cmd in
   queue|create|wait-ready|setup|check|train|sweep|wait|status|logs|stop|resume|mount|ssh|delete) ;;
   *) die "unknown command '$cmd' (run tpu_vm.sh --help)";;
@@ -58,17 +65,23 @@ worker_job="cd ~/$remote_dir && bash launch/worker_job.sh"
 # --- options: NAME=value pairs into opt_NAME variables (bash 3.2 compatible) ---------
 positional=()
 passthrough=()
+switches=" detach no-wait follow sweep "   # options without a value; the others need =VALUE
 parse_opts() {  # allowed-options... --- "$@"
   local allowed=" " key
   while [[ $1 != --- ]]; do allowed+="$1 "; shift; done
   shift
   while (($#)); do
     case $1 in
-      --) shift; passthrough=("$@"); return ;;
+      --) shift; passthrough=("$@"); break ;;
       --*) key=${1#--}; key=${key%%=*}
            [[ $allowed == *" $key "* ]] || die "unknown option $1 for '$cmd' (options:$allowed); flags for the training program go after --"
-           if [[ $1 == *=* ]]; then printf -v "opt_${key//-/_}" '%s' "${1#*=}"
-           else printf -v "opt_${key//-/_}" '%s' 1; fi ;;
+           if [[ $switches == *" $key "* ]]; then
+             [[ $1 != *=* ]] || die "$1: --$key takes no value"
+             printf -v "opt_${key//-/_}" '%s' 1
+           else
+             [[ $1 == *=?* ]] || die "$1 needs a value: --$key=VALUE"
+             printf -v "opt_${key//-/_}" '%s' "${1#*=}"
+           fi ;;
       *) positional+=("$1") ;;
     esac
     shift
@@ -77,8 +90,39 @@ parse_opts() {  # allowed-options... --- "$@"
     queue|create|resume|mount) ;;
     *) ((${#positional[@]} == 0)) || die "unexpected argument '${positional[0]}' for '$cmd'; flags for the training program go after --" ;;
   esac
+  check_values
 }
 opt() { local v="opt_${1//-/_}"; echo "${!v:-${2:-}}"; }
+
+# Values that end up in gcloud flags or remote shell commands, checked here: a typo
+# fails at once with the fix, not after an ssh round trip to every worker.
+check_values() {
+  local key v number='^[0-9]+$' worker='^(all|[0-9]+)$' job='^[A-Za-z0-9._-]+$'
+  v=$(opt worker)
+  [[ -z $v || $v =~ $worker ]] || die "--worker=$v: give all or a worker number (0, 1, ...)"
+  v=$(opt job)
+  [[ -z $v || $v =~ $job ]] || die "--job=$v: a job name may only use letters, digits, . _ -"
+  for key in lines grace timeout max-restarts; do
+    v=$(opt "$key")
+    [[ -z $v || $v =~ $number ]] || die "--$key=$v is not a whole number (0, 1, 2, ...)"
+  done
+}
+
+# The flag a main cannot run without (medtransfer_jax.train: --workdir), checked before
+# any slice is queued or ssh'd into. A --flagfile may hold it: then the main checks.
+require_flag() {  # flag example-value
+  local a prev=""
+  for a in ${passthrough[@]+"${passthrough[@]}"}; do
+    case $a in
+      --) break ;;
+      --flagfile|--flagfile=*|-flagfile|-flagfile=*) return 0 ;;
+      "--$1="?*|"-$1="?*) return 0 ;;
+    esac
+    [[ ($prev == "--$1" || $prev == "-$1") && -n $a ]] && return 0
+    prev=$a
+  done
+  die "'$cmd' needs --$1 for the training program, after --: tpu_vm.sh $cmd $name $zone ... -- --$1=$2"
+}
 
 gc() { gcloud "$@" --zone="$zone" ${GCP_PROJECT:+--project="$GCP_PROJECT"}; }
 
@@ -214,7 +258,7 @@ start_job() {  # job module module-flags...
   shift 2
   args=$(printf '%q ' "$@" ${passthrough[@]+"${passthrough[@]}"})
   ssh_workers all "$worker_job start $job -- ~/medtransfer_venv/bin/python -m $module $args" \
-    || fail "starting job '$job' failed on at least one worker (a job of that name still running? 'tpu_vm.sh stop $name $zone --job=$job')"
+    || fail "starting job '$job' failed on at least one worker (output above): a job of that name still running ('tpu_vm.sh stop $name $zone --job=$job'), or ssh itself failing ('tpu_vm.sh ssh $name $zone -- hostname')"
 }
 
 # Folds the MEDTRANSFER_JOB lines of all workers into one status: a real failure
@@ -344,7 +388,8 @@ case $cmd in
   wait-ready) parse_opts timeout --- "$@"; wait_ready "$(opt timeout 0)" ;;
   setup)  parse_opts accelerator bucket --- "$@"; setup_workers ;;
   check)  parse_opts bucket --- "$@"; check_workers ;;
-  train)  parse_opts job detach --- "$@"; run_job "$(opt job train)" medtransfer_jax.train --multihost ;;
+  train)  parse_opts job detach --- "$@"; require_flag workdir gs://BUCKET/run
+          run_job "$(opt job train)" medtransfer_jax.train --multihost ;;
   sweep)  parse_opts job detach --- "$@"
           run_job "$(opt job sweep)" medtransfer_jax.sweep --multihost --parallel=1 ;;
   wait)   parse_opts job --- "$@"; wait_job "$(opt job train)" ;;
@@ -355,7 +400,9 @@ case $cmd in
   stop)   parse_opts job grace --- "$@"
           ssh_workers all "$worker_job stop $(opt job train) $(opt grace 300)" \
             || fail "stop failed on at least one worker (output above)" ;;
-  resume) parse_opts mode version autocheckpoint timeout job sweep max-restarts bucket --- "$@"; resume_loop ;;
+  resume) parse_opts mode version autocheckpoint timeout job sweep max-restarts bucket --- "$@"
+          [[ $(opt sweep) == 1 ]] || require_flag workdir gs://BUCKET/run
+          resume_loop ;;
   mount)  parse_opts --- "$@"
           bucket=${positional[0]:-}
           [[ -n $bucket && $bucket != gs://* ]] || die "mount needs a bucket name without gs://, e.g. my-bucket"

@@ -8,8 +8,8 @@ end to end. Deleting a slice wipes the worker homes, as a new VM would start emp
 Nothing here has touched a real Cloud TPU, GPU or Slurm cluster.
 """
 import json
+import re
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -119,7 +119,10 @@ def gcloud():
 
 def python():
     c = cfg()
-    if ARGS[:1] == ["-c"]:                  # setup_worker.sh's version probe
+    if ARGS[:1] == ["-c"]:       # setup_worker.sh's version probe, local_gpus.sh's import check
+        record()
+        if ARGS[1].startswith("import medtransfer_jax") and c.get("import_error"):
+            sys.exit("Traceback (most recent call last):\n  ...\n" + c["import_error"])
         sys.exit(0 if c.get("py_ok", {}).get(NAME, True) else 1)
     if ARGS[:1] == ["--version"]:
         print("Python 3.12.7")
@@ -708,3 +711,154 @@ def test_training_flags_must_follow_double_dash(fake):
         p = fake.run("tpu_vm.sh", *args)
         assert p.returncode == 2 and "go after --" in p.stderr, p.stderr
     assert not fake.calls()
+
+
+# ---------------------------------------------------------------------------------------
+# Input checked before gcloud or python is called: usage, required flags, option values.
+
+def _refused(fake, p, needle, script="tpu_vm.sh"):
+    """Exit 2, one line naming the problem, and nothing called (gcloud, python, ssh)."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert p.stderr.startswith(f"{script}: error:") and p.stderr.count("\n") == 1, p.stderr
+    assert needle in p.stderr, p.stderr
+    assert not [c for c in fake.calls() if c["prog"] != "nvidia-smi"], fake.calls()
+
+
+def _dispatched_commands(script):
+    """The commands a script accepts, read from its `case $cmd in` validation line."""
+    text = open(os.path.join(REPO, "launch", script)).read()
+    (line,) = re.findall(r"^  ((?:[a-z-]+\|)+[a-z-]+)\) ;;$", text, re.M)
+    return set(line.split("|"))
+
+
+@pytest.mark.parametrize("args", [(), ("--help",), ("-h",), ("help",)])
+def test_tpu_vm_usage_lists_every_command(fake, args):
+    p = fake.run("tpu_vm.sh", *args)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    shown = set(re.findall(r"^  launch/tpu_vm\.sh (\S+) ", p.stdout, re.M))
+    commands = _dispatched_commands("tpu_vm.sh")
+    assert len(commands) == 15 and shown == commands, commands ^ shown
+    assert "launch/tpu_vm.sh delete NAME ZONE" in p.stdout
+    assert "set -euo" not in p.stdout and not p.stdout.startswith("!")   # the header only
+    assert "polling interval" in p.stdout                                  # ... all of it
+    assert not fake.calls()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("train", "n", "z"), "'train' needs --workdir"),
+    (("train", "n", "z", "--"), "-- --workdir=gs://BUCKET/run"),
+    (("train", "n", "z", "--", "--config=configs/revisiting/breast.py:imagenet"), "needs --workdir"),
+    (("train", "n", "z", "--", "--workdir="), "needs --workdir"),
+    (("train", "n", "z", "--", "--workdir"), "needs --workdir"),
+    (("train", "n", "z", "--", "--", "--workdir=x"), "needs --workdir"),   # not a flag after --
+    (("resume", "n", "z", "v4-8", "--", "--config=x"), "'resume' needs --workdir"),
+    (("train", "n", "z", "runs/x", "--", "--workdir=x"), "unexpected argument 'runs/x'"),
+    (("logs", "n", "z", "--worker=x"), "--worker=x: give all or a worker number"),
+    (("logs", "n", "z", "--worker=-1"), "--worker=-1"),
+    (("logs", "n", "z", "--worker"), "--worker needs a value"),
+    (("ssh", "n", "z", "--worker=1a", "--", "hostname"), "--worker=1a"),
+    (("logs", "n", "z", "--lines=ten"), "--lines=ten is not a whole number"),
+    (("stop", "n", "z", "--grace=5m"), "--grace=5m is not a whole number"),
+    (("wait-ready", "n", "z", "--timeout=1h"), "--timeout=1h"),
+    (("resume", "n", "z", "v4-8", "--max-restarts=many", "--", "--workdir=x"), "--max-restarts"),
+    (("train", "n", "z", "--job=a b", "--", "--workdir=x"), "--job=a b: a job name"),
+    (("status", "n", "z", "--job=../x"), "--job=../x"),
+    (("train", "n", "z", "--detach=yes", "--", "--workdir=x"), "--detach takes no value"),
+])
+def test_tpu_vm_refuses_bad_input_before_calling_gcloud(fake, args, needle):
+    _refused(fake, fake.run("tpu_vm.sh", *args), needle)
+
+
+@pytest.mark.parametrize("flags", [("--workdir", "gs://b/r"), ("-workdir=gs://b/r",),
+                                   ("--config=c.py", "--flagfile=f.txt")])
+def test_tpu_vm_train_accepts_every_absl_workdir_form(fake, flags):
+    fake.home(0), fake.home(1)
+    p = fake.run("tpu_vm.sh", "train", "t", "z", "--", *flags)
+    assert p.returncode == 0, p.stdout + p.stderr
+    starts = fake.train_starts()
+    assert len(starts) == 2 and starts[0]["args"] == ["-m", "medtransfer_jax.train", "--multihost",
+                                                      *flags]
+
+
+def test_tpu_vm_sweep_needs_no_flags_and_worker_numbers_pass(fake):
+    fake.home(0), fake.home(1)
+    # medtransfer_jax.sweep requires no flag (--output_dir defaults to runs): not refused.
+    p = fake.run("tpu_vm.sh", "sweep", "t", "z", "--")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [s["args"] for s in fake.train_starts()] == [
+        ["-m", "medtransfer_jax.sweep", "--multihost", "--parallel=1"]] * 2
+    for worker in ("0", "1", "all"):
+        p = fake.run("tpu_vm.sh", "logs", "t", "z", "--job=sweep", f"--worker={worker}", "--lines=0")
+        assert p.returncode == 0, p.stderr
+        assert f"--worker={worker}" in fake.gcloud("ssh")[-1]
+
+
+def test_tpu_vm_failed_ssh_at_job_start_names_both_causes(fake):
+    fake.set({"workers": 2, "ssh_exit": [1]})
+    p = fake.run("tpu_vm.sh", "train", "t", "z", "--", "--workdir=gs://b/r")
+    assert p.returncode == 1 and not fake.train_starts()
+    assert "still running" in p.stderr and "'tpu_vm.sh ssh t z -- hostname'" in p.stderr
+
+
+@pytest.mark.parametrize("arg", ["--help", "-h", "help"])
+def test_local_gpus_help_prints_usage(fake, arg):
+    p = fake.run("local_gpus.sh", arg)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    for command in ("train", "multiproc", "sweep"):
+        assert f"launch/local_gpus.sh {command} -- " in p.stdout
+    assert "ALLOW_CPU=1" in p.stdout and "PYTHON=" in p.stdout and "set -euo" not in p.stdout
+    assert not fake.calls()
+
+
+def test_local_gpus_usage_errors(fake):
+    _refused(fake, fake.run("local_gpus.sh"), "usage: local_gpus.sh train|multiproc|sweep",
+             "local_gpus.sh")
+    _refused(fake, fake.run("local_gpus.sh", "--bogus"), "unknown command '--bogus'",
+             "local_gpus.sh")
+
+
+def test_local_gpus_train_refuses_cpu_unless_allowed(fake):
+    fake.set({"gpus": 0})
+    p = fake.run("local_gpus.sh", "train", "--", "--workdir=/tmp/x")
+    _refused(fake, p, "train: no GPU visible", "local_gpus.sh")
+    assert "ALLOW_CPU=1" in p.stderr and fake.calls("nvidia-smi")
+    p = fake.run("local_gpus.sh", "train", "--", "--workdir=/tmp/x", env={"ALLOW_CPU": "1"})
+    assert p.returncode == 0, p.stderr
+    (start,) = fake.train_starts()
+    assert start["args"] == ["-m", "medtransfer_jax.train", "--workdir=/tmp/x"]
+    # A GPU named by CUDA_VISIBLE_DEVICES counts, as for multiproc and sweep.
+    p = fake.run("local_gpus.sh", "train", "--", "--workdir=/tmp/x", env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert p.returncode == 0 and len(fake.train_starts()) == 2
+
+
+@pytest.mark.parametrize("cmd,module", [("train", "medtransfer_jax.train"),
+                                        ("multiproc", "medtransfer_jax.train"),
+                                        ("sweep", "medtransfer_jax.sweep")])
+def test_local_gpus_checks_python_imports_the_main_first(fake, cmd, module):
+    fake.set({"gpus": 2, "import_error": "ModuleNotFoundError: No module named 'absl'"})
+    p = fake.run("local_gpus.sh", cmd, "--", "--workdir=/tmp/x")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"local_gpus.sh: error: PYTHON=python cannot import {module} "
+                               "(ModuleNotFoundError: No module named 'absl'); set PYTHON")
+    assert [c["args"][:2] for c in fake.calls("python")] == [["-c", f"import {module}"]]
+    assert not fake.train_starts()
+    p = fake.run("local_gpus.sh", cmd, "--", "--workdir=/tmp/x", env={"PYTHON": "/no/such/python"})
+    assert p.returncode == 2 and "PYTHON=/no/such/python: no such program" in p.stderr
+    assert p.stderr.count("\n") == 1 and not fake.train_starts()
+
+
+def test_local_gpus_import_check_with_real_interpreters(fake, tmp_path):
+    """A real venv without the dependencies is refused in one line; the test's own
+    interpreter passes the check and runs the real main (which rejects the config)."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True,
+                   timeout=60)
+    env = {"ALLOW_CPU": "1", "PYTHON": str(bare / "bin" / "python"), "JAX_PLATFORMS": "cpu"}
+    p = fake.run("local_gpus.sh", "train", "--", "--workdir=/tmp/x", env=env)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "cannot import medtransfer_jax.train (ModuleNotFoundError: No module named" in p.stderr
+    env["PYTHON"] = sys.executable
+    p = fake.run("local_gpus.sh", "train", "--", f"--workdir={tmp_path}/run",
+                 "--config=no_such_config.py", env=env, timeout=120)
+    assert p.returncode == 2 and "train: error: --config=no_such_config.py" in p.stderr, p.stderr
+    assert "local_gpus.sh" not in p.stderr
