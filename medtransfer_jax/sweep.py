@@ -183,8 +183,14 @@ def _progress_line(runs):
     todo = sum(r.status() in ("new", "partial") for r in runs)
     at_once = len(_GPU_SLOTS.value) or _PARALLEL.value if _MODE.value == "subprocess" else 1
     prog = progress.Progress("run", len(runs), done_before=len(runs) - todo, parallel=at_once)
-    return lambda run, status, seconds: prog.item_done(run.name, seconds,
-                                                       sweep.run_detail(run, status))
+
+    def on_done(run, status: str, seconds: float) -> None:
+        if status == "stopped":  # not finished: neither counted nor timed
+            print(f"[sweep] {run.name}: stopped after {progress.format_duration(seconds)} "
+                  "(saved; the same command resumes it)", flush=True)
+        else:
+            prog.item_done(run.name, seconds, sweep.run_detail(run, status))
+    return on_done
 
 
 def _sweep(runs, process: int, csv_path: str) -> None:
