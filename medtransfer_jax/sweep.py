@@ -19,8 +19,9 @@ resume from their checkpoints; runs whose ``results.json`` status is not ``done`
 finished run: ``run 3/10 demo/fold2/seed0: test AUC 0.912 (n=128), 41 s, ETA 5m00s``.
 Exit status: 0 when every run of the grid is done, 1 when any run failed (diverged,
 error, ``--timeout``), 2 for bad input; SIGTERM or Ctrl-C: the running runs save, the
-sweep exits 143 and prints how to resume. One sweep at a time per ``--output_dir``. Multi-host (``--multihost``, run on every host): every
-process runs the same runs; only process 0 writes ``results.csv``; logs are per process.
+sweep exits 143 and prints how to resume. One sweep at a time per ``--output_dir``.
+Multi-host (``--multihost``, run on every host): every process runs the same runs; only
+process 0 writes ``results.csv``; logs are per process.
 """
 import contextlib
 import os

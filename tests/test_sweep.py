@@ -219,7 +219,8 @@ def test_dry_run_prints_a_command_that_works_as_printed(tmp_path, monkeypatch):
     assert p.returncode == 0, p.stderr[-3000:]
     assert not root.exists()  # a dry run writes nothing
     cmd = shlex.split([ln for ln in p.stdout.splitlines() if "medtransfer_jax.train" in ln][0])
-    assert cmd[1:3] == ["-m", "medtransfer_jax.train"] and f"--workdir={root}/demo/fold1/seed0" in cmd
+    assert cmd[1:3] == ["-m", "medtransfer_jax.train"]
+    assert f"--workdir={root}/demo/fold1/seed0" in cmd
     assert not any("sweep_config.py" in a for a in cmd)
     # What train's --config flag makes of that command line is the run's resolved config.
     argv = ["train"] + [a for a in cmd[3:] if a.startswith("--config")]
