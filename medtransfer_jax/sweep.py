@@ -34,12 +34,15 @@ from medtransfer_jax.studies import progress
 from medtransfer_jax.training import presets, sweep
 
 _STUDY = flags.DEFINE_enum("study", "revisiting", list(sweep.STUDIES), "Which study's configs.")
-_TARGETS = flags.DEFINE_list("targets", ["all"], "Targets (revisiting) or confounders "
-                             "(source_matters); 'all' for every one.")
-_SOURCES = flags.DEFINE_list("sources", ["imagenet", "radimagenet", "random"], "Sources.")
+_TARGETS = flags.DEFINE_list("targets", ["all"], "Targets (revisiting: its config files, "
+                             "chest, breast, ...) or confounders (source_matters: tag, lowpass, "
+                             "noise, sampled); 'all' for every one. Not for --study=demo.")
+_SOURCES = flags.DEFINE_list("sources", list(presets.SOURCES), "Sources, of "
+                             f"{', '.join(presets.SOURCES)}. Not for --study=demo.")
 _FOLDS = flags.DEFINE_list("folds", ["0", "1", "2", "3", "4"], "0-based folds.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
-_PS = flags.DEFINE_list("ps", [], "Source Matters artefact fractions p.")
+_PS = flags.DEFINE_list("ps", [], "Source Matters artefact fractions p "
+                        "(--study=source_matters only).")
 _EXTRA = flags.DEFINE_string("extra_arg", "", "Appended to each config argument, e.g. "
                              "freeze=true or protocol=feb2023.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "Config override key=value for all runs "

@@ -208,6 +208,8 @@ def test_exit_status_is_0_only_when_every_run_is_done(tmp_path):
     assert "1/2 runs done; failed: demo/fold1/seed0 (diverged)" in p.stdout
     p = _main(*grid, "--collect_only")  # the table alone says the same
     assert p.returncode == 1 and "failed: demo/fold1/seed0 (diverged)" in p.stdout
+    assert "Exit status: 0 when every run of the grid is done, 1 when any run failed" in \
+        " ".join(_main("--help").stdout.split())
 
 
 def test_dry_run_prints_a_command_that_works_as_printed(tmp_path, monkeypatch):
