@@ -199,8 +199,8 @@ def require(value, flag: str, hint: str) -> None:
         raise UserError(f"{flag} is required: {hint}")
 
 
-def check_positive(value: Optional[int], name: str) -> None:
-    if value is not None and int(value) <= 0:
+def check_positive(value: Optional[float], name: str) -> None:
+    if value is not None and float(value) <= 0:
         raise UserError(f"{name}={value}: must be a positive number")
 
 

@@ -15,27 +15,34 @@ Each run gets ``<output_dir>/<run name>/`` with ``sweep_config.py`` (its resolve
 what the run actually used), ``train.log`` and the training workdir files. Re-running
 the same command continues the sweep: finished runs are skipped, interrupted ones
 resume from their checkpoints; runs whose ``results.json`` status is not ``done``
-(``diverged``) are listed as failed and never enter the table's metrics. SIGTERM or
-Ctrl-C: the running runs save, the sweep exits 143 and prints how to resume. One sweep
-at a time per ``--output_dir``. Multi-host (``--multihost``, run on every host): every
-process runs the same runs; only process 0 writes ``results.csv``; logs are per process.
+(``diverged``) are listed as failed and never enter the table's metrics. One line per
+finished run: ``run 3/10 demo/fold2/seed0: test AUC 0.912 (n=128), 41 s, ETA 5m00s``.
+Exit status: 0 when every run of the grid is done, 1 when any run failed (diverged,
+error, ``--timeout``), 2 for bad input; SIGTERM or Ctrl-C: the running runs save, the
+sweep exits 143 and prints how to resume. One sweep at a time per ``--output_dir``.
+Multi-host (``--multihost``, run on every host): every process runs the same runs; only
+process 0 writes ``results.csv``; logs are per process.
 """
 import contextlib
 import os
 
 from absl import flags, logging
 
-from medtransfer_jax import cli, interrupts, workdir_lock
+from medtransfer_jax import cli, interrupts, paths, workdir_lock
 from medtransfer_jax.errors import UserError
+from medtransfer_jax.studies import progress
 from medtransfer_jax.training import presets, sweep
 
 _STUDY = flags.DEFINE_enum("study", "revisiting", list(sweep.STUDIES), "Which study's configs.")
-_TARGETS = flags.DEFINE_list("targets", ["all"], "Targets (revisiting) or confounders "
-                             "(source_matters); 'all' for every one.")
-_SOURCES = flags.DEFINE_list("sources", ["imagenet", "radimagenet", "random"], "Sources.")
+_TARGETS = flags.DEFINE_list("targets", ["all"], "Targets (revisiting: its config files, "
+                             "chest, breast, ...) or confounders (source_matters: tag, lowpass, "
+                             "noise, sampled); 'all' for every one. Not for --study=demo.")
+_SOURCES = flags.DEFINE_list("sources", list(presets.SOURCES), "Sources, of "
+                             f"{', '.join(presets.SOURCES)}. Not for --study=demo.")
 _FOLDS = flags.DEFINE_list("folds", ["0", "1", "2", "3", "4"], "0-based folds.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
-_PS = flags.DEFINE_list("ps", [], "Source Matters artefact fractions p.")
+_PS = flags.DEFINE_list("ps", [], "Source Matters artefact fractions p "
+                        "(--study=source_matters only).")
 _EXTRA = flags.DEFINE_string("extra_arg", "", "Appended to each config argument, e.g. "
                              "freeze=true or protocol=feb2023.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "Config override key=value for all runs "
@@ -50,9 +57,11 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
 _MODE = flags.DEFINE_enum("mode", "subprocess", ["subprocess", "inprocess"],
                           "Runs as `python -m medtransfer_jax.train` subprocesses or in this "
                           "process (both read the same resolved sweep_config.py).")
-_TIMEOUT = flags.DEFINE_float("timeout", None, "Seconds per run (then it saves and is left "
-                              "to resume).")
-_DRY = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+_TIMEOUT = flags.DEFINE_float("timeout", None, "Seconds per run (--mode=subprocess): a run "
+                              "still going then is stopped, saves its checkpoint and is listed "
+                              "as failed (timeout; exit 1); the same command resumes it.")
+_DRY = flags.DEFINE_bool("dry_run", False, "Print each run's train command only (creates "
+                         "nothing).")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect results into the CSV.")
 _GPU_SLOTS = flags.DEFINE_list("gpu_slots", [], "One run per slot at a time, each with "
                                "CUDA_VISIBLE_DEVICES=<slot>, e.g. 0,1,2,3 (one GPU per run).")
@@ -76,11 +85,51 @@ def _process_index() -> int:
     return 0
 
 
+def _check_flags_apply() -> None:
+    """Flags the chosen study or mode would ignore are an error, not silence."""
+    ignored = {"demo": ("targets", "sources", "ps", "extra_arg", "config_dir"),
+               "revisiting": ("ps",), "source_matters": ()}[_STUDY.value]
+    for name in ignored:
+        if flags.FLAGS[name].present:
+            uses = ("--folds, --seeds and --override" if _STUDY.value == "demo"
+                    else "--targets, --sources, --folds, --seeds, --extra_arg, --override")
+            raise UserError(f"--{name} does not apply to --study={_STUDY.value} (it takes "
+                            f"{uses}); leave --{name} out")
+    if _MODE.value == "inprocess":
+        for name in ("timeout", "gpu_slots", "parallel"):
+            if flags.FLAGS[name].present:
+                raise UserError(f"--{name} applies to --mode=subprocess only (--mode=inprocess "
+                                f"runs one run at a time in this process); leave it out")
+
+
+def _check_values(values, valid, flag: str) -> None:
+    unknown = [v for v in values if v not in valid]
+    if unknown:
+        raise UserError(f"--{flag}: unknown {', '.join(map(repr, unknown))}; valid values: "
+                        f"{', '.join(valid)}" + (", all" if flag == "targets" else ""))
+
+
+def _targets():
+    """--targets for revisiting / source_matters: 'all' or names of its config files."""
+    sub = "revisiting" if _STUDY.value == "revisiting" else "source_matters"
+    config_dir = os.path.join(_CONFIG_DIR.value or sweep.default_config_dir(), sub)
+    known = (sorted(f[:-3] for f in os.listdir(config_dir) if f.endswith(".py")
+                    and not f.startswith("_")) if os.path.isdir(config_dir) else [])
+    default = (presets.REVISITING_TARGETS if _STUDY.value == "revisiting"
+               else presets.CONFOUNDERS)
+    if _TARGETS.value == ["all"]:
+        return list(default)
+    if known:  # no config dir at all: expand_grid names the missing directory
+        _check_values(_TARGETS.value, known, "targets")
+    return _TARGETS.value
+
+
 def _runs():
-    targets = _TARGETS.value
-    if targets == ["all"]:
-        targets = (list(presets.REVISITING_TARGETS) if _STUDY.value == "revisiting"
-                   else list(presets.CONFOUNDERS))
+    if _STUDY.value == "demo":
+        targets = []
+    else:
+        targets = _targets()
+        _check_values(_SOURCES.value, presets.SOURCES, "sources")
     folds = _numbers(_FOLDS.value, int, "folds")
     if any(f < 0 for f in folds):
         raise UserError(f"--folds={','.join(_FOLDS.value)}: folds are 0-based, >= 0")
@@ -91,12 +140,25 @@ def _runs():
         root=_OUTPUT_DIR.value, config_dir=_CONFIG_DIR.value, overrides=_OVERRIDES.value)
 
 
+def _check_collectable(root: str, runs) -> None:
+    """--collect_only reads what an earlier sweep wrote; with nothing there it would only
+    write a table of 'new' rows (and create the directory)."""
+    if not (paths.isdir(root) and any(paths.isdir(r.workdir) for r in runs)):
+        raise UserError(f"--collect_only: nothing to collect in {root} (no run directory of "
+                        "this grid there); run the sweep first, or give the --output_dir and "
+                        "grid flags it ran with")
+
+
 def main(argv):
     cli.no_positional(argv)
     cli.check_positive(_PARALLEL.value, "--parallel")
+    cli.check_positive(_TIMEOUT.value, "--timeout")
+    _check_flags_apply()
     root = cli.check_output_dir(_OUTPUT_DIR.value, "--output_dir")
     runs = _runs()
     sweep.check_runs(runs)  # every config resolves: nothing is created before this
+    if _COLLECT.value:
+        _check_collectable(root, runs)
     logging.info("%d runs in the grid", len(runs))
     process = _process_index()
     csv_path = _CSV.value or os.path.join(root, "results.csv")
@@ -120,23 +182,46 @@ def main(argv):
         raise
 
 
+def _progress_line(runs):
+    """``on_done`` of ``sweep.run_all``: the study's per-run line with an ETA."""
+    todo = sum(r.status() in ("new", "partial") for r in runs)
+    at_once = len(_GPU_SLOTS.value) or _PARALLEL.value if _MODE.value == "subprocess" else 1
+    prog = progress.Progress("run", len(runs), done_before=len(runs) - todo, parallel=at_once)
+
+    def on_done(run, status: str, seconds: float) -> None:
+        if status == "stopped":  # not finished: neither counted nor timed
+            print(f"[sweep] {run.name}: stopped after {progress.format_duration(seconds)} "
+                  "(saved; the same command resumes it)", flush=True)
+        else:
+            prog.item_done(run.name, seconds, sweep.run_detail(run, status))
+    return on_done
+
+
 def _sweep(runs, process: int, csv_path: str) -> None:
+    """Runs (unless --collect_only) and collects; exits 1 when any run failed."""
+    status = {}
     if not _COLLECT.value:
         try:
             status = sweep.run_all(runs, parallel=_PARALLEL.value, mode=_MODE.value,
                                    timeout=_TIMEOUT.value, train_flags=cli.multihost_flags(),
-                                   gpu_slots=_GPU_SLOTS.value or None, process_index=process)
+                                   gpu_slots=_GPU_SLOTS.value or None, process_index=process,
+                                   on_done=_progress_line(runs))
         except interrupts.Interrupted:  # the table also after a stop: what is done so far
             sweep.collect(runs, csv_path, process_index=process)
             raise
-        counts = {}
-        for s in status.values():
-            counts[s.split(":")[0]] = counts.get(s.split(":")[0], 0) + 1
-        print(f"sweep: {counts}")
     rows = sweep.collect(runs, csv_path, process_index=process)
-    failed = [r["name"] for r in rows if r["status"] not in ("done", "new", "partial")]
-    print(f"{sum(r['status'] == 'done' for r in rows)}/{len(rows)} runs done"
-          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; table: {csv_path}")
+    # a run that crashed or timed out has no final results.json: its status says why
+    failed = {r["name"]: r["status"] for r in rows if r["status"] not in ("done", "new", "partial")}
+    failed.update({n: s.split(":", 1)[1] for n, s in status.items() if s.startswith("failed:")})
+    done = sum(r["status"] == "done" for r in rows)
+    unfinished = len(rows) - done - len(failed)
+    print(f"{done}/{len(rows)} runs done"
+          + (f"; failed: {', '.join(f'{n} ({why})' for n, why in failed.items())}"
+             if failed else "")
+          + (f"; {unfinished} not finished (rerun the sweep)" if unfinished > 0 else "")
+          + f"; table: {csv_path}", flush=True)
+    if failed or done < len(rows):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

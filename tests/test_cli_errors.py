@@ -267,10 +267,26 @@ def test_sweep_errors(tmp_path):
         ([f"--output_dir={root}", "--folds=one"], ["--folds=one"]),
         ([f"--output_dir={tmp_path / 'f'}"], ["is a file"]),
         ([f"--output_dir={_read_only_dir(tmp_path)}/s"], ["not writable"]),
+        ([f"--output_dir={root}", "--timeout=-1"], ["--timeout=-1", "positive"]),
+        ([f"--output_dir={root}", "--timeout=0"], ["--timeout=0", "positive"]),
+        ([f"--output_dir={root}", "--targets=foo"], ["--targets", "--study=demo"]),
+        ([f"--output_dir={root}", "--sources=foo"], ["--sources", "--study=demo"]),
+        ([f"--output_dir={root}", "--mode=inprocess", "--timeout=60"],
+         ["--timeout", "--mode=subprocess"]),
+        ([f"--output_dir={root}", "--collect_only"], ["nothing to collect", str(root)]),
     ]
     for extra, expect in cases:
         p = _run(*demo, *extra)
         _assert_user_error(p, "sweep", *expect)
+        assert not root.exists()
+    revisiting = ["medtransfer_jax.sweep", "--study=revisiting", f"--output_dir={root}"]
+    for extra, expect in [
+        (["--targets=breast,foo"], ["--targets", "'foo'", "breast, chest", "pcam"]),
+        (["--targets=breast", "--sources=imagenet,foo"],
+         ["--sources", "'foo'", "imagenet, radimagenet, random"]),
+        (["--targets=breast", "--ps=0.1"], ["--ps", "--study=revisiting"]),
+    ]:
+        _assert_user_error(_run(*revisiting, *extra), "sweep", *expect)
         assert not root.exists()
     p = _run("medtransfer_jax.sweep", "--study=revisiting", "--targets=breast",
              f"--config_dir={tmp_path}/nope", f"--output_dir={root}")

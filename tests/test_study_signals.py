@@ -137,12 +137,14 @@ def test_sweep_sigterm_mid_run_then_rerun_gives_the_same_table(tmp_path):
     ref = _sweep(tmp_path / "ref")
     out, err = ref.communicate(timeout=900)
     assert ref.returncode == 0, err[-3000:]
+    assert "run 2/2 demo/fold1/seed0: test AUC " in out and ", ETA 0 s" in out, out
     root = tmp_path / "chaos"
     rc, out, err = _stop_when(
         _sweep(root), lambda: glob.glob(str(root / "demo" / "fold0" / "seed0" / "checkpoints"
                                             / "[0-9]*")), "the first run's checkpoint")
     assert rc == 143, err[-3000:]
-    assert "sweep: stopped" in err and "Resume with the same command" in err
+    assert "sweep: stopped (1 run(s) saved and stopped; 1 run(s) not started)" in err, err
+    assert "Resume with the same command" in err
     assert not os.path.exists(root / "demo" / "fold1")  # the second run never started
     again = _sweep(root)
     out, err = again.communicate(timeout=900)

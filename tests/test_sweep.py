@@ -2,15 +2,18 @@
 not finish never enter the table, and SIGTERM / Ctrl-C stop the whole sweep (#10.4)."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-import ml_collections
 import pytest
 from _train_utils import REPO, subprocess_env
+
+from absl import flags
+from ml_collections import config_flags
 
 from medtransfer_jax import configs
 from medtransfer_jax.errors import ConfigError
@@ -112,7 +115,8 @@ def test_signal_stops_the_whole_sweep_after_the_running_run_saved(tmp_path, sig)
     fake.chmod(0o755)
     root = tmp_path / "sweep"
     p = subprocess.Popen([sys.executable, "-c", DRIVER, str(root), str(fake)], cwd=REPO,
-                         env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+                         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     first = root / "demo" / "fold0" / "seed0"
     deadline = time.time() + 120
     while not (first / "started").exists():
@@ -120,13 +124,17 @@ def test_signal_stops_the_whole_sweep_after_the_running_run_saved(tmp_path, sig)
         time.sleep(0.2)
     t0 = time.time()
     p.send_signal(sig)
-    err = p.communicate(timeout=60)[1]
+    out, err = p.communicate(timeout=60)
     assert p.returncode == 143, err
     assert time.time() - t0 < 20  # visible at once, not after the run's next minute
     assert (first / "saved").exists()  # the running run was asked to save
     assert not (root / "demo" / "fold1").exists()  # and no further run started
     assert "Resume with the same command" in err and "Traceback" not in err
     assert f"received {signal.Signals(sig).name}" in err
+    # Only the run that had started is reported stopped; the two others never started.
+    assert "(1 run(s) saved and stopped; 2 run(s) not started)" in err, err
+    assert "[sweep] demo/fold0/seed0: stopped" in out
+    assert "fold1" not in out and "fold2" not in out, out
 
 
 def test_subprocess_and_inprocess_runs_of_one_grid_point_agree(tmp_path):
@@ -143,3 +151,85 @@ def test_subprocess_and_inprocess_runs_of_one_grid_point_agree(tmp_path):
     assert r1["best_step"] == r2["best_step"] == 4
     for split in ("val", "test"):
         assert r1[split] == r2[split], split
+
+
+FAKE_DONE = """#!{python}
+# Stands in for `python -m medtransfer_jax.train`: writes a finished results.json.
+import json, os, sys
+wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+with open(os.path.join(wd, "results.json"), "w") as f:
+    json.dump({{"status": "done", "best_step": 4, "test": {{"auc": 0.875, "num_examples": 16}}}}, f)
+"""
+
+
+def _fake(tmp_path, text, name):
+    fake = tmp_path / name
+    fake.write_text(text.format(python=sys.executable))
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_on_done_gets_each_started_run_and_a_timeout_is_a_failure(tmp_path):
+    runs = sweep.expand_grid("demo", targets=[], folds=[0, 1], root=str(tmp_path / "a"))
+    seen = []
+    status = sweep.run_all(runs, python=_fake(tmp_path, FAKE_DONE, "done_python"),
+                           on_done=lambda run, st, secs: seen.append((run.name, st, secs)))
+    assert status == {r.name: "done" for r in runs}
+    assert [(n, st) for n, st, _ in seen] == [(r.name, "done") for r in runs]
+    assert all(0 < secs < 60 for _, _, secs in seen)
+    assert sweep.run_detail(runs[0], "done") == "test AUC 0.875 (n=16)"
+    assert sweep.run_detail(runs[0], "failed:diverged") == "failed:diverged"
+    # A run still going at --timeout is stopped (it saves) and listed as failed.
+    slow = sweep.expand_grid("demo", targets=[], folds=[0], root=str(tmp_path / "b"))
+    t0 = time.time()
+    status = sweep.run_all(slow, python=_fake(tmp_path, FAKE_TRAIN, "slow_python"), timeout=3)
+    assert status == {slow[0].name: "failed:timeout"}
+    assert time.time() - t0 < 60
+    assert os.path.exists(os.path.join(slow[0].workdir, "saved"))
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "medtransfer_jax.sweep", *args], cwd="/",
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_exit_status_is_0_only_when_every_run_is_done(tmp_path):
+    root = tmp_path / "s"
+    grid = ["--study=demo", "--folds=0,1", f"--output_dir={root}"]
+    runs = sweep.expand_grid("demo", targets=[], folds=[0, 1], root=str(root))
+    _fake_results(runs[0].workdir, "done", 0.8)
+    _fake_results(runs[1].workdir, "done", 0.7)
+    p = _main(*grid)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2/2 runs done; table:" in p.stdout
+    _fake_results(runs[1].workdir, "diverged", float("nan"))
+    p = _main(*grid)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "1/2 runs done; failed: demo/fold1/seed0 (diverged)" in p.stdout
+    p = _main(*grid, "--collect_only")  # the table alone says the same
+    assert p.returncode == 1 and "failed: demo/fold1/seed0 (diverged)" in p.stdout
+    assert "Exit status: 0 when every run of the grid is done, 1 when any run failed" in \
+        " ".join(_main("--help").stdout.split())
+
+
+def test_dry_run_prints_a_command_that_works_as_printed(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    ov = ["model.width=8", "data.nih_views=AP,PA", "data.synthetic.task='natural'",
+          "data.augment.flip=false", "train.lr=1e-3", "data.max_examples=12"]
+    p = _main("--study=demo", "--folds=1", f"--output_dir={root}", "--dry_run",
+              *[f"--override={o}" for o in ov])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not root.exists()  # a dry run writes nothing
+    cmd = shlex.split([ln for ln in p.stdout.splitlines() if "medtransfer_jax.train" in ln][0])
+    assert cmd[1:3] == ["-m", "medtransfer_jax.train"]
+    assert f"--workdir={root}/demo/fold1/seed0" in cmd
+    assert not any("sweep_config.py" in a for a in cmd)
+    # What train's --config flag makes of that command line is the run's resolved config.
+    argv = ["train"] + [a for a in cmd[3:] if a.startswith("--config")]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads overrides at definition
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv)
+    fv(argv)
+    want = configs.resolve(configs.path("demo"), ["data.fold=1", "seed=0"] + ov)
+    assert fv.config.to_dict() == want.to_dict()
+    assert fv.config.data.nih_views == ("AP", "PA") and fv.config.data.synthetic.task == "natural"

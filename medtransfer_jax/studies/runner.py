@@ -309,7 +309,7 @@ class Study:
                 # the cost model learns from finished runs only; the run line shows its
                 # stage ETA and the next line the overall one
                 counted = not failed.get(run.name) and self._count_run(run, secs)
-                prog.item_done(run.name, secs, _run_detail(run, st))
+                prog.item_done(run.name, secs, sweep.run_detail(run, st))
                 if counted:
                     tracker.echo_line()
         if failed:
@@ -359,17 +359,6 @@ def _mtime(path: str) -> float:
     if paths.is_remote(path):
         return float(paths.as_path(path).stat().mtime)
     return os.path.getmtime(path)
-
-
-def _run_detail(run: sweep.Run, status: str) -> str:
-    """'test AUC 0.912 (n=38)' for a finished run, else its failure status."""
-    if status.startswith("failed"):
-        return status
-    res = sweep.read_results(run.workdir) or {}
-    test = res.get("test", {})
-    auc = test.get("auc")
-    return (f"test AUC {auc:.3f} (n={test.get('num_examples', '?')})"
-            if isinstance(auc, (int, float)) else "done")
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str, *, mode: str = "inprocess",

@@ -31,12 +31,13 @@ import itertools
 import json
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import jax
 from absl import logging
@@ -48,6 +49,8 @@ from medtransfer_jax.errors import UserError
 
 STUDIES = ("revisiting", "source_matters", "demo")
 RESOLVED_CONFIG = "sweep_config.py"
+#: A run the sweep never started (a stop arrived first, or another run rejected its input).
+NOT_STARTED = "not started"
 
 #: The one dotted-key override helper (kept under its old name for callers).
 apply_overrides = configs.override
@@ -207,6 +210,43 @@ def _command(run: Run, python: str, train_flags: Sequence[str] = (),
             f"--workdir={run.workdir}", *train_flags]
 
 
+def dry_run_command(run: Run, python: str, train_flags: Sequence[str] = ()) -> List[str]:
+    """The ``train`` command of ``run`` as it can be pasted before the sweep has written
+    anything: its config file + argument and one ``--config.KEY=VALUE`` per override, each
+    VALUE the resolved field written the way ``config_flags`` parses it back. An override
+    that sets a field to ``None`` (which ``--config.`` cannot say) falls back to the
+    resolved file the sweep writes when the run starts (``_command``)."""
+    cfg = load_config(run)
+    out = []
+    for item in run.overrides:
+        key = item.partition("=")[0].strip()
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value is None:
+            return _command(run, python, train_flags)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (tuple, list)):
+            text = repr(tuple(value))
+        else:
+            text = str(value)
+        out.append(f"--config.{key}={text}")
+    return [python, "-m", "medtransfer_jax.train", f"--config={run.config}", *out,
+            f"--workdir={run.workdir}", *train_flags]
+
+
+def run_detail(run: Run, status: str) -> str:
+    """'test AUC 0.912 (n=38)' for a finished run, else its status ('failed:diverged')."""
+    if status.startswith("failed") or status == "stopped":
+        return status
+    res = read_results(run.workdir) or {}
+    test = res.get("test", {})
+    auc = test.get("auc")
+    return (f"test AUC {auc:.3f} (n={test.get('num_examples', '?')})"
+            if isinstance(auc, (int, float)) else "done")
+
+
 def _final_status(run: Run, rc) -> str:
     st = run.status()
     if st == "done":
@@ -221,7 +261,7 @@ def _final_status(run: Run, rc) -> str:
 def _run_subprocess(run: Run, python: str, timeout: Optional[float], env,
                     train_flags: Sequence[str] = (), process_index: int = 0) -> str:
     if interrupts.requested() is not None:
-        return "stopped"
+        return NOT_STARTED
     created = not os.path.exists(local_dir(run))
     os.makedirs(local_dir(run), exist_ok=True)
     write_config(run, process_index)
@@ -289,21 +329,30 @@ def _run_inprocess(run: Run) -> str:
     return _final_status(run, None)
 
 
+def _echo_status(run: Run, status: str, seconds: float) -> None:
+    """The default line per finished run (the ``sweep`` main prints a progress line)."""
+    print(f"[sweep] {run.name}: {status}", flush=True)
+
+
 def run_all(runs: Sequence[Run], *, parallel: int = 1, mode: str = "subprocess",
             python: Optional[str] = None, timeout: Optional[float] = None,
             env: Optional[Dict[str, str]] = None, dry_run: bool = False,
             train_flags: Sequence[str] = (), gpu_slots: Optional[Sequence[str]] = None,
-            process_index: int = 0) -> Dict[str, str]:
+            process_index: int = 0,
+            on_done: Optional[Callable[[Run, str, float], None]] = _echo_status
+            ) -> Dict[str, str]:
     """Runs every run not yet finished; returns {name: 'done' | 'skipped' | 'failed:<why>'}.
 
     ``parallel`` subprocesses at a time; each sees all accelerators unless ``gpu_slots``
     is given (e.g. ``['0', '1', '2,3']``): then each run borrows one slot as its
     ``CUDA_VISIBLE_DEVICES`` and ``parallel`` defaults to the number of slots.
-    ``mode='inprocess'`` runs sequentially in this process.
+    ``mode='inprocess'`` runs sequentially in this process. ``on_done(run, status,
+    seconds)`` is called as each started run ends (not for runs never started).
 
     Raises:
       UserError: a run's config cannot be resolved (before anything starts).
-      interrupts.Interrupted: a stop was requested; running runs saved their state.
+      interrupts.Interrupted: a stop was requested; running runs saved their state, and
+        the reason counts them and the runs never started.
     """
     if mode not in ("subprocess", "inprocess"):
         raise UserError(f"mode={mode!r}; choose subprocess or inprocess")
@@ -322,30 +371,45 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, mode: str = "subprocess",
             todo.append(run)
             logging.info("%s run %s (%s)", "would" if dry_run else "will", run.name, st)
     if dry_run:
-        for run in todo:  # the config file is written when the run starts
-            print(f"# {run.name}: {run.config} {' '.join(run.overrides)}\n"
-                  + " ".join(_command(run, python, train_flags, process_index)))
+        for run in todo:
+            cmd = dry_run_command(run, python, train_flags)
+            note = (f" (its config file {resolved_config_path(run, process_index)} is "
+                    "written when the sweep runs)" if cmd[3].endswith(RESOLVED_CONFIG) else "")
+            print(f"# {run.name}{note}\n" + " ".join(shlex.quote(a) for a in cmd))
             status[run.name] = "dry_run"
         return status
+    on_done = on_done or (lambda *_: None)
     if mode == "inprocess":
-        for run in todo:
-            status[run.name] = _run_inprocess(run)
+        for i, run in enumerate(todo):
+            later = len(todo) - i - 1
+            if interrupts.requested() is not None:
+                raise interrupts.Interrupted(f"{later + 1} run(s) not started")
+            t0 = time.time()
+            try:
+                status[run.name] = _run_inprocess(run)
+            except interrupts.Interrupted as e:  # the run saved its checkpoint
+                raise interrupts.Interrupted(
+                    f"{e.reason}" + (f"; {later} run(s) not started" if later else "")) from e
+            on_done(run, status[run.name], time.time() - t0)
     else:
         status.update(_run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
-                                process_index))
+                                process_index, on_done))
     bad = {n: s.split(":", 1)[1] for n, s in status.items() if s.startswith("usererror:")}
     if bad:
         name, line = next(iter(bad.items()))
         raise UserError(f"run {name} rejected its input ({line})"
                         + (f"; {len(bad) - 1} more run(s) too" if len(bad) > 1 else ""))
-    stopped = [n for n, s in status.items() if s == "stopped"]
+    stopped = sum(s == "stopped" for s in status.values())
+    not_started = sum(s == NOT_STARTED for s in status.values())
     if stopped or interrupts.requested() is not None:
-        raise interrupts.Interrupted(f"{len(stopped)} run(s) saved and stopped")
+        raise interrupts.Interrupted(
+            f"{stopped} run(s) saved and stopped"
+            + (f"; {not_started} run(s) not started" if not_started else ""))
     return status
 
 
 def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
-              process_index) -> Dict[str, str]:
+              process_index, on_done) -> Dict[str, str]:
     slots = None
     if gpu_slots:
         slots = queue.Queue()
@@ -355,13 +419,14 @@ def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
 
     abort = threading.Event()  # a run rejected its input: the others would too
 
-    def one(run: Run) -> str:
+    def one(run: Run):
         if abort.is_set():
-            return "not started"
+            return NOT_STARTED, 0.0
+        t0 = time.time()
         result = _one(run)
         if result.startswith("usererror:"):
             abort.set()
-        return result
+        return result, time.time() - t0
 
     def _one(run: Run) -> str:
         if slots is None:
@@ -378,9 +443,10 @@ def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
         futures = {pool.submit(one, r): r for r in todo}
         for fut in concurrent.futures.as_completed(futures):
             run = futures[fut]
-            status[run.name] = fut.result()
-            if not status[run.name].startswith("usererror:"):  # that one is the error line
-                print(f"[sweep] {run.name}: {status[run.name]}", flush=True)
+            status[run.name], seconds = fut.result()
+            # a usererror is the sweep's error line; a run never started has no line
+            if not status[run.name].startswith("usererror:") and status[run.name] != NOT_STARTED:
+                on_done(run, status[run.name], seconds)
     return status
 
 
