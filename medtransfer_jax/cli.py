@@ -199,6 +199,16 @@ def require(value, flag: str, hint: str) -> None:
         raise UserError(f"{flag} is required: {hint}")
 
 
+def check_choices(values: Sequence[str], allowed: Sequence[str], flag: str,
+                  also: str = "") -> None:
+    """UserError naming ``--flag``, the unknown values and the valid ones (``also``: a
+    further accepted word such as 'all')."""
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise UserError(f"--{flag}={','.join(values)}: unknown {', '.join(map(repr, bad))}; "
+                        f"choose from {', '.join(allowed)}" + (f", {also}" if also else ""))
+
+
 def check_positive(value: Optional[float], name: str) -> None:
     if value is not None and float(value) <= 0:
         raise UserError(f"{name}={value}: must be a positive number")

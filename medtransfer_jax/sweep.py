@@ -102,13 +102,6 @@ def _check_flags_apply() -> None:
                                 f"runs one run at a time in this process); leave it out")
 
 
-def _check_values(values, valid, flag: str) -> None:
-    unknown = [v for v in values if v not in valid]
-    if unknown:
-        raise UserError(f"--{flag}: unknown {', '.join(map(repr, unknown))}; valid values: "
-                        f"{', '.join(valid)}" + (", all" if flag == "targets" else ""))
-
-
 def _targets():
     """--targets for revisiting / source_matters: 'all' or names of its config files."""
     sub = "revisiting" if _STUDY.value == "revisiting" else "source_matters"
@@ -120,7 +113,7 @@ def _targets():
     if _TARGETS.value == ["all"]:
         return list(default)
     if known:  # no config dir at all: expand_grid names the missing directory
-        _check_values(_TARGETS.value, known, "targets")
+        cli.check_choices(_TARGETS.value, known, "targets", also="all")
     return _TARGETS.value
 
 
@@ -129,7 +122,7 @@ def _runs():
         targets = []
     else:
         targets = _targets()
-        _check_values(_SOURCES.value, presets.SOURCES, "sources")
+        cli.check_choices(_SOURCES.value, presets.SOURCES, "sources")
     folds = _numbers(_FOLDS.value, int, "folds")
     if any(f < 0 for f in folds):
         raise UserError(f"--folds={','.join(_FOLDS.value)}: folds are 0-based, >= 0")
@@ -185,7 +178,7 @@ def main(argv):
 def _progress_line(runs):
     """``on_done`` of ``sweep.run_all``: the study's per-run line with an ETA."""
     todo = sum(r.status() in ("new", "partial") for r in runs)
-    at_once = len(_GPU_SLOTS.value) or _PARALLEL.value if _MODE.value == "subprocess" else 1
+    at_once = (len(_GPU_SLOTS.value) or _PARALLEL.value) if _MODE.value == "subprocess" else 1
     prog = progress.Progress("run", len(runs), done_before=len(runs) - todo, parallel=at_once)
 
     def on_done(run, status: str, seconds: float) -> None:

@@ -80,13 +80,6 @@ def _ints(values, flag: str, minimum: int = 1) -> List[int]:
     return out
 
 
-def _choices(values, flag: str, allowed) -> None:
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise UserError(f"--{flag}={','.join(values)}: unknown {bad}; choose from "
-                        f"{', '.join(allowed)}")
-
-
 def _validate(what: str) -> None:
     """Flags checked before any benchmark builds a model or compiles anything."""
     for flag in ("image_sizes", "batch_sizes", "neurons", "datapoints"):
@@ -122,19 +115,19 @@ def _validate_tables(what: str) -> None:
     read them: they pull in JAX)."""
     if what in ("train", "device_input", "grid"):
         from medtransfer_jax.bench import train_throughput
-        _choices(_DTYPES.value, "dtypes", train_throughput.DTYPES)
+        cli.check_choices(_DTYPES.value, train_throughput.DTYPES, "dtypes")
     if what == "similarity":
         from medtransfer_jax.analysis import similarity as kernels
         from medtransfer_jax.bench import similarity
         similarity.check_methods(_METHODS.value, flag="--methods")
-        _choices(_ROUTES.value, "routes", kernels.ROUTES)
+        cli.check_choices(_ROUTES.value, kernels.ROUTES, "routes")
     if what == "network_scale":
         from medtransfer_jax.bench import network_scale, similarity
         similarity.check_methods(_METHODS.value, flag="--methods", streaming_ok=False)
-        _choices(_PARTS.value, "parts", network_scale.PARTS)
+        cli.check_choices(_PARTS.value, network_scale.PARTS, "parts")
     if what == "grid":
         from medtransfer_jax.bench import grid
-        _choices(_TARGETS.value, "targets", grid.PAPER_TARGETS)
+        cli.check_choices(_TARGETS.value, grid.PAPER_TARGETS, "targets")
 
 
 def _int_list(flag: str, minimum: int = 1) -> List[int]:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
 from absl import logging
+from flax import traverse_util
 
 from medtransfer_jax import data as data_lib, paths, sharding as shard_lib
 from medtransfer_jax.errors import WorkdirError
@@ -113,21 +114,12 @@ RESUMABLE_CHANGES = ("log.", "checkpoint.async_save", "checkpoint.max_to_keep", 
                      "data.fold_csv_test", "data.tfds_data_dir")
 
 
-def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(stored: Dict[str, Any], config) -> List[str]:
     """``'field: old -> new'`` for every field of ``config`` that differs from the
     ``stored`` JSON config of the run in a way a resume must not accept (fields the stored
     config lacks, e.g. added by a newer version, are not changes)."""
-    old, new = _flat(stored), _flat(finalize_lib.json_config(config))
+    old = traverse_util.flatten_dict(stored, sep=".")
+    new = traverse_util.flatten_dict(finalize_lib.json_config(config), sep=".")
     changes = []
     for key in sorted(old.keys() & new.keys()):
         if old[key] == new[key] or key.startswith(RESUMABLE_CHANGES):
@@ -159,11 +151,11 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
     ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
     try:
-        stored = paths.join(workdir, CONFIG_FILE)
-        if ckpt.latest_step() is not None and paths.exists(stored):
+        stored, latest = paths.join(workdir, CONFIG_FILE), ckpt.latest_step()
+        if latest is not None and paths.exists(stored):
             check_same_config(json.loads(paths.read_text(stored)), config, workdir,
-                              f"holds a checkpoint (step {ckpt.latest_step()}) of a run")
-        if ckpt.latest_step() is None and not config.data.skip_corrupt:
+                              f"holds a checkpoint (step {latest}) of a run")
+        if latest is None and not config.data.skip_corrupt:
             integrity.check_splits(splits)  # before any compilation; a resumed run passed it
         init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
         model, variables, prep, init_desc, spec = model_init.build_model_and_variables(
