@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU numbers of BENCHMARKS.md in ONE device call (<= 8 min of benchmarks on one
-# H100/H200; give the call timeout_s=570).
+# The GPU numbers of BENCHMARKS.md in ONE device call (<= 9 min of benchmarks on one
+# H100/H200; give the call timeout_s=595).
 #
 # Needs only what a bare GPU machine with jax[cuda], flax, optax, orbax, torch/torchvision
 # and absl has, plus the wheels of the rest in .whl/ beside the repo (grain,
@@ -46,9 +46,24 @@ else
 fi
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/medtransfer_xla}"
+# The train bench runs torchvision in the same process after JAX: JAX takes half the GPU
+# memory instead of its default 75 %, which leaves torch room for batch 256 under AMP.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
   | tee "$OUT/gpu.txt"
-python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+# Everything the benchmarks import, with versions: a missing wheel stops the call here, in
+# seconds, instead of failing six benchmarks one by one.
+python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.txt" || { echo "import check failed" >&2; exit 1; }
+import importlib, sys
+mods = ["jax", "flax", "optax", "orbax.checkpoint", "grain", "ml_collections", "tensorboardX",
+        "absl", "etils", "numpy", "torch", "torchvision", "medtransfer_jax.bench.cli",
+        "medtransfer_jax.training.loop", "medtransfer_jax.analysis.layer_map"]
+for m in mods:
+    mod = importlib.import_module(m)
+    print(m, getattr(mod, "__version__", ""))
+import jax
+print(sys.version.split()[0], jax.devices())
+PY
 
 bench() {  # bench NAME SECONDS ARGS...: one benchmark, its table to $OUT/NAME.md
   local name=$1 secs=$2; shift 2
@@ -62,19 +77,23 @@ PART="${1:-all}"   # all (one call) | part1 | part2 (reruns of one half)
 if [ "$PART" = part1 ] || [ "$PART" = all ]; then
   # 1. ResNet50 224 px bf16 train step at batch 128 and 256, torchvision AMP +
   #    channels_last in the same run, then torch.compile: img/s, MFU, JAX/torch ratio.
-  bench train 130 train --depth=50 --image_sizes=224 --batch_sizes=128,256 \
+  bench train 140 train --depth=50 --image_sizes=224 --batch_sizes=128,256 \
     --dtypes=bfloat16 --iters=10 --repeats=3 --torch_compile
   # 2. Device-resident input (gather + warp + normalise in jit) vs an in-memory batch.
-  bench device_input 60 device_input --depth=50 --image_sizes=224 --batch_sizes=256 \
+  bench device_input 70 device_input --depth=50 --image_sizes=224 --batch_sizes=256 \
     --dtypes=bfloat16 --cache_examples=4096 --iters=10 --repeats=3
   # 3. The grain path with 8 and 16 worker processes (host decode + warp), for comparison.
   bench pipeline 35 pipeline --image_sizes=224 --workers=8,16 --num_images=2048
 fi
 if [ "$PART" = part2 ] || [ "$PART" = all ]; then
-  # 4. Similarity at network scale: kernels vs the NumPy reference at 2048 x 20k, the paper
-  #    CCA protocol on two ResNet50s end to end, the 17 x 17 block map on 10k images.
-  bench network_scale 125 network_scale --depth=50 --neurons=2048 --datapoints=20000 \
+  # 4. Similarity at network scale: the paper CCA protocol on two ResNet50s end to end and
+  #    the 17 x 17 block map on 10k images (float32, then bf16 with its effect on CCA) ...
+  bench network_map 130 network_scale --parts=protocol,map --depth=50 \
     --network_images=1000 --map_images=10000 --batch_sizes=128
+  #    ... then the kernels vs the NumPy float64 reference at 2048 x 20k (one timed call
+  #    each: the NumPy side alone takes seconds per method on the host's cores).
+  bench network_kernels 40 network_scale --parts=kernels --neurons=2048 \
+    --datapoints=20000 --repeats=1
   # 5. The Revisiting grid: each target's protocol through the real loop (cold, warm and
   #    warm multi-epoch runs) with device-resident data in bf16, largest first within the
   #    budget, the rest projected from them; the total projected to 175 fine-tunes.

@@ -88,3 +88,17 @@ def test_report_title_counts_the_runs_of_the_targets_and_notes_mfu_on_cpu():
     assert "projected to 175 runs (7 of 7" in grid.title(tuple(grid.PAPER_TARGETS))
     assert "projected to 25 runs (1 of 7" in grid.title(("thyroid",))
     assert "n/a on CPU" in grid.mfu_note(64, 50, "float32")
+
+
+@pytest.mark.parametrize("protocol", ["sep2023", "feb2023"])
+def test_every_target_config_loads_for_the_grid(protocol):
+    """Each of the seven targets' protocol files gives a valid synthetic grid config (pcam
+    refuses folds=kfold as an argument: the grid must not pass it)."""
+    from medtransfer_jax.configs import validation
+    for target in grid.PAPER_TARGETS:
+        c = grid.target_config(f"{_train_utils.REPO}/configs", target, protocol=protocol,
+                               scale=0.01, width=8, depth=18, max_image_size=32,
+                               max_batch=16, dtype="bfloat16", cache="device")
+        validation.validate(c)
+        assert c.data.name == "synthetic" and c.data.folds == "kfold", target
+        assert c.data.synthetic.num_examples >= 8 * grid.PAPER_TARGETS[target][1]

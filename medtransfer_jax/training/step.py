@@ -66,7 +66,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, state_s
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
         metrics = {"loss": loss,
                    "accuracy": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1e-12),
-                   "grad_norm": optax.global_norm(
+                   "grad_norm": optax.tree.norm(
                        {k: g for k, g in grads.items() if k not in frozen})}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                                   opt_state=opt_state)
