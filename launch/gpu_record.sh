@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU numbers of BENCHMARKS.md in ONE device call (<= 9 min of benchmarks on one
-# H100/H200; give the call timeout_s=595).
+# H100/H200; give the call timeout_s=600).
 #
 # Needs only what a bare GPU machine with jax[cuda], flax, optax, orbax, torch/torchvision
 # and absl has, plus the wheels of the rest in .whl/ beside the repo (grain,
@@ -80,7 +80,7 @@ if [ "$PART" = part1 ] || [ "$PART" = all ]; then
   bench train 140 train --depth=50 --image_sizes=224 --batch_sizes=128,256 \
     --dtypes=bfloat16 --iters=10 --repeats=3 --torch_compile
   # 2. Device-resident input (gather + warp + normalise in jit) vs an in-memory batch.
-  bench device_input 70 device_input --depth=50 --image_sizes=224 --batch_sizes=256 \
+  bench device_input 80 device_input --depth=50 --image_sizes=224 --batch_sizes=256 \
     --dtypes=bfloat16 --cache_examples=4096 --iters=10 --repeats=3
   # 3. The grain path with 8 and 16 worker processes (host decode + warp), for comparison.
   bench pipeline 35 pipeline --image_sizes=224 --workers=8,16 --num_images=2048
@@ -97,7 +97,7 @@ if [ "$PART" = part2 ] || [ "$PART" = all ]; then
   # 5. The Revisiting grid: each target's protocol through the real loop (cold, warm and
   #    warm multi-epoch runs) with device-resident data in bf16, largest first within the
   #    budget, the rest projected from them; the total projected to 175 fine-tunes.
-  bench grid 130 grid --dtypes=bfloat16 --cache=device --configs_dir="$PWD/configs" \
-    --time_budget_s=100
+  bench grid 125 grid --dtypes=bfloat16 --cache=device --configs_dir="$PWD/configs" \
+    --time_budget_s=95
 fi
 echo "all tables are in $OUT"
