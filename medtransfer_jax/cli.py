@@ -21,6 +21,7 @@ User errors are :class:`medtransfer_jax.errors.UserError` (any layer raises a su
 from __future__ import annotations
 
 import logging as pylogging
+import multiprocessing
 import os
 import re
 import shlex
@@ -160,8 +161,21 @@ def _parser(command: str) -> Callable[[List[str]], List[str]]:
     return parse
 
 
+def _stop_at_once(command: str) -> Callable[[str], None]:
+    """The stop of a job that keeps no state (a benchmark): its rows are already on
+    stderr, so it ends at once (worker processes too) and promises no resume."""
+    def stop(reason: str) -> None:
+        print(f"{command}: stopped ({reason}); the rows above are what was measured, "
+              "nothing else was kept", file=sys.stderr, flush=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        sys.stdout.flush()
+        os._exit(interrupts.EXIT_CODE)
+    return stop
+
+
 def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
-        argv: Optional[List[str]] = None) -> None:
+        argv: Optional[List[str]] = None, resumable: bool = True) -> None:
     """``absl.app.run(main)`` with this module's error, logging and signal conventions.
 
     Args:
@@ -170,13 +184,14 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
       command: the name in messages (``train`` -> ``train: error: ...``).
       quiet: log at WARNING unless the user gave ``--verbosity`` (orbax/grain are loud).
       argv: the command line (default ``sys.argv``).
+      resumable: whether a stopped job can resume (False: benchmarks keep no state).
     """
     def wrapped(argv):
         if quiet and not FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
         logging.get_absl_handler().addFilter(QuietLibraries())
         try:
-            with interrupts.graceful():
+            with interrupts.graceful(None if resumable else _stop_at_once(command)):
                 main(argv)
         except (UserError, app.UsageError) as e:
             if logging.get_verbosity() >= logging.DEBUG:

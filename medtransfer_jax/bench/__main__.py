@@ -19,4 +19,4 @@ from medtransfer_jax import cli as harness
 from medtransfer_jax.bench import cli
 
 if __name__ == "__main__":
-    harness.run(cli.main, "bench", quiet=True)
+    harness.run(cli.main, "bench", quiet=True, resumable=False)
