@@ -274,3 +274,22 @@ def test_a_stopped_bench_promises_no_resume(tmp_path):
     assert "| jax | 18 | 32 | 4 |" in err
     assert "bench: stopped (SIGTERM); the rows above are what was measured" in err
     assert "checkpoint" not in err and "saving" not in err and "Resume" not in err
+
+
+def test_similarity_routes_alone_without_numpy():
+    """--nocompare_numpy times the device routes only (GPU sizes, where the NumPy side
+    takes seconds per call); both routes agree."""
+    import subprocess
+    import sys
+    from _train_utils import REPO, subprocess_env
+    p = subprocess.run([sys.executable, "-m", "medtransfer_jax.bench", "similarity",
+                        "--neurons=16", "--datapoints=400", "--routes=qr,covariance",
+                        "--methods=mean_cca", "--nocompare_numpy", "--repeats=1"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines()
+            if line.startswith("| mean_cca")]
+    assert [r[1].strip() for r in rows] == ["qr->qr", "covariance->covariance"]
+    assert all(r[6].strip() == "nan" and "NumPy not run" in r[10] for r in rows)
+    assert abs(float(rows[0][8]) - float(rows[1][8])) < 1e-5

@@ -21,6 +21,10 @@ _DEVICE_COUNTS = flags.DEFINE_list("device_counts", ["all"],
                                    "Mesh sizes to try ('all' = every visible device).")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", True,
                                    "Time torchvision's train step in the same run.")
+_COMPARE_NUMPY = flags.DEFINE_bool(
+    "compare_numpy", True, "similarity: time the NumPy float64 reference too (--nocompare_numpy "
+    "times the device routes alone, e.g. --routes=qr,covariance at GPU sizes, where the "
+    "NumPy side takes seconds per call).")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed calls per window.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed windows (median is reported).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts (pipeline); "
@@ -171,7 +175,7 @@ def _similarity():
     from medtransfer_jax.bench import similarity
     rows = similarity.run(neurons=_int_list("neurons"), datapoints=_int_list("datapoints"),
                           methods=_METHODS.value, repeats=_REPEATS.value,
-                          routes=_ROUTES.value)
+                          routes=_ROUTES.value, compare_numpy=_COMPARE_NUMPY.value)
     return ("Similarity kernels vs the google/svcca NumPy float64 algorithm", rows,
             similarity.COLUMNS, None)
 
