@@ -58,3 +58,32 @@ def test_init_variables_equal_model_init():
     assert jax.tree.structure(new) == jax.tree.structure(ref)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_runs_of_one_graph_in_a_process_share_their_compiled_steps(tmp_path):
+    """A sweep's second run of the same graph reuses the first's jitted train and eval
+    steps (no re-trace, no cache read); another lr is another program; and reuse carries
+    no state: the repeated config trains to exactly the same weights-derived numbers."""
+    from medtransfer_jax.training import program_cache
+    program_cache.clear()
+
+    def config(lr):
+        c = presets.tiny_config()
+        c.sharding.num_devices = 1
+        c.train.num_steps, c.eval.every_steps, c.train.lr = 4, 2, lr
+        return c
+
+    first = loop.train_and_evaluate(config(1e-3), str(tmp_path / "a"))
+    after_first = program_cache.stats()
+    other = loop.train_and_evaluate(config(5e-3), str(tmp_path / "b"))
+    after_other = program_cache.stats()
+    again = loop.train_and_evaluate(config(1e-3), str(tmp_path / "c"))
+    after_again = program_cache.stats()
+    assert after_other["misses"] == after_first["misses"] + 1          # its own train step
+    assert after_again["misses"] == after_other["misses"]              # nothing new built
+    assert after_again["hits"] >= after_other["hits"] + 2              # train + eval reused
+    assert again["compile_s"] < 0.5 * first["compile_s"], (first["compile_s"],
+                                                           again["compile_s"])
+    for split in ("val", "test"):
+        assert again[split] == first[split], split
+    assert other["test"] != first["test"]

@@ -28,7 +28,7 @@ from absl import logging
 
 from medtransfer_jax import compile_cache, paths
 from medtransfer_jax.configs import validation
-from medtransfer_jax.training import finalize as finalize_lib, optim, periodic
+from medtransfer_jax.training import finalize as finalize_lib, optim, periodic, program_cache
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import run_setup
 from medtransfer_jax import sharding as shard_lib
@@ -70,11 +70,18 @@ def run_phase(run: Run, phase: Phase, state, state_sh, step: int, ls: LoopState)
     (state, step). Periodic actions: log, evaluate, checkpoint (config log / eval /
     checkpoint .every_steps)."""
     c = run.config
-    train_step = step_lib.make_train_step(
+    frozen = (optim.frozen_mask(state.params, phase.policy) if phase.policy != "none"
+              else None)
+    # The same graph as an earlier run in this process (a study's folds and sources)
+    # reuses its jitted step: no re-trace, re-lower or cache read (program_cache).
+    key = ("train_step", repr(run.model), program_cache.config_key(c.train), phase.lr,
+           phase.num_steps, phase.policy, phase.batch_norm_train, run.mesh,
+           program_cache.tree_key(state_sh), run.splits.num_classes,
+           c.train.label_smoothing, tuple(sorted((frozen or {}).items())))
+    train_step = program_cache.get(key, lambda: step_lib.make_train_step(
         run.model, run.tx(phase), run.mesh, state_sh, num_classes=run.splits.num_classes,
         batch_norm_train=phase.batch_norm_train, label_smoothing=c.train.label_smoothing,
-        frozen_layers=(optim.frozen_mask(state.params, phase.policy)
-                       if phase.policy != "none" else None))
+        frozen_layers=frozen))
     eval_step = run.eval_step(state_sh)
     end = ls.phase_start + phase.num_steps
     eval_every = c.eval.every_steps or run.steps_per_epoch

@@ -21,7 +21,7 @@ from medtransfer_jax.errors import WorkdirError
 from medtransfer_jax.data import device_cache, integrity
 from medtransfer_jax.inference import predict
 from medtransfer_jax.training import checkpointing, finalize as finalize_lib, model_init, optim
-from medtransfer_jax.training import phases as phases_lib, state as state_lib
+from medtransfer_jax.training import phases as phases_lib, program_cache, state as state_lib
 from medtransfer_jax.training.loop_state import LoopState
 
 
@@ -52,8 +52,6 @@ class Run:
     compile_timer: Any = None          # compile_cache.CompileTimer of this process's session
     #: data.cache=device: {id(split source): batches(global_batch_size) -> iterator}
     eval_data: Dict[int, Any] = dataclasses.field(default_factory=dict)
-    #: jitted eval steps by variables sharding (Run.eval_step)
-    eval_steps: Dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def tx(self, phase: phases_lib.Phase):
         return optim.make_optimizer(self.config.train, self.variables["params"], phase.policy,
@@ -77,12 +75,10 @@ class Run:
         """The jitted eval step for variables sharded like ``state_sh``; one per sharding,
         so the final evaluation reuses the loop's compiled program."""
         sh = {"params": state_sh.params, "batch_stats": state_sh.batch_stats}
-        leaves, treedef = jax.tree.flatten(sh)
-        key = (treedef, tuple(leaves))
-        if key not in self.eval_steps:
-            self.eval_steps[key] = predict.make_eval_step(
-                self.model, self.mesh, sh, num_classes=self.splits.num_classes)
-        return self.eval_steps[key]
+        key = ("eval_step", repr(self.model), self.mesh, program_cache.tree_key(sh),
+               self.splits.num_classes)
+        return program_cache.get(key, lambda: predict.make_eval_step(
+            self.model, self.mesh, sh, num_classes=self.splits.num_classes))
 
     def run_eval(self, eval_step, variables, source):
         """(metrics, arrays) of ``variables`` on every example of ``source``."""
