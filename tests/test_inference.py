@@ -240,3 +240,22 @@ def test_no_upward_imports(low, high):
           for _, mod in _project_imports(os.path.join(PKG, rel))
           if mod.startswith(f"medtransfer_jax.{high}")]
     assert not up
+
+
+@pytest.mark.parametrize("mode", ["caffe", "radimagenet", "torch", "unit"])
+@pytest.mark.parametrize("channels", [None, 1, 3, 4])
+def test_normalising_on_device_equals_the_host_preparation(mode, channels):
+    """Raw uint8 batches moved as they are and normalised in jit give the host's
+    prepare_images (grey replicated, alpha dropped)."""
+    from medtransfer_jax import sharding
+    from medtransfer_jax.inference import activations as act
+    rng = np.random.default_rng(0)
+    shape = (8, 5, 6) if channels is None else (8, 5, 6, channels)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    mesh = sharding.make_mesh(None)
+    raw = act.put_raw(images, mesh)
+    assert raw.dtype == np.uint8 and raw.shape[-1] in (1, 3)
+    got = np.asarray(sharding.gather_to_host(act.normalize_on_device(raw, mode)))
+    want = act.prepare_images(images, mode)
+    assert got.shape == want.shape == (8, 5, 6, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)

@@ -200,8 +200,9 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
         for start in range(0, len(needed), batch_size):
             chunk = needed[start:start + batch_size]
             pad = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
-            acts_a = run_a(va, act.shard_rows(act.prepare_images(images[pad], mode_a), mesh))
-            acts_b = run_b(vb, act.shard_rows(act.prepare_images(images[pad], mode_b), mesh))
+            raw = act.put_raw(images[pad], mesh)  # one transfer, normalised on device
+            acts_a = run_a(va, act.normalize_on_device(raw, mode_a))
+            acts_b = run_b(vb, act.normalize_on_device(raw, mode_b))
             # The per-draw row/channel picks below are irregular eager gathers: run them on
             # one replicated copy of this batch's maps, not on data-sharded arrays (XLA:CPU
             # aborted now and then reshaping such a gather over 8 devices).
@@ -412,8 +413,9 @@ def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels
         # Fixed batch shape (padded rows masked out): one compile for the whole stream.
         valid = min(batch_size, n - start)
         idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]
-        acts_a = run_a(va, act.shard_rows(act.prepare_images(images[idx], mode_a), mesh))
-        acts_b = run_b(vb, act.shard_rows(act.prepare_images(images[idx], mode_b), mesh))
+        raw = act.put_raw(images[idx], mesh)  # one transfer, normalised on device
+        acts_a = run_a(va, act.normalize_on_device(raw, mode_a))
+        acts_b = run_b(vb, act.normalize_on_device(raw, mode_b))
         image_mask = (np.arange(batch_size) < valid).astype(np.float32)
         xs, ys, masks = {}, {}, {}
         for name, (na, nb) in layer_pairs.items():

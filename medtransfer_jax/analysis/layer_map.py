@@ -225,12 +225,14 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype):
     local = batch_size // jax.process_count()
     lo = jax.process_index() * local
     put = lambda x: act.shard_rows(x, mesh)  # noqa: E731
+    norm = act.normalize_on_device
     for start in range(0, n, batch_size):
         valid = min(batch_size, n - start)
         idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]
         idx = idx[lo:lo + local]
-        acts_a = run_a(va, put(act.prepare_images(images[idx], mode_a)))
-        acts_b = run_b(vb, put(act.prepare_images(images[idx], mode_b))) if b else {}
+        raw = act.put_raw(images[idx], mesh)  # one transfer, normalised on device
+        acts_a = run_a(va, norm(raw, mode_a))
+        acts_b = run_b(vb, norm(raw, mode_b)) if b else {}
         keep = (np.arange(batch_size) < valid).astype(np.float32)[lo:lo + local]
         state = streaming.update_joint(state, feats(acts_a, acts_b),
                                        put(np.repeat(keep, rows_per_image)), plan.segments)

@@ -114,6 +114,41 @@ def prepare_images(images, mode: str) -> np.ndarray:
     return prep.normalize(images.astype(np.float32), mode)
 
 
+def put_raw(images, mesh) -> jax.Array:
+    """Raw pixels (B, H, W[, C]) onto ``mesh`` as they are, rows split over ``data``.
+
+    uint8 stays uint8 (a quarter of float32's bytes), alpha is dropped and grey stays one
+    channel; :func:`normalize_on_device` finishes the job in a jitted call. Converting and
+    normalising on the host instead, then moving float32, cost most of an H200's time in
+    the 17 x 17 layer map (BENCHMARKS.md §10: bf16 forward passes saved only 6 %).
+    """
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"Expected images of shape (N, H, W[, 1|3|4]), got {x.shape}.")
+    if x.shape[-1] == 4:
+        x = x[..., :3]
+    return shard_rows(np.ascontiguousarray(x), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer(mode: str):
+    @jax.jit
+    def normalize(x):
+        if x.shape[-1] == 1:
+            x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
+        return prep.normalize(x, mode)
+    return normalize
+
+
+def normalize_on_device(raw: jax.Array, mode: str) -> jax.Array:
+    """:func:`prepare_images` of a :func:`put_raw` batch, on its devices (same sharding)."""
+    if mode not in prep.MODES:
+        raise ValueError(f"Unknown preprocessing mode {mode!r}; choose one of {prep.MODES}.")
+    return _normalizer(mode)(raw)
+
+
 def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size: int = 32,
                preprocessing: Optional[str] = None, normalized: bool = False,
                to_host: bool = True, mesh=None) -> Dict[str, Any]:
@@ -129,8 +164,10 @@ def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size
       ``{layer: array (N, h, w, C) or (N, C)}`` (NumPy unless ``to_host=False``).
     """
     layers = check_layers(loaded, layers)
-    x = np.asarray(images, np.float32) if normalized else prepare_images(
-        images, preprocessing or loaded.metadata.preprocessing)
+    mode = preprocessing or loaded.metadata.preprocessing
+    x = np.asarray(images, np.float32) if normalized else np.asarray(images)
+    if not normalized and x.ndim == 3:
+        x = x[..., None]
     run = _extractor(loaded.model, layers)
     mesh = forward_mesh(batch_size, mesh)
     variables = replicate(loaded.variables, mesh)
@@ -142,7 +179,8 @@ def run_layers(loaded: LoadedModel, images, layers: Sequence[str], *, batch_size
         if valid < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - valid,) + chunk.shape[1:],
                                                     chunk.dtype)])
-        acts = run(variables, shard_rows(chunk, mesh))
+        acts = run(variables, shard_rows(chunk, mesh) if normalized
+                   else normalize_on_device(put_raw(chunk, mesh), mode))
         for l in layers:
             outs[l].append(sharding.gather_to_host(acts[l])[:valid] if to_host
                            else acts[l][:valid])
