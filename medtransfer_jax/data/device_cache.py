@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -158,6 +159,31 @@ class TrainOrder:
 
 def _aug_cfg(augment) -> Optional[Dict[str, Any]]:
     return pipeline._augment_cfg(augment)  # one parser of the augment options
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_program(preprocessing_mode: str, cfg_json: str, mesh, data_axis: str):
+    """The jitted batch function of one (normalisation, augmentation, mesh): shared by every
+    split and run of a process, with the seed a traced argument, so a study's runs do not
+    re-trace it. The split's arrays are arguments too (one compile per split size)."""
+    cfg = json.loads(cfg_json)
+    sharded = NamedSharding(mesh, P(data_axis))
+
+    def batch_fn(images, labels, indices, step, seed):
+        valid = indices >= 0
+        safe = jnp.where(valid, indices, 0)
+        x = jnp.take(images, safe, axis=0)
+        if cfg is not None:
+            key = jax.random.fold_in(jax.random.key(seed), step)
+            x = augment_batch(x, key, cfg)
+        if x.shape[-1] == 1:
+            x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
+        x = jax.lax.with_sharding_constraint(x, sharded)
+        return {"image": preprocessing.normalize(x, preprocessing_mode),
+                "label": jnp.take(labels, safe), "weight": valid.astype(jnp.float32),
+                "index": indices}
+
+    return jax.jit(batch_fn, out_shardings=sharded)
 
 
 def random_params(key: jax.Array, batch: int, cfg: Mapping[str, Any], size: Tuple[int, int]):
@@ -289,30 +315,16 @@ class DeviceCache:
             raise ValueError(f"Unknown preprocessing {preprocessing_mode!r}; choose one of "
                              f"{preprocessing.MODES}")
         cfg = _aug_cfg(augment)
-        base_key = jax.random.key(int(seed))
+        seed_arr = np.int32(seed)
         images, labels = self.images, self.labels
-        out_sh = self._batch_sharding
-
-        def batch_fn(images, labels, indices, step):
-            valid = indices >= 0
-            safe = jnp.where(valid, indices, 0)
-            x = jnp.take(images, safe, axis=0)
-            if cfg is not None:
-                x = augment_batch(x, jax.random.fold_in(base_key, step), cfg)
-            if x.shape[-1] == 1:
-                x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(self.data_axis)))
-            return {"image": preprocessing.normalize(x, preprocessing_mode),
-                    "label": jnp.take(labels, safe), "weight": valid.astype(jnp.float32),
-                    "index": indices}
-
-        jitted = jax.jit(batch_fn, out_shardings=out_sh)
+        jitted = _batch_program(preprocessing_mode, json.dumps(cfg, sort_keys=True),
+                                self.mesh, self.data_axis)
 
         def call(indices, step=0):
             # One explicit transfer of the step's few bytes (no implicit ones in the loop).
-            idx, st = jax.device_put((np.asarray(indices, np.int32), np.int32(step)),
-                                     self._replicated_small())
-            return jitted(images, labels, idx, st)
+            idx, st, sd = jax.device_put((np.asarray(indices, np.int32), np.int32(step),
+                                          seed_arr), self._replicated_small())
+            return jitted(images, labels, idx, st, sd)
 
         return call
 

@@ -198,12 +198,18 @@ def _basic(x, filters, stride, prefix, conv, norm, project):
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> Dict[str, Any]:
     """Initialises ``{'params', 'batch_stats'}`` for (1, image_size, image_size, 3) inputs."""
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return _jitted_init(model)(rng, x)
 
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: ResNet):
+    """One jitted init per architecture (modules compare by their fields): the runs of a
+    study re-use it instead of re-tracing a ResNet50's init per run."""
     def init(rng, x):  # drop the sown activations inside jit: XLA then skips the forward
         variables = model.init(rng, x, train=False)
         return {k: v for k, v in variables.items() if k != "activations"}
 
-    return jax.jit(init)(rng, x)
+    return jax.jit(init)
 
 
 def random_variables(model: ResNet, seed: int) -> Dict[str, Any]:
