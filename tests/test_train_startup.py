@@ -87,3 +87,12 @@ def test_runs_of_one_graph_in_a_process_share_their_compiled_steps(tmp_path):
     for split in ("val", "test"):
         assert again[split] == first[split], split
     assert other["test"] != first["test"]
+    # more steps at a constant lr: the same program; a decaying schedule: a new one
+    longer = config(1e-3)
+    longer.train.num_steps = 6
+    loop.train_and_evaluate(longer, str(tmp_path / "d"))
+    assert program_cache.stats()["misses"] == after_again["misses"]
+    cosine = config(1e-3)
+    cosine.train.schedule = "cosine"
+    loop.train_and_evaluate(cosine, str(tmp_path / "e"))
+    assert program_cache.stats()["misses"] == after_again["misses"] + 1

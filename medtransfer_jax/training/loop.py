@@ -74,8 +74,13 @@ def run_phase(run: Run, phase: Phase, state, state_sh, step: int, ls: LoopState)
               else None)
     # The same graph as an earlier run in this process (a study's folds and sources)
     # reuses its jitted step: no re-trace, re-lower or cache read (program_cache).
-    key = ("train_step", repr(run.model), program_cache.config_key(c.train), phase.lr,
-           phase.num_steps, phase.policy, phase.batch_norm_train, run.mesh,
+    # A phase's length shapes only a decaying schedule (optim.make_schedule), so it is in
+    # the key only there: runs of other lengths (folds whose epochs differ by a step, a
+    # longer budget) share the constant-lr step.
+    steps = None if c.train.schedule == "constant" else phase.num_steps
+    key = ("train_step", repr(run.model),
+           program_cache.config_key(c.train, drop=("num_epochs", "num_steps")), phase.lr,
+           steps, phase.policy, phase.batch_norm_train, run.mesh,
            program_cache.tree_key(state_sh), run.splits.num_classes,
            c.train.label_smoothing, tuple(sorted((frozen or {}).items())))
     train_step = program_cache.get(key, lambda: step_lib.make_train_step(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Tuple
 
 import jax
 
@@ -38,10 +38,14 @@ def tree_key(tree: Any) -> Hashable:
     return treedef, tuple(leaves)
 
 
-def config_key(cfg: Any) -> str:
-    """A ConfigDict (or dict) as canonical JSON: equal configs give equal keys."""
+def config_key(cfg: Any, drop: Tuple[str, ...] = ()) -> str:
+    """A ConfigDict (or dict) as canonical JSON, without the fields named in ``drop`` at
+    any depth: equal configs give equal keys."""
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
+                if k not in drop}
     as_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    return json.dumps(as_dict, sort_keys=True, default=repr)
+    return json.dumps(strip(as_dict), sort_keys=True, default=repr)
 
 
 def get(key: Hashable, build: Callable[[], Callable]) -> Callable:
