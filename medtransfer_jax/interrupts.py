@@ -97,9 +97,9 @@ def graceful(stop_now: Optional[Callable[[str], None]] = None) -> Iterator[None]
     """Installs the handlers above for the block (main thread only; else a no-op).
 
     ``stop_now``: for a job that keeps no state (a benchmark), called with the signal's
-    name instead of raising :class:`Interrupted`; it must end the process. An exception
-    raised into the middle of a multi-device XLA dispatch can leave one device out of a
-    collective, and XLA then aborts the process 40 s later (seen on 8 CPU devices).
+    name instead of raising :class:`Interrupted`; it must end the process: there is
+    nothing to save, so nothing to wait for, and no exception is raised into whatever
+    library call the signal interrupted.
     """
     if threading.current_thread() is not threading.main_thread() or _state["installed"]:
         yield
