@@ -301,7 +301,6 @@ class DeviceCache:
         self.images = _put(images, NamedSharding(mesh, P(*spec, None, None, None)
                                                  if spec != P() else P()))
         self.labels = _put(np.asarray(labels, np.int32), NamedSharding(mesh, spec))
-        self._batch_sharding = NamedSharding(mesh, P(data_axis))
 
     def make_batch_fn(self, preprocessing_mode: str, augment=None, seed: int = 0
                       ) -> Callable[[jax.Array, jax.Array], Dict[str, jax.Array]]:
