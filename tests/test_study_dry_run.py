@@ -12,6 +12,12 @@ def _study(*args, cwd="/"):
                           text=True, timeout=300)
 
 
+def _dry_run(workdir, config: str, arg: str):
+    """``study --dry_run`` of ``configs/<config>.py:<arg>`` into ``workdir``."""
+    cfg = os.path.join(_train_utils.REPO, "configs", f"{config}.py")
+    return _study(f"--workdir={workdir}", "--dry_run", f"--config={cfg}:{arg}")
+
+
 def test_dry_run_of_the_demo_prints_the_grid_and_creates_nothing(tmp_path):
     wd = tmp_path / "study"
     out = _study(f"--workdir={wd}", "--dry_run")
@@ -22,11 +28,9 @@ def test_dry_run_of_the_demo_prints_the_grid_and_creates_nothing(tmp_path):
 
 
 def test_dry_run_lists_everything_missing_in_one_line(tmp_path):
-    cfg = os.path.join(_train_utils.REPO, "configs", "study_revisiting.py")
     wd = tmp_path / "rt"
-    out = _study(f"--workdir={wd}", "--dry_run",
-                 f"--config={cfg}:targets=breast,folds=0,data={tmp_path}/d,"
-                 f"imagenet={tmp_path}/in.h5,radimagenet={tmp_path}/rad.h5")
+    out = _dry_run(wd, "study_revisiting", f"targets=breast,folds=0,data={tmp_path}/d,"
+                   f"imagenet={tmp_path}/in.h5,radimagenet={tmp_path}/rad.h5")
     assert out.returncode == 2, out.stderr[-2000:]
     err = [line for line in out.stderr.splitlines() if line.startswith("study: error:")]
     assert len(err) == 1 and "in.h5" in err[0] and "rad.h5" in err[0]
@@ -38,15 +42,14 @@ def test_dry_run_lists_everything_missing_in_one_line(tmp_path):
 def test_dry_run_of_the_audit_case_names_each_problem_and_its_argument(tmp_path):
     """Empty data and fold-CSV folders, a text file as .h5 and folds=7 passed the old
     pre-flight ('ok', exit 0); each is now a MISSING line and the study exits 2."""
-    cfg = os.path.join(_train_utils.REPO, "configs", "study_revisiting.py")
     os.makedirs(tmp_path / "D" / "breast")
     os.makedirs(tmp_path / "F" / "breast")
     (tmp_path / "B.h5").write_text("not hdf5\n")
     (tmp_path / "A.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     wd = tmp_path / "rt"
-    out = _study(f"--workdir={wd}", "--dry_run",
-                 f"--config={cfg}:targets=breast,folds=0,7,data={tmp_path}/D,imagenet="
-                 f"{tmp_path}/A.h5,radimagenet={tmp_path}/B.h5,fold_csvs={tmp_path}/F")
+    out = _dry_run(wd, "study_revisiting", f"targets=breast,folds=0,7,data={tmp_path}/D,"
+                   f"imagenet={tmp_path}/A.h5,radimagenet={tmp_path}/B.h5,"
+                   f"fold_csvs={tmp_path}/F")
     assert out.returncode == 2, out.stderr[-2000:]
     missing = [m for m in out.stdout.splitlines() if m.startswith("[study] MISSING:")]
     assert len(missing) == 4 and "pre-flight: ok" not in out.stdout, out.stdout
@@ -60,9 +63,8 @@ def test_dry_run_of_the_audit_case_names_each_problem_and_its_argument(tmp_path)
 
 
 def test_dry_run_of_source_matters_names_its_own_arguments(tmp_path):
-    cfg = os.path.join(_train_utils.REPO, "configs", "study_source_matters.py")
-    out = _study(f"--workdir={tmp_path / 'sm'}", "--dry_run",
-                 f"--config={cfg}:confounders=tag,ps=0,folds=0,nih=/nonexistent")
+    out = _dry_run(tmp_path / "sm", "study_source_matters",
+                   "confounders=tag,ps=0,folds=0,nih=/nonexistent")
     assert out.returncode == 2, out.stderr[-2000:]
     assert ("[study] MISSING: targets.tag: data root '/nonexistent' is not a directory "
             "(give configs/study_source_matters.py:nih=DIR)") in out.stdout

@@ -80,9 +80,7 @@ def bench_jax_step(*, depth: int = 50, image_size: int = 224, batch_size: int = 
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     # The lowered program is the global computation; the compiled one is per device.
-    flops = program_flops(lowered)
-    if not flops and program_flops(compiled):
-        flops = program_flops(compiled) * mesh.size
+    flops = program_flops(lowered) or (program_flops(compiled) or 0.0) * mesh.size or None
 
     holder = {"state": state}
 
