@@ -81,3 +81,25 @@ def test_every_bad_file_reported_before_training(tmp_path):
 def test_non_file_sources_need_no_check():
     splits = data_lib.get_splits(presets.tiny_config().data)
     assert integrity.check_splits(splits) == 0
+
+
+def test_a_readable_file_is_read_once_per_process(tmp_path, monkeypatch):
+    """A study's later runs over the same files do not read them again; a file not yet
+    found readable is always read."""
+    root = str(tmp_path / "data")
+    _folder(root, 4)
+    read = []
+    real = integrity.check_file
+    monkeypatch.setattr(integrity, "check_file", lambda p, ld=None: read.append(p) or real(p, ld))
+    splits = data_lib.get_splits(_config(root).data)
+    assert integrity.check_splits(splits, num_threads=2) == 8 and len(read) == 8
+    assert integrity.check_splits(data_lib.get_splits(_config(root).data)) == 8
+    assert len(read) == 8
+    # A file that fails is not remembered as good: it is read (and reported) every time.
+    bad_root = str(tmp_path / "bad")
+    _corrupt(_folder(bad_root, 5))
+    bad = data_lib.get_splits(_config(bad_root).data)
+    for _ in range(2):
+        with pytest.raises(data_lib.DataError, match="2 of 10 image files"):
+            integrity.check_splits(bad, num_threads=2)
+    assert len(read) == 8 + 10 + 2

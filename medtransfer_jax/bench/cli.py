@@ -196,8 +196,8 @@ def _grid():
                     max_image_size=_MAX_IMAGE_SIZE.value, max_batch=_MAX_BATCH.value,
                     dtype=_DTYPES.value[0], cache=_CACHE.value,
                     cfg_dir=_CONFIGS_DIR.value, time_budget_s=_TIME_BUDGET.value)
-    return (grid.title(_TARGETS.value), rows, grid.COLUMNS,
-            grid.mfu_note(_WIDTH.value, _DEPTH.value, _DTYPES.value[0]))
+    notes = (grid.mfu_note(_WIDTH.value, _DEPTH.value, _DTYPES.value[0]), grid.TIMING_NOTE)
+    return (grid.title(_TARGETS.value), rows, grid.COLUMNS, "\n".join(filter(None, notes)))
 
 
 def _network_scale():

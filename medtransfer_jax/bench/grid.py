@@ -43,6 +43,7 @@ import jax
 
 from medtransfer_jax import compile_cache, configs
 from medtransfer_jax.bench import common
+from medtransfer_jax.data import decode_memo
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.training import loop, sweep
 
@@ -59,8 +60,14 @@ VARIANTS, FROZEN_VARIANTS, FOLDS = 5, 2, 5
 TRAIN_GFLOP_224 = 22.6
 
 COLUMNS = ["target", "how", "images", "size", "batch", "epochs", "steps/epoch", "cold_s",
-           "warm1_s", "extra_epochs", "warm_more_s", "compile_cold_s", "compile_warm_s", "epoch_s", "img_per_s",
-           "mfu", "run_s", "frz_run_s", "target_grid_s"]
+           "warm1_s", "extra_epochs", "warm_more_s", "compile_cold_s", "compile_warm_s",
+           "data_s", "setup_s", "finalize_s", "epoch_s", "train_epoch_s", "eval_epoch_s",
+           "ckpt_epoch_s", "img_per_s", "mfu", "run_s", "frz_run_s", "target_grid_s"]
+#: What the columns from the runs' ``results.json`` timing mean (printed under the table).
+TIMING_NOTE = ("data_s / setup_s / finalize_s: a warm run's split decode onto the device, its "
+               "whole setup (integrity check, model init, decode, restore) and its final "
+               "predictions + exports; train/eval/ckpt_epoch_s: one extra epoch's training "
+               "steps, validation and checkpoint save (results.json 'timing')")
 
 
 def configs_dir(flag_value: Optional[str] = None) -> str:
@@ -142,10 +149,13 @@ def bench_target(target: str, config, root: str,
     t0 = time.perf_counter()
     cold, rc = _timed_run(config, 1, root)
     warm1, r1 = _timed_run(config, 1, root)
+    t1 = r1["timing"]
     steps = int(r1["steps_per_epoch"])
     bs = int(config.train.batch_size)
     extra = int(min(max(1, math.ceil(min_extra_images / (steps * bs))), max(epochs, 1)))
-    warm_more, _ = _timed_run(config, 1 + extra, root)
+    misses = decode_memo.MEMO.misses
+    warm_more, rm = _timed_run(config, 1 + extra, root)
+    misses = decode_memo.MEMO.misses - misses
     config.train.num_epochs = epochs
     epoch_s = (warm_more - warm1) / extra
     if epoch_s <= 0:
@@ -168,7 +178,13 @@ def bench_target(target: str, config, root: str,
             "warm1_s": warm1, "extra_epochs": extra, "warm_more_s": warm_more,
             "compile_cold_s": rc.get("compile_s", float("nan")),
             "compile_warm_s": r1.get("compile_s", float("nan")),
-            "warm_cache_hits": r1.get("compile_cache_hits", 0), "epoch_s": epoch_s,
+            "warm_cache_hits": r1.get("compile_cache_hits", 0),
+            "warm_decode_misses": misses, "data_s": t1["data_s"],
+            "setup_s": sum(t1[k] for k in ("integrity_s", "model_init_s", "data_s", "restore_s")),
+            "finalize_s": t1["finalize_s"], "epoch_s": epoch_s,
+            **{f"{k}_epoch_s": (rm["timing"][f"{k}_s"] - t1[f"{k}_s"]) / extra
+               for k in ("train", "eval")},
+            "ckpt_epoch_s": (rm["timing"]["checkpoint_s"] - t1["checkpoint_s"]) / extra,
             "img_per_s": ips, "mfu": mfu, "run_s": run_s, "frz_run_s": frz_run_s,
             "target_grid_s": _grid_s(run_s, frz_run_s), "fixed_s": fixed_s,
             "bench_s": time.perf_counter() - t0, "work": _epoch_work(config)}

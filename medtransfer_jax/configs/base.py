@@ -92,7 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.reported_auc = "auc"
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 0      # extra saves between evaluations (0 = only at evals)
+    c.checkpoint.every_steps = 0      # also save every N steps (0 = off)
+    # At an evaluation, save when this long has passed since the last save (0 = at every
+    # evaluation). A new best is copied on the device and written with the next save;
+    # phase ends, SIGTERM and preemption notices always save.
+    c.checkpoint.every_secs = 120.0
     c.checkpoint.max_to_keep = 2      # latest N kept, plus the best
     c.checkpoint.async_save = True
 

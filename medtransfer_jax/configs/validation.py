@@ -138,6 +138,9 @@ def validate(config, check_fold: bool = True) -> None:
     check_batch_sizes(config)
     _check_data(config.data, check_fold)
     e = config.eval
+    every = config.checkpoint.get("every_secs", 0.0)
+    _range("checkpoint.every_secs", every, _number(every) and every >= 0,
+           ">= 0 seconds (0: save at every evaluation; e.g. 120)")
     _choice("eval.reported_auc", e.reported_auc, base.REPORTED_AUCS)
     _choice("eval.monitor", e.monitor, MONITORS)
     if kind == "two_phase":

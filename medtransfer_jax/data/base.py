@@ -12,7 +12,7 @@ A record (``source[i]``) is a dict::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +45,14 @@ class Source:
 
     def load_image(self, index: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def image_key(self, index: int) -> Optional[Hashable]:
+        """A hashable name of where ``load_image(index)``'s pixels come from (a file and
+        its loader, a generator's parameters), the same for every Source object built from
+        the same data; None where there is none. The decode memo
+        (:mod:`medtransfer_jax.data.decode_memo`) keys on it, so a study decodes each
+        image once however many folds and runs reuse it."""
+        return None
 
     def _check_index(self, index) -> int:
         index = int(index)
@@ -105,6 +113,9 @@ class SubsetSource(Source):
     def load_image(self, index: int) -> np.ndarray:
         return self.base.load_image(int(self.indices[index]))
 
+    def image_key(self, index: int) -> Optional[Hashable]:
+        return self.base.image_key(int(self.indices[index]))
+
     def __getitem__(self, index):
         index = self._check_index(index)
         return self.base[int(self.indices[index])]
@@ -127,6 +138,9 @@ class RelabeledSource(Source):
 
     def load_image(self, index: int) -> np.ndarray:
         return self.base.load_image(index)
+
+    def image_key(self, index: int) -> Optional[Hashable]:
+        return self.base.image_key(index)
 
 
 class TransformedSource(Source):
@@ -163,6 +177,30 @@ class TransformedSource(Source):
         if self.fn_other is not None:
             return self.fn_other(image, str(self.ids[index]))
         return image
+
+    def image_key(self, index: int) -> Optional[Hashable]:
+        """The base's key, the function applied and the id it is given; None unless the
+        function is hashable by value (a frozen dataclass such as confounders.Artifact)."""
+        fn = self.fn if self.mask[index] else self.fn_other
+        base = self.base.image_key(index)
+        if base is None or fn is None:
+            return base
+        if not hashable_by_value(fn):
+            return None
+        return ("transformed", fn, str(self.ids[index]), base)
+
+
+def hashable_by_value(fn) -> bool:
+    """Whether ``fn``'s hash and equality come from its fields (a frozen dataclass): a
+    plain function or lambda would be keyed by identity, unsafe for an image key."""
+    params = getattr(type(fn), "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        return False
+    try:
+        hash(fn)
+    except TypeError:
+        return False
+    return True
 
 
 class ArraySource(Source):

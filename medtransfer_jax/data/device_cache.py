@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medtransfer_jax import preprocessing
-from medtransfer_jax.data import pipeline
+from medtransfer_jax.data import decode_memo, pipeline
 from medtransfer_jax.data.base import DataError, Source
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ def decode_split(source, image_size: int, resize_method: str = "bilinear",
 
     Returns (images uint8 (N, S, S, C) with C = 1 for grey sources else 3, labels int32 (N,)).
     Grey stays one channel on the device (a third of the memory); it is replicated to
-    three channels inside the jitted batch function.
+    three channels inside the jitted batch function. Each resized image is read through
+    the process's decode memo (``decode_memo.MEMO``), so the next run over the same
+    images (another fold, source or seed of a study) does not decode them again.
     """
     n = len(source)
     if n == 0:
@@ -71,14 +73,18 @@ def decode_split(source, image_size: int, resize_method: str = "bilinear",
                         "or confounder sampling).")
     size = int(image_size)
 
-    def read(i):
-        rec = source[int(i)]
-        img = pipeline.resize(np.asarray(rec["image"]), size, resize_method)
+    def decode(i):
+        img = pipeline.resize(np.asarray(source.load_image(i)), size, resize_method)
         if img.ndim == 2:
             img = img[..., None]
-        if img.shape[-1] == 4:
-            img = img[..., :3]
-        return img, int(rec["label"])
+        return img[..., :3] if img.shape[-1] == 4 else img
+
+    def read(i):
+        i = int(i)
+        key = source.image_key(i)
+        img = decode_memo.MEMO.get(None if key is None else (key, size, resize_method),
+                                   lambda: decode(i))
+        return img, int(source.labels[i])
 
     threads = num_threads or min(32, (os.cpu_count() or 2) * 2)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:

@@ -7,20 +7,21 @@ while decoding -- and raises one DataError listing all bad files with their reas
 
 Only file-backed sources are checked (in-memory and synthetic data cannot be corrupt).
 The loop skips the check with ``data.skip_corrupt=True``: such sources have already
-dropped (and counted) their unreadable files.
+dropped (and counted) their unreadable files. A file found readable is not read again
+by a later run of the same process (a study's 25 runs per target check it once).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import io
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from PIL import Image
 
 from medtransfer_jax import paths
 from medtransfer_jax.data.base import (DataError, DatasetSplits, Source, SubsetSource,
-                                       TransformedSource)
+                                       TransformedSource, hashable_by_value)
 from medtransfer_jax.data.sources import FileSource
 
 #: How many bad files the error message lists in full (the count is always exact).
@@ -64,8 +65,17 @@ def check_file(path: str, loader=None) -> Optional[str]:
         return f"{type(e).__name__}: {e}"
 
 
+#: (path, loader) of the files this process found readable.
+_CHECKED_GOOD: Set[Tuple[str, object]] = set()
+
+
+def _good_key(path: str, loader) -> Optional[Tuple[str, object]]:
+    return (path, loader) if loader is None or hashable_by_value(loader) else None
+
+
 def check_splits(splits: DatasetSplits, num_threads: Optional[int] = None) -> int:
-    """Reads every file used by ``splits`` once, in parallel; returns how many were checked.
+    """Reads every file used by ``splits`` once, in parallel; returns how many files the
+    splits use (those this process already found readable are not read again).
 
     Raises:
       DataError listing every unreadable file (path: reason) and the fix.
@@ -76,16 +86,20 @@ def check_splits(splits: DatasetSplits, num_threads: Optional[int] = None) -> in
         for src, idx in _file_sources(part):
             for i in idx:
                 todo.setdefault(src.paths[i], src.loaders[i])
+    total = len(todo)
+    todo = {p: ld for p, ld in todo.items() if _good_key(p, ld) not in _CHECKED_GOOD}
     if not todo:
-        return 0
+        return total
     workers = num_threads or min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         errors = list(pool.map(lambda kv: check_file(*kv), todo.items()))
     bad = [(path, err) for path, err in zip(todo, errors) if err is not None]
+    _CHECKED_GOOD.update(_good_key(p, ld) for (p, ld), err in zip(todo.items(), errors)
+                         if err is None and _good_key(p, ld) is not None)
     if bad:
         listed = "; ".join(f"{p}: {e}" for p, e in bad[:MAX_LISTED])
         more = f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise DataError(f"{len(bad)} of {len(todo)} image files of dataset {splits.name!r} "
+        raise DataError(f"{len(bad)} of {total} image files of dataset {splits.name!r} "
                         f"cannot be read: {listed}{more}. Fix or remove them, or set "
                         "--config.data.skip_corrupt=True to skip (and count) them.")
-    return len(todo)
+    return total

@@ -23,13 +23,14 @@ import dataclasses
 import io
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medtransfer_jax import paths
-from medtransfer_jax.data.base import DataError, Source, _as_object_array, check_labels
+from medtransfer_jax.data.base import (DataError, Source, _as_object_array, check_labels,
+                                       hashable_by_value)
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,13 @@ def load_npy_slice(path: str, axis: int = 0, index: Optional[int] = None) -> np.
     return sl.astype(np.uint8) if sl.dtype == np.uint8 else _scale_to_uint8(sl)
 
 
+@dataclasses.dataclass(frozen=True)
 class NpySliceLoader:
-    """Picklable loader for one slice of a ``.npy`` volume."""
+    """Picklable loader for one slice of a ``.npy`` volume (frozen: equal loaders of one
+    file name the same pixels, Source.image_key)."""
 
-    def __init__(self, index: int, axis: int = 0):
-        self.index, self.axis = int(index), int(axis)
+    index: int
+    axis: int = 0
 
     def __call__(self, path: str) -> np.ndarray:
         return load_npy_slice(path, self.axis, self.index)
@@ -208,6 +211,13 @@ class FileSource(Source):
         keys = sorted({k for ex in examples for k in ex.meta})
         self.meta = {k: _column([ex.meta.get(k) for ex in examples]) for k in keys}
         check_labels(self.labels, self.class_names, name, require_all=require_all_classes)
+
+    def image_key(self, index: int) -> Optional[Hashable]:
+        """(path, loader): a file decoded by PIL, or a loader hashable by value."""
+        loader = self.loaders[index]
+        if loader is not None and not hashable_by_value(loader):
+            return None
+        return ("file", self.paths[index], loader)
 
     def load_image(self, index: int) -> np.ndarray:
         loader = self.loaders[index]

@@ -132,6 +132,11 @@ class SyntheticSource(Source):
             names = [f"orientation_{k}" for k in range(num_classes)]
         self.class_names = tuple(names)
 
+    def image_key(self, index: int):
+        """Everything :meth:`load_image` draws from."""
+        return ("synthetic", self.task, self.seed, int(index), int(self.labels[index]),
+                self.image_size, self.contrast, self.num_classes)
+
     def load_image(self, index: int) -> np.ndarray:
         label = int(self.labels[index])
         if self.task == "lesion":

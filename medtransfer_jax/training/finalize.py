@@ -97,6 +97,22 @@ def _compile_stats(run) -> Dict[str, Any]:
             "compile_cache_hits": int(hits)}
 
 
+def timing(run, finalize_s: float) -> Dict[str, float]:
+    """Seconds per stage of this session (a resumed run counts from its restart):
+    ``integrity``, ``model_init`` and ``data`` (decode) of the setup, ``restore``, ``train``
+    (the loop less its evaluations and checkpoint saves), ``eval``, ``checkpoint`` (time
+    the loop waited on saves, the last one included) and ``finalize`` (best weights, final
+    predictions, exports)."""
+    sec = dict(run.stages.seconds)
+    loop_s = sec.pop("loop", 0.0)
+    out = {k: sec.get(k, 0.0) for k in ("integrity", "model_init", "data", "restore")}
+    out["train"] = max(0.0, loop_s - sec.get("eval", 0.0) - sec.get("checkpoint", 0.0))
+    out["eval"] = sec.get("eval", 0.0)
+    out["checkpoint"] = sec.get("checkpoint", 0.0) + sec.get("checkpoint_wait", 0.0)
+    out["finalize"] = finalize_s
+    return {f"{k}_s": round(v, 4) for k, v in out.items()}
+
+
 def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
     """Best model -> predictions and metrics on every test set, exports, ``results.json``.
 
@@ -104,9 +120,12 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
     shardings; ``ls``: the loop_state.LoopState (its best step is restored if it is not
     the last). Returns the results dict.
     """
+    t0 = time.perf_counter()
     best_step = step if ls.best.step is None else ls.best.step
-    best_state = state
-    if best_step != step:
+    best_state, snap = state, run.best_snapshot
+    if best_step != step and snap is not None and snap.step == best_step:
+        best_state = snap.state   # kept on the device since that step (save_policy)
+    elif best_step != step:
         best_state, _ = run.ckpt.restore(best_step, run.abstract(run.phases[-1])[0], None)
     eval_step = run.eval_step(state_sh)
     by_split = evaluate_and_write_predictions(
@@ -135,7 +154,7 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
         "num_val": len(s.val), "num_test": len(s.test), "steps_per_epoch": run.steps_per_epoch,
         "num_devices": int(run.mesh.size), "num_processes": jax.process_count(),
         "wall_time_s": time.time() - run.t_start, **_compile_stats(run),
-        "config": json_config(c)}
+        "timing": timing(run, time.perf_counter() - t0), "config": json_config(c)}
     if jax.process_index() == 0:
         write_json(paths.join(run.workdir, RESULTS_FILE), results)
     return results

@@ -20,6 +20,7 @@ Files in ``workdir``: ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tb
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Dict, Sequence
 
 import jax
@@ -30,7 +31,7 @@ from medtransfer_jax import compile_cache, paths
 from medtransfer_jax.configs import validation
 from medtransfer_jax.training import finalize as finalize_lib, optim, periodic, program_cache
 from medtransfer_jax.training import phases as phases_lib
-from medtransfer_jax.training import run_setup
+from medtransfer_jax.training import run_setup, save_policy
 from medtransfer_jax import sharding as shard_lib
 from medtransfer_jax.training import state as state_lib
 from medtransfer_jax.training import step as step_lib
@@ -105,8 +106,12 @@ def run_phase(run: Run, phase: Phase, state, state_sh, step: int, ls: LoopState)
             pending = []
         is_eval = periodic.every(step - ls.phase_start, eval_every) or step == end
         if is_eval:
-            _evaluate(run, phase, eval_step, state, step, ls)
-        pending = _maybe_save(run, state, step, ls, pending, force=is_eval)
+            jax.block_until_ready(state)  # the queued steps are train time, not eval time
+            with run.stages("eval"):
+                _evaluate(run, phase, eval_step, state, step, ls)
+        with run.stages("checkpoint"):
+            pending = _maybe_save(run, state, step, ls, pending, is_eval=is_eval,
+                                  phase_end=step == end or ls.phase_done)
     return state, step
 
 
@@ -162,18 +167,33 @@ def _evaluate(run: Run, phase: Phase, eval_step, state, step: int, ls: LoopState
                      "evaluations)", step, phase.index, phase.monitor, phase.patience)
 
 
-def _maybe_save(run: Run, state, step: int, ls: LoopState, pending, force: bool):
-    """Checkpoints at evaluations, every ``checkpoint.every_steps``, at the phase end and on
-    a signal / preemption notice (then raises Preempted). Returns ``pending`` as floats."""
+def _maybe_save(run: Run, state, step: int, ls: LoopState, pending, is_eval: bool,
+                phase_end: bool):
+    """Saves per save_policy: at a phase end, every ``checkpoint.every_steps``, at an
+    evaluation ``checkpoint.every_secs`` after the last save, and on a signal or
+    preemption notice (then raises Preempted); a new best in between is kept on the device
+    and written first by the next save. Returns ``pending`` (as floats once read)."""
+    c = run.config.checkpoint
     preempted = run.ckpt.reached_preemption(step)
     signalled = run.stop.signal is not None
-    if not (force or periodic.every(step, run.config.checkpoint.every_steps) or preempted
-            or signalled):
+    due = (phase_end or preempted or signalled or periodic.every(step, c.every_steps)
+           or (is_eval and save_policy.time_due(c.get("every_secs", 0.0), run.last_save)))
+    new_best = is_eval and ls.best.step == step
+    if not (due or new_best):
         return pending
     pending = [{k: float(v) for k, v in d.items()} for d in jax.device_get(pending)]
     ls.pending_train = pending  # the resumed run logs the same interval means
-    run.ckpt.save(step, state, run.train_iter, ls.to_json(), protect=ls.best.step)
+    meta = ls.to_json()
     ls.pending_train = []
+    if new_best:  # a device copy: the export reads it, and the next save writes it
+        run.best_snapshot = save_policy.BestSnapshot.take(step, state, run.train_iter, meta)
+    if not due:
+        return pending
+    save_policy.save_pending_best(run.ckpt, run.best_snapshot, ls.best.step, step)
+    run.ckpt.save(step, state, run.train_iter, meta, protect=ls.best.step)
+    if new_best:
+        run.best_snapshot.saved = True
+    run.last_save = time.monotonic()
     periodic.call_hooks(run.hooks, "after_save", step)
     if preempted or signalled:
         run.ckpt.wait()
@@ -216,7 +236,9 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
     run = setup(config, workdir, hooks)
     run.compile_timer = timer
     try:
-        state, state_sh, step, ls = run_setup.restore_or_init(run)
+        with run.stages("restore"):
+            state, state_sh, step, ls = run_setup.restore_or_init(run)
+        run.last_save = time.monotonic()
         run.writer = periodic.MetricWriter(workdir, step if step else None)
         run.stop = periodic.StopFlag().install()
         run.profiler = periodic.Profiler(paths.to_str(paths.join(workdir, "profile")),
@@ -224,7 +246,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
         while True:
             phase = run.phases[ls.phase]
             if not (ls.phase_done or step >= ls.phase_start + phase.num_steps):
-                state, step = run_phase(run, phase, state, state_sh, step, ls)
+                with run.stages("loop"):
+                    state, step = run_phase(run, phase, state, state_sh, step, ls)
             elif phase.is_final:
                 break
             else:  # next phase: same weights / BN stats / rng / step, a fresh optimizer
@@ -234,7 +257,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
                     run.make_shardings, step=step)
                 logging.info("step %d: phase %d (%s) starts", step, ls.phase,
                              run.phases[ls.phase].policy)
-        run.ckpt.wait()
+        with run.stages("checkpoint_wait"):
+            run.ckpt.wait()
         return finalize(run, state, state_sh, step, ls)
     finally:
         run.close()

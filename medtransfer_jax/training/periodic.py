@@ -6,6 +6,7 @@ writer lives here instead; it has the same ``write_scalars(step, dict)`` shape.)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -125,6 +126,26 @@ class Throughput:
         eta = remaining * self.gbs / ips if np.isfinite(ips) and ips > 0 else float("nan")
         self.t0, self.steps = time.time(), 0
         return {"img_per_s": ips, "eta_s": eta}
+
+
+class Stages:
+    """Seconds per named stage of a run, for ``results.json``'s ``timing``: where a run's
+    fixed cost goes (data decode, integrity check, model init, evaluation, checkpoint
+    saves, final predictions), so a study's per-run overhead is measured, not guessed.
+
+    ``with stages("eval"): ...`` adds the block's wall time to ``eval``.
+    """
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def fmt_time(seconds: float) -> str:

@@ -21,6 +21,7 @@ from medtransfer_jax.errors import WorkdirError
 from medtransfer_jax.data import device_cache, integrity
 from medtransfer_jax.inference import predict
 from medtransfer_jax.training import checkpointing, finalize as finalize_lib, model_init, optim
+from medtransfer_jax.training import periodic
 from medtransfer_jax.training import phases as phases_lib, program_cache, state as state_lib
 from medtransfer_jax.training.loop_state import LoopState
 
@@ -50,6 +51,12 @@ class Run:
     stop: Any = None
     profiler: Any = None
     compile_timer: Any = None          # compile_cache.CompileTimer of this process's session
+    #: time.monotonic() of the last checkpoint save (or of the start), for every_secs
+    last_save: float = 0.0
+    #: save_policy.BestSnapshot of the best step since this session started, or None
+    best_snapshot: Any = None
+    #: periodic.Stages: seconds per stage of this session (results.json 'timing')
+    stages: Any = dataclasses.field(default_factory=periodic.Stages)
     #: data.cache=device: {id(split source): batches(global_batch_size) -> iterator}
     eval_data: Dict[int, Any] = dataclasses.field(default_factory=dict)
 
@@ -104,7 +111,8 @@ CONFIG_FILE = "config.json"
 #: Config fields a resumed run may change: where files are, how the run is logged,
 #: checkpointed and laid out on devices. Any other change would train the rest of the run
 #: under other settings than its start (and config.json would hide that), so it is refused.
-RESUMABLE_CHANGES = ("log.", "checkpoint.async_save", "checkpoint.max_to_keep", "sharding.",
+RESUMABLE_CHANGES = ("log.", "checkpoint.async_save", "checkpoint.max_to_keep",
+                     "checkpoint.every_secs", "checkpoint.every_steps", "sharding.",
                      "eval.batch_size", "data.worker_count", "data.cache_placement",
                      "data.root", "data.csv_path", "data.fold_csv_dir", "data.fold_csv_origin",
                      "data.fold_csv_test", "data.tfds_data_dir")
@@ -139,6 +147,7 @@ def check_same_config(stored: Dict[str, Any], config, workdir: str, what: str) -
 def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
     """Mesh, data (every file checked on a fresh start), model, phases, data iterator and
     checkpointer of a run; writes ``config.json``."""
+    t_start, stages = time.time(), periodic.Stages()
     mesh = shard_lib.make_mesh(config.sharding.num_devices or None)
     gbs = int(config.train.batch_size)
     shard_lib.local_batch_size(gbs, mesh)  # validates divisibility
@@ -152,13 +161,16 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
             check_same_config(json.loads(paths.read_text(stored)), config, workdir,
                               f"holds a checkpoint (step {latest}) of a run")
         if latest is None and not config.data.skip_corrupt:
-            integrity.check_splits(splits)  # before any compilation; a resumed run passed it
+            with stages("integrity"):   # before any compilation; a resumed run passed it
+                integrity.check_splits(splits)
         init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-        model, variables, prep, init_desc, spec = model_init.build_model_and_variables(
-            config, splits.num_classes, init_rng)
+        with stages("model_init"):
+            model, variables, prep, init_desc, spec = model_init.build_model_and_variables(
+                config, splits.num_classes, init_rng)
         steps_per_epoch = max(1, len(splits.train) // gbs)
         phases = phases_lib.make_phases(config, steps_per_epoch)
-        splits, train_iter, eval_data = _data_path(config, splits, mesh, prep, gbs)
+        with stages("data"):
+            splits, train_iter, eval_data = _data_path(config, splits, mesh, prep, gbs)
         if jax.process_index() == 0:
             finalize_lib.write_json(paths.join(workdir, CONFIG_FILE),
                                     finalize_lib.json_config(config))
@@ -171,7 +183,7 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
                          [(p.policy, p.num_steps) for p in phases])
         return Run(config, workdir, mesh, splits, model, variables, prep, init_desc, spec,
                    phases, steps_per_epoch, eval_bs, state_rng, train_iter, ckpt, tuple(hooks),
-                   time.time(), eval_data=eval_data)
+                   t_start, eval_data=eval_data, stages=stages)
     except BaseException:
         ckpt.close()  # e.g. a DataError from the file check: no thread left behind
         raise

@@ -10,6 +10,7 @@ Split unit: the patch (no patient ids).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import List, Optional
@@ -47,12 +48,13 @@ def _h5(root: str, split: str, xy: str) -> str:
 _HANDLES = {}
 
 
+@dataclasses.dataclass(frozen=True)
 class H5PatchLoader:
     """Picklable loader of patch ``index`` from an HDF5 ``x`` file (handle cached per process;
-    a file in a bucket is opened as a seekable stream, so only the patch's chunks are read)."""
+    a file in a bucket is opened as a seekable stream, so only the patch's chunks are read).
+    Frozen, so the decode memo can key a patch by (file, loader)."""
 
-    def __init__(self, index: int):
-        self.index = int(index)
+    index: int
 
     def __call__(self, path: str) -> np.ndarray:
         key = (os.getpid(), path)
