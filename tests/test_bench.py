@@ -114,8 +114,8 @@ def test_cli_similarity_prints_table():
     assert progress[0].startswith("| method | route |") and len(progress) == 4, out.stderr
     table = text[text.index("| method |"):].strip().splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header[:10] == ["method", "route", "p", "n", "jax_s", "compile_s", "numpy_s",
-                           "speedup", "value", "abs_diff"]
+    assert header[:12] == ["method", "route", "svd", "p", "n", "jax_s", "compile_s",
+                           "numpy_s", "speedup", "value", "abs_diff", "diff_vs_default"]
     body = [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
             for line in table[2:]]
     assert [(r["method"], r["p"], r["n"]) for r in body] == [
@@ -288,8 +288,94 @@ def test_similarity_routes_alone_without_numpy():
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines()
-            if line.startswith("| mean_cca")]
-    assert [r[1].strip() for r in rows] == ["qr->qr", "covariance->covariance"]
-    assert all(r[6].strip() == "nan" and "NumPy not run" in r[10] for r in rows)
-    assert abs(float(rows[0][8]) - float(rows[1][8])) < 1e-5
+    rows = _report_rows(p.stdout, "| mean_cca")
+    assert [r["route"] for r in rows] == ["qr->qr", "covariance->covariance"]
+    assert all(r["numpy_s"] == "nan" and "NumPy not run" in r["note"] for r in rows)
+    assert abs(float(rows[0]["value"]) - float(rows[1]["value"])) < 1e-5
+
+
+def _report_rows(stdout, prefix):
+    """The similarity report's rows starting with ``prefix`` as {column: cell} dicts."""
+    lines = stdout.splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| method")).split("|")[1:-1]]
+    return [dict(zip(header, (c.strip() for c in x.split("|")[1:-1])))
+            for x in lines if x.startswith(prefix)]
+
+
+def test_similarity_gpu_svd_algorithms_are_refused_on_cpu_before_any_work():
+    """--svd_algorithms=polar on a CPU: one line naming the flag and why, exit 2."""
+    import subprocess
+    import sys
+    from _train_utils import REPO, subprocess_env
+    p = subprocess.run([sys.executable, "-m", "medtransfer_jax.bench", "similarity",
+                        "--neurons=16", "--datapoints=400", "--svd_algorithms=default,polar"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2
+    assert "--svd_algorithms: svd='polar' is a cuSOLVER algorithm" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_step_profile_sums_the_traced_ops_per_step():
+    """bench step_profile on a tiny ResNet: the trace is read back and summed per op."""
+    from medtransfer_jax.bench import step_profile
+    rows = step_profile.run(depth=18, width=8, image_size=32, batch_size=8,
+                            dtype="float32", steps=2)
+    by = {r["what"]: r for r in rows}
+    wall = by["step (wall)"]["ms_per_step"]
+    assert wall > 0 and by["step (wall)"]["share_of_step"] == pytest.approx(1.0)
+    cats = [r for r in rows if r["what"].startswith("category: ")]
+    ops = [r for r in rows if r["what"].startswith("op: ")]
+    assert cats and ops and len(ops) <= 12
+    busy = by["device busy (sum of ops)"]["ms_per_step"]
+    assert busy == pytest.approx(sum(r["ms_per_step"] for r in cats))
+    assert busy > 0 and all(r["calls_per_step"] > 0 for r in cats + ops)
+    assert [r["ms_per_step"] for r in ops] == sorted((r["ms_per_step"] for r in ops),
+                                                     reverse=True)
+
+
+def test_step_profile_categories():
+    from medtransfer_jax.bench import step_profile as sp
+    assert sp.category("cudnn-conv-bias-activation.3") == "convolution"
+    assert sp.category("input_reduce_fusion.7") == "reduction fusion"
+    assert sp.category("loop_multiply_fusion") == "elementwise fusion"
+    assert sp.category("cublas-gemm.1") == "matmul"
+    assert sp.category("copy.4") == "copy/transpose"
+    assert sp.category("all-reduce.1") == "collective"
+    assert sp.category("rng-bit-generator.2") == "other"
+    assert sp.category("custom-call.5 sm90_xmma_fprop_implicit_gemm_bf16") == "convolution"
+    rows = sp.summarize([("conv.1", 0.004, "conv.1"), ("fusion.2", 0.002, "fusion.2"),
+                         ("conv.1", 0.004, "conv.1")], steps=2, wall_s=0.02)
+    by = {r["what"]: r for r in rows}
+    assert by["step (wall)"]["ms_per_step"] == pytest.approx(10.0)
+    assert by["device busy (sum of ops)"]["ms_per_step"] == pytest.approx(5.0)
+    assert by["idle (wall - busy)"]["share_of_step"] == pytest.approx(0.5)
+    assert by["category: convolution"]["calls_per_step"] == 1.0
+    assert [r["what"] for r in rows][3:5] == ["category: convolution",
+                                              "category: elementwise fusion"]
+
+
+def test_similarity_svd_rows_reuse_the_default_rows_numpy_run(monkeypatch):
+    """Other SVD algorithms (GPU only) are timed beside the default one: NumPy runs once,
+    beside 'default', and their speedup / abs_diff / diff_vs_default use that run."""
+    from medtransfer_jax.bench import similarity as bs
+    calls = []
+
+    def fake(X, Y, Xd, Yd, method, route="auto", *, repeats=3, baseline=True, svd="default"):
+        calls.append((method, svd, baseline))
+        value = {"default": 0.5, "polar": 0.5 + 1e-6, "jacobi": 0.5 - 2e-6}[svd]
+        return dict(jax_s={"default": 1.0, "polar": 0.25, "jacobi": 0.5}[svd],
+                    compile_s=0.0, value=value, numpy_s=8.0 if baseline else float("nan"),
+                    ref=0.5 + 1e-7 if baseline else float("nan"))
+
+    monkeypatch.setattr(bs, "time_pair", fake)
+    rows = bs.run(neurons=(8,), datapoints=(200,), methods=("mean_cca", "linear_cka"),
+                  routes=("qr",), svd_algorithms=("default", "polar", "jacobi"), repeats=1)
+    assert calls == [("mean_cca", "default", True), ("mean_cca", "polar", False),
+                     ("mean_cca", "jacobi", False), ("linear_cka", "default", True),
+                     ("linear_cka", "polar", False), ("linear_cka", "jacobi", False)]
+    polar = rows[1]
+    assert polar["svd"] == "polar" and polar["speedup"] == pytest.approx(32.0)
+    assert polar["diff_vs_default"] == pytest.approx(1e-6)
+    assert polar["abs_diff"] == pytest.approx(9e-7)
+    assert math.isnan(rows[0]["diff_vs_default"]) and rows[0]["speedup"] == 8.0

@@ -44,6 +44,11 @@ def test_grid_projects_the_full_study_from_measured_epochs(tmp_path):
         assert r["target_grid_s"] == pytest.approx(5 * (3 * r["run_s"] + 2 * r["frz_run_s"]))
         # The second run of the same shapes reads its programs from the persistent cache.
         assert r["warm_cache_hits"] > 0
+        # ... and decodes no image: the first run's pixels are in the decode memo.
+        assert r["warm_decode_misses"] == 0
+        # The runs' timing splits: a warm setup includes its split decode.
+        assert 0 <= r["data_s"] <= r["setup_s"] and r["finalize_s"] > 0
+        assert r["train_epoch_s"] > 0
     assert total["target_grid_s"] == pytest.approx(breast["target_grid_s"] + knee["target_grid_s"])
     assert total["target"].startswith("TOTAL (50 runs)")
     assert "projected to 50 runs (2 of 7 targets)" in grid.title(("breast", "knee"))

@@ -39,7 +39,12 @@ def _bench_lines():
 _PARSE = """
 import sys
 from absl import flags
+from medtransfer_jax.analysis import similarity
 from medtransfer_jax.bench import cli
+# The script runs on a GPU: validate its GPU-only choices (cuSOLVER SVDs) as they will be
+# there. An unknown algorithm is still refused.
+_check = similarity.check_svd_algorithm
+similarity.check_svd_algorithm = lambda svd, backend=None: _check(svd, backend="gpu")
 argv = flags.FLAGS(["bench", *sys.argv[1:]])
 assert len(argv) == 2 and argv[1] in cli.WHATS, argv
 cli._validate(argv[1])
@@ -49,11 +54,11 @@ print("OK", argv[1])
 
 def test_every_bench_line_parses_with_the_real_flags():
     lines = _bench_lines()
-    assert {args[0] for _, _, _, args in lines} >= {"train", "device_input", "pipeline",
+    assert {args[0] for _, _, _, args in lines} == {"train", "step_profile", "similarity",
                                                      "network_scale", "grid"}, lines
     parts = [a.split("=", 1)[1].split(",") for _, _, _, args in lines
              if args[0] == "network_scale" for a in args if a.startswith("--parts=")]
-    assert sorted(p for ps in parts for p in ps) == ["kernels", "map", "protocol"], parts
+    assert sorted(p for ps in parts for p in ps) == ["map"], parts
     for part, name, _, args in lines:
         p = subprocess.run([sys.executable, "-c", _PARSE, *args], capture_output=True,
                            text=True, timeout=120, env=_train_utils.subprocess_env())
@@ -77,3 +82,7 @@ def test_a_flag_the_bench_does_not_know_is_caught():
                        capture_output=True, text=True, timeout=120,
                        env=_train_utils.subprocess_env())
     assert p.returncode != 0 and "no_such_flag" in p.stderr
+    p = subprocess.run([sys.executable, "-c", _PARSE, "similarity",
+                        "--svd_algorithms=default,gesvd"], capture_output=True, text=True,
+                       timeout=120, env=_train_utils.subprocess_env())
+    assert p.returncode != 0 and "gesvd" in p.stderr

@@ -303,3 +303,22 @@ def test_resolve_route():
         r("covariance", "rbf_cka", 100, 8, 8)
     with pytest.raises(ValueError, match="route="):
         r("fast", "mean_cca", 100, 8, 8)
+
+
+def test_svd_algorithm_option():
+    """svd= picks the QR route's SVD: 'default' is jnp.linalg.svd (same values as without
+    the option, its own compiled program); the cuSOLVER ones are refused off GPU."""
+    X, Y = _data()
+    plain = float(S.similarity(X, Y, "pwcca", route="qr"))
+    assert float(S.similarity(X, Y, "pwcca", route="qr", svd="default")) == plain
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs only"):
+        S.similarity(X, Y, "mean_cca", svd="polar")
+    with pytest.raises(ValueError, match="choose one of"):
+        S.similarity(X, Y, "mean_cca", svd="gesvd")
+    S.check_svd_algorithm("polar", backend="gpu")   # allowed where cuSOLVER is
+    # The algorithm reaches the SVD calls traced inside the kernel (traced, not lowered:
+    # XLA:CPU cannot lower it), and tracing leaves the default in place afterwards.
+    jaxpr = str(jax.make_jaxpr(S._with_svd(lambda a: S._basis(a, 1e-4)[1], "jacobi"))(X))
+    assert "algorithm=SvdAlgorithm.JACOBI" in jaxpr
+    assert "JACOBI" not in str(jax.make_jaxpr(lambda a: S._basis(a, 1e-4)[1])(X))
+    assert S._SVD_ALGORITHM.get() == "default"

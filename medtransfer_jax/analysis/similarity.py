@@ -60,6 +60,7 @@ one compiled call per distinct shape.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -153,6 +154,50 @@ def _highest(fn: Callable) -> Callable:
     return wrapped
 
 
+#: The SVD algorithms of the QR route (``svd=`` option). ``default``: XLA's choice (LAPACK
+#: on CPU; on NVIDIA GPUs cuSOLVER's Jacobi gesvdj up to 1024 x 1024, else the QR-based
+#: gesvd, whose 2048 x 2048 call took 300 ms of an H200's ~1 s mean CCA). ``polar``:
+#: cuSOLVER gesvdp (polar decomposition by matrix products, then eigh); ``jacobi``:
+#: gesvdj at any size. Both are GPU-only in XLA; their accuracy is the bench's
+#: ``diff_vs_default`` column (BENCHMARKS.md).
+SVD_ALGORITHMS = ("default", "polar", "jacobi")
+_SVD_ALGORITHM = contextvars.ContextVar("svd_algorithm", default="default")
+
+
+def _svd(x, compute_uv: bool = True):
+    """Thin SVD of ``x`` with the algorithm of the kernel being traced (:func:`_compiled`
+    sets it): (u, s, vt), or s alone."""
+    alg = _SVD_ALGORITHM.get()
+    if alg == "default":
+        return jnp.linalg.svd(x, full_matrices=False, compute_uv=compute_uv)
+    algorithm = getattr(lax.linalg.SvdAlgorithm, alg.upper())
+    return lax.linalg.svd(x, full_matrices=False, compute_uv=compute_uv, algorithm=algorithm)
+
+
+def _with_svd(fn: Callable, algorithm: str) -> Callable:
+    """Traces ``fn`` with ``algorithm`` as the SVD of :func:`_svd`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        token = _SVD_ALGORITHM.set(algorithm)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _SVD_ALGORITHM.reset(token)
+
+    return wrapped
+
+
+def check_svd_algorithm(svd: str, backend: Optional[str] = None) -> None:
+    """ValueError unless ``svd`` is one of SVD_ALGORITHMS and runs on ``backend``."""
+    if svd not in SVD_ALGORITHMS:
+        raise ValueError(f"svd={svd!r}: choose one of {SVD_ALGORITHMS}.")
+    backend = backend or jax.default_backend()
+    if svd != "default" and backend != "gpu":
+        raise ValueError(f"svd={svd!r} is a cuSOLVER algorithm: it runs on NVIDIA GPUs only "
+                         f"(this backend is {backend}); use svd='default'.")
+
+
 def default_rtol(dtype) -> float:
     """Relative singular-value tolerance used to decide numerical rank.
 
@@ -231,7 +276,7 @@ def _basis(Xc, rtol):
     Returns (U (n, p) with masked columns zeroed, singular values s (p,), keep mask (p,)).
     """
     Q, R = jnp.linalg.qr(Xc, mode="reduced")
-    Ur, s, _ = jnp.linalg.svd(R, full_matrices=False)
+    Ur, s, _ = _svd(R)
     keep = s > rtol * s[0]
     U = _mm(Q, Ur) * keep[None, :]
     return U, s, keep
@@ -242,9 +287,9 @@ def _correlations(Ux, kx, Uy, ky, compute_uv=False):
     m = min(Ux.shape[1], Uy.shape[1])
     M = _mm(Ux.T, Uy)
     if compute_uv:
-        u, rho, vt = jnp.linalg.svd(M, full_matrices=False)
+        u, rho, vt = _svd(M)
     else:
-        rho = jnp.linalg.svd(M, compute_uv=False)
+        rho = _svd(M, compute_uv=False)
         u = vt = None
     k = jnp.minimum(jnp.sum(kx), jnp.sum(ky))
     valid = jnp.arange(m) < k
@@ -422,7 +467,7 @@ def _debiased_cka_core(X, Y, kernel, threshold):
 def _procrustes_core(X, Y):
     Xc = _unit_frobenius(_centre(X))
     Yc = _unit_frobenius(_centre(Y))
-    nuc = jnp.sum(jnp.linalg.svd(_mm(Xc.T, Yc), compute_uv=False))
+    nuc = jnp.sum(_svd(_mm(Xc.T, Yc), compute_uv=False))
     return jnp.maximum(2.0 - 2.0 * nuc, 0.0)
 
 
@@ -465,14 +510,16 @@ def _over_stack(fn: Callable) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(method: str, batched: bool, options: Tuple[Tuple[str, object], ...]):
-    fn = _highest(_core(method, **dict(options)))
+    opts = dict(options)
+    fn = _highest(_with_svd(_core(method, **opts), opts.get("svd", "default")))
     if batched:
         fn = _over_stack(fn)
     return jax.jit(fn)
 
 
 def _options(method, X, rtol=None, epsilon=1e-12, keep=0.99, threshold=1.0,
-             kernel="linear"):
+             kernel="linear", svd="default"):
+    check_svd_algorithm(svd)
     if rtol is None:
         rtol = default_rtol(X.dtype)
     if method == "svcca" and not 0.0 < keep <= 1.0:
@@ -481,7 +528,7 @@ def _options(method, X, rtol=None, epsilon=1e-12, keep=0.99, threshold=1.0,
         if threshold <= 0:
             raise ValueError(f"{method}: threshold={threshold} must be > 0.")
     return tuple(sorted(dict(rtol=float(rtol), epsilon=float(epsilon), keep=float(keep),
-                             threshold=float(threshold), kernel=kernel).items()))
+                             threshold=float(threshold), kernel=kernel, svd=svd).items()))
 
 
 def similarity(X, Y, method: str = "mean_cca", *, route: str = "auto",

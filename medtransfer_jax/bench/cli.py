@@ -11,7 +11,7 @@ from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 
 WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input", "grid",
-         "network_scale")
+         "network_scale", "step_profile")
 
 _DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
@@ -39,6 +39,13 @@ _METHODS = flags.DEFINE_list("methods", ["mean_cca", "svcca", "pwcca", "linear_c
                              "covariance-accumulator route of analysis/streaming.py.")
 _ROUTES = flags.DEFINE_list("routes", ["auto"], "Similarity routes to time: auto, qr, "
                            "covariance (analysis/similarity.py resolve_route).")
+_SVD_ALGORITHMS = flags.DEFINE_list(
+    "svd_algorithms", ["default"], "similarity: SVD algorithms of the QR route to time "
+    "(default, polar, jacobi; the last two are cuSOLVER's, GPU only); each row after "
+    "'default' reports its distance to default's value (diff_vs_default).")
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", None, "step_profile: keep the jax.profiler trace here (TensorBoard / "
+    "Perfetto); default: a temporary folder, deleted.")
 _NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
                                            "Images for the two-model comparison.")
 _MAP_IMAGES = flags.DEFINE_integer("map_images", 10000,
@@ -117,7 +124,7 @@ def _validate(what: str) -> None:
 def _validate_tables(what: str) -> None:
     """Names checked against the project's tables (imported only by the benchmarks that
     read them: they pull in JAX)."""
-    if what in ("train", "device_input", "grid"):
+    if what in ("train", "device_input", "grid", "step_profile"):
         from medtransfer_jax.bench import train_throughput
         cli.check_choices(_DTYPES.value, train_throughput.DTYPES, "dtypes")
     if what == "similarity":
@@ -125,6 +132,12 @@ def _validate_tables(what: str) -> None:
         from medtransfer_jax.bench import similarity
         similarity.check_methods(_METHODS.value, flag="--methods")
         cli.check_choices(_ROUTES.value, kernels.ROUTES, "routes")
+        cli.check_choices(_SVD_ALGORITHMS.value, kernels.SVD_ALGORITHMS, "svd_algorithms")
+        for alg in _SVD_ALGORITHMS.value:
+            try:
+                kernels.check_svd_algorithm(alg)
+            except ValueError as e:
+                raise UserError(f"--svd_algorithms: {e}") from None
     if what == "network_scale":
         from medtransfer_jax.bench import network_scale, similarity
         similarity.check_methods(_METHODS.value, flag="--methods", streaming_ok=False)
@@ -175,7 +188,8 @@ def _similarity():
     from medtransfer_jax.bench import similarity
     rows = similarity.run(neurons=_int_list("neurons"), datapoints=_int_list("datapoints"),
                           methods=_METHODS.value, repeats=_REPEATS.value,
-                          routes=_ROUTES.value, compare_numpy=_COMPARE_NUMPY.value)
+                          routes=_ROUTES.value, compare_numpy=_COMPARE_NUMPY.value,
+                          svd_algorithms=_SVD_ALGORITHMS.value)
     return ("Similarity kernels vs the google/svcca NumPy float64 algorithm", rows,
             similarity.COLUMNS, None)
 
@@ -219,10 +233,21 @@ def _scaling():
     return "Scaling", rows, None, None
 
 
+def _step_profile():
+    from medtransfer_jax.bench import step_profile
+    rows = step_profile.run(depth=_DEPTH.value, image_size=_int_list("image_sizes")[0],
+                            batch_size=_int_list("batch_sizes")[0], dtype=_DTYPES.value[0],
+                            width=_WIDTH.value, steps=max(1, _ITERS.value),
+                            trace_dir=_TRACE_DIR.value)
+    return ("Where the train step's device time goes (jax.profiler trace, per step)", rows,
+            step_profile.COLUMNS, "share_of_step: of the step's wall time; idle: the "
+            "device waiting (host dispatch, gaps between kernels)")
+
+
 #: what -> a function that runs it: (title, rows, columns or None, footnote or None).
 _RUNS = {"train": _train, "pipeline": _pipeline, "similarity": _similarity,
          "network": _network, "scaling": _scaling, "device_input": _device_input,
-         "grid": _grid, "network_scale": _network_scale}
+         "grid": _grid, "network_scale": _network_scale, "step_profile": _step_profile}
 assert tuple(_RUNS) == WHATS
 
 

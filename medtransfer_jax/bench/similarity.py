@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -43,8 +43,8 @@ from medtransfer_jax.weights.checkpoint import WeightsMetadata
 # is the linear-CKA baseline). Others are timed on device only.
 BASELINE_METHODS = ("mean_cca", "paper_cca", "svcca", "pwcca", "linear_cka")
 
-COLUMNS = ["method", "route", "p", "n", "jax_s", "compile_s", "numpy_s", "speedup", "value",
-           "abs_diff", "note"]
+COLUMNS = ["method", "route", "svd", "p", "n", "jax_s", "compile_s", "numpy_s", "speedup",
+           "value", "abs_diff", "diff_vs_default", "note"]
 
 # svcca's epsilon: 1e-10 as in its tutorials; paper_cca uses the study's 1e-12.
 EPSILON = 1e-10
@@ -146,7 +146,7 @@ def svcca_baseline(X, Y, method: str, *, keep: float = 0.99,
 
 
 # ----------------------------------------------------------------------------- timing
-def _jax_call(X, Y, method, route):
+def _jax_call(X, Y, method, route, svd="default"):
     if method.startswith(STREAMING_PREFIX):
         base = method[len(STREAMING_PREFIX):]
 
@@ -157,14 +157,14 @@ def _jax_call(X, Y, method, route):
             return streaming.similarity_from_covariance(streaming.finish_covariance(state),
                                                         base)
         return fn
-    return lambda: float(sim.similarity(X, Y, method, route=route))
+    return lambda: float(sim.similarity(X, Y, method, route=route, svd=svd))
 
 
 def time_pair(X, Y, Xd, Yd, method: str, route: str = "auto", *, repeats: int = 3,
-              baseline: bool = True) -> Dict[str, float]:
+              baseline: bool = True, svd: str = "default") -> Dict[str, float]:
     """Interleaved timings of the kernel (device arrays Xd, Yd) and the NumPy baseline
     (host X, Y): the fastest of ``repeats`` calls each, compile timed separately."""
-    fn = _jax_call(Xd, Yd, method, route)
+    fn = _jax_call(Xd, Yd, method, route, svd)
     t0 = time.perf_counter()
     value = fn()
     first = time.perf_counter() - t0
@@ -205,8 +205,11 @@ def check_methods(methods: Sequence[str], *, flag: str = "methods",
 def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = (10000, 50000),
         methods: Sequence[str] = ("mean_cca", "svcca", "pwcca", "linear_cka"),
         repeats: int = 3, *, routes: Sequence[str] = ("auto",), seed: int = 0,
-        compare_numpy: bool = True) -> List[Dict[str, Any]]:
-    """One row per (neurons p = q, datapoints n, method, route): device vs NumPy, same run."""
+        compare_numpy: bool = True,
+        svd_algorithms: Sequence[str] = ("default",)) -> List[Dict[str, Any]]:
+    """One row per (neurons p = q, datapoints n, method, route, SVD algorithm): device vs
+    NumPy, same run. A row of another SVD algorithm than ``default`` (QR route only)
+    reports ``diff_vs_default``: |its value - the default algorithm's| on the same data."""
     check_methods(methods)
     rows = []
     for p in neurons:
@@ -215,38 +218,69 @@ def run(neurons: Sequence[int] = (512, 1024, 2048), datapoints: Sequence[int] = 
             Xd, Yd = jax.device_put(X), jax.device_put(Y)
             for m in methods:
                 for route in routes:
-                    rows.append(_row(X, Y, Xd, Yd, m, route, p, n, repeats, compare_numpy))
-                    common.progress_row(rows[-1], COLUMNS)
+                    ref = None
+                    for alg in svd_algorithms:
+                        if alg != "default" and not _has_svd_choice(m, route, n, p):
+                            continue  # only the QR route has an SVD to choose
+                        # NumPy runs once, beside the default SVD; other SVDs are compared
+                        # with that same run's NumPy time and value.
+                        row, numpy_value = _row(
+                            X, Y, Xd, Yd, m, route, p, n, repeats,
+                            compare_numpy and (alg == "default" or ref is None), alg)
+                        if alg == "default":
+                            ref, ref_numpy = row, numpy_value
+                        elif ref is not None:
+                            row["diff_vs_default"] = abs(row["value"] - ref["value"])
+                            if compare_numpy and ref_numpy == ref_numpy:
+                                row.update(numpy_s=ref["numpy_s"],
+                                           speedup=ref["numpy_s"] / row["jax_s"], note="",
+                                           abs_diff=abs(row["value"] - ref_numpy))
+                        rows.append(row)
+                        common.progress_row(row, COLUMNS)
             del Xd, Yd
     return rows
 
 
-def _row(X, Y, Xd, Yd, m, route, p, n, repeats, compare_numpy) -> Dict[str, Any]:
+def _row(X, Y, Xd, Yd, m, route, p, n, repeats, compare_numpy,
+         svd: str = "default") -> Tuple[Dict[str, Any], float]:
+    """(the table row, the NumPy reference's value or NaN)."""
     nan = float("nan")
     base = m[len(STREAMING_PREFIX):] if m.startswith(STREAMING_PREFIX) else m
-    row = dict(method=m, route="streaming" if base != m else route, p=p, n=n, jax_s=nan,
-               compile_s=nan, numpy_s=nan, speedup=nan, value=nan, abs_diff=nan, note="")
+    row = dict(method=m, route="streaming" if base != m else route, svd=svd, p=p, n=n,
+               jax_s=nan, compile_s=nan, numpy_s=nan, speedup=nan, value=nan, abs_diff=nan,
+               diff_vs_default=nan, note="")
     if base in sim.CCA_FAMILY and n <= p:
         row["note"] = "skipped: CCA needs n > p"
-        return row
+        return row, nan
     if base == m and route != "auto":
         try:
             sim.resolve_route(route, m, n, p, p)
         except ValueError as e:
             row["note"] = f"skipped: {e}"
-            return row
+            return row, nan
     if base == m:
         row["route"] = f"{route}->{sim.resolve_route(route, m, n, p, p)}"
-    t = time_pair(X, Y, Xd, Yd, m, route, repeats=repeats, baseline=compare_numpy)
+    t = time_pair(X, Y, Xd, Yd, m, route, repeats=repeats, baseline=compare_numpy, svd=svd)
     row.update(jax_s=t["jax_s"], compile_s=t["compile_s"], value=t["value"])
     if not compare_numpy:
         row["note"] = "NumPy not run"
     elif base in BASELINE_METHODS:
         row.update(numpy_s=t["numpy_s"], speedup=t["numpy_s"] / t["jax_s"],
                    abs_diff=abs(t["ref"] - t["value"]))
+        return row, t["ref"]
     else:
         row["note"] = "no NumPy baseline"
-    return row
+    return row, nan
+
+
+def _has_svd_choice(method: str, route: str, n: int, p: int) -> bool:
+    """Whether ``method`` on this route runs the QR route's SVDs (``svd=`` applies)."""
+    if method.startswith(STREAMING_PREFIX):
+        return False
+    try:
+        return sim.resolve_route(route, method, n, p, p) == "qr"
+    except ValueError:
+        return False
 
 
 # ----------------------------------------------------------------------------- two networks

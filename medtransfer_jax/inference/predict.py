@@ -8,6 +8,7 @@ order, so the result does not depend on the number of devices or hosts.
 """
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -19,6 +20,10 @@ from jax.sharding import Mesh
 from medtransfer_jax import data as data_lib
 from medtransfer_jax import sharding as shard_lib
 from medtransfer_jax.inference import metrics as metrics_lib
+
+
+#: Eval batches queued on the device before the oldest one's outputs are read.
+EVAL_LAG = 2
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -71,11 +76,21 @@ def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, prep
         source, image_size=image_size, preprocessing=preprocessing, global_batch_size=batch_size,
         worker_count=worker_count, resize_method=resize_method)
     outs: Dict[str, List[np.ndarray]] = {}
+    queued: collections.deque = collections.deque()
+
+    def collect():  # the oldest queued batch's outputs, to the host
+        for k, v in queued.popleft().items():
+            outs.setdefault(k, []).append(shard_lib.gather_to_host(v))
+
     for batch in it:
         batch = {k: batch[k] for k in ("image", "label", "weight", "index")}
-        out = eval_step(variables, shard_lib.make_global_batch(mesh, batch))
-        for k, v in out.items():
-            outs.setdefault(k, []).append(shard_lib.gather_to_host(v))
+        queued.append(eval_step(variables, shard_lib.make_global_batch(mesh, batch)))
+        # Read a batch's outputs only once the next ones are queued, so the device never
+        # waits on the host between batches; the lag bounds what stays on the device.
+        if len(queued) > EVAL_LAG:
+            collect()
+    while queued:
+        collect()
     cat = {k: np.concatenate(v) for k, v in outs.items()}
     keep = cat["weight"] > 0
     order = np.argsort(cat["index"][keep], kind="stable")
