@@ -21,19 +21,10 @@ from medtransfer_jax.weights.checkpoint import load_weights
 
 
 def _config(every_secs, cache="device", **kw):
-    c = presets.tiny_config()
-    c.sharding.num_devices = 1
-    c.data.cache = cache
-    c.train.num_steps = 12
-    c.eval.every_steps = 2
-    c.eval.monitor = "loss"
-    c.checkpoint.every_steps = 0
-    c.checkpoint.max_to_keep = 10
-    c.checkpoint.every_secs = every_secs
-    for k, v in kw.items():
-        section, field = k.split(".")
-        c[section][field] = v
-    return c
+    fields = {"sharding.num_devices": 1, "data.cache": cache, "train.num_steps": 12,
+              "eval.every_steps": 2, "eval.monitor": "loss", "checkpoint.every_steps": 0,
+              "checkpoint.max_to_keep": 10, "checkpoint.every_secs": every_secs, **kw}
+    return presets.tiny_config([f"{k}={v}" for k, v in fields.items()])
 
 
 def _steps(wd):
