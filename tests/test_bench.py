@@ -322,16 +322,15 @@ def test_step_profile_sums_the_traced_ops_per_step():
     rows = step_profile.run(depth=18, width=8, image_size=32, batch_size=8,
                             dtype="float32", steps=2)
     by = {r["what"]: r for r in rows}
-    wall = by["step (wall)"]["ms_per_step"]
-    assert wall > 0 and by["step (wall)"]["share_of_step"] == pytest.approx(1.0)
+    wall = by["wall"]["ms"]
+    assert wall > 0 and by["wall"]["share_of_wall"] == pytest.approx(1.0)
     cats = [r for r in rows if r["what"].startswith("category: ")]
     ops = [r for r in rows if r["what"].startswith("op: ")]
     assert cats and ops and len(ops) <= 12
-    busy = by["device busy (sum of ops)"]["ms_per_step"]
-    assert busy == pytest.approx(sum(r["ms_per_step"] for r in cats))
-    assert busy > 0 and all(r["calls_per_step"] > 0 for r in cats + ops)
-    assert [r["ms_per_step"] for r in ops] == sorted((r["ms_per_step"] for r in ops),
-                                                     reverse=True)
+    busy = by["device busy (sum of ops)"]["ms"]
+    assert busy == pytest.approx(sum(r["ms"] for r in cats))
+    assert busy > 0 and all(r["calls"] > 0 for r in cats + ops)
+    assert [r["ms"] for r in ops] == sorted((r["ms"] for r in ops), reverse=True)
 
 
 def test_step_profile_categories():
@@ -347,10 +346,10 @@ def test_step_profile_categories():
     rows = sp.summarize([("conv.1", 0.004, "conv.1"), ("fusion.2", 0.002, "fusion.2"),
                          ("conv.1", 0.004, "conv.1")], steps=2, wall_s=0.02)
     by = {r["what"]: r for r in rows}
-    assert by["step (wall)"]["ms_per_step"] == pytest.approx(10.0)
-    assert by["device busy (sum of ops)"]["ms_per_step"] == pytest.approx(5.0)
-    assert by["idle (wall - busy)"]["share_of_step"] == pytest.approx(0.5)
-    assert by["category: convolution"]["calls_per_step"] == 1.0
+    assert by["wall"]["ms"] == pytest.approx(10.0)
+    assert by["device busy (sum of ops)"]["ms"] == pytest.approx(5.0)
+    assert by["idle (wall - busy)"]["share_of_wall"] == pytest.approx(0.5)
+    assert by["category: convolution"]["calls"] == 1.0
     assert [r["what"] for r in rows][3:5] == ["category: convolution",
                                               "category: elementwise fusion"]
 
@@ -379,3 +378,17 @@ def test_similarity_svd_rows_reuse_the_default_rows_numpy_run(monkeypatch):
     assert polar["diff_vs_default"] == pytest.approx(1e-6)
     assert polar["abs_diff"] == pytest.approx(9e-7)
     assert math.isnan(rows[0]["diff_vs_default"]) and rows[0]["speedup"] == 8.0
+
+
+def test_any_bench_profiled_prints_its_op_table():
+    """--profile_ops: the benchmark's own table, then its device time by op category."""
+    p = subprocess.run([sys.executable, "-m", "medtransfer_jax.bench", "similarity",
+                        "--neurons=8", "--datapoints=300", "--methods=mean_cca",
+                        "--repeats=1", "--profile_ops"], cwd=REPO, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first = p.stdout.index("## Similarity kernels")
+    second = p.stdout.index("## Device time by op category over the whole similarity")
+    assert first < second
+    rows = [ln for ln in p.stdout[second:].splitlines() if ln.startswith("| category: ")]
+    assert rows and "| device busy (sum of ops) |" in p.stdout[second:]

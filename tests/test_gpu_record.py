@@ -58,7 +58,7 @@ def test_every_bench_line_parses_with_the_real_flags():
                                                      "network_scale", "grid"}, lines
     parts = [a.split("=", 1)[1].split(",") for _, _, _, args in lines
              if args[0] == "network_scale" for a in args if a.startswith("--parts=")]
-    assert sorted(p for ps in parts for p in ps) == ["map"], parts
+    assert sorted(p for ps in parts for p in ps) == ["map", "map"], parts
     for part, name, _, args in lines:
         p = subprocess.run([sys.executable, "-c", _PARSE, *args], capture_output=True,
                            text=True, timeout=120, env=_train_utils.subprocess_env())

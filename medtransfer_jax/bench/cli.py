@@ -44,8 +44,12 @@ _SVD_ALGORITHMS = flags.DEFINE_list(
     "(default, polar, jacobi; the last two are cuSOLVER's, GPU only); each row after "
     "'default' reports its distance to default's value (diff_vs_default).")
 _TRACE_DIR = flags.DEFINE_string(
-    "trace_dir", None, "step_profile: keep the jax.profiler trace here (TensorBoard / "
-    "Perfetto); default: a temporary folder, deleted.")
+    "trace_dir", None, "step_profile / --profile_ops: keep the jax.profiler trace here "
+    "(TensorBoard / Perfetto); default: a temporary folder, deleted.")
+_PROFILE_OPS = flags.DEFINE_bool(
+    "profile_ops", False, "Any benchmark: trace it with jax.profiler and print a second "
+    "table of its device time by op category and its costliest ops (whole benchmark, "
+    "compilation included in the wall time).")
 _NUM_IMAGES_NETWORK = flags.DEFINE_integer("network_images", 1000,
                                            "Images for the two-model comparison.")
 _MAP_IMAGES = flags.DEFINE_integer("map_images", 10000,
@@ -240,8 +244,8 @@ def _step_profile():
                             width=_WIDTH.value, steps=max(1, _ITERS.value),
                             trace_dir=_TRACE_DIR.value)
     return ("Where the train step's device time goes (jax.profiler trace, per step)", rows,
-            step_profile.COLUMNS, "share_of_step: of the step's wall time; idle: the "
-            "device waiting (host dispatch, gaps between kernels)")
+            step_profile.COLUMNS, "ms and calls per step; share_of_wall: of the step's wall "
+            "time; idle: the device waiting (host dispatch, gaps between kernels)")
 
 
 #: what -> a function that runs it: (title, rows, columns or None, footnote or None).
@@ -257,6 +261,16 @@ def main(argv):
                         f"[flags]; got {argv[1:]!r} (see --helpfull)")
     what = argv[1]
     _validate(what)
-    title, rows, columns, note = _RUNS[what]()
     cmd = "python -m medtransfer_jax.bench " + " ".join(sys.argv[1:])
+    if not _PROFILE_OPS.value:
+        title, rows, columns, note = _RUNS[what]()
+        common.print_report(title, rows, columns, cmd, notes=[note] if note else [])
+        return
+    from medtransfer_jax.bench import step_profile
+    with step_profile.traced_ops(_TRACE_DIR.value) as prof:
+        title, rows, columns, note = _RUNS[what]()
     common.print_report(title, rows, columns, cmd, notes=[note] if note else [])
+    common.print_report(f"Device time by op category over the whole {what} benchmark",
+                        step_profile.summarize(prof["events"], 1, prof["wall_s"]),
+                        step_profile.COLUMNS, cmd, notes=[
+                            "wall includes compilation and host work; idle = wall - busy"])

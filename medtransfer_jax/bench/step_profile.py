@@ -19,12 +19,13 @@ at once, so their sum can exceed the wall time there.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -32,7 +33,9 @@ import numpy as np
 from medtransfer_jax import sharding
 from medtransfer_jax.bench import train_throughput
 
-COLUMNS = ["what", "ms_per_step", "share_of_step", "calls_per_step"]
+#: ms and calls are per step (bench step_profile) or over the whole benchmark
+#: (``--profile_ops`` on any bench); share_of_wall is of the same wall time.
+COLUMNS = ["what", "ms", "share_of_wall", "calls"]
 #: (category, substrings of an op name that put it there), first match wins.
 CATEGORIES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "nccl",
@@ -96,10 +99,10 @@ def summarize(events: Sequence[Tuple[str, float, str]], steps: int, wall_s: floa
     busy = sum(by_cat.values()) / steps
 
     def row(what, sec, calls=float("nan")):
-        return dict(what=what, ms_per_step=sec * 1e3, share_of_step=sec / step_s,
-                    calls_per_step=calls / steps if calls == calls else calls)
+        return dict(what=what, ms=sec * 1e3, share_of_wall=sec / step_s,
+                    calls=calls / steps if calls == calls else calls)
 
-    rows = [row("step (wall)", step_s), row("device busy (sum of ops)", busy),
+    rows = [row("wall", step_s), row("device busy (sum of ops)", busy),
             row("idle (wall - busy)", max(step_s - busy, 0.0))]
     rows += [row(f"category: {c}", s / steps, calls_cat[c])
              for c, s in sorted(by_cat.items(), key=lambda kv: -kv[1])]
@@ -108,12 +111,33 @@ def summarize(events: Sequence[Tuple[str, float, str]], steps: int, wall_s: floa
     return rows
 
 
+@contextlib.contextmanager
+def traced_ops(trace_dir: Optional[str] = None) -> Iterator[Dict[str, Any]]:
+    """Traces the block with ``jax.profiler``; the yielded dict then holds ``events``
+    (:func:`_op_events`) and ``wall_s``. The block must wait for its device work (the
+    trace stops when it ends). ``trace_dir``: keep the trace there, else a temporary one."""
+    from jax.profiler import ProfileData
+    where = trace_dir or tempfile.mkdtemp(prefix="medtransfer_profile_")
+    out: Dict[str, Any] = {}
+    try:
+        with jax.profiler.trace(where):
+            t0 = time.perf_counter()
+            yield out
+            out["wall_s"] = time.perf_counter() - t0
+        found = sorted(glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True))
+        if not found:
+            raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {where}")
+        out["events"] = _op_events(ProfileData.from_file(found[-1]))
+    finally:
+        if trace_dir is None:
+            shutil.rmtree(where, ignore_errors=True)
+
+
 def run(*, depth: int = 50, image_size: int = 224, batch_size: int = 256,
         dtype: str = "bfloat16", width: int = 64, steps: int = 5,
         trace_dir: str | None = None) -> List[Dict[str, Any]]:
-    """Traces ``steps`` train steps after two warm-up steps; returns :func:`summarize`'s rows.
-    ``trace_dir``: keep the trace there (for TensorBoard / Perfetto), else a temporary one."""
-    from jax.profiler import ProfileData
+    """Traces ``steps`` train steps after two warm-up steps; returns :func:`summarize`'s rows
+    (per step)."""
     mesh = sharding.make_mesh(None)
     state, step = train_throughput.make_train_state_and_step(
         mesh, depth=depth, image_size=image_size, dtype=dtype, width=width, num_classes=2)
@@ -125,19 +149,8 @@ def run(*, depth: int = 50, image_size: int = 224, batch_size: int = 256,
     for _ in range(2):
         state, m = step(state, batch)
     jax.block_until_ready(m)
-    where = trace_dir or tempfile.mkdtemp(prefix="medtransfer_profile_")
-    try:
-        with jax.profiler.trace(where):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                state, m = step(state, batch)
-            jax.block_until_ready(m)
-            wall = time.perf_counter() - t0
-        found = sorted(glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True))
-        if not found:
-            raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {where}")
-        events = _op_events(ProfileData.from_file(found[-1]))
-    finally:
-        if trace_dir is None:
-            shutil.rmtree(where, ignore_errors=True)
-    return summarize(events, steps, wall)
+    with traced_ops(trace_dir) as prof:
+        for _ in range(steps):
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+    return summarize(prof["events"], steps, prof["wall_s"])
