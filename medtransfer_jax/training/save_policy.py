@@ -1,8 +1,8 @@
 """When a run writes a checkpoint, and how the best model waits on the device until then.
 
-Saving at every evaluation cost most of a short epoch: 0.39 s of a 0.52 s epoch of the
-scaled-down grid on the CPU (orbax writes a directory tree per save, whatever the model
-size), and a 175-run study evaluates every epoch. So a run now saves
+Saving at every evaluation cost most of a short epoch: about 90 % of the scaled-down
+grid's epoch on the CPU (BENCHMARKS.md section 8; orbax writes a directory tree per save,
+whatever the model size), and a 175-run study evaluates every epoch. So a run now saves
 
 * at an evaluation when ``checkpoint.every_secs`` have passed since its last save (0:
   at every evaluation, the old behaviour);
