@@ -176,8 +176,10 @@ def _maybe_save(run: Run, state, step: int, ls: LoopState, pending, is_eval: boo
     c = run.config.checkpoint
     preempted = run.ckpt.reached_preemption(step)
     signalled = run.stop.signal is not None
+    # Asked at every evaluation, whatever else holds: on several hosts it is a collective.
+    timed = is_eval and save_policy.time_due(c.get("every_secs", 0.0), run.last_save)
     due = (phase_end or preempted or signalled or periodic.every(step, c.every_steps)
-           or (is_eval and save_policy.time_due(c.get("every_secs", 0.0), run.last_save)))
+           or timed)
     new_best = is_eval and ls.best.step == step
     if not (due or new_best):
         return pending
