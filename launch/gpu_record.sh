@@ -98,11 +98,11 @@ fi
 if [ "$PART" = part2 ] || [ "$PART" = all ]; then
   # 4. The 17 x 17 block map of two ResNet50s on 10k images (float32, then bf16 with its
   #    effect on CCA), now fed raw uint8 normalised on the device (~300 img/s before).
-  bench network_map 100 network_scale --parts=map --depth=50 --map_images=10000 \
+  bench network_map 105 network_scale --parts=map --depth=50 --map_images=10000 \
     --batch_sizes=128
   #    ... and a short map traced with jax.profiler: whether the device or the host bounds
   #    it (device busy vs wall, time per op category; compilation is part of the wall).
-  bench map_profile 40 network_scale --parts=map --depth=50 --map_images=2560 \
+  bench map_profile 40 network_scale --parts=map --depth=50 --map_images=1280 \
     --batch_sizes=128 --profile_ops
   # 5. The CCA kernels at 2048 x 20k against the NumPy float64 reference (run once per
   #    method, beside the default SVD), with cuSOLVER's polar (gesvdp) and Jacobi (gesvdj)
