@@ -62,6 +62,16 @@ def normalize(images: Union[np.ndarray, "jax.Array"], mode: str):  # noqa: F821
     return bgr / 255.0 if mode == "radimagenet" else bgr
 
 
+def normalize_grey_or_rgb(images, mode: str):
+    """:func:`normalize` of (..., H, W, 1) grey or (..., H, W, 3) RGB images, grey
+    replicated to RGB first: the device-resident paths keep grey as one channel (a third
+    of the bytes) and call this inside jit."""
+    if images.shape[-1] == 1:
+        xp = np if isinstance(images, np.ndarray) else _jnp()
+        images = xp.broadcast_to(images, images.shape[:-1] + (3,))
+    return normalize(images, mode)
+
+
 def _jnp():
     import jax.numpy as jnp
     return jnp

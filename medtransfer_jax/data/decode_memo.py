@@ -16,12 +16,12 @@ process, like the study that reads it.
 """
 from __future__ import annotations
 
-import collections
 import os
-import threading
 from typing import Callable, Hashable, Optional
 
 import numpy as np
+
+from medtransfer_jax import lru
 
 ENV = "MEDTRANSFER_DECODE_MEMO_GB"
 MAX_DEFAULT_BYTES = 8 * 2 ** 30
@@ -43,51 +43,34 @@ def default_limit_bytes() -> int:
     return int(min(ram // 4, MAX_DEFAULT_BYTES))
 
 
-class DecodeMemo:
-    """A thread-safe LRU of read-only uint8 images, bounded in bytes.
+class DecodeMemo(lru.LRU):
+    """The LRU of read-only uint8 images, bounded in bytes (``limit_bytes``, ``nbytes``).
 
     ``get(key, decode)`` returns the memoised image of ``key`` or calls ``decode()`` and
-    keeps its result (when it fits). ``hits`` / ``misses`` count the calls.
+    keeps its result (when it fits); a ``None`` key is never memoised.
     """
 
     def __init__(self, limit_bytes: Optional[int] = None):
-        self.limit_bytes = default_limit_bytes() if limit_bytes is None else int(limit_bytes)
-        self._items: "collections.OrderedDict[Hashable, np.ndarray]" = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self.nbytes = self.hits = self.misses = 0
+        super().__init__(default_limit_bytes() if limit_bytes is None else limit_bytes,
+                         size_of=lambda image: image.nbytes)
+
+    limit_bytes = property(lambda self: self.limit,
+                           lambda self, value: setattr(self, "limit", int(value)))
+    nbytes = property(lambda self: self.size)
 
     def get(self, key: Optional[Hashable], decode: Callable[[], np.ndarray]) -> np.ndarray:
-        if key is None or self.limit_bytes <= 0:
+        if key is None or self.limit <= 0:
             return decode()
-        with self._lock:
-            image = self._items.get(key)
-            if image is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return image
-            self.misses += 1
-        image = np.asarray(decode())
-        if image.nbytes > self.limit_bytes:
-            return image
-        if image.base is not None:   # a view of someone's array: keep a private copy
-            image = image.copy()
-        image.setflags(write=False)   # shared by every later run: nobody may change it
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = image
-                self.nbytes += image.nbytes
-                while self.nbytes > self.limit_bytes:
-                    _, old = self._items.popitem(last=False)
-                    self.nbytes -= old.nbytes
-        return image
+        return super().get(key, lambda: _read_only(decode()))
 
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.nbytes = self.hits = self.misses = 0
 
-    def __len__(self) -> int:
-        return len(self._items)
+def _read_only(image) -> np.ndarray:
+    """A private, read-only copy-if-needed: every later run shares it, nobody may change it."""
+    image = np.asarray(image)
+    if image.base is not None:   # a view of someone's array: keep a private copy
+        image = image.copy()
+    image.setflags(write=False)
+    return image
 
 
 #: The process's memo (device and host caches read through it).

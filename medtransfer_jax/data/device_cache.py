@@ -182,10 +182,8 @@ def _batch_program(preprocessing_mode: str, cfg_json: str, mesh, data_axis: str)
         if cfg is not None:
             key = jax.random.fold_in(jax.random.key(seed), step)
             x = augment_batch(x, key, cfg)
-        if x.shape[-1] == 1:
-            x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
         x = jax.lax.with_sharding_constraint(x, sharded)
-        return {"image": preprocessing.normalize(x, preprocessing_mode),
+        return {"image": preprocessing.normalize_grey_or_rgb(x, preprocessing_mode),
                 "label": jnp.take(labels, safe), "weight": valid.astype(jnp.float32),
                 "index": indices}
 

@@ -134,12 +134,7 @@ def put_raw(images, mesh) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def _normalizer(mode: str):
-    @jax.jit
-    def normalize(x):
-        if x.shape[-1] == 1:
-            x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
-        return prep.normalize(x, mode)
-    return normalize
+    return jax.jit(functools.partial(prep.normalize_grey_or_rgb, mode=mode))
 
 
 def normalize_on_device(raw: jax.Array, mode: str) -> jax.Array:

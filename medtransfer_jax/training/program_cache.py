@@ -16,20 +16,18 @@ closed-over constant.
 """
 from __future__ import annotations
 
-import collections
 import json
-import threading
 from typing import Any, Callable, Hashable, Tuple
 
 import jax
+
+from medtransfer_jax import lru
 
 #: Distinct programs kept (a study has a few shapes per target; each entry holds one
 #: compiled ResNet50 step, tens of MB of host memory).
 MAX_PROGRAMS = 16
 
-_lock = threading.Lock()
-_programs: "collections.OrderedDict[Hashable, Callable]" = collections.OrderedDict()
-_stats = {"hits": 0, "misses": 0}
+_programs = lru.LRU(MAX_PROGRAMS)
 
 
 def tree_key(tree: Any) -> Hashable:
@@ -50,28 +48,13 @@ def config_key(cfg: Any, drop: Tuple[str, ...] = ()) -> str:
 
 def get(key: Hashable, build: Callable[[], Callable]) -> Callable:
     """The program stored under ``key``, built by ``build()`` the first time."""
-    with _lock:
-        fn = _programs.get(key)
-        if fn is not None:
-            _programs.move_to_end(key)
-            _stats["hits"] += 1
-            return fn
-        _stats["misses"] += 1
-    fn = build()
-    with _lock:
-        _programs[key] = fn
-        while len(_programs) > MAX_PROGRAMS:
-            _programs.popitem(last=False)
-    return fn
+    return _programs.get(key, build)
 
 
 def stats() -> dict:
     """{'hits', 'misses', 'programs'} since the process started (or :func:`clear`)."""
-    with _lock:
-        return dict(_stats, programs=len(_programs))
+    return {"hits": _programs.hits, "misses": _programs.misses, "programs": len(_programs)}
 
 
 def clear() -> None:
-    with _lock:
-        _programs.clear()
-        _stats.update(hits=0, misses=0)
+    _programs.clear()
