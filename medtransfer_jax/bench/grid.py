@@ -14,10 +14,13 @@ checkpoints, final predictions on val and test, exports), three times in one pro
   ``MIN_EXTRA_IMAGES`` (x ``--scale``) images: a small target's epoch on a GPU is a
   fraction of a second, less than the run-to-run noise of the fixed cost.
 
-So one epoch (train + its validation + checkpoint) costs ``(warm_more - warm1) / k``, a
-run's fixed cost (setup, cache decode, compile-cache reads, final predictions, export) is
-``warm1 - epoch``, and the projected run is ``fixed + epochs x epoch``. An epoch measured
-as <= 0 (noise larger than the extra epochs) is reported as NaN, never as a tiny number. The freeze variants' head
+So one epoch (train + its validation + checkpoint) costs the difference of the two runs'
+training loops (their ``results.json`` timing: train + eval + checkpoint seconds) over
+``k``: the setup, decode and final predictions of each run stay out of it, so their
+run-to-run noise cannot swamp a tiny epoch. A run's fixed cost (setup, cache decode,
+compile-cache reads, final predictions, export) is ``warm1 - epoch``, and the projected
+run is ``fixed + epochs x epoch``. An epoch measured as <= 0 (noise larger than the extra
+epochs) is reported as NaN, never as a tiny number. The freeze variants' head
 phase is counted as full-cost epochs (an upper bound: its backward pass stops at the
 head). Early stopping is off, as in the Sep-2023 protocol (patience = epochs).
 
@@ -141,6 +144,12 @@ def _grid_s(run_s: float, frz_run_s: float) -> float:
     return FOLDS * ((VARIANTS - FROZEN_VARIANTS) * run_s + FROZEN_VARIANTS * frz_run_s)
 
 
+def _loop_s(results) -> float:
+    """A run's training-loop seconds: its steps, evaluations and checkpoint saves."""
+    t = results["timing"]
+    return t["train_s"] + t["eval_s"] + t["checkpoint_s"]
+
+
 def bench_target(target: str, config, root: str,
                  min_extra_images: float = MIN_EXTRA_IMAGES) -> Dict[str, Any]:
     """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 1 + k epochs) -> a row."""
@@ -157,10 +166,12 @@ def bench_target(target: str, config, root: str,
     warm_more, rm = _timed_run(config, 1 + extra, root)
     misses = decode_memo.MEMO.misses - misses
     config.train.num_epochs = epochs
-    epoch_s = (warm_more - warm1) / extra
+    loop_1, loop_more = _loop_s(r1), _loop_s(rm)
+    epoch_s = (loop_more - loop_1) / extra
     if epoch_s <= 0:
         common.progress(f"[grid] {target}: {extra} extra epoch(s) took no measurable time "
-                        f"({warm1:.2f} s vs {warm_more:.2f} s); epoch time reported as NaN")
+                        f"(training loops {loop_1:.2f} s vs {loop_more:.2f} s); epoch time "
+                        "reported as NaN")
         epoch_s = float("nan")
     fixed_s = max(warm1 - epoch_s, 0.0) if math.isfinite(epoch_s) else float("nan")
     run_s = fixed_s + epochs * epoch_s
