@@ -18,7 +18,7 @@ class LRU:
     """
 
     def __init__(self, limit: int, size_of: Callable[[Any], int] = lambda value: 1):
-        self.limit = int(limit)
+        self.limit = limit
         self.size_of = size_of
         self._items: "collections.OrderedDict[Hashable, Any]" = collections.OrderedDict()
         self._lock = threading.Lock()

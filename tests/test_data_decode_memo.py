@@ -142,3 +142,17 @@ def test_loaders_stay_frozen_dataclasses():
     for loader in (NpySliceLoader(1), H5PatchLoader(2)):
         assert dataclasses.is_dataclass(loader) and hash(loader) == hash(type(loader)(
             *dataclasses.astuple(loader)))
+
+
+def test_a_bad_limit_is_a_one_line_error_before_anything_is_written(tmp_path):
+    """Read at first use, not at import: the main says what is wrong and exits 2."""
+    import subprocess
+    import sys
+    from _train_utils import REPO, subprocess_env
+    wd = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "medtransfer_jax.train", f"--workdir={wd}"],
+                       cwd=REPO, env=subprocess_env(**{decode_memo.ENV: "lots"}),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "train: error: MEDTRANSFER_DECODE_MEMO_GB='lots' is not a number of GiB" in p.stderr
+    assert "Traceback" not in p.stderr and not wd.exists()

@@ -20,7 +20,7 @@ from medtransfer_jax import preprocessing
 from medtransfer_jax.configs import base, check_batch_sizes
 from medtransfer_jax.data import DataError
 from medtransfer_jax.data import config as data_config
-from medtransfer_jax.data import device_cache, splits
+from medtransfer_jax.data import decode_memo, device_cache, splits
 from medtransfer_jax.errors import ConfigError
 from medtransfer_jax.models import resnet
 
@@ -137,6 +137,8 @@ def validate(config, check_fold: bool = True) -> None:
     kind = _check_train(config.train)
     check_batch_sizes(config)
     _check_data(config.data, check_fold)
+    if config.data.cache in ("host", "device"):
+        decode_memo.default_limit_bytes()  # $MEDTRANSFER_DECODE_MEMO_GB, if set, is a number
     e = config.eval
     every = config.checkpoint.get("every_secs", 0.0)
     _range("checkpoint.every_secs", every, _number(every) and every >= 0,

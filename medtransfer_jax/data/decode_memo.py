@@ -22,6 +22,7 @@ from typing import Callable, Hashable, Optional
 import numpy as np
 
 from medtransfer_jax import lru
+from medtransfer_jax.errors import ConfigError
 
 ENV = "MEDTRANSFER_DECODE_MEMO_GB"
 MAX_DEFAULT_BYTES = 8 * 2 ** 30
@@ -34,8 +35,9 @@ def default_limit_bytes() -> int:
         try:
             return max(0, int(float(value) * 2 ** 30))
         except ValueError:
-            raise ValueError(f"{ENV}={value!r} is not a number of GiB (0 turns the memo "
-                             "off)") from None
+            raise ConfigError(f"{ENV}={value!r} is not a number of GiB; set it to one (e.g. "
+                              f"{ENV}=4), to 0 to turn the decode memo off, or unset it"
+                              ) from None
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -51,11 +53,22 @@ class DecodeMemo(lru.LRU):
     """
 
     def __init__(self, limit_bytes: Optional[int] = None):
-        super().__init__(default_limit_bytes() if limit_bytes is None else limit_bytes,
-                         size_of=lambda image: image.nbytes)
+        super().__init__(limit_bytes, size_of=lambda image: image.nbytes)
 
-    limit_bytes = property(lambda self: self.limit,
-                           lambda self, value: setattr(self, "limit", int(value)))
+    @property
+    def limit(self) -> int:
+        """The byte limit; ``None`` given means :func:`default_limit_bytes`, read at first
+        use (not at import: a bad environment value is then a one-line error of the main
+        that uses it, raised by config validation before anything is written)."""
+        if self._limit is None:
+            self._limit = default_limit_bytes()
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: Optional[int]) -> None:
+        self._limit = None if value is None else int(value)
+
+    limit_bytes = limit
     nbytes = property(lambda self: self.size)
 
     def get(self, key: Optional[Hashable], decode: Callable[[], np.ndarray]) -> np.ndarray:
