@@ -1,6 +1,7 @@
 """Flags and dispatch for `python -m medtransfer_jax.bench`."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import List
 
@@ -262,14 +263,15 @@ def main(argv):
     what = argv[1]
     _validate(what)
     cmd = "python -m medtransfer_jax.bench " + " ".join(sys.argv[1:])
-    if not _PROFILE_OPS.value:
-        title, rows, columns, note = _RUNS[what]()
-        common.print_report(title, rows, columns, cmd, notes=[note] if note else [])
-        return
-    from medtransfer_jax.bench import step_profile
-    with step_profile.traced_ops(_TRACE_DIR.value) as prof:
+    traced = contextlib.nullcontext()
+    if _PROFILE_OPS.value:  # imported only then: it pulls in JAX and the model
+        from medtransfer_jax.bench import step_profile
+        traced = step_profile.traced_ops(_TRACE_DIR.value)
+    with traced as prof:
         title, rows, columns, note = _RUNS[what]()
     common.print_report(title, rows, columns, cmd, notes=[note] if note else [])
+    if not _PROFILE_OPS.value:
+        return
     common.print_report(f"Device time by op category over the whole {what} benchmark",
                         step_profile.summarize(prof["events"], 1, prof["wall_s"]),
                         step_profile.COLUMNS, cmd, notes=[
