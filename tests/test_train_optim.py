@@ -112,6 +112,18 @@ def test_schedule_warmup_cosine():
     assert float(const(57)) == pytest.approx(lr)
 
 
+def test_logged_lr_is_the_schedule_compiled_once():
+    """The log line's lr equals the optimizer's schedule, from one cached program."""
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(schedule="cosine", warmup_steps=10,
+                                         end_lr_factor=0.1))
+    sched = optim.make_schedule(0.1, 100, "cosine", warmup_steps=10, end_lr_factor=0.1)
+    optim._jitted_schedule.cache_clear()
+    for t in [0, 5, 10, 40, 99, 100]:
+        assert optim.lr_at(cfg, 0.1, 100, t) == pytest.approx(float(sched(t)), rel=1e-6), t
+    assert optim._jitted_schedule.cache_info().misses == 1
+
+
 def test_weight_decay_only_on_kernels():
     params = {"conv1_conv": {"kernel": jnp.ones((3,)), "bias": jnp.ones((3,))}}
     tx = optim.make_base_optimizer("sgd", optax.constant_schedule(1.0), momentum=0.0,

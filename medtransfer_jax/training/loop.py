@@ -120,9 +120,7 @@ def _log_train(run: Run, phase: Phase, step: int, pending, meter, ls: LoopState)
     vals = jax.device_get(pending)
     # float64 mean: restored entries are Python floats, fresh ones float32.
     mean = {k: float(np.mean(np.asarray([v[k] for v in vals], np.float64))) for k in vals[0]}
-    lr = float(optim.make_schedule(phase.lr, phase.num_steps, run.config.train.schedule,
-                                   run.config.train.warmup_steps,
-                                   run.config.train.end_lr_factor)(step - ls.phase_start))
+    lr = optim.lr_at(run.config.train, phase.lr, phase.num_steps, step - ls.phase_start)
     total = sum(p.num_steps for p in run.phases[phase.index:]) + ls.phase_start
     speed = meter.report(total - step)
     mean.update(lr=lr, img_per_s=speed["img_per_s"], phase=phase.index,
