@@ -64,7 +64,9 @@ _DRY = flags.DEFINE_bool("dry_run", False, "Print each run's train command only 
                          "nothing).")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect results into the CSV.")
 _GPU_SLOTS = flags.DEFINE_list("gpu_slots", [], "One run per slot at a time, each with "
-                               "CUDA_VISIBLE_DEVICES=<slot>, e.g. 0,1,2,3 (one GPU per run).")
+                               "CUDA_VISIBLE_DEVICES=<slot>, e.g. 0,1,2,3 (one GPU per run); "
+                               "a repeated slot shares its GPU, e.g. 0,0,0,0 (four runs at "
+                               "once on GPU 0, each preallocating 22.5 % of its memory).")
 
 
 def _numbers(values, kind, flag):

@@ -339,3 +339,24 @@ def test_resumed_representations_stage_skips_done_items_without_timing_them(stud
     b, a = before["representations"], after["representations"]
     assert a["items"] == b["items"] + 1
     assert a["units"] == pytest.approx(b["units"] + 96 / 5 * (32 / 224) ** 2)  # one map
+
+
+def test_subprocess_runs_at_once_share_the_gpu_memory(tmp_path, monkeypatch):
+    """--mode=subprocess --parallel=N on one GPU: each run preallocates a 1/N share
+    (sweep.shared_gpu_env), else the second one could not start; in-process runs keep
+    the environment."""
+    from medtransfer_jax.training import sweep
+    monkeypatch.delenv(sweep.MEM_FRACTION_ENV, raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    seen = []
+
+    def fake_run_all(runs, parallel=1, mode="inprocess", env=None, **_):
+        seen.append((mode, (env or {}).get(sweep.MEM_FRACTION_ENV)))
+        return {r.name: "done" for r in runs}
+
+    monkeypatch.setattr(sweep, "run_all", fake_run_all)
+    runs = sweep.expand_grid("demo", targets=[], folds=[0, 1, 2], root=str(tmp_path / "r"))
+    runner.Study(_tiny_study_config(), str(tmp_path / "a"), mode="subprocess",
+                 parallel=2)._run_all(runs)
+    runner.Study(_tiny_study_config(), str(tmp_path / "b"))._run_all(runs)
+    assert seen == [("subprocess", "0.450")] * 3 + [("inprocess", None)] * 3

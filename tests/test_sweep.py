@@ -188,6 +188,45 @@ def test_on_done_gets_each_started_run_and_a_timeout_is_a_failure(tmp_path):
     assert os.path.exists(os.path.join(slow[0].workdir, "saved"))
 
 
+FAKE_ENV = """#!{python}
+# Stands in for `python -m medtransfer_jax.train`: records the GPU env it was given.
+import json, os, sys
+wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+env = {{k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION")}}
+with open(os.path.join(wd, "results.json"), "w") as f:
+    json.dump({{"status": "done", "best_step": 1, "env": env}}, f)
+"""
+
+
+def test_runs_sharing_a_gpu_split_its_memory(tmp_path, monkeypatch):
+    """JAX preallocates 75 % of a GPU per process, so a second run on it could not start:
+    runs at once on one GPU (a repeated slot, or --parallel without slots) each get
+    SHARED_GPU_MEMORY / (runs on it); a GPU of its own keeps JAX's default; a fraction the
+    user set is kept."""
+    assert sweep.gpu_sharing(["0", "0", "1", "2,0"]) == {"0": 3, "1": 1, "2,0": 3}
+    fake = _fake(tmp_path, FAKE_ENV, "env_python")
+    monkeypatch.delenv(sweep.MEM_FRACTION_ENV, raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+
+    def envs(root, **kw):
+        runs = sweep.expand_grid("demo", targets=[], folds=[0, 1, 2, 3], root=str(root))
+        assert set(sweep.run_all(runs, python=fake, **kw).values()) == {"done"}
+        return [sweep.read_results(r.workdir)["env"] for r in runs]
+
+    got = envs(tmp_path / "slots", gpu_slots=["0", "0", "1"])
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in got} <= {"0", "1"}
+    for e in got:
+        assert e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == (
+            "0.450" if e["CUDA_VISIBLE_DEVICES"] == "0" else None), e
+    assert all(e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.300"
+               for e in envs(tmp_path / "par", parallel=3))
+    assert all(e["XLA_PYTHON_CLIENT_MEM_FRACTION"] is None
+               for e in envs(tmp_path / "one", parallel=1))
+    monkeypatch.setenv(sweep.MEM_FRACTION_ENV, "0.2")
+    assert all(e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.2"
+               for e in envs(tmp_path / "user", gpu_slots=["0", "0"]))
+
+
 def _main(*args):
     return subprocess.run([sys.executable, "-m", "medtransfer_jax.sweep", *args], cwd="/",
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)

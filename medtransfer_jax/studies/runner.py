@@ -295,12 +295,16 @@ class Study:
                                  eta_fn=tracker.stage_eta if tracker else None)
         failed = {}
 
+        workers = self.parallel if self.mode == "subprocess" else 1
+        # runs at once on one GPU split its memory (sweep.shared_gpu_env)
+        env = (sweep.shared_gpu_env(dict(os.environ), min(workers, len(todo)))
+               if self.mode == "subprocess" else None)
+
         def one(run):
             t0 = time.time()
-            st = sweep.run_all([run], parallel=1, mode=self.mode)[run.name]
+            st = sweep.run_all([run], parallel=1, mode=self.mode, env=env)[run.name]
             return run, st, time.time() - t0
 
-        workers = self.parallel if self.mode == "subprocess" else 1
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             for fut in concurrent.futures.as_completed([pool.submit(one, r) for r in todo]):
                 run, st, secs = fut.result()

@@ -23,6 +23,7 @@ exit 143; no new run starts and :func:`run_all` raises ``Interrupted``.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import csv
@@ -51,6 +52,11 @@ STUDIES = ("revisiting", "source_matters", "demo")
 RESOLVED_CONFIG = "sweep_config.py"
 #: A run the sweep never started (a stop arrived first, or another run rejected its input).
 NOT_STARTED = "not started"
+#: Share of a GPU's memory that the runs sharing it take together. JAX preallocates 75 %
+#: of every visible GPU per process by default, so without a smaller share a second run on
+#: the same GPU could not start.
+SHARED_GPU_MEMORY = 0.9
+MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 #: The one dotted-key override helper (kept under its old name for callers).
 apply_overrides = configs.override
@@ -345,7 +351,10 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, mode: str = "subprocess",
 
     ``parallel`` subprocesses at a time; each sees all accelerators unless ``gpu_slots``
     is given (e.g. ``['0', '1', '2,3']``): then each run borrows one slot as its
-    ``CUDA_VISIBLE_DEVICES`` and ``parallel`` defaults to the number of slots.
+    ``CUDA_VISIBLE_DEVICES`` and ``parallel`` defaults to the number of slots. A slot may
+    repeat (``['0', '0', '1', '1']``: two runs per GPU); runs that share a GPU split
+    :data:`SHARED_GPU_MEMORY` of it (:func:`shared_gpu_env`), as do ``parallel`` runs
+    without slots.
     ``mode='inprocess'`` runs sequentially in this process. ``on_done(run, status,
     seconds)`` is called as each started run ends (not for runs never started).
 
@@ -408,14 +417,35 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, mode: str = "subprocess",
     return status
 
 
+def gpu_sharing(gpu_slots: Sequence[str]) -> Dict[str, int]:
+    """{slot: how many slots at most name one of its GPUs}: ``['0', '0', '1']`` -> 2 runs
+    share GPU 0 at a time, 1 has GPU 1."""
+    per_gpu = collections.Counter(g.strip() for s in gpu_slots for g in str(s).split(","))
+    return {str(s): max(per_gpu[g.strip()] for g in str(s).split(",")) for s in gpu_slots}
+
+
+def shared_gpu_env(env: Dict[str, str], sharing: int) -> Dict[str, str]:
+    """``env`` for a run that shares its GPUs with ``sharing - 1`` other runs at a time:
+    each preallocates ``SHARED_GPU_MEMORY / sharing`` of every GPU instead of JAX's 75 %,
+    unless the user set ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or turned preallocation off."""
+    if (sharing <= 1 or MEM_FRACTION_ENV in env
+            or env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0")):
+        return env
+    return dict(env, **{MEM_FRACTION_ENV: f"{SHARED_GPU_MEMORY / sharing:.3f}"})
+
+
 def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
               process_index, on_done) -> Dict[str, str]:
     slots = None
+    base_env = dict(os.environ if env is None else env)
     if gpu_slots:
         slots = queue.Queue()
         for s in gpu_slots:
             slots.put(str(s))
         parallel = len(gpu_slots)
+        sharing = gpu_sharing(gpu_slots)
+    else:  # every run sees every accelerator
+        base_env = shared_gpu_env(base_env, min(int(parallel), len(todo)))
 
     abort = threading.Event()  # a run rejected its input: the others would too
 
@@ -430,10 +460,10 @@ def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
 
     def _one(run: Run) -> str:
         if slots is None:
-            return _run_subprocess(run, python, timeout, env, train_flags, process_index)
+            return _run_subprocess(run, python, timeout, base_env, train_flags, process_index)
         slot = slots.get()
         try:
-            run_env = dict(os.environ if env is None else env, CUDA_VISIBLE_DEVICES=slot)
+            run_env = shared_gpu_env(dict(base_env, CUDA_VISIBLE_DEVICES=slot), sharing[slot])
             return _run_subprocess(run, python, timeout, run_env, train_flags, process_index)
         finally:
             slots.put(slot)
