@@ -346,7 +346,8 @@ def test_subprocess_runs_at_once_share_the_gpu_memory(tmp_path, monkeypatch):
     (sweep.shared_gpu_env), else the second one could not start; in-process runs keep
     the environment."""
     from medtransfer_jax.training import sweep
-    monkeypatch.delenv(sweep.MEM_FRACTION_ENV, raising=False)
+    for name in sweep.MEM_FRACTION_ENVS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     seen = []
 

@@ -192,7 +192,8 @@ FAKE_ENV = """#!{python}
 # Stands in for `python -m medtransfer_jax.train`: records the GPU env it was given.
 import json, os, sys
 wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
-env = {{k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION")}}
+env = {{k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                      "XLA_CLIENT_MEM_FRACTION")}}
 with open(os.path.join(wd, "results.json"), "w") as f:
     json.dump({{"status": "done", "best_step": 1, "env": env}}, f)
 """
@@ -205,7 +206,8 @@ def test_runs_sharing_a_gpu_split_its_memory(tmp_path, monkeypatch):
     user set is kept."""
     assert sweep.gpu_sharing(["0", "0", "1", "2,0"]) == {"0": 3, "1": 1, "2,0": 3}
     fake = _fake(tmp_path, FAKE_ENV, "env_python")
-    monkeypatch.delenv(sweep.MEM_FRACTION_ENV, raising=False)
+    for name in sweep.MEM_FRACTION_ENVS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
 
     def envs(root, **kw):
@@ -216,14 +218,15 @@ def test_runs_sharing_a_gpu_split_its_memory(tmp_path, monkeypatch):
     got = envs(tmp_path / "slots", gpu_slots=["0", "0", "1"])
     assert {e["CUDA_VISIBLE_DEVICES"] for e in got} <= {"0", "1"}
     for e in got:
-        assert e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == (
+        assert e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == e["XLA_CLIENT_MEM_FRACTION"] == (
             "0.450" if e["CUDA_VISIBLE_DEVICES"] == "0" else None), e
     assert all(e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.300"
                for e in envs(tmp_path / "par", parallel=3))
     assert all(e["XLA_PYTHON_CLIENT_MEM_FRACTION"] is None
                for e in envs(tmp_path / "one", parallel=1))
-    monkeypatch.setenv(sweep.MEM_FRACTION_ENV, "0.2")
-    assert all(e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.2"
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.2")  # the user's, by either name
+    assert all(e["XLA_CLIENT_MEM_FRACTION"] == "0.2"
+               and e["XLA_PYTHON_CLIENT_MEM_FRACTION"] is None
                for e in envs(tmp_path / "user", gpu_slots=["0", "0"]))
 
 

@@ -56,7 +56,10 @@ NOT_STARTED = "not started"
 #: of every visible GPU per process by default, so without a smaller share a second run on
 #: the same GPU could not start.
 SHARED_GPU_MEMORY = 0.9
+#: JAX's per-process share of a GPU's memory: the name read up to now, and its newer name
+#: (jax's GPU memory docs); both are set, and either one set by the user is kept.
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+MEM_FRACTION_ENVS = (MEM_FRACTION_ENV, "XLA_CLIENT_MEM_FRACTION")
 
 #: The one dotted-key override helper (kept under its old name for callers).
 apply_overrides = configs.override
@@ -427,11 +430,13 @@ def gpu_sharing(gpu_slots: Sequence[str]) -> Dict[str, int]:
 def shared_gpu_env(env: Dict[str, str], sharing: int) -> Dict[str, str]:
     """``env`` for a run that shares its GPUs with ``sharing - 1`` other runs at a time:
     each preallocates ``SHARED_GPU_MEMORY / sharing`` of every GPU instead of JAX's 75 %,
-    unless the user set ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or turned preallocation off."""
-    if (sharing <= 1 or MEM_FRACTION_ENV in env
+    unless the user set its fraction (:data:`MEM_FRACTION_ENVS`) or turned preallocation
+    off."""
+    if (sharing <= 1 or any(k in env for k in MEM_FRACTION_ENVS)
             or env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0")):
         return env
-    return dict(env, **{MEM_FRACTION_ENV: f"{SHARED_GPU_MEMORY / sharing:.3f}"})
+    share = f"{SHARED_GPU_MEMORY / sharing:.3f}"
+    return dict(env, **{k: share for k in MEM_FRACTION_ENVS})
 
 
 def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
