@@ -46,9 +46,9 @@ else
 fi
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/medtransfer_xla}"
-# The train bench runs torchvision in the same process after JAX: JAX takes half the GPU
-# memory instead of its default 75 %, which leaves torch room for batch 256 under AMP.
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
+# The train bench runs torchvision in the same process after JAX: there JAX takes half the
+# GPU memory instead of its default 75 %, which leaves torch room for batch 256 under AMP.
+TORCH_TOO="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
   | tee "$OUT/gpu.txt"
 # Everything the benchmarks import, with versions: a missing wheel stops the call here, in
@@ -82,13 +82,16 @@ if [ "$PART" = part1 ] || [ "$PART" = all ]; then
   #    across runs, each image decoded once per process, saves every checkpoint.every_secs
   #    with the best kept on the device): per target the split decode, setup, final
   #    predictions, and per epoch the train / eval / checkpoint seconds; projected to 175.
-  bench grid 150 grid --dtypes=bfloat16 --cache=device --configs_dir="$PWD/configs" \
-    --time_budget_s=120
+  #    Each measured target also runs as `study --mode=subprocess --parallel=3` would: 3
+  #    train processes at once on the GPU (at_once_* columns; memory taken as needed, no
+  #    fixed split, so the bench's own runs keep what they had), projected the same way.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false bench grid 240 grid --dtypes=bfloat16 --cache=device \
+    --configs_dir="$PWD/configs" --time_budget_s=200 --runs_at_once=3
   # 2. ResNet50 224 px bf16 train step at batch 128 and 256, torchvision AMP +
   #    channels_last in the same run: img/s, MFU, JAX/torch ratio. (torch.compile was
   #    slower than eager torch on an H200: add --torch_compile to time it again.)
-  bench train 95 train --depth=50 --image_sizes=224 --batch_sizes=128,256 \
-    --dtypes=bfloat16 --iters=10 --repeats=3
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$TORCH_TOO bench train 95 train --depth=50 \
+    --image_sizes=224 --batch_sizes=128,256 --dtypes=bfloat16 --iters=10 --repeats=3
   # 3. Where that step's device time goes (MFU 14.8 % on an H200): a profiler trace of
   #    5 steps, summed per op category (convolutions, reductions such as batch norm,
   #    elementwise fusions, copies) and the costliest ops.
@@ -96,12 +99,10 @@ if [ "$PART" = part1 ] || [ "$PART" = all ]; then
     --dtypes=bfloat16 --iters=5
 fi
 if [ "$PART" = part2 ] || [ "$PART" = all ]; then
-  # 4. The 17 x 17 block map of two ResNet50s on 10k images (float32, then bf16 with its
-  #    effect on CCA), now fed raw uint8 normalised on the device (~300 img/s before).
-  bench network_map 105 network_scale --parts=map --depth=50 --map_images=10000 \
-    --batch_sizes=128
-  #    ... and a short map traced with jax.profiler: whether the device or the host bounds
-  #    it (device busy vs wall, time per op category; compilation is part of the wall).
+  # 4. A short 17 x 17 block map of two ResNet50s traced with jax.profiler: whether the
+  #    device or the host bounds it (device busy vs wall, time per op category;
+  #    compilation is part of the wall); now fed raw uint8 normalised on the device. (The
+  #    10k-image map is on record: 48.8 s on an H200.)
   bench map_profile 40 network_scale --parts=map --depth=50 --map_images=1280 \
     --batch_sizes=128 --profile_ops
   # 5. The CCA kernels at 2048 x 20k against the NumPy float64 reference (run once per

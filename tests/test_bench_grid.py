@@ -4,6 +4,8 @@ Runs in a fresh process: JAX initialises its persistent compilation cache once p
 process, so a test that checks cache hits must own the process.
 """
 import json
+import math
+import os
 import subprocess
 import sys
 
@@ -109,3 +111,74 @@ def test_every_target_config_loads_for_the_grid(protocol):
         validation.validate(c)
         assert c.data.name == "synthetic" and c.data.folds == "kfold", target
         assert c.data.synthetic.num_examples >= 8 * grid.PAPER_TARGETS[target][1]
+
+
+def _thyroid(scale=0.05):
+    return grid.target_config(f"{_train_utils.REPO}/configs", "thyroid", protocol="sep2023",
+                              scale=scale, width=8, depth=18, max_image_size=32, max_batch=16,
+                              dtype="float32", cache="host")
+
+
+def test_runs_at_once_columns_and_projection(monkeypatch, tmp_path, capsys):
+    """K runs at once: K epochs side by side cost the difference of the runs' mean loops
+    over the extra epochs; the K runs' fixed cost is the 1-epoch wall less that; a run's
+    share is 1/K of both; a target left out is projected the same way."""
+    walls = {1: (20.0, 3.0), 5: (26.0, 9.0)}            # epochs -> (wall, mean loop) of K=3
+    monkeypatch.setattr(grid, "_runs_at_once", lambda config, k, epochs, root: walls[epochs])
+    c = _thyroid()
+    row = grid._at_once(c, 3, 4, str(tmp_path))
+    epochs_k = (9.0 - 3.0) / 4                            # 1.5 s for 3 epochs at once
+    assert row["at_once_epoch_s"] == pytest.approx(epochs_k / 3)
+    assert row["at_once_fixed_s"] == pytest.approx((20.0 - epochs_k) / 3)
+    run_s = (20.0 - epochs_k) / 3 + c.train.num_epochs * epochs_k / 3
+    assert row["at_once_run_s"] == pytest.approx(run_s)
+    frz = run_s + c.train.head_phase.num_epochs * epochs_k / 3
+    assert row["at_once_grid_s"] == pytest.approx(5 * (3 * run_s + 2 * frz))
+    walls[5] = (19.0, 2.5)                                # noise above the extra epochs
+    assert math.isnan(grid._at_once(c, 3, 4, str(tmp_path))["at_once_run_s"])
+
+    def fail(config, k, epochs, root):
+        raise RuntimeError("bench grid: 3 of the 3 runs at once ended {...}")
+    monkeypatch.setattr(grid, "_runs_at_once", fail)      # e.g. out of GPU memory
+    assert math.isnan(grid._at_once(c, 3, 4, str(tmp_path))["at_once_grid_s"])
+    assert "at_once columns are NaN" in capsys.readouterr().err
+    monkeypatch.setattr(grid, "_runs_at_once", lambda config, k, epochs, root: walls[epochs])
+    walls[5] = (26.0, 9.0)
+    # projected: the measured target's epoch per image-pixel and its fixed cost
+    measured = dict(row, epoch_s=0.1, fixed_s=1.0, work=grid._epoch_work(c))
+    big = _thyroid(scale=0.1)
+    p = grid.project_target("thyroid", big, [measured])
+    a_epoch = row["at_once_epoch_s"] * grid._epoch_work(big) / grid._epoch_work(c)
+    assert p["at_once_run_s"] == pytest.approx(row["at_once_fixed_s"]
+                                               + big.train.num_epochs * a_epoch)
+
+
+def test_runs_at_once_are_train_subprocesses_and_a_failure_names_their_logs(tmp_path):
+    """The real thing, tiny: 2 train subprocesses at once; runs that fail raise an error
+    naming their logs, which are kept."""
+    c = _thyroid()
+    wall, loop_s = grid._runs_at_once(c, 2, 1, str(tmp_path))
+    assert wall > loop_s > 0
+    assert list(tmp_path.iterdir()) == []                 # finished runs leave nothing
+    c.train.max_loss_factor = 1e-9                        # "diverged" at the first log
+    c.log.every_steps = 1
+    with pytest.raises(RuntimeError, match=r"2 of the 2 runs at once ended .*diverged.*"
+                                           r"train\.log"):
+        grid._runs_at_once(c, 2, 1, str(tmp_path))
+    assert len(list(tmp_path.glob("*/r*/train.log"))) == 2
+
+
+def test_the_bench_and_its_runs_at_once_split_the_gpu(monkeypatch):
+    """The bench process keeps its own GPU memory while its K runs go: K + 1 shares of
+    0.9 (the runs inherit the variable); a fraction the user set is left alone."""
+    from medtransfer_jax.training import sweep
+    for name in sweep.MEM_FRACTION_ENVS:  # restored after the test, whatever it sets
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    grid.share_gpu_with_runs(4)
+    assert [os.environ[n] for n in sweep.MEM_FRACTION_ENVS] == ["0.180", "0.180"]
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.1")
+    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION")
+    grid.share_gpu_with_runs(4)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.1"
+    assert "XLA_CLIENT_MEM_FRACTION" not in os.environ

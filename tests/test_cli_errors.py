@@ -310,6 +310,7 @@ def test_sweep_errors(tmp_path):
     (["train", "--dtypes=float16"], ["--dtypes=float16", "bfloat16"]),
     (["grid", "--scale=0", "--targets=thyroid"], ["--scale=0", "(0, 1]"]),
     (["grid", "--targets=lung"], ["--targets=lung", "thyroid"]),
+    (["grid", "--runs_at_once=0"], ["--runs_at_once", "positive"]),
 ])
 def test_bench_errors(args, expect):
     _assert_user_error(_run("medtransfer_jax.bench", *args), "bench", *expect)

@@ -74,6 +74,9 @@ _TIME_BUDGET = flags.DEFINE_float("time_budget_s", None, "grid: seconds to spend
                                   "largest first, the ones that would not fit are projected "
                                   "from the measured ones (marked in the table).")
 _CACHE = flags.DEFINE_enum("cache", "device", ["none", "host", "device"], "grid: data.cache.")
+_RUNS_AT_ONCE = flags.DEFINE_integer("runs_at_once", 1, "grid: also time K train subprocesses "
+                                     "of each target at once on the shared accelerator, as "
+                                     "`study --mode=subprocess --parallel=K` runs them.")
 _CONFIGS_DIR = flags.DEFINE_string("configs_dir", None, "grid: the repo's configs/ folder "
                                    "(default ./configs or the source checkout's).")
 
@@ -102,7 +105,8 @@ def _validate(what: str) -> None:
         _ints(flags.FLAGS[flag].value, flag)
     _ints(_WORKERS.value, "workers", minimum=0)
     for flag in ("iters", "repeats", "num_images", "network_images", "width", "depth",
-                 "map_images", "cache_examples", "max_image_size", "max_batch"):
+                 "map_images", "cache_examples", "max_image_size", "max_batch",
+                 "runs_at_once"):
         cli.check_positive(flags.FLAGS[flag].value, f"--{flag}")
     if _TIME_BUDGET.value is not None:
         cli.check_positive(_TIME_BUDGET.value, "--time_budget_s")
@@ -209,14 +213,19 @@ def _network():
 
 def _grid():
     from medtransfer_jax.bench import grid
+    if _RUNS_AT_ONCE.value > 1:  # before JAX starts the GPU backend
+        grid.share_gpu_with_runs(_RUNS_AT_ONCE.value)
     cli.enable_compile_cache()
     rows = grid.run(targets=_TARGETS.value, protocol=_PROTOCOL.value, scale=_SCALE.value,
                     width=_WIDTH.value, depth=_DEPTH.value,
                     max_image_size=_MAX_IMAGE_SIZE.value, max_batch=_MAX_BATCH.value,
                     dtype=_DTYPES.value[0], cache=_CACHE.value,
-                    cfg_dir=_CONFIGS_DIR.value, time_budget_s=_TIME_BUDGET.value)
-    notes = (grid.mfu_note(_WIDTH.value, _DEPTH.value, _DTYPES.value[0]), grid.TIMING_NOTE)
-    return (grid.title(_TARGETS.value), rows, grid.COLUMNS, "\n".join(filter(None, notes)))
+                    cfg_dir=_CONFIGS_DIR.value, time_budget_s=_TIME_BUDGET.value,
+                    runs_at_once=_RUNS_AT_ONCE.value)
+    notes = (grid.mfu_note(_WIDTH.value, _DEPTH.value, _DTYPES.value[0]), grid.TIMING_NOTE,
+             grid.AT_ONCE_NOTE if _RUNS_AT_ONCE.value > 1 else None)
+    columns = grid.COLUMNS + (grid.AT_ONCE_COLUMNS if _RUNS_AT_ONCE.value > 1 else [])
+    return (grid.title(_TARGETS.value), rows, columns, "\n".join(filter(None, notes)))
 
 
 def _network_scale():

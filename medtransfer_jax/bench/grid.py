@@ -24,6 +24,16 @@ epochs) is reported as NaN, never as a tiny number. The freeze variants' head
 phase is counted as full-cost epochs (an upper bound: its backward pass stops at the
 head). Early stopping is off, as in the Sep-2023 protocol (patience = epochs).
 
+With ``--runs_at_once=K`` (K > 1) each measured target is also run the way
+``study --mode=subprocess --parallel=K`` runs it: K ``train`` subprocesses at once sharing
+the accelerator (each preallocating 0.9 / K of a GPU, ``sweep.shared_gpu_env``), once for
+1 epoch and once for 1 + k epochs. As above, K epochs side by side cost the difference of
+the runs' mean training loops over k, and K runs' fixed costs together the first wall
+time less that (process start-up included); one run's share of K at once is
+``at_once_run_s`` and the target's 25 runs cost ``at_once_grid_s``. A run of a small
+target leaves a large GPU idle during its set-up, evaluations and saves; the other runs
+fill it.
+
 On a 2-core CPU the same command runs scaled down (``--scale``, ``--width``,
 ``--max_image_size``, ``--max_batch``); the GPU record script runs it at full size.
 
@@ -46,6 +56,7 @@ import jax
 
 from medtransfer_jax import compile_cache, configs
 from medtransfer_jax.bench import common
+from medtransfer_jax.configs import write_resolved
 from medtransfer_jax.data import decode_memo
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.training import loop, sweep
@@ -66,6 +77,12 @@ COLUMNS = ["target", "how", "images", "size", "batch", "epochs", "steps/epoch", 
            "warm1_s", "extra_epochs", "warm_more_s", "compile_cold_s", "compile_warm_s",
            "data_s", "setup_s", "finalize_s", "epoch_s", "train_epoch_s", "eval_epoch_s",
            "ckpt_epoch_s", "img_per_s", "mfu", "run_s", "frz_run_s", "target_grid_s"]
+#: Added with --runs_at_once > 1: runs sharing the accelerator, per run and per target.
+AT_ONCE_COLUMNS = ["at_once", "at_once_1epoch_s", "at_once_more_s", "at_once_run_s",
+                   "at_once_grid_s"]
+AT_ONCE_NOTE = ("at_once_1epoch_s / at_once_more_s: wall time of K train subprocesses at once "
+                "(1 epoch; 1 + extra_epochs); at_once_run_s: one run's share of K at once, "
+                "start-up included; at_once_grid_s: the target's 25 runs that way")
 #: What the columns from the runs' ``results.json`` timing mean (printed under the table).
 TIMING_NOTE = ("data_s / setup_s / finalize_s: a warm run's split decode onto the device, its "
                "whole setup (integrity check, model init, decode, restore) and its final "
@@ -150,9 +167,70 @@ def _loop_s(results) -> float:
     return t["train_s"] + t["eval_s"] + t["checkpoint_s"]
 
 
+def share_gpu_with_runs(k: int) -> None:
+    """This process keeps its GPU memory while its K runs at once go: it and each run
+    take 0.9 / (K + 1) of the GPU (``sweep.shared_gpu_env``; the runs inherit it), or all
+    the fraction the user set. Call before JAX starts its GPU backend."""
+    os.environ.update(sweep.shared_gpu_env(dict(os.environ), k + 1))
+
+
+def _runs_at_once(config, k: int, epochs: int, root: str) -> tuple:
+    """(wall seconds, mean training-loop seconds) of ``k`` ``train`` subprocesses of
+    ``config`` (``epochs`` each) started at once, the way ``study --mode=subprocess
+    --parallel=k`` runs them (one shared GPU: each preallocates 0.9 / k of it); they read
+    the compile cache this process filled."""
+    config = config.copy_and_resolve_references()
+    config.train.num_epochs = epochs
+    where = tempfile.mkdtemp(dir=root, prefix=f"at_once_{epochs}_")
+    path = write_resolved(config, os.path.join(where, "config.py"), origin="bench grid")
+    runs = [sweep.Run(f"r{i}", path, os.path.join(where, f"r{i}")) for i in range(k)]
+    cache = compile_cache.enable(None)
+    t0 = time.perf_counter()
+    status = sweep.run_all(runs, parallel=k, mode="subprocess", on_done=None,
+                           train_flags=[f"--xla_cache_dir={cache}"])
+    secs = time.perf_counter() - t0
+    bad = {n: s for n, s in status.items() if s != "done"}
+    if bad:
+        raise RuntimeError(f"bench grid: {len(bad)} of the {k} runs at once ended {bad}; "
+                           f"their logs: {where}/r*/train.log")
+    loop_s = sum(_loop_s(sweep.read_results(r.workdir)) for r in runs) / k
+    shutil.rmtree(where, ignore_errors=True)
+    return secs, loop_s
+
+
+def _at_once(config, k: int, extra: int, root: str) -> Dict[str, Any]:
+    """The ``at_once_*`` columns: K runs of 1 and of 1 + ``extra`` epochs at once. The K
+    epochs at once cost the difference of the runs' mean training loops (which ran side
+    by side) over ``extra``, so the processes' start-up noise stays out of it."""
+    nan = float("nan")
+    failed = {"at_once": k, "at_once_1epoch_s": nan, "at_once_more_s": nan,
+              "at_once_run_s": nan, "at_once_grid_s": nan, "at_once_epoch_s": nan,
+              "at_once_fixed_s": nan}
+    try:
+        w1, loop_1 = _runs_at_once(config, k, 1, root)
+        w2, loop_more = _runs_at_once(config, k, 1 + extra, root)
+    except RuntimeError as e:  # e.g. out of GPU memory: the one-at-a-time row still counts
+        common.progress(f"[grid] {e}; its at_once columns are NaN")
+        return failed
+    epochs_k = (loop_more - loop_1) / extra  # one epoch of each of the k runs, at once
+    if epochs_k <= 0:
+        common.progress(f"[grid] {k} runs at once: {extra} extra epoch(s) took no measurable "
+                        f"time (mean training loops {loop_1:.2f} s vs {loop_more:.2f} s); "
+                        "at_once_run_s reported as NaN")
+        return dict(failed, at_once_1epoch_s=w1, at_once_more_s=w2)
+    fixed, epoch = max(w1 - epochs_k, 0.0) / k, epochs_k / k   # per run
+    run_s = fixed + int(config.train.num_epochs) * epoch
+    frz_run_s = run_s + int(config.train.head_phase.num_epochs) * epoch
+    return {"at_once": k, "at_once_1epoch_s": w1, "at_once_more_s": w2,
+            "at_once_run_s": run_s, "at_once_grid_s": _grid_s(run_s, frz_run_s),
+            "at_once_epoch_s": epoch, "at_once_fixed_s": fixed}
+
+
 def bench_target(target: str, config, root: str,
-                 min_extra_images: float = MIN_EXTRA_IMAGES) -> Dict[str, Any]:
-    """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 1 + k epochs) -> a row."""
+                 min_extra_images: float = MIN_EXTRA_IMAGES,
+                 runs_at_once: int = 1) -> Dict[str, Any]:
+    """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 1 + k epochs) -> a row;
+    with ``runs_at_once`` > 1 also the ``at_once_*`` columns (:func:`_at_once`)."""
     epochs = int(config.train.num_epochs)  # the protocol's; the timed runs change it
     head_epochs = int(config.train.head_phase.num_epochs)
     t0 = time.perf_counter()
@@ -183,7 +261,8 @@ def bench_target(target: str, config, root: str,
         peak = common.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
         if peak:
             mfu = ips * TRAIN_GFLOP_224 * 1e9 * (size / 224) ** 2 / (peak * jax.device_count())
-    return {"target": target, "how": "measured",
+    at_once = _at_once(config, runs_at_once, extra, root) if runs_at_once > 1 else {}
+    return {"target": target, "how": "measured", **at_once,
             "images": int(config.data.synthetic.num_examples), "size": size,
             "batch": bs, "epochs": epochs, "steps/epoch": steps, "cold_s": cold,
             "warm1_s": warm1, "extra_epochs": extra, "warm_more_s": warm_more,
@@ -211,11 +290,19 @@ def project_target(target: str, config, measured: Sequence[Dict[str, Any]]) -> D
     epoch_s = per_work * _epoch_work(config)
     run_s = fixed_s + epochs * epoch_s
     frz_run_s = run_s + int(config.train.head_phase.num_epochs) * epoch_s
-    return {"target": target, "how": "projected",
-            "images": int(config.data.synthetic.num_examples),
-            "size": int(config.data.image_size), "batch": int(config.train.batch_size),
-            "epochs": epochs, "epoch_s": epoch_s, "run_s": run_s, "frz_run_s": frz_run_s,
-            "target_grid_s": _grid_s(run_s, frz_run_s)}
+    row = {"target": target, "how": "projected",
+           "images": int(config.data.synthetic.num_examples),
+           "size": int(config.data.image_size), "batch": int(config.train.batch_size),
+           "epochs": epochs, "epoch_s": epoch_s, "run_s": run_s, "frz_run_s": frz_run_s,
+           "target_grid_s": _grid_s(run_s, frz_run_s)}
+    at_once = [r for r in ok if math.isfinite(r.get("at_once_run_s", float("nan")))]
+    if at_once:  # the same projection for runs at once
+        a_epoch = (sum(r["at_once_epoch_s"] for r in at_once)
+                   / sum(r["work"] for r in at_once) * _epoch_work(config))
+        a_run = sum(r["at_once_fixed_s"] for r in at_once) / len(at_once) + epochs * a_epoch
+        row.update(at_once=at_once[0]["at_once"], at_once_run_s=a_run, at_once_grid_s=_grid_s(
+            a_run, a_run + int(config.train.head_phase.num_epochs) * a_epoch))
+    return row
 
 
 def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep2023",
@@ -223,7 +310,7 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
         max_batch: int = 4096, dtype: str = "bfloat16", cache: str = "device",
         cfg_dir: Optional[str] = None, workdir: Optional[str] = None,
         xla_cache_dir: Optional[str] = compile_cache.DEFAULT_DIR,
-        time_budget_s: Optional[float] = None) -> List[Dict[str, Any]]:
+        time_budget_s: Optional[float] = None, runs_at_once: int = 1) -> List[Dict[str, Any]]:
     """One row per target plus a TOTAL row (the grid of these targets projected: 175 runs
     for all seven).
 
@@ -251,12 +338,16 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
         if measured and time_budget_s and time.perf_counter() - t0 + slowest > time_budget_s:
             left.append(t)
             continue
-        measured.append(bench_target(t, cfgs[t], root, MIN_EXTRA_IMAGES * scale))
+        measured.append(bench_target(t, cfgs[t], root, MIN_EXTRA_IMAGES * scale,
+                                     runs_at_once))
         r = measured[-1]
+        at_once = (f"; {runs_at_once} at once: run {r['at_once_run_s']:.1f} s, "
+                   f"{grid_runs(1)} runs {r['at_once_grid_s'] / 60:.1f} min"
+                   if runs_at_once > 1 else "")
         common.progress(f"[grid] {len(measured)}/{len(targets)} {t}: epoch "
                         f"{r['epoch_s']:.1f} s, run {r['run_s']:.0f} s, compile cold "
                         f"{r['compile_cold_s']:.1f} s / warm {r['compile_warm_s']:.1f} s, "
-                        f"{grid_runs(1)} runs {r['target_grid_s'] / 60:.1f} min "
+                        f"{grid_runs(1)} runs {r['target_grid_s'] / 60:.1f} min{at_once} "
                         f"(bench {r['bench_s']:.0f} s)")
     projected = [project_target(t, cfgs[t], measured) for t in left]
     if left:
@@ -269,4 +360,8 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
                  "target_grid_s": sum(r["target_grid_s"] for r in rows),
                  "compile_cold_s": sum(r["compile_cold_s"] for r in measured),
                  "compile_warm_s": sum(r["compile_warm_s"] for r in measured)})
+    if runs_at_once > 1:
+        rows[-1].update(at_once=runs_at_once,
+                        at_once_grid_s=sum(r.get("at_once_grid_s", float("nan"))
+                                           for r in rows[:-1]))
     return rows
