@@ -196,7 +196,11 @@ def _basic(x, filters, stride, prefix, conv, norm, project):
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> Dict[str, Any]:
-    """Initialises ``{'params', 'batch_stats'}`` for (1, image_size, image_size, 3) inputs."""
+    """Initialises ``{'params', 'batch_stats'}`` for (1, image_size, image_size, 3) inputs.
+
+    Call it outside ``jit``/``eval_shape`` (its program carries its own compiler options,
+    which JAX takes only at the top level); for shapes alone use ``jax.eval_shape`` on
+    ``model.init``."""
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return _jitted_init(model)(rng, x)
 
