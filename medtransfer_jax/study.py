@@ -27,7 +27,8 @@ _STAGES = flags.DEFINE_list("stages", list(runner.STAGES), "Stages to run, in or
 _FORCE = flags.DEFINE_bool("force", False, "Rerun the given stages even if done.")
 _MODE = flags.DEFINE_enum("mode", "inprocess", ["inprocess", "subprocess"],
                           "Run fine-tuning runs in this process or as subprocesses.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Concurrent runs in subprocess mode.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Concurrent runs in subprocess mode (on "
+                                 "one GPU they split 90 % of its memory).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only the pre-flight: print the grid (runs, "
                              "images to process) and everything missing (data roots, fold "
                              "CSVs, checkpoint files, disk space); create nothing.")

@@ -53,7 +53,8 @@ flags.DEFINE_alias("root", "output_dir")  # the flag's name in launch/sweep.py
 _CONFIG_DIR = flags.DEFINE_string("config_dir", None, "The studies' config files (default: "
                                   "$MEDTRANSFER_CONFIGS, else the checkout's configs/).")
 _CSV = flags.DEFINE_string("csv", None, "Results table (default <output_dir>/results.csv).")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (--mode=subprocess); runs "
+                                 "that share a GPU split 90 % of its memory.")
 _MODE = flags.DEFINE_enum("mode", "subprocess", ["subprocess", "inprocess"],
                           "Runs as `python -m medtransfer_jax.train` subprocesses or in this "
                           "process (both read the same resolved sweep_config.py).")
