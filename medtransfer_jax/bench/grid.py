@@ -26,13 +26,13 @@ head). Early stopping is off, as in the Sep-2023 protocol (patience = epochs).
 
 With ``--runs_at_once=K`` (K > 1) each measured target is also run the way
 ``study --mode=subprocess --parallel=K`` runs it: K ``train`` subprocesses at once sharing
-the accelerator (each preallocating 0.9 / K of a GPU, ``sweep.shared_gpu_env``), once for
-1 + k epochs and then once for 1 epoch. As above, K epochs side by side cost the difference of
-the runs' mean training loops over k, and K runs' fixed costs together the first wall
-time less that (process start-up included); one run's share of K at once is
-``at_once_run_s`` and the target's 25 runs cost ``at_once_grid_s``. A run of a small
-target leaves a large GPU idle during its set-up, evaluations and saves; the other runs
-fill it.
+the accelerator (on a GPU the bench and each run preallocate 0.9 / (K + 1) of it,
+:func:`share_gpu_with_runs`), once for 1 + k epochs and then once for 1 epoch. As above,
+K epochs side by side cost the difference of the runs' mean training loops over k, and K
+runs' fixed costs together the 1-epoch wall time less that (process start-up included);
+one run's share of K at once is ``at_once_run_s`` and the target's 25 runs cost
+``at_once_grid_s``. A run of a small target leaves a large GPU idle during its set-up,
+evaluations and saves; the other runs fill it.
 
 On a 2-core CPU the same command runs scaled down (``--scale``, ``--width``,
 ``--max_image_size``, ``--max_batch``); the GPU record script runs it at full size.
@@ -177,8 +177,8 @@ def share_gpu_with_runs(k: int) -> None:
 def _runs_at_once(config, k: int, epochs: int, root: str) -> tuple:
     """(wall seconds, mean training-loop seconds) of ``k`` ``train`` subprocesses of
     ``config`` (``epochs`` each) started at once, the way ``study --mode=subprocess
-    --parallel=k`` runs them (one shared GPU: each preallocates 0.9 / k of it); they read
-    the compile cache this process filled."""
+    --parallel=k`` runs them (sharing the GPU: :func:`share_gpu_with_runs`); they read the
+    compile cache this process filled."""
     config = config.copy_and_resolve_references()
     config.train.num_epochs = epochs
     where = tempfile.mkdtemp(dir=root, prefix=f"at_once_{epochs}_")
