@@ -29,6 +29,9 @@ _MODE = flags.DEFINE_enum("mode", "inprocess", ["inprocess", "subprocess"],
                           "Run fine-tuning runs in this process or as subprocesses.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Concurrent runs in subprocess mode (on "
                                  "one GPU they split 90 % of its memory).")
+_GPU_SLOTS = flags.DEFINE_list("gpu_slots", [], "--mode=subprocess: one run per slot at a "
+                               "time with CUDA_VISIBLE_DEVICES=<slot>, e.g. 0,1,2,3,4,5,6,7 "
+                               "(a run per GPU); a repeated slot shares its GPU (0,0,1,1).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only the pre-flight: print the grid (runs, "
                              "images to process) and everything missing (data roots, fold "
                              "CSVs, checkpoint files, disk space); create nothing.")
@@ -50,11 +53,21 @@ def main(argv):
     cli.require(_WORKDIR.value, "--workdir", "the study directory, e.g. --workdir=/tmp/study_demo")
     workdir = cli.check_output_dir(_WORKDIR.value, "--workdir")
     cli.check_positive(_PARALLEL.value, "--parallel")
-    study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value)
+    if _MODE.value == "inprocess":
+        for name in ("gpu_slots", "parallel"):
+            if flags.FLAGS[name].present:
+                raise UserError(f"--{name} applies to --mode=subprocess only (--mode=inprocess "
+                                "runs one run at a time in this process); add "
+                                "--mode=subprocess or leave it out")
+    if _GPU_SLOTS.value and flags.FLAGS["parallel"].present:
+        raise UserError("--parallel and --gpu_slots both set the runs at once; give one (with "
+                        "slots: one run per slot)")
+    study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value,
+                         gpu_slots=_GPU_SLOTS.value)
     _check(study)
     if _DRY_RUN.value:
         report = runner.preflight(_CONFIG.value, workdir, mode=_MODE.value,
-                                  parallel=_PARALLEL.value)
+                                  parallel=_PARALLEL.value, gpu_slots=_GPU_SLOTS.value)
         print(report.text(), flush=True)
         if report.missing:
             raise UserError(report.error_message())
@@ -62,7 +75,8 @@ def main(argv):
     cli.enable_compile_cache()  # the study's in-process runs share compiled programs
     with workdir_lock.hold(workdir):
         runner.run_study(_CONFIG.value, workdir, stages=_STAGES.value, force=_FORCE.value,
-                         mode=_MODE.value, parallel=_PARALLEL.value)
+                         mode=_MODE.value, parallel=_PARALLEL.value,
+                         gpu_slots=_GPU_SLOTS.value)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,8 @@ def test_study_errors(tmp_path):
         (["--stages=finetune,frobnicate"], ["frobnicate"]),
         ([f"--workdir={tmp_path / 'f'}"], ["is a file"]),
         ([f"--workdir={_read_only_dir(tmp_path)}/s"], ["not writable"]),
+        (["--gpu_slots=0,1"], ["--gpu_slots", "--mode=subprocess"]),
+        (["--mode=subprocess", "--gpu_slots=0,1", "--parallel=2"], ["--parallel", "one"]),
     ]
     for extra, expect in cases:
         p = _run("medtransfer_jax.study", f"--workdir={wd}", *extra)

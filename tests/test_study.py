@@ -343,8 +343,8 @@ def test_resumed_representations_stage_skips_done_items_without_timing_them(stud
 
 def test_subprocess_runs_at_once_share_the_gpu_memory(tmp_path, monkeypatch):
     """--mode=subprocess --parallel=N on one GPU: each run preallocates a 1/N share
-    (sweep.shared_gpu_env), else the second one could not start; in-process runs keep
-    the environment."""
+    (sweep.shared_gpu_env), else the second one could not start; --gpu_slots gives each
+    run its slot; in-process runs keep the environment."""
     from medtransfer_jax.training import sweep
     for name in sweep.MEM_FRACTION_ENVS:
         monkeypatch.delenv(name, raising=False)
@@ -352,12 +352,24 @@ def test_subprocess_runs_at_once_share_the_gpu_memory(tmp_path, monkeypatch):
     seen = []
 
     def fake_run_all(runs, parallel=1, mode="inprocess", env=None, **_):
-        seen.append((mode, (env or {}).get(sweep.MEM_FRACTION_ENV)))
+        env = env or {}
+        seen.append((mode, env.get("CUDA_VISIBLE_DEVICES"), env.get(sweep.MEM_FRACTION_ENV)))
         return {r.name: "done" for r in runs}
 
     monkeypatch.setattr(sweep, "run_all", fake_run_all)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     runs = sweep.expand_grid("demo", targets=[], folds=[0, 1, 2], root=str(tmp_path / "r"))
     runner.Study(_tiny_study_config(), str(tmp_path / "a"), mode="subprocess",
                  parallel=2)._run_all(runs)
     runner.Study(_tiny_study_config(), str(tmp_path / "b"))._run_all(runs)
-    assert seen == [("subprocess", "0.450")] * 3 + [("inprocess", None)] * 3
+    assert seen == [("subprocess", None, "0.450")] * 3 + [("inprocess", None, None)] * 3
+    # --gpu_slots: a slot per run (as many at once as slots); a shared GPU splits its memory
+    seen.clear()
+    study = runner.Study(_tiny_study_config(), str(tmp_path / "c"), mode="subprocess",
+                         gpu_slots=["0", "0", "1"])
+    assert study.parallel == 3
+    study._run_all(runs)
+    assert len(seen) == 3 and set(seen) <= {("subprocess", "0", "0.450"),
+                                            ("subprocess", "1", None)}
+    with pytest.raises(runner.StudyError, match="--mode=subprocess"):
+        runner.Study(_tiny_study_config(), str(tmp_path / "d"), gpu_slots=["0"])

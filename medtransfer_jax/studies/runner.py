@@ -41,6 +41,7 @@ space and lists everything missing at once (``--dry_run`` stops there).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import math
 import os
@@ -70,7 +71,8 @@ class Study:
     """Paths and grid of one study; each stage is one call into ``analyses``/``report``."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-                 mode: str = "inprocess", parallel: int = 1):
+                 mode: str = "inprocess", parallel: int = 1,
+                 gpu_slots: Sequence[str] = ()):
         if not config.get("sources"):
             raise StudyError("study config has no `sources`.")
         bad = {n: s.get("kind") for n, s in config.sources.items()
@@ -83,8 +85,13 @@ class Study:
                 config.targets = ml_collections.ConfigDict()
         self.config = config
         self.workdir = paths.to_str(paths.workdir(workdir))  # gs:// stays a URL
+        if gpu_slots and mode != "subprocess":
+            raise StudyError("gpu slots give each subprocess run its GPU(s); they need "
+                             "--mode=subprocess")
         self.mode = mode
-        self.parallel = parallel
+        # one subprocess run per slot at a time (sweep.RunEnvs): as many at once as slots
+        self.gpu_slots = [str(s) for s in gpu_slots]
+        self.parallel = len(self.gpu_slots) or parallel
         self.tracker: Optional[progress.StudyProgress] = None  # set while run() runs
 
     # -- layout
@@ -296,13 +303,14 @@ class Study:
         failed = {}
 
         workers = self.parallel if self.mode == "subprocess" else 1
-        # runs at once on one GPU split its memory (sweep.shared_gpu_env)
-        env = (sweep.shared_gpu_env(dict(os.environ), min(workers, len(todo)))
-               if self.mode == "subprocess" else None)
+        # a GPU slot per run, or runs sharing the GPUs, which split their memory
+        envs = (sweep.RunEnvs(self.gpu_slots, min(workers, len(todo)))
+                if self.mode == "subprocess" else None)
 
         def one(run):
             t0 = time.time()
-            st = sweep.run_all([run], parallel=1, mode=self.mode, env=env)[run.name]
+            with (envs.borrow() if envs else contextlib.nullcontext()) as env:
+                st = sweep.run_all([run], parallel=1, mode=self.mode, env=env)[run.name]
             return run, st, time.time() - t0
 
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -366,21 +374,24 @@ def _mtime(path: str) -> float:
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str, *, mode: str = "inprocess",
-              parallel: int = 1) -> preflight_lib.Preflight:
+              parallel: int = 1, gpu_slots: Sequence[str] = ()) -> preflight_lib.Preflight:
     """What a study would run and what it lacks, without running anything (``--dry_run``);
-    ``mode``/``parallel`` as the study would run (the time estimate divides by them)."""
-    return preflight_lib.check(Study(config, workdir, mode=mode, parallel=parallel))
+    ``mode``/``parallel``/``gpu_slots`` as the study would run (the time estimate divides
+    by the runs at once)."""
+    return preflight_lib.check(Study(config, workdir, mode=mode, parallel=parallel,
+                                     gpu_slots=gpu_slots))
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str, *,
               stages: Optional[Sequence[str]] = None, force: bool = False,
-              mode: str = "inprocess", parallel: int = 1) -> Dict[str, str]:
+              mode: str = "inprocess", parallel: int = 1,
+              gpu_slots: Sequence[str] = ()) -> Dict[str, str]:
     """Runs (or resumes) a study; returns the stage status.
 
     Before a stage that trains, :func:`preflight` runs and a StudyError lists everything
     missing (data roots, checkpoint files, disk space) in one message.
     """
-    study = Study(config, workdir, mode=mode, parallel=parallel)
+    study = Study(config, workdir, mode=mode, parallel=parallel, gpu_slots=gpu_slots)
     wanted = list(stages or STAGES)
     if any(s in wanted and not study.is_done(s) for s in ("sources", "finetune")):
         pf = preflight_lib.check(study)

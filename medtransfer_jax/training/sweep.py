@@ -439,18 +439,44 @@ def shared_gpu_env(env: Dict[str, str], sharing: int) -> Dict[str, str]:
     return dict(env, **{k: share for k in MEM_FRACTION_ENVS})
 
 
+class RunEnvs:
+    """The environment of each run of a pool: with ``gpu_slots`` a run borrows one slot
+    as its ``CUDA_VISIBLE_DEVICES`` (``parallel`` = the number of slots); without, every
+    run sees every accelerator and ``parallel`` runs share them. Runs sharing a GPU split
+    its memory (:func:`shared_gpu_env`)."""
+
+    def __init__(self, gpu_slots: Optional[Sequence[str]], parallel: int,
+                 env: Optional[Dict[str, str]] = None):
+        self.base = dict(os.environ if env is None else env)
+        self.slots: Optional[queue.Queue] = None
+        if gpu_slots:
+            self.slots = queue.Queue()
+            for s in gpu_slots:
+                self.slots.put(str(s))
+            self.parallel = len(gpu_slots)
+            self.sharing = gpu_sharing(gpu_slots)
+        else:
+            self.parallel = max(1, int(parallel))
+            self.base = shared_gpu_env(self.base, self.parallel)
+
+    @contextlib.contextmanager
+    def borrow(self):
+        """The env of one run (a slot is held until the block ends)."""
+        if self.slots is None:
+            yield self.base
+            return
+        slot = self.slots.get()
+        try:
+            yield shared_gpu_env(dict(self.base, CUDA_VISIBLE_DEVICES=slot),
+                                 self.sharing[slot])
+        finally:
+            self.slots.put(slot)
+
+
 def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
               process_index, on_done) -> Dict[str, str]:
-    slots = None
-    base_env = dict(os.environ if env is None else env)
-    if gpu_slots:
-        slots = queue.Queue()
-        for s in gpu_slots:
-            slots.put(str(s))
-        parallel = len(gpu_slots)
-        sharing = gpu_sharing(gpu_slots)
-    else:  # every run sees every accelerator
-        base_env = shared_gpu_env(base_env, min(int(parallel), len(todo)))
+    envs = RunEnvs(gpu_slots, min(int(parallel), len(todo)), env)
+    parallel = envs.parallel
 
     abort = threading.Event()  # a run rejected its input: the others would too
 
@@ -464,14 +490,8 @@ def _run_pool(todo, parallel, python, timeout, env, train_flags, gpu_slots,
         return result, time.time() - t0
 
     def _one(run: Run) -> str:
-        if slots is None:
-            return _run_subprocess(run, python, timeout, base_env, train_flags, process_index)
-        slot = slots.get()
-        try:
-            run_env = shared_gpu_env(dict(base_env, CUDA_VISIBLE_DEVICES=slot), sharing[slot])
+        with envs.borrow() as run_env:
             return _run_subprocess(run, python, timeout, run_env, train_flags, process_index)
-        finally:
-            slots.put(slot)
 
     status = {}
     with concurrent.futures.ThreadPoolExecutor(max(1, int(parallel))) as pool:
