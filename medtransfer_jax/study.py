@@ -53,12 +53,10 @@ def main(argv):
     cli.require(_WORKDIR.value, "--workdir", "the study directory, e.g. --workdir=/tmp/study_demo")
     workdir = cli.check_output_dir(_WORKDIR.value, "--workdir")
     cli.check_positive(_PARALLEL.value, "--parallel")
-    if _MODE.value == "inprocess":
-        for name in ("gpu_slots", "parallel"):
-            if flags.FLAGS[name].present:
-                raise UserError(f"--{name} applies to --mode=subprocess only (--mode=inprocess "
-                                "runs one run at a time in this process); add "
-                                "--mode=subprocess or leave it out")
+    if _MODE.value == "inprocess" and flags.FLAGS["parallel"].present:  # --gpu_slots: Study
+        raise UserError("--parallel applies to --mode=subprocess only (--mode=inprocess runs "
+                        "one run at a time in this process); add --mode=subprocess or leave "
+                        "it out")
     if _GPU_SLOTS.value and flags.FLAGS["parallel"].present:
         raise UserError("--parallel and --gpu_slots both set the runs at once; give one (with "
                         "slots: one run per slot)")

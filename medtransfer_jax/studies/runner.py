@@ -86,8 +86,9 @@ class Study:
         self.config = config
         self.workdir = paths.to_str(paths.workdir(workdir))  # gs:// stays a URL
         if gpu_slots and mode != "subprocess":
-            raise StudyError("gpu slots give each subprocess run its GPU(s); they need "
-                             "--mode=subprocess")
+            raise StudyError("--gpu_slots applies to --mode=subprocess only (a slot is the "
+                             "GPU(s) of one run's process; --mode=inprocess runs one run at a "
+                             "time in this process); add --mode=subprocess or leave it out")
         self.mode = mode
         # one subprocess run per slot at a time (sweep.RunEnvs): as many at once as slots
         self.gpu_slots = [str(s) for s in gpu_slots]
