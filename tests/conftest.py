@@ -1,9 +1,18 @@
 """Test-wide settings: 8 fake CPU devices (sharding tests), Keras on the JAX backend."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "MEDTRANSFER_DECODE_CACHE" not in os.environ:
+    # Decoded test images go to a folder of this test process (and its subprocesses), not
+    # to the user's ~/.cache; it is removed at exit.
+    _decoded = tempfile.mkdtemp(prefix="medtransfer-decoded-")
+    os.environ["MEDTRANSFER_DECODE_CACHE"] = _decoded
+    atexit.register(shutil.rmtree, _decoded, True)
 
 import pytest  # noqa: E402
 

@@ -392,3 +392,39 @@ def test_any_bench_profiled_prints_its_op_table():
     assert first < second
     rows = [ln for ln in p.stdout[second:].splitlines() if ln.startswith("| category: ")]
     assert rows and "| device busy (sum of ops) |" in p.stdout[second:]
+
+
+def test_cli_decode_times_each_store_mode_as_a_new_process_and_restores_the_state():
+    """Three rows per size (off, empty, filled); the filled store reads every image (the
+    store's counters, not the timings, say so); the caller's memo/store come back."""
+    from medtransfer_jax.bench import decode
+    from medtransfer_jax.data import decode_memo, decode_store, integrity
+    before = (decode_memo.MEMO, decode_store.STORE)
+    checked_before = set(integrity._CHECKED_GOOD)
+    stores = []
+    real_start = decode._start
+
+    def spy(splits, size):
+        out = real_start(splits, size)
+        stores.append((decode_store.STORE.reads, decode_store.STORE.writes,
+                       decode_store.STORE.folder is None))
+        return out
+
+    decode._start = spy
+    try:
+        rows = decode.run(num_images=20, source_size=48, image_sizes=(16, 24), repeats=1)
+    finally:
+        decode._start = real_start
+    assert (decode_memo.MEMO, decode_store.STORE) == before
+    assert integrity._CHECKED_GOOD == checked_before
+    assert [(r["image_size"], r["store"]) for r in rows] == [
+        (s, m) for s in (16, 24) for m in decode.MODES]
+    assert stores == [(0, 0, True), (0, 20, False), (20, 0, False)] * 2
+    for r in rows:
+        assert set(r) == set(decode.COLUMNS) and r["images"] == 20
+        assert r["total_s"] == pytest.approx(r["check_s"] + r["decode_s"], abs=2e-3)
+    cmd = [sys.executable, "-m", "medtransfer_jax.bench", "decode", "--source_size=0"]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "--source_size" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -9,6 +9,7 @@
   network_scale  GPU record (#15.4): kernels at 2048 x 20k vs NumPy, the paper protocol on
                two ResNet50s end to end, a 17 x 17 block map on 10k images (+ bf16 effect)
   grid         the Revisiting grid: each target's protocol through the real loop, projected
+  decode       a new process's data start (integrity check + decode), decode store off/empty/filled
 
 Run with --helpfull for the flags of each. Bad flags: one line ``bench: error: ...``,
 exit status 2. stdout is the report (title, machine, table); progress rows go to stderr

@@ -12,7 +12,7 @@ from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 
 WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input", "grid",
-         "network_scale", "step_profile")
+         "network_scale", "step_profile", "decode")
 
 _DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
@@ -32,7 +32,10 @@ _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts (p
                              "0 = in the main process.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "pipeline: images written and timed "
                                    "per row (whole batches of 32, after 2 warm-up batches).")
-_FORMAT = flags.DEFINE_enum("format", "jpeg", ["jpeg", "png"], "Image file format (pipeline).")
+_FORMAT = flags.DEFINE_enum("format", "jpeg", ["jpeg", "png"],
+                            "Image file format (pipeline, decode).")
+_SOURCE_SIZE = flags.DEFINE_integer("source_size", 1024, "decode: side of the image files "
+                                    "written (px; chest X-ray JPEGs are ~1,000-2,000).")
 _NEURONS = flags.DEFINE_list("neurons", ["512", "1024", "2048"], "Neurons per side (similarity).")
 _DATAPOINTS = flags.DEFINE_list("datapoints", ["10000", "50000"], "Datapoints (similarity).")
 _METHODS = flags.DEFINE_list("methods", ["mean_cca", "svcca", "pwcca", "linear_cka"],
@@ -106,7 +109,7 @@ def _validate(what: str) -> None:
     _ints(_WORKERS.value, "workers", minimum=0)
     for flag in ("iters", "repeats", "num_images", "network_images", "width", "depth",
                  "map_images", "cache_examples", "max_image_size", "max_batch",
-                 "runs_at_once"):
+                 "runs_at_once", "source_size"):
         cli.check_positive(flags.FLAGS[flag].value, f"--{flag}")
     if _TIME_BUDGET.value is not None:
         cli.check_positive(_TIME_BUDGET.value, "--time_budget_s")
@@ -258,10 +261,20 @@ def _step_profile():
             "time; idle: the device waiting (host dispatch, gaps between kernels)")
 
 
+def _decode():
+    from medtransfer_jax.bench import decode
+    rows = decode.run(num_images=_NUM_IMAGES.value, source_size=_SOURCE_SIZE.value,
+                      image_sizes=_int_list("image_sizes"), fmt=_FORMAT.value,
+                      repeats=_REPEATS.value)
+    return ("A new process's data start: integrity check + decode, decode store off / empty "
+            "/ filled", rows, decode.COLUMNS, decode.NOTE)
+
+
 #: what -> a function that runs it: (title, rows, columns or None, footnote or None).
 _RUNS = {"train": _train, "pipeline": _pipeline, "similarity": _similarity,
          "network": _network, "scaling": _scaling, "device_input": _device_input,
-         "grid": _grid, "network_scale": _network_scale, "step_profile": _step_profile}
+         "grid": _grid, "network_scale": _network_scale, "step_profile": _step_profile,
+         "decode": _decode}
 assert tuple(_RUNS) == WHATS
 
 

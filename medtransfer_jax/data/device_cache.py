@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -44,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medtransfer_jax import preprocessing
-from medtransfer_jax.data import decode_memo, pipeline
+from medtransfer_jax.data import decode_memo, decode_store, pipeline
 from medtransfer_jax.data.base import DataError, Source
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,20 @@ def decode_split(source, image_size: int, resize_method: str = "bilinear",
     Grey stays one channel on the device (a third of the memory); it is replicated to
     three channels inside the jitted batch function. Each resized image is read through
     the process's decode memo (``decode_memo.MEMO``), so the next run over the same
-    images (another fold, source or seed of a study) does not decode them again.
+    images (another fold, source or seed of a study) does not decode them again, and
+    through the on-disk store (``decode_store.STORE``), so the next *process* does not
+    either.
     """
     n = len(source)
     if n == 0:
         raise DataError("device cache: the split is empty (check the dataset root, fold CSVs "
                         "or confounder sampling).")
     size = int(image_size)
+    store = decode_store.STORE
+    reads_before, decoded = store.reads, []
 
     def decode(i):
+        decoded.append(i)   # list.append is atomic: the count of real decodes
         img = pipeline.resize(np.asarray(source.load_image(i)), size, resize_method)
         if img.ndim == 2:
             img = img[..., None]
@@ -82,13 +88,20 @@ def decode_split(source, image_size: int, resize_method: str = "bilinear",
     def read(i):
         i = int(i)
         key = source.image_key(i)
-        img = decode_memo.MEMO.get(None if key is None else (key, size, resize_method),
-                                   lambda: decode(i))
+        img = decode_memo.MEMO.get(
+            None if key is None else (key, size, resize_method),
+            lambda: store.get(key, size, resize_method, lambda: decode(i)))
         return img, int(source.labels[i])
 
+    t0 = time.perf_counter()
     threads = num_threads or min(32, (os.cpu_count() or 2) * 2)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         out = list(pool.map(read, range(n)))
+    from_disk = store.reads - reads_before
+    if decoded or from_disk:
+        log.info("decoded %d of %d images at %d px, read %d from the decode cache (%s), "
+                 "in %.1f s", len(decoded), n, size, from_disk, store.folder or "off",
+                 time.perf_counter() - t0)
     channels = {img.shape[-1] for img, _ in out}
     c = 1 if channels == {1} else 3
     images = np.empty((n, size, size, c), np.uint8)

@@ -8,7 +8,9 @@ while decoding -- and raises one DataError listing all bad files with their reas
 Only file-backed sources are checked (in-memory and synthetic data cannot be corrupt).
 The loop skips the check with ``data.skip_corrupt=True``: such sources have already
 dropped (and counted) their unreadable files. A file found readable is not read again
-by a later run of the same process (a study's 25 runs per target check it once).
+by a later run of the same process (a study's 25 runs per target check it once), and
+a set of files found readable, unchanged since, is not read again by a later process
+(a marker in the on-disk decode store, :mod:`medtransfer_jax.data.decode_store`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from PIL import Image
 
 from medtransfer_jax import paths
+from medtransfer_jax.data import decode_store
 from medtransfer_jax.data.base import (DataError, DatasetSplits, Source, SubsetSource,
                                        TransformedSource, hashable_by_value)
 from medtransfer_jax.data.sources import FileSource
@@ -90,6 +93,9 @@ def check_splits(splits: DatasetSplits, num_threads: Optional[int] = None) -> in
     todo = {p: ld for p, ld in todo.items() if _good_key(p, ld) not in _CHECKED_GOOD}
     if not todo:
         return total
+    if decode_store.STORE.checked(todo.items()):   # an earlier process read these very files
+        _CHECKED_GOOD.update(k for k in (_good_key(p, ld) for p, ld in todo.items()) if k)
+        return total
     workers = num_threads or min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         errors = list(pool.map(lambda kv: check_file(*kv), todo.items()))
@@ -102,4 +108,5 @@ def check_splits(splits: DatasetSplits, num_threads: Optional[int] = None) -> in
         raise DataError(f"{len(bad)} of {total} image files of dataset {splits.name!r} "
                         f"cannot be read: {listed}{more}. Fix or remove them, or set "
                         "--config.data.skip_corrupt=True to skip (and count) them.")
+    decode_store.STORE.mark_checked(todo.items())
     return total

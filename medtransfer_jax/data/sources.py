@@ -35,6 +35,8 @@ from medtransfer_jax.data.base import (DataError, Source, _as_object_array, chec
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: The first element of a file's image key: ``(FILE_KEY, path, loader)``.
+FILE_KEY = "file"
 SKIP_HINT = "Fix or remove the file, or set data.skip_corrupt=True to skip unreadable images."
 
 
@@ -217,7 +219,7 @@ class FileSource(Source):
         loader = self.loaders[index]
         if loader is not None and not hashable_by_value(loader):
             return None
-        return ("file", self.paths[index], loader)
+        return (FILE_KEY, self.paths[index], loader)
 
     def load_image(self, index: int) -> np.ndarray:
         loader = self.loaders[index]
