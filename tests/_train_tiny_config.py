@@ -5,6 +5,10 @@
 ``:multihost`` a run over all devices without dropout and with SGD (so a 2-process run
 can be compared with a 1-process run; their batches hold the same examples in
 another order).
+
+Finished runs keep their checkpoints here (``checkpoint.keep_when_done``): the tests
+that use this config compare checkpoints after the run. The default, deleting them, is
+tested in ``test_train_loop.py``.
 """
 from medtransfer_jax.training import presets
 
@@ -15,6 +19,7 @@ def get_config(arg=None):
     c.train.num_steps = 12
     c.eval.every_steps = 4
     c.checkpoint.every_steps = 3
+    c.checkpoint.keep_when_done = True
     if arg == "two_phase":
         c.train.freeze = "two_phase"
         c.train.head_phase.num_steps = 4

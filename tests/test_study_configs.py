@@ -62,6 +62,26 @@ def test_revisiting_preflight_lists_missing_files(tmp_path):
         _config("study_revisiting", "targets=lung")
 
 
+def test_the_full_revisiting_grid_fits_a_vm_disk_once_done_runs_drop_their_checkpoints(
+        tmp_path):
+    """175 ResNet50 fine-tunes: each done run keeps its two float32 exports; only the runs
+    in flight (and runs told to keep them) hold their three checkpoints of params + Adam."""
+    from medtransfer_jax.studies import preflight as pre
+    cfg = _config("study_revisiting")
+    params = pre.param_count(cfg.model.depth, cfg.model.width, cfg.model.layout)
+    assert 23_000_000 < params < 24_000_000        # headless ResNet50
+    pf = runner.preflight(cfg, str(tmp_path / "wd"))
+    assert pf.runs == 175
+    assert pf.bytes_needed == params * (175 * 2 * 4 + 1 * 3 * 3 * 4)
+    assert pf.bytes_needed < 35e9                  # it was ~165 GB with every checkpoint kept
+    three = runner.preflight(cfg, str(tmp_path / "wd"), mode="subprocess", parallel=3)
+    assert three.bytes_needed == params * (175 * 2 * 4 + 3 * 3 * 3 * 4)
+    cfg.targets.breast.overrides = list(cfg.targets.breast.get("overrides", [])) + [
+        "checkpoint.keep_when_done=True"]
+    kept = runner.preflight(cfg, str(tmp_path / "wd"))
+    assert kept.bytes_needed == params * (175 * 2 * 4 + (25 + 1) * 3 * 3 * 4)
+
+
 def test_source_matters_grid(tmp_path):
     full = runner.Study(_config("study_source_matters"), str(tmp_path)).finetune_runs()
     assert len(full) == 4 * 3 * 6 * 5

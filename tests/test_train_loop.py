@@ -33,7 +33,8 @@ def _tiny(**kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run"))
-    cfg = _tiny(**{"log.profile_steps": 2, "log.profile_start": 5})
+    cfg = _tiny(**{"log.profile_steps": 2, "log.profile_start": 5,
+                   "checkpoint.keep_when_done": True})   # the tests below copy them
     return cfg, wd, loop.train_and_evaluate(cfg, wd)
 
 
@@ -150,6 +151,35 @@ def test_done_line_names_the_reported_auc(tmp_path):
             f"done: best step {res['best_step']} | val auc {res['val']['auc']:.4f} acc "
             f"{res['val']['accuracy']:.4f} | test auc {res['test']['auc']:.4f} acc "
             f"{res['test']['accuracy']:.4f} | results in R"), q.stderr[-2000:]
+
+
+def test_a_finished_run_keeps_its_outputs_not_its_checkpoints(tmp_path, caplog):
+    """checkpoint.keep_when_done=False (the default): a done run's checkpoints, needed only
+    to resume, are deleted; its results, predictions and exports stay. A deletion a kill
+    cut short is finished by the next call; True keeps them."""
+    wd = str(tmp_path / "run")
+    cfg = _tiny(**{"train.num_steps": 4, "eval.every_steps": 2})
+    assert cfg.checkpoint.keep_when_done is False
+    with caplog.at_level("INFO"):
+        res = loop.train_and_evaluate(cfg, wd)
+    assert res["status"] == "done"
+    assert not os.path.exists(os.path.join(wd, "checkpoints"))
+    assert re.search(r"run done: removed its training checkpoints \([\d.]+ MB", caplog.text)
+    for name in ("results.json", "config.json", "predictions.csv", "predictions/test.csv"):
+        assert os.path.isfile(os.path.join(wd, name)), name
+    for sub in ("best", "last"):
+        variables, md = load_weights(os.path.join(wd, "export", sub))
+        assert md.extra["step"] == (res["best_step"] if sub == "best" else 4)
+    left = os.path.join(wd, "checkpoints", "4")
+    os.makedirs(left)
+    with open(os.path.join(left, "half"), "wb") as f:
+        f.write(b"x" * 1000)
+    again = loop.train_and_evaluate(cfg, wd)
+    assert again["test"] == res["test"] and not os.path.exists(os.path.join(wd, "checkpoints"))
+    os.makedirs(left)
+    loop.train_and_evaluate(_tiny(**{"train.num_steps": 4, "eval.every_steps": 2,
+                                     "checkpoint.keep_when_done": True}), wd)
+    assert os.path.isdir(left)
 
 
 def _copy_unfinished(wd, tmp_path):

@@ -23,7 +23,8 @@ from medtransfer_jax.weights.checkpoint import load_weights
 def _config(every_secs, cache="device", **kw):
     fields = {"sharding.num_devices": 1, "data.cache": cache, "train.num_steps": 12,
               "eval.every_steps": 2, "eval.monitor": "loss", "checkpoint.every_steps": 0,
-              "checkpoint.max_to_keep": 10, "checkpoint.every_secs": every_secs, **kw}
+              "checkpoint.max_to_keep": 10, "checkpoint.every_secs": every_secs,
+              "checkpoint.keep_when_done": True, **kw}   # compared after the run
     return presets.tiny_config([f"{k}={v}" for k, v in fields.items()])
 
 

@@ -16,8 +16,8 @@ the config records it (``studies/study_args.py``).
 a time estimate.
 
 It reads a study object (``config``, ``path()``, ``source_dir()``, ``finetune_runs()``,
-``folds``, ``clean_targets``, ``random_twin_dir()``, ``is_done()``) and never imports
-the runner.
+``folds``, ``clean_targets``, ``random_twin_dir()``, ``is_done()``, ``mode``,
+``parallel``) and never imports the runner.
 """
 from __future__ import annotations
 
@@ -48,9 +48,12 @@ from medtransfer_jax.weights.checkpoint import CheckpointError
 #: Examples per dataset (REFERENCE / the papers), for the images-processed estimate.
 DATASET_SIZES = {"chest": 5856, "breast": 780, "thyroid": 480, "mammograms": 3568,
                  "knee": 5222, "isic": 10015, "pcam": 10000}
-#: Bytes written per parameter by one run: 3 orbax checkpoints (max_to_keep=2 + best) of
-#: params + Adam's two moments (3 x 4 bytes each) plus the exported float32 weights.
-BYTES_PER_PARAM = 3 * 3 * 4 + 4
+#: Bytes per parameter of a run's 3 orbax checkpoints (max_to_keep=2 + best) of params +
+#: Adam's two moments (3 x 4 bytes each): on disk while it runs, and after it unless
+#: ``checkpoint.keep_when_done``.
+CHECKPOINT_BYTES_PER_PARAM = 3 * 3 * 4
+#: Bytes per parameter a finished run keeps: export/best and export/last, float32.
+EXPORT_BYTES_PER_PARAM = 2 * 4
 #: "Free bytes" of a gs:// workdir: a bucket has no disk to fill (its quota is not checked).
 UNLIMITED = 1 << 62
 
@@ -274,6 +277,28 @@ def check_run_config(study, target: str, run: sweep.Run,
     if p and not paths.exists(p if paths.is_absolute(p) else os.path.join(d.root or "", p)):
         out.append(f"targets.{target}: data.csv_path={p!r} not found")
     return out
+
+
+def disk_needed(study, todo: Sequence[sweep.Run], params: int) -> int:
+    """Bytes the runs left write: their exports, plus the checkpoints of the runs that
+    keep them when done (``checkpoint.keep_when_done``, read from each target's first
+    run config) and of the runs in flight at once."""
+    keeps = {}
+    for r in todo:
+        if r.keys["target"] not in keeps:
+            keeps[r.keys["target"]] = _keeps_checkpoints(r)
+    keep = sum(keeps[r.keys["target"]] for r in todo)
+    at_once = study.parallel if getattr(study, "mode", "inprocess") == "subprocess" else 1
+    in_flight = min(len(todo) - keep, at_once)
+    return params * (len(todo) * EXPORT_BYTES_PER_PARAM
+                     + (keep + in_flight) * CHECKPOINT_BYTES_PER_PARAM)
+
+
+def _keeps_checkpoints(run: sweep.Run) -> bool:
+    try:
+        return bool(sweep.load_config(run).checkpoint.get("keep_when_done", False))
+    except Exception:  # noqa: BLE001 -- a config that does not load is reported elsewhere
+        return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -515,7 +540,7 @@ def check(study) -> Preflight:
                     f"{len(trs) // max(len(cfg.sources) * len(study.folds), 1)}"
                     + (f", <= {per_run} images/run" if per_run is not None else ""))
     m = cfg.model
-    need = len(todo) * param_count(m.depth, m.width, m.layout) * BYTES_PER_PARAM
+    need = disk_needed(study, todo, param_count(m.depth, m.width, m.layout))
     free = _free_bytes(study.workdir)
     if need > free:
         missing.append(f"disk space: ~{need / 1e9:.1f} GB needed under {study.workdir}, "

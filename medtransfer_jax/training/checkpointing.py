@@ -14,6 +14,12 @@ state that is saved with it, so it survives any number of restarts: orbax's own
 ``BestN`` policy cannot do that here, as it only sees metrics written in the same process
 (a reopened manager saw none and deleted the best checkpoint).
 
+When done: a finished run's outputs are ``results.json``, its predictions and
+``export/{best,last}``; its checkpoints only serve a resume, and a ResNet50's three
+(params + Adam moments) are ~0.9 GB. :func:`remove_when_done` deletes them once the run
+is done (``checkpoint.keep_when_done=False``, the default), so the 175 runs of the
+Revisiting grid need ~36 GB of disk instead of ~160 GB.
+
 Failures: a damaged checkpoint (unreadable meta or arrays) raises :class:`DamagedCheckpoint`;
 :meth:`RunCheckpointer.restore_latest` then moves it to ``checkpoints.damaged/`` with a
 warning and falls back to the previous one. A save that fails with an ``OSError`` (disk
@@ -275,6 +281,20 @@ class RunCheckpointer:
                 f"Checkpoint {self._step_dir(step)} cannot be restored ({type(e).__name__}: "
                 f"{e}); it is damaged or was written by an incompatible version")) from e
         return out["state"], dict(out["meta"])
+
+
+def remove_when_done(workdir: str) -> int:
+    """Deletes the ``checkpoints/`` folder of a finished run in ``workdir`` (process 0,
+    once every process got here); returns the bytes it held (0 when there was none)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("remove checkpoints of a finished run")
+    folder = paths.join(workdir, CHECKPOINT_DIR)
+    if jax.process_index() != 0 or not paths.isdir(folder):
+        return 0
+    held = sum(paths.getsize(paths.join(d, f)) for d, _, files in paths.walk(folder)
+               for f in files)
+    paths.as_path(folder).rmtree()
+    return held
 
 
 def _flat_by_path(tree) -> Dict[str, Any]:

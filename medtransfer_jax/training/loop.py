@@ -29,7 +29,8 @@ from absl import logging
 
 from medtransfer_jax import compile_cache, paths
 from medtransfer_jax.configs import validation
-from medtransfer_jax.training import finalize as finalize_lib, optim, periodic, program_cache
+from medtransfer_jax.training import checkpointing, optim, periodic, program_cache
+from medtransfer_jax.training import finalize as finalize_lib
 from medtransfer_jax.training import phases as phases_lib
 from medtransfer_jax.training import run_setup, save_policy
 from medtransfer_jax import sharding as shard_lib
@@ -228,6 +229,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
             run_setup.check_same_config(previous["config"], config, workdir,
                                         "holds a finished run")
         logging.info("%s already holds finished results; nothing to do", workdir)
+        _release_checkpoints(config, workdir)   # a deletion a kill cut short
         return previous
     if previous.get("status") == "diverged":
         raise Diverged(previous["message"] + " (this workdir's run diverged before)",
@@ -259,6 +261,20 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> Dict[
                              run.phases[ls.phase].policy)
         with run.stages("checkpoint_wait"):
             run.ckpt.wait()
-        return finalize(run, state, state_sh, step, ls)
+        results = finalize(run, state, state_sh, step, ls)
     finally:
         run.close()
+    _release_checkpoints(config, workdir)
+    return results
+
+
+def _release_checkpoints(config, workdir: str) -> None:
+    """A done run's checkpoints deleted (checkpoint.keep_when_done=False): see
+    checkpointing.remove_when_done."""
+    if config.checkpoint.keep_when_done:
+        return
+    freed = checkpointing.remove_when_done(workdir)
+    if freed:
+        logging.info("run done: removed its training checkpoints (%.1f MB; results.json, "
+                     "predictions and export/{best,last} stay; "
+                     "--config.checkpoint.keep_when_done=True keeps them)", freed / 1e6)

@@ -112,6 +112,7 @@ CONFIG_FILE = "config.json"
 #: checkpointed and laid out on devices. Any other change would train the rest of the run
 #: under other settings than its start (and config.json would hide that), so it is refused.
 RESUMABLE_CHANGES = ("log.", "checkpoint.async_save", "checkpoint.max_to_keep",
+                     "checkpoint.keep_when_done",
                      "checkpoint.every_secs", "checkpoint.every_steps", "sharding.",
                      "eval.batch_size", "data.worker_count", "data.cache_placement",
                      "data.root", "data.csv_path", "data.fold_csv_dir", "data.fold_csv_origin",
