@@ -82,6 +82,28 @@ def test_the_full_revisiting_grid_fits_a_vm_disk_once_done_runs_drop_their_check
     assert kept.bytes_needed == params * (175 * 2 * 4 + (25 + 1) * 3 * 3 * 4)
 
 
+def test_every_paper_config_keeps_its_split_on_the_device_and_it_fits_a_16_gib_chip():
+    """The studies' datasets are small, so every target decodes once and augments in the
+    jitted step (the grain path fed an H200 a third of its step rate); the largest whole
+    dataset at its protocol's size stays under device_cache's 40 % of a 16 GiB chip."""
+    from medtransfer_jax.data import device_cache
+    from medtransfer_jax.data.builders import get_builder
+    from medtransfer_jax.studies.preflight import DATASET_SIZES
+    folders = {"revisiting": sorted(DATASET_SIZES), "source_matters": ["lowpass", "noise",
+                                                                     "sampled", "tag"]}
+    for folder, names in folders.items():
+        for name in names:
+            for protocol in (("sep2023", "feb2023") if folder == "revisiting" else ("",)):
+                arg = "imagenet" + (f",protocol={protocol}" if protocol else "")
+                c = sweep.load_config(sweep.Run("r", os.path.join(CONFIGS, folder, f"{name}.py")
+                                                + f":{arg}", "/x"))
+                assert c.data.cache == "device", (folder, name)
+                if folder == "revisiting":
+                    channels = get_builder(c.data.name).CHANNELS
+                    nbytes = DATASET_SIZES[name] * c.data.image_size ** 2 * channels
+                    assert nbytes < device_cache.MAX_DEVICE_FRACTION * 16 * 2 ** 30, name
+
+
 def test_source_matters_grid(tmp_path):
     full = runner.Study(_config("study_source_matters"), str(tmp_path)).finetune_runs()
     assert len(full) == 4 * 3 * 6 * 5

@@ -35,6 +35,7 @@ def get_config(arg=None):
     c.data.image_size = 112                  # both protocols (AUC.py, base_AUC.py)
     c.data.resize_method = "nearest"          # Keras flow_from_dataframe / load_img default
     presets.keras_augment(c, hflip=False)           # chest: no horizontal flip
+    c.data.cache = "device"   # decoded once; augmented in the jitted step
     c.data.fold = int(opts.get("fold", 0))
     c.data.folds = opts.get("folds", "paper")
     c.data.fold_csv_dir, c.data.fold_csv_origin = presets.paper_csvs(protocol, "chest")

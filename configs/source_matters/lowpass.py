@@ -33,6 +33,7 @@ def get_config(arg=None):
     c.data.image_size = 224
     c.data.resize_method = "nearest"          # Keras flow_from_dataframe / load_img default
     presets.keras_augment(c, hflip=False)     # same generator as Revisiting, no flips
+    c.data.cache = "device"   # decoded once; augmented in the jitted step
     c.data.fold = int(opts.get("fold", 0))
     c.data.folds = opts.get("folds", "paper" if dataset == "nih_cxr14" else "kfold")
     # Label rule without CSVs: 'No Finding' vs 'Atelectasis' PA images (the classes of the
