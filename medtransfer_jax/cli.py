@@ -100,6 +100,14 @@ def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
         if cfg is not None:
             given = next((a for a in argv if a.lstrip("-").startswith(e.flagname)), e.flagname)
             return configs.unknown_field_message(cfg, e.flagname[len("config."):], given)
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is not None and any(a.startswith("--config.") for a in argv):
+        try:  # a config file given with a misspelled override: name the field, not a repr
+            unknown = _unknown_override(configs.load(spec), argv)
+        except UserError:
+            unknown = None
+        if unknown:
+            return unknown
     cause = e.__cause__ or e.__context__
     if "Traceback (most recent call last)" in text:  # config_flags embeds get_config's
         last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
@@ -136,7 +144,13 @@ def _config_define_message(default: str, e: Exception) -> str:
         cfg = configs.load(spec)
     except UserError as load_error:
         return str(load_error)
-    for a in sys.argv[1:]:
+    return _unknown_override(cfg, sys.argv[1:]) or f"--config={spec}: {e}"
+
+
+def _unknown_override(cfg, argv: Sequence[str]) -> Optional[str]:
+    """The message for the first ``--config.a.b=v`` of ``argv`` that ``cfg`` has no field
+    for (with the closest field names), else None."""
+    for a in argv:
         if a.startswith("--config.") and "=" in a:
             key = a[len("--config."):].split("=", 1)[0]
             node = cfg
@@ -144,7 +158,7 @@ def _config_define_message(default: str, e: Exception) -> str:
                 if not hasattr(node, "keys") or part not in node:
                     return configs.unknown_field_message(cfg, key, a)
                 node = node[part]
-    return f"--config={spec}: {e}"
+    return None
 
 
 def _parser(command: str) -> Callable[[List[str]], List[str]]:

@@ -54,6 +54,10 @@ def _assert_user_error(p, command, *expect):
     (["--config=no/such/config.py"], ["no/such/config.py", "not found"]),
     (["--config=no/such/config.py", "--config.train.lr=0.1"], ["no/such/config.py"]),
     ([f"--config={BREAST}:imagnet"], ["imagnet", "imagenet"]),
+    # A config file with a misspelled field: named with the closest ones, not a KeyError repr.
+    ([f"--config={BREAST}:random", "--config.train.epochs=1"],
+     ["--config.train.epochs=1: the config has no field 'train.epochs'; did you mean "
+      "train.num_epochs"]),
     (["--config.train.batch_size=0"], ["train.batch_size=0", "positive"]),
     (["--config.train.batch_size=-4"], ["train.batch_size=-4", "positive"]),
     (["--config.train.batch_size=12"], ["train.batch_size=12", "8 devices", "multiple of 8"]),
