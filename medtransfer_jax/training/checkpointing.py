@@ -18,7 +18,7 @@ When done: a finished run's outputs are ``results.json``, its predictions and
 ``export/{best,last}``; its checkpoints only serve a resume, and a ResNet50's three
 (params + Adam moments) are ~0.9 GB. :func:`remove_when_done` deletes them once the run
 is done (``checkpoint.keep_when_done=False``, the default), so the 175 runs of the
-Revisiting grid need ~36 GB of disk instead of ~160 GB.
+Revisiting grid need ~34 GB of disk instead of ~166 GB.
 
 Failures: a damaged checkpoint (unreadable meta or arrays) raises :class:`DamagedCheckpoint`;
 :meth:`RunCheckpointer.restore_latest` then moves it to ``checkpoints.damaged/`` with a
