@@ -25,27 +25,10 @@ def test_two_hosts_match_single_process(tmp_path):
     if jax.device_count() < 2:
         pytest.skip("needs 2 local devices for the single-process reference")
     wd = str(tmp_path / "mh")
-    port = _train_utils.free_port()
     env = _train_utils.subprocess_env()
     env.pop("XLA_FLAGS", None)  # each process: exactly one CPU device
     audit = str(tmp_path / "writes.jsonl")
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(_train_utils.REPO, "tests", "_write_audit.py"), audit,
-         f"--config={CONFIG}", f"--workdir={wd}",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-         "--num_cpu_devices=1", "--xla_cache_dir="],
-        env=env, cwd=_train_utils.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=400)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    outs = _two_hosts(wd, audit, env)
     assert "mesh {'data': 2}" in outs[0]
     with open(os.path.join(wd, "results.json")) as f:
         res = json.load(f)
@@ -77,6 +60,36 @@ def test_two_hosts_match_single_process(tmp_path):
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_allclose(x, y, atol=2e-4, rtol=1e-3)
     _assert_one_writer(audit, wd, ref_wd)
+
+    # The done run called again without keep_when_done: both hosts meet, process 0 deletes.
+    outs = _two_hosts(wd, str(tmp_path / "writes2.jsonl"), env,
+                      "--config.checkpoint.keep_when_done=False")
+    assert "removed its training checkpoints" in outs[0]
+    assert not os.path.exists(os.path.join(wd, "checkpoints"))
+    assert os.path.isfile(os.path.join(wd, "export", "best", "metadata.json"))
+
+
+def _two_hosts(wd, audit, env, *extra):
+    """``train`` as processes 0 and 1 of a 2-host job (one CPU device each); their outputs."""
+    port = _train_utils.free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(_train_utils.REPO, "tests", "_write_audit.py"), audit,
+         f"--config={CONFIG}", f"--workdir={wd}",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+         "--num_cpu_devices=1", "--xla_cache_dir=", *extra],
+        env=env, cwd=_train_utils.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
 
 
 SHARED = ("config.json", "results.json", "metrics.jsonl", "predictions.csv",
