@@ -1,4 +1,5 @@
-"""Test-wide settings: 8 fake CPU devices (sharding tests), Keras on the JAX backend."""
+"""Test-wide settings: 8 fake CPU devices (sharding tests), Keras on the JAX backend, decoded
+images in a temporary folder, and empty file memos in every test."""
 import atexit
 import os
 import shutil
@@ -31,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
         if module == "test_convert_keras" or (module == "test_convert_torchvision"
                                               and depth == 50):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _files_seen_as_by_a_new_process(monkeypatch):
+    """Each test starts with empty process-level file memos (files found readable, decoded
+    pixels). They rightly assume a file does not change within one process, but tests
+    reuse paths: the gs:// stand-in maps one URL to a new folder in every test, so a file
+    another test found readable was skipped by this one's integrity check."""
+    from medtransfer_jax.data import decode_memo, integrity
+    monkeypatch.setattr(integrity, "_CHECKED_GOOD", set())
+    monkeypatch.setattr(decode_memo, "MEMO", decode_memo.DecodeMemo())
