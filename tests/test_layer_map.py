@@ -116,6 +116,7 @@ SHARDED_SCRIPT = r"""
 import json, sys
 import numpy as np
 import jax
+jax.config.update("jax_cpu_enable_async_dispatch", False)   # see tests/conftest.py
 sys.path.insert(0, sys.argv[1])
 from test_layer_map import _net, SIZE
 from medtransfer_jax.analysis import compare, layer_map as LM
