@@ -180,6 +180,30 @@ def test_a_finished_run_keeps_its_outputs_not_its_checkpoints(tmp_path, caplog):
     loop.train_and_evaluate(_tiny(**{"train.num_steps": 4, "eval.every_steps": 2,
                                      "checkpoint.keep_when_done": True}), wd)
     assert os.path.isdir(left)
+    # A folder that cannot be deleted is a warning naming it: the run's outputs are there.
+    from medtransfer_jax.training import checkpointing
+
+    real = checkpointing.paths.as_path
+
+    class Stuck:
+        def __init__(self, path):
+            self.path = real(path)
+
+        def __getattr__(self, name):
+            return getattr(self.path, name)
+
+        def rmtree(self):
+            raise PermissionError(13, "Permission denied")
+
+    checkpointing.paths.as_path = lambda p: Stuck(p) if str(p).endswith("checkpoints") else real(p)
+    try:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert loop.train_and_evaluate(cfg, wd)["status"] == "done"
+    finally:
+        checkpointing.paths.as_path = real
+    assert "could not remove the finished run's checkpoints" in caplog.text
+    assert os.path.join(wd, "checkpoints") in caplog.text and os.path.isdir(left)
 
 
 def test_runs_in_one_process_leave_no_device_arrays_behind(tmp_path):

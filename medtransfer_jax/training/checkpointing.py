@@ -285,15 +285,21 @@ class RunCheckpointer:
 
 def remove_when_done(workdir: str) -> int:
     """Deletes the ``checkpoints/`` folder of a finished run in ``workdir`` (process 0,
-    once every process got here); returns the bytes it held (0 when there was none)."""
+    once every process got here); returns the bytes it held (0 when there was none, or
+    when it could not be deleted: a warning then names it)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("remove checkpoints of a finished run")
     folder = paths.join(workdir, CHECKPOINT_DIR)
     if jax.process_index() != 0 or not paths.isdir(folder):
         return 0
-    held = sum(paths.getsize(paths.join(d, f)) for d, _, files in paths.walk(folder)
-               for f in files)
-    paths.as_path(folder).rmtree()
+    try:
+        held = sum(paths.getsize(paths.join(d, f)) for d, _, files in paths.walk(folder)
+                   for f in files)
+        paths.as_path(folder).rmtree()
+    except OSError as e:  # the run is done and its outputs are written: say it, go on
+        logging.warning("could not remove the finished run's checkpoints %s (%s); delete "
+                        "the folder by hand to free the space", paths.to_str(folder), e)
+        return 0
     return held
 
 
