@@ -45,11 +45,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _files_seen_as_by_a_new_process(monkeypatch):
+def _files_seen_as_by_a_new_process():
     """Each test starts with empty process-level file memos (files found readable, decoded
     pixels). They rightly assume a file does not change within one process, but tests
     reuse paths: the gs:// stand-in maps one URL to a new folder in every test, so a file
     another test found readable was skipped by this one's integrity check."""
-    from medtransfer_jax.data import decode_memo, integrity
-    monkeypatch.setattr(integrity, "_CHECKED_GOOD", set())
-    monkeypatch.setattr(decode_memo, "MEMO", decode_memo.DecodeMemo())
+    from medtransfer_jax.data import as_new_process
+    with as_new_process():
+        yield

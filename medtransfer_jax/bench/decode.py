@@ -11,7 +11,6 @@ median round is reported.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import tempfile
@@ -21,27 +20,12 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from medtransfer_jax.bench import pipeline as pipeline_bench
-from medtransfer_jax.data import decode_memo, decode_store, device_cache, integrity, sources
+from medtransfer_jax.data import as_new_process, device_cache, integrity, sources
 from medtransfer_jax.data.base import DatasetSplits, SubsetSource
 
 COLUMNS = ["store", "images", "source_px", "image_size", "check_s", "decode_s", "total_s",
            "img_per_s", "vs_off"]
 MODES = ("off", "empty", "filled")
-
-
-@contextlib.contextmanager
-def new_process_state(root: str):
-    """The data module state of a fresh process whose decode store is ``root`` ('' = off)."""
-    saved = decode_memo.MEMO, decode_store.STORE, set(integrity._CHECKED_GOOD)
-    decode_memo.MEMO = decode_memo.DecodeMemo()
-    decode_store.STORE = decode_store.DecodeStore(root)
-    integrity._CHECKED_GOOD.clear()
-    try:
-        yield
-    finally:
-        decode_memo.MEMO, decode_store.STORE = saved[0], saved[1]
-        integrity._CHECKED_GOOD.clear()
-        integrity._CHECKED_GOOD.update(saved[2])
 
 
 def _splits(src) -> DatasetSplits:
@@ -75,7 +59,7 @@ def run(num_images: int = 512, source_size: int = 1024, image_sizes: Sequence[in
             for r in range(repeats):
                 root = os.path.join(tmp, f"store-{size}-{r}")
                 for mode in MODES:
-                    with new_process_state("" if mode == "off" else root):
+                    with as_new_process("" if mode == "off" else root):
                         splits = _splits(sources.ImageFolderSource(folder))
                         times[mode].append(_start(splits, size))
             off = statistics.median(t["total_s"] for t in times["off"])
