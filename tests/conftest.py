@@ -15,17 +15,8 @@ if "MEDTRANSFER_DECODE_CACHE" not in os.environ:
     os.environ["MEDTRANSFER_DECODE_CACHE"] = _decoded
     atexit.register(shutil.rmtree, _decoded, True)
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# XLA:CPU runs the 8 fake devices' parts of a program on one thread pool, and a collective
-# waits (40 s at most, then aborts the process) until all 8 have joined. With asynchronous
-# dispatch two programs with collectives can be in flight at once and hold the pool
-# between them: "Expected 8 threads to join the rendezvous, but only 5 of them arrived"
-# (seen in 3 of 12 loaded runs of the layer-map benchmark test, and once in CI). One
-# program at a time cannot deadlock; results are the same. Real accelerators are not
-# affected (the fake devices exist only in tests).
-jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 #: Fixtures that build a full-size ResNet50 (Keras or torchvision): every test using one
 #: is 'slow', so ``-m "not slow"`` really skips full ResNet50s.

@@ -1,4 +1,5 @@
 """Layer x layer maps (analysis/layer_map.py) against the in-memory kernels, tiny ResNet18."""
+import jax
 import numpy as np
 import pytest
 
@@ -116,7 +117,6 @@ SHARDED_SCRIPT = r"""
 import json, sys
 import numpy as np
 import jax
-jax.config.update("jax_cpu_enable_async_dispatch", False)   # see tests/conftest.py
 sys.path.insert(0, sys.argv[1])
 from test_layer_map import _net, SIZE
 from medtransfer_jax.analysis import compare, layer_map as LM
@@ -161,3 +161,42 @@ def test_eight_devices_give_the_same_similarities_as_one(tmp_path):
         np.testing.assert_allclose(eight["map"][k], one["map"][k], atol=2e-5, err_msg=k)
     np.testing.assert_allclose(eight["rows"], one["rows"], atol=2e-5)
     assert np.std(one["map"]["mean_cca"]) > 0.01
+
+
+def test_accumulating_collectives_start_on_computed_inputs(nets, images, monkeypatch):
+    """On several CPU devices the all-reduce programs that accumulate statistics get inputs
+    that are already computed (sharding.settled): launched behind queued forward passes,
+    XLA:CPU's devices could wait on each other until the process aborted (CI, 2026-11-26)."""
+    a, b = nets
+    seen = []
+
+    def recording(name, real):
+        def call(*args, **kw):
+            leaves = [x for x in jax.tree_util.tree_leaves(args[1])
+                      if isinstance(x, jax.Array)]
+            seen.append((name, all(x.is_ready() for x in leaves),
+                         max(len(x.sharding.device_set) for x in leaves)))
+            return real(*args, **kw)
+        return call
+
+    monkeypatch.setattr(St, "update_joint", recording("map", St.update_joint))
+    monkeypatch.setattr(St, "update_covariance_many",
+                        recording("protocol", St.update_covariance_many))
+    mesh = sharding.make_mesh(8)
+    LM.layer_map(a, b, images, layers=("conv1_relu", "conv5_block2_out"), spatial="grid",
+                 batch_size=BATCH, mesh=mesh, methods=("mean_cca",))
+    compare.compare_networks(a, b, images, method=["mean_cca"], layers=["conv1_relu"],
+                             streaming_mode=True, batch_size=BATCH, mesh=mesh)
+    assert {name for name, _, _ in seen} == {"map", "protocol"}
+    assert all(devices == 8 for _, _, devices in seen), seen
+    assert all(ready for _, ready, _ in seen), seen
+
+
+def test_settled_waits_only_for_arrays_on_several_cpu_devices():
+    import jax.numpy as jnp
+    one = jnp.arange(4.0)
+    assert sharding.settled(one) is one
+    spread = jax.device_put(np.arange(16.0), sharding.batch_sharding(sharding.make_mesh(8)))
+    tree = {"x": jax.jit(lambda v: v * 2)(spread), "n": 3}
+    out = sharding.settled(tree)
+    assert out["n"] == 3 and out["x"].is_ready()

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medtransfer_jax import sharding
 from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import covariance as cov_lib
 from medtransfer_jax.analysis import similarity as sim
@@ -234,7 +235,8 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype):
         acts_a = run_a(va, norm(raw, mode_a))
         acts_b = run_b(vb, norm(raw, mode_b)) if b else {}
         keep = (np.arange(batch_size) < valid).astype(np.float32)[lo:lo + local]
-        state = streaming.update_joint(state, feats(acts_a, acts_b),
+        z = sharding.settled(feats(acts_a, acts_b))
+        state = streaming.update_joint(state, z,
                                        put(np.repeat(keep, rows_per_image)), plan.segments)
     return state
 

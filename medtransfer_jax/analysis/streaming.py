@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medtransfer_jax import sharding
 from medtransfer_jax.analysis import similarity as _sim
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis.covariance import (  # noqa: F401  (re-exported)
@@ -309,6 +310,7 @@ class StreamingSimilarity:
     def update(self, xs: Dict[str, jax.Array], ys: Dict[str, jax.Array],
                masks: Optional[Dict[str, jax.Array]] = None):
         keys = list(self.cov or self.mb)
+        xs, ys = sharding.settled((xs, ys))  # this update's collectives follow the forwards
         if masks is None:
             masks = {k: jnp.ones((xs[k].shape[0],), jnp.float32) for k in keys}
         if self.cov is not None:
