@@ -19,8 +19,9 @@ from medtransfer_jax.data.registry import build_source, get_splits
 from medtransfer_jax.data.synthetic import SyntheticSource
 
 __all__ = [
-    "ArraySource", "as_new_process", "DATASET_NAMES", "DataError", "DatasetSplits", "Source", "SubsetSource",
-    "SyntheticSource", "TransformedSource", "build_source", "default_data_config", "get_splits",
+    "ArraySource", "as_new_process", "DATASET_NAMES", "DataError", "DatasetSplits", "Source",
+    "SubsetSource", "SyntheticSource", "TransformedSource", "build_source", "default_data_config",
+    "get_splits",
     "make_eval_dataset", "make_eval_iter", "make_train_dataset", "make_train_iter",
     "num_eval_batches",
 ]
