@@ -213,6 +213,11 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
             fail(command, str(e))
         except interrupts.Interrupted as e:
             stopped(command, e.reason)
+        except Exception as e:  # a library's error around the code a stop interrupted
+            stop = interrupts.behind(e)
+            if stop is None:
+                raise
+            stopped(command, stop.reason)
 
     app.run(wrapped, argv=argv, flags_parser=_parser(command))
 

@@ -16,7 +16,8 @@ next one started). Inside :func:`graceful`:
 * a second Ctrl-C aborts at once (``KeyboardInterrupt``).
 
 The mains turn :class:`Interrupted` (and ``loop.Preempted``) into exit status 143 and a
-line saying how to resume.
+line saying how to resume, also when a library re-raised it as its own error
+(:func:`behind`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,23 @@ class Interrupted(BaseException):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def behind(error: BaseException) -> Optional[Interrupted]:
+    """The :class:`Interrupted` that ``error`` stands for, or None.
+
+    The handler raises into whatever code the signal interrupted; a library that catches
+    errors there raises its own with ours as the cause (seen in CI: JAX comparing pytree
+    metadata reported "ValueError: Exception raised while checking equality of metadata
+    fields", and the study exited 1 with a traceback instead of 143).
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def requested() -> Optional[int]:

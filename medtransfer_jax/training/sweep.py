@@ -333,6 +333,9 @@ def _run_inprocess(run: Run) -> str:
         logging.error("run %s: %s", run.name, e)
         return f"failed:{type(e).__name__}"
     except Exception as e:  # noqa: BLE001 (keep sweeping; the run can be resumed later)
+        stop = interrupts.behind(e)
+        if stop is not None:  # a library wrapped our stop: the run is stopped, not failed
+            raise interrupts.Interrupted(f"run {run.name}: {stop.reason}") from e
         logging.exception("run %s failed", run.name)
         return f"failed:{type(e).__name__}"
     return _final_status(run, None)
