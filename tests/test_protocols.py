@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from medtransfer_jax import data
 from medtransfer_jax.data.base import ArraySource
 from medtransfer_jax.inference import predict
-from medtransfer_jax.training import loop, presets, run_setup
+from medtransfer_jax.training import loop, presets, run_setup, sweep
 from medtransfer_jax import sharding as shard_lib
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -106,6 +106,30 @@ def test_source_matters_files(kind):
     noise = _load("source_matters", "noise", "imagenet,p=0")
     assert noise.data.confounder.p0_originals and noise.data.confounder.clean_test_originals
 
+
+
+@pytest.mark.parametrize("sub,name,arg", [("revisiting", t, "imagenet")
+                                          for t in presets.REVISITING_TARGETS] +
+                         [("source_matters", k, "imagenet,p=0.5")
+                          for k in presets.CONFOUNDERS])
+def test_the_seed_option_is_the_runs_seed(sub, name, arg):
+    """Every paper file accepts ``seed=S``; it must reach ``config.seed`` (it was parsed
+    and dropped, so a sweep over --seeds ran the same seed under different names)."""
+    assert _load(sub, name, arg).seed == 0
+    assert _load(sub, name, arg + ",seed=7").seed == 7
+    with pytest.raises(ValueError, match=r"seed='x' is not an integer"):
+        _load(sub, name, arg + ",seed=x")
+    with pytest.raises(ValueError, match=r"fold='1.5' is not an integer"):
+        _load(sub, name, arg + ",fold=1.5")
+
+
+def test_a_sweep_over_seeds_gives_runs_of_those_seeds(tmp_path):
+    runs = sweep.expand_grid("revisiting", targets=["breast"], folds=[0], seeds=[0, 3],
+                             root=str(tmp_path), config_dir=CONFIGS)
+    assert [sweep.load_config(r).seed for r in runs] == [0, 3]
+    runs = sweep.expand_grid("source_matters", targets=["tag"], folds=[0], seeds=[1, 2],
+                             ps=[0.5], root=str(tmp_path), config_dir=CONFIGS)
+    assert [sweep.load_config(r).seed for r in runs] == [1, 2]
 
 def test_every_protocol_config_passes_validation_untouched():
     """configs.validation accepts every protocol file (both studies, every option) and

@@ -4,70 +4,20 @@ a white 'R' on a fraction p of the positive training images.
     python -m medtransfer_jax.train --workdir=runs/tag \\
       --config=configs/source_matters/tag.py:SOURCE,p=0.5[,fold=K,seed=S]
 
-SOURCE: imagenet | radimagenet | random. Options:
-``p`` (fraction of positive training images with the tag),
-``fold`` (0-based), ``seed``, ``dataset`` (``nih_cxr14``, default, or ``lidc``: no paper code or
-CSVs exist for LIDC), ``folds`` (``paper``, default for nih_cxr14: the paper's CSVs;
-``kfold``: the project's own split).
-
-Values read from DovileDo/source-matters: ``fine-tuning.py``, ``include_tag.py``,
-``data/chest14/{train,val}_fold*.csv, test.csv``.
+SOURCE: imagenet | radimagenet | random; ``p``: the fraction of positive training images
+with the tag. The other options and the protocol shared by the four confounders are in
+``medtransfer_jax/training/source_matters_protocol.py``; this file holds what is tag's
+own, read from DovileDo/source-matters ``include_tag.py``.
 """
-from medtransfer_jax.training import presets
-
-OPTIONS = ("p", "fold", "seed", "dataset", "folds")
+from medtransfer_jax.training import source_matters_protocol as protocol
 
 
 def get_config(arg=None):
-    source, opts = presets.parse_arg(arg, OPTIONS, where=__file__)
-    c = presets.base_config()
-    c.study, c.target = "source_matters", "tag"
-    p = float(opts.get("p", 0.5))
-
-    # ---- data: NIH ChestX-ray14 PA (or LIDC-IDRI slices, a choice: no paper code).
-    dataset = opts.get("dataset", "nih_cxr14")
-    c.data.name = dataset
-    c.data.root = presets.data_root(dataset)
-    # fine-tuning.py takes the size as a flag the repo does not record: 224 (ResNet50's
-    # native size) is this project's choice.
-    c.data.image_size = 224
-    c.data.resize_method = "nearest"          # Keras flow_from_dataframe / load_img default
-    presets.keras_augment(c, hflip=False)     # same generator as Revisiting, no flips
-    c.data.cache = "device"   # decoded once; augmented in the jitted step
-    c.data.fold = int(opts.get("fold", 0))
-    c.data.folds = opts.get("folds", "paper" if dataset == "nih_cxr14" else "kfold")
-    # Label rule without CSVs: 'No Finding' vs 'Atelectasis' PA images (the classes of the
-    # sex experiment; the artefact CSVs' YES/NO rule lived in an unpublished io_functions).
-    c.data.nih_labels = ("No Finding", "Atelectasis")
-    c.data.nih_views = ("PA",)
-    c.data.lidc_label_rule = "median_malignancy"
-    # The artefact CSVs: 331 images, train/val per fold and one fixed 83-image test.csv;
-    # their class column (YES/NO) is the label.
-    c.data.fold_csv_dir, c.data.fold_csv_origin = presets.paper_csvs("source_matters", "chest14")
-    c.data.fold_csv_labels = "csv"
-
-    # ---- confounder
-    c.data.confounder.kind = "tag"
-    c.data.confounder.p = p
-    c.data.confounder.positive_class = 1
+    c = protocol.config("tag", arg, where=__file__)
     # A white 'R' (DejaVu Sans), font size 64 with its corner at (200, 200) on the
     # 1024-px originals, as fractions of the image side.
     c.data.confounder.tag_text = "R"
     c.data.confounder.tag_size = 64 / 1024
     c.data.confounder.tag_x = c.data.confounder.tag_y = 200 / 1024
     c.data.confounder.tag_value = 255
-
-    # ---- model: ResNet50 -> Dropout 0.5 -> softmax for all three sources (random too);
-    # caffe preprocess_input, plus rescale 1/255 for RadImageNet.
-    presets.apply_source(c, source, "radimagenet" if source == "radimagenet" else "caffe",
-                         random_dropout=0.5)
-
-    # ---- training: Adam 1e-3, batch 256, 30 epochs, early stop on val loss (patience
-    # 30), best checkpoint by val loss.
-    c.train.lr, c.train.batch_size, c.train.num_epochs = 1e-3, 256, 30
-    c.eval.batch_size = 256
-    c.eval.monitor = "loss"
-    c.eval.patience = 30
-    # ---- reported metric: keras.metrics.AUC() on one-hot x softmax (micro, 200 thresholds).
-    c.eval.reported_auc = "auc_keras"
     return c

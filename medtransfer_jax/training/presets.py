@@ -1,9 +1,9 @@
 """The shared base of every training config, and the helpers the protocol files use.
 
-The protocols themselves live in the user-facing ``configs/`` folder, one file per
-experiment family, each readable top to bottom (big_vision style):
-``configs/revisiting/<target>.py`` and ``configs/source_matters/<kind>.py``. Their
-argument is a comma-separated string after the file name,
+Each paper's protocol is written once (:mod:`.revisiting_protocol`,
+:mod:`.source_matters_protocol`); the user-facing ``configs/revisiting/<target>.py`` and
+``configs/source_matters/<kind>.py`` add what is each target's own. Their argument is a
+comma-separated string after the file name,
 ``--config=configs/revisiting/breast.py:imagenet,fold=1,freeze=true``: a bare word is the
 source (``imagenet`` | ``radimagenet`` | ``random``); ``key=value`` pairs set protocol
 options (``fold`` is 0-based: fold=0 is the paper's ``*_fold1.csv``).
@@ -85,6 +85,18 @@ def parse_arg(arg: Optional[str], known: Iterable[str] = (),
         raise ValueError(f"unknown option(s) {unknown} for {where}; known: {sorted(known)}")
     return source, opts
 
+
+
+def number_option(opts: Dict[str, str], name: str, default, kind=int):
+    """``opts[name]`` as ``kind`` (int or float), else ``default``; a ValueError naming the
+    option for a value that is not one (``fold=x``)."""
+    if name not in opts:
+        return default
+    try:
+        return kind(opts[name])
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name}={opts[name]!r} is not {what}") from None
 
 def parse_bool(v: str, argparse_bool: bool = False) -> bool:
     """A config-argument boolean. ``argparse_bool=True`` reproduces ``argparse``'s
