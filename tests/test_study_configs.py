@@ -123,6 +123,22 @@ def test_source_matters_grid(tmp_path):
     assert c.data.name == "lidc" and c.data.root == str(tmp_path / "l")
 
 
+
+def test_each_p_of_the_sampled_study_reads_its_own_csv_folder(tmp_path):
+    """The study sets p by an override (data.confounder.p=...): the paper's F_<100p>
+    folder must follow it (it stayed F_50, so every p trained on p = 0.5's images)."""
+    cfg = _config("study_source_matters", "confounders=sampled,ps=0,0.2,1.0,folds=0")
+    runs = [r for r in runner.Study(cfg, str(tmp_path)).finetune_runs()
+            if r.keys["source"] == "imagenet"]
+    got = {}
+    for r in runs:
+        c = sweep.load_config(r)
+        got[c.data.confounder.p] = os.path.basename(c.data.fold_csv_dir)
+        # the resolved file a subprocess run reads says the same
+        resolved = sweep.load_config(sweep.Run(r.name, sweep.write_config(r) + ":", "", [], {}))
+        assert resolved.data.fold_csv_dir == c.data.fold_csv_dir
+    assert got == {0.0: "F_0", 0.2: "F_20", 1.0: "F_100"}
+
 def _save_tiny(path, seed):
     model = resnet.ResNet(depth=18, layout="keras_v1", width=8, num_classes=None)
     checkpoint.save_weights(str(path), resnet.init_variables(model, jax.random.key(seed), 32),

@@ -19,7 +19,8 @@ def get_config(arg=None):
     # Finding; train/val per fold in gender/F_<100p>/) and one fixed 400-image test
     # (male Atelectasis + female No Finding: the reversed, o.o.d. test).
     gender_dir, c.data.fold_csv_origin = presets.paper_csvs("source_matters", "chest14/gender")
-    c.data.fold_csv_dir = f"{gender_dir}/F_{round(c.data.confounder.p * 100)}"
+    # F_<100p> follows data.confounder.p, also when an override sets p (the study does).
+    c.data.fold_csv_dir = presets.percent_folder(f"{gender_dir}/F_", c.data.confounder, "p")
     c.data.fold_csv_test = f"{gender_dir}/test.csv"
     # Without CSVs (folds=kfold): positives female with probability p, male otherwise;
     # negatives male; the reversed test from held-out patients.

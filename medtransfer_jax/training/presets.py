@@ -127,6 +127,14 @@ def paper_csvs(which: str, task: str) -> Tuple[str, str]:
     return os.path.join(env_path(var, default), task), origin.format(task=task)
 
 
+
+def percent_folder(prefix: str, node: ml_collections.ConfigDict, field: str):
+    """``prefix + str(round(100 * node.field))`` as a lazy reference: the folder follows the
+    field when an override changes it later (``--config.data.confounder.p=0.2`` gives
+    ``..._20``), where an f-string would keep the value the config file saw."""
+    percent = (node.get_ref(field) * 100 + 0.5).to_int()
+    return prefix + percent.to_str()
+
 def apply_source(c: ml_collections.ConfigDict, source: Optional[str], preprocessing: str,
                  random_dropout: float) -> None:
     """Sets ``c.source``, ``model.init`` (``$MEDTRANSFER_WEIGHTS/<source>`` or 'random'),
