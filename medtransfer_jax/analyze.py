@@ -84,7 +84,8 @@ _define("integer", "image_size", None, "Resize images to this (default: data con
 _define("string", "dataset", None, "Data config name, data.name (default: the config's default).")
 flags.DEFINE_alias("data_name", "dataset")  # the flag's name before the vocabulary was unified
 _define("string", "data_root", None, "Data config root (manual-download dir).")
-_define("integer", "fold", 0, "Fold of the data splits.")
+_define("integer", "fold", None, "Fold of the data splits (default: the --stimuli_config "
+        "run's data.fold, else 0).")
 _define("string", "split", None, "Split used as stimulus (train/val/test or an extra test; "
         "default: val for --protocol=paper, the config's protocol with --stimuli_config, "
         "else test).")
@@ -182,13 +183,14 @@ def stimulus_spec(paper: bool, first_weights: str):
     preprocessing = None
     if FLAGS.stimuli_config:
         cfg = _load_stimuli_config()
-        spec = stimuli.protocol_spec(cfg, fold=FLAGS.fold, num_images=FLAGS.num_images)
+        fold = cfg.data.fold if FLAGS.fold is None else FLAGS.fold   # the run's own fold
+        spec = stimuli.protocol_spec(cfg, fold=fold, num_images=FLAGS.num_images)
         preprocessing = stimuli.protocol_of(cfg)["preprocessing"]
     else:
         cfg = _data_config()
         proto = compare.PaperCCAProtocol()
         spec = stimuli.StimulusSpec(
-            data=cfg, split=proto.stimulus_split if paper else "test", fold=FLAGS.fold,
+            data=cfg, split=proto.stimulus_split if paper else "test", fold=FLAGS.fold or 0,
             num_images=FLAGS.num_images,
             image_size=compare.paper_image_size(cfg.name) if paper else 0)
         preprocessing = proto.preprocessing if paper else None
@@ -270,13 +272,13 @@ def layer_map_task():
         if d and not os.path.isdir(d):
             _fail(f"Weights directory {d!r} does not exist.")
     methods = _methods(layer_map.DEFAULT_MAP_METHODS, "maps")
-    stimuli, _ = stimulus_spec(False, FLAGS.weights_a)
+    stimuli, preprocessing = stimulus_spec(False, FLAGS.weights_a)
     return tasks.LayerMapTask(
         FLAGS.weights_a, FLAGS.weights_b, stimuli, name_a=FLAGS.label_a, name_b=FLAGS.label_b,
         layers=tuple(FLAGS.layers) if FLAGS.layers else "all_blocks", methods=methods,
         spatial="pool" if FLAGS.spatial == "pool" else "grid",
         max_channels=FLAGS.channels or None, batch_size=FLAGS.batch_size,
-        preprocessing=FLAGS.preprocessing, seed=FLAGS.seed)
+        preprocessing=FLAGS.preprocessing or preprocessing, seed=FLAGS.seed)
 
 
 def predictions_task():

@@ -95,6 +95,32 @@ def test_analyze_and_the_study_draw_byte_identical_pools(tmp_path):
     assert stimuli.load_pool(spec_random).tobytes() != ours.tobytes()
 
 
+
+@flagsaver.flagsaver
+def test_analyze_stimuli_config_reads_the_runs_fold_and_map_its_preprocessing(tmp_path):
+    """Without --fold, the stimuli come from the run's own data.fold (a study run's config
+    says fold 2: fold 0's images were used); `analyze map` normalises with the protocol's
+    preprocessing, as the study's layer maps do (it used the networks' own)."""
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from medtransfer_jax.training import presets\n"
+        "def get_config(arg=None):\n"
+        "    c = presets.tiny_config()\n"
+        "    c.data.fold = 2\n"
+        "    c.analysis = presets.analysis_defaults(cca_image_size=24)\n"
+        "    return c\n")
+    spec, _ = _analyze_spec(stimuli_config=str(cfg_file))
+    assert spec.fold == 2
+    spec, _ = _analyze_spec(stimuli_config=str(cfg_file), fold=0)
+    assert spec.fold == 0
+    for flag in flags.FLAGS.flags_by_module_dict()[analyze.__name__]:
+        flag.unparse()
+    flags.FLAGS.stimuli_config = str(cfg_file)
+    flags.FLAGS.weights_a = str(tmp_path)
+    assert analyze.layer_map_task().preprocessing == "caffe"
+    flags.FLAGS.preprocessing = "unit"                     # the flag still wins
+    assert analyze.layer_map_task().preprocessing == "unit"
+
 @flagsaver.flagsaver
 def test_analyze_paper_protocol_defaults_to_the_papers_stimuli():
     """Without a run config, --protocol=paper still reads CCA.py's stimuli: the val split,
