@@ -53,6 +53,11 @@ def main(argv):
     cli.require(_WORKDIR.value, "--workdir", "the study directory, e.g. --workdir=/tmp/study_demo")
     workdir = cli.check_output_dir(_WORKDIR.value, "--workdir")
     cli.check_positive(_PARALLEL.value, "--parallel")
+    if cli.multihost_flags():
+        raise UserError(f"{' '.join(cli.multihost_flags())}: a study runs on one host (its "
+                        "stages, tables and report are one process's); on several hosts run "
+                        "the fine-tunes with `python -m medtransfer_jax.sweep --multihost` and "
+                        "leave these flags out here")
     if _MODE.value == "inprocess" and flags.FLAGS["parallel"].present:  # --gpu_slots: Study
         raise UserError("--parallel applies to --mode=subprocess only (--mode=inprocess runs "
                         "one run at a time in this process); add --mode=subprocess or leave "

@@ -162,6 +162,8 @@ def main(argv):
         sweep.run_all(runs, dry_run=True, train_flags=cli.multihost_flags())
         return
     cli.enable_compile_cache()  # in-process runs of the same shapes compile once
+    if _MODE.value == "inprocess" and cli.multihost_flags():
+        process = cli.init_distributed()   # the runs train in this process: join the hosts
     created = not os.path.exists(root)
     try:
         with workdir_lock.hold(root, process):

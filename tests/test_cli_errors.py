@@ -252,6 +252,7 @@ def test_study_errors(tmp_path):
         ([f"--workdir={_read_only_dir(tmp_path)}/s"], ["not writable"]),
         (["--gpu_slots=0,1"], ["--gpu_slots", "--mode=subprocess"]),
         (["--mode=subprocess", "--gpu_slots=0,1", "--parallel=2"], ["--parallel", "one"]),
+        (["--multihost"], ["--multihost", "one host", "sweep --multihost"]),
     ]
     for extra, expect in cases:
         p = _run("medtransfer_jax.study", f"--workdir={wd}", *extra)

@@ -144,3 +144,36 @@ def _assert_one_writer(audit: str, wd: str, ref_wd: str) -> None:
         np.testing.assert_allclose([[float(x) for x in r.split(",")[4:]] for r in got[1:]],
                                    [[float(x) for x in r.split(",")[4:]] for r in want[1:]],
                                    atol=1e-3)
+
+
+@pytest.mark.multiprocess
+def test_an_inprocess_sweep_joins_the_hosts(tmp_path):
+    """``sweep --mode=inprocess --multihost``: the runs train in the sweep's own process,
+    so it must join the other hosts (it did not: each host trained alone, 1 process)."""
+    env = _train_utils.subprocess_env()
+    env.pop("XLA_FLAGS", None)  # each process: exactly one CPU device
+    out_dir = tmp_path / "sweep"
+    port = _train_utils.free_port()
+    tiny = ["train.num_steps=2", "data.synthetic.num_examples=64", "data.image_size=32",
+            "data.synthetic.image_size=32", "model.width=8", "train.batch_size=16",
+            "eval.batch_size=16"]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "medtransfer_jax.sweep", "--study=demo", "--folds=0",
+         "--mode=inprocess", f"--output_dir={out_dir}", "--xla_cache_dir=",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+         *[f"--override={o}" for o in tiny]],
+        env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    with open(out_dir / "demo" / "fold0" / "seed0" / "results.json") as f:
+        res = json.load(f)
+    assert res["num_processes"] == 2 and res["num_devices"] == 2

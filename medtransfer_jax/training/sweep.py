@@ -322,8 +322,9 @@ def _run_inprocess(run: Run) -> str:
     try:
         config = load_config(run)
         configs.check_batch_sizes(config, jax.device_count())
-        config = configs.load(write_config(run, config=config))  # what a subprocess reads
-        with workdir_lock.hold(run.workdir):
+        process = jax.process_index()  # several hosts (--multihost): one lock/file each
+        config = configs.load(write_config(run, process, config))  # what a subprocess reads
+        with workdir_lock.hold(run.workdir, process):
             loop.train_and_evaluate(config, run.workdir)
     except loop.Preempted as e:
         raise interrupts.Interrupted(f"run {run.name}: {e}") from e
