@@ -390,3 +390,26 @@ def test_preprocessing_that_overrides_the_weights_is_warned_about(tmp_path, capl
     with caplog.at_level("WARNING"):
         model_init.build_model_and_variables(cfg, 2, jax.random.key(1))
     assert "overrides" not in caplog.text
+
+
+def test_profiler_traces_the_asked_steps_also_after_a_resume(monkeypatch):
+    """log.profile_steps=2, profile_start=3: steps 4..5 are traced; a run resumed at step
+    4 (past the start) traces from there instead of never; start 0 is refused (the hook
+    runs after a step, so it could never start)."""
+    from medtransfer_jax.configs import validation
+    from medtransfer_jax.training import periodic
+    calls = []
+    monkeypatch.setattr(periodic.jax.profiler, "start_trace", lambda d: calls.append("start"))
+    monkeypatch.setattr(periodic.jax.profiler, "stop_trace", lambda: calls.append("stop"))
+    for first_step, want in ((1, [("start", 3), ("stop", 5)]), (4, [("start", 4), ("stop", 5)]),
+                             (6, [])):
+        calls.clear()
+        prof, seen = periodic.Profiler("/nonexistent", start=3, num_steps=2), []
+        for step in range(first_step, 9):
+            n = len(calls)
+            prof.after_step(step, None)
+            seen += [(c, step) for c in calls[n:]]
+        assert seen == want, (first_step, seen)
+    with pytest.raises(ConfigError, match=re.escape("--config.log.profile_start=0")):
+        validation.validate(_tiny(**{"log.profile_steps": 2, "log.profile_start": 0}))
+    validation.validate(_tiny(**{"log.profile_steps": 0, "log.profile_start": 0}))

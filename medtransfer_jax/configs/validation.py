@@ -143,6 +143,12 @@ def validate(config, check_fold: bool = True) -> None:
     every = config.checkpoint.get("every_secs", 0.0)
     _range("checkpoint.every_secs", every, _number(every) and every >= 0,
            ">= 0 seconds (0: save at every evaluation; e.g. 120)")
+    log = config.get("log") or {}
+    if log.get("profile_steps", 0):
+        start = log.get("profile_start", 0)
+        _range("log.profile_start", start, isinstance(start, int) and start >= 1,
+               "an integer >= 1 (the trace starts after that step; step 1 also compiles, "
+               "e.g. 5)")
     _choice("eval.reported_auc", e.reported_auc, base.REPORTED_AUCS)
     _choice("eval.monitor", e.monitor, MONITORS)
     if kind == "two_phase":

@@ -168,14 +168,14 @@ class Profiler:
     def after_step(self, step: int, state: Any) -> None:
         if not self.enabled:
             return
-        if step == self.start and not self.active:
+        if self.start <= step < self.stop and not self.active:  # a resumed run: from here
             jax.profiler.start_trace(self.logdir)
-            self.active = True
+            self.active, self.first = True, step + 1
         elif step >= self.stop and self.active:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             self.active, self.enabled = False, False
-            logging.info("profile of steps %d..%d written to %s", self.start + 1, step,
+            logging.info("profile of steps %d..%d written to %s", self.first, step,
                          self.logdir)
 
     def close(self) -> None:
