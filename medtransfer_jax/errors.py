@@ -24,3 +24,9 @@ class ConfigError(UserError):
 
 class WorkdirError(UserError):
     """A workdir / output directory that cannot be used (a file, read-only, in use)."""
+
+
+class TooFewDatapoints(UserError):
+    """Activations a similarity method cannot compare: fewer datapoints (images x
+    positions) than the neurons CCA whitens. The fix is the user's: more images or
+    positions, fewer channels, or a CKA method."""

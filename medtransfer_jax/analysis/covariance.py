@@ -27,6 +27,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from medtransfer_jax.errors import TooFewDatapoints
+
 COVARIANCE_METHODS = ("mean_cca", "paper_cca", "svcca", "pwcca", "linear_cka")
 
 
@@ -204,7 +206,7 @@ def similarity_from_covariance(cov: Covariances, method: str = "mean_cca", *,
                          f"{COVARIANCE_METHODS} (or use MinibatchCKA for debiased CKA).")
     p, q = cov.sxx.shape[0], cov.syy.shape[0]
     if method != "linear_cka" and cov.n <= max(p, q):
-        raise ValueError(f"{method} needs more datapoints than neurons, got n={cov.n} for "
+        raise TooFewDatapoints(f"{method} needs more datapoints than neurons, got n={cov.n} for "
                          f"p={p} / q={q} neurons. Stream more batches or subsample channels.")
     value, condition = _finish(cov, method, rtol, epsilon, keep)
     return (value, condition) if return_condition else value

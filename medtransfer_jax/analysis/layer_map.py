@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medtransfer_jax import sharding
+from medtransfer_jax.errors import TooFewDatapoints
 from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import covariance as cov_lib
 from medtransfer_jax.analysis import similarity as sim
@@ -253,7 +254,7 @@ def _finish(a, b, plan, la, lb, joint, cka, methods, num_images, spatial, comput
     cca = [m for m in methods if m in ("mean_cca", "svcca", "pwcca", "paper_cca")]
     too_wide = [plan.layers[i][1] for i in set(rows_a + rows_b) if width(i) >= joint.n]
     if cca and too_wide:
-        raise ValueError(
+        raise TooFewDatapoints(
             f"layer_map: CCA needs more datapoints than channels, but {joint.n} datapoints "
             f"< the channels of {sorted(too_wide)}. Use more images, spatial='grid', or a "
             "smaller max_channels (or only CKA methods).")

@@ -71,6 +71,7 @@ import numpy as np
 from jax import lax
 
 from medtransfer_jax.analysis import covariance as _cov
+from medtransfer_jax.errors import TooFewDatapoints
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -226,7 +227,7 @@ def _check_pair(X, Y, method: str, *, batched: bool = False):
                          "order.")
     n, p, q = X.shape[-2], X.shape[-1], Y.shape[-1]
     if method in CCA_FAMILY and n <= max(p, q):
-        raise ValueError(
+        raise TooFewDatapoints(
             f"{method} needs more datapoints than neurons, got n={n} datapoints for "
             f"p={p} / q={q} neurons. Use more images or spatial positions (5-10x the "
             "neurons is recommended) or subsample channels; CKA methods work for any n.")

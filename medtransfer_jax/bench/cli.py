@@ -87,7 +87,10 @@ _CONFIGS_DIR = flags.DEFINE_string("configs_dir", None, "grid: the repo's config
 #: Flags a benchmark reads one value of: more than one given is refused, not silently cut
 #: (left out, the first value of the flag's default list is used).
 _SINGLE = {"network": ("image_sizes",), "grid": ("dtypes",),
-           "network_scale": ("neurons", "datapoints", "image_sizes", "batch_sizes")}
+           "network_scale": ("neurons", "datapoints", "image_sizes", "batch_sizes"),
+           "step_profile": ("image_sizes", "batch_sizes", "dtypes")}
+#: Size flags a benchmark does not read (its sizes are its own): given, they are refused.
+_NOT_READ = {"scaling": ("image_sizes", "batch_sizes", "neurons", "datapoints", "dtypes")}
 
 
 def _ints(values, flag: str, minimum: int = 1) -> List[int]:
@@ -120,6 +123,10 @@ def _validate(what: str) -> None:
         if flags.FLAGS[flag].present and len(flags.FLAGS[flag].value) > 1:
             raise UserError(f"--{flag}={','.join(flags.FLAGS[flag].value)}: bench {what} "
                             "takes one value; run it once per value")
+    for flag in _NOT_READ.get(what, ()):
+        if flags.FLAGS[flag].present:
+            raise UserError(f"--{flag}: bench {what} does not read it (it sweeps its own "
+                            "sizes; --width and --depth set the model); leave it out")
     counts = [c for c in _DEVICE_COUNTS.value if c != "all"]
     _ints(counts, "device_counts")
     _validate_tables(what)
