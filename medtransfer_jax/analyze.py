@@ -387,6 +387,7 @@ def run(argv: Sequence[str]) -> Dict[str, str]:
 
 
 def main(argv: Sequence[str]) -> None:
+    cli.enable_compile_cache()  # a second analysis of the same shapes reads its programs
     run(argv)
 
 

@@ -71,6 +71,7 @@ def _validate() -> None:
 def main(argv):
     cli.no_positional(argv)
     _validate()
+    cli.enable_compile_cache()  # the check that loads the written weights back compiles
     try:
         summary = convert(
             _FORMAT.value, _INPUT.value, _OUTPUT.value, num_classes=_NUM_CLASSES.value,

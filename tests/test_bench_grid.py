@@ -182,3 +182,20 @@ def test_the_bench_and_its_runs_at_once_split_the_gpu(monkeypatch):
     grid.share_gpu_with_runs(4)
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.1"
     assert "XLA_CLIENT_MEM_FRACTION" not in os.environ
+
+
+def test_an_empty_xla_cache_dir_keeps_the_grid_off_the_persistent_cache(tmp_path):
+    """`bench grid --xla_cache_dir=` turns the cache off like every main (the grid turned
+    the default ~/.cache/medtransfer_jax/xla back on)."""
+    env = _train_utils.subprocess_env(HOME=str(tmp_path / "home"),
+                                      XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    for var in ("MEDTRANSFER_XLA_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+        env.pop(var, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "medtransfer_jax.bench", "grid", "--targets=thyroid",
+         "--scale=0.1", "--width=8", "--depth=18", "--max_image_size=32", "--max_batch=16",
+         "--dtypes=float32", f"--configs_dir={_train_utils.REPO}/configs", "--xla_cache_dir="],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "thyroid" in out.stdout
+    assert not (tmp_path / "home" / ".cache" / "medtransfer_jax" / "xla").exists()

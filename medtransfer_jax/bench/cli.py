@@ -225,13 +225,13 @@ def _grid():
     from medtransfer_jax.bench import grid
     if _RUNS_AT_ONCE.value > 1:  # before JAX starts the GPU backend
         grid.share_gpu_with_runs(_RUNS_AT_ONCE.value)
-    cli.enable_compile_cache()
+    cache = cli.enable_compile_cache()   # --xla_cache_dir= ('') keeps it off in the grid too
     rows = grid.run(targets=_TARGETS.value, protocol=_PROTOCOL.value, scale=_SCALE.value,
                     width=_WIDTH.value, depth=_DEPTH.value,
                     max_image_size=_MAX_IMAGE_SIZE.value, max_batch=_MAX_BATCH.value,
                     dtype=_DTYPES.value[0], cache=_CACHE.value,
                     cfg_dir=_CONFIGS_DIR.value, time_budget_s=_TIME_BUDGET.value,
-                    runs_at_once=_RUNS_AT_ONCE.value)
+                    runs_at_once=_RUNS_AT_ONCE.value, xla_cache_dir=cache)
     notes = (grid.mfu_note(_WIDTH.value, _DEPTH.value, _DTYPES.value[0]), grid.TIMING_NOTE,
              grid.AT_ONCE_NOTE if _RUNS_AT_ONCE.value > 1 else None)
     columns = grid.COLUMNS + (grid.AT_ONCE_COLUMNS if _RUNS_AT_ONCE.value > 1 else [])
