@@ -6,5 +6,7 @@ from medtransfer_jax.configs import base
 
 
 def get_config(arg=None):
-    del arg
+    if arg:  # a misspelled argument must not silently give the defaults
+        raise ValueError(f"common.py takes no argument, got {arg!r}; override fields with "
+                         "--config.FIELD=VALUE instead")
     return base.base_config()

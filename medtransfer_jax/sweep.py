@@ -98,6 +98,9 @@ def _check_flags_apply() -> None:
                     else "--targets, --sources, --folds, --seeds, --extra_arg, --override")
             raise UserError(f"--{name} does not apply to --study={_STUDY.value} (it takes "
                             f"{uses}); leave --{name} out")
+    if _GPU_SLOTS.value and flags.FLAGS["parallel"].present:
+        raise UserError("--parallel and --gpu_slots both set the runs at once; give one (with "
+                        "slots: one run per slot)")
     if _MODE.value == "inprocess":
         for name in ("timeout", "gpu_slots", "parallel"):
             if flags.FLAGS[name].present:

@@ -280,6 +280,7 @@ def test_sweep_errors(tmp_path):
         ([f"--output_dir={root}", "--sources=foo"], ["--sources", "--study=demo"]),
         ([f"--output_dir={root}", "--mode=inprocess", "--timeout=60"],
          ["--timeout", "--mode=subprocess"]),
+        ([f"--output_dir={root}", "--gpu_slots=0,1", "--parallel=2"], ["--parallel", "one"]),
         ([f"--output_dir={root}", "--collect_only"], ["nothing to collect", str(root)]),
     ]
     for extra, expect in cases:

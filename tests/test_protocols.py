@@ -238,3 +238,16 @@ def test_image_size_ties_the_synthetic_size():
     c.data.synthetic.image_size = 40
     assert c.data.image_size == 40
     assert "fold" not in c and c.data.fold == 0          # one fold field: data.fold
+
+
+def test_configs_without_options_refuse_an_argument(tmp_path):
+    """configs/common.py and a sweep's resolved file take no argument: a `seed=3` given to
+    them must fail, not run seed 0 (the shape of the dropped seed= option)."""
+    from medtransfer_jax import configs
+    from medtransfer_jax.errors import ConfigError
+    common = os.path.join(CONFIGS, "common.py")
+    assert configs.load(common).seed == 0
+    resolved = configs.write_resolved(configs.load(common), str(tmp_path / "r.py"))
+    for path in (common, resolved):
+        with pytest.raises(ConfigError, match="takes no argument, got 'seed=3'"):
+            configs.load(f"{path}:seed=3")

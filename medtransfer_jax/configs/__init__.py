@@ -163,7 +163,10 @@ def write_resolved(cfg: ml_collections.ConfigDict, file: str,
     text = (f'"""Resolved config{" of " + origin if origin else ""} (written by the sweep; '
             'do not edit: rerun the sweep)."""\n'
             "import ml_collections\n\nCONFIG = " + pprint.pformat(d, width=96) + "\n\n\n"
-            "def get_config(arg=None):\n    del arg\n"
+            "def get_config(arg=None):\n"
+            "    if arg:  # its values are final: a misspelled argument must not pass\n"
+            "        raise ValueError(f'a resolved config takes no argument, got {arg!r}; '\n"
+            "                         'override fields with --config.FIELD=VALUE')\n"
             "    return ml_collections.ConfigDict(CONFIG)\n")
     os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
     tmp = file + ".tmp"
