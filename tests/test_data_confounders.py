@@ -141,6 +141,19 @@ def test_sampled_attribute_correlation_and_reversed_test():
                                 np.arange(len(sp.val)) + len(sp.train))
 
 
+
+def test_sampled_n_caps_the_training_images_per_class_and_is_a_config_field():
+    """confounder.sampled_n (documented, read by sampled_splits) can be set like any field:
+    it was missing from the schema, so no config or override could reach it."""
+    from medtransfer_jax import configs
+    cfg = configs.override(_cfg("sampled", p=0.5, n=600), ["confounder.sampled_n=20"])
+    sp = data.get_splits(cfg, fold=0)
+    assert sp.info["n_per_class_train_pool"] == 20
+    labels = np.concatenate([sp.train.labels, sp.val.labels])
+    assert (labels == 1).sum() == (labels == 0).sum() == 20
+    full = data.get_splits(_cfg("sampled", p=0.5, n=600), fold=0)
+    assert full.info["n_per_class_train_pool"] > 20
+
 def test_bad_confounder_configs():
     with pytest.raises(data.DataError, match="attribute"):
         data.get_splits(_cfg("sampled", attribute="height"))

@@ -69,7 +69,9 @@ def default_confounder_config() -> ml_collections.ConfigDict:
     c.attribute = "sex"       # metadata key of the source ('sex' or 'age_bucket')
     c.attribute_positive = "F"  # the attribute value sampled for positives with probability p
     c.attribute_negative = "M"  # the value of every negative in training
-    c.balance_test = True     # the reversed test: positives with the negative value and vice versa
+    c.sampled_n = 0           # training images per class (0: as many as the pool allows)
+    # (The reversed 'ood' test, positives with the negative value and vice versa, is always
+    # balanced; 'iid' follows the training rule and 'clean' is balanced over all four cells.)
     return c
 
 
