@@ -105,6 +105,10 @@ _define("string", "predictions_b", None, "predictions.csv of model B.")
 _define("string", "random_predictions", None, "predictions.csv of the random-init model.")
 _define("string", "prediction_split", None, "Only rows of this split (default: 'test' when "
         "the files hold several splits, else all rows; --similarity_mode=paper: 'val').")
+_define("enum", "similarity_mode", "corrected", "predictions: 'corrected' (both accuracies "
+        "in the independent-errors baseline, macro AUC) or 'paper' (the published "
+        "similarity.csv: the val split, acc_A twice, weighted one-vs-rest AUC).",
+        ["corrected", "paper"])
 # weights / filters
 _define("bool", "include_batch_stats", False, "weights: include BatchNorm running stats.")
 _define("multi_string", "weights", [], "filters: NAME=DIR or DIR (repeatable).")
@@ -287,7 +291,7 @@ def predictions_task():
         _fail("predictions needs --predictions_a and --predictions_b (predictions.csv files).")
     return tasks.PredictionsTask(FLAGS.predictions_a, FLAGS.predictions_b,
                                  FLAGS.random_predictions, FLAGS.prediction_split,
-                                 FLAGS.label_a, FLAGS.label_b)
+                                 FLAGS.label_a, FLAGS.label_b, mode=FLAGS.similarity_mode)
 
 
 def weight_change_task():

@@ -139,6 +139,17 @@ def test_predictions_command(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         _run("predictions", output_dir=str(tmp_path), predictions_a=str(tmp_path / "a.csv"),
              predictions_b=str(tmp_path / "zzz.csv"))
+    # --similarity_mode=paper (the published table): the val rows, acc_A twice.
+    for name in ("a", "b"):
+        rows = open(tmp_path / f"{name}.csv").read().splitlines()
+        extra = [r.replace(",test,", ",val,").replace("x", "v", 1) for r in rows[1:21]]
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows + extra) + "\n")
+    files = _run("predictions", output_dir=str(tmp_path / "paper"), similarity_mode="paper",
+                 predictions_a=str(tmp_path / "a.csv"), predictions_b=str(tmp_path / "b.csv"))
+    res = json.load(open(files["json"]))
+    assert res["split"] == "val" and res["n"] == 20
+    assert res["expected_independent"] == pytest.approx(
+        res["acc_a"] ** 2 + (1 - res["acc_a"]) ** 2)
 
 
 def test_auc_vs_similarity_command(tmp_path):

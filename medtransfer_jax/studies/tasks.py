@@ -167,13 +167,15 @@ def run_layer_map(task: LayerMapTask, out_dir: str) -> Dict[str, str]:
 @dataclasses.dataclass(frozen=True)
 class PredictionsTask:
     """Similarity of two classifiers' predictions files (``random``: the random-init
-    model's, for the relative AUC gain); ``split`` None = all rows."""
+    model's, for the relative AUC gain); ``split`` None = all rows; ``mode``: 'corrected'
+    or 'paper' (:data:`analysis.predictions.MODES`)."""
     a: str
     b: str
     random: Optional[str] = None
     split: Optional[str] = None
     label_a: Optional[str] = None
     label_b: Optional[str] = None
+    mode: str = "corrected"
 
 
 def _short(path: str) -> str:
@@ -186,7 +188,7 @@ def run_predictions(task: PredictionsTask, out_dir: str) -> Dict[str, str]:
     """prediction_similarity.csv/.json/.png."""
     try:
         res = pred.compare_prediction_files(task.a, task.b, split=task.split,
-                                            random_path=task.random)
+                                            random_path=task.random, mode=task.mode)
     except ValueError as e:
         raise AnalysisError(str(e)) from None
     res.update(model_a=task.label_a or _short(task.a), model_b=task.label_b or _short(task.b))
