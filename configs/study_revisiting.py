@@ -44,6 +44,11 @@ def get_config(arg=None):
     weights = presets.env_path("MEDTRANSFER_WEIGHTS", "~/medtransfer_weights")
     protocol = study_args.one(args, "protocol", "sep2023")
     fold_csvs = study_args.one(args, "fold_csvs", "")
+    freeze = study_args.one(args, "freeze", "both")
+    if freeze not in ("both", "no"):
+        raise ValueError(f"configs/study_revisiting.py: freeze={freeze!r}; choose both (the "
+                         "five sources of the paper: the pre-trained ones also frozen-first) "
+                         "or no (imagenet, radimagenet, random)")
 
     c = ml_collections.ConfigDict()
     c.name = f"revisiting-{protocol}"
@@ -57,7 +62,7 @@ def get_config(arg=None):
                           ("radimagenet", "RadImageNet-ResNet50_notop.h5")):
         c.sources[name] = dict(kind="convert", format="keras_h5", arg=name, study_arg=name,
                                input=study_args.one(args, name, os.path.join(weights, default)))
-        if study_args.one(args, "freeze", "both") == "both":
+        if freeze == "both":
             c.sources[f"{name}_frz"] = dict(weights_of=name, arg=f"{name},freeze=true")
     c.sources.random = dict(kind="random", seed=0, arg="random", preprocessing="caffe")
 

@@ -43,6 +43,8 @@ def test_revisiting_grid_and_subset(tmp_path):
     feb_runs = runner.Study(feb, str(tmp_path)).finetune_runs()
     assert len(feb_runs) == 3 * 5 and sweep.load_config(feb_runs[0]).train.lr == 1e-5
     assert feb.published == ""  # the published table is the sep2023 protocol's
+    with pytest.raises(ValueError, match="freeze='true'; choose both"):
+        _config("study_revisiting", "freeze=true")    # it silently dropped the frozen runs
 
 
 def test_revisiting_preflight_lists_missing_files(tmp_path):
