@@ -116,8 +116,8 @@ def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
         return f"{given}: {last}"
     m = re.search(r"Attempted \[[^\]]*\]:\s*(\S+)\s*(\[Errno[^\n]*)", text)
     if m:
-        return (f"--config={m.group(1)}: config file not found ({m.group(2).strip()}); give a "
-                "path such as configs/revisiting/breast.py, or leave --config out for the demo")
+        return (f"--config={m.group(1)}: config file not found ({m.group(2).strip()}); "
+                f"{configs.missing_file_hint(m.group(1))}")
     if cause is not None and not isinstance(e, flags.Error):
         text = f"{text} ({cause})"
     return text

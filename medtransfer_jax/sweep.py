@@ -42,7 +42,7 @@ _SOURCES = flags.DEFINE_list("sources", list(presets.SOURCES), "Sources, of "
 _FOLDS = flags.DEFINE_list("folds", ["0", "1", "2", "3", "4"], "0-based folds.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 _PS = flags.DEFINE_list("ps", [], "Source Matters artefact fractions p "
-                        "(--study=source_matters only).")
+                        "(--study=source_matters only; default: 0.5, the configs' default).")
 _EXTRA = flags.DEFINE_string("extra_arg", "", "Appended to each config argument, e.g. "
                              "freeze=true or protocol=feb2023.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "Config override key=value for all runs "

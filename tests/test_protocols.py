@@ -130,6 +130,11 @@ def test_a_sweep_over_seeds_gives_runs_of_those_seeds(tmp_path):
     runs = sweep.expand_grid("source_matters", targets=["tag"], folds=[0], seeds=[1, 2],
                              ps=[0.5], root=str(tmp_path), config_dir=CONFIGS)
     assert [sweep.load_config(r).seed for r in runs] == [1, 2]
+    # Without --ps the runs are p = 0.5's, named so (a later --ps=0.5 finds them).
+    plain = sweep.expand_grid("source_matters", targets=["tag"], folds=[0], seeds=[1, 2],
+                              root=str(tmp_path), config_dir=CONFIGS)
+    assert [r.name for r in plain] == [r.name for r in runs] == [
+        "tag/imagenet/p0.5/fold0/seed1", "tag/imagenet/p0.5/fold0/seed2"]
 
 def test_every_protocol_config_passes_validation_untouched():
     """configs.validation accepts every protocol file (both studies, every option) and

@@ -42,6 +42,15 @@ def path(name: str) -> str:
     return os.path.join(_HERE, stem + ".py")
 
 
+def missing_file_hint(file: str) -> str:
+    """How to fix a config path that does not exist: a relative ``configs/...`` path is the
+    repository's folder, which ``pip install`` does not install."""
+    if not os.path.isabs(file) and file.replace(os.sep, "/").startswith("configs/"):
+        return ("the repository's configs/ folder is not installed with the package: run from "
+                "the checkout, or give the file's absolute path")
+    return "check the path (the embedded defaults need no --config)"
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
     """``get_config(ARG)`` of the file in ``FILE[:ARG]`` (as ``--config=FILE:ARG`` would).
 
@@ -50,8 +59,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
     """
     file, sep, arg = spec.partition(":")
     if not os.path.isfile(file):
-        raise ConfigError(f"config file {file} not found (from {spec!r}); give a path such "
-                          f"as configs/revisiting/breast.py or one of {path('demo')}")
+        raise ConfigError(f"config file {file} not found (from {spec!r}); "
+                          f"{missing_file_hint(file)}")
     mod_spec = importlib.util.spec_from_file_location(
         "medtransfer_cfg_" + os.path.splitext(os.path.basename(file))[0], file)
     module = importlib.util.module_from_spec(mod_spec)

@@ -100,9 +100,12 @@ class Preflight:
         return "\n".join(lines)
 
     def error_message(self) -> str:
+        more = len(self.missing) - 1
         return (f"{len(self.missing)} thing(s) missing before the study can start: "
-                + "; ".join(self.missing) + ". Fix them (config args or --config.<field>=...) "
-                "and rerun; nothing was trained.")
+                + self.missing[0]
+                + (f"; and {more} more (the MISSING lines above)" if more else "")
+                + ". Fix them (config args or --config.<field>=...) and rerun; nothing was "
+                "trained.")
 
 
 #: What each source format's reader opens, by the file's first bytes (``sniff``): a Keras

@@ -22,6 +22,8 @@ import ml_collections
 from medtransfer_jax.training import presets
 
 OPTIONS = ("p", "fold", "seed", "dataset", "folds")
+#: The confounded fraction when the argument gives none.
+DEFAULT_P = 0.5
 
 
 def config(kind: str, arg: Optional[str], where: str) -> ml_collections.ConfigDict:
@@ -33,7 +35,7 @@ def config(kind: str, arg: Optional[str], where: str) -> ml_collections.ConfigDi
     c = presets.base_config()
     c.study, c.target = "source_matters", kind
     c.seed = presets.number_option(opts, "seed", 0)
-    p = presets.number_option(opts, "p", 0.5, float)
+    p = presets.number_option(opts, "p", DEFAULT_P, float)
 
     # ---- data: NIH ChestX-ray14 PA (or LIDC-IDRI slices, a choice: no paper code).
     dataset = opts.get("dataset", "nih_cxr14")

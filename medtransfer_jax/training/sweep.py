@@ -45,7 +45,7 @@ from absl import logging
 
 from medtransfer_jax import configs, interrupts, paths, workdir_lock
 from medtransfer_jax.configs import validation
-from medtransfer_jax.training import loop
+from medtransfer_jax.training import loop, source_matters_protocol as sm_protocol
 from medtransfer_jax.errors import UserError
 
 STUDIES = ("revisiting", "source_matters", "demo")
@@ -140,7 +140,9 @@ def expand_grid(study: str, *, targets: Sequence[str], sources: Sequence[str] = 
         return runs
     config_dir = config_dir or default_config_dir()
     sub = "revisiting" if study == "revisiting" else "source_matters"
-    p_values = list(ps) if (study == "source_matters" and ps) else [None]
+    # Source Matters runs always carry p (in the argument and the name), so a grid run
+    # first without --ps and later with --ps=0.5 finds the same runs.
+    p_values = (list(ps or [sm_protocol.DEFAULT_P]) if study == "source_matters" else [None])
     for target, source, fold, seed, p in itertools.product(targets, sources, folds, seeds,
                                                            p_values):
         arg = f"{source},fold={fold},seed={seed}"

@@ -17,7 +17,9 @@ from medtransfer_jax.data.base import DataError
 
 def require(cond: bool, message: str, instructions: str = "") -> None:
     if not cond:
-        raise DataError(message + ("\n\nExpected layout:\n" + instructions if instructions else ""))
+        sep = "" if message.endswith(".") else "."   # one sentence each when joined on a line
+        raise DataError(message + (sep + "\n\nExpected layout:\n" + instructions
+                                   if instructions else ""))
 
 
 def find_root(root, is_root: Callable[[str], bool], subdirs: Iterable[str], name: str,
