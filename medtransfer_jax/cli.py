@@ -51,11 +51,16 @@ _XLA_CACHE = flags.DEFINE_string(
 
 
 class QuietLibraries(pylogging.Filter):
-    """Drops the INFO chatter of orbax/grain/etils (hundreds of lines per checkpoint)."""
+    """Drops the INFO chatter of orbax/grain/etils (hundreds of lines per checkpoint) and
+    JAX's line about each absent platform ("Unable to initialize backend 'tpu'")."""
 
     def filter(self, record):
-        return record.levelno >= pylogging.WARNING or not any(
-            s in record.pathname for s in ("/orbax/", "/grain/", "/etils/"))
+        if record.levelno >= pylogging.WARNING:
+            return True
+        if "xla_bridge" in record.pathname and "Unable to initialize backend" in str(
+                record.msg):
+            return False
+        return not any(s in record.pathname for s in ("/orbax/", "/grain/", "/etils/"))
 
 
 def _wants_traceback(argv: Sequence[str]) -> bool:

@@ -326,3 +326,20 @@ def test_sweep_errors(tmp_path):
 ])
 def test_bench_errors(args, expect):
     _assert_user_error(_run("medtransfer_jax.bench", *args), "bench", *expect)
+
+
+def test_every_command_drops_the_absent_platform_lines_not_warnings():
+    """JAX's 'Unable to initialize backend tpu' INFO line opened every command's output."""
+    import logging as pylogging
+    from medtransfer_jax import cli
+
+    def record(level, path, msg):
+        return pylogging.LogRecord("jax", level, path, 1, msg, (), None)
+
+    quiet = cli.QuietLibraries()
+    bridge = "/site-packages/jax/_src/xla_bridge.py"
+    assert not quiet.filter(record(pylogging.INFO, bridge, "Unable to initialize backend "
+                                   "'tpu': INTERNAL: Failed to open libtpu.so"))
+    assert quiet.filter(record(pylogging.INFO, bridge, "something else"))
+    assert quiet.filter(record(pylogging.WARNING, bridge, "Unable to initialize backend 'cuda'"))
+    assert not quiet.filter(record(pylogging.INFO, "/site-packages/orbax/x.py", "saved"))
