@@ -20,6 +20,7 @@ User errors are :class:`medtransfer_jax.errors.UserError` (any layer raises a su
 """
 from __future__ import annotations
 
+import difflib
 import logging as pylogging
 import multiprocessing
 import os
@@ -96,6 +97,11 @@ def stopped(command: str, reason: str) -> None:
 def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
     """One line for an exception raised while parsing flags (incl. loading --config)."""
     text = str(e)
+    name = getattr(e, "flagname", "") or ""
+    head, dot, rest = name.partition(".")
+    if isinstance(e, flags.UnrecognizedFlagError) and dot and head != "config" \
+            and "config" in FLAGS and difflib.get_close_matches(head, ["config"], cutoff=0.6):
+        return f"{text}; did you mean --config.{rest}?"   # --confg.train.lr=0.1
     if isinstance(e, flags.UnrecognizedFlagError) and getattr(e, "flagname", "") \
             and e.flagname.startswith("config.") and "config" in FLAGS:
         try:

@@ -63,6 +63,7 @@ def _assert_user_error(p, command, *expect):
     (["--config.train.batch_size=12"], ["train.batch_size=12", "8 devices", "multiple of 8"]),
     (["--config.eval.batch_size=10"], ["eval.batch_size=10", "8 devices"]),
     (["--config.train.lr=abc"], ["--config.train.lr=abc"]),
+    (["--confg.train.lr=0.1"], ["'confg.train.lr'", "did you mean --config.train.lr?"]),
 ])
 def test_train_config_errors(tmp_path, extra, expect):
     wd = tmp_path / "run"
