@@ -256,3 +256,17 @@ def test_configs_without_options_refuse_an_argument(tmp_path):
     for path in (common, resolved):
         with pytest.raises(ConfigError, match="takes no argument, got 'seed=3'"):
             configs.load(f"{path}:seed=3")
+
+
+def test_the_head_phase_follows_the_runs_epochs_unless_set_itself():
+    """Revisiting freeze=true: both phases get the protocol's epochs; shortening the run
+    (--config.train.num_epochs=2) shortens the head phase too (it stayed at 30), and the
+    head phase can still be set alone."""
+    from medtransfer_jax import configs
+    spec = os.path.join(CONFIGS, "revisiting", "breast.py") + ":imagenet,freeze=true"
+    for overrides, want in (([], (30, 30)), (["train.num_epochs=2"], (2, 2)),
+                            (["train.head_phase.num_epochs=5"], (30, 5)),
+                            (["train.head_phase.num_epochs=5", "train.num_epochs=3"], (3, 5)),
+                            (["train.num_epochs=3", "train.head_phase.num_epochs=5"], (3, 5))):
+        c = configs.resolve(spec, overrides)
+        assert (c.train.num_epochs, c.train.head_phase.num_epochs) == want, overrides

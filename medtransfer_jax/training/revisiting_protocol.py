@@ -126,6 +126,9 @@ def _freeze(c: ml_collections.ConfigDict, opts: dict, sep: bool) -> None:
         raise ValueError("freeze=true needs a pre-trained source (imagenet/radimagenet)")
     c.train.freeze = "two_phase"
     c.train.head_phase.lr = 1e-3
-    c.train.head_phase.num_epochs = c.train.num_epochs
+    # The paper gave both phases the same epochs: a derived reference, so
+    # --config.train.num_epochs sets both (a copy kept the head phase at 30 when a user
+    # shortened the run) and --config.train.head_phase.num_epochs sets only the head's.
+    c.train.head_phase.num_epochs = c.train.get_ref("num_epochs").identity()
     c.train.head_phase.monitor = "accuracy"
     c.train.head_phase.patience = 10 if sep else 2
