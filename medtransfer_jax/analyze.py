@@ -214,6 +214,9 @@ def _pairs():
             _fail("Give both --weights_a and --weights_b (or use --pair=DIR_A,DIR_B).")
         pairs.append(tasks.Pair(FLAGS.weights_a, FLAGS.weights_b, name_a=FLAGS.label_a,
                                 name_b=FLAGS.label_b))
+    if (FLAGS.label_a or FLAGS.label_b) and not (FLAGS.weights_a or FLAGS.weights_b):
+        _fail("--label_a/--label_b name --weights_a/--weights_b; a --pair takes its label as "
+              "DIR_A,DIR_B,LABEL.")
     for p in FLAGS.pair:
         parts = p.split(",")
         if len(parts) not in (2, 3):
@@ -249,6 +252,11 @@ def similarity_task():
                   batch_size=FLAGS.batch_size,
                   preprocessing=FLAGS.preprocessing or preprocessing)
     if paper:
+        for name in ("spatial", "streaming"):   # the preset fixes them
+            if FLAGS[name].present:
+                _fail(f"--{name} applies to --protocol=custom (the paper preset samples "
+                      "spatial positions of the images in memory); add --protocol=custom or "
+                      f"leave --{name} out.")
         d = compare.PaperCCAProtocol()
         methods = _methods([d.method])
         if len(methods) > 1:

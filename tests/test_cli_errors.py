@@ -223,6 +223,10 @@ def test_analyze_errors(tmp_path, weights_dir):
         (["cca", f"--output_dir={tmp_path / 'f'}", *pair], ["is a file"]),
         (["cca", f"--output_dir={_read_only_dir(tmp_path)}/o", *pair], ["not writable"]),
         (["frobnicate", f"--output_dir={out}"], ["Unknown analysis"]),
+        (["cca", f"--output_dir={out}", "--streaming", *pair], ["--streaming", "custom"]),
+        (["cca", f"--output_dir={out}", "--spatial=pool", *pair], ["--spatial", "custom"]),
+        (["cca", f"--output_dir={out}", "--label_a=x", "--images=random",
+          f"--pair={weights_dir},{weights_dir}"], ["--label_a", "DIR_A,DIR_B,LABEL"]),
     ]
     (tmp_path / "f").write_text("x")
     for args, expect in cases:

@@ -230,7 +230,8 @@ def test_preflight_lists_everything_missing(tmp_path):
     pf = runner.preflight(c, str(tmp_path / "wd"))
     assert len(pf.missing) == 2 and pf.runs == 4 and pf.runs_done == 0
     assert "nope.h5" in pf.missing[0] and "no_data" in pf.missing[1]
-    with pytest.raises(runner.StudyError, match=r"2 thing\(s\) missing.*nope\.h5.*no_data"):
+    with pytest.raises(runner.StudyError,
+                       match=r"2 thing\(s\) missing.*nope\.h5.*and 1 more \(the MISSING"):
         runner.run_study(c, str(tmp_path / "wd"))
     assert not os.path.exists(tmp_path / "wd" / "finetune")  # nothing was trained
     ok = runner.preflight(_tiny_study_config(), str(tmp_path / "wd2"))
