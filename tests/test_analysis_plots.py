@@ -48,6 +48,27 @@ def test_auc_gain_points_are_coloured_by_source_and_the_method_is_named(drawn):
     assert "AUC_random" in ax.get_ylabel()
 
 
+def test_the_random_sources_weight_change_starts_from_its_initialisation(tmp_path,
+                                                                          monkeypatch):
+    """a is the random initialisation for the random source, not 'pre-trained'."""
+    import types
+    import ml_collections
+    from medtransfer_jax.studies import analyses
+    titles = []
+    monkeypatch.setattr(plots, "plot_weight_change",
+                        lambda rows, path, title="": titles.append(title) or path)
+    study = types.SimpleNamespace(
+        config=ml_collections.ConfigDict({"sources": {"random": {"kind": "random"},
+                                                      "imagenet": {"kind": "convert"}}}),
+        path=lambda *p: str(tmp_path.joinpath(*p)))
+    change = [dict(source=s, target="t", fold=0, layer="conv1", kind="conv", status="ok",
+                   rel_l2=0.1, cosine=0.9) for s in ("random", "imagenet")]
+    analyses._filter_figures(study, [], [], change)
+    assert titles == ["random: a = its random initialisation, b = fine-tuned weights (mean "
+                      "over 1 runs)", "imagenet: a = pre-trained, b = fine-tuned weights "
+                      "(mean over 1 runs)"]
+
+
 def test_weight_change_says_what_was_compared(drawn):
     rows = [dict(layer=f"l{i}", kind="conv", status="ok", rel_l2=0.01 * i, cosine=1 - 1e-4 * i)
             for i in range(3)]
@@ -78,3 +99,21 @@ def test_filter_statistics_tell_pre_trained_from_fine_tuned_in_the_legend(drawn)
     styles = {lab: (h.get_linestyle(), h.get_marker()) for h, lab in zip(handles, labels)}
     assert styles["imagenet:pre"] != styles["imagenet:fine-tuned"]
     assert styles["imagenet:fine-tuned"][0] == "--"
+
+
+def test_auc_figures_draw_the_chance_line_and_similarities_stop_at_one(drawn):
+    plots.plot_auc_bars([dict(target="breast", source="imagenet", auc=0.9, auc_sd=0.01,
+                              auc_n=5)], "unused.png", sources=["imagenet"])
+    rows = [dict(target="chest", confounder="tag", source="imagenet", p=p, n_rows=5,
+                 **{f"auc_{t}": 0.7 for t in plots.TEST_STYLES},
+                 **{f"auc_{t}_sd": 0.02 for t in plots.TEST_STYLES}) for p in (0.0, 1.0)]
+    plots.plot_robustness(rows, "unused.png")
+    for fig in drawn:
+        ax = fig.axes[0]
+        chance = [ln for ln in ax.lines if ln.get_label() == "chance (AUC 0.5)"]
+        assert len(chance) == 1 and set(chance[0].get_ydata()) == {0.5}
+    drawn.clear()
+    plots.plot_layer_similarity(
+        [dict(pair="a vs b", layer=l, method="linear_cka", value=v, std=0.01)
+         for l, v in (("conv1_relu", 0.99), ("conv2_block1_out", 0.6))], "unused.png")
+    assert drawn[0].axes[0].get_ylim()[1] <= 1.0

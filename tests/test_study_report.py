@@ -163,3 +163,17 @@ def test_confounded_study_headline_and_source_matters_comparison(tmp_path):
     assert row["diff_in_fold_sd"] == pytest.approx(
         (0.175 - theirs["mean"]) / math.sqrt((np.std([0.15, 0.2], ddof=1) ** 2
                                               + theirs["sd"] ** 2) / 2))
+
+
+def test_similarity_table_gives_each_layers_datapoints_and_channels(tmp_path):
+    """The header says 'up to'; the last row gives what each layer had (a deep layer of a
+    small image has few positions: a CCA there sits at chance)."""
+    study, _ = _study(tmp_path)
+    tables.write_csv(study.path("tables", "representations.csv"), [
+        dict(layer="conv1_relu", datapoints=10000.0, channels=64.0, fold=f) for f in (0, 1)]
+        + [dict(layer="conv5_block3_out", datapoints=d, channels=64.0, fold=f)
+           for f, d in ((0, 49.0), (1, 48.0))])
+    report.write_report(study)
+    md = open(tmp_path / "report.md").read()
+    assert "up to 10000 per layer, up to 64 shared channels" in md
+    assert re.search(r"\|\s*\| datapoints × channels \|\s*\| 10000 × 64 \| 48 × 64 \|", md), md

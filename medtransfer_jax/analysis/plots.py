@@ -73,7 +73,11 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
         null = [max((_finite_or_0(r.get("null_mean")) for r in sel if r["layer"] == l),
                     default=0.0) for l in layers]
         if any(null):
-            ax.plot(range(len(layers)), null, ":", color="grey", label="chance (shuffled rows)")
+            ax.plot(range(len(layers)), null, ":", color="grey",
+                    label="chance (shuffled rows; highest over the pairs)")
+        if max((_finite_or_0(r["value"]) + _finite_or_0(r.get("std")) for r in sel),
+               default=0.0) <= 1.0:
+            ax.set_ylim(top=min(ax.get_ylim()[1], 1.0))   # similarities end at 1
         ax.set_xticks(range(len(layers)))
         # Anchored rotation and half a slot of margin: the first name stays clear of the
         # y label instead of running under it.
@@ -282,6 +286,7 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
                 for (p, _), y in zip(pts, ys):
                     _mark(ax, p + dx, y, (marks or {}).get((target, kind, p, test), ""),
                           colours[src])
+        ax.axhline(0.5, ls=":", color="grey", lw=1, label="chance (AUC 0.5)")
         ax.set_xticks(ps)
         ax.set_xlabel("fraction p of positive training images with the artefact")
         ax.set_ylabel("test ROC-AUC (error bars: sd over folds)")
@@ -305,6 +310,7 @@ def plot_auc_bars(rows: Sequence[Mapping], path: str, *, sources: Sequence[str])
         err = [_finite_or_0(pts[t].get("auc_sd")) for t in targets if t in pts]
         ax.bar(xs, ys, width, yerr=err, capsize=2, color=colours[s],
                hatch="//" if s.endswith("_frz") else None, label=s)
+    ax.axhline(0.5, ls=":", color="grey", lw=1, label="chance (AUC 0.5)")
     ax.set_xticks(range(len(targets)))
     ax.set_xticklabels(targets)
     ax.set_ylim(0, 1)

@@ -452,8 +452,10 @@ def _filter_figures(study, drift, layers, change):
         sel = [r for r in change if r["source"] == s]
         mean_rows = tables.summarise(sel, ("layer", "kind", "status"), ("rel_l2", "cosine"))
         runs = len({(r.get("target"), r.get("fold")) for r in sel})
+        start = ("its random initialisation" if study.config.sources.get(s, {}).get("kind")
+                 == "random" else "pre-trained")
         plots.plot_weight_change(mean_rows, fig(f"weight_change_{s}.png"), title=(
-            f"{s}: a = pre-trained, b = fine-tuned weights (mean over {runs} runs)"))
+            f"{s}: a = {start}, b = fine-tuned weights (mean over {runs} runs)"))
 
 
 def filters_of_sources(study):

@@ -143,6 +143,25 @@ def similarity_pivot(rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[li
     return header, [list(k) + [cells.get(l, "") for l in layers] for k, cells in keyed.items()]
 
 
+def datapoints_row(header: Sequence[str], rows: Sequence[Dict[str, Any]]) -> list:
+    """The pivot's last row: each layer's datapoints × channels (the fewest over the
+    per-fold rows, ``representations.csv``), so a reader sees where n is small."""
+    cells = []
+    for layer in header[3:]:
+        sel = [r for r in rows if r.get("layer") == layer]
+        dp = [float(r["datapoints"]) for r in sel if _is_number(r.get("datapoints"))]
+        ch = [float(r["channels"]) for r in sel if _is_number(r.get("channels"))]
+        cells.append(f"{int(min(dp))} × {int(min(ch))}" if dp and ch else "")
+    return ["", "datapoints × channels", ""] + cells
+
+
+def _is_number(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
 class _Page:
     """Collects blocks; figure() adds an image only if its file exists."""
 
@@ -247,7 +266,8 @@ def _figures(page: _Page):
         page.figure(f"similarity_{t}.png",
                     f"{t}: representation similarity per layer (Keras layer names) for each "
                     "pair; error bars: sample sd over folds; grey dotted: chance level "
-                    "(shuffled rows) of that layer's comparison.")
+                    "(shuffled rows), the highest over the pairs at each layer, where the "
+                    "method has one (the CCA methods).")
     page.figure("prediction_similarity.png",
                 "Prediction similarity on the test split vs the independent-errors baseline "
                 "acc_A·acc_B + (1−acc_A)(1−acc_B); mean over folds, error bars: sample sd "
@@ -283,10 +303,18 @@ def _layer_maps(page: _Page):
     if not index:
         return
     page.add("h2", "Layer × layer maps")
+    lm = page.study.config.get("analysis", {}).get("layer_maps", {})
+    folds = sorted({r["fold"] for r in index})
+    datapoints = ("spatially pooled features (one datapoint per image)"
+                  if lm.get("spatial") == "pool" else "features on a common spatial grid")
     page.add("p", "Every block output of A against every block output of B on the "
                   "target's stimuli (tables under layer_maps/, heatmaps under "
                   "figures/layer_maps/): the diagonal compares the same layer; bright "
-                  "off-diagonal cells are layers of B that represent a layer of A.")
+                  "off-diagonal cells are layers of B that represent a layer of A. "
+                  f"Computed on {lm.get('num_images', '?')} images with "
+                  f"{datapoints}, for fold(s) {', '.join(map(str, folds))} "
+                  "(analysis.layer_maps.folds): not the same datapoints as the similarity table above (spatial "
+                  "positions), so the two need not agree on a layer's value.")
     page.add("table", _table(index, ("target", "fold", "pair", "method", "diagonal_mean",
                                      "off_diagonal_mean", "csv", "png"),
                              ("target", "fold", "pair", "method", "diagonal mean",
@@ -314,9 +342,14 @@ def _details(page: _Page, auc: str, runs):
     if summ:
         cca = page.study.config.analysis.cca
         page.add("p", f"Representation similarity ({', '.join(cca.methods)}; {cca.spatial} "
-                      f"datapoints, ~{cca.positions} per layer, {cca.num_channels} shared "
-                      f"channels, {cca.repeats} repeats), mean ± sd over folds [chance level].")
-        page.add("table", similarity_pivot(summ))
+                      f"datapoints, up to {cca.positions} per layer, up to {cca.num_channels} "
+                      f"shared channels, {cca.repeats} repeats), mean ± sd over folds [chance "
+                      "level]. A layer with fewer positions or channels uses what it has: "
+                      "the last row gives each layer's datapoints × channels; CCA near its "
+                      "chance level says nothing about the networks.")
+        header, rows = similarity_pivot(summ)
+        page.add("table", (header, rows + [datapoints_row(header, page.table(
+            "representations.csv") or [])]))
     pred = page.table("prediction_similarity_summary.csv")
     if pred:
         page.add("p", "Prediction similarity (test split), mean over folds; test images = "
