@@ -141,6 +141,33 @@ def test_read_paper_fold_csvs(tmp_path):
         splits.read_fold_csvs(str(d), 3, relpaths)
 
 
+
+def test_paper_csvs_list_an_image_once_per_abnormality(tmp_path):
+    """CBIS-DDSM: the dataset holds an image once per abnormality, and so do the paper's
+    CSVs (2,854 rows, 2,478 paths in mammograms/train_fold1.csv; some images have a benign
+    and a malignant finding). Each row takes its own copy, with its class; it failed
+    (an ambiguous match) before."""
+    relpaths = ["images/A.png", "images/A.png", "images/B.png", "images/C.png", "images/C.png"]
+    class_names = ("benign", "malignant")
+    labels = np.array([0, 1, 0, 1, 1])
+    d = tmp_path / "mammograms"
+    d.mkdir()
+    p = lambda r: "../../data/CBIS/" + r   # noqa: E731
+    _write_fold_csv(d / "train_fold1.csv", [(p("images/A.png"), "malignant"),
+                                            (p("images/A.png"), "benign"),
+                                            (p("images/C.png"), "malignant"),
+                                            (p("images/C.png"), "malignant")])
+    _write_fold_csv(d / "val_fold1.csv", [(p("images/B.png"), "benign")])
+    idx = splits.read_fold_csvs(str(d), 0, relpaths, class_names, labels)
+    assert idx["train"].tolist() == [0, 1, 3, 4] and idx["val"].tolist() == [2]
+    # a class no copy of the file has is still a different label rule
+    _write_fold_csv(d / "val_fold1.csv", [(p("images/C.png"), "benign")])
+    with pytest.raises(data.DataError, match="disagree"):
+        splits.read_fold_csvs(str(d), 0, relpaths, class_names, labels)
+    # two different files that fit equally well stay ambiguous (a missing row)
+    m = splits.PathMatcher(["a/X.png", "b/X.png", "images/A.png", "images/A.png"])
+    assert m.examples_of("X.png") == [] and m.examples_of("c/images/A.png") == [2, 3]
+
 def test_path_matcher_uses_longest_suffix():
     m = splits.PathMatcher(["train/NORMAL/IM-1.jpeg", "test/NORMAL/IM-1.jpeg", "val/PNEUMONIA/x.jpeg"])
     assert m.match("../../../data/chest_xray/test/NORMAL/IM-1.jpeg") == 1

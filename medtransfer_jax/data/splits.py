@@ -152,12 +152,20 @@ class PathMatcher:
                 self.by_name.setdefault(parts[-1], []).append(i)
 
     def match(self, path: str) -> Optional[int]:
+        """The one dataset index ``path`` names, else None (no file, or a tie)."""
+        winners = self.examples_of(path)
+        return winners[0] if len(winners) == 1 else None
+
+    def examples_of(self, path: str) -> List[int]:
+        """Every dataset index of the file ``path`` names: one, or several when the
+        dataset holds that file more than once (CBIS-DDSM: one example per abnormality of
+        an image); [] when no file, or more than one different file, fits."""
         parts = _path_parts(path)
         if not parts:
-            return None
+            return []
         cands = self.by_name.get(parts[-1], [])
         if len(cands) <= 1:
-            return cands[0] if cands else None
+            return list(cands)
 
         def common(i):
             a, m = self.parts[i], 0
@@ -168,7 +176,8 @@ class PathMatcher:
         scores = [common(i) for i in cands]
         best = max(scores)
         winners = [c for c, s in zip(cands, scores) if s == best]
-        return winners[0] if len(winners) == 1 else None
+        one_file = all(self.parts[w] == self.parts[winners[0]] for w in winners)
+        return winners if (len(winners) == 1 or one_file) else []
 
 
 def read_fold_csv(path: str) -> List[Dict[str, str]]:
@@ -236,12 +245,14 @@ def read_fold_csvs(fold_csv_dir: str, fold: int, relpaths: Sequence[str],
                 out["test"] = out["val"].copy()
                 continue
         rows = read_fold_csv(path)
-        idx, missing, mismatched = [], [], []
+        idx, missing, mismatched, taken = [], [], [], set()
         for row in rows:
-            i = matcher.match(row["path"])
-            if i is None:
+            cands = matcher.examples_of(row["path"])
+            if not cands:
                 missing.append(row["path"])
                 continue
+            i = _pick_example(cands, row, taken, labels, class_names, class_lookup)
+            taken.add(i)
             if class_lookup is not None:
                 want = str(row.get("class", "")).strip().lower()
                 if want not in class_lookup:
@@ -268,6 +279,32 @@ def read_fold_csvs(fold_csv_dir: str, fold: int, relpaths: Sequence[str],
     if class_lookup is not None:
         out["labels"] = csv_labels
     return out
+
+
+def _pick_example(cands: List[int], row: Dict[str, str], taken: set, labels, class_names,
+                  class_lookup) -> int:
+    """The example a CSV row means among the dataset's copies of its file (one per
+    abnormality: the paper's CSVs list such an image once per abnormality, each with its
+    own class): a copy not yet taken by this split, with the row's class where the labels
+    say (so an image with a benign and a malignant finding gives one of each)."""
+    if len(cands) == 1:
+        return cands[0]
+    want = str(row.get("class", "")).strip().lower()
+
+    def agrees(i):
+        if not want:
+            return True
+        if class_lookup is not None:
+            return True                        # the CSV decides the label
+        if labels is not None and class_names is not None:
+            return str(class_names[labels[i]]).lower() == want
+        return True
+
+    for pool in ([i for i in cands if i not in taken and agrees(i)],
+                 [i for i in cands if agrees(i)], [i for i in cands if i not in taken], cands):
+        if pool:
+            return pool[0]
+    return cands[0]
 
 
 def check_no_leakage(groups: Sequence, *index_sets: np.ndarray) -> None:
