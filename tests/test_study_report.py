@@ -21,6 +21,7 @@ def _study(tmp_path, published_kind="revisiting"):
     c.name = "fake"
     c.folds = [0, 1, 2]
     c.published = published_kind
+    c.protocol = "feb2023"     # the protocol Revisiting's published tables came from
     c.model = ml_collections.ConfigDict(dict(depth=50, width=64, layout="keras_v1"))
     c.sources = ml_collections.ConfigDict({s: {"kind": "random"} for s in
                                            ("imagenet", "radimagenet", "random")})
@@ -177,3 +178,18 @@ def test_similarity_table_gives_each_layers_datapoints_and_channels(tmp_path):
     md = open(tmp_path / "report.md").read()
     assert "up to 10000 per layer, up to 64 shared channels" in md
     assert re.search(r"\|\s*\| datapoints × channels \|\s*\| 10000 × 64 \| 48 × 64 \|", md), md
+
+
+
+def test_a_sep2023_study_is_not_compared_with_the_feb2023_tables(tmp_path):
+    """Revisiting's results/ (AUC, CCA) were made by its Feb-2023 scripts (val-fold sklearn
+    AUC): a Sep-2023 study says so instead of comparing unlike numbers."""
+    study, _ = _study(tmp_path)
+    study.config.protocol = "sep2023"
+    report.write_report(study)
+    md = open(tmp_path / "report.md").read()
+    part = md[md.index("## Compared"):md.index("## Figures")]
+    assert "Nothing to compare: the published revisiting numbers come from its feb2023 " \
+           "protocol" in part and "protocol=feb2023 to compare" in part
+    assert "| theirs |" not in part
+    assert published.load()["revisiting"]["auc_metric"] == "test.auc_ovr_weighted"

@@ -1,8 +1,8 @@
 """The papers' published numbers (``published.json``, shipped in the package) beside ours.
 
-What is in the file (provenance inside it): Revisiting's test AUC mean ± sd per target
-and source (imagenet, imagenet_frz, radimagenet, radimagenet_frz, random; 5 folds, from
-the repo's ``results/AUC_mean.csv``) and mean CCA per layer per pair, labelled as this
+What is in the file (provenance inside it): Revisiting's AUC mean ± sd per target and
+source (imagenet, imagenet_frz, radimagenet, radimagenet_frz, random; 5 folds, from the
+repo's ``results/AUC_mean.csv``: the Feb-2023 scripts' val-fold sklearn AUC) and mean CCA per layer per pair, labelled as this
 package labels pairs (``imagenet (pre) vs imagenet (fine-tuned)``, ``imagenet vs
 radimagenet (pre)``, ``random vs random (pre)``, ...); Source Matters' ImageNet o.o.d. AUC
 per confounder and p with their ImageNet-vs-RadImageNet permutation test.
@@ -81,9 +81,24 @@ def compare_source_matters(robustness_summary: Sequence[Dict[str, Any]]) -> List
     return out
 
 
-def compare(study_kind: str, auc_summary, auc_column, cca_summary, robustness_summary
-            ) -> List[Dict[str, Any]]:
-    """The rows for a study that declares ``published=revisiting|source_matters``; [] else."""
+def protocol_mismatch(study_kind: str, protocol: str) -> str:
+    """Why a study's numbers are not comparable with the published ones ('' if they are):
+    Revisiting's published tables were made by its Feb-2023 scripts, so a Sep-2023 study
+    (another lr, batch, epochs, test split and AUC) has nothing like-for-like to compare."""
+    want = load().get(study_kind, {}).get("study_protocol")
+    if not want or not protocol or protocol == want:
+        return ""
+    return (f"the published {study_kind} numbers come from its {want} protocol ("
+            f"{load()[study_kind]['protocol'].split(':')[0]}); this study runs protocol="
+            f"{protocol}: run the study with protocol={want} to compare")
+
+
+def compare(study_kind: str, auc_summary, auc_column, cca_summary, robustness_summary,
+            protocol: str = "") -> List[Dict[str, Any]]:
+    """The rows for a study that declares ``published=revisiting|source_matters`` and runs
+    the protocol the published numbers came from (``protocol``; '' = not said); [] else."""
+    if protocol_mismatch(study_kind, protocol):
+        return []
     if study_kind == "revisiting":
         return compare_revisiting(auc_summary, auc_column, cca_summary)
     if study_kind == "source_matters":

@@ -240,10 +240,15 @@ def _robustness_headline(page: _Page):
 
 def _published(page: _Page, auc: str, summary):
     kind = page.study.config.get("published", "")
+    protocol = page.study.config.get("protocol", "")
     rows = published.compare(kind, summary, f"test.{auc}",
                              page.table("representations_summary.csv"),
-                             page.table("robustness_summary.csv"))
+                             page.table("robustness_summary.csv"), protocol=protocol)
     page.add("h2", "Compared with the published numbers")
+    why_not = published.protocol_mismatch(kind, protocol)
+    if why_not:
+        page.add("p", f"Nothing to compare: {why_not}.")
+        return
     if not rows:
         page.add("p", "Nothing to compare: this study declares no published setup it "
                       f"matches (published={kind!r}; its targets/sources are not the papers')."
