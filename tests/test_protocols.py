@@ -51,6 +51,7 @@ def test_revisiting_files_show_both_protocols(target):
     assert (feb.train.lr, feb.train.batch_size, feb.train.num_epochs, feb.eval.patience) == \
         (1e-5, 128, 200, 3)
     assert (sep.eval.reported_auc, feb.eval.reported_auc) == ("auc_keras", "auc_ovr_weighted")
+    assert sep.train.epoch_steps == feb.train.epoch_steps == "ceil"   # Keras: N/B steps
     assert sep.train.freeze == "none"
     assert (feb.train.freeze, feb.train.head_phase.patience, feb.train.head_phase.lr,
             feb.train.head_phase.monitor) == ("two_phase", 2, 1e-3, "accuracy")
@@ -94,7 +95,7 @@ def test_source_matters_files(kind):
     assert (c.data.image_size, c.data.resize_method, c.data.folds) == (224, "nearest", "paper")
     assert (c.train.lr, c.train.batch_size, c.eval.patience, c.eval.reported_auc) == \
         (1e-3, 256, 30, "auc_keras")
-    assert c.data.fold_csv_labels == "csv"
+    assert c.data.fold_csv_labels == "csv" and c.train.epoch_steps == "ceil"
     if kind == "sampled":
         assert c.data.fold_csv_dir.endswith(os.path.join("chest14", "gender", "F_20"))
         assert c.data.fold_csv_test.endswith(os.path.join("chest14", "gender", "test.csv"))

@@ -413,3 +413,24 @@ def test_profiler_traces_the_asked_steps_also_after_a_resume(monkeypatch):
     with pytest.raises(ConfigError, match=re.escape("--config.log.profile_start=0")):
         validation.validate(_tiny(**{"log.profile_steps": 2, "log.profile_start": 0}))
     validation.validate(_tiny(**{"log.profile_steps": 0, "log.profile_start": 0}))
+
+
+def test_keras_epochs_have_ceil_steps_the_default_floor(tmp_path):
+    """train.epoch_steps=ceil is the papers' Keras epoch (steps_per_epoch = N/B: a pass
+    ends in a partial batch), so a 384-image target at batch 256 takes 2 updates an epoch;
+    floor takes 1. The run's phases and results.json follow the rule."""
+    from medtransfer_jax.training import phases
+    assert [phases.steps_per_epoch(n, 256, "ceil") for n in (384, 512, 100)] == [2, 2, 1]
+    assert [phases.steps_per_epoch(n, 256, "floor") for n in (384, 512, 100)] == [1, 2, 1]
+    res = {}
+    for rule in ("floor", "ceil"):
+        c = _tiny(**{"train.epoch_steps": rule, "train.num_steps": 0, "train.num_epochs": 1,
+                     "eval.every_steps": 0, "train.batch_size": 24})
+        res[rule] = loop.train_and_evaluate(c, str(tmp_path / rule))
+    n = res["floor"]["num_train"]
+    assert n % 24, "the tiny split must leave a partial batch"
+    assert (res["floor"]["steps_per_epoch"], res["ceil"]["steps_per_epoch"]) == (
+        n // 24, n // 24 + 1)
+    assert res["ceil"]["last_step"] == n // 24 + 1
+    with pytest.raises(ConfigError, match="train.epoch_steps=round"):
+        loop.train_and_evaluate(_tiny(**{"train.epoch_steps": "round"}), str(tmp_path / "x"))

@@ -17,6 +17,7 @@ from medtransfer_jax.data import config as data_config
 
 OPTIMIZERS = ("adam", "adamw", "sgd")                 # train.optimizer
 SCHEDULES = ("constant", "cosine", "linear")          # train.schedule (after warmup)
+EPOCH_STEPS = ("floor", "ceil")                        # train.epoch_steps
 FREEZE_POLICIES = ("none", "linear_probe", "two_phase")  # train.freeze, plus "stage:k"
 FREEZE_STAGES = range(1, 6)                           # k of "stage:k": conv1_* .. convK_*
 #: What inference.metrics.classification_metrics returns per split (besides
@@ -57,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 256          # global batch (all devices/hosts)
     c.train.num_epochs = 30
     c.train.num_steps = 0             # > 0 overrides num_epochs
+    # Steps in an epoch of N training images at batch B: floor(N/B) full batches, or ceil
+    # (Keras' steps_per_epoch=N/B, a pass ending in a partial batch: the same number of
+    # updates, here as full batches of the reshuffled stream). EPOCH_STEPS.
+    c.train.epoch_steps = "floor"
     c.train.optimizer = "adam"        # adam | adamw | sgd
     c.train.lr = 1e-3
     c.train.schedule = "constant"     # constant | cosine | linear (after warmup)

@@ -97,6 +97,7 @@ def _check_train(t) -> str:
     """Checks config.train; returns the freeze kind."""
     _choice("train.optimizer", str(t.optimizer).lower(), base.OPTIMIZERS)
     _choice("train.schedule", t.schedule, base.SCHEDULES)
+    _choice("train.epoch_steps", t.get("epoch_steps", "floor"), base.EPOCH_STEPS)
     kind, _ = parse_freeze(t.freeze)
     _check_steps("train", t)
     if kind == "two_phase":

@@ -34,6 +34,15 @@ def monitor_mode(metric: str) -> str:
     return "min" if metric == "loss" else "max"
 
 
+def steps_per_epoch(num_train: int, global_batch: int, rule: str = "floor") -> int:
+    """Steps in an epoch (``train.epoch_steps``): ``floor`` = full batches of the data;
+    ``ceil`` = Keras' ``steps_per_epoch=N/B``, whose pass ends in a partial batch (the
+    Revisiting and Source Matters scripts): as many updates, each a full batch of the
+    reshuffled stream. At least 1."""
+    whole, rest = divmod(int(num_train), int(global_batch))
+    return max(1, whole + (1 if rule == "ceil" and rest else 0))
+
+
 def make_phases(config, steps_per_epoch: int) -> List[Phase]:
     """The phases of ``config.train.freeze`` ('two_phase' -> head phase + full phase)."""
     t, e = config.train, config.eval

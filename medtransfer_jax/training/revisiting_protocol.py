@@ -97,6 +97,10 @@ def config(target: Target, arg: Optional[str], where: str) -> ml_collections.Con
         c.eval.patience = 3
     c.eval.monitor = "loss"
     c.eval.batch_size = c.train.batch_size
+    # fine-tuning.py: steps_per_epoch = len(train) / batch_size, a float: Keras runs
+    # ceil(N/B) steps, the last a partial batch (thyroid, 384 images at 256: 2 updates an
+    # epoch, not 1).
+    c.train.epoch_steps = "ceil"
     _freeze(c, opts, sep)
 
     # ---- reported metric: Sep AUC.py = keras.metrics.AUC() on one-hot x softmax (micro,

@@ -168,7 +168,8 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
         with stages("model_init"):
             model, variables, prep, init_desc, spec = model_init.build_model_and_variables(
                 config, splits.num_classes, init_rng)
-        steps_per_epoch = max(1, len(splits.train) // gbs)
+        steps_per_epoch = phases_lib.steps_per_epoch(len(splits.train), gbs,
+                                                     config.train.get("epoch_steps", "floor"))
         phases = phases_lib.make_phases(config, steps_per_epoch)
         with stages("data"):
             splits, train_iter, eval_data = _data_path(config, splits, mesh, prep, gbs)

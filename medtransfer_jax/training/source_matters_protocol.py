@@ -73,6 +73,10 @@ def config(kind: str, arg: Optional[str], where: str) -> ml_collections.ConfigDi
     # 30), best checkpoint by val loss.
     c.train.lr, c.train.batch_size, c.train.num_epochs = 1e-3, 256, 30
     c.eval.batch_size = 256
+    # fine-tuning.py: steps_per_epoch = len(train) / batch_size, a float: Keras runs
+    # ceil(N/B) steps, the last a partial batch (thyroid, 384 images at 256: 2 updates an
+    # epoch, not 1).
+    c.train.epoch_steps = "ceil"
     c.eval.monitor = "loss"
     c.eval.patience = 30
     # ---- reported metric: keras.metrics.AUC() on one-hot x softmax (micro, 200 thresholds).
