@@ -1,4 +1,6 @@
 """Confounders do what they say; the confounded splits follow the study's rules."""
+import os
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,31 @@ def test_tag_changes_only_its_box():
     rgb = np.zeros((64, 64, 3), np.uint8)
     assert confounders.add_tag(rgb, "R", 0.25, 0.1, 0.1).shape == (64, 64, 3)
 
+
+
+def test_the_tag_font_is_the_one_include_tag_py_looked_up(tmp_path):
+    """Source Matters drew the 'R' in FontProperties(family='sans-serif', weight='light')
+    via findfont; tag_font='light' resolves the same way (DejaVu Sans regular before), ''
+    keeps matplotlib's DejaVu Sans, and a wrong path is a DataError naming the field."""
+    from matplotlib import font_manager
+    want = font_manager.findfont(font_manager.FontProperties(family="sans-serif",
+                                                             weight="light"))
+    assert confounders.tag_font_file("light") == want
+    assert confounders.tag_font_file("").endswith("DejaVuSans.ttf")
+    art = confounders.make_artifact(_cfg("tag", tag_font="light").confounder)
+    assert dict(art.params)["tag_font"] == want
+    img = np.zeros((256, 256), np.uint8)
+    light = confounders.add_tag(img, "R", 0.25, 0.1, 0.1, font=want)
+    regular = confounders.add_tag(img, "R", 0.25, 0.1, 0.1)
+    assert light.max() == 255
+    if want != confounders.tag_font_file(""):     # a lighter face draws fewer pixels
+        assert (light > 0).sum() < (regular > 0).sum()
+    with pytest.raises(data.DataError, match="tag_font='/no/such.ttf'"):
+        confounders.tag_font_file("/no/such.ttf")
+    from medtransfer_jax import configs
+    c = configs.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "configs", "source_matters", "tag.py") + ":imagenet")
+    assert c.data.confounder.tag_font == "light"
 
 @pytest.mark.parametrize("value", [60, 128])
 def test_noise_statistics_follow_the_photon_count(value):

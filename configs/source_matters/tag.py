@@ -20,4 +20,7 @@ def get_config(arg=None):
     c.data.confounder.tag_size = 64 / 1024
     c.data.confounder.tag_x = c.data.confounder.tag_y = 200 / 1024
     c.data.confounder.tag_value = 255
+    # include_tag.py: FontProperties(family='sans-serif', weight='light') -> findfont (the
+    # file is this machine's; the run's log names it)
+    c.data.confounder.tag_font = "light"
     return c

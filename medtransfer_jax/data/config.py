@@ -52,6 +52,10 @@ def default_confounder_config() -> ml_collections.ConfigDict:
     c.tag_x = 0.1953          # left of the text box / image width  (200 / 1024)
     c.tag_y = 0.1953          # top of the text box / image height
     c.tag_value = 255         # grey value of the letter
+    # The letter's font: '' = matplotlib's DejaVu Sans (the same file everywhere); 'light' =
+    # the light sans-serif matplotlib finds on this machine, as include_tag.py looked it up
+    # (font_manager.findfont(family='sans-serif', weight='light')); or a .ttf path.
+    c.tag_font = ""
     # lowpass: an ideal circular FFT mask with this diameter, as a fraction of the image side
     # (the study: 500 px on 1024-px images).
     c.lowpass_diameter = 0.488

@@ -60,31 +60,53 @@ ARTIFACTS = ("tag", "lowpass", "noise")
 # The artefacts (uint8 (H, W) or (H, W, 3) in, same shape out)
 # ---------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def tag_font_file(tag_font: str = "") -> str:
+    """The font file of ``confounder.tag_font``: '' = matplotlib's DejaVu Sans; 'light' =
+    what ``font_manager.findfont(FontProperties(family='sans-serif', weight='light'))``
+    returns here (Source Matters' include_tag.py; the file depends on the installed
+    fonts, and is logged); anything else is a path, which must exist."""
+    import matplotlib
+    from matplotlib import font_manager
+    if not tag_font:
+        return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    if tag_font == "light":
+        path = font_manager.findfont(font_manager.FontProperties(family="sans-serif",
+                                                                 weight="light"))
+        log.info("tag font (sans-serif, light, as include_tag.py): %s", path)
+        return path
+    if not os.path.isfile(os.path.expanduser(tag_font)):
+        raise DataError(f"data.confounder.tag_font={tag_font!r} is not a font file; give a "
+                        ".ttf path, 'light' or '' (matplotlib's DejaVu Sans)")
+    return os.path.expanduser(tag_font)
+
+
 @functools.lru_cache(maxsize=32)
-def _font(size: int):
+def _font(size: int, path: str = ""):
     try:
-        import matplotlib
-        path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
-        return ImageFont.truetype(path, size)
+        return ImageFont.truetype(path or tag_font_file(""), size)
     except (ImportError, OSError):
         return ImageFont.load_default(size=size)
 
 
-def tag_box(shape, text: str = "R", size: float = 0.0625, x: float = 0.1953, y: float = 0.1953):
-    """The pixel box (left, top, right, bottom) the tag's glyph covers in an image of ``shape``."""
+def tag_box(shape, text: str = "R", size: float = 0.0625, x: float = 0.1953, y: float = 0.1953,
+            font: str = ""):
+    """The pixel box (left, top, right, bottom) the tag's glyph covers in an image of
+    ``shape`` (``font``: a font file, '' = matplotlib's DejaVu Sans)."""
     h, w = shape[:2]
-    font = _font(max(1, int(round(size * min(h, w)))))
+    font = _font(max(1, int(round(size * min(h, w)))), font)
     draw = ImageDraw.Draw(Image.new("L", (w, h)))
     return draw.textbbox((int(round(x * w)), int(round(y * h))), text, font=font)
 
 
 def add_tag(image: np.ndarray, text: str = "R", size: float = 0.0625, x: float = 0.1953,
-            y: float = 0.1953, value: int = 255) -> np.ndarray:
-    """Draws ``text`` with its top-left anchor at (x*W, y*H), font size size*min(H, W), grey ``value``."""
+            y: float = 0.1953, value: int = 255, font: str = "") -> np.ndarray:
+    """Draws ``text`` with its top-left anchor at (x*W, y*H), font size size*min(H, W), grey
+    ``value``, in the font file ``font`` ('' = matplotlib's DejaVu Sans)."""
     image = np.asarray(image)
     h, w = image.shape[:2]
     pil = Image.fromarray(image)
-    font = _font(max(1, int(round(size * min(h, w)))))
+    font = _font(max(1, int(round(size * min(h, w)))), font)
     fill = value if image.ndim == 2 else (value,) * image.shape[-1]
     ImageDraw.Draw(pil).text((int(round(x * w)), int(round(y * h))), text, font=font, fill=fill)
     return np.asarray(pil)
@@ -152,7 +174,8 @@ class Artifact:
     def __call__(self, image: np.ndarray, key: str) -> np.ndarray:
         p = dict(self.params)
         if self.kind == "tag":
-            return add_tag(image, p["tag_text"], p["tag_size"], p["tag_x"], p["tag_y"], p["tag_value"])
+            return add_tag(image, p["tag_text"], p["tag_size"], p["tag_x"], p["tag_y"],
+                           p["tag_value"], p.get("tag_font", ""))
         if self.kind == "lowpass":
             return lowpass(image, p["lowpass_diameter"])
         if self.kind == "noise":
@@ -168,6 +191,9 @@ _PARAM_KEYS = ("tag_text", "tag_size", "tag_x", "tag_y", "tag_value", "lowpass_d
 def make_artifact(ccfg, confounded: bool = True) -> Artifact:
     defaults = default_confounder_config()
     params = tuple((k, ccfg.get(k, defaults[k]) if hasattr(ccfg, "get") else defaults[k]) for k in _PARAM_KEYS)
+    if ccfg["kind"] == "tag":  # the resolved font file: part of the pixels' cache key
+        font = ccfg.get("tag_font", "") if hasattr(ccfg, "get") else ""
+        params += (("tag_font", tag_font_file(font or "")),)
     return Artifact(ccfg["kind"], params, confounded)
 
 
