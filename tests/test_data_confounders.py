@@ -209,3 +209,23 @@ def test_noise_p0_run_and_clean_test_are_the_originals():
                                  clean_test_originals=False), fold=0)
     assert not np.array_equal(noisy.train[0]["image"], base.train[0]["image"])
     assert not np.array_equal(noisy.extra_tests["clean"][0]["image"], base.test[0]["image"])
+
+
+def test_the_noise_shrink_is_cv2s_linear_resize():
+    """include_noise.py: cv2.resize(image, (512, 512)), INTER_LINEAR: an exact 2x
+    reduction is the 2 x 2 mean (PIL's antialiased BILINEAR, used before, is not); other
+    scales equal scipy's order-1 interpolation at cv2's half-pixel source positions."""
+    from scipy import ndimage
+    img = _rng_image(64, seed=3)
+    half = confounders.resize_linear_cv2(img, 32, 32)
+    block = img.reshape(32, 2, 32, 2).astype(np.float64).mean(axis=(1, 3))
+    np.testing.assert_array_equal(half, np.floor(block + 0.5).astype(np.uint8))
+    out = confounders.resize_linear_cv2(img, 27, 41)
+    ys = np.clip((np.arange(27) + 0.5) * 64 / 27 - 0.5, 0, 63)
+    xs = np.clip((np.arange(41) + 0.5) * 64 / 41 - 0.5, 0, 63)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    ref = ndimage.map_coordinates(img.astype(np.float64), [yy, xx], order=1, mode="nearest")
+    assert np.abs(out.astype(np.float64) - ref).max() <= 0.5 + 1e-9
+    # the noise confounder shrinks with it (1024 -> 512 in the study; 64 -> 32 here)
+    noisy = confounders.ct_noise(img, 2e7, np.random.default_rng(0), resize=32)
+    assert noisy.shape == (32, 32)

@@ -137,6 +137,27 @@ def lowpass(image: np.ndarray, diameter_frac: float = 0.488) -> np.ndarray:
     return np.clip(lowpass_float(image, d), 0, 255).astype(np.uint8)
 
 
+def resize_linear_cv2(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``cv2.resize(image, (width, height))`` (INTER_LINEAR), as include_noise.py shrank
+    the X-rays, without OpenCV: bilinear at half-pixel centres, edges replicated, no
+    antialiasing (an exact 2x reduction is the 2 x 2 mean), rounded half up to uint8.
+    (OpenCV's 11-bit fixed-point weights can differ by one grey level at other scales;
+    PIL's BILINEAR, used before, antialiases over a wider window.) (H, W) uint8 in/out."""
+    img = np.asarray(image, np.float64)
+    h, w = img.shape[:2]
+
+    def axis(n_out, n_in):
+        src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(np.int64)
+        return lo, np.minimum(lo + 1, n_in - 1), src - lo
+
+    y0, y1, wy = axis(height, h)
+    x0, x1, wx = axis(width, w)
+    rows = img[y0] * (1 - wy)[:, None] + img[y1] * wy[:, None]
+    out = rows[:, x0] * (1 - wx) + rows[:, x1] * wx
+    return np.floor(out + 0.5).clip(0, 255).astype(np.uint8)
+
+
 def ct_noise(image: np.ndarray, photons: float, rng: np.random.Generator, resize: int = 0) -> np.ndarray:
     """Simulated low-dose acquisition noise on an 8-bit image (grey; colour is averaged first).
 
@@ -147,7 +168,7 @@ def ct_noise(image: np.ndarray, photons: float, rng: np.random.Generator, resize
     if img.ndim == 3:
         img = np.asarray(Image.fromarray(img).convert("L"))
     if resize and max(img.shape) > resize:  # the study shrank 1024-px images to 512 first
-        img = np.asarray(Image.fromarray(img).resize((resize, resize), Image.BILINEAR))
+        img = resize_linear_cv2(img, resize, resize)
     lo, hi = HU_WINDOW
     x = img.astype(np.float64) + rng.uniform(0.0, 1.0, size=img.shape)      # de-quantise
     hu = x / 255.0 * (hi - lo) + lo
