@@ -226,3 +226,39 @@ def test_model_spec_roundtrip():
     model = spec.build(num_classes=5, dtype=jnp.bfloat16)
     assert (model.depth, model.layout, model.num_classes, model.width, model.dtype) == (
         18, "torchvision_v15", 5, 16, jnp.bfloat16)
+
+
+def test_a_random_init_draws_as_the_layouts_framework_does():
+    """The random baseline and every new head start as the papers' frameworks start them:
+    Keras layout = glorot_uniform kernels and zero biases (Keras' Conv2D / Dense defaults,
+    drawn by Keras itself here); torchvision layout = kaiming_normal(fan_out) convolutions
+    and torch.nn.Linear's default head (drawn by torch). Compared by range and sd."""
+    import keras
+    import torch
+
+    def stats(a):
+        a = np.asarray(a, np.float64)
+        return np.abs(a).max(), a.std()
+
+    for layout in ("keras_v1", "torchvision_v15"):
+        model = resnet.ResNet(depth=18, layout=layout, width=16, num_classes=2)
+        params = resnet.init_variables(model, jax.random.key(0), 32)["params"]
+        stem = np.asarray(params["conv1_conv"]["kernel"])            # (7, 7, 3, 16)
+        head = np.asarray(params["predictions"]["kernel"])           # (128, 2)
+        bias = np.asarray(params["predictions"]["bias"])
+        if layout == "keras_v1":
+            ref_stem = keras.initializers.GlorotUniform(seed=1)(stem.shape)
+            ref_head = keras.initializers.GlorotUniform(seed=2)(head.shape)
+            assert not bias.any() and not np.asarray(params["conv1_conv"]["bias"]).any()
+        else:
+            conv = torch.nn.Conv2d(3, 16, 7, bias=False)
+            torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            ref_stem = conv.weight.detach().numpy()
+            lin = torch.nn.Linear(128, 2)
+            ref_head = lin.weight.detach().numpy()
+            assert np.abs(bias).max() <= 1 / np.sqrt(128) and bias.any()
+        for ours, ref in ((stem, ref_stem), (head, ref_head)):
+            (m_ours, sd_ours), (m_ref, sd_ref) = stats(ours), stats(ref)
+            assert sd_ours == pytest.approx(sd_ref, rel=0.15), (layout, ours.shape)
+            if layout == "keras_v1" or ours is head:       # uniform: the same bound
+                assert m_ours <= m_ref * 1.02 + 1e-6 and m_ours >= 0.9 * m_ref

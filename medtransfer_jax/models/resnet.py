@@ -48,9 +48,29 @@ DEPTHS: Dict[int, Tuple[str, Tuple[int, ...]]] = {
 
 # Per-layout constants. Momentum is in flax/Keras convention:
 # running = m * running + (1 - m) * batch. torch's m=0.1 is flax's 0.9.
+def _torch_linear_bias(fan_in: int):
+    """torch.nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / max(fan_in, 1) ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                    -bound, bound)
+
+
+# Initialisers follow each layout's framework, so a random init (the studies' random
+# baseline) and every new head start as the papers' did: Keras' Conv2D and Dense default to
+# glorot_uniform kernels and zero biases; torchvision's ResNet draws its convolutions
+# kaiming_normal(fan_out) and keeps torch.nn.Linear's default (kaiming_uniform(a=sqrt(5)),
+# i.e. U(+-1/sqrt(fan_in)), and the same bound for the bias).
 _LAYOUT_CONSTANTS = {
-    "keras_v1": dict(use_bias=True, bn_epsilon=1.001e-5, bn_momentum=0.99),
-    "torchvision_v15": dict(use_bias=False, bn_epsilon=1e-5, bn_momentum=0.9),
+    "keras_v1": dict(use_bias=True, bn_epsilon=1.001e-5, bn_momentum=0.99,
+                     conv_init=nn.initializers.glorot_uniform(),
+                     head_init=nn.initializers.glorot_uniform(),
+                     head_bias_init=lambda fan_in: nn.initializers.zeros),
+    "torchvision_v15": dict(use_bias=False, bn_epsilon=1e-5, bn_momentum=0.9,
+                            conv_init=nn.initializers.variance_scaling(2.0, "fan_out",
+                                                                       "normal"),
+                            head_init=nn.initializers.variance_scaling(1 / 3, "fan_in",
+                                                                       "uniform"),
+                            head_bias_init=_torch_linear_bias),
 }
 
 
@@ -121,9 +141,7 @@ class ResNet(nn.Module):
         bn_train = train if batch_norm_train is None else batch_norm_train
         momentum = self.bn_momentum if self.bn_momentum is not None else consts["bn_momentum"]
         conv = functools.partial(nn.Conv, use_bias=consts["use_bias"], dtype=self.dtype,
-                                 param_dtype=jnp.float32,
-                                 kernel_init=nn.initializers.variance_scaling(
-                                     2.0, "fan_out", "normal"))
+                                 param_dtype=jnp.float32, kernel_init=consts["conv_init"])
         norm = functools.partial(nn.BatchNorm, use_running_average=not bn_train,
                                  momentum=momentum, epsilon=consts["bn_epsilon"],
                                  dtype=self.dtype, param_dtype=jnp.float32)
@@ -159,7 +177,8 @@ class ResNet(nn.Module):
             return x
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="head_dropout")(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                     name="predictions")(x)
+                     kernel_init=consts["head_init"],
+                     bias_init=consts["head_bias_init"](x.shape[-1]), name="predictions")(x)
         return jnp.asarray(x, jnp.float32)
 
 
