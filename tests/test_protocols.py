@@ -52,6 +52,8 @@ def test_revisiting_files_show_both_protocols(target):
         (1e-5, 128, 200, 3)
     assert (sep.eval.reported_auc, feb.eval.reported_auc) == ("auc_keras", "auc_ovr_weighted")
     assert sep.train.epoch_steps == feb.train.epoch_steps == "ceil"   # Keras: N/B steps
+    # Feb-2023: Dense(1, sigmoid) for binary targets; Sep-2023: Dense(K, softmax)
+    assert (sep.model.head, feb.model.head) == ("softmax", "sigmoid_binary")
     assert sep.train.freeze == "none"
     assert (feb.train.freeze, feb.train.head_phase.patience, feb.train.head_phase.lr,
             feb.train.head_phase.monitor) == ("two_phase", 2, 1e-3, "accuracy")

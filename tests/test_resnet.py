@@ -262,3 +262,28 @@ def test_a_random_init_draws_as_the_layouts_framework_does():
             assert sd_ours == pytest.approx(sd_ref, rel=0.15), (layout, ours.shape)
             if layout == "keras_v1" or ours is head:       # uniform: the same bound
                 assert m_ours <= m_ref * 1.02 + 1e-6 and m_ours >= 0.9 * m_ref
+
+
+def test_the_sigmoid_head_is_kerass_binary_head():
+    """head='sigmoid' (Revisiting Feb-2023: Dense(1, sigmoid) + BinaryCrossentropy): one
+    unit; the logits [0, z] give softmax [1 - sigmoid(z), sigmoid(z)] and a softmax
+    cross-entropy equal to Keras' binary cross-entropy on sigmoid(z)."""
+    import keras
+    from medtransfer_jax.inference.predict import cross_entropy
+    model = resnet.ResNet(depth=18, width=8, num_classes=2, head="sigmoid")
+    variables = resnet.init_variables(model, jax.random.key(0), 32)
+    assert variables["params"]["predictions"]["kernel"].shape == (64, 1)
+    x = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
+    logits = np.asarray(model.apply(variables, x))
+    assert logits.shape == (6, 2) and not logits[:, 0].any()
+    z = logits[:, 1].astype(np.float64)
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    np.testing.assert_allclose(probs[:, 1], 1 / (1 + np.exp(-z)), rtol=1e-5)
+    labels = np.array([0, 1, 1, 0, 1, 0])
+    ours = np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 2, 0.0))
+    theirs = np.asarray(keras.losses.binary_crossentropy(
+        labels[:, None].astype(np.float32), (1 / (1 + np.exp(-z)))[:, None].astype(np.float32)))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="sigmoid needs a 2-class task"):
+        resnet.ResNet(depth=18, width=8, num_classes=3, head="sigmoid").init(
+            jax.random.key(0), x)

@@ -434,3 +434,21 @@ def test_keras_epochs_have_ceil_steps_the_default_floor(tmp_path):
     assert res["ceil"]["last_step"] == n // 24 + 1
     with pytest.raises(ConfigError, match="train.epoch_steps=round"):
         loop.train_and_evaluate(_tiny(**{"train.epoch_steps": "round"}), str(tmp_path / "x"))
+
+
+def test_a_sigmoid_binary_head_trains_exports_and_reloads(tmp_path):
+    """model.head=sigmoid_binary (Revisiting Feb-2023's Keras binary head): a 2-class run
+    trains a 1-unit head, exports it with head='sigmoid' in its metadata, the export
+    reloads as that model, and its predictions are 2-class probabilities."""
+    from medtransfer_jax.weights import checkpoint as weights_lib
+    wd = tmp_path / "run"
+    res = loop.train_and_evaluate(_tiny(**{"model.head": "sigmoid_binary"}), str(wd))
+    loaded = weights_lib.load_model(str(wd / "export" / "best"))
+    assert loaded.metadata.head == "sigmoid" and loaded.model.head == "sigmoid"
+    assert loaded.variables["params"]["predictions"]["kernel"].shape[-1] == 1
+    rows = predictions.read_predictions(str(wd / "predictions.csv"))
+    assert rows["probs"].shape[1] == 2
+    np.testing.assert_allclose(rows["probs"].sum(-1), 1.0, atol=1e-5)
+    assert 0.0 <= res["test"]["auc"] <= 1.0
+    with pytest.raises(ConfigError, match="model.head=sigmoid"):
+        loop.train_and_evaluate(_tiny(**{"model.head": "sigmoid"}), str(tmp_path / "x"))

@@ -18,6 +18,7 @@ from medtransfer_jax.data import config as data_config
 OPTIMIZERS = ("adam", "adamw", "sgd")                 # train.optimizer
 SCHEDULES = ("constant", "cosine", "linear")          # train.schedule (after warmup)
 EPOCH_STEPS = ("floor", "ceil")                        # train.epoch_steps
+HEAD_CHOICES = ("softmax", "sigmoid_binary")           # model.head
 FREEZE_POLICIES = ("none", "linear_probe", "two_phase")  # train.freeze, plus "stage:k"
 FREEZE_STAGES = range(1, 6)                           # k of "stage:k": conv1_* .. convK_*
 #: What inference.metrics.classification_metrics returns per split (besides
@@ -47,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.layout = "keras_v1"
     c.model.width = 64
     c.model.dropout_rate = 0.5        # Dropout before the head, as in both studies
+    # softmax: num_classes logits; sigmoid_binary: a 1-unit sigmoid head when the task has
+    # 2 classes (Keras class_mode='binary', Revisiting Feb-2023), softmax otherwise
+    c.model.head = "softmax"
     c.model.dtype = "float32"         # 'bfloat16' = mixed precision (params stay float32)
     # BatchNorm momentum (flax convention); None = the layout's (Keras 0.99). Short runs
     # need a faster average (0.9) or the running statistics lag the weights.

@@ -76,6 +76,7 @@ def _check_model(m) -> None:
             _choice(f"model.{name}", m.get(name), sorted(table) if name == "depth" else table)
     if m.get("preprocessing") is not None:
         _choice("model.preprocessing", m.preprocessing, preprocessing.MODES)
+    _choice("model.head", m.get("head", "softmax"), base.HEAD_CHOICES)
     rate = m.get("dropout_rate")
     _range("model.dropout_rate", rate, _number(rate) and 0 <= rate < 1,
            "in [0, 1) (the studies used 0.5)")

@@ -60,6 +60,9 @@ def _torch_linear_bias(fan_in: int):
 # glorot_uniform kernels and zero biases; torchvision's ResNet draws its convolutions
 # kaiming_normal(fan_out) and keeps torch.nn.Linear's default (kaiming_uniform(a=sqrt(5)),
 # i.e. U(+-1/sqrt(fan_in)), and the same bound for the bias).
+#: ResNet.head: the classifier's output (see the class).
+HEADS = ("softmax", "sigmoid")
+
 _LAYOUT_CONSTANTS = {
     "keras_v1": dict(use_bias=True, bn_epsilon=1.001e-5, bn_momentum=0.99,
                      conv_init=nn.initializers.glorot_uniform(),
@@ -103,6 +106,10 @@ class ResNet(nn.Module):
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters and
         BatchNorm statistics stay float32.
       bn_momentum: override the layout's BatchNorm momentum (flax convention).
+      head: ``softmax`` (``num_classes`` logits) or ``sigmoid``: one logit z, returned as
+        the logits [0, z] of a 2-class task, so that the softmax is [1 - sigmoid(z),
+        sigmoid(z)] and its cross-entropy is Keras' binary cross-entropy (Revisiting's
+        Feb-2023 ``Dense(1, activation='sigmoid')`` head).
     """
 
     depth: int = 50
@@ -112,6 +119,7 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     bn_momentum: Optional[float] = None
+    head: str = "softmax"
 
     def _check(self):
         if self.depth not in DEPTHS:
@@ -120,6 +128,10 @@ class ResNet(nn.Module):
         if self.layout not in LAYOUTS:
             raise ValueError(
                 f"ResNet layout={self.layout!r} is not supported; choose one of {LAYOUTS}.")
+        if self.head not in HEADS or (self.head == "sigmoid" and self.num_classes
+                                      and self.num_classes != 2):
+            raise ValueError(f"ResNet head={self.head!r} with {self.num_classes} classes: "
+                             f"choose one of {HEADS}; sigmoid needs a 2-class task.")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False,
@@ -176,10 +188,14 @@ class ResNet(nn.Module):
         if not self.num_classes:
             return x
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="head_dropout")(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+        units = 1 if self.head == "sigmoid" else self.num_classes
+        x = nn.Dense(units, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=consts["head_init"],
                      bias_init=consts["head_bias_init"](x.shape[-1]), name="predictions")(x)
-        return jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(x, jnp.float32)
+        if self.head == "sigmoid":
+            x = jnp.concatenate([jnp.zeros_like(x), x], axis=-1)   # softmax = [1 - s, s]
+        return x
 
 
 def _bottleneck(x, filters, stride, prefix, conv, norm, keras, project):
@@ -301,9 +317,10 @@ class ModelSpec:
     layout: str = "keras_v1"
     num_classes: Optional[int] = None
     width: int = 64
+    head: str = "softmax"
 
     def build(self, **overrides) -> ResNet:
         kw = dict(depth=self.depth, layout=self.layout, num_classes=self.num_classes,
-                  width=self.width)
+                  width=self.width, head=self.head)
         kw.update(overrides)
         return ResNet(**kw)

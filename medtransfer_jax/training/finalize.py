@@ -139,6 +139,7 @@ def finalize(run, state, state_sh, step: int, ls) -> Dict[str, Any]:
                        weights_lib.WeightsMetadata(
                            source="finetuned", layout=run.spec.layout, depth=run.spec.depth,
                            width=run.spec.width, num_classes=s.num_classes,
+                           head=run.spec.head,
                            preprocessing=run.prep, image_size=c.data.image_size,
                            extra={"init": run.init_desc, "metrics": mets, "step": int(stp),
                                   "dataset": s.name, "class_names": list(s.class_names),

@@ -27,9 +27,10 @@ def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict,
     init = m.init or "random"
     common = dict(num_classes=num_classes, dropout_rate=m.dropout_rate,
                   dtype=jnp.dtype(m.dtype), bn_momentum=m.bn_momentum)
+    head = "sigmoid" if m.get("head") == "sigmoid_binary" and num_classes == 2 else "softmax"
     if init == "random":
         spec = resnet.ModelSpec(depth=m.depth, layout=m.layout, num_classes=num_classes,
-                                width=m.width)
+                                width=m.width, head=head)
         model = spec.build(**common)
         variables = resnet.init_variables(model, rng, image_size)
         return model, jax.device_get(variables), m.preprocessing or "unit", "random", spec
@@ -44,7 +45,7 @@ def build_model_and_variables(config, num_classes: int, rng) -> Tuple[Any, Dict,
             logging.warning("config.model.%s=%r differs from %s/metadata.json (%r); the "
                             "checkpoint's architecture is used.", key, m[key], init,
                             getattr(meta, key))
-    spec = dataclasses.replace(meta.model_spec(), num_classes=num_classes)
+    spec = dataclasses.replace(meta.model_spec(), num_classes=num_classes, head=head)
     model = spec.build(**common)
     fresh = jax.device_get(resnet.init_variables(model, rng, image_size))
     variables = weights_lib.merge_into(fresh, source.variables, skip_head=True,

@@ -87,6 +87,10 @@ def config(target: Target, arg: Optional[str], where: str) -> ml_collections.Con
     # caffe preprocess_input for every source (no 1/255 in this study); the random
     # baseline is a plain Keras ResNet50 with its own head (no dropout).
     presets.apply_source(c, source, preprocessing="caffe", random_dropout=0.0)
+    # Feb-2023 fine-tuning.py: `if class_mode == "binary": Dense(1, activation="sigmoid")`
+    # with BinaryCrossentropy (chest, breast, thyroid, mammograms, pcam); the Sep-2023 head
+    # is Dense(K, softmax) for every target.
+    c.model.head = "softmax" if sep else "sigmoid_binary"
 
     # ---- training: Adam; best checkpoint by val loss; early stopping on val loss.
     if sep:

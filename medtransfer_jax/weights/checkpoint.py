@@ -58,6 +58,7 @@ class WeightsMetadata:
     converted_from: Optional[str] = None
     format: str = "flax"
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    head: str = "softmax"     # resnet.HEADS: 'sigmoid' = one logit (a Keras binary head)
 
     def __post_init__(self):
         if self.layout not in resnet.LAYOUTS:
@@ -68,7 +69,8 @@ class WeightsMetadata:
 
     def model_spec(self) -> resnet.ModelSpec:
         return resnet.ModelSpec(depth=self.depth, layout=self.layout,
-                                num_classes=self.num_classes, width=self.width)
+                                num_classes=self.num_classes, width=self.width,
+                                head=self.head)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
