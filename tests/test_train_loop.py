@@ -33,8 +33,11 @@ def _tiny(**kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run"))
+    # checkpoint.every_secs=0: a checkpoint at each evaluation (steps 4 and 8), whichever
+    # step is best: the damaged-checkpoint tests below need the earlier one on disk
     cfg = _tiny(**{"log.profile_steps": 2, "log.profile_start": 5,
-                   "checkpoint.keep_when_done": True})   # the tests below copy them
+                   "checkpoint.keep_when_done": True,    # the tests below copy them
+                   "checkpoint.every_secs": 0.0})
     return cfg, wd, loop.train_and_evaluate(cfg, wd)
 
 
