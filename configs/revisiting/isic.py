@@ -17,6 +17,7 @@ TARGET = protocol.Target(
     image_size_sep2023=112, image_size_feb2023=112,
     hflip=True,
     cca_image_size=112,  # CCA.py's stimulus size
+    split_by_image=True,
 )
 
 

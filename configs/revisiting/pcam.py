@@ -17,6 +17,7 @@ TARGET = protocol.Target(
     image_size_sep2023=96, image_size_feb2023=96,
     hflip=True,
     cca_image_size=96,  # CCA.py's stimulus size
+    split_by_image=True,
     fold_csvs="pcam-small",
 )
 
