@@ -71,14 +71,19 @@ def test_two_hosts_match_single_process(tmp_path):
 
 def _two_hosts(wd, audit, env, *extra):
     """``train`` as processes 0 and 1 of a 2-host job (one CPU device each); their outputs."""
+    return _as_two_hosts(lambda i, port: [
+        sys.executable, os.path.join(_train_utils.REPO, "tests", "_write_audit.py"), audit,
+        f"--config={CONFIG}", f"--workdir={wd}",
+        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+        "--num_cpu_devices=1", "--xla_cache_dir=", *extra], env, _train_utils.REPO)
+
+
+def _as_two_hosts(command, env, cwd):
+    """Runs ``command(process_id, port)`` as processes 0 and 1 of a 2-host job; asserts
+    both exit 0; their outputs."""
     port = _train_utils.free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(_train_utils.REPO, "tests", "_write_audit.py"), audit,
-         f"--config={CONFIG}", f"--workdir={wd}",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-         "--num_cpu_devices=1", "--xla_cache_dir=", *extra],
-        env=env, cwd=_train_utils.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True) for i in range(2)]
+    procs = [subprocess.Popen(command(i, port), env=env, cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = []
     for p in procs:
         try:
@@ -153,27 +158,14 @@ def test_an_inprocess_sweep_joins_the_hosts(tmp_path):
     env = _train_utils.subprocess_env()
     env.pop("XLA_FLAGS", None)  # each process: exactly one CPU device
     out_dir = tmp_path / "sweep"
-    port = _train_utils.free_port()
     tiny = ["train.num_steps=2", "data.synthetic.num_examples=64", "data.image_size=32",
             "data.synthetic.image_size=32", "model.width=8", "train.batch_size=16",
             "eval.batch_size=16"]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "medtransfer_jax.sweep", "--study=demo", "--folds=0",
-         "--mode=inprocess", f"--output_dir={out_dir}", "--xla_cache_dir=",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-         *[f"--override={o}" for o in tiny]],
-        env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=400)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    _as_two_hosts(lambda i, port: [
+        sys.executable, "-m", "medtransfer_jax.sweep", "--study=demo", "--folds=0",
+        "--mode=inprocess", f"--output_dir={out_dir}", "--xla_cache_dir=",
+        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+        *[f"--override={o}" for o in tiny]], env, "/")
     with open(out_dir / "demo" / "fold0" / "seed0" / "results.json") as f:
         res = json.load(f)
     assert res["num_processes"] == 2 and res["num_devices"] == 2
