@@ -21,6 +21,7 @@ import sys
 from absl import flags
 
 from medtransfer_jax import cli, configs, paths, workdir_lock
+from medtransfer_jax.errors import UserError
 
 _CONFIG = cli.define_config_file(
     "train", configs.path("demo"), "Training config file (ml_collections), optionally "
@@ -55,6 +56,13 @@ def main(argv):
     try:
         with workdir_lock.hold(_WORKDIR.value, process):
             results = loop.train_and_evaluate(config, _WORKDIR.value)
+    except UserError as e:   # a missing input: say every other one too, not one per try
+        from medtransfer_jax.studies import preflight  # noqa: E402 (only on this path)
+        problems = preflight.run_problems(config)
+        if len(problems) > 1:
+            raise UserError(f"{len(problems)} inputs missing before the run can start: "
+                            + "; ".join(problems)) from e
+        raise
     except loop.Preempted as e:
         cli.stopped("train", str(e))
     except diverged as e:  # not a user error: the run is recorded as diverged

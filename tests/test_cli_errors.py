@@ -139,6 +139,19 @@ def test_train_missing_dataset_folder(tmp_path, extra, expect):
     assert "Expected layout" in p.stderr  # the manual-download instructions follow
 
 
+def test_train_names_every_missing_input_at_once(tmp_path):
+    """A paper run with its data, fold CSVs and weights all missing named only the first
+    (fix it, rerun, meet the next): now one line lists all three, and no workdir stays."""
+    wd = tmp_path / "new" / "run"
+    p = _run("medtransfer_jax.train", f"--workdir={wd}",
+             f"--config={REPO}/configs/revisiting/breast.py:imagenet",
+             "--config.data.root=/no/such/busi", "--config.data.fold_csv_dir=/no/such/csvs",
+             "--config.model.init=/no/such/weights")
+    _assert_user_error(p, "train", "3 inputs missing before the run can start",
+                       "data root '/no/such/busi'", "--config.data.root=DIR",
+                       "data.fold_csv_dir='/no/such/csvs'", "model.init=/no/such/weights")
+    assert os.listdir(tmp_path) == []
+
 def test_verbosity_keeps_the_traceback(tmp_path):
     p = _run("medtransfer_jax.train", f"--workdir={tmp_path / 'r'}",
              "--config=no/such/config.py", "--verbosity=1")

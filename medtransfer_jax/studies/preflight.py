@@ -147,6 +147,11 @@ def _fix(hint: Optional[str], fallback: str) -> str:
     return f"give {hint}" if hint else fallback
 
 
+def _who(target: str) -> str:
+    """The line's subject: ``targets.<target>: `` in a study, nothing for one run ('')."""
+    return f"targets.{target}: " if target else ""
+
+
 def check_source(name: str, spec, source_dir: str, info=None) -> List[str]:
     """What a source lacks: a weights dir, a readable input file to convert (HDF5 / zip /
     pickle signature), a pre-train config. ``info``: the study config's ``args``, whose
@@ -204,12 +209,12 @@ def check_data(target: str, d, hint: Optional[str], layouts: Dict) -> List[str]:
         return []
     fix = _fix(hint, "fix data.root in the target's overrides")
     if not (d.get("root") and paths.isdir(paths.expand(d.root))):
-        return [f"targets.{target}: data root {d.get('root')!r} is not a directory ({fix})"]
+        return [f"{_who(target)}data root {d.get('root')!r} is not a directory ({fix})"]
     key = (d.name, d.root)
     if key not in layouts:
         layouts[key] = layout_problem(d)
     if layouts[key]:
-        return [f"targets.{target}: {layouts[key]} ({fix}; the layout: "
+        return [f"{_who(target)}{layouts[key]} ({fix}; the layout: "
                 f"medtransfer_jax.data.builders.instructions({d.name!r}))"]
     return []
 
@@ -225,7 +230,7 @@ def check_fold_csvs(target: str, d, folds: Sequence[int], hint: Optional[str]) -
     fix = (f"give {hint}, the CSVs from {where}" if hint else f"get them from {where}")
     csv_dir = d.get("fold_csv_dir")
     if not csv_dir or not paths.isdir(paths.expand(csv_dir)):
-        return [f"targets.{target}: data.fold_csv_dir={csv_dir!r} not found: runs split by "
+        return [f"{_who(target)}data.fold_csv_dir={csv_dir!r} not found: runs split by "
                 f"the paper's fold CSVs ({fix})"]
     csv_dir = paths.expand(csv_dir)
     names = set(paths.Listings().names(csv_dir))
@@ -235,13 +240,29 @@ def check_fold_csvs(target: str, d, folds: Sequence[int], hint: Optional[str]) -
                 + (("test",) if per_fold_test else ())]
         absent = [w for w in want if w not in names]
         if absent:
-            return [f"targets.{target}: fold CSV {os.path.join(csv_dir, absent[0])} not found "
+            return [f"{_who(target)}fold CSV {os.path.join(csv_dir, absent[0])} not found "
                     f"(fold {fold} reads {', '.join(want)}; {fix})"]
     test = d.get("fold_csv_test")
     if test and not paths.isfile(paths.expand(test)):
-        return [f"targets.{target}: data.fold_csv_test={test!r} not found (the test CSV "
+        return [f"{_who(target)}data.fold_csv_test={test!r} not found (the test CSV "
                 f"every fold reads; {fix})"]
     return []
+
+
+def run_problems(cfg) -> List[str]:
+    """What one training run lacks, all at once (the ``train`` main asks when a run stops
+    on a missing input, so a user fixes everything in one go, as the study's pre-flight
+    lets them): the data root and its layout, its fold's CSVs, a ``model.init`` weights
+    directory. Lists folders and label files only."""
+    d = cfg.data
+    out = check_data("", d, "--config.data.root=DIR", {})
+    out += check_fold_csvs("", d, [int(d.get("fold", 0))], "--config.data.fold_csv_dir=DIR")
+    init = cfg.model.get("init") or "random"
+    if init != "random" and not paths.exists(paths.join(paths.expand(init),
+                                                        checkpoint.METADATA_FILE)):
+        out.append(f"model.init={init}: not a weights directory ({checkpoint.METADATA_FILE} "
+                   "missing); convert the checkpoint with medtransfer_jax.convert")
+    return out
 
 
 def check_folds(study, d) -> Optional[str]:
