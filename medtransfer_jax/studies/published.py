@@ -2,8 +2,8 @@
 
 What is in the file (provenance inside it): Revisiting's AUC mean ± sd per target and
 source (imagenet, imagenet_frz, radimagenet, radimagenet_frz, random; 5 folds, from the
-repo's ``results/AUC_mean.csv``: the Feb-2023 scripts' val-fold sklearn AUC) and mean CCA per layer per pair, labelled as this
-package labels pairs (``imagenet (pre) vs imagenet (fine-tuned)``, ``imagenet vs
+repo's ``results/AUC_mean.csv``: the Feb-2023 scripts' val-fold sklearn AUC) and mean
+CCA per layer per pair, labelled as this package labels pairs (``imagenet (pre) vs imagenet (fine-tuned)``, ``imagenet vs
 radimagenet (pre)``, ``random vs random (pre)``, ...); Source Matters' ImageNet o.o.d. AUC
 per confounder and p with their ImageNet-vs-RadImageNet permutation test.
 

@@ -318,8 +318,9 @@ def _layer_maps(page: _Page):
                   "off-diagonal cells are layers of B that represent a layer of A. "
                   f"Computed on {lm.get('num_images', '?')} images with "
                   f"{datapoints}, for fold(s) {', '.join(map(str, folds))} "
-                  "(analysis.layer_maps.folds): not the same datapoints as the similarity table above (spatial "
-                  "positions), so the two need not agree on a layer's value.")
+                  "(analysis.layer_maps.folds): not the same datapoints as the similarity "
+                  "table above (spatial positions), so the two need not agree on a layer's "
+                  "value.")
     page.add("table", _table(index, ("target", "fold", "pair", "method", "diagonal_mean",
                                      "off_diagonal_mean", "csv", "png"),
                              ("target", "fold", "pair", "method", "diagonal mean",
