@@ -26,7 +26,9 @@ def test_extract_filters_order_layout_and_depth():
     lfs = F.extract_filters({"params": p})
     assert [l.layer for l in lfs] == ["conv2_block1_2_conv", "conv3_block1_2_conv",
                                       "conv4_block1_2_conv"]
-    assert [l.depth for l in lfs] == [0.0, 0.5, 1.0]
+    # CNN-Filter-DB's depth: the rank among the levels holding any conv (stem 7x7 = 0, the
+    # 1x1 = 1, then the three 3x3 layers) over 4; not the rank among the 3x3 layers alone
+    assert [l.depth for l in lfs] == [0.5, 0.75, 1.0]
     k = p["conv3_block1_2_conv"]["kernel"]  # (3, 3, in=6, out=8)
     f = lfs[1].filters
     assert f.shape == (48, 9)
@@ -53,6 +55,11 @@ def test_scaling_and_pca_basis():
     c = pca.transform(s)
     np.testing.assert_allclose(c @ pca.components + pca.mean, s, atol=1e-12)
     np.testing.assert_allclose(np.abs(c), np.abs(ref.transform(s)), atol=1e-9)
+    # signs as the notebook's scikit-learn 0.24 (svd_flip on U): each component's largest
+    # |score| is positive, from an SVD of the centred data done here
+    u, _, vt = np.linalg.svd(s - s.mean(0), full_matrices=False)
+    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(9)])
+    np.testing.assert_allclose(pca.components, vt * signs[:, None], atol=1e-8)
 
 
 def test_histograms_and_kl():
@@ -141,9 +148,10 @@ def test_analyse_filters_drift_and_groups():
     stats_rows = {(r["model"], r["layer"]): r for r in rep.layer_rows}
     assert stats_rows[("a", "conv2_block1_2_conv")]["n_filters"] == 24
     assert stats_rows[("a", "conv4_block1_2_conv")]["depth_bin"] == "(0.9, 1.0]"
-    assert stats_rows[("a", "conv3_block1_2_conv")]["depth_bin"] == "(0.4, 0.5]"
+    assert stats_rows[("a", "conv3_block1_2_conv")]["depth_bin"] == "(0.7, 0.8]"
+    assert stats_rows[("a", "conv2_block1_2_conv")]["depth_bin"] == "(0.4, 0.5]"
     assert 0 < stats_rows[("a", "conv2_block1_2_conv")]["variance_entropy"] <= np.log10(9)
-    assert rep.histograms[("ab", "[0.0, 0.1]")].shape == (9, F.NUM_BINS)
+    assert rep.histograms[("ab", "(0.4, 0.5]")].shape == (9, F.NUM_BINS)
     # identical models: the drift is exactly 0 while the noise floor (halves) is not
     ab = [r for r in rep.drift_rows if r["scope"] == "layer" and r["a"] == "a" and r["b"] == "b"]
     assert all(r["noise_floor"] > 0 and r["drift"] < r["noise_floor"] for r in ab)

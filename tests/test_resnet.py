@@ -287,3 +287,17 @@ def test_the_sigmoid_head_is_kerass_binary_head():
     with pytest.raises(ValueError, match="sigmoid needs a 2-class task"):
         resnet.ResNet(depth=18, width=8, num_classes=3, head="sigmoid").init(
             jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("depth, depth_of", [(18, lambda k: (k + 1) / 16),
+                                             (50, lambda k: (3 * k + 2) / 48)])
+def test_resnet_3x3_depths_are_the_filter_dbs(depth, depth_of):
+    """The longest-path graph levels of a ResNet (onnxzoo2filterdb's depth, worked out on
+    the network's graph: the 7x7 stem, the 1x1s and the 3x3s each a level, a projection
+    shortcut on its block's first level) put the k-th 3x3 layer of ResNet18 at (k+1)/16
+    and of ResNet50 at (3k+2)/48."""
+    from medtransfer_jax.analysis import filters as F
+    params = resnet.init_variables(resnet.ResNet(depth=depth, width=8, num_classes=None),
+                                   jax.random.key(0), 32)
+    got = [lf.depth for lf in F.extract_filters(params)]
+    np.testing.assert_allclose(got, [depth_of(k) for k in range(16)])

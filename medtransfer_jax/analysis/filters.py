@@ -4,11 +4,19 @@ Pipeline (NumPy float64 on host; a ResNet50 has ~1.3M 3x3 filters, seconds of wo
 
 1. :func:`extract_filters`: every 3x3 conv kernel (Flax HWIO (3, 3, in, out)) becomes an
    (out*in, 9) matrix, rows in torch order (out, in) and each filter row-major; each layer
-   gets a normalised depth ``i / (L - 1)`` (i = index among the model's 3x3 conv layers in
-   forward order).
+   gets the normalised depth CNN-Filter-DB's extractor gave it (onnxzoo2filterdb
+   ``extract_filters.py``: the rank of its graph level among the distinct levels that
+   hold a conv of *any* kernel size, over (levels - 1); :func:`conv_depths`). In a ResNet
+   the 7x7 stem and the 1x1 convs count, and a projection shortcut shares its block's
+   first level: ResNet18's 3x3 layers sit at k/16, ResNet50's at (3k + 2)/48. (An
+   earlier version ranked the 3x3 layers alone, which put 6 of ResNet18's 16 in another
+   0.1 bin and moved per-bin drift by up to +-140 %.)
 2. :func:`scale_filters`: each filter divided by its own max |w| (all-zero filters stay 0).
 3. :func:`fit_pca`: 9-component PCA (centred) on the scaled filters of *all* compared
-   models, so every model is described in the same basis; coefficients c0..c8.
+   models, so every model is described in the same basis; coefficients c0..c8, each
+   component's sign as the notebook's scikit-learn 0.24 ``PCA`` left it (``svd_flip`` on
+   the scores: the largest |coefficient| positive; the range is asymmetric, so a flipped
+   component lands in other bins: ~2 % of drift).
 4. :func:`coefficient_histograms`: per group (model x depth bin, or layer), a 70-bin
    ``np.histogram(..., density=True)`` per coefficient, all nine over **one** range (the min
    and max over every coefficient of every compared filter, :func:`global_range`); empty
@@ -62,20 +70,40 @@ class LayerFilters:
     kernel_shape: Tuple[int, ...]  # HWIO
 
 
+def conv_depths(params: Mapping) -> Dict[str, float]:
+    """Every conv layer's normalised depth as CNN-Filter-DB's extractor measured it: the
+    rank of the layer's graph level (longest path from the input) among the distinct
+    levels holding any conv, over (levels - 1). For Keras-named ResNets the levels follow
+    the forward order of the convs, with a projection shortcut (``..._0_conv``) on the
+    level of its block's first conv (``..._1_conv``): both read the block's input."""
+    params = dict(params.get("params", params))
+    convs = [n for n in layer_order(params)
+             if isinstance(params[n], Mapping) and "kernel" in params[n]
+             and np.ndim(params[n]["kernel"]) == 4]
+    level_of = {n: (n[:-len("_0_conv")] + "_1_conv" if n.endswith("_0_conv") else n)
+                for n in convs}
+    rank = {lv: i for i, lv in enumerate(dict.fromkeys(level_of[n] for n in convs))}
+    top = max(len(rank) - 1, 1)
+    return {n: rank[level_of[n]] / top for n in convs}
+
+
 def extract_filters(params: Mapping, kernel_size: Tuple[int, int] = (3, 3)) -> List[LayerFilters]:
-    """All ``kernel_size`` conv kernels of a Flax params tree (Keras layer names), in order."""
+    """All ``kernel_size`` conv kernels of a Flax params tree (Keras layer names), in
+    order, each with its :func:`conv_depths` depth."""
     params = dict(params.get("params", params))
     names = [n for n in layer_order(params)
-             if "kernel" in params[n] and np.ndim(params[n]["kernel"]) == 4
+             if isinstance(params[n], Mapping) and "kernel" in params[n]
+             and np.ndim(params[n]["kernel"]) == 4
              and tuple(np.shape(params[n]["kernel"])[:2]) == tuple(kernel_size)]
     if not names:
         raise ValueError(f"No {kernel_size[0]}x{kernel_size[1]} conv kernels found in the params "
                          "tree; is it a ResNet params dict (layer -> {'kernel', ...})?")
+    depths = conv_depths(params)
     out = []
-    for i, n in enumerate(names):
+    for n in names:
         k = np.asarray(params[n]["kernel"], np.float64)
         f = k.transpose(3, 2, 0, 1).reshape(-1, kernel_size[0] * kernel_size[1])
-        out.append(LayerFilters(n, i / max(len(names) - 1, 1), f, k.shape))
+        out.append(LayerFilters(n, depths[n], f, k.shape))
     return out
 
 
@@ -102,8 +130,11 @@ def fit_pca(filter_sets: Sequence[np.ndarray]) -> FilterPCA:
     cov = (X - mean).T @ (X - mean) / max(len(X) - 1, 1)
     lam, V = np.linalg.eigh(cov)
     lam, V = np.maximum(lam[::-1], 0), V[:, ::-1]
-    # fix signs (largest |loading| positive) so bases are reproducible
-    V = V * np.sign(V[np.argmax(np.abs(V), axis=0), np.arange(V.shape[1])])
+    # signs as scikit-learn 0.24's PCA (the notebook's): svd_flip(U, Vt) makes each
+    # component's largest |score| positive (a zero column keeps its sign)
+    scores = (X - mean) @ V
+    sign = np.sign(scores[np.argmax(np.abs(scores), axis=0), np.arange(V.shape[1])])
+    V = V * np.where(sign == 0, 1.0, sign)
     ratio = lam / lam.sum() if lam.sum() > 0 else np.full_like(lam, 1 / lam.size)
     return FilterPCA(mean, V.T, ratio)
 
