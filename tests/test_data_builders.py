@@ -356,15 +356,16 @@ def test_paper_folds_missing_folder_names_it_and_the_fix(tmp_path):
     assert "--config.data.fold_csv_dir" in msg and "data.folds=kfold" in msg
 
 
-def _nih(root, n_pos=6, n_neg=6):
-    """A fake NIH CXR14 download: Atelectasis (F) and No Finding (M/F) PA images."""
+def _nih(root, n_pos=6, n_neg=6, others=()):
+    """A fake NIH CXR14 download: Atelectasis (F) and No Finding (M/F) PA images, then
+    ``others``: (findings, view) rows the label rule leaves out."""
     header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
               "Patient Gender", "View Position"]
     rows = []
-    for i in range(n_pos + n_neg):
-        pos = i < n_pos
-        rows.append([f"{i:08d}_000.png", "Atelectasis" if pos else "No Finding", 0, i + 1, 50,
-                     "MF"[i % 2], "PA"])
+    kinds = [("Atelectasis" if i < n_pos else "No Finding", "PA")
+             for i in range(n_pos + n_neg)] + list(others)
+    for i, (findings, view) in enumerate(kinds):
+        rows.append([f"{i:08d}_000.png", findings, 0, i + 1, 50, "MF"[i % 2], view])
         _png(str(root / "images" / rows[-1][0]), value=10 + i)
     _write_csv(root / "Data_Entry_2017.csv", header, rows)
     return rows
@@ -372,14 +373,18 @@ def _nih(root, n_pos=6, n_neg=6):
 
 def test_source_matters_csvs_fixed_test_and_csv_labels(tmp_path):
     """The paper's chest-14 CSVs: train/val per fold, one fixed test.csv for every fold,
-    classes YES/NO taken from the CSV (data.fold_csv_labels='csv')."""
-    rows = _nih(tmp_path / "nih")
+    classes YES/NO taken from the CSV (data.fold_csv_labels='csv'). Their rows include
+    images with other findings and views (YES/NO came from an unpublished rule): the CSVs
+    pick them (they were dropped by the label rule, so every fold failed to load)."""
+    rows = _nih(tmp_path / "nih", others=[("Cardiomegaly|Effusion", "PA"),
+                                           ("Pneumothorax", "AP")])
     names = [r[0] for r in rows]
     d = tmp_path / "source-matters" / "data" / "chest14"
     os.makedirs(d)
     # The CSV calls image 0 (Atelectasis in the dataset) 'NO': the CSV wins in 'csv' mode.
     lab = {n: ("YES" if i < 6 else "NO") for i, n in enumerate(names)}
     lab[names[0]] = "NO"
+    lab[names[12]], lab[names[13]] = "YES", "NO"     # other findings, an AP view
     test = names[:2] + names[6:8]
     for k in (1, 2):
         rest = [n for n in names if n not in test]
@@ -397,9 +402,14 @@ def test_source_matters_csvs_fixed_test_and_csv_labels(tmp_path):
     assert sorted(sp0.val.ids) != sorted(sp1.val.ids)
     got = dict(zip(sp0.test.ids, sp0.test.labels))
     assert got[names[0]] == 0 and got[names[1]] == 1 and got[names[6]] == 0
-    # 'check' mode refuses the disagreement and names the row.
+    everyone = dict(zip(list(sp0.train.ids) + list(sp0.val.ids),
+                        list(sp0.train.labels) + list(sp0.val.labels)))
+    assert everyone[names[12]] == 1 and everyone[names[13]] == 0
+    # 'check' mode keeps the label rule: it refuses the rows the rule leaves out or labels
+    # otherwise, naming them.
     cfg.fold_csv_labels = "check"
-    with pytest.raises(data.DataError, match="disagree with the dataset's label rule"):
+    with pytest.raises(data.DataError, match="(disagree with the dataset's label rule|"
+                                             "rows name files not found)"):
         data.get_splits(cfg, fold=0)
 
 

@@ -5,6 +5,11 @@ positive), default ('No Finding', 'Atelectasis'): images whose 'Finding Labels' 
 positive finding -> 'yes', images labelled exactly the negative finding -> 'no', all other
 images dropped; only the views in ``data.nih_views`` (default PA). Metadata: ``sex``
 ('M'/'F'), ``age`` (years), ``age_bucket`` ('<60' / '>=60'). Split unit: Patient ID.
+
+When the paper's fold CSVs pick the images and give their labels (``data.folds='paper'``
+with ``data.fold_csv_labels='csv'``: Source Matters' artefact CSVs, whose YES/NO came from
+an unpublished rule and include images with other findings), every row is kept: the CSVs
+select, the rule above only labels the rows it covers (others 0 until the CSV relabels).
 """
 from __future__ import annotations
 
@@ -61,6 +66,8 @@ def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> L
     negative, positive = tuple(cfg.get("nih_labels", ("No Finding", "Atelectasis"))) if cfg is not None \
         else ("No Finding", "Atelectasis")
     views = set(cfg.get("nih_views", ("PA",))) if cfg is not None else {"PA"}
+    csv_decides = (cfg is not None and cfg.get("folds") == "paper"
+                   and cfg.get("fold_csv_labels") == "csv")
     images = _index_images(root, ls)
     require(bool(images), f"{NAME}: no PNG images under {root}", MANUAL_DOWNLOAD_INSTRUCTIONS)
     out = []
@@ -71,12 +78,12 @@ def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> L
             sex, age = row["Patient Gender"].strip().upper(), _age(row["Patient Age"])
         except KeyError as e:
             raise DataError(f"{csv_path} line {line}: missing column {e}") from None
-        if views and view not in views:
+        if views and view not in views and not csv_decides:
             continue
         findings = [f.strip() for f in findings]
         if positive in findings:
             label = 1
-        elif findings == [negative]:
+        elif findings == [negative] or csv_decides:
             label = 0
         else:
             continue
