@@ -630,3 +630,43 @@ def test_bucket_paper_folds_and_a_bad_image_are_reported_with_their_urls(fake_gc
         builders.load_source(csv_cfg)
     assert len(data.get_splits(_cfg("breast", "gs://bucket/busi", folds="kfold", num_folds=2,
                                     skip_corrupt=True), 0).train) > 0
+
+
+def test_pcam_hdf5_read_as_the_papers_png_export(tmp_path):
+    """With the paper's fold CSVs, the HDF5 download is read as pcam_converter.py exported
+    it (train, valid, test into one folder as <i>_label=<y>.png, a later split overwriting
+    an earlier name), nothing is sampled, and the CSV rows match (8,000 of 8,000 rows were
+    unmatched: the HDF5 examples were named <file>/<i>)."""
+    h5py = pytest.importorskip("h5py")
+    labels = {"train": [0, 1, 0, 1, 1, 0], "valid": [0, 0, 1], "test": [1, 0]}
+    pixels = {}
+    for k, (split, ys) in enumerate(labels.items()):
+        x = np.stack([np.full((96, 96, 3), 10 * k + i, np.uint8) for i in range(len(ys))])
+        pixels[split] = x
+        with h5py.File(tmp_path / f"camelyonpatch_level_2_split_{split}_x.h5", "w") as f:
+            f.create_dataset("x", data=x)
+        with h5py.File(tmp_path / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as f:
+            f.create_dataset("y", data=np.asarray(ys, np.uint8).reshape(-1, 1, 1, 1))
+    # the export, simulated independently: the last writer of each name
+    last = {}
+    for split, ys in labels.items():
+        for i, y in enumerate(ys):
+            last[f"{i}_label={y}.png"] = (split, i)
+    src = _load("pcam", tmp_path, folds="paper", pcam_num_examples=3)
+    assert sorted(src.relpaths) == sorted(last)                   # nothing sampled away
+    for j, name in enumerate(src.relpaths):
+        split, i = last[name]
+        np.testing.assert_array_equal(src[j]["image"], pixels[split][i])
+        assert src.labels[j] == int(name[-5])
+    d = tmp_path / "csvs"
+    d.mkdir()
+    names = sorted(last)
+    _write_csv(d / "train_fold1.csv", ["", "path", "class"],
+               [[j, f"../PCam/png_images/{n}", "yes" if n[-5] == "1" else "no"]
+                for j, n in enumerate(names[:5])])
+    _write_csv(d / "val_fold1.csv", ["", "path", "class"],
+               [[j, f"../PCam/png_images/{n}", "yes" if n[-5] == "1" else "no"]
+                for j, n in enumerate(names[5:])])
+    cfg = _cfg("pcam", tmp_path, folds="paper", fold_csv_dir=str(d), pcam_num_examples=3)
+    sp = data.get_splits(cfg, fold=0)
+    assert len(sp.train) == 5 and len(sp.val) == len(names) - 5

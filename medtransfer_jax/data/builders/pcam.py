@@ -7,6 +7,12 @@ test splits are pooled in that order and ``data.pcam_num_examples`` patches draw
 from a folder listing of exported PNGs, so the exact subset cannot be reproduced; the
 paper's PNG layout (``<index>_label=<y>.png``) is also accepted so its fold CSVs match.
 Split unit: the patch (no patient ids).
+
+With the paper's fold CSVs (``data.folds='paper'``) the CSVs pick the 10,000 patches, so
+nothing is sampled, and the HDF5 files are read as the paper's ``pcam_converter.py``
+exported them: train, then valid, then test, each patch written to
+``<index>_label=<y>.png`` in one folder, a later split overwriting a name an earlier one
+wrote. Each example is that name's last writer, so the CSV rows match the HDF5 download.
 """
 from __future__ import annotations
 
@@ -82,7 +88,8 @@ def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> L
     root = find_root(root, is_root, ("pcam", "PCam", "png_images"), NAME, MANUAL_DOWNLOAD_INSTRUCTIONS, ls)
     n_keep = int(cfg.get("pcam_num_examples", 10000)) if cfg is not None else 10000
     seed = int(cfg.get("pcam_sample_seed", 22)) if cfg is not None else 22
-    out = []
+    paper_names = cfg is not None and cfg.get("folds") == "paper"   # the CSVs choose
+    out, exported = [], {}
     if ls.isfile(_h5(root, "train", "y")):
         for split in SPLITS:
             ypath, xpath = _h5(root, split, "y"), _h5(root, split, "x")
@@ -101,8 +108,16 @@ def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> L
             require(nx == len(y), f"{NAME}: {xpath} has {nx} patches but {ypath} {len(y)} labels")
             rel = os.path.basename(xpath)
             for i, label in enumerate(y):
-                out.append(Example(xpath, int(label), f"{split}/{i}", f"{split}/{i}",
-                                   {"original_split": split}, loader=H5PatchLoader(i), relpath=f"{rel}/{i}"))
+                if paper_names:   # the export's file name; a later split overwrites it
+                    name = f"{i}_label={int(label)}.png"
+                    exported[name] = Example(xpath, int(label), name, name,
+                                             {"original_split": split},
+                                             loader=H5PatchLoader(i), relpath=name)
+                else:
+                    out.append(Example(xpath, int(label), f"{split}/{i}", f"{split}/{i}",
+                                       {"original_split": split}, loader=H5PatchLoader(i),
+                                       relpath=f"{rel}/{i}"))
+        out += list(exported.values())
     else:
         for p in list_images(root, (".png",), recursive=False, listing=ls):
             m = _PNG.search(os.path.basename(p))
@@ -110,7 +125,7 @@ def examples(root: str, cfg=None, listing: Optional[paths.Listings] = None) -> L
                 rel = os.path.basename(p)
                 out.append(Example(p, int(m.group(1)), rel, rel, relpath=rel))
     require(bool(out), f"{NAME}: no patches found in {root}", MANUAL_DOWNLOAD_INSTRUCTIONS)
-    if 0 < n_keep < len(out):
+    if 0 < n_keep < len(out) and not paper_names:
         keep = np.sort(np.random.RandomState(seed).choice(len(out), n_keep, replace=False))
         out = [out[i] for i in keep]
     return out
