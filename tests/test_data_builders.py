@@ -311,6 +311,28 @@ def test_tfds_prepare_and_read_back_without_tensorflow(tmp_path):
         np.testing.assert_array_equal(src[j]["image"], raw[i]["image"])
 
 
+def test_a_tfds_prepared_dataset_keeps_its_file_paths_for_the_papers_csvs(tmp_path):
+    """ISIC prepared with TFDS: its examples keep the download's relative paths (the ids
+    'ISIC_0024306' name no file, so no paper CSV row matched), and fold CSVs split it."""
+    pytest.importorskip("tensorflow_datasets")
+    from medtransfer_jax.data.builders import tfds_builder
+    manual = tmp_path / "isic"
+    _layout_isic(manual)
+    raw = _load("isic", manual)
+    tfds_builder.prepare("isic", str(manual), str(tmp_path / "tfds"))
+    src = _load("isic", manual, tfds_data_dir=str(tmp_path / "tfds"))
+    assert dict(zip(src.ids, src.relpaths)) == dict(zip(raw.ids, raw.relpaths))
+    assert all(r.endswith(".jpg") for r in src.relpaths) and "_relpath" not in src.meta
+    d = tmp_path / "csvs"
+    d.mkdir()
+    names = sorted(os.path.basename(r) for r in raw.relpaths)
+    for split, part in (("train", names[:5]), ("val", names[5:])):
+        _write_csv(d / f"{split}_fold1.csv", ["", "path"],
+                   [[j, f"../../data/ISIC2018/{n}"] for j, n in enumerate(part)])
+    sp = data.get_splits(_cfg("isic", manual, folds="paper", fold_csv_dir=str(d),
+                              tfds_data_dir=str(tmp_path / "tfds")), fold=0)
+    assert (len(sp.train), len(sp.val)) == (5, len(names) - 5)
+
 def test_get_splits_reads_the_papers_fold_csvs(tmp_path):
     root = tmp_path / "Dataset_BUSI_with_GT"
     names = []

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 COLUMNS_FILE = "medtransfer_columns.json"
+#: The meta field that carries an example's path under the download (fold-CSV matching).
+RELPATH_KEY = "_relpath"
 SPLIT = "full"  # one split; the study's folds are made by splits.py ("all" is reserved by TFDS)
 
 
@@ -102,8 +104,11 @@ def builder_class(name: str):
     def _generate_examples(self, root):
         for ex in self.PARSER.examples(root, self.DATA_CFG):
             image = _load_example(ex, self.PARSER.CHANNELS)
+            # The file's path under the download travels in meta: the paper's fold CSVs
+            # name files, and an id is not always one (ISIC 'ISIC_0024306', CBIS '<key>#<abn>').
+            meta = dict(ex.meta, **{RELPATH_KEY: ex.relpath} if ex.relpath else {})
             yield ex.id, {"image": _png_bytes(image), "label": int(ex.label), "id": ex.id,
-                          "group": ex.group, "meta": json.dumps(ex.meta, default=str)}
+                          "group": ex.group, "meta": json.dumps(meta, default=str)}
 
     body = {
         "__doc__": parser.__doc__,
@@ -156,9 +161,10 @@ class TfdsSource(Source):
         self.ids = _as_object_array(cols["id"])
         self.groups = _as_object_array(cols["group"])
         metas = [json.loads(m) for m in cols["meta"]]
+        # prepared before the relpath travelled: the id (right where it is the file's path)
+        self.relpaths = [m.pop(RELPATH_KEY, i) for m, i in zip(metas, self.ids)]
         keys = sorted({k for m in metas for k in m})
         self.meta = {k: _column([m.get(k) for m in metas]) for k in keys}
-        self.relpaths = list(self.ids)
 
     def _source(self):
         if self._ds is None:
