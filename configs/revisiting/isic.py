@@ -17,11 +17,9 @@ TARGET = protocol.Target(
     image_size_sep2023=112, image_size_feb2023=112,
     hflip=True,
     cca_image_size=112,  # CCA.py's stimulus size
-    split_by_image=True,
+    split_by_image=True,  # folds=kfold: by image like the paper, not by lesion
 )
 
 
 def get_config(arg=None):
-    c = protocol.config(TARGET, arg, where=__file__)
-    c.data.group_split = False          # folds=kfold: by image like the paper, not by lesion
-    return c
+    return protocol.config(TARGET, arg, where=__file__)

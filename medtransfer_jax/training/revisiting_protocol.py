@@ -47,9 +47,10 @@ class Target:
       hflip: the ImageDataGenerator's horizontal flip (all targets but chest).
       cca_image_size: ``CCA.py``'s stimulus size, whatever the fine-tuning size.
       fold_csvs: the task folder of the paper's fold CSVs (default: ``name``).
-      split_by_image: the paper split this target by image, not patient. Only
-        ``folds=kfold`` reads it: make_dataframe.py divided the held-out fifth with
-        StratifiedKFold(5) for those (val 20 % of it), GroupKFold(4) otherwise (25 %).
+      split_by_image: the paper split this target by image, not patient (or lesion).
+        Only ``folds=kfold`` reads it: no grouping (``data.group_split``), and the held-out
+        fifth divided as make_dataframe.py did, StratifiedKFold(5) for those (val 20 % of
+        it), GroupKFold(4) otherwise (25 %).
     """
     name: str
     image_size_sep2023: int
@@ -88,6 +89,7 @@ def config(target: Target, arg: Optional[str], where: str) -> ml_collections.Con
     # fifth, 1/5 by image (breast, isic, pcam), 1/4 by patient (the paper's CSVs say the
     # same: breast val 31 / test 125; this field is read by folds=kfold only).
     c.data.heldout_val_fraction = (0.2 if target.split_by_image else 0.25) if sep else 1.0
+    c.data.group_split = not target.split_by_image
 
     # ---- model: Keras ResNet50 (include_top=False, avg pool) -> Dropout 0.5 -> softmax;
     # caffe preprocess_input for every source (no 1/255 in this study); the random
