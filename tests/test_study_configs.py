@@ -323,3 +323,17 @@ def test_source_matters_preflight_hints_and_images_from_the_csvs(tmp_path, monke
                        f"{tmp_path}/nih/images/00000003_000.png (give "
                        "configs/study_source_matters.py:nih=DIR; the layout: "
                        "medtransfer_jax.data.builders.instructions('nih_cxr14'))"]
+
+
+def test_revisiting_cca_pairs_compute_each_pair_of_weights_once(tmp_path):
+    """imagenet_frz's pre-trained weights are imagenet's, so 'imagenet_frz vs
+    radimagenet_frz (pre)' is 'imagenet vs radimagenet (pre)': computed once, not twice."""
+    from medtransfer_jax.studies import analyses
+    study = runner.Study(_config("study_revisiting", "targets=breast,folds=0"), str(tmp_path))
+    pairs = analyses.cca_pairs(study, "breast", 0)
+    weights = [(a, b) for _, _, a, b in pairs]
+    assert len(weights) == len(set(weights))
+    labels = [p[0] for p in pairs]
+    assert "imagenet vs radimagenet (pre)" in labels
+    assert "imagenet_frz vs radimagenet_frz (pre)" not in labels
+    assert "imagenet_frz vs radimagenet_frz (fine-tuned)" in labels

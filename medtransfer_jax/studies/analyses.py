@@ -142,10 +142,12 @@ def cca_pairs(study, target: str, fold: int) -> List[tuple]:
     pairs = [(f"{s} (pre) vs {s} (fine-tuned)", "pre_vs_finetuned", study.source_dir(s), ft(s))
              for s in sources]
     between = acfg.get("between") or list(itertools.combinations(sources, 2))
+    seen_pre = set()   # imagenet_frz's pre-trained weights are imagenet's: one pair, not two
     for s1, s2 in between:
-        if study.source_dir(s1) != study.source_dir(s2):
-            pairs.append((f"{s1} vs {s2} (pre)", "between_sources_pre", study.source_dir(s1),
-                          study.source_dir(s2)))
+        dirs = (study.source_dir(s1), study.source_dir(s2))
+        if dirs[0] != dirs[1] and dirs not in seen_pre:
+            seen_pre.add(dirs)
+            pairs.append((f"{s1} vs {s2} (pre)", "between_sources_pre", *dirs))
         pairs.append((f"{s1} vs {s2} (fine-tuned)", "between_sources_finetuned", ft(s1), ft(s2)))
     for s in sources:
         if study.random_twin_dir(s):
