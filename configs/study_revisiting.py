@@ -89,5 +89,11 @@ def get_config(arg=None):
         methods=["paper_cca"], spatial="positions", positions=10000, num_channels=64,
         repeats=5, seed=0, num_images=2000, random_vs_random=True,
         between=[["imagenet", "radimagenet"]] + (
-            [["imagenet_frz", "radimagenet_frz"]] if "imagenet_frz" in c.sources else [])))
+            [["imagenet_frz", "radimagenet_frz"]] if "imagenet_frz" in c.sources else []),
+        # the rest of results/CCA_<task>.csv: each source vs random init, each fine-tuned
+        # source vs random init, and freezeFalse vs freezeTrue after fine-tuning
+        pairs=[[s, "pre", "random", "pre"] for s in ("imagenet", "radimagenet")]
+        + [[s, "fine-tuned", "random", "pre"] for s in ("imagenet", "radimagenet")]
+        + ([[s, "fine-tuned", f"{s}_frz", "fine-tuned"] for s in ("imagenet", "radimagenet")]
+           if "imagenet_frz" in c.sources else [])))
     return c

@@ -337,3 +337,7 @@ def test_revisiting_cca_pairs_compute_each_pair_of_weights_once(tmp_path):
     assert "imagenet vs radimagenet (pre)" in labels
     assert "imagenet_frz vs radimagenet_frz (pre)" not in labels
     assert "imagenet_frz vs radimagenet_frz (fine-tuned)" in labels
+    # the rest of the paper's results/CCA_<task>.csv, labelled as published.json labels it
+    from medtransfer_jax.studies import published
+    paper = set(published.load()["revisiting"]["cca"]["breast"])
+    assert paper <= set(labels), paper - set(labels)

@@ -136,7 +136,8 @@ def target_images(study, target: str, fold: int, num_images: int) -> np.ndarray:
 
 def cca_pairs(study, target: str, fold: int) -> List[tuple]:
     """(label, comparison, weights a, weights b) as the paper: pre vs fine-tuned per
-    source, between sources before and after fine-tuning, random vs random."""
+    source, between sources before and after fine-tuning, random vs random, and the
+    config's ``analysis.cca.pairs``."""
     acfg, sources = study.config.analysis.cca, list(study.config.sources)
     ft = functools.partial(study.fine_tuned_dir, target, fold=fold)
     pairs = [(f"{s} (pre) vs {s} (fine-tuned)", "pre_vs_finetuned", study.source_dir(s), ft(s))
@@ -153,6 +154,23 @@ def cca_pairs(study, target: str, fold: int) -> List[tuple]:
         if study.random_twin_dir(s):
             pairs.append((f"{s} vs {s} (pre)", "random_vs_random", study.source_dir(s),
                           study.random_twin_dir(s)))
+    # ``analysis.cca.pairs``: more pairs, each [source, stage, source, stage] with stage
+    # 'pre' or 'fine-tuned' (the paper's results/CCA_<task>.csv also has ImageNet vs
+    # random, fine-tuned vs random init, and freezeFalse vs freezeTrue)
+    dirs = {"pre": study.source_dir, "fine-tuned": ft}
+    have = {(a, b) for _, _, a, b in pairs}
+    for s1, st1, s2, st2 in acfg.get("pairs", []):
+        if st1 not in dirs or st2 not in dirs:
+            raise ValueError(f"analysis.cca.pairs: stage {st1!r} / {st2!r}; choose 'pre' or "
+                             "'fine-tuned'")
+        a, b = dirs[st1](s1), dirs[st2](s2)
+        if (a, b) in have or a == b:
+            continue
+        have.add((a, b))
+        label = (f"{s1} vs {s2} ({st1})" if st1 == st2 else f"{s1} ({st1}) vs {s2} ({st2})")
+        kind = {"pre": "between_sources_pre", "fine-tuned": "between_sources_finetuned"
+                }[st1] if st1 == st2 else "finetuned_vs_pre"
+        pairs.append((label, kind, a, b))
     return pairs
 
 
