@@ -322,3 +322,28 @@ def test_svd_algorithm_option():
     assert "algorithm=SvdAlgorithm.JACOBI" in jaxpr
     assert "JACOBI" not in str(jax.make_jaxpr(lambda a: S._basis(a, 1e-4)[1])(X))
     assert S._SVD_ALGORITHM.get() == "default"
+
+
+@pytest.mark.parametrize("route", ["qr", "covariance"])
+def test_paper_cca_keeps_the_near_collinear_channels_of_a_grey_image_conv1(route):
+    """A conv1 on grey images replicated to RGB: 64 channels from 49-pixel patches, most
+    never clipped by the ReLU, so the activations are nearly collinear (singular values
+    down to ~1e-5 of the top). svcca (float64, epsilon 1e-12) keeps their correlations; a
+    float32 rank cut at 1e-4 set them to 0 and read 0.75 where svcca reads 0.82."""
+    from scipy.ndimage import gaussian_filter
+    rng = np.random.default_rng(1)
+    img = gaussian_filter(rng.standard_normal((3, 230, 230)), (0, 2, 2)) * 40 + 120
+    patches = np.lib.stride_tricks.sliding_window_view(img, (7, 7), axis=(1, 2))
+    P = patches[:, ::2, ::2].reshape(-1, 49)
+    P = P[rng.choice(len(P), 10000, replace=False)]
+
+    def layer(seed, always_on=40):
+        W = np.random.default_rng(seed).standard_normal((49, 64)) * 0.05
+        pre = P @ W
+        b = -pre.mean(0) + np.where(np.arange(64) < always_on, 6 * pre.std(0), 0.0)
+        return np.maximum(pre + b, 0).astype(np.float32)
+
+    X, Y = layer(10), layer(20)
+    want = ref_paper(X, Y)
+    got = float(S.similarity(X, Y, "paper_cca", route=route))
+    assert got == pytest.approx(want, abs=2e-3), (got, want)
