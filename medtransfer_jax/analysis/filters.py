@@ -70,6 +70,12 @@ class LayerFilters:
     kernel_shape: Tuple[int, ...]  # HWIO
 
 
+def _conv_layers(params: Mapping) -> List[str]:
+    """The layers with a 4-D (HWIO) kernel, in forward order."""
+    return [n for n in layer_order(params) if isinstance(params[n], Mapping)
+            and "kernel" in params[n] and np.ndim(params[n]["kernel"]) == 4]
+
+
 def conv_depths(params: Mapping) -> Dict[str, float]:
     """Every conv layer's normalised depth as CNN-Filter-DB's extractor measured it: the
     rank of the layer's graph level (longest path from the input) among the distinct
@@ -77,9 +83,7 @@ def conv_depths(params: Mapping) -> Dict[str, float]:
     the forward order of the convs, with a projection shortcut (``..._0_conv``) on the
     level of its block's first conv (``..._1_conv``): both read the block's input."""
     params = dict(params.get("params", params))
-    convs = [n for n in layer_order(params)
-             if isinstance(params[n], Mapping) and "kernel" in params[n]
-             and np.ndim(params[n]["kernel"]) == 4]
+    convs = _conv_layers(params)
     level_of = {n: (n[:-len("_0_conv")] + "_1_conv" if n.endswith("_0_conv") else n)
                 for n in convs}
     rank = {lv: i for i, lv in enumerate(dict.fromkeys(level_of[n] for n in convs))}
@@ -91,10 +95,8 @@ def extract_filters(params: Mapping, kernel_size: Tuple[int, int] = (3, 3)) -> L
     """All ``kernel_size`` conv kernels of a Flax params tree (Keras layer names), in
     order, each with its :func:`conv_depths` depth."""
     params = dict(params.get("params", params))
-    names = [n for n in layer_order(params)
-             if isinstance(params[n], Mapping) and "kernel" in params[n]
-             and np.ndim(params[n]["kernel"]) == 4
-             and tuple(np.shape(params[n]["kernel"])[:2]) == tuple(kernel_size)]
+    names = [n for n in _conv_layers(params)
+             if tuple(np.shape(params[n]["kernel"])[:2]) == tuple(kernel_size)]
     if not names:
         raise ValueError(f"No {kernel_size[0]}x{kernel_size[1]} conv kernels found in the params "
                          "tree; is it a ResNet params dict (layer -> {'kernel', ...})?")

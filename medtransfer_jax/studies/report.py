@@ -149,17 +149,15 @@ def datapoints_row(header: Sequence[str], rows: Sequence[Dict[str, Any]]) -> lis
     cells = []
     for layer in header[3:]:
         sel = [r for r in rows if r.get("layer") == layer]
-        dp = [float(r["datapoints"]) for r in sel if _is_number(r.get("datapoints"))]
-        ch = [float(r["channels"]) for r in sel if _is_number(r.get("channels"))]
+        dp = [r["datapoints"] for r in sel if _finite(r.get("datapoints"))]
+        ch = [r["channels"] for r in sel if _finite(r.get("channels"))]
         cells.append(f"{int(min(dp))} × {int(min(ch))}" if dp and ch else "")
     return ["", "datapoints × channels", ""] + cells
 
 
-def _is_number(v) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
+def _finite(v) -> bool:
+    """A finite number of a table read back (tables.read_csv makes numbers floats)."""
+    return isinstance(v, float) and math.isfinite(v)
 
 
 class _Page:
