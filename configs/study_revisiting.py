@@ -96,4 +96,8 @@ def get_config(arg=None):
         + [[s, "fine-tuned", "random", "pre"] for s in ("imagenet", "radimagenet")]
         + ([[s, "fine-tuned", f"{s}_frz", "fine-tuned"] for s in ("imagenet", "radimagenet")]
            if "imagenet_frz" in c.sources else [])))
+    # 3x3 filter drift in one PCA basis and histogram range over every model compared
+    # (CNN-Filter-DB's one basis), so drifts of runs and sources share units; 'pair': each
+    # (pre, fine-tuned) pair its own.
+    c.analysis.filters = ml_collections.ConfigDict(dict(basis="study"))
     return c

@@ -72,4 +72,8 @@ def get_config(arg=None):
     c.analysis.cca = ml_collections.ConfigDict(dict(methods=["paper_cca"], spatial="positions",
                                                     positions=10000, num_channels=64,
                                                     repeats=5, seed=0, num_images=2000))
+    # 3x3 filter drift in one PCA basis and histogram range over every model compared
+    # (CNN-Filter-DB's one basis), so drifts of runs and sources share units; 'pair': each
+    # (pre, fine-tuned) pair its own.
+    c.analysis.filters = ml_collections.ConfigDict(dict(basis="study"))
     return c

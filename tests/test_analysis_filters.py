@@ -62,12 +62,62 @@ def test_scaling_and_pca_basis():
     np.testing.assert_allclose(pca.components, vt * signs[:, None], atol=1e-8)
 
 
+def test_streamed_basis_equals_one_pca_of_all_filters():
+    """fit_basis sees the sets one at a time (twice), as a study streams its models; it
+    must give sklearn's PCA of the concatenated rows, sklearn 0.24's signs, and the one
+    (min, max) over every coefficient."""
+    rng = np.random.default_rng(11)
+    sets = [F.scale_filters(rng.normal(size=(n, 9)) * np.linspace(2, 0.3, 9) + shift)
+            for n, shift in ((300, 0.0), (0, 0.0), (1, 0.5), (900, -0.2), (250, 0.3))]
+    calls = []
+
+    def stream():
+        calls.append(1)
+        return iter(sets)
+
+    basis = F.fit_basis(stream)
+    assert len(calls) == 2 and basis.num_filters == 1451
+    X = np.concatenate(sets)
+    ref = PCA(9, svd_solver="full").fit(X)
+    np.testing.assert_allclose(basis.pca.mean, X.mean(0), atol=1e-13)
+    np.testing.assert_allclose(basis.pca.explained_variance_ratio,
+                               ref.explained_variance_ratio_, atol=1e-12)
+    u, _, vt = np.linalg.svd(X - X.mean(0), full_matrices=False)
+    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(9)])
+    np.testing.assert_allclose(basis.pca.components, vt * signs[:, None], atol=1e-9)
+    c = basis.pca.transform(X)
+    np.testing.assert_allclose(basis.ranges, np.tile([c.min(), c.max()], (9, 1)), atol=1e-12)
+    # a flipped component's extent is mirrored: the stream's range follows the signs
+    again = F.FilterBasis.from_json(basis.to_json())
+    np.testing.assert_array_equal(again.pca.components, basis.pca.components)
+    np.testing.assert_array_equal(again.ranges, basis.ranges)
+    with pytest.raises(ValueError, match="no filters"):
+        F.fit_basis(lambda: iter([np.zeros((0, 9))]))
+
+
+def test_a_given_basis_is_used_as_given():
+    rng = np.random.default_rng(12)
+    a, b, c = _params(rng), _params(rng, 1.5), _params(rng, 0.5)
+    basis = F.fit_basis(lambda: (F.scaled_filters(p) for p in (a, b, c)))
+    rep = F.analyse_filters({"a": a, "b": b}, basis=basis, noise_repeats=0)
+    assert rep.pca is basis.pca and rep.ranges is basis.ranges
+    own = F.analyse_filters({"a": a, "b": b}, noise_repeats=0)
+    # the pair's own basis is another basis: the same pair reads another drift
+    d_shared = [r["drift"] for r in rep.drift_rows if r["scope"] == "all"][0]
+    d_own = [r["drift"] for r in own.drift_rows if r["scope"] == "all"][0]
+    assert d_shared != pytest.approx(d_own, rel=1e-3)
+    # by hand, in the given basis
+    ca = basis.pca.transform(F.scaled_filters(a))
+    cb = basis.pca.transform(F.scaled_filters(b))
+    w = basis.pca.explained_variance_ratio
+    assert d_shared == pytest.approx(F.kl_drift(F.coefficient_histograms(ca, basis.ranges),
+                                                F.coefficient_histograms(cb, basis.ranges), w))
+
+
 def test_histograms_and_kl():
     rng = np.random.default_rng(2)
     c = rng.normal(size=(1000, 9))
-    ranges = F.global_range([c, c * 0.5])
-    # one (min, max) over all nine coefficients, as CNN-Filter-DB
-    np.testing.assert_array_equal(ranges, np.tile([c.min(), c.max()], (9, 1)))
+    ranges = np.tile([c.min(), c.max()], (9, 1))  # one (min, max) for all nine, as the DB
     h = F.coefficient_histograms(c * 0.5, ranges, bins=70)
     assert h.shape == (9, 70)
     np.testing.assert_allclose(h.sum(1), 1.0)
@@ -249,7 +299,7 @@ def test_depth_bin_drift_matches_the_notebook():
 def test_noise_floor_is_the_drift_between_halves():
     rng = np.random.default_rng(9)
     c = rng.normal(size=(400, 9))
-    ranges = F.global_range([c])
+    ranges = np.tile([c.min(), c.max()], (9, 1))
     w = np.full(9, 1 / 9)
     mean, sd = F.drift_noise_floor(c, ranges, w, repeats=4, seed=3)
     r = np.random.default_rng(3)

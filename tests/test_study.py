@@ -14,6 +14,7 @@ import re
 
 import _train_utils
 import ml_collections
+import numpy as np
 import pytest
 
 from medtransfer_jax.studies import analyses, runner
@@ -137,14 +138,17 @@ def test_analysis_stages_print_one_line_per_item(study):
     assert [l.split(" lesion/fold0 ")[0] for l in maps] == ["layer maps 1/2", "layer maps 2/2"]
     assert all(re.search(r": diagonal linear_cka \d\.\d{3}, .*, overall ETA ", l) for l in maps)
     assert ", stage ETA 0 s, " in maps[-1]   # the last item of the stage: nothing left
+    # filters: the study's one PCA basis over its 4 models, then its 2 (pre, fine-tuned) pairs
     filt = [l for l in out.splitlines() if l.startswith("filters ")]
-    assert [l.split(":")[0] for l in filt] == ["filters 1/2 lesion/fold0 natural",
-                                               "filters 2/2 lesion/fold0 random"]
+    assert [l.split(":")[0] for l in filt] == ["filters 1/3 PCA basis of 4 models",
+                                               "filters 2/3 lesion/fold0 natural",
+                                               "filters 3/3 lesion/fold0 random"]
+    assert re.match(r"filters 1/3 PCA basis of 4 models: [\d,]+ filters, ", filt[0]), filt[0]
     assert not [l for l in out.splitlines() if l.startswith(("predictions ", "robustness "))]
     rates = json.load(open(os.path.join(wd, "stages", "rates.json")))["stages"]
     assert {s: rates[s]["items"] for s in ("representations", "predictions", "filters",
                                            "robustness")} == {
-        "representations": 5 + 2, "predictions": 1, "filters": 2, "robustness": 1}
+        "representations": 5 + 2, "predictions": 1, "filters": 3, "robustness": 1}
 
 
 def test_tables_statistics_and_directions(study):
@@ -187,6 +191,40 @@ def test_tables_statistics_and_directions(study):
     drift = _rows(os.path.join(wd, "tables", "filter_drift_summary.csv"))
     assert drift and all(float(r["noise_floor"]) > 0 for r in drift)
     assert drift[0]["key"] == "[0.0, 0.1]"
+
+
+def test_filter_drifts_share_one_basis_over_every_model(study):
+    """Every pair's drift is in one PCA basis and range fitted over the study's four models
+    (both sources' pre-trained and fine-tuned weights), checked against sklearn's PCA of
+    all their filters pooled in memory and a drift recomputed by hand."""
+    from sklearn.decomposition import PCA
+    from medtransfer_jax.analysis import filters as F
+    from medtransfer_jax.weights import checkpoint
+    wd, _, _ = study
+    st = runner.Study(_tiny_study_config(), wd)
+    saved = json.load(open(os.path.join(wd, "tables", "filter_basis.json")))
+    dirs = [st.source_dir("natural"), st.source_dir("random"),
+            st.fine_tuned_dir("lesion", "natural", fold=0),
+            st.fine_tuned_dir("lesion", "random", fold=0)]
+    assert saved["models"] == dirs
+    params = [checkpoint.load_weights(d)[0]["params"] for d in dirs]
+    pooled = [F.scale_filters(lf.filters) for p in params for lf in F.extract_filters(p)]
+    X = np.concatenate(pooled)
+    ref = PCA(9, svd_solver="full").fit(X)
+    assert saved["num_filters"] == len(X)
+    np.testing.assert_allclose(saved["explained_variance_ratio"], ref.explained_variance_ratio_,
+                               atol=1e-10)
+    basis = F.FilterBasis.from_json(saved)
+    c = basis.pca.transform(X)
+    np.testing.assert_allclose(saved["range"], [c.min(), c.max()], atol=1e-12)
+    # the natural source's drift over all depths, by hand in that basis
+    pre, ft = (basis.pca.transform(F.scaled_filters(p)) for p in (params[0], params[2]))
+    want = F.kl_drift(F.coefficient_histograms(pre, basis.ranges),
+                      F.coefficient_histograms(ft, basis.ranges),
+                      basis.pca.explained_variance_ratio)
+    got = [float(r["drift"]) for r in _rows(os.path.join(wd, "tables", "filter_drift.csv"))
+           if r["source"] == "natural" and r["scope"] == "all"]
+    assert got == [pytest.approx(want, rel=1e-9)]
 
 
 def test_report_stage_on_an_unfinished_study_is_not_marked_done(study, tmp_path):
@@ -382,3 +420,37 @@ def test_subprocess_runs_at_once_share_the_gpu_memory(tmp_path, monkeypatch):
                                             ("subprocess", "1", None)}
     with pytest.raises(runner.StudyError, match="--mode=subprocess"):
         runner.Study(_tiny_study_config(), str(tmp_path / "d"), gpu_slots=["0"])
+
+
+def test_filters_stage_in_pair_bases_and_a_bad_basis(study, tmp_path):
+    """``analysis.filters.basis=pair``: each pair in its own basis (the basis file goes,
+    the caption says so); an unknown value is a pre-flight problem naming the field."""
+    import shutil
+    wd, _, _ = study
+    copy = tmp_path / "wd"
+    shutil.copytree(wd, copy)
+    cfg = _tiny_study_config()
+    cfg.analysis.filters = ml_collections.ConfigDict(dict(basis="pair"))
+    st = runner.Study(cfg, str(copy))
+    analyses.filters_stage(st)
+    assert not os.path.exists(copy / "tables" / "filter_basis.json")
+    from medtransfer_jax.analysis import filters as F
+    from medtransfer_jax.weights import checkpoint
+    pre, ft = (checkpoint.load_weights(d)[0]["params"] for d in (
+        st.source_dir("natural"), st.fine_tuned_dir("lesion", "natural", fold=0)))
+    own = F.analyse_filters({"natural:pre": pre, "natural:fine-tuned": ft})
+    want = [r["drift"] for r in own.drift_rows if r["scope"] == "all"]
+    got = [float(r["drift"]) for r in _rows(copy / "tables" / "filter_drift.csv")
+           if r["source"] == "natural" and r["scope"] == "all"]
+    assert got == [pytest.approx(want[0], rel=1e-9)]
+    shared = [float(r["drift"]) for r in _rows(os.path.join(wd, "tables", "filter_drift.csv"))
+              if r["source"] == "natural" and r["scope"] == "all"]
+    assert shared[0] != pytest.approx(got[0], rel=1e-6)
+    os.remove(copy / "stages" / "report.done")
+    runner.run_study(cfg, str(copy), stages=["report"])
+    assert "each (pre, fine-tuned) pair in its own PCA basis" in open(copy / "report.md").read()
+    assert "one PCA basis and range over all 4 models" in open(
+        os.path.join(wd, "report.md")).read()
+    cfg.analysis.filters.basis = "global"
+    pf = runner.preflight(cfg, str(copy))
+    assert any("analysis.filters.basis='global'" in m for m in pf.missing), pf.missing

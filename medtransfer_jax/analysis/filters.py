@@ -12,14 +12,15 @@ Pipeline (NumPy float64 on host; a ResNet50 has ~1.3M 3x3 filters, seconds of wo
    earlier version ranked the 3x3 layers alone, which put 6 of ResNet18's 16 in another
    0.1 bin and moved per-bin drift by up to +-140 %.)
 2. :func:`scale_filters`: each filter divided by its own max |w| (all-zero filters stay 0).
-3. :func:`fit_pca`: 9-component PCA (centred) on the scaled filters of *all* compared
-   models, so every model is described in the same basis; coefficients c0..c8, each
+3. :func:`fit_basis`: 9-component PCA (centred) on the scaled filters of *all* compared
+   models, so every model is described in the same basis (a study streams all of its
+   models through it, two passes, none held); coefficients c0..c8, each
    component's sign as the notebook's scikit-learn 0.24 ``PCA`` left it (``svd_flip`` on
    the scores: the largest |coefficient| positive; the range is asymmetric, so a flipped
    component lands in other bins: ~2 % of drift).
 4. :func:`coefficient_histograms`: per group (model x depth bin, or layer), a 70-bin
    ``np.histogram(..., density=True)`` per coefficient, all nine over **one** range (the min
-   and max over every coefficient of every compared filter, :func:`global_range`); empty
+   and max over every coefficient of every compared filter, fitted with the basis); empty
    bins are set to float32 eps *on the density values* and each row renormalised to sum 1
    (so KL is finite). Depth bins follow CNN-Filter-DB's notebook, ``pandas.cut(depth,
    arange(0, 1.1, .1), include_lowest=True)``: right-closed (a, b] with the first bin
@@ -52,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -109,6 +110,12 @@ def extract_filters(params: Mapping, kernel_size: Tuple[int, int] = (3, 3)) -> L
     return out
 
 
+def scaled_filters(params: Mapping) -> np.ndarray:
+    """Every 3x3 filter of a params tree, each scaled to max |w| = 1, as one (n, 9) array:
+    what :func:`fit_basis` pools, one model at a time."""
+    return np.concatenate([scale_filters(lf.filters) for lf in extract_filters(params)])
+
+
 def scale_filters(f: np.ndarray) -> np.ndarray:
     """(n, 9) -> each row divided by its max |w|; all-zero rows stay zero."""
     m = np.abs(f).max(axis=1, keepdims=True)
@@ -125,31 +132,89 @@ class FilterPCA:
         return (f - self.mean) @ self.components.T
 
 
-def fit_pca(filter_sets: Sequence[np.ndarray]) -> FilterPCA:
-    """PCA of the pooled (scaled) filters of every set; each (n_i, 9)."""
-    X = np.concatenate([np.asarray(f, np.float64) for f in filter_sets])
-    mean = X.mean(0)
-    cov = (X - mean).T @ (X - mean) / max(len(X) - 1, 1)
-    lam, V = np.linalg.eigh(cov)
+@dataclasses.dataclass
+class FilterBasis:
+    """What makes drifts comparable: one PCA basis and one histogram range. CNN-Filter-DB
+    fits both once over its whole database; a study fits them once over every model it
+    compares (:func:`fit_basis`), so every pair's drift is in the same units."""
+    pca: FilterPCA
+    ranges: np.ndarray  # (9, 2), the same (min, max) in every row
+    num_filters: int
+
+    def to_json(self) -> dict:
+        return dict(mean=self.pca.mean.tolist(), components=self.pca.components.tolist(),
+                    explained_variance_ratio=self.pca.explained_variance_ratio.tolist(),
+                    range=self.ranges[0].tolist(), num_filters=self.num_filters)
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "FilterBasis":
+        pca = FilterPCA(np.asarray(d["mean"], np.float64),
+                        np.asarray(d["components"], np.float64),
+                        np.asarray(d["explained_variance_ratio"], np.float64))
+        return cls(pca, np.tile(np.asarray(d["range"], np.float64), (pca.mean.size, 1)),
+                   int(d["num_filters"]))
+
+
+def _moments(filter_sets: Iterable[np.ndarray]) -> Tuple[int, np.ndarray, np.ndarray]:
+    """(n, mean, centred sum of squares) of the pooled rows of every set, merged set by set
+    (Chan, Golub & LeVeque's pairwise update) so that the sets need not fit in memory at
+    once."""
+    n, mean, m2 = 0, np.zeros(9), np.zeros((9, 9))
+    for f in filter_sets:
+        f = np.asarray(f, np.float64)
+        k = f.shape[0]
+        if not k:
+            continue
+        mu = f.mean(0)
+        d = f - mu
+        delta, total = mu - mean, n + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + d.T @ d + np.outer(delta, delta) * (n * k / total)
+        n = total
+    return n, mean, m2
+
+
+def fit_basis(filter_sets: Callable[[], Iterable[np.ndarray]]) -> FilterBasis:
+    """The PCA basis and the histogram range of the pooled (scaled) filters of every set.
+
+    ``filter_sets()`` returns a fresh iterable of (n_i, 9) arrays and is called twice (the
+    moments, then the scores' signs and extent), so a study can stream its models from
+    disk instead of holding 350 ResNet50s' filters. Equal to a PCA of the concatenated
+    rows: each component's sign as the notebook's scikit-learn 0.24 ``PCA`` left it
+    (``svd_flip`` on the scores: the first largest |score| positive; the range is
+    asymmetric, so a flipped component lands in other bins: ~2 % of drift), and the range
+    CNN-Filter-DB's ``dX_n_range``: one (min, max) over every coefficient of every filter.
+    """
+    n, mean, m2 = _moments(filter_sets())
+    if n == 0:
+        raise ValueError("fit_basis: no filters to fit a basis to.")
+    lam, V = np.linalg.eigh(m2 / max(n - 1, 1))
     lam, V = np.maximum(lam[::-1], 0), V[:, ::-1]
-    # signs as scikit-learn 0.24's PCA (the notebook's): svd_flip(U, Vt) makes each
-    # component's largest |score| positive (a zero column keeps its sign)
-    scores = (X - mean) @ V
-    sign = np.sign(scores[np.argmax(np.abs(scores), axis=0), np.arange(V.shape[1])])
-    V = V * np.where(sign == 0, 1.0, sign)
-    ratio = lam / lam.sum() if lam.sum() > 0 else np.full_like(lam, 1 / lam.size)
-    return FilterPCA(mean, V.T, ratio)
-
-
-def global_range(coefficient_sets: Sequence[np.ndarray]) -> np.ndarray:
-    """One (min, max) over every coefficient of every set (CNN-Filter-DB's ``dX_n_range``),
-    returned as a (9, 2) array with the same row for each coefficient; a zero-width range
-    is widened by 0.5 on each side."""
-    X = np.concatenate([np.asarray(c, np.float64) for c in coefficient_sets])
-    lo, hi = float(X.min()), float(X.max())
+    cols = np.arange(V.shape[1])
+    best, sign = np.full(V.shape[1], -1.0), np.ones(V.shape[1])
+    lo, hi = np.full(V.shape[1], np.inf), np.full(V.shape[1], -np.inf)
+    for f in filter_sets():
+        f = np.asarray(f, np.float64)
+        if not f.shape[0]:
+            continue
+        scores = (f - mean) @ V
+        top = np.argmax(np.abs(scores), axis=0)
+        val = scores[top, cols]
+        better = np.abs(val) > best  # strictly: the first maximum wins, as np.argmax
+        best = np.where(better, np.abs(val), best)
+        sign = np.where(better & (val != 0), np.sign(val), sign)
+        lo, hi = np.minimum(lo, scores.min(0)), np.maximum(hi, scores.max(0))
+    V = V * sign
+    lo, hi = float(np.where(sign > 0, lo, -hi).min()), float(np.where(sign > 0, hi, -lo).max())
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    return np.tile([lo, hi], (X.shape[1], 1))
+    ratio = lam / lam.sum() if lam.sum() > 0 else np.full_like(lam, 1 / lam.size)
+    return FilterBasis(FilterPCA(mean, V.T, ratio), np.tile([lo, hi], (V.shape[1], 1)), n)
+
+
+def fit_pca(filter_sets: Sequence[np.ndarray]) -> FilterPCA:
+    """PCA of the pooled (scaled) filters of every set; each (n_i, 9)."""
+    return fit_basis(lambda: iter(filter_sets)).pca
 
 
 def coefficient_histograms(coeffs: np.ndarray, ranges: np.ndarray,
@@ -325,8 +390,14 @@ def _pool_units(units, coeffs, binned) -> Dict[Tuple[str, str], np.ndarray]:
 
 def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[str, Sequence[str]]]
                     = None, bins: int = NUM_BINS, with_orthogonality: bool = False,
-                    noise_repeats: int = 3) -> FilterReport:
+                    noise_repeats: int = 3, basis: Optional[FilterBasis] = None
+                    ) -> FilterReport:
     """Filter distributions of several models (name -> params tree) and their drifts.
+
+    ``basis``: the PCA basis and range to describe them in (a study's, fitted over all of
+    its models: :func:`fit_basis`, :func:`scaled_filters`); default: fitted over these
+    models. Coefficients outside a given basis's range fall out of the histograms, as
+    ``np.histogram`` drops them.
 
     Drift rows compare every pair of models (or of ``groups``: name -> model names, pooled)
     per depth bin (``scope='depth_bin'``) and over all depths (``scope='all'``), and every
@@ -343,9 +414,10 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
         raise ValueError(f"groups name unknown models {missing}; known: {list(models)}.")
     extracted = {m: extract_filters(p) for m, p in models.items()}
     scaled = {m: [scale_filters(lf.filters) for lf in lfs] for m, lfs in extracted.items()}
-    pca = fit_pca([f for fs in scaled.values() for f in fs])
+    if basis is None:
+        basis = fit_basis(lambda: (f for fs in scaled.values() for f in fs))
+    pca, ranges = basis.pca, basis.ranges
     coeffs = {m: [pca.transform(f) for f in fs] for m, fs in scaled.items()}
-    ranges = global_range([c for cs in coeffs.values() for c in cs])
     w = pca.explained_variance_ratio
     layer_rows, layer_hist, binned = _per_layer(extracted, coeffs, ranges, w, bins,
                                                 with_orthogonality)

@@ -65,4 +65,8 @@ def get_config(arg=None):
     c.analysis.layer_maps = ml_collections.ConfigDict(dict(
         comparisons=["pre_vs_finetuned"], methods=["linear_cka", "debiased_cka"],
         num_images=64, spatial="pool", folds=[0]))
+    # 3x3 filter drift in one PCA basis and histogram range over every model compared
+    # (CNN-Filter-DB's one basis), so drifts of runs and sources share units; 'pair': each
+    # (pre, fine-tuned) pair its own.
+    c.analysis.filters = ml_collections.ConfigDict(dict(basis="study"))
     return c

@@ -424,9 +424,49 @@ def predictions(study):
 
 
 # --------------------------------------------------------------------------- filters
-def _filter_pair(pre, ft, labels):
-    """Drift and layer rows of one (pre-trained, fine-tuned) pair, own PCA basis."""
-    rep = filters.analyse_filters({labels[0]: pre["params"], labels[1]: ft["params"]})
+#: ``analysis.filters.basis``: 'study' = one PCA basis and histogram range over every model
+#: the stage compares (CNN-Filter-DB's one basis, so drifts of different runs and sources
+#: are in the same units); 'pair' = each (pre, fine-tuned) pair its own.
+FILTER_BASES = ("study", "pair")
+
+
+def filter_basis_mode(study) -> str:
+    mode = study.config.get("analysis", {}).get("filters", {}).get("basis", "study")
+    if mode not in FILTER_BASES:
+        raise ValueError(f"analysis.filters.basis={mode!r}; use one of {FILTER_BASES}.")
+    return mode
+
+
+def filter_models(study, tf) -> List[str]:
+    """The weights dirs the filters stage compares: each source's pre-trained weights
+    (once, however many sources share them) and every clean fine-tuned run's."""
+    return list(dict.fromkeys(
+        [study.source_dir(s) for s in study.config.sources]
+        + [study.fine_tuned_dir(t, s, fold=f) for s in study.config.sources for t, f in tf]))
+
+
+def basis_item_name(n_models: int) -> str:
+    return f"PCA basis of {n_models} models"
+
+
+def study_filter_basis(study, dirs: Sequence[str]) -> filters.FilterBasis:
+    """One basis over ``dirs``' 3x3 filters, two streamed passes (one model in memory at a
+    time); written to ``tables/filter_basis.json`` with the models it was fitted on."""
+    def stream():
+        for d in dirs:
+            yield filters.scaled_filters(checkpoint.load_weights(d)[0]["params"])
+
+    basis = filters.fit_basis(stream)
+    tables.write_json(study.path("tables", "filter_basis.json"),
+                      dict(basis.to_json(), models=list(dirs)))
+    return basis
+
+
+def _filter_pair(pre, ft, labels, basis=None):
+    """Drift and layer rows of one (pre-trained, fine-tuned) pair, in ``basis`` (default:
+    the pair's own)."""
+    rep = filters.analyse_filters({labels[0]: pre["params"], labels[1]: ft["params"]},
+                                  basis=basis)
     return rep.drift_rows, rep.layer_rows
 
 
@@ -436,15 +476,24 @@ def filters_stage(study):
         return filters_of_sources(study)
     drift, layers, change = [], [], []
     tf = list(itertools.product(study.clean_targets, study.folds))
-    items = _items(study, "filters", [item_name(t, f, s) for s in study.config.sources
-                                      for t, f in tf])
+    shared = filter_basis_mode(study) == "study"
+    dirs = filter_models(study, tf) if shared else []
+    names = [item_name(t, f, s) for s in study.config.sources for t, f in tf]
+    items = _items(study, "filters", ([basis_item_name(len(dirs))] if shared else []) + names)
+    basis = None
+    if not shared and paths.exists(study.path("tables", "filter_basis.json")):
+        paths.as_path(study.path("tables", "filter_basis.json")).unlink()  # a stale one
+    if shared:
+        with items.item(basis_item_name(len(dirs))) as it:
+            basis = study_filter_basis(study, dirs)
+            it.detail = f"{basis.num_filters:,} filters"
     for s in study.config.sources:
         pre, _ = checkpoint.load_weights(study.source_dir(s))
         for target, fold in tf:
             with items.item(item_name(target, fold, s)) as it:
                 ft, _ = checkpoint.load_weights(study.fine_tuned_dir(target, s, fold=fold))
                 keys = dict(source=s, target=target, fold=fold)
-                d, l = _filter_pair(pre, ft, (f"{s}:pre", f"{s}:fine-tuned"))
+                d, l = _filter_pair(pre, ft, (f"{s}:pre", f"{s}:fine-tuned"), basis)
                 c = [dict(r, **keys) for r in weight_change.weight_change(pre, ft)]
                 it.detail = "mean relative weight change " + format(
                     _mean(r["rel_l2"] for r in c if r["status"] == "ok"), ".3f")

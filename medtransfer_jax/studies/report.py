@@ -286,7 +286,8 @@ def _figures(page: _Page):
                                   "(* p<.05, ** p<.01).")
     if cfg.targets:
         page.figure("filter_kl_drift.png", "3×3 filter KL drift pre vs fine-tuned by depth "
-                                           "bin (CNN-Filter-DB definition); dotted: noise floor.")
+                                           "bin (CNN-Filter-DB definition); dotted: noise "
+                                           f"floor; {_filter_basis_words(page)}.")
     else:
         page.figure("filter_kl_drift.png", "3×3 filter KL drift between the sources by depth "
                                            "bin (CNN-Filter-DB definition).")
@@ -364,6 +365,16 @@ def _details(page: _Page, auc: str, runs):
                                   "agreement", "kappa", "test images", "folds")))
     _filter_details(page)
     _robustness_details(page)
+
+
+def _filter_basis_words(page: _Page) -> str:
+    """How the drifts' PCA basis was fitted, for the figure's caption."""
+    path = page.study.path("tables", "filter_basis.json")
+    if not paths.exists(path):
+        return "each (pre, fine-tuned) pair in its own PCA basis and range"
+    basis = tables.read_json(path)
+    return (f"one PCA basis and range over all {len(basis['models'])} models' "
+            f"{basis['num_filters']:,} filters, so every drift is in the same units")
 
 
 def _filter_details(page: _Page):
