@@ -67,6 +67,10 @@ def get_config(arg=None):
                                input=study_args.one(args, name, os.path.join(weights, default)))
         if freeze == "both":
             c.sources[f"{name}_frz"] = dict(weights_of=name, arg=f"{name},freeze=true")
+    # One seeded init for every target and fold, as the paper: fine-tuning.py and CCA.py
+    # import io_fun/data_import.py, which calls tf.random.set_seed(2), so under TF 2.8
+    # every process drew the same ResNet50(weights=None) (and CCA.py's second random
+    # model, in the same process, another: this study's random twin).
     c.sources.random = dict(kind="random", seed=0, arg="random", preprocessing="caffe")
 
     c.targets = ml_collections.ConfigDict()
