@@ -213,3 +213,24 @@ def test_stage_items_lines_rates_and_skips_on_a_fake_clock(tmp_path):
     with one.item("only"):
         now[0] += 1.0
     assert len(lines) == 1
+
+
+def test_run_cost_counts_the_epochs_steps_as_the_run_does():
+    """``train.epoch_steps=ceil`` (the papers' Keras epochs) runs ceil(N/B) full batches: the
+    Sep-2023 thyroid (384 training images, batch 256) trains 2 batches an epoch, not 1."""
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(
+        train=dict(num_steps=0, batch_size=256, num_epochs=30, epoch_steps="ceil",
+                   freeze="none"),
+        data=dict(name="thyroid", image_size=224, max_examples=None)))
+    assert preflight.epoch_images(cfg, 384) == 512
+    assert preflight.training_images(cfg, 384) == 30 * 512
+    assert preflight.run_units(cfg, 384) == pytest.approx(30 * 512)
+    cfg.train.epoch_steps = "floor"
+    assert preflight.epoch_images(cfg, 384) == 256
+    assert preflight.run_units(cfg, 384) == pytest.approx(30 * 256)
+    # a split smaller than a batch still takes one step, as the run does
+    assert preflight.epoch_images(cfg, 100) == 256
+    # no split size known anywhere: unknown, not zero
+    cfg.data.name = "nih_cxr14_tag"
+    assert math.isnan(preflight.epoch_images(cfg)) and preflight.training_images(cfg) is None

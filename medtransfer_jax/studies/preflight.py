@@ -40,7 +40,7 @@ from medtransfer_jax.data import builders, splits
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.models import resnet
 from medtransfer_jax.studies import analyses, progress, study_args
-from medtransfer_jax.training import sweep
+from medtransfer_jax.training import phases, sweep
 from medtransfer_jax.weights import _common as weights_common
 from medtransfer_jax.weights import checkpoint
 from medtransfer_jax.weights.checkpoint import CheckpointError
@@ -352,16 +352,28 @@ def csv_train_size(d, fold: int) -> Optional[int]:
         return None
 
 
+def epoch_images(cfg, num_train: Optional[int] = None) -> float:
+    """Images one epoch trains on: its steps (``train.epoch_steps``, as the run counts
+    them: ``phases.steps_per_epoch``) x the batch. The training split is ``num_train``
+    (e.g. :func:`csv_train_size`, a finished run's), else 4/5 of the dataset's N; NaN when
+    neither is known (Source Matters' CSVs before they exist)."""
+    ex = _examples(cfg)
+    n = num_train or (0.8 * ex if ex else None)
+    if not n:
+        return math.nan
+    t = cfg.train
+    return float(phases.steps_per_epoch(int(n), int(t.batch_size),
+                                        t.get("epoch_steps", "floor")) * int(t.batch_size))
+
+
 def training_images(cfg, num_train: Optional[int] = None) -> Optional[int]:
-    """Upper bound of images one run trains on: steps x batch, or epochs x its training
-    split (``num_train``, e.g. :func:`csv_train_size`; else 4/5 of the dataset's N)."""
+    """Upper bound of images one run trains on: steps x batch, or epochs x
+    :func:`epoch_images`; None when unknown."""
     t = cfg.train
     if t.get("num_steps"):
         return int(t.num_steps) * int(t.batch_size)
-    if num_train:
-        return int(t.num_epochs * num_train)
-    n = _examples(cfg)
-    return int(t.num_epochs * 0.8 * n) if n else None
+    n = t.num_epochs * epoch_images(cfg, num_train)
+    return int(n) if math.isfinite(n) else None
 
 
 def run_units(cfg, num_train: Optional[int] = None) -> float:
@@ -370,8 +382,7 @@ def run_units(cfg, num_train: Optional[int] = None) -> float:
     (image_size / 224)^2. An upper bound (early stopping ends runs sooner), which the
     measured seconds per unit absorb. A dataset whose size only its split files know
     (Source Matters' CSVs) needs ``num_train`` (a finished run's), else NaN."""
-    t, ex = cfg.train, _examples(cfg)
-    epoch = 0.8 * ex if ex else (num_train or math.nan)
+    t, epoch = cfg.train, epoch_images(cfg, num_train)
     n = t.num_steps * t.batch_size if t.get("num_steps") else t.num_epochs * epoch
     if t.get("freeze") == "two_phase":
         h = t.head_phase
