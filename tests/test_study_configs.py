@@ -1,6 +1,7 @@
 """The real-study configs: grids, one-argument subsets, each run's protocol, pre-flight,
 and the filters-only study end to end on two tiny weights dirs."""
 import importlib.util
+import math
 import os
 
 import _train_utils
@@ -58,8 +59,11 @@ def test_revisiting_preflight_lists_missing_files(tmp_path):
     assert any("in.h5" in m for m in pf.missing) and any("rad.h5" in m for m in pf.missing)
     assert sum("data root" in m for m in pf.missing) == 2
     assert sum("fold_csv_dir" in m for m in pf.missing) == 2
-    # 5 sources x 1 fold per target, <= 30 epochs over 4/5 of BUSI (780) / DDTI (480)
-    assert pf.runs == 10 and pf.images == 5 * int(30 * 0.8 * 780) + 5 * int(30 * 0.8 * 480)
+    # 5 sources x 1 fold per target, <= 30 epochs over 4/5 of BUSI (780) / DDTI (480), each
+    # epoch ceil(N / 256) full batches of 256 (train.epoch_steps=ceil, as Keras ran them)
+    epoch = {n: math.ceil(0.8 * n / 256) * 256 for n in (780, 480)}
+    assert epoch == {780: 768, 480: 512}
+    assert pf.runs == 10 and pf.images == 5 * 30 * epoch[780] + 5 * 30 * epoch[480]
     with pytest.raises(ValueError, match="unknown argument 'target'"):
         _config("study_revisiting", "target=breast")
     with pytest.raises(ValueError, match="targets \\['lung'\\] unknown"):
@@ -225,8 +229,9 @@ def test_revisiting_preflight_finds_empty_data_text_h5_missing_csvs_and_bad_fold
     (tmp_path / "B.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     pf = runner.preflight(_config("study_revisiting", arg), str(tmp_path / "wd"))
     assert pf.missing == [] and "pre-flight: ok" in pf.text()
-    # the training split is the CSV's 7 rows: 30 epochs x 7 per run, 5 runs
-    assert pf.images == 5 * 30 * 7 and "<= 210 images/run" in pf.text()
+    # the training split is the CSV's 7 rows: an epoch is one batch of 256 drawn from
+    # them (ceil(7 / 256) steps), 30 epochs per run, 5 runs
+    assert pf.images == 5 * 30 * 256 and "<= 7,680 images/run" in pf.text()
 
 
 def test_preflight_checkpoint_signatures(tmp_path):
@@ -313,10 +318,12 @@ def test_source_matters_preflight_hints_and_images_from_the_csvs(tmp_path, monke
     cfg = _config("study_source_matters", f"confounders=tag,ps=0,folds=0,nih={tmp_path}/nih,"
                                           f"{weights}")
     pf = runner.preflight(cfg, str(tmp_path / "wd"))
-    assert pf.missing == [] and pf.images == 3 * 30 * 5, pf.missing
-    assert "<= 450 training images to process" in pf.text() and "<= 150 images/run" in pf.text()
+    # an epoch of the 5 rows is one batch of 256 drawn from them (ceil(5 / 256) steps)
+    assert pf.missing == [] and pf.images == 3 * 30 * 256, pf.missing
+    assert ("<= 23,040 training images to process" in pf.text()
+            and "<= 7,680 images/run" in pf.text())
     work = preflight.stage_work(runner.Study(cfg, str(tmp_path / "wd")), ["finetune"])
-    assert list(work["finetune"].items.values()) == [30 * 5.0] * 3   # the ETA's units too
+    assert list(work["finetune"].items.values()) == [30 * 256.0] * 3   # the ETA's units too
     os.remove(tmp_path / "nih" / "images" / "00000003_000.png")
     missing = runner.preflight(cfg, str(tmp_path / "wd")).missing
     assert missing == [f"targets.tag: nih_cxr14: 1 of 6 listed files do not exist, e.g. "

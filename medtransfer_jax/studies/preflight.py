@@ -582,7 +582,7 @@ def check(study) -> Preflight:
         grid.append(f"{target}: {len(trs)} runs ({len(trs) - left} done) = sources "
                     f"{list(cfg.sources)} x folds {study.folds} x settings "
                     f"{len(trs) // max(len(cfg.sources) * len(study.folds), 1)}"
-                    + (f", <= {per_run} images/run" if per_run is not None else ""))
+                    + (f", <= {per_run:,} images/run" if per_run is not None else ""))
     m = cfg.model
     need = disk_needed(study, todo, param_count(m.depth, m.width, m.layout))
     free = _free_bytes(study.workdir)
