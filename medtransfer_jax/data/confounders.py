@@ -312,6 +312,13 @@ def sampled_splits(source: Source, cfg, fold: int = 0) -> DatasetSplits:
     negatives (all with the negative value), n as large as the pool allows (or
     ``confounder.sampled_n``); then a grouped 15 % of it is val. From the test pool: 'ood'
     (reversed), 'iid' (the training rule) and 'clean' (balanced) tests.
+
+    This is a k-fold design of its own, not a re-run of Source Matters' ``gender.py``:
+    that script drew 400/200/200/200 images (positive M/F, negative M/F, unseeded), kept
+    one test set (half the positive men's patients + every negative woman) for all p and
+    folds, and made its 5 "folds" as GroupShuffleSplit(5, test_size=0.15, random_state=42)
+    val draws from one training set. Its CSVs (``data.folds='paper'``, the default of
+    ``configs/source_matters/sampled.py``) are the way to its exact images.
     """
     c = cfg.confounder
     if source.num_classes != 2:
