@@ -69,6 +69,9 @@ def get_config(arg=None):
     c.confounders = []
     c.analysis = ml_collections.ConfigDict(dict(auc_metric="auc_keras", bootstrap=1000,
                                                 compare_sources=["imagenet", "radimagenet"]))
+    # statistical_tests.ipynb tests ImageNet vs RadImageNet on the o.o.d. AUCs only; the
+    # i.i.d. and clean tests can be added (more comparisons, none corrected for multiplicity)
+    c.analysis.robustness_test_sets = ["ood"]
     c.analysis.cca = ml_collections.ConfigDict(dict(methods=["paper_cca"], spatial="positions",
                                                     positions=10000, num_channels=64,
                                                     repeats=5, seed=0, num_images=2000))

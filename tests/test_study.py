@@ -454,3 +454,41 @@ def test_filters_stage_in_pair_bases_and_a_bad_basis(study, tmp_path):
     cfg.analysis.filters.basis = "global"
     pf = runner.preflight(cfg, str(copy))
     assert any("analysis.filters.basis='global'" in m for m in pf.missing), pf.missing
+
+
+def test_robustness_reads_the_studys_auc_metric(study, tmp_path):
+    """Source Matters reported Keras' AUC() (``analysis.auc_metric=auc_keras``): the
+    robustness tables take that AUC from each run's results, not sklearn's binary AUC."""
+    import shutil
+    from medtransfer_jax.training import sweep
+    wd, _, _ = study
+    shutil.copytree(wd, tmp_path / "wd")
+    cfg = _tiny_study_config()
+    cfg.analysis.auc_metric = "auc_keras"
+    st = runner.Study(cfg, str(tmp_path / "wd"))
+    analyses.robustness(st)
+    rows = _rows(tmp_path / "wd" / "tables" / "robustness.csv")
+    runs = {r.keys["source"]: r for r in st.finetune_runs() if r.keys["confounder"] != "none"}
+    differs = 0
+    for row in rows:
+        extra = sweep.read_results(runs[row["source"]].workdir)["extra_tests"]
+        assert row["auc_metric"] == "auc_keras"
+        for test in ("iid", "clean", "ood"):
+            assert float(row[f"auc_{test}"]) == pytest.approx(extra[test]["auc_keras"], abs=1e-12)
+            differs += extra[test]["auc_keras"] != pytest.approx(extra[test]["auc"], abs=1e-9)
+    assert differs, "the two AUCs coincide on every test: the check would not see a mix-up"
+    default = _rows(os.path.join(wd, "tables", "robustness.csv"))
+    assert {r["auc_metric"] for r in default} == {"auc"}
+    cfg.analysis.compare_sources = ["natural", "random"]
+    analyses.robustness(runner.Study(cfg, str(tmp_path / "wd")))
+    assert [r["test"] for r in _rows(tmp_path / "wd" / "tables" / "robustness_tests.csv")] == [
+        "iid", "clean", "ood"]
+    # Source Matters' notebook tests the o.o.d. AUCs only
+    cfg.analysis.robustness_test_sets = ["ood"]
+    analyses.robustness(runner.Study(cfg, str(tmp_path / "wd")))
+    assert [r["test"] for r in _rows(tmp_path / "wd" / "tables" / "robustness_tests.csv")] == [
+        "ood"]
+    cfg.analysis.robustness_test_sets = ["ood", "reversed"]
+    pf = runner.preflight(cfg, str(tmp_path / "wd"))
+    assert any("analysis.robustness_test_sets=['ood', 'reversed']: ['reversed'] unknown" in m
+               for m in pf.missing), pf.missing

@@ -254,7 +254,7 @@ def _mark(ax, x, y, mark: str, colour: str):
 
 
 def plot_robustness(summary: Sequence[Mapping], path: str, *,
-                    marks: Optional[Mapping[tuple, str]] = None) -> str:
+                    marks: Optional[Mapping[tuple, str]] = None, metric: str = "auc") -> str:
     """Source Matters' figure: AUC vs artefact fraction p, one panel per (target,
     confounder); one colour per source, one line style per test set (i.i.d. solid, clean
     dotted, o.o.d. dashed); error bars = sample sd over folds. ``marks[(target, kind, p,
@@ -289,7 +289,7 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
         ax.axhline(0.5, ls=":", color="grey", lw=1, label="chance (AUC 0.5)")
         ax.set_xticks(ps)
         ax.set_xlabel("fraction p of positive training images with the artefact")
-        ax.set_ylabel("test ROC-AUC (error bars: sd over folds)")
+        ax.set_ylabel(f"test ROC-AUC ({metric}; error bars: sd over folds)")
         ax.set_title(f"{target}: {kind} (n = {', '.join(map(str, folds))} folds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)

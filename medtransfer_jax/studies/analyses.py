@@ -549,24 +549,36 @@ def filters_of_sources(study):
 
 
 # ------------------------------------------------------------------------ robustness
-def robustness_row(run) -> Dict[str, Any]:
-    """AUC and test-set size on the i.i.d., clean and o.o.d. tests of one run."""
+def robustness_row(run, auc_name: str = "auc") -> Dict[str, Any]:
+    """AUC (``auc_name``, the study's ``analysis.auc_metric``: Source Matters reported
+    Keras' ``AUC()``) and test-set size on the i.i.d., clean and o.o.d. tests of one run."""
     extra = (sweep.read_results(run.workdir) or {}).get("extra_tests", {})
-    row = dict(run.keys)
+    row = dict(run.keys, auc_metric=auc_name)
     for name in TESTS:
-        row[f"auc_{name}"] = extra.get(name, {}).get("auc", float("nan"))
+        row[f"auc_{name}"] = extra.get(name, {}).get(auc_name, float("nan"))
         row[f"n_{name}"] = extra.get(name, {}).get("num_examples", float("nan"))
     row["drop_iid_to_ood"] = row["auc_iid"] - row["auc_ood"]
     row["drop_clean_to_ood"] = row["auc_clean"] - row["auc_ood"]
     return row
 
 
-def robustness_tests(rows, sources) -> List[Dict[str, Any]]:
+def robustness_test_sets(study) -> List[str]:
+    """``analysis.robustness_test_sets``: the test sets whose AUCs the sources are tested
+    on (default all of :data:`TESTS`; Source Matters tested the o.o.d. one only)."""
+    sets = list(study.config.get("analysis", {}).get("robustness_test_sets") or TESTS)
+    unknown = [t for t in sets if t not in TESTS]
+    if unknown:
+        raise ValueError(f"analysis.robustness_test_sets={sets}: {unknown} unknown; choose "
+                         f"from {list(TESTS)}")
+    return sets
+
+
+def robustness_tests(rows, sources, test_sets: Sequence[str] = TESTS) -> List[Dict[str, Any]]:
     """Source Matters' permutation t-test between every two sources per (target,
-    confounder, p, test set), over folds."""
+    confounder, p, test set in ``test_sets``), over folds."""
     out = []
     settings = dict.fromkeys((r["target"], r["confounder"], r["p"]) for r in rows)
-    for (target, kind, p), test in itertools.product(settings, TESTS):
+    for (target, kind, p), test in itertools.product(settings, test_sets):
         sel = [r for r in rows if (r["target"], r["confounder"], r["p"]) == (target, kind, p)]
         for a, b in itertools.combinations(sources, 2):
             xa = [r[f"auc_{test}"] for r in sel if r["source"] == a]
@@ -585,7 +597,8 @@ def robustness(study):
     items = _items(study, "robustness", targets)
     for target in targets:   # one progress line per target (its runs)
         with items.item(target) as it:
-            rows += [robustness_row(run) for run in runs if run.keys["target"] == target]
+            rows += [robustness_row(run, _auc_name(study)) for run in runs
+                     if run.keys["target"] == target]
             it.detail = "mean AUC drop i.i.d. -> o.o.d. " + format(_mean(
                 r["drop_iid_to_ood"] for r in rows if r["target"] == target), ".3f")
     tables.write_csv(study.path("tables", "robustness.csv"), rows)
@@ -595,8 +608,9 @@ def robustness(study):
     tables.write_csv(study.path("tables", "robustness_summary.csv"), summary)
     pairs = study.config.get("analysis", {}).get("compare_sources") or [
         s for s in study.config.sources if s != "random"]
-    tests = robustness_tests(rows, list(pairs))
+    tests = robustness_tests(rows, list(pairs), robustness_test_sets(study))
     tables.write_csv(study.path("tables", "robustness_tests.csv"), tests)
     if summary:
         marks = {(r["target"], r["confounder"], r["p"], r["test"]): r["mark"] for r in tests}
-        plots.plot_robustness(summary, study.path("figures", "robustness.png"), marks=marks)
+        plots.plot_robustness(summary, study.path("figures", "robustness.png"), marks=marks,
+                              metric=_auc_name(study))

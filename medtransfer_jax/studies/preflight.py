@@ -564,10 +564,11 @@ def check(study) -> Preflight:
         missing += check_source(name, spec, study.source_dir(name), cfg.get("args"))
         if spec.get("weights_of") and spec.weights_of not in cfg.sources:
             missing.append(f"sources.{name}.weights_of={spec.weights_of}: no such source")
-    try:
-        analyses.filter_basis_mode(study)
-    except ValueError as e:
-        missing.append(str(e))
+    for option in (analyses.filter_basis_mode, analyses.robustness_test_sets):
+        try:
+            option(study)
+        except ValueError as e:
+            missing.append(str(e))
     runs = study.finetune_runs()
     todo = [r for r in runs if r.status() != "done"]
     images, grid, layouts = 0, [], {}

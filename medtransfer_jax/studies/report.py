@@ -394,8 +394,10 @@ def _robustness_details(page: _Page):
     summ = page.table("robustness_summary.csv")
     if not summ:
         return
-    page.add("p", "Robustness: AUC on the i.i.d. test (artefact as in training), the clean "
-                  "test and the o.o.d. test (artefact on every negative), mean ± sd over folds.")
+    auc = page.study.config.get("analysis", {}).get("auc_metric", "auc")
+    page.add("p", f"Robustness: AUC (`{auc}`, the study's analysis.auc_metric) on the i.i.d. "
+                  "test (artefact as in training), the clean test and the o.o.d. test "
+                  "(artefact on every negative), mean ± sd over folds.")
     page.add("table", _table(summ, ("target", "source", "confounder", "p", "auc_iid",
                                     "auc_iid_sd", "auc_clean", "auc_clean_sd", "auc_ood",
                                     "auc_ood_sd", "n_ood", "n_rows"),
