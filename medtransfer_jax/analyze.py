@@ -116,10 +116,13 @@ _define("multi_string", "groups", [], "filters: GROUP=NAME1,NAME2 pooled groups.
 _define("bool", "orthogonality", False, "filters: also compute filter orthogonality.")
 # auc_vs_similarity
 _define("multi_string", "run", [], "auc_vs_similarity: SIMILARITY_CSV,RESULTS_JSON,"
-        "RANDOM_RESULTS_JSON for one fine-tuned run (repeatable): its pre-trained-vs-"
-        "fine-tuned similarity table, its results.json and the random-init run's.")
-_define("string", "auc_metric", "auc", "auc_vs_similarity: metric key in results.json.")
-_define("string", "auc_split", "test", "auc_vs_similarity: results.json section (val/test).")
+        "RANDOM_RESULTS_JSON[,SOURCE] for one fine-tuned run (repeatable): its pre-trained-"
+        "vs-fine-tuned similarity table, its results.json and the random-init run's; runs "
+        "with a SOURCE (imagenet, radimagenet, ...) are fitted per source, as the paper.")
+_define("string", "auc_metric", "auc", "auc_vs_similarity: metric key in results.json "
+        "(the Revisiting paper: auc_ovr_weighted, with --auc_split=val).")
+_define("string", "auc_split", "test", "auc_vs_similarity: results.json section (val/test; "
+        "the Revisiting paper: val).")
 _define("string", "similarity_method", None, "auc_vs_similarity: method rows to use "
         "(default: the first method in each table).")
 
@@ -331,13 +334,14 @@ def filters_task():
 def auc_vs_similarity_task():
     from medtransfer_jax.studies import tasks
     if not FLAGS.run:
-        _fail("auc_vs_similarity needs --run=SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON "
-              "(one per fine-tuned run).")
+        _fail("auc_vs_similarity needs --run=SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON"
+              "[,SOURCE] (one per fine-tuned run).")
     runs = []
     for item in FLAGS.run:
         parts = item.split(",")
-        if len(parts) != 3:
-            _fail(f"--run={item!r}: expected SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON.")
+        if len(parts) not in (3, 4):
+            _fail(f"--run={item!r}: expected SIMILARITY_CSV,RESULTS_JSON,RANDOM_RESULTS_JSON"
+                  "[,SOURCE].")
         runs.append(tasks.RunRecord(*parts))
     return tasks.AucVsSimilarityTask(tuple(runs), FLAGS.auc_metric, FLAGS.auc_split,
                                      FLAGS.similarity_method)

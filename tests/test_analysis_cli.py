@@ -177,6 +177,11 @@ def test_auc_vs_similarity_command(tmp_path):
     with pytest.raises(UserError, match="at least 2 \\(got 1\\)"):
         _run("auc_vs_similarity", output_dir=str(tmp_path / "o1"), run=runs[:1])
     assert not (tmp_path / "o1").exists()  # a failed analysis leaves no empty folder
+    # with a SOURCE per run: one fit per source
+    named = [f"{r},{'imagenet' if i < 3 else 'radimagenet'}" for i, r in enumerate(runs)]
+    rows = _rows(_run("auc_vs_similarity", output_dir=str(tmp_path / "o2"), run=named)["csv"])
+    assert [(r["source"], int(r["n"])) for r in rows] == [("imagenet", 3), ("radimagenet", 2)]
+    assert float(rows[0]["slope"]) == pytest.approx(np.polyfit(xs[:3], gains[:3], 1)[0])
 
 
 def test_flag_errors(weights, tmp_path):

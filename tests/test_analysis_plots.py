@@ -32,21 +32,30 @@ def test_robustness_series_at_one_p_are_dodged_not_stacked(drawn):
     np.testing.assert_allclose(ax.get_xticks(), true_p)
 
 
-def test_auc_gain_points_are_coloured_by_source_and_the_method_is_named(drawn):
-    rows = [dict(layer="conv1_relu", n=4, pearson_r=0.5, slope=1.0, intercept=0.0,
-                 similarity=[0.1, 0.2, 0.3, 0.4], gain=[0.0, 0.1, 0.1, 0.3],
-                 source=["imagenet", "radimagenet", "imagenet", "radimagenet"])]
+def test_auc_gain_has_a_panel_row_per_source_points_coloured_by_target(drawn):
+    def row(source, layer, slope):
+        return dict(source=source, layer=layer, n=4, pearson_r=0.5, slope=slope, intercept=0.0,
+                    similarity=[0.1, 0.2, 0.3, 0.4], gain=[0.0, 0.1, 0.1, 0.3],
+                    target=["breast", "knee", "breast", "knee"])
+    rows = [row("imagenet", "conv1_relu", 1.0), row("imagenet", "conv5_block3_out", 0.5),
+            row("radimagenet", "conv1_relu", -1.0)]
     plots.plot_auc_vs_similarity(rows, "unused.png", method="paper_cca")
     fig = drawn[0]
-    ax = fig.axes[0]
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(fig.axes) == 4 and len(shown) == 3   # 2 sources x 2 layers, one pair absent
+    titles = [ax.get_title() for ax in shown]
+    assert titles[0].startswith("imagenet: conv1_relu\n") and "n = 4 runs" in titles[0]
+    assert titles[2].startswith("radimagenet: conv1_relu\n")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels[:2] == ["imagenet", "radimagenet"] and "least squares" in labels[2]
-    colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
-    assert len(colours) == 2                        # one colour per source
-    assert "conv1_relu\n" in ax.get_title() and "n = 4 runs" in ax.get_title()
-    assert plots.sim.label("paper_cca") in ax.get_xlabel()
-    assert "AUC_random" in ax.get_ylabel()
-
+    assert labels == ["breast", "knee", "least squares, this source"]
+    for ax, slope in zip(shown, (1.0, 0.5, -1.0)):  # each panel its own source's line
+        colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
+        assert len(colours) == 2                    # one colour per target
+        (line,) = [l for l in ax.get_lines() if l.get_label().startswith("least squares")]
+        xs, ys = line.get_data()
+        assert (ys[-1] - ys[0]) / (xs[-1] - xs[0]) == pytest.approx(slope)
+    assert plots.sim.label("paper_cca") in shown[0].get_xlabel()
+    assert "AUC_random" in shown[0].get_ylabel() and "AUC_random" in shown[2].get_ylabel()
 
 def test_the_random_sources_weight_change_starts_from_its_initialisation(tmp_path,
                                                                           monkeypatch):
@@ -88,6 +97,13 @@ def test_prediction_similarity_over_folds_shows_the_spread_and_the_fold_count(dr
     single = [dict(pair="a vs b", observed=0.6, expected_independent=0.5, n=38)]
     plots.plot_prediction_similarity(single, "unused.png")  # one comparison: no folds
     assert "folds" not in drawn[1].axes[0].get_title()
+    assert "acc_A·acc_B" in drawn[1].axes[0].get_legend().get_texts()[1].get_text()
+    # the paper's mode: its val split and its baseline (A's accuracy twice), named as such
+    paper = [dict(single[0], split="val", mode="paper")]
+    plots.plot_prediction_similarity(paper, "unused.png")
+    ax = drawn[2].axes[0]
+    assert "38 val images" in ax.get_title() and "val images both right" in ax.get_ylabel()
+    assert "acc_A² + (1−acc_A)²" in ax.get_legend().get_texts()[1].get_text()
 
 
 def test_filter_statistics_tell_pre_trained_from_fine_tuned_in_the_legend(drawn):

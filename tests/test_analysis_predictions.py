@@ -56,20 +56,37 @@ def test_measures_match_sklearn_scipy():
     assert P.cohen_kappa([0, 1, 1], [0, 1, 1]) == 1.0
 
 
-def test_auc_gain_vs_similarity():
+def test_auc_gain_vs_similarity_is_fitted_per_source():
+    """One line per source, as the paper's simVSauc_plot.py: here ImageNet's gain rises
+    with CCA and RadImageNet's falls, which one pooled line would average away."""
     rng = np.random.default_rng(1)
-    recs = [dict(auc=0.7 + 0.2 * c, auc_random=0.65, source=("imagenet", "radimagenet")[i % 2],
-                 similarity={"conv1_relu": c, "conv5_block3_out": rng.uniform()})
-            for i, c in enumerate(rng.uniform(0.2, 0.9, 8))]
+    recs = []
+    for i, c in enumerate(rng.uniform(0.2, 0.9, 12)):
+        src = ("imagenet", "radimagenet")[i % 2]
+        auc = 0.7 + 0.2 * c if src == "imagenet" else 0.95 - 0.2 * c
+        recs.append(dict(auc=auc, auc_random=0.65, source=src, target=("breast", "knee")[i % 3 == 0],
+                         similarity={"conv1_relu": c, "conv5_block3_out": rng.uniform()}))
     assert P.relative_auc_gain(0.9, 0.6) == pytest.approx(0.5)
-    rows = {r["layer"]: r for r in P.auc_gain_vs_similarity(recs)}
-    x = np.array([r["similarity"]["conv1_relu"] for r in recs])
-    y = np.array([(r["auc"] - 0.65) / 0.65 for r in recs])
-    assert rows["conv1_relu"]["pearson_r"] == pytest.approx(1.0)
-    assert rows["conv1_relu"]["source"] == [r["source"] for r in recs]  # the plot's colours
-    assert rows["conv1_relu"]["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
-    x5 = np.array([r["similarity"]["conv5_block3_out"] for r in recs])
-    assert rows["conv5_block3_out"]["spearman_r"] == pytest.approx(stats.spearmanr(x5, y)[0])
+    rows = P.auc_gain_vs_similarity(recs)
+    assert [(r["source"], r["layer"]) for r in rows] == [
+        ("imagenet", "conv1_relu"), ("imagenet", "conv5_block3_out"),
+        ("radimagenet", "conv1_relu"), ("radimagenet", "conv5_block3_out")]
+    by = {(r["source"], r["layer"]): r for r in rows}
+    for src, sign in (("imagenet", 1.0), ("radimagenet", -1.0)):
+        mine = [r for r in recs if r["source"] == src]
+        x = np.array([r["similarity"]["conv1_relu"] for r in mine])
+        y = np.array([(r["auc"] - 0.65) / 0.65 for r in mine])
+        row = by[(src, "conv1_relu")]
+        assert row["n"] == 6 and row["pearson_r"] == pytest.approx(sign)
+        assert row["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+        assert row["target"] == [r["target"] for r in mine]   # the plot's colours
+        x5 = np.array([r["similarity"]["conv5_block3_out"] for r in mine])
+        assert by[(src, "conv5_block3_out")]["spearman_r"] == pytest.approx(
+            stats.spearmanr(x5, y)[0])
+    # records without a source (the analyze CLI's): one group
+    plain = P.auc_gain_vs_similarity([{k: v for k, v in r.items() if k != "source"}
+                                      for r in recs])
+    assert [(r["source"], r["n"]) for r in plain] == [("", 12), ("", 12)]
     with pytest.raises(ValueError, match="random-init AUC"):
         P.relative_auc_gain(0.8, 0.0)
 

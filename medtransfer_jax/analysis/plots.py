@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medtransfer_jax import paths  # noqa: E402
+from medtransfer_jax.analysis import predictions as pred  # noqa: E402
 from medtransfer_jax.analysis import similarity as sim  # noqa: E402
 
 #: Line styles per test set / phase, so curves of one source share a colour (hue) and
@@ -157,7 +158,10 @@ def plot_filter_histograms(histograms: Mapping, bin_edges: np.ndarray, path: str
 def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
     """Bars: observed both-right-or-both-wrong vs the independent-errors baseline. Rows
     summarised over folds (``observed_sd``, ``observed_n``) get sd error bars and the
-    number of folds in the title."""
+    number of folds in the title; the rows' ``split`` and ``mode`` (``paper``: the val
+    split and acc_A² + (1−acc_A)²) name the images and the baseline."""
+    splits = list(dict.fromkeys(str(r.get("split") or "test") for r in rows))
+    modes = list(dict.fromkeys(str(r.get("mode") or "corrected") for r in rows))
     labels = [r.get("pair", f"{r.get('model_a', 'A')} vs {r.get('model_b', 'B')}") for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
@@ -169,14 +173,16 @@ def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
     ax.bar(x - 0.2, [r["observed"] for r in rows], 0.4, yerr=err("observed"), capsize=3,
            label="observed")
     ax.bar(x + 0.2, [r["expected_independent"] for r in rows], 0.4,
-           yerr=err("expected_independent"), capsize=3, label="independent errors")
+           yerr=err("expected_independent"), capsize=3,
+           label="independent errors: " + "; ".join(pred.BASELINES.get(m, m) for m in modes))
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=20, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction of test images both right or both wrong")
+    where = "/".join(splits)
+    ax.set_ylabel(f"fraction of {where} images both right or both wrong")
     ns = sorted({int(r["n"]) for r in rows if _finite_or_0(r.get("n"))})
-    what = [f"n = {', '.join(map(str, ns))} test images" + (" per fold" if over_folds else "")
-            ] if ns else []
+    what = [f"n = {', '.join(map(str, ns))} {where} images" + (" per fold" if over_folds
+                                                              else "")] if ns else []
     if over_folds:
         folds = sorted({int(_finite_or_0(r.get("observed_n"))) for r in rows})
         what.append(f"mean ± sd over {', '.join(map(str, folds))} folds")
@@ -186,34 +192,49 @@ def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
 
 
 def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str, method: str = "") -> str:
-    """One panel per layer: relative AUC gain vs similarity (``method``), one point per
-    run coloured by source, with the least-squares line over all points."""
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.5 * len(rows), 3.9), squeeze=False,
-                             sharey=True)
-    sources = list(dict.fromkeys(s for r in rows for s in r.get("source") or []))
-    colours = {s: f"C{i}" for i, s in enumerate(sources)}
-    for ax, r in zip(axes[0], rows):
+    """Relative AUC gain vs similarity (``method``): one panel row per source, one panel
+    per layer (as the paper's ``simVSauc_plot.py``), one point per run coloured by
+    target, and that source's least-squares line."""
+    sources = list(dict.fromkeys(r.get("source", "") for r in rows))
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(len(sources), len(layers),
+                             figsize=(3.5 * len(layers), 3.4 * len(sources) + 0.6),
+                             squeeze=False, sharey=True)
+    targets = list(dict.fromkeys(t for r in rows for t in r.get("target") or []))
+    colours = {t: f"C{i}" for i, t in enumerate(targets)}
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    for r in rows:
+        i, j = sources.index(r.get("source", "")), layers.index(r["layer"])
+        ax = axes[i, j]
+        ax.set_visible(True)
         x, y = np.asarray(r["similarity"]), np.asarray(r["gain"])
-        src = list(r.get("source") or [""] * len(x))
-        for s in dict.fromkeys(src):
-            idx = [i for i, v in enumerate(src) if v == s]
-            ax.scatter(x[idx], y[idx], color=colours.get(s, "C0"), label=s or None)
+        tgt = list(r.get("target") or [""] * len(x))
+        for t in dict.fromkeys(tgt):
+            idx = [k for k, v in enumerate(tgt) if v == t]
+            ax.scatter(x[idx], y[idx], color=colours.get(t, "C0"), s=14, label=t or None)
         if np.isfinite(r["slope"]):
             xs = np.linspace(min(r["similarity"]), max(r["similarity"]), 10)
             ax.plot(xs, r["slope"] * xs + r["intercept"], color="grey",
-                    label="least squares (all runs)")
+                    label="least squares, this source")
         ax.axhline(0, color="black", linewidth=0.5)
         # Two short lines: the layer names are long and the panels narrow.
-        ax.set_title(f"{r['layer']}\nPearson r = {r['pearson_r']:.2f}, n = {int(r['n'])} runs",
-                     fontsize=9)
+        who = f"{r['source']}: " if r.get("source") else ""
+        ax.set_title(f"{who}{r['layer']}\nPearson r = {r['pearson_r']:.2f}, "
+                     f"n = {int(r['n'])} runs", fontsize=9)
         ax.set_xlabel(f"{sim.label(method) if method else 'similarity'}, pre vs fine-tuned",
                       fontsize=8)
-    axes[0, 0].set_ylabel("relative AUC gain over random init\n"
-                          "(AUC - AUC_random) / AUC_random")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    if labels:
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
+    for i in range(len(sources)):
+        axes[i, 0].set_ylabel("relative AUC gain over random init\n"
+                              "(AUC - AUC_random) / AUC_random")
+    seen = {}
+    for ax in axes.ravel():
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(l, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=len(seen),
+                   fontsize=8)
+        fig.tight_layout(rect=(0, 0.6 / (3.4 * len(sources) + 0.6), 1, 1))
     return _save(fig, path)
 
 

@@ -37,6 +37,9 @@ from medtransfer_jax.inference.predictions import read_predictions
 
 #: Prediction-similarity modes -> (default split, AUC average for K > 2).
 MODES = {"corrected": (None, "macro"), "paper": ("val", "weighted")}
+#: Each mode's independent-errors baseline, as a figure or caption writes it.
+BASELINES = {"corrected": "acc_A·acc_B + (1−acc_A)(1−acc_B)",
+             "paper": "acc_A² + (1−acc_A)² (the paper's, A's accuracy twice)"}
 
 
 # The one reader of the predictions contract (DataError naming the file); the old name.
@@ -166,35 +169,45 @@ def relative_auc_gain(auc: float, auc_random: float) -> float:
 
 
 def auc_gain_vs_similarity(records: Sequence[Mapping]) -> List[dict]:
-    """Correlates relative AUC gain with per-layer similarity across runs (folds/targets).
+    """Correlates relative AUC gain with per-layer similarity across runs, per source.
+
+    The paper (Revisiting ``simVSauc_plot.py``) fits one line per source (ImageNet,
+    RadImageNet), over every target's folds; pooling the sources would mix two
+    relationships into one slope.
 
     Args:
       records: one per fine-tuned run: ``{'auc': float, 'auc_random': float,
-        'similarity': {layer: value}, ...}`` (e.g. CCA of pre-trained vs fine-tuned).
+        'similarity': {layer: value}[, 'source': str][, 'target': str]}`` (e.g. CCA of
+        pre-trained vs fine-tuned).
     Returns:
-      one row per layer: ``layer, n, pearson_r, spearman_r, slope, intercept`` (least squares
-      of gain on similarity), plus the points as ``similarity``/``gain`` lists and, for the
-      plot's colours, each point's ``source`` (the record's, or '').
+      one row per (source, layer), sources in first-seen order (records without a source
+      form one group, ``source=''``): ``source, layer, n, pearson_r, spearman_r, slope,
+      intercept`` (least squares of gain on similarity), plus the points as
+      ``similarity``/``gain`` lists and each point's ``target`` (the plot's colours).
     """
     if not records:
         raise ValueError("auc_gain_vs_similarity: no records.")
     layers = list(dict.fromkeys(l for r in records for l in r["similarity"]))
     rows = []
-    for layer in layers:
-        pts = [(float(r["similarity"][layer]), relative_auc_gain(r["auc"], r["auc_random"]),
-                str(r.get("source", ""))) for r in records if layer in r["similarity"]]
-        x = np.array([p[0] for p in pts])
-        y = np.array([p[1] for p in pts])
-        slope = intercept = float("nan")
-        if len(x) >= 2 and np.ptp(x) > 0:
-            slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
-        rows.append(dict(layer=layer, n=len(x),
-                         pearson_r=_pearson(x, y) if len(x) >= 2 else float("nan"),
-                         spearman_r=(_pearson(stats.rankdata(x), stats.rankdata(y)) if len(x) >= 2
-                                     else float("nan")),
-                         slope=slope, intercept=intercept,
-                         similarity=x.tolist(), gain=y.tolist(),
-                         source=[p[2] for p in pts]))
+    for source in dict.fromkeys(str(r.get("source", "")) for r in records):
+        for layer in layers:
+            pts = [(float(r["similarity"][layer]), relative_auc_gain(r["auc"], r["auc_random"]),
+                    str(r.get("target", ""))) for r in records
+                   if layer in r["similarity"] and str(r.get("source", "")) == source]
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts])
+            y = np.array([p[1] for p in pts])
+            slope = intercept = float("nan")
+            if len(x) >= 2 and np.ptp(x) > 0:
+                slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
+            rows.append(dict(source=source, layer=layer, n=len(x),
+                             pearson_r=_pearson(x, y) if len(x) >= 2 else float("nan"),
+                             spearman_r=(_pearson(stats.rankdata(x), stats.rankdata(y))
+                                         if len(x) >= 2 else float("nan")),
+                             slope=slope, intercept=intercept,
+                             similarity=x.tolist(), gain=y.tolist(),
+                             target=[p[2] for p in pts]))
     return rows
 
 

@@ -388,8 +388,9 @@ def _predictions_fold(study, target, fold, mode, sim_rows, method) -> tuple:
 
 
 def predictions(study):
-    """Prediction similarity per source pair (n = test images) and AUC gain vs CCA; one
-    progress line per target (its folds' pairs)."""
+    """Prediction similarity per source pair (n = images of the mode's split: test, or
+    the paper's val) and AUC gain vs CCA per source; one progress line per target (its
+    folds' pairs)."""
     if not study.clean_targets:
         return
     sim_rows = tables.read_csv_if(study.path("tables", "representations.csv"))
@@ -408,7 +409,7 @@ def predictions(study):
             it.detail = "mean kappa " + format(_mean(
                 r["cohen_kappa"] for r in rows if r["target"] == target), ".3f")
     tables.write_csv(study.path("tables", "prediction_similarity.csv"), rows)
-    summary = tables.summarise(rows, ("target", "pair"), (
+    summary = tables.summarise(rows, ("target", "pair", "mode", "split"), (
         "observed", "expected_independent", "excess", "agreement", "cohen_kappa",
         "prob_correlation", "n"))
     tables.write_csv(study.path("tables", "prediction_similarity_summary.csv"), summary)

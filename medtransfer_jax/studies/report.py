@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from medtransfer_jax import paths
 from medtransfer_jax.analysis import plots
+from medtransfer_jax.analysis import predictions as pred_lib
 from medtransfer_jax.studies import published, tables
 
 Block = Tuple[str, Any]
@@ -271,14 +272,18 @@ def _figures(page: _Page):
                     "pair; error bars: sample sd over folds; grey dotted: chance level "
                     "(shuffled rows), the highest over the pairs at each layer, where the "
                     "method has one (the CCA methods).")
+    pred_rows = page.table("prediction_similarity_summary.csv")
+    splits = "/".join(dict.fromkeys(str(r.get("split") or "test") for r in pred_rows)) or "test"
+    baselines = "; ".join(pred_lib.BASELINES.get(m, m) for m in dict.fromkeys(
+        str(r.get("mode") or "corrected") for r in pred_rows)) or pred_lib.BASELINES["corrected"]
     page.figure("prediction_similarity.png",
-                "Prediction similarity on the test split vs the independent-errors baseline "
-                "acc_A·acc_B + (1−acc_A)(1−acc_B); mean over folds, error bars: sample sd "
-                "over folds.")
+                f"Prediction similarity on the {splits} split vs the independent-errors "
+                f"baseline {baselines}; mean over folds, error bars: sample sd over folds.")
     page.figure("auc_gain_vs_cca.png", "Relative AUC gain over random init, (AUC − "
                                        "AUC_random)/AUC_random, vs similarity pre/fine-tuned "
-                                       "per layer; one point per run, coloured by source; grey: "
-                                       "least-squares line over all runs.")
+                                       "per layer; one row of panels per source, one point per "
+                                       "run coloured by target; grey: that source's "
+                                       "least-squares line (as the paper fits each source).")
     page.figure("robustness.png", "AUC vs artefact fraction p per source (colour) and test set "
                                   "(line style); error bars: sample sd over folds; series "
                                   "shifted slightly sideways so bars at one p stay apart; "

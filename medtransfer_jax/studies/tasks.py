@@ -286,10 +286,11 @@ def _filter_figures(rep, units: Sequence[str], out_dir: str) -> Dict[str, str]:
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
     """One fine-tuned run: its pre-trained-vs-fine-tuned similarity table, its
-    results.json and the random-init run's results.json."""
+    results.json, the random-init run's results.json and its source ('' = one group)."""
     similarity_csv: str
     results: str
     random_results: str
+    source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +330,7 @@ def run_auc_vs_similarity(task: AucVsSimilarityTask, out_dir: str) -> Dict[str, 
     records = [dict(similarity=_run_similarity(r, task.method),
                     auc=_read_metric(r.results, task.split, task.metric),
                     auc_random=_read_metric(r.random_results, task.split, task.metric),
-                    run=r.results) for r in task.runs]
+                    source=r.source, run=r.results) for r in task.runs]
     table = pred.auc_gain_vs_similarity(records)
     return dict(csv=tables.write_csv(_out(out_dir, "auc_vs_similarity.csv"), table),
                 json=tables.write_json(_out(out_dir, "auc_vs_similarity.json"),
