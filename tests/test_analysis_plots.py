@@ -133,3 +133,28 @@ def test_auc_figures_draw_the_chance_line_and_similarities_stop_at_one(drawn):
         [dict(pair="a vs b", layer=l, method="linear_cka", value=v, std=0.01)
          for l, v in (("conv1_relu", 0.99), ("conv2_block1_out", 0.6))], "unused.png")
     assert drawn[0].axes[0].get_ylim()[1] <= 1.0
+
+
+def test_first_layer_filters_are_the_papers_panels(drawn):
+    """filter_plot.py's picture: the first 36 output filters of input channel 0 of the stem,
+    (W - min) / (max - min) over the whole kernel; here on one shared 0..1 grey scale."""
+    rng = np.random.default_rng(5)
+    k = rng.normal(size=(7, 7, 3, 40))
+    m = plots.filter_mosaic(k)
+    assert m.shape == (6 * 8 - 1, 6 * 8 - 1)
+    scaled = (k - k.min()) / (k.max() - k.min())
+    for i in (0, 7, 35):
+        r, c = divmod(i, 6)
+        np.testing.assert_allclose(m[r * 8:r * 8 + 7, c * 8:c * 8 + 7], scaled[:, :, 0, i])
+    assert np.isnan(m[7, :]).all() and np.isnan(m[:, 7]).all()   # the gaps between filters
+    small = plots.filter_mosaic(k[..., :8], in_channel=2)        # a tiny stem: 8 filters
+    assert small.shape == (3 * 8 - 1, 3 * 8 - 1) and np.isnan(small[16:, 16:]).all()  # 9th cell
+    plots.plot_first_layer_filters({"imagenet: pre-trained": k, "fine-tuned: breast fold0": k * 2},
+                                   "unused.png")
+    fig = drawn[0]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["imagenet: pre-trained",
+                                                 "fine-tuned: breast fold0"]
+    for ax in panels:
+        assert ax.images[0].get_clim() == (0, 1)
+    assert "input channel 0" in fig._suptitle.get_text() and "filters 1-36" in fig._suptitle.get_text()

@@ -86,6 +86,8 @@ def test_every_stage_ran_and_report_reads_top_down(study):
         with open(os.path.join(wd, f), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", f
     assert html.count("data:image/png;base64,") == len(figs)
+    # the stem's filters before and after fine-tuning, one figure per source (filter_plot.py)
+    assert {"figures/conv1_filters_natural.png", "figures/conv1_filters_random.png"} <= set(figs)
     # test-set size next to the AUCs: the headline's last column is the test images / fold
     head = md[pos[1]:pos[2]]
     runs = _rows(os.path.join(wd, "tables", "runs.csv"))

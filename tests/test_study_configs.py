@@ -172,6 +172,7 @@ def test_filters_study_end_to_end(tmp_path):
     assert "between the sources" in md and "pre vs fine-tuned" not in md
     assert "No fine-tuning results yet" not in md and "fine-tunes nothing" in md
     assert "ResNet50 (width 64" not in md and "filter_histograms.png" in md
+    assert "figures/conv1_filters.png" in md and "7×7 stem filters (conv1_conv) of each" in md
 
 
 # ---------------------------------------------------- pre-flight: what would make runs fail

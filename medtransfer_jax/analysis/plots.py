@@ -238,6 +238,50 @@ def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str, method: str = "")
     return _save(fig, path)
 
 
+def filter_mosaic(kernel: np.ndarray, n: int = 36, in_channel: int = 0) -> np.ndarray:
+    """The first ``n`` output filters of one input channel of an HWIO kernel, min-max
+    scaled over the whole kernel (Revisiting ``filter_plot.py``: (W - min) / (max - min)),
+    tiled row-major on a square grid with a 1-pixel NaN gap (drawn blank)."""
+    k = np.asarray(kernel, np.float64)
+    lo, hi = k.min(), k.max()
+    k = (k - lo) / (hi - lo) if hi > lo else np.zeros_like(k)
+    n = min(n, k.shape[3])
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    h, w = k.shape[:2]
+    out = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = k[:, :, in_channel, i]
+    return out
+
+
+def plot_first_layer_filters(kernels: Mapping[str, np.ndarray], path: str, *, n: int = 36,
+                             in_channel: int = 0, title: str = "") -> str:
+    """The first conv layer's filters as pictures, one panel per model (``kernels``: label
+    -> HWIO ``conv1_conv`` kernel): Revisiting's ``filter_plot.py`` figure (the first 36
+    filters of input channel 0, min-max over the whole kernel). Unlike its per-filter
+    auto-scaled ``imshow``, every filter of a panel shares one grey scale, with a colour
+    bar, so that a reader can compare filters and panels."""
+    fig, axes = plt.subplots(1, len(kernels), figsize=(2.6 * len(kernels) + 0.8, 3.2),
+                             squeeze=False)
+    im = None
+    for ax, (label, kernel) in zip(axes[0], kernels.items()):
+        im = ax.imshow(filter_mosaic(kernel, n, in_channel), cmap="gray", vmin=0, vmax=1,
+                       interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    k0 = np.shape(next(iter(kernels.values())))
+    fig.suptitle(title or f"conv1_conv filters 1-{min(n, k0[3])}, input channel {in_channel} "
+                          f"({k0[0]}x{k0[1]}), each panel min-max scaled over its whole kernel",
+                 fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.02,
+                     label="(w - min) / (max - min)")
+    return _save(fig, path)
+
+
 def plot_weight_change(rows: Sequence[Mapping], path: str, title: str = "") -> str:
     """Relative L2 change and cosine per layer (network order); ``title`` names a and b
     (a PNG opened on its own has no caption to say which weights were compared)."""

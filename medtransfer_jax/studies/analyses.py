@@ -463,6 +463,11 @@ def study_filter_basis(study, dirs: Sequence[str]) -> filters.FilterBasis:
     return basis
 
 
+def _conv1(variables) -> Optional[np.ndarray]:
+    """The stem's kernel (HWIO), the layer Revisiting's ``filter_plot.py`` draws."""
+    return variables["params"].get("conv1_conv", {}).get("kernel")
+
+
 def _filter_pair(pre, ft, labels, basis=None):
     """Drift and layer rows of one (pre-trained, fine-tuned) pair, in ``basis`` (default:
     the pair's own)."""
@@ -490,9 +495,12 @@ def filters_stage(study):
             it.detail = f"{basis.num_filters:,} filters"
     for s in study.config.sources:
         pre, _ = checkpoint.load_weights(study.source_dir(s))
+        conv1 = {f"{s}: pre-trained": _conv1(pre)}
         for target, fold in tf:
             with items.item(item_name(target, fold, s)) as it:
                 ft, _ = checkpoint.load_weights(study.fine_tuned_dir(target, s, fold=fold))
+                if fold == study.folds[0]:
+                    conv1[f"fine-tuned: {target} fold{fold}"] = _conv1(ft)
                 keys = dict(source=s, target=target, fold=fold)
                 d, l = _filter_pair(pre, ft, (f"{s}:pre", f"{s}:fine-tuned"), basis)
                 c = [dict(r, **keys) for r in weight_change.weight_change(pre, ft)]
@@ -501,6 +509,8 @@ def filters_stage(study):
             drift += [dict(r, comparison="pre_vs_finetuned", **keys) for r in d]
             layers += [dict(r, **keys) for r in l]
             change += c
+        if all(k is not None for k in conv1.values()):
+            plots.plot_first_layer_filters(conv1, study.path("figures", f"conv1_filters_{s}.png"))
     tables.write_csv(study.path("tables", "filter_drift.csv"), drift)
     tables.write_csv(study.path("tables", "filter_layers.csv"), layers)
     tables.write_csv(study.path("tables", "weight_change.csv"), change)
@@ -533,6 +543,9 @@ def filters_of_sources(study):
     every model, drifts between ``analysis.filters.groups`` (default: each model)."""
     models = {s: checkpoint.load_weights(study.source_dir(s))[0]["params"]
               for s in study.config.sources}
+    conv1 = {s: _conv1({"params": p}) for s, p in models.items()}
+    if all(k is not None for k in conv1.values()):
+        plots.plot_first_layer_filters(conv1, study.path("figures", "conv1_filters.png"))
     groups = study.config.get("analysis", {}).get("filters", {}).get("groups") or None
     rep = filters.analyse_filters({k: v for k, v in models.items()},
                                   groups=dict(groups) if groups else None)

@@ -300,6 +300,15 @@ def _figures(page: _Page):
                                              "of the sources' 3×3 filters (shared basis).")
     page.figure("filter_layer_statistics.png", "Sparsity and variance entropy of the 3×3 "
                                                "filters per layer.")
+    conv1 = ("the 7×7 stem filters (conv1_conv) before and after fine-tuning on each target "
+             "(first fold)" if cfg.targets else "the 7×7 stem filters (conv1_conv) of each "
+             "source")
+    for name in ([f"conv1_filters_{s}.png" for s in cfg.sources] if cfg.targets
+                 else ["conv1_filters.png"]):
+        page.figure(name, f"{conv1[0].upper()}{conv1[1:]}, as Revisiting's filter_plot.py "
+                          "draws them: the first 36 filters of input channel 0, each panel "
+                          "min-max scaled over its whole kernel (black: its smallest weight, white: its "
+                          "largest).")
     for s in cfg.sources:
         page.figure(f"weight_change_{s}.png", f"{s}: relative L2 change and cosine per layer, "
                                               "pre-trained vs fine-tuned (mean over runs).")
