@@ -97,6 +97,17 @@ def test_published_file_agrees_with_its_fold_values():
             # the paper's mean/std columns are the fold mean and the sample sd (ddof=1)
             assert np.mean(v["folds"]) == pytest.approx(v["mean"], abs=6e-4), (target, src)
             assert np.std(v["folds"], ddof=1) == pytest.approx(v["sd"], abs=6e-4), (target, src)
+    # CCA at full precision (a 4-decimal rounding read as ~0.3 fold sd on the tightest
+    # layers): each mean and sd is its folds' own
+    n = 0
+    for target, pairs in pub["revisiting"]["cca"].items():
+        for pair, layers in pairs.items():
+            for layer, v in layers.items():
+                assert len(v["folds"]) == v["n"] == 5, (target, pair, layer)
+                assert v["mean"] == pytest.approx(np.mean(v["folds"]), abs=1e-12)
+                assert v["sd"] == pytest.approx(np.std(v["folds"], ddof=1), abs=1e-12)
+                n += 1
+    assert n == 7 * 14 * 5
     sm = pub["source_matters"]["confounders"]["lowpass"]["1.0"]
     assert sm["p_permutation"] == pytest.approx(2 / 252, abs=1e-5)
 
