@@ -135,6 +135,24 @@ def test_auc_figures_draw_the_chance_line_and_similarities_stop_at_one(drawn):
     assert drawn[0].axes[0].get_ylim()[1] <= 1.0
 
 
+def test_many_pairs_get_panel_rows_and_lines_that_never_look_alike(drawn):
+    """A Revisiting study has 15 pairs per target: in one panel with the 10-colour cycle
+    pairs 11-15 looked like pairs 1-5. Panel rows by kind, and no two lines of a panel
+    share colour and style; the axis stops at 1 even where mean + sd passes it."""
+    rows = [dict(pair=f"pair {i}", layer=l, method="paper_cca", value=0.9, std=0.2,
+                 kind="before vs after" if i < 4 else "between networks")
+            for i in range(16) for l in ("conv1_relu", "conv2_block3_out")]
+    plots.plot_layer_similarity(rows, "unused.png", panel_key="kind", title="breast")
+    fig = drawn[0]
+    assert [ax.get_title() for ax in fig.axes] == ["breast · before vs after",
+                                                   "breast · between networks"]
+    for ax, n in zip(fig.axes, (4, 12)):
+        looks = {(c.lines[0].get_color(), c.lines[0].get_linestyle()) for c in ax.containers}
+        assert len(looks) == n, looks
+        assert ax.get_ylim()[1] == 1.0
+    assert len({(plots.line_look(i)["color"], plots.line_look(i)["ls"]) for i in range(40)}) == 40
+
+
 def test_first_layer_filters_are_the_papers_panels(drawn):
     """filter_plot.py's picture: the first 36 output filters of input channel 0 of the stem,
     (W - min) / (max - min) over the whole kernel; here on one shared 0..1 grey scale."""

@@ -49,51 +49,72 @@ def _save(fig, path: str) -> str:
     return path
 
 
+#: Line styles after the 10 colours of the cycle: line i of a panel is colour i % 10 in
+#: style i // 10, so up to 40 lines of one panel never look alike.
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v")
+
+
+def line_look(i: int) -> dict:
+    """Colour, line style and marker of a panel's i-th line (all distinct up to 40)."""
+    return dict(color=f"C{i % 10}", ls=LINE_STYLES[(i // 10) % len(LINE_STYLES)],
+                marker=MARKERS[i % len(MARKERS)])
+
+
 def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = "",
-                          label_key: str = "pair", error_label: str = "sd over repeats") -> str:
+                          label_key: str = "pair", error_label: str = "sd over repeats",
+                          panel_key: Optional[str] = None) -> str:
     """Similarity per layer, one line per comparison (``row[label_key]``, default
-    'model_a vs model_b'), one panel per method; error bars = ``row['std']`` (say what
-    they are in ``error_label``). Rows with ``null_mean`` add the chance level of that
-    layer (shuffled-rows null) as a grey dotted line.
+    'model_a vs model_b'), one panel column per method and, with ``panel_key``, one panel
+    row per value of ``row[panel_key]`` (its title), so that a study's 15 pairs are not
+    one tangle; error bars = ``row['std']`` (say what they are in ``error_label``). Rows
+    with ``null_mean`` add the chance level of that layer (shuffled-rows null) as a grey
+    dotted line. The y axis ends at 1, where similarities end.
 
     For the Revisiting figures pass rows of e.g. 'ImageNet vs ImageNet-finetuned',
     'RadImageNet vs RadImageNet-finetuned' (before vs after fine-tuning per source) and
     'ImageNet vs RadImageNet' (between sources)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
-    for ax, m in zip(axes[0], methods):
-        sel = [r for r in rows if r["method"] == m]
-        layers = list(dict.fromkeys(r["layer"] for r in sel))
-        labels = list(dict.fromkeys(_label(r, label_key) for r in sel))
-        for lab in labels:
-            pts = {r["layer"]: r for r in sel if _label(r, label_key) == lab}
-            xs = [i for i, l in enumerate(layers) if l in pts]
-            ax.errorbar(xs, [pts[layers[i]]["value"] for i in xs],
-                        yerr=[_finite_or_0(pts[layers[i]].get("std")) for i in xs], marker="o",
-                        capsize=3, label=lab)
-        null = [max((_finite_or_0(r.get("null_mean")) for r in sel if r["layer"] == l),
-                    default=0.0) for l in layers]
-        if any(null):
-            ax.plot(range(len(layers)), null, ":", color="grey",
-                    label="chance (shuffled rows; highest over the pairs)")
-        if max((_finite_or_0(r["value"]) + _finite_or_0(r.get("std")) for r in sel),
-               default=0.0) <= 1.0:
-            ax.set_ylim(top=min(ax.get_ylim()[1], 1.0))   # similarities end at 1
-        ax.set_xticks(range(len(layers)))
-        # Anchored rotation and half a slot of margin: the first name stays clear of the
-        # y label instead of running under it.
-        ax.set_xticklabels(layers, rotation=30, ha="right", rotation_mode="anchor")
-        ax.set_xlim(-0.5, len(layers) - 0.5)
-        ax.set_xlabel("layer (Keras name)")
-        ax.set_ylabel(f"{sim.label(m)}\n(unitless; error bars: {error_label})")
-        ax.set_title(title or m)
-        ax.grid(alpha=0.3)
-    # One legend under the panels: inside an axis it hides the curves when pairs are many.
+    groups = list(dict.fromkeys(r.get(panel_key, "") for r in rows)) if panel_key else [""]
+    fig, axes = plt.subplots(len(groups), len(methods),
+                             figsize=(5.5 * len(methods) + 3.2, 4 * len(groups)),
+                             squeeze=False)
+    for gi, group in enumerate(groups):
+        for ax, m in zip(axes[gi], methods):
+            sel = [r for r in rows if r["method"] == m
+                   and (not panel_key or r.get(panel_key, "") == group)]
+            _similarity_panel(ax, sel, label_key, m, error_label)
+            ax.set_title(" · ".join(t for t in (title or m, group) if t), fontsize=10)
+        # The legend beside the row's last panel: inside an axis it hides the curves.
+        axes[gi, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     fig.tight_layout()
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), fontsize=8,
-               bbox_to_anchor=(0.5, 0.0))
     return _save(fig, path)
+
+
+def _similarity_panel(ax, sel, label_key, method, error_label):
+    layers = list(dict.fromkeys(r["layer"] for r in sel))
+    for i, lab in enumerate(dict.fromkeys(_label(r, label_key) for r in sel)):
+        pts = {r["layer"]: r for r in sel if _label(r, label_key) == lab}
+        xs = [k for k, l in enumerate(layers) if l in pts]
+        ax.errorbar(xs, [pts[layers[k]]["value"] for k in xs],
+                    yerr=[_finite_or_0(pts[layers[k]].get("std")) for k in xs],
+                    capsize=3, label=lab, **line_look(i))
+    null = [max((_finite_or_0(r.get("null_mean")) for r in sel if r["layer"] == l),
+                default=0.0) for l in layers]
+    if any(null):
+        ax.plot(range(len(layers)), null, ":", color="grey",
+                label="chance (shuffled rows; highest over the pairs)")
+    low = min((_finite_or_0(r["value"]) - _finite_or_0(r.get("std")) for r in sel),
+              default=0.0)
+    ax.set_ylim(min(0.0, low - 0.02), 1.0)   # similarities end at 1 (debiased CKA dips < 0)
+    ax.set_xticks(range(len(layers)))
+    # Anchored rotation and half a slot of margin: the first name stays clear of the
+    # y label instead of running under it.
+    ax.set_xticklabels(layers, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.set_xlabel("layer (Keras name)")
+    ax.set_ylabel(f"{sim.label(method)}\n(unitless; error bars: {error_label})")
+    ax.grid(alpha=0.3)
 
 
 def _finite_or_0(v) -> float:

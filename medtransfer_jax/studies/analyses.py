@@ -134,6 +134,16 @@ def target_images(study, target: str, fold: int, num_images: int) -> np.ndarray:
     return stimuli.load_pool(target_stimuli(study, target, fold, num_images)[0])
 
 
+#: The similarity figure's panel rows by kind of pair: Revisiting's two CCA figures
+#: (``CCA_plot.py``: each source before vs after fine-tuning; between networks), then
+#: the pairs it put in no figure.
+SIMILARITY_PANELS = {"pre_vs_finetuned": "each source before vs after fine-tuning",
+                     "between_sources_pre": "between networks",
+                     "between_sources_finetuned": "between networks",
+                     "random_vs_random": "between networks",
+                     "finetuned_vs_pre": "fine-tuned vs another network before fine-tuning"}
+
+
 def cca_pairs(study, target: str, fold: int) -> List[tuple]:
     """(label, comparison, weights a, weights b) as the paper: pre vs fine-tuned per
     source, between sources before and after fine-tuning, random vs random, and the
@@ -249,11 +259,14 @@ def representations(study):
                                ("value", "null_mean"))
     tables.write_csv(study.path("tables", "representations_summary.csv"), summary)
     for target in study.clean_targets:
-        sel = [dict(r, std=r["value_sd"]) for r in summary if r["target"] == target]
+        order = list(dict.fromkeys(SIMILARITY_PANELS.values()))
+        sel = [dict(r, std=r["value_sd"], panel=SIMILARITY_PANELS.get(r["comparison"], ""))
+               for r in summary if r["target"] == target]
+        sel.sort(key=lambda r: order.index(r["panel"]) if r["panel"] in order else len(order))
         plots.plot_layer_similarity(
             sel, study.path("figures", f"similarity_{target}.png"),
-            title=f"{target}: similarity per layer (n = {len(study.folds)} folds)",
-            error_label="sd over folds")
+            title=f"{target} (n = {len(study.folds)} folds)", error_label="sd over folds",
+            panel_key="panel")
     layer_maps(study)
 
 
