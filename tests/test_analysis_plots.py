@@ -102,8 +102,16 @@ def test_prediction_similarity_over_folds_shows_the_spread_and_the_fold_count(dr
     paper = [dict(single[0], split="val", mode="paper")]
     plots.plot_prediction_similarity(paper, "unused.png")
     ax = drawn[2].axes[0]
-    assert "38 val images" in ax.get_title() and "val images both right" in ax.get_ylabel()
+    assert "38 val images" in ax.get_title() and "(fraction of val images)" in ax.get_ylabel()
     assert "acc_A² + (1−acc_A)²" in ax.get_legend().get_texts()[1].get_text()
+    # a study: one panel per target, each with its own pairs
+    per_target = [dict(rows[0], target=t, pair=p) for t in ("breast", "chest", "knee")
+                  for p in ("imagenet vs radimagenet", "imagenet vs random")]
+    plots.plot_prediction_similarity(per_target, "unused.png", panel_key="target")
+    shown = [ax for ax in drawn[3].axes if ax.get_visible()]
+    assert [ax.get_title().split(":")[0] for ax in shown] == ["breast", "chest", "knee"]
+    assert all([t.get_text() for t in ax.get_xticklabels()] == [
+        "imagenet vs radimagenet", "imagenet vs random"] for ax in shown)
 
 
 def test_filter_statistics_tell_pre_trained_from_fine_tuned_in_the_legend(drawn):

@@ -176,16 +176,35 @@ def plot_filter_histograms(histograms: Mapping, bin_edges: np.ndarray, path: str
     return _save(fig, path)
 
 
-def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
-    """Bars: observed both-right-or-both-wrong vs the independent-errors baseline. Rows
-    summarised over folds (``observed_sd``, ``observed_n``) get sd error bars and the
-    number of folds in the title; the rows' ``split`` and ``mode`` (``paper``: the val
-    split and acc_A² + (1−acc_A)²) name the images and the baseline."""
+def plot_prediction_similarity(rows: Sequence[Mapping], path: str, *,
+                               panel_key: Optional[str] = None) -> str:
+    """Bars: observed both-right-or-both-wrong vs the independent-errors baseline, one
+    panel per value of ``row[panel_key]`` (a study: per target; up to 10 source pairs in
+    each, where one axis of 70 bars could not be read). Rows summarised over folds
+    (``observed_sd``, ``observed_n``) get sd error bars and the number of folds in the
+    title; the rows' ``split`` and ``mode`` (``paper``: the val split and
+    acc_A² + (1−acc_A)²) name the images and the baseline."""
+    groups = list(dict.fromkeys(r.get(panel_key, "") for r in rows)) if panel_key else [""]
+    ncols = min(2, len(groups))
+    nrows = -(-len(groups) // ncols)
+    most = max(sum(r.get(panel_key, "") == g for r in rows) if panel_key else len(rows)
+               for g in groups)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(5, 1.6 * most) * ncols, 4.6 * nrows),
+                             squeeze=False)
+    for ax in axes.ravel()[len(groups):]:
+        ax.set_visible(False)
+    for ax, g in zip(axes.ravel(), groups):
+        sel = [r for r in rows if not panel_key or r.get(panel_key, "") == g]
+        _prediction_panel(ax, sel, g)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _prediction_panel(ax, rows, heading: str):
     splits = list(dict.fromkeys(str(r.get("split") or "test") for r in rows))
     modes = list(dict.fromkeys(str(r.get("mode") or "corrected") for r in rows))
     labels = [r.get("pair", f"{r.get('model_a', 'A')} vs {r.get('model_b', 'B')}") for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     over_folds = any("observed_sd" in r for r in rows)
 
     def err(key):
@@ -200,16 +219,18 @@ def plot_prediction_similarity(rows: Sequence[Mapping], path: str) -> str:
     ax.set_xticklabels(labels, rotation=20, ha="right")
     ax.set_ylim(0, 1)
     where = "/".join(splits)
-    ax.set_ylabel(f"fraction of {where} images both right or both wrong")
+    ax.set_ylabel(f"both right or both wrong\n(fraction of {where} images)")
     ns = sorted({int(r["n"]) for r in rows if _finite_or_0(r.get("n"))})
     what = [f"n = {', '.join(map(str, ns))} {where} images" + (" per fold" if over_folds
                                                               else "")] if ns else []
     if over_folds:
         folds = sorted({int(_finite_or_0(r.get("observed_n"))) for r in rows})
-        what.append(f"mean ± sd over {', '.join(map(str, folds))} folds")
-    ax.set_title("prediction similarity" + (f"\n({'; '.join(what)})" if what else ""))
-    ax.legend()
-    return _save(fig, path)
+        what.append(f"mean ± sd over {', '.join(map(str, folds))} "
+                    + ("fold" if folds == [1] else "folds"))
+    ax.set_title(f"{heading + ': ' if heading else ''}prediction similarity"
+                 + (f"\n({'; '.join(what)})" if what else ""))
+    # under the pair names: inside the axis it covers bars that reach 1
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3))
 
 
 def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str, method: str = "") -> str:

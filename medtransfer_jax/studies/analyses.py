@@ -428,8 +428,7 @@ def predictions(study):
     tables.write_csv(study.path("tables", "prediction_similarity_summary.csv"), summary)
     if summary:
         plots.plot_prediction_similarity(
-            [dict(r, pair=f"{r['target']}: {r['pair']}") for r in summary],
-            study.path("figures", "prediction_similarity.png"))
+            summary, study.path("figures", "prediction_similarity.png"), panel_key="target")
     if len(gain_records) >= 2:
         gain_rows = pred.auc_gain_vs_similarity(gain_records)
         tables.write_csv(study.path("tables", "auc_gain_vs_similarity.csv"), gain_rows)
