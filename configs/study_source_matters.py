@@ -72,6 +72,8 @@ def get_config(arg=None):
     # statistical_tests.ipynb tests ImageNet vs RadImageNet on the o.o.d. AUCs only; the
     # i.i.d. and clean tests can be added (more comparisons, none corrected for multiplicity)
     c.analysis.robustness_test_sets = ["ood"]
+    # results_plots.ipynb draws seaborn's default band: the 95 % bootstrap CI of the mean
+    c.analysis.robustness_errorbar = "ci95"
     c.analysis.cca = ml_collections.ConfigDict(dict(methods=["paper_cca"], spatial="positions",
                                                     positions=10000, num_channels=64,
                                                     repeats=5, seed=0, num_images=2000))

@@ -125,6 +125,27 @@ def test_filter_statistics_tell_pre_trained_from_fine_tuned_in_the_legend(drawn)
     assert styles["imagenet:fine-tuned"][0] == "--"
 
 
+def test_robustness_bars_are_the_bootstrap_ci_when_asked(drawn):
+    """Source Matters' band (seaborn's 95 % bootstrap CI of the mean): the bar ends are the
+    rows' CI ends, asymmetric; the axis says which bars it shows."""
+    row = dict(target="chest", confounder="tag", source="imagenet", n_rows=5,
+               **{f"auc_{t}": 0.7 for t in plots.TEST_STYLES},
+               **{f"auc_{t}_sd": 0.05 for t in plots.TEST_STYLES},
+               **{f"auc_{t}_ci_low": 0.66 for t in plots.TEST_STYLES},
+               **{f"auc_{t}_ci_high": 0.72 for t in plots.TEST_STYLES})
+    plots.plot_robustness([dict(row, p=p) for p in (0.0, 1.0)], "unused.png", errorbar="ci95",
+                          metric="auc_keras")
+    ax = drawn[0].axes[0]
+    for c in ax.containers:
+        segs = c.lines[2][0].get_segments()
+        assert [tuple(np.round(sg[:, 1], 9)) for sg in segs] == [(0.66, 0.72)] * 2
+    assert "95 % bootstrap CI of the mean" in ax.get_ylabel() and "auc_keras" in ax.get_ylabel()
+    plots.plot_robustness([dict(row, p=p) for p in (0.0, 1.0)], "unused.png")
+    segs = drawn[1].axes[0].containers[0].lines[2][0].get_segments()
+    assert tuple(np.round(segs[0][:, 1], 9)) == (0.65, 0.75)   # sd: 0.7 +- 0.05
+    assert "sd over folds" in drawn[1].axes[0].get_ylabel()
+
+
 def test_auc_figures_draw_the_chance_line_and_similarities_stop_at_one(drawn):
     plots.plot_auc_bars([dict(target="breast", source="imagenet", auc=0.9, auc_sd=0.01,
                               auc_n=5)], "unused.png", sources=["imagenet"])

@@ -43,6 +43,19 @@ def test_bootstrap_ci_reimplemented_and_against_scipy():
     assert lo == pytest.approx(ref.low, abs=0.03) and hi == pytest.approx(ref.high, abs=0.03)
 
 
+def test_bootstrap_ci_of_a_mean_over_folds():
+    """Source Matters' figures band each mean over folds with seaborn's default 95 %
+    percentile bootstrap; against scipy.stats.bootstrap (Monte Carlo error only)."""
+    folds = np.array([0.171, 0.112, 0.231, 0.15, 0.19])
+    lo, hi = stats.bootstrap_mean_ci(folds, n_boot=20000)
+    ref = sps.bootstrap((folds,), np.mean, n_resamples=20000, method="percentile",
+                        rng=np.random.default_rng(3)).confidence_interval
+    assert lo == pytest.approx(ref.low, abs=4e-3) and hi == pytest.approx(ref.high, abs=4e-3)
+    assert lo < folds.mean() < hi and hi <= folds.max() and lo >= folds.min()
+    assert stats.bootstrap_mean_ci([0.5, float("nan"), 0.7])[0] >= 0.5
+    assert all(math.isnan(v) for v in stats.bootstrap_mean_ci([0.5]))
+
+
 def test_paired_test_against_scipy():
     a = np.array([0.91, 0.85, 0.88, 0.93, 0.90])
     b = np.array([0.89, 0.80, 0.87, 0.90, 0.91])

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from medtransfer_jax.analysis import stats
 from medtransfer_jax.studies import analyses, runner
 
 TRAIN = os.path.join(_train_utils.REPO, "configs", "demo.py")
@@ -490,7 +491,17 @@ def test_robustness_reads_the_studys_auc_metric(study, tmp_path):
     analyses.robustness(runner.Study(cfg, str(tmp_path / "wd")))
     assert [r["test"] for r in _rows(tmp_path / "wd" / "tables" / "robustness_tests.csv")] == [
         "ood"]
+    # each mean over folds carries its 95 % bootstrap CI (the Source Matters band)
+    summ = _rows(tmp_path / "wd" / "tables" / "robustness_summary.csv")
+    for r in summ:
+        folds = [float(x["auc_ood"]) for x in rows
+                 if (x["source"], x["p"]) == (r["source"], r["p"])]
+        want = stats.bootstrap_mean_ci(folds)
+        got = (float(r["auc_ood_ci_low"]), float(r["auc_ood_ci_high"]))
+        assert got == pytest.approx(want, nan_ok=True)   # one fold here: NaN
     cfg.analysis.robustness_test_sets = ["ood", "reversed"]
+    cfg.analysis.robustness_errorbar = "sem"
     pf = runner.preflight(cfg, str(tmp_path / "wd"))
     assert any("analysis.robustness_test_sets=['ood', 'reversed']: ['reversed'] unknown" in m
                for m in pf.missing), pf.missing
+    assert any("analysis.robustness_errorbar='sem'" in m for m in pf.missing), pf.missing

@@ -117,6 +117,14 @@ def _similarity_panel(ax, sel, label_key, method, error_label):
     ax.grid(alpha=0.3)
 
 
+def _interval_err(ys, rows, prefix: str):
+    """errorbar's asymmetric yerr from each row's ``<prefix>_low/_high`` around ys (0
+    where the interval is unknown)."""
+    lo = [y - _nan(r.get(f"{prefix}_low")) for y, r in zip(ys, rows)]
+    hi = [_nan(r.get(f"{prefix}_high")) - y for y, r in zip(ys, rows)]
+    return [[max(_finite_or_0(v), 0.0) for v in lo], [max(_finite_or_0(v), 0.0) for v in hi]]
+
+
 def _finite_or_0(v) -> float:
     try:
         v = float(v)
@@ -361,10 +369,13 @@ def _mark(ax, x, y, mark: str, colour: str):
 
 
 def plot_robustness(summary: Sequence[Mapping], path: str, *,
-                    marks: Optional[Mapping[tuple, str]] = None, metric: str = "auc") -> str:
+                    marks: Optional[Mapping[tuple, str]] = None, metric: str = "auc",
+                    errorbar: str = "sd") -> str:
     """Source Matters' figure: AUC vs artefact fraction p, one panel per (target,
     confounder); one colour per source, one line style per test set (i.i.d. solid, clean
-    dotted, o.o.d. dashed); error bars = sample sd over folds. ``marks[(target, kind, p,
+    dotted, o.o.d. dashed); error bars = sample sd over folds (``errorbar='sd'``) or the
+    95 % bootstrap CI of the mean (``'ci95'``: the rows' ``auc_<test>_ci_low/high``, the
+    band of the paper's seaborn figures). ``marks[(target, kind, p,
     test)]`` = significance stars of the between-source test, drawn above the points.
     The series are dodged sideways (within 0.3 of the smallest gap between p values) so
     that error bars at the same p do not hide each other; the x ticks are the true p."""
@@ -386,8 +397,10 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
                 dx = (k - (n_series - 1) / 2) * step
                 k += 1
                 ys = [_nan(r.get(f"auc_{test}")) for _, r in pts]
-                ax.errorbar([p + dx for p, _ in pts], ys,
-                            yerr=[_finite_or_0(r.get(f"auc_{test}_sd")) for _, r in pts],
+                rs = [r for _, r in pts]
+                yerr = (_interval_err(ys, rs, f"auc_{test}_ci") if errorbar == "ci95"
+                        else [_finite_or_0(r.get(f"auc_{test}_sd")) for r in rs])
+                ax.errorbar([p + dx for p, _ in pts], ys, yerr=yerr,
                             ls=style, marker="o", ms=3, capsize=2, color=colours[src],
                             label=f"{src}, {TEST_NAMES[test]}")
                 for (p, _), y in zip(pts, ys):
@@ -396,7 +409,8 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
         ax.axhline(0.5, ls=":", color="grey", lw=1, label="chance (AUC 0.5)")
         ax.set_xticks(ps)
         ax.set_xlabel("fraction p of positive training images with the artefact")
-        ax.set_ylabel(f"test ROC-AUC ({metric}; error bars: sd over folds)")
+        bars = "95 % bootstrap CI of the mean" if errorbar == "ci95" else "sd over folds"
+        ax.set_ylabel(f"test ROC-AUC ({metric};\nerror bars: {bars})")
         ax.set_title(f"{target}: {kind} (n = {', '.join(map(str, folds))} folds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)

@@ -75,6 +75,18 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray,
     return float(lo), float(hi)
 
 
+def bootstrap_mean_ci(values: Sequence[float], *, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> Tuple[float, float]:
+    """Percentile bootstrap CI of the mean of the finite ``values`` (e.g. a source's fold
+    AUCs): seaborn's default ``errorbar=('ci', 95)``, the band of Source Matters'
+    figures (seeded here, so a table is reproducible). NaNs for fewer than 2 values."""
+    x = _finite(values)
+    if x.size < 2:
+        return float("nan"), float("nan")
+    return bootstrap_ci(np.zeros(x.size, int), x[:, None], lambda _, v: float(v[:, 0].mean()),
+                        n_boot=n_boot, level=level, seed=seed)
+
+
 def paired_test(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
     """Paired comparison of a and b measured on the same folds (pairs with a NaN dropped).
 

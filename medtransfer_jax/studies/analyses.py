@@ -599,6 +599,19 @@ def robustness_test_sets(study) -> List[str]:
     return sets
 
 
+#: ``analysis.robustness_errorbar``: the robustness figure's bars, the sample sd over
+#: folds or (Source Matters' seaborn figures) the 95 % bootstrap CI of the mean.
+ROBUSTNESS_ERRORBARS = ("sd", "ci95")
+
+
+def robustness_errorbar(study) -> str:
+    bar = study.config.get("analysis", {}).get("robustness_errorbar", "sd")
+    if bar not in ROBUSTNESS_ERRORBARS:
+        raise ValueError(f"analysis.robustness_errorbar={bar!r}; use one of "
+                         f"{ROBUSTNESS_ERRORBARS}.")
+    return bar
+
+
 def robustness_tests(rows, sources, test_sets: Sequence[str] = TESTS) -> List[Dict[str, Any]]:
     """Source Matters' permutation t-test between every two sources per (target,
     confounder, p, test set in ``test_sets``), over folds."""
@@ -628,9 +641,14 @@ def robustness(study):
             it.detail = "mean AUC drop i.i.d. -> o.o.d. " + format(_mean(
                 r["drop_iid_to_ood"] for r in rows if r["target"] == target), ".3f")
     tables.write_csv(study.path("tables", "robustness.csv"), rows)
-    summary = tables.summarise(rows, ("target", "source", "confounder", "p"),
-                               [f"auc_{t}" for t in TESTS] + [f"n_{t}" for t in TESTS]
-                               + ["drop_iid_to_ood"])
+    keys = ("target", "source", "confounder", "p")
+    summary = tables.summarise(rows, keys, [f"auc_{t}" for t in TESTS]
+                               + [f"n_{t}" for t in TESTS] + ["drop_iid_to_ood"])
+    for row in summary:   # the 95 % bootstrap CI of each mean over folds (Source Matters' band)
+        sel = [r for r in rows if all(r[k] == row[k] for k in keys)]
+        for t in TESTS:
+            row[f"auc_{t}_ci_low"], row[f"auc_{t}_ci_high"] = stats.bootstrap_mean_ci(
+                [r[f"auc_{t}"] for r in sel])
     tables.write_csv(study.path("tables", "robustness_summary.csv"), summary)
     pairs = study.config.get("analysis", {}).get("compare_sources") or [
         s for s in study.config.sources if s != "random"]
@@ -639,4 +657,4 @@ def robustness(study):
     if summary:
         marks = {(r["target"], r["confounder"], r["p"], r["test"]): r["mark"] for r in tests}
         plots.plot_robustness(summary, study.path("figures", "robustness.png"), marks=marks,
-                              metric=_auc_name(study))
+                              metric=_auc_name(study), errorbar=robustness_errorbar(study))

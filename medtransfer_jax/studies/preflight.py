@@ -564,7 +564,8 @@ def check(study) -> Preflight:
         missing += check_source(name, spec, study.source_dir(name), cfg.get("args"))
         if spec.get("weights_of") and spec.weights_of not in cfg.sources:
             missing.append(f"sources.{name}.weights_of={spec.weights_of}: no such source")
-    for option in (analyses.filter_basis_mode, analyses.robustness_test_sets):
+    for option in (analyses.filter_basis_mode, analyses.robustness_test_sets,
+                   analyses.robustness_errorbar):
         try:
             option(study)
         except ValueError as e:

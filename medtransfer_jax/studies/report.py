@@ -284,10 +284,14 @@ def _figures(page: _Page):
                                        "per layer; one row of panels per source, one point per "
                                        "run coloured by target; grey: that source's "
                                        "least-squares line (as the paper fits each source).")
+    bars = ("95 % bootstrap CI of the mean over folds (as Source Matters' figures)"
+            if cfg.get("analysis", {}).get("robustness_errorbar") == "ci95"
+            else "sample sd over folds")
+    tested = ", ".join(cfg.get("analysis", {}).get("robustness_test_sets") or ["every"])
     page.figure("robustness.png", "AUC vs artefact fraction p per source (colour) and test set "
-                                  "(line style); error bars: sample sd over folds; series "
-                                  "shifted slightly sideways so bars at one p stay apart; "
-                                  "stars: permutation t-test between sources "
+                                  f"(line style); error bars: {bars}; series shifted slightly "
+                                  "sideways so bars at one p stay apart; stars: permutation "
+                                  f"t-test between sources on the {tested} test set(s) "
                                   "(* p<.05, ** p<.01).")
     if cfg.targets:
         page.figure("filter_kl_drift.png", "3×3 filter KL drift pre vs fine-tuned by depth "
