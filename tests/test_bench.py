@@ -428,3 +428,30 @@ def test_cli_decode_times_each_store_mode_as_a_new_process_and_restores_the_stat
                          timeout=120)
     assert out.returncode == 2 and "--source_size" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_filters_times_the_study_basis_and_the_pair(monkeypatch):
+    """bench filters: the basis over N weights dirs (2 passes, counted through the stream),
+    and one pair in its own and the study's basis; refuses an image-size flag."""
+    from medtransfer_jax.analysis import filters as F
+    from medtransfer_jax.bench import filters as filters_bench
+    loads = []
+    real = F.scaled_filters
+    monkeypatch.setattr(F, "scaled_filters", lambda p: loads.append(1) or real(p))
+    rows = filters_bench.run(models=3, depth=18, width=8, repeats=1)
+    assert [r["what"].split(":")[0].split(",")[0] for r in rows] == [
+        "study basis", "one (pre", "one (pre"]
+    assert len(loads) == 2 * 3          # two passes over three models, one round
+    basis, own, study = rows
+    # ResNet18 width 8: per stage of widths 8, 16, 32, 64, two blocks of two 3x3 convs
+    # (in x out filters each; a stage's first conv reads the previous width)
+    per_model = sum(w_in * w + 3 * w * w for w_in, w in ((8, 8), (8, 16), (16, 32), (32, 64)))
+    assert per_model == 19072
+    assert basis["models"] == 3 and basis["filters"] == 3 * per_model
+    assert basis["s_per_model_pass"] == pytest.approx(basis["seconds"] / 6, abs=1e-3)
+    assert study["vs_own_basis"] == pytest.approx(study["seconds"] / own["seconds"], rel=0.02)
+    p = subprocess.run([sys.executable, "-m", "medtransfer_jax.bench", "filters", "--depth=18",
+                        "--width=8", "--models=2", "--repeats=1", "--image_sizes=64"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "--image_sizes: bench filters does not read it" in p.stderr

@@ -12,7 +12,7 @@ from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 
 WHATS = ("train", "pipeline", "similarity", "network", "scaling", "device_input", "grid",
-         "network_scale", "step_profile", "decode")
+         "network_scale", "step_profile", "decode", "filters")
 
 _DEPTH = flags.DEFINE_integer("depth", 50, "ResNet depth for train/network benchmarks.")
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224"], "Image sizes (px).")
@@ -80,6 +80,8 @@ _CACHE = flags.DEFINE_enum("cache", "device", ["none", "host", "device"], "grid:
 _RUNS_AT_ONCE = flags.DEFINE_integer("runs_at_once", 1, "grid: also time K train subprocesses "
                                      "of each target at once on the shared accelerator, as "
                                      "`study --mode=subprocess --parallel=K` runs them.")
+_MODELS = flags.DEFINE_integer("models", 4, "filters: weights dirs the study basis is "
+                               "fitted over (the first two are the timed pair).")
 _CONFIGS_DIR = flags.DEFINE_string("configs_dir", None, "grid: the repo's configs/ folder "
                                    "(default ./configs or the source checkout's).")
 
@@ -90,7 +92,8 @@ _SINGLE = {"network": ("image_sizes",), "grid": ("dtypes",),
            "network_scale": ("neurons", "datapoints", "image_sizes", "batch_sizes"),
            "step_profile": ("image_sizes", "batch_sizes", "dtypes")}
 #: Size flags a benchmark does not read (its sizes are its own): given, they are refused.
-_NOT_READ = {"scaling": ("image_sizes", "batch_sizes", "neurons", "datapoints", "dtypes")}
+_NOT_READ = {"scaling": ("image_sizes", "batch_sizes", "neurons", "datapoints", "dtypes"),
+             "filters": ("image_sizes", "batch_sizes", "neurons", "datapoints", "dtypes")}
 
 
 def _ints(values, flag: str, minimum: int = 1) -> List[int]:
@@ -112,7 +115,7 @@ def _validate(what: str) -> None:
     _ints(_WORKERS.value, "workers", minimum=0)
     for flag in ("iters", "repeats", "num_images", "network_images", "width", "depth",
                  "map_images", "cache_examples", "max_image_size", "max_batch",
-                 "runs_at_once", "source_size"):
+                 "runs_at_once", "source_size", "models"):
         cli.check_positive(flags.FLAGS[flag].value, f"--{flag}")
     if _TIME_BUDGET.value is not None:
         cli.check_positive(_TIME_BUDGET.value, "--time_budget_s")
@@ -125,8 +128,8 @@ def _validate(what: str) -> None:
                             "takes one value; run it once per value")
     for flag in _NOT_READ.get(what, ()):
         if flags.FLAGS[flag].present:
-            raise UserError(f"--{flag}: bench {what} does not read it (it sweeps its own "
-                            "sizes; --width and --depth set the model); leave it out")
+            raise UserError(f"--{flag}: bench {what} does not read it (--width and --depth "
+                            "set its model); leave it out")
     counts = [c for c in _DEVICE_COUNTS.value if c != "all"]
     _ints(counts, "device_counts")
     _validate_tables(what)
@@ -268,6 +271,14 @@ def _step_profile():
             "time; idle: the device waiting (host dispatch, gaps between kernels)")
 
 
+def _filters():
+    from medtransfer_jax.bench import filters as filters_bench
+    rows = filters_bench.run(models=_MODELS.value, depth=_DEPTH.value, width=_WIDTH.value,
+                             repeats=_REPEATS.value)
+    return (f"The filters stage per model: study basis vs pair analysis (ResNet{_DEPTH.value}, "
+            f"width {_WIDTH.value})", rows, filters_bench.COLUMNS, filters_bench.NOTE)
+
+
 def _decode():
     from medtransfer_jax.bench import decode
     rows = decode.run(num_images=_NUM_IMAGES.value, source_size=_SOURCE_SIZE.value,
@@ -281,7 +292,7 @@ def _decode():
 _RUNS = {"train": _train, "pipeline": _pipeline, "similarity": _similarity,
          "network": _network, "scaling": _scaling, "device_input": _device_input,
          "grid": _grid, "network_scale": _network_scale, "step_profile": _step_profile,
-         "decode": _decode}
+         "decode": _decode, "filters": _filters}
 assert tuple(_RUNS) == WHATS
 
 

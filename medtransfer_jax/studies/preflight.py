@@ -482,10 +482,11 @@ def _stage_work(study, stage: str, parallel: int) -> progress.StageWork:
             return progress.StageWork(n_src, "models", n_src * mparams)
         items = {analyses.item_name(t, f, s): 2 * mparams for s in cfg.sources for t, f in tf}
         if analyses.filter_basis_mode(study) == "study":
-            # two passes that load and scale each model: ~1/4 of a pair's work per model
-            # and pass (ResNet50, 2026-11-27: 0.75 s against ~3 s)
+            # two passes that load and scale each model: ~1/5 of a pair's work per model
+            # and pass (ResNet50 on 2 CPU cores, BENCHMARKS.md section 9: 0.68 s per model
+            # and pass against ~6 s per pair)
             n = len(analyses.filter_models(study, tf))
-            items[analyses.basis_item_name(n)] = 2 * n * mparams * 0.25
+            items[analyses.basis_item_name(n)] = 2 * n * mparams * 0.2
         return progress.StageWork(2 * n_src * len(tf), "models", items=items)
     if stage == "robustness":   # one item per target: its runs with a confounder
         n = collections.Counter(r.keys["target"] for r in study.finetune_runs()
