@@ -97,13 +97,13 @@ def test_prediction_similarity_over_folds_shows_the_spread_and_the_fold_count(dr
     single = [dict(pair="a vs b", observed=0.6, expected_independent=0.5, n=38)]
     plots.plot_prediction_similarity(single, "unused.png")  # one comparison: no folds
     assert "folds" not in drawn[1].axes[0].get_title()
-    assert "acc_A·acc_B" in drawn[1].axes[0].get_legend().get_texts()[1].get_text()
+    assert "acc_A·acc_B" in drawn[1].legends[0].get_texts()[1].get_text()
     # the paper's mode: its val split and its baseline (A's accuracy twice), named as such
     paper = [dict(single[0], split="val", mode="paper")]
     plots.plot_prediction_similarity(paper, "unused.png")
     ax = drawn[2].axes[0]
     assert "38 val images" in ax.get_title() and "(fraction of val images)" in ax.get_ylabel()
-    assert "acc_A² + (1−acc_A)²" in ax.get_legend().get_texts()[1].get_text()
+    assert "acc_A² + (1−acc_A)²" in drawn[2].legends[0].get_texts()[1].get_text()
     # a study: one panel per target, each with its own pairs
     per_target = [dict(rows[0], target=t, pair=p) for t in ("breast", "chest", "knee")
                   for p in ("imagenet vs radimagenet", "imagenet vs random")]
@@ -205,3 +205,62 @@ def test_first_layer_filters_are_the_papers_panels(drawn):
     for ax in panels:
         assert ax.images[0].get_clim() == (0, 1)
     assert "input channel 0" in fig._suptitle.get_text() and "filters 1-36" in fig._suptitle.get_text()
+
+
+def test_robustness_stars_are_drawn_once_per_setting_not_on_every_source(drawn):
+    """Three sources drawn, imagenet vs radimagenet tested: a star belongs to the test,
+    not to each source's point (it used to sit on random's too)."""
+    from medtransfer_jax.studies import analyses
+    rows = [dict(target="tag", confounder="tag", source=s, p=p, n_rows=5,
+                 **{f"auc_{t}": 0.7 + 0.05 * i for t in plots.TEST_STYLES},
+                 **{f"auc_{t}_sd": 0.02 for t in plots.TEST_STYLES})
+            for i, s in enumerate(("imagenet", "radimagenet", "random")) for p in (0.0, 1.0)]
+    tests = [dict(target="tag", confounder="tag", p=1.0, test="ood", source_a="imagenet",
+                  source_b="radimagenet", mark="**"),
+             dict(target="tag", confounder="tag", p=0.0, test="ood", source_a="imagenet",
+                  source_b="radimagenet", mark="")]
+    plots.plot_robustness(rows, "unused.png", marks=analyses.robustness_marks(tests),
+                          compared="imagenet vs radimagenet")
+    ax = drawn[0].axes[0]
+    stars = [t for t in ax.texts if t.get_text()]
+    assert [(t.get_text(), t.xy[0]) for t in stars] == [("**", 1.0)]
+    assert stars[0].xy[1] == pytest.approx(0.8 + 0.02)   # above the highest o.o.d. bar end
+    assert ax.get_title() == "tag confounder (n = 5 folds)"
+    labels = [t.get_text() for t in drawn[0].legends[0].get_texts()]
+    assert labels[-1] == "* p<.05, ** p<.01: permutation t-test, imagenet vs radimagenet"
+    markers = {c.lines[0].get_marker() for c in ax.containers}
+    assert markers == set(plots.TEST_MARKERS.values())
+    # several pairs tested: each significant one named
+    two = tests + [dict(tests[0], source_b="random", mark="*")]
+    assert analyses.robustness_marks(two)[("tag", "tag", 1.0, "ood")] == (
+        "imagenet/radimagenet ** imagenet/random *")
+
+
+def test_full_study_figures_keep_twins_apart_and_scales_honest(drawn):
+    """What a 5-source study drew badly: imagenet_frz's drift looked like imagenet's and its
+    (identical) noise floor was drawn twice; a negative debiased CKA painted as 0; eight
+    stem panels in one strip."""
+    from medtransfer_jax.analysis import layer_map as LM
+    rows = [dict(source=s, key=k, drift=0.1, drift_sd=0.01, drift_n=5, noise_floor=0.05)
+            for s in ("imagenet", "imagenet_frz") for k in ("[0.0, 0.1]", "(0.1, 0.2]")]
+    plots.plot_depth_drift(rows, "unused.png")
+    ax = drawn[0].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum("noise floor" in l for l in labels) == 1
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}
+    twin = lines["imagenet_frz: pre vs fine-tuned (n = 5 runs)"]
+    own = lines["imagenet: pre vs fine-tuned (n = 5 runs)"]
+    assert (twin.get_marker(), twin.get_markerfacecolor()) != (own.get_marker(),
+                                                              own.get_markerfacecolor())
+    assert plots.short_layer("conv3_block2_2_conv") == "conv3.2_2"
+    assert plots.short_layer("conv4_block6_out") == "conv4.6"
+    mat = np.array([[1.0, -0.2], [0.3, 1.0]])
+    m = LM.LayerMap("a", "b", ("conv1_relu", "conv2_block1_out"), ("conv1_relu", "conv2_block1_out"),
+                    {"debiased_cka": mat}, 10, 10, "pool", (8, 8), (8, 8))
+    plots.plot_layer_map(m, "debiased_cka", "unused.png")
+    assert drawn[1].axes[0].images[0].get_clim() == (-0.2, 1.0)
+    k = np.random.default_rng(0).normal(size=(7, 7, 3, 8))
+    plots.plot_first_layer_filters({f"m{i}": k for i in range(8)}, "unused.png")
+    shown = [a for a in drawn[2].axes if a.get_title()]
+    rows_of = sorted({round(a.get_position().y0, 3) for a in shown})
+    assert len(shown) == 8 and len(rows_of) == 2   # 2 rows of 4, not one strip of 8

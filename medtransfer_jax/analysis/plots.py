@@ -37,6 +37,12 @@ def source_style(name: str) -> str:
     return "--" if name.endswith("_frz") else "-"
 
 
+def source_marker(name: str) -> dict:
+    """The frozen variant's open squares beside its twin's filled circles: a short legend
+    line may not show the dashes of :func:`source_style`."""
+    return dict(marker="s", mfc="none") if name.endswith("_frz") else dict(marker="o")
+
+
 def _save(fig, path: str) -> str:
     """Renders ``fig`` into memory, then writes it in one go (paths.write_bytes_atomic):
     ``path`` may be a gs:// URL (one upload, no half-written PNG), or a local file."""
@@ -193,18 +199,17 @@ def plot_prediction_similarity(rows: Sequence[Mapping], path: str, *,
     title; the rows' ``split`` and ``mode`` (``paper``: the val split and
     acc_A² + (1−acc_A)²) name the images and the baseline."""
     groups = list(dict.fromkeys(r.get(panel_key, "") for r in rows)) if panel_key else [""]
-    ncols = min(2, len(groups))
-    nrows = -(-len(groups) // ncols)
     most = max(sum(r.get(panel_key, "") == g for r in rows) if panel_key else len(rows)
                for g in groups)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(5, 1.6 * most) * ncols, 4.6 * nrows),
-                             squeeze=False)
-    for ax in axes.ravel()[len(groups):]:
-        ax.set_visible(False)
-    for ax, g in zip(axes.ravel(), groups):
-        sel = [r for r in rows if not panel_key or r.get(panel_key, "") == g]
-        _prediction_panel(ax, sel, g)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(5.0, 0.9 * most + 1.5),
+                                                      3.9 * len(groups)), squeeze=False)
+    for ax, g in zip(axes[:, 0], groups):
+        _prediction_panel(ax, [r for r in rows if not panel_key or r.get(panel_key, "") == g],
+                          g)
     fig.tight_layout()
+    # one legend under the panels, clear of the pair names
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), fontsize=8)
     return _save(fig, path)
 
 
@@ -224,7 +229,7 @@ def _prediction_panel(ax, rows, heading: str):
            yerr=err("expected_independent"), capsize=3,
            label="independent errors: " + "; ".join(pred.BASELINES.get(m, m) for m in modes))
     ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_xticklabels(labels, rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_ylim(0, 1)
     where = "/".join(splits)
     ax.set_ylabel(f"both right or both wrong\n(fraction of {where} images)")
@@ -236,9 +241,7 @@ def _prediction_panel(ax, rows, heading: str):
         what.append(f"mean ± sd over {', '.join(map(str, folds))} "
                     + ("fold" if folds == [1] else "folds"))
     ax.set_title(f"{heading + ': ' if heading else ''}prediction similarity"
-                 + (f"\n({'; '.join(what)})" if what else ""))
-    # under the pair names: inside the axis it covers bars that reach 1
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+                 + (f"\n({'; '.join(what)})" if what else ""), fontsize=10)
 
 
 def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str, method: str = "") -> str:
@@ -313,10 +316,14 @@ def plot_first_layer_filters(kernels: Mapping[str, np.ndarray], path: str, *, n:
     filters of input channel 0, min-max over the whole kernel). Unlike its per-filter
     auto-scaled ``imshow``, every filter of a panel shares one grey scale, with a colour
     bar, so that a reader can compare filters and panels."""
-    fig, axes = plt.subplots(1, len(kernels), figsize=(2.6 * len(kernels) + 0.8, 3.2),
+    ncols = min(4, len(kernels))
+    nrows = -(-len(kernels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols + 0.8, 2.9 * nrows + 0.3),
                              squeeze=False)
+    for ax in axes.ravel()[len(kernels):]:
+        ax.set_visible(False)
     im = None
-    for ax, (label, kernel) in zip(axes[0], kernels.items()):
+    for ax, (label, kernel) in zip(axes.ravel(), kernels.items()):
         im = ax.imshow(filter_mosaic(kernel, n, in_channel), cmap="gray", vmin=0, vmax=1,
                        interpolation="nearest")
         ax.set_title(label, fontsize=9)
@@ -327,7 +334,7 @@ def plot_first_layer_filters(kernels: Mapping[str, np.ndarray], path: str, *, n:
                           f"({k0[0]}x{k0[1]}), each panel min-max scaled over its whole kernel",
                  fontsize=9)
     if im is not None:
-        fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.02,
+        fig.colorbar(im, ax=list(axes.ravel()), fraction=0.02, pad=0.02,
                      label="(w - min) / (max - min)")
     return _save(fig, path)
 
@@ -362,27 +369,32 @@ def _nan(v) -> float:
         return float("nan")
 
 
-def _mark(ax, x, y, mark: str, colour: str):
-    if mark:
-        ax.annotate(mark, (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
-                    color=colour, fontsize=9)
+#: Markers per test set, so the legend tells the tests apart even where a short legend
+#: line cannot show its dashes.
+TEST_MARKERS = {"iid": "o", "clean": "s", "ood": "^"}
 
 
 def plot_robustness(summary: Sequence[Mapping], path: str, *,
                     marks: Optional[Mapping[tuple, str]] = None, metric: str = "auc",
-                    errorbar: str = "sd") -> str:
+                    errorbar: str = "sd", compared: str = "") -> str:
     """Source Matters' figure: AUC vs artefact fraction p, one panel per (target,
-    confounder); one colour per source, one line style per test set (i.i.d. solid, clean
-    dotted, o.o.d. dashed); error bars = sample sd over folds (``errorbar='sd'``) or the
-    95 % bootstrap CI of the mean (``'ci95'``: the rows' ``auc_<test>_ci_low/high``, the
-    band of the paper's seaborn figures). ``marks[(target, kind, p,
-    test)]`` = significance stars of the between-source test, drawn above the points.
-    The series are dodged sideways (within 0.3 of the smallest gap between p values) so
-    that error bars at the same p do not hide each other; the x ticks are the true p."""
+    confounder); one colour per source, one line style and marker per test set (i.i.d.
+    solid o, clean dotted s, o.o.d. dashed ^); error bars = sample sd over folds
+    (``errorbar='sd'``) or the 95 % bootstrap CI of the mean (``'ci95'``: the rows'
+    ``auc_<test>_ci_low/high``, the band of the paper's seaborn figures).
+    ``marks[(target, kind, p, test)]`` = significance stars of the between-source test
+    (``compared``: which sources, for the legend), drawn once per setting in black above
+    that test set's points. The series are dodged sideways (within 0.3 of the smallest
+    gap between p values) so that error bars at the same p do not hide each other; the x
+    ticks are the true p."""
     panels = list(dict.fromkeys((r["target"], r["confounder"]) for r in summary))
     colours = source_colours(list(dict.fromkeys(r["source"] for r in summary)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    for ax, (target, kind) in zip(axes[0], panels):
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for ax, (target, kind) in zip(axes.ravel(), panels):
         sel = [r for r in summary if r["target"] == target and r["confounder"] == kind]
         folds = sorted({int(_finite_or_0(r.get("n_rows"))) for r in sel})
         sources = list(dict.fromkeys(r["source"] for r in sel))
@@ -391,6 +403,7 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
         n_series = len(sources) * len(TEST_STYLES)
         step = 0.3 * gap / max(n_series, 1)
         k = 0
+        tops: Dict[tuple, float] = {}   # (p, test) -> highest bar end, for the stars
         for src in sources:
             pts = sorted((float(r["p"]), r) for r in sel if r["source"] == src)
             for test, style in TEST_STYLES.items():
@@ -400,20 +413,34 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
                 rs = [r for _, r in pts]
                 yerr = (_interval_err(ys, rs, f"auc_{test}_ci") if errorbar == "ci95"
                         else [_finite_or_0(r.get(f"auc_{test}_sd")) for r in rs])
-                ax.errorbar([p + dx for p, _ in pts], ys, yerr=yerr,
-                            ls=style, marker="o", ms=3, capsize=2, color=colours[src],
+                ax.errorbar([p + dx for p, _ in pts], ys, yerr=yerr, ls=style,
+                            marker=TEST_MARKERS[test], ms=3.5, capsize=2, color=colours[src],
                             label=f"{src}, {TEST_NAMES[test]}")
-                for (p, _), y in zip(pts, ys):
-                    _mark(ax, p + dx, y, (marks or {}).get((target, kind, p, test), ""),
-                          colours[src])
+                ups = yerr[1] if errorbar == "ci95" else yerr
+                for (p, _), y, up in zip(pts, ys, ups):
+                    if np.isfinite(y):
+                        tops[(p, test)] = max(tops.get((p, test), -np.inf), y + up)
+        for (p, test), top in tops.items():
+            mark = (marks or {}).get((target, kind, p, test), "")
+            if mark:
+                ax.annotate(mark, (p, top), textcoords="offset points", xytext=(0, 3),
+                            ha="center", color="black", fontsize=9)
         ax.axhline(0.5, ls=":", color="grey", lw=1, label="chance (AUC 0.5)")
         ax.set_xticks(ps)
         ax.set_xlabel("fraction p of positive training images with the artefact")
         bars = "95 % bootstrap CI of the mean" if errorbar == "ci95" else "sd over folds"
         ax.set_ylabel(f"test ROC-AUC ({metric};\nerror bars: {bars})")
-        ax.set_title(f"{target}: {kind} (n = {', '.join(map(str, folds))} folds)")
+        what = f"{kind} confounder" if target == kind else f"{target}: {kind} confounder"
+        ax.set_title(f"{what} (n = {', '.join(map(str, folds))} folds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    if marks:
+        handles.append(plt.Line2D([], [], ls="none"))
+        labels.append("* p<.05, ** p<.01: permutation t-test"
+                      + (f", {compared}" if compared else " between sources"))
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(labels), 3), fontsize=8, handlelength=3)
     return _save(fig, path)
 
 
@@ -422,7 +449,8 @@ def plot_auc_bars(rows: Sequence[Mapping], path: str, *, sources: Sequence[str])
     (``auc``, ``auc_sd``, ``auc_n`` folds per row); error bars = sample sd over folds."""
     targets = list(dict.fromkeys(r["target"] for r in rows))
     colours = source_colours(list(sources))
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(targets) * len(sources) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 0.35 * len(targets) * len(sources)
+                                                  + 1.5)), 4.2))
     width = 0.8 / max(len(sources), 1)
     for j, s in enumerate(sources):
         pts = {r["target"]: r for r in rows if r["source"] == s}
@@ -438,8 +466,10 @@ def plot_auc_bars(rows: Sequence[Mapping], path: str, *, sources: Sequence[str])
     ax.set_xlabel("target")
     ax.set_ylabel("test ROC-AUC (error bars: sd over folds)")
     ns = sorted({int(_finite_or_0(r.get("auc_n"))) for r in rows})
+    # above the axes: inside, it covered the tallest bars
+    ax.legend(fontsize=8, ncol=min(len(sources) + 1, 6), loc="lower center",
+              bbox_to_anchor=(0.5, 1.1))
     ax.set_title(f"fine-tuning AUC per target and source (n = {', '.join(map(str, ns))} folds)")
-    ax.legend(fontsize=7, ncol=min(len(sources), 5))
     return _save(fig, path)
 
 
@@ -449,24 +479,29 @@ def plot_depth_drift(rows: Sequence[Mapping], path: str) -> str:
     halves of the pre-trained filters of that bin) dotted in the same colour."""
     colours = source_colours(list(dict.fromkeys(r["source"] for r in rows)))
     bins = list(dict.fromkeys(r["key"] for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    floors = set()   # a frozen variant starts from its twin's weights: one floor for both
     for src in dict.fromkeys(r["source"] for r in rows):
         pts = {r["key"]: r for r in rows if r["source"] == src}
         xs = [i for i, b in enumerate(bins) if b in pts]
+        runs = int(_finite_or_0(pts[bins[xs[0]]].get("drift_n"))) if xs else 0
         ax.errorbar(xs, [_nan(pts[bins[i]]["drift"]) for i in xs],
                     yerr=[_finite_or_0(pts[bins[i]].get("drift_sd")) for i in xs],
-                    color=colours[src], ls=source_style(src), marker="o", capsize=3,
-                    label=f"{src}: pre vs fine-tuned (n = {int(_finite_or_0(pts[bins[xs[0]]].get('drift_n')))} runs)"
-                    if xs else src)
-        ax.plot(xs, [_nan(pts[bins[i]].get("noise_floor")) for i in xs], ":",
-                color=colours[src], label=f"{src}: noise floor (two halves)")
+                    color=colours[src], ls=source_style(src), capsize=3,
+                    label=f"{src}: pre vs fine-tuned (n = {runs} runs)", **source_marker(src))
+        floor = tuple(np.round([_nan(pts[bins[i]].get("noise_floor")) for i in xs], 12))
+        if floor not in floors:
+            floors.add(floor)
+            ax.plot(xs, list(floor), ":", color=colours[src],
+                    label=f"{src.split('_frz')[0]}: noise floor (two halves of its "
+                          "pre-trained filters)")
     ax.set_xticks(range(len(bins)))
     ax.set_xticklabels(bins, rotation=30)
     ax.set_xlabel("normalised depth bin of the 3x3 conv layers")
-    ax.set_ylabel("EV-weighted symmetric KL (nats; error bars: sd over runs)")
+    ax.set_ylabel("EV-weighted symmetric KL (nats;\nerror bars: sd over runs)")
     ax.set_title("3x3 filter distribution drift by depth")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=3)
     return _save(fig, path)
 
 
@@ -476,7 +511,9 @@ def plot_layer_statistics(rows: Sequence[Mapping], path: str) -> str:
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     colours = source_colours([m.split(":")[0] for m in models])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
+    looks = {m: i for i, m in enumerate(models)}
+    dodge = 0.5 / max(len(models), 1)   # each model's points a little aside, bars apart
     for ax, stat, label in ((axes[0], "sparsity", "sparsity (fraction of filters ~ 0)"),
                             (axes[1], "variance_entropy",
                              "variance entropy (log10; max log10 9 = 0.954)")):
@@ -484,22 +521,32 @@ def plot_layer_statistics(rows: Sequence[Mapping], path: str) -> str:
             pts = {r["layer"]: r for r in rows if r["model"] == m}
             xs = [i for i, l in enumerate(layers) if l in pts]
             ys = [_nan(pts[layers[i]][stat]) for i in xs]
+            x = [i + (looks[m] - (len(models) - 1) / 2) * dodge for i in xs]
             colour, tuned = colours[m.split(":")[0]], m.endswith("fine-tuned")
-            # The line carries the legend entry (dashed + filled squares = fine-tuned,
-            # solid + open circles = pre-trained); the bars are drawn without one.
-            ax.plot(xs, ys, color=colour, ls="--" if tuned else "-",
-                    marker="s" if tuned else "o", ms=4,
+            frozen = m.split(":")[0].endswith("_frz")
+            # The line carries the legend entry (dashed = fine-tuned, solid = pre-trained;
+            # squares = the frozen variant, filled when fine-tuned); bars without one.
+            ax.plot(x, ys, color=colour, ls="--" if tuned else "-",
+                    marker="s" if frozen else "o", ms=4,
                     mfc=colour if tuned else "none", label=m)
-            ax.errorbar(xs, ys, yerr=[_finite_or_0(pts[layers[i]].get(f"{stat}_sd"))
-                                      for i in xs], fmt="none", ecolor=colour, capsize=2)
+            ax.errorbar(x, ys, yerr=[_finite_or_0(pts[layers[i]].get(f"{stat}_sd"))
+                                     for i in xs], fmt="none", ecolor=colour, capsize=2)
         ax.set_xticks(range(len(layers)))
-        ax.set_xticklabels(layers, rotation=70, ha="right", fontsize=6)
-        ax.set_xlabel("3x3 conv layer (network order)")
+        ax.set_xticklabels([short_layer(l) for l in layers], rotation=60, ha="right",
+                           rotation_mode="anchor", fontsize=7)
+        ax.set_xlabel("3x3 conv layer (network order; conv3.2_2 = conv3_block2_2_conv)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=3)
     fig.suptitle("3x3 filter statistics per layer (error bars: sd over fine-tuned runs)")
     return _save(fig, path)
+
+
+def short_layer(name: str) -> str:
+    """'conv3_block2_2_conv' -> 'conv3.2_2', 'conv4_block6_out' -> 'conv4.6'."""
+    for tail in ("_conv", "_out", "_relu"):
+        name = name[:-len(tail)] if name.endswith(tail) else name
+    return name.replace("_block", ".")
 
 
 def plot_layer_map(lmap, method: str, path: str) -> str:
@@ -510,14 +557,16 @@ def plot_layer_map(lmap, method: str, path: str) -> str:
     mat = lmap.values[method]
     fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(lmap.layers_b),
                                     1.2 + 0.35 * len(lmap.layers_a)))
-    im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
-    short = lambda l: l.replace("_block", ".").replace("_out", "").replace("_relu", "")  # noqa
-    ax.set_xticks(range(len(lmap.layers_b)), [short(l) for l in lmap.layers_b], rotation=90)
-    ax.set_yticks(range(len(lmap.layers_a)), [short(l) for l in lmap.layers_a])
+    low = float(np.nanmin(mat)) if np.isfinite(mat).any() else 0.0
+    # debiased CKA dips below 0: the scale says so instead of painting it as 0
+    im = ax.imshow(mat, vmin=min(0.0, low), vmax=1.0, cmap="magma", origin="lower")
+    ax.set_xticks(range(len(lmap.layers_b)), [short_layer(l) for l in lmap.layers_b],
+                  rotation=90)
+    ax.set_yticks(range(len(lmap.layers_a)), [short_layer(l) for l in lmap.layers_a])
     ax.set_xlabel(f"{lmap.name_b} layer")
     ax.set_ylabel(f"{lmap.name_a} layer")
-    fig.colorbar(im, ax=ax, label=sim.label(method))
+    fig.colorbar(im, ax=ax, label=sim.label(method), fraction=0.046, pad=0.04)
     width = max(40, int(15 * fig.get_figwidth()))  # ~characters at 8 pt across the figure
     title = "\n".join(textwrap.fill(line, width) for line in lmap.title(method).split("\n"))
-    fig.suptitle(title, fontsize=8, y=1.0, va="bottom")  # above the axes and the colorbar
+    ax.set_title(title, fontsize=8)
     return _save(fig, path)

@@ -505,8 +505,10 @@ def filters_stage(study):
         with items.item(basis_item_name(len(dirs))) as it:
             basis = study_filter_basis(study, dirs)
             it.detail = f"{basis.num_filters:,} filters"
+    pre_of: Dict[str, str] = {}   # pre-trained weights dir -> the first source starting there
     for s in study.config.sources:
         pre, _ = checkpoint.load_weights(study.source_dir(s))
+        twin = pre_of.setdefault(study.source_dir(s), s)
         conv1 = {f"{s}: pre-trained": _conv1(pre)}
         for target, fold in tf:
             with items.item(item_name(target, fold, s)) as it:
@@ -519,7 +521,9 @@ def filters_stage(study):
                 it.detail = "mean relative weight change " + format(
                     _mean(r["rel_l2"] for r in c if r["status"] == "ok"), ".3f")
             drift += [dict(r, comparison="pre_vs_finetuned", **keys) for r in d]
-            layers += [dict(r, **keys) for r in l]
+            # a frozen variant's pre-trained filters are its twin's: listed once
+            layers += [dict(r, **keys) for r in l
+                       if twin == s or r["model"] != f"{s}:pre"]
             change += c
         if all(k is not None for k in conv1.values()):
             plots.plot_first_layer_filters(conv1, study.path("figures", f"conv1_filters_{s}.png"))
@@ -612,6 +616,17 @@ def robustness_errorbar(study) -> str:
     return bar
 
 
+def robustness_marks(tests: Sequence[Dict[str, Any]]) -> Dict[tuple, str]:
+    """(target, confounder, p, test set) -> its stars: the mark alone when one pair of
+    sources was tested, else each significant pair named ('imagenet/random **')."""
+    by: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in tests:
+        by.setdefault((r["target"], r["confounder"], r["p"], r["test"]), []).append(r)
+    return {k: (rs[0]["mark"] if len(rs) == 1 else " ".join(
+        f"{r['source_a']}/{r['source_b']} {r['mark']}" for r in rs if r["mark"]))
+            for k, rs in by.items()}
+
+
 def robustness_tests(rows, sources, test_sets: Sequence[str] = TESTS) -> List[Dict[str, Any]]:
     """Source Matters' permutation t-test between every two sources per (target,
     confounder, p, test set in ``test_sets``), over folds."""
@@ -655,6 +670,8 @@ def robustness(study):
     tests = robustness_tests(rows, list(pairs), robustness_test_sets(study))
     tables.write_csv(study.path("tables", "robustness_tests.csv"), tests)
     if summary:
-        marks = {(r["target"], r["confounder"], r["p"], r["test"]): r["mark"] for r in tests}
-        plots.plot_robustness(summary, study.path("figures", "robustness.png"), marks=marks,
-                              metric=_auc_name(study), errorbar=robustness_errorbar(study))
+        plots.plot_robustness(summary, study.path("figures", "robustness.png"),
+                              marks=robustness_marks(tests), metric=_auc_name(study),
+                              errorbar=robustness_errorbar(study),
+                              compared=", ".join(dict.fromkeys(
+                                  f"{r['source_a']} vs {r['source_b']}" for r in tests)))
