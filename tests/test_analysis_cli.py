@@ -114,7 +114,7 @@ def test_weights_and_filters_commands(weights, tmp_path):
     assert all(float(r["drift"]) >= 0 for r in drift)
     npz = np.load(files["npz"])
     assert npz["bin_edges"].shape == (9, 71)
-    for k in ("hist_png", "drift_layer_png"):
+    for k in ("hist_png", "drift_layer_png", "conv1_png"):
         assert os.path.getsize(files[k]) > 1000
     # one histogram figure per depth bin, named so a shell needs no quoting
     per_bin = sorted(os.path.basename(v) for k, v in files.items() if k.startswith("hist_png_"))

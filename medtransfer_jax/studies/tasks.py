@@ -228,7 +228,8 @@ class FiltersTask:
 
 
 def run_filters(task: FiltersTask, out_dir: str) -> Dict[str, str]:
-    """filter_layers.csv, filter_drift.csv, filters.json, filter_histograms.npz, PNGs."""
+    """filter_layers.csv, filter_drift.csv, filters.json, filter_histograms.npz, PNGs (the
+    histograms, drifts and the stem's filters as pictures)."""
     models = {n: checkpoint.load_weights(_exists(d, "weights dir"))[0]["params"]
               for n, d in task.models}
     groups = {g: list(names) for g, names in task.groups}
@@ -245,6 +246,10 @@ def run_filters(task: FiltersTask, out_dir: str) -> Dict[str, str]:
             explained_variance_ratio=rep.pca.explained_variance_ratio, ranges=rep.ranges, layers=rep.layer_rows, drift=rep.drift_rows)),
         npz=_write_histograms(rep, _out(out_dir, "filter_histograms.npz")))
     files.update(_filter_figures(rep, list(groups) if groups else list(models), out_dir))
+    stems = {n: p.get("conv1_conv", {}).get("kernel") for n, p in models.items()}
+    if all(k is not None for k in stems.values()):   # Revisiting's filter_plot.py picture
+        files["conv1_png"] = plots.plot_first_layer_filters(
+            stems, _out(out_dir, "conv1_filters.png"))
     return files
 
 
