@@ -494,17 +494,17 @@ def filters_stage(study):
         return filters_of_sources(study)
     drift, layers, change = [], [], []
     tf = list(itertools.product(study.clean_targets, study.folds))
-    shared = filter_basis_mode(study) == "study"
+    shared = filter_basis_mode(study) == "study" and bool(tf)   # no pairs: no basis
     dirs = filter_models(study, tf) if shared else []
     names = [item_name(t, f, s) for s in study.config.sources for t, f in tf]
     items = _items(study, "filters", ([basis_item_name(len(dirs))] if shared else []) + names)
-    basis = None
-    if not shared and paths.exists(study.path("tables", "filter_basis.json")):
-        paths.as_path(study.path("tables", "filter_basis.json")).unlink()  # a stale one
+    basis, basis_file = None, study.path("tables", "filter_basis.json")
     if shared:
         with items.item(basis_item_name(len(dirs))) as it:
             basis = study_filter_basis(study, dirs)
             it.detail = f"{basis.num_filters:,} filters"
+    elif paths.exists(basis_file):
+        paths.as_path(basis_file).unlink()   # a stale one would caption these drifts
     pre_of: Dict[str, str] = {}   # pre-trained weights dir -> the first source starting there
     for s in study.config.sources:
         pre, _ = checkpoint.load_weights(study.source_dir(s))
@@ -525,7 +525,7 @@ def filters_stage(study):
             layers += [dict(r, **keys) for r in l
                        if twin == s or r["model"] != f"{s}:pre"]
             change += c
-        if all(k is not None for k in conv1.values()):
+        if len(conv1) > 1 and all(k is not None for k in conv1.values()):
             plots.plot_first_layer_filters(conv1, study.path("figures", f"conv1_filters_{s}.png"))
     tables.write_csv(study.path("tables", "filter_drift.csv"), drift)
     tables.write_csv(study.path("tables", "filter_layers.csv"), layers)

@@ -481,7 +481,7 @@ def _stage_work(study, stage: str, parallel: int) -> progress.StageWork:
         if not cfg.targets:
             return progress.StageWork(n_src, "models", n_src * mparams)
         items = {analyses.item_name(t, f, s): 2 * mparams for s in cfg.sources for t, f in tf}
-        if analyses.filter_basis_mode(study) == "study":
+        if analyses.filter_basis_mode(study) == "study" and tf:
             # two passes that load and scale each model: ~1/5 of a pair's work per model
             # and pass (ResNet50 on 2 CPU cores, BENCHMARKS.md section 9: 0.68 s per model
             # and pass against ~6 s per pair)
