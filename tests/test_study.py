@@ -505,3 +505,27 @@ def test_robustness_reads_the_studys_auc_metric(study, tmp_path):
     assert any("analysis.robustness_test_sets=['ood', 'reversed']: ['reversed'] unknown" in m
                for m in pf.missing), pf.missing
     assert any("analysis.robustness_errorbar='sem'" in m for m in pf.missing), pf.missing
+
+
+def test_filters_stage_with_only_confounded_runs_fits_no_basis(study, tmp_path):
+    """A Source Matters study fine-tunes no clean run: no (pre, fine-tuned) pair, so no
+    basis to fit and no stem figure of pre-trained weights alone."""
+    import shutil
+    wd, _, _ = study
+    shutil.copytree(wd, tmp_path / "wd")
+    for f in ("filter_basis.json",):
+        os.remove(tmp_path / "wd" / "tables" / f)
+    for f in os.listdir(tmp_path / "wd" / "figures"):
+        if f.startswith("conv1_filters"):
+            os.remove(tmp_path / "wd" / "figures" / f)
+    cfg = _tiny_study_config()
+    cfg.targets.lesion.clean = False
+    st = runner.Study(cfg, str(tmp_path / "wd"))
+    assert st.clean_targets == []
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        analyses.filters_stage(st)
+    assert not os.path.exists(tmp_path / "wd" / "tables" / "filter_basis.json")
+    assert not [f for f in os.listdir(tmp_path / "wd" / "figures") if f.startswith("conv1")]
+    assert _rows(tmp_path / "wd" / "tables" / "filter_drift.csv") == []
+    assert "PCA basis" not in out.getvalue()
