@@ -84,6 +84,16 @@ def test_weight_change_says_what_was_compared(drawn):
     plots.plot_weight_change(rows, "unused.png", title="imagenet: a = pre-trained, b = "
                                                        "fine-tuned weights (mean over 5 runs)")
     assert "mean over 5 runs" in drawn[0].axes[0].get_title()
+    # a ResNet's 106 conv + bn rows: each bn at its conv's position, every position named
+    names = [f"conv{s}_block{b}_{k}" for s in (2, 3) for b in (1, 2) for k in (1, 2, 3)]
+    rows = [dict(layer=f"{n}_{kind}", kind=kind, status="ok", rel_l2=0.1, cosine=0.9)
+            for n in names for kind in ("conv", "bn")]
+    plots.plot_weight_change(rows, "unused.png")
+    ax = drawn[1].axes[1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        plots.short_layer(n) for n in names]
+    conv, bn = ax.get_lines()
+    assert list(conv.get_xdata()) == list(bn.get_xdata()) == list(range(len(names)))
 
 
 def test_prediction_similarity_over_folds_shows_the_spread_and_the_fold_count(drawn):

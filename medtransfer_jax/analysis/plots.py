@@ -343,23 +343,33 @@ def plot_weight_change(rows: Sequence[Mapping], path: str, title: str = "") -> s
     """Relative L2 change and cosine per layer (network order); ``title`` names a and b
     (a PNG opened on its own has no caption to say which weights were compared)."""
     ok = [r for r in rows if r["status"] == "ok"]
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    # a BatchNorm sits at its conv's x (conv2_block1_1_bn beside conv2_block1_1_conv), so
+    # every position can carry its (short) name
+    base = [_layer_base(r["layer"]) for r in ok]
+    slots = list(dict.fromkeys(base))
+    fig, axes = plt.subplots(2, 1, figsize=(max(10.0, 0.2 * len(slots) + 2), 6), sharex=True)
     if title:
         axes[0].set_title(title)
-    x = np.arange(len(ok))
     for kind in dict.fromkeys(r["kind"] for r in ok):  # one line per layer kind
         idx = [i for i, r in enumerate(ok) if r["kind"] == kind]
-        axes[0].plot(idx, [ok[i]["rel_l2"] for i in idx], ".-", label=kind)
-        axes[1].plot(idx, [ok[i]["cosine"] for i in idx], ".-", label=kind)
+        xs = [slots.index(base[i]) for i in idx]
+        axes[0].plot(xs, [ok[i]["rel_l2"] for i in idx], ".-", label=kind)
+        axes[1].plot(xs, [ok[i]["cosine"] for i in idx], ".-", label=kind)
     axes[0].set_ylabel("relative L2 change ||b-a||/||a||")
     axes[1].set_ylabel("cosine(a, b)")
-    axes[1].set_xlabel("layer (network order)")
+    axes[1].set_xlabel("layer (network order; conv3.2_1 = conv3_block2_1_conv and its _bn)")
     axes[0].legend(fontsize=8)
-    step = max(1, len(ok) // 25)
-    axes[1].set_xticks(x[::step])
-    axes[1].set_xticklabels([r["layer"] for r in ok][::step], rotation=60, ha="right",
-                            fontsize=7)
+    axes[1].set_xticks(range(len(slots)))
+    axes[1].set_xticklabels([short_layer(b) for b in slots], rotation=90, fontsize=6)
     return _save(fig, path)
+
+
+def _layer_base(name: str) -> str:
+    """'conv2_block1_1_bn' and 'conv2_block1_1_conv' -> 'conv2_block1_1'."""
+    for tail in ("_conv", "_bn"):
+        if name.endswith(tail):
+            return name[:-len(tail)]
+    return name
 
 
 def _nan(v) -> float:
