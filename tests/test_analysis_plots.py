@@ -11,7 +11,8 @@ def drawn(monkeypatch):
     """Collects the figures the plot functions would save."""
     figs = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
-    return figs
+    yield figs
+    plots.plt.close("all")   # the real _save closes each figure
 
 
 def test_robustness_series_at_one_p_are_dodged_not_stacked(drawn):
@@ -274,3 +275,27 @@ def test_full_study_figures_keep_twins_apart_and_scales_honest(drawn):
     shown = [a for a in drawn[2].axes if a.get_title()]
     rows_of = sorted({round(a.get_position().y0, 3) for a in shown})
     assert len(shown) == 8 and len(rows_of) == 2   # 2 rows of 4, not one strip of 8
+
+
+def test_a_pair_keeps_its_colour_across_stages_and_the_chance_line_is_in_the_legend(drawn):
+    looks = plots.pair_looks(["a vs b (pre)", "a vs b (fine-tuned)", "a (pre) vs a (fine-tuned)",
+                              "r vs r (pre)"])
+    assert looks["a vs b (pre)"]["color"] == looks["a vs b (fine-tuned)"]["color"]
+    assert (looks["a vs b (pre)"]["ls"], looks["a vs b (fine-tuned)"]["ls"]) == ("-", "--")
+    assert len({l["color"] for l in looks.values()}) == 3
+    rows = [dict(pair=p, layer=l, method=m, value=0.5, std=0.01,
+                 null_mean=0.1 if m == "paper_cca" else None)
+            for p in ("a vs b (pre)", "a vs b (fine-tuned)") for l in ("l1", "l2")
+            for m in ("paper_cca", "linear_cka")]
+    plots.plot_layer_similarity(rows, "unused.png")
+    labels = [t.get_text() for t in drawn[0].axes[-1].get_legend().get_texts()]
+    assert any(l.startswith("chance") for l in labels)   # drawn in the CCA panel only
+
+
+def test_auc_gain_with_two_runs_shows_no_fit(drawn):
+    row = dict(source="imagenet", layer="conv1_relu", n=2, pearson_r=1.0, slope=1.0,
+               intercept=0.0, similarity=[0.1, 0.2], gain=[0.0, 0.1], target=["t", "t"])
+    plots.plot_auc_vs_similarity([row], "unused.png")
+    ax = drawn[0].axes[0]
+    assert "no fit with < 3 runs" in ax.get_title() and "Pearson" not in ax.get_title()
+    assert not [l for l in ax.get_lines() if l.get_label().startswith("least squares")]

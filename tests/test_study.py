@@ -529,3 +529,26 @@ def test_filters_stage_with_only_confounded_runs_fits_no_basis(study, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "wd" / "figures") if f.startswith("conv1")]
     assert _rows(tmp_path / "wd" / "tables" / "filter_drift.csv") == []
     assert "PCA basis" not in out.getvalue()
+
+
+def test_report_says_what_the_figures_and_tables_hold(study):
+    """Read as a first-time reader would: the layer maps' image count is the one used (the
+    split can hold fewer than asked), each stem figure names its source, the drift section
+    counts the cells above their noise floor, the AUC is named in words."""
+    wd, _, _ = study
+    md = open(os.path.join(wd, "report.md")).read()
+    folder = os.path.join(wd, "layer_maps", "lesion_fold0")
+    per_map = _rows(os.path.join(folder, sorted(f for f in os.listdir(folder)
+                                                if f.endswith(".csv"))[0]))
+    used = {int(float(r["images"])) for r in per_map if r.get("images") not in (None, "")}
+    assert len(used) == 1
+    n = used.pop()
+    assert f"Computed on {n} images" in md
+    if n < 24:
+        assert "(analysis.layer_maps.num_images=24; the split has fewer)" in md
+    for s in ("natural", "random"):
+        assert f"{s}: the 7×7 stem filters (conv1_conv) before and after" in md
+    drift = _rows(os.path.join(wd, "tables", "filter_drift_summary.csv"))
+    above = sum(float(r["drift"]) > float(r["noise_floor"]) for r in drift)
+    assert f"here {above} of {len(drift)} (source, depth bin) cells are above theirs" in md
+    assert "## Headline: test AUC (ROC AUC: binary, or one-vs-rest macro)" in md

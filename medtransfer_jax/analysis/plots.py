@@ -91,20 +91,46 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
                    and (not panel_key or r.get(panel_key, "") == group)]
             _similarity_panel(ax, sel, label_key, m, error_label)
             ax.set_title(" · ".join(t for t in (title or m, group) if t), fontsize=10)
-        # The legend beside the row's last panel: inside an axis it hides the curves.
-        axes[gi, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+        # The legend beside the row's last panel (inside an axis it hides the curves), with
+        # every panel's entries: the chance line is drawn only where a method has one.
+        seen = {}
+        for ax in axes[gi]:
+            for h, l in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(l, h)
+        axes[gi, -1].legend(list(seen.values()), list(seen), loc="upper left",
+                            bbox_to_anchor=(1.02, 1.0), fontsize=8, handlelength=3)
     fig.tight_layout()
     return _save(fig, path)
 
 
+def pair_looks(labels: Sequence[str]) -> Dict[str, dict]:
+    """label -> line look. 'a vs b (pre)' and 'a vs b (fine-tuned)' are one pair at two
+    stages: one colour and marker, solid before fine-tuning and dashed after; any other
+    label is a pair of its own (:func:`line_look`)."""
+    bases: Dict[str, int] = {}
+    out = {}
+    for lab in labels:
+        base, stage = lab, None
+        for st in ("pre", "fine-tuned"):
+            if lab.endswith(f" ({st})"):
+                base, stage = lab[:-len(st) - 3], st
+        look = line_look(bases.setdefault(base, len(bases)))
+        if stage:
+            look["ls"] = "-" if stage == "pre" else "--"
+        out[lab] = look
+    return out
+
+
 def _similarity_panel(ax, sel, label_key, method, error_label):
     layers = list(dict.fromkeys(r["layer"] for r in sel))
-    for i, lab in enumerate(dict.fromkeys(_label(r, label_key) for r in sel)):
+    labels = list(dict.fromkeys(_label(r, label_key) for r in sel))
+    looks = pair_looks(labels)
+    for lab in labels:
         pts = {r["layer"]: r for r in sel if _label(r, label_key) == lab}
         xs = [k for k, l in enumerate(layers) if l in pts]
         ax.errorbar(xs, [pts[layers[k]]["value"] for k in xs],
                     yerr=[_finite_or_0(pts[layers[k]].get("std")) for k in xs],
-                    capsize=3, label=lab, **line_look(i))
+                    capsize=3, label=lab, **looks[lab])
     null = [max((_finite_or_0(r.get("null_mean")) for r in sel if r["layer"] == l),
                 default=0.0) for l in layers]
     if any(null):
@@ -266,15 +292,16 @@ def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str, method: str = "")
         for t in dict.fromkeys(tgt):
             idx = [k for k, v in enumerate(tgt) if v == t]
             ax.scatter(x[idx], y[idx], color=colours.get(t, "C0"), s=14, label=t or None)
-        if np.isfinite(r["slope"]):
+        few = int(r["n"]) < 3   # two points: r is +-1 and the line joins them, by construction
+        if np.isfinite(r["slope"]) and not few:
             xs = np.linspace(min(r["similarity"]), max(r["similarity"]), 10)
             ax.plot(xs, r["slope"] * xs + r["intercept"], color="grey",
                     label="least squares, this source")
         ax.axhline(0, color="black", linewidth=0.5)
         # Two short lines: the layer names are long and the panels narrow.
         who = f"{r['source']}: " if r.get("source") else ""
-        ax.set_title(f"{who}{r['layer']}\nPearson r = {r['pearson_r']:.2f}, "
-                     f"n = {int(r['n'])} runs", fontsize=9)
+        fit = ("no fit with < 3 runs" if few else f"Pearson r = {r['pearson_r']:.2f}")
+        ax.set_title(f"{who}{r['layer']}\n{fit}, n = {int(r['n'])} runs", fontsize=9)
         ax.set_xlabel(f"{sim.label(method) if method else 'similarity'}, pre vs fine-tuned",
                       fontsize=8)
     for i in range(len(sources)):
@@ -573,7 +600,7 @@ def plot_layer_map(lmap, method: str, path: str) -> str:
     ax.set_xticks(range(len(lmap.layers_b)), [short_layer(l) for l in lmap.layers_b],
                   rotation=90)
     ax.set_yticks(range(len(lmap.layers_a)), [short_layer(l) for l in lmap.layers_a])
-    ax.set_xlabel(f"{lmap.name_b} layer")
+    ax.set_xlabel(f"{lmap.name_b} layer (conv3.2 = conv3_block2_out)")
     ax.set_ylabel(f"{lmap.name_a} layer")
     fig.colorbar(im, ax=ax, label=sim.label(method), fraction=0.046, pad=0.04)
     width = max(40, int(15 * fig.get_figwidth()))  # ~characters at 8 pt across the figure

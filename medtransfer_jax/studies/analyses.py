@@ -314,7 +314,8 @@ def _map_summary(rows: Sequence[Dict[str, Any]], method: str) -> Dict[str, float
     off = [float(r["value"]) for r in sel if r["layer_a"] != r["layer_b"]]
     return dict(diagonal_mean=float(np.mean(diag)) if diag else float("nan"),
                 off_diagonal_mean=float(np.mean(off)) if off else float("nan"),
-                layers=len({r["layer_a"] for r in sel}))
+                layers=len({r["layer_a"] for r in sel}),
+                images=int(sel[0]["images"]) if sel else 0)
 
 
 def _layer_map_pair(study, lm, methods, target_fold, pair_spec, where, pools) -> None:

@@ -24,6 +24,14 @@ from medtransfer_jax.analysis import plots
 from medtransfer_jax.analysis import predictions as pred_lib
 from medtransfer_jax.studies import published, tables
 
+TEST_WORDS = {"iid": "i.i.d.", "clean": "clean", "ood": "o.o.d."}
+#: The AUC a table holds, in words.
+AUC_WORDS = {"auc": "ROC AUC: binary, or one-vs-rest macro",
+             "auc_keras": "Keras AUC(): one-hot micro, 200 thresholds, as the papers",
+             "auc_ovr_weighted": "one-vs-rest ROC AUC weighted by class frequency, as the "
+                                 "Feb-2023 scripts",
+             "auc_micro": "micro-averaged ROC AUC"}
+
 Block = Tuple[str, Any]
 
 
@@ -198,7 +206,8 @@ def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
 
 def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
     sources = list(page.study.config.sources)
-    page.add("h2", f"Headline: test AUC ({auc}), mean ± sample sd over folds")
+    page.add("h2", f"Headline: test AUC ({AUC_WORDS.get(auc, auc)}), mean ± sample sd over "
+                   "folds")
     if not page.study.config.targets:
         page.add("p", "This study fine-tunes nothing: it compares the sources' 3×3 filters "
                       "(figures below).")
@@ -269,16 +278,24 @@ def _figures(page: _Page):
     for t in cfg.targets:
         page.figure(f"similarity_{t}.png",
                     f"{t}: representation similarity per layer (Keras layer names) for each "
-                    "pair; error bars: sample sd over folds; grey dotted: chance level "
-                    "(shuffled rows), the highest over the pairs at each layer, where the "
-                    "method has one (the CCA methods).")
+                    "pair, one row of panels per kind of pair; a pair before and after "
+                    "fine-tuning shares its colour (solid: pre-trained, dashed: fine-tuned); "
+                    "'random vs random (pre)' compares two independent random inits, the "
+                    "level at which two unrelated networks already agree; error bars: "
+                    "sample sd over folds; grey dotted: chance level (shuffled rows), the "
+                    "highest over the pairs at each layer, where the method has one (the CCA "
+                    "methods).")
     pred_rows = page.table("prediction_similarity_summary.csv")
     splits = "/".join(dict.fromkeys(str(r.get("split") or "test") for r in pred_rows)) or "test"
     baselines = "; ".join(pred_lib.BASELINES.get(m, m) for m in dict.fromkeys(
         str(r.get("mode") or "corrected") for r in pred_rows)) or pred_lib.BASELINES["corrected"]
     page.figure("prediction_similarity.png",
                 f"Prediction similarity on the {splits} split vs the independent-errors "
-                f"baseline {baselines}; mean over folds, error bars: sample sd over folds.")
+                f"baseline {baselines}; mean over folds, error bars: sample sd over folds. "
+                "The baseline comes from the accuracies alone: two models that each predict "
+                "one class agree far above it; Cohen's κ in the table corrects for the "
+                "predicted-class rates (with 2 classes, both right or both wrong is the "
+                "same as predicting the same class).")
     page.figure("auc_gain_vs_cca.png", "Relative AUC gain over random init, (AUC − "
                                        "AUC_random)/AUC_random, vs similarity pre/fine-tuned "
                                        "per layer; one row of panels per source, one point per "
@@ -287,12 +304,15 @@ def _figures(page: _Page):
     bars = ("95 % bootstrap CI of the mean over folds (as Source Matters' figures)"
             if cfg.get("analysis", {}).get("robustness_errorbar") == "ci95"
             else "sample sd over folds")
-    tested = ", ".join(cfg.get("analysis", {}).get("robustness_test_sets") or ["every"])
+    sets = cfg.get("analysis", {}).get("robustness_test_sets")
+    tested = (f"on the {' and '.join(TEST_WORDS.get(t, t) for t in sets)} test"
+              if sets else "on each test set")
     page.figure("robustness.png", "AUC vs artefact fraction p per source (colour) and test set "
-                                  f"(line style); error bars: {bars}; series shifted slightly "
-                                  "sideways so bars at one p stay apart; stars: permutation "
-                                  f"t-test between sources on the {tested} test set(s) "
-                                  "(* p<.05, ** p<.01).")
+                                  f"(line style and marker); error bars: {bars}; series "
+                                  "shifted slightly sideways so bars at one p stay apart; "
+                                  f"stars: permutation t-test between sources {tested} "
+                                  "(* p<.05, ** p<.01; with k folds per source no p is below "
+                                  "2/C(2k, k): 0.33 with 2 folds, 0.008 with 5).")
     if cfg.targets:
         page.figure("filter_kl_drift.png", "3×3 filter KL drift pre vs fine-tuned by depth "
                                            "bin (CNN-Filter-DB definition); dotted: noise "
@@ -302,20 +322,40 @@ def _figures(page: _Page):
                                            "bin (CNN-Filter-DB definition).")
         page.figure("filter_histograms.png", "Distribution of each of the 9 PCA coefficients "
                                              "of the sources' 3×3 filters (shared basis).")
-    page.figure("filter_layer_statistics.png", "Sparsity and variance entropy of the 3×3 "
-                                               "filters per layer.")
-    conv1 = ("the 7×7 stem filters (conv1_conv) before and after fine-tuning on each target "
-             "(first fold)" if cfg.targets else "the 7×7 stem filters (conv1_conv) of each "
-             "source")
-    for name in ([f"conv1_filters_{s}.png" for s in cfg.sources] if cfg.targets
-                 else ["conv1_filters.png"]):
-        page.figure(name, f"{conv1[0].upper()}{conv1[1:]}, as Revisiting's filter_plot.py "
-                          "draws them: the first 36 filters of input channel 0, each panel "
-                          "min-max scaled over its whole kernel (black: its smallest weight, white: its "
-                          "largest).")
+    page.figure("filter_layer_statistics.png", "Sparsity (the fraction of a layer's 3×3 "
+                                               "filters whose 9 weights are all below 1 % of "
+                                               "the layer's largest |weight|) and variance "
+                                               "entropy (how evenly the filters' variance "
+                                               "spreads over the 9 directions: 0 = one "
+                                               "direction, 0.954 = all alike, i.e. "
+                                               "random-looking) per layer.")
+    how = ("as Revisiting's filter_plot.py draws them: its first 36 filters (fewer if the "
+           "stem has fewer) of input channel 0, each panel min-max scaled over its whole "
+           "kernel (black: its smallest weight, white: its largest)")
+    if cfg.targets:
+        for s in cfg.sources:
+            page.figure(f"conv1_filters_{s}.png", f"{s}: the 7×7 stem filters (conv1_conv) "
+                                                  "before and after fine-tuning on each "
+                                                  f"target (first fold), {how}.")
+    else:
+        page.figure("conv1_filters.png", f"The 7×7 stem filters (conv1_conv) of each source, "
+                                         f"{how}.")
     for s in cfg.sources:
         page.figure(f"weight_change_{s}.png", f"{s}: relative L2 change and cosine per layer, "
                                               "pre-trained vs fine-tuned (mean over runs).")
+
+
+def _images_used(index, lm) -> str:
+    """'38 images' as the maps used them (a split smaller than analysis.layer_maps.
+    num_images gives all it has), from the index rows."""
+    used = sorted({int(float(r["images"])) for r in index if r.get("images") not in (None, "")})
+    if not used:
+        return f"up to {lm.get('num_images', '?')} images"
+    asked = lm.get("num_images")
+    tail = (f" (analysis.layer_maps.num_images={asked}; the split has fewer)"
+            if asked and max(used) < int(asked) else "")
+    n = str(used[0]) if len(used) == 1 else f"{used[0]} to {used[-1]}"
+    return f"{n} images{tail}"
 
 
 def _layer_maps(page: _Page):
@@ -333,7 +373,7 @@ def _layer_maps(page: _Page):
                   "target's stimuli (tables under layer_maps/, heatmaps under "
                   "figures/layer_maps/): the diagonal compares the same layer; bright "
                   "off-diagonal cells are layers of B that represent a layer of A. "
-                  f"Computed on {lm.get('num_images', '?')} images with "
+                  f"Computed on {_images_used(index, lm)} with "
                   f"{datapoints}, for fold(s) {', '.join(map(str, folds))} "
                   "(analysis.layer_maps.folds): not the same datapoints as the similarity "
                   "table above (spatial positions), so the two need not agree on a layer's "
@@ -354,8 +394,13 @@ def _details(page: _Page, auc: str, runs):
     done = [r for r in runs if r.get("status") == "done"]
     if done:
         boot = page.study.config.get("analysis", {}).get("bootstrap", 1000)
+        confounded = any(r.get("confounder") not in (None, "", "none") for r in done)
         page.add("p", f"Every run: test {auc} with its percentile bootstrap 95% CI over the "
-                      f"test images ({boot} resamples), and the number of test images.")
+                      f"test images ({boot} resamples), and the number of test images."
+                 + (" A run with a confounder reports, as its 'test', the test the paper's "
+                    "script evaluated: the i.i.d. one (artefact as in training) for tag, "
+                    "lowpass and noise, the o.o.d. one for the sampled attribute; the "
+                    "robustness section gives all three." if confounded else ""))
         page.add("table", _table(done, ("name", f"test.{auc}", f"test.{auc}_ci_low",
                                         f"test.{auc}_ci_high", "test.num_examples",
                                         f"val.{auc}"),
@@ -398,11 +443,17 @@ def _filter_basis_words(page: _Page) -> str:
 def _filter_details(page: _Page):
     drift = page.table("filter_drift_summary.csv")
     if drift:
-        page.add("p", "Filter KL drift per depth bin, mean ± sd over runs, beside the noise "
-                      "floor: the drift between two random halves of the pre-trained filters "
-                      "of that bin (each half has half the filters, so the floor is on the "
-                      "high side). A drift below its floor is not distinguishable from "
-                      "resampling the same filters.")
+        above = [r for r in drift if _finite(r.get("drift")) and _finite(r.get("noise_floor"))
+                 and r["drift"] > r["noise_floor"]]
+        page.add("p", "Filter KL drift per depth bin (how far fine-tuning moved the "
+                      "distribution of the 3×3 filters, as symmetric KL divergences of their "
+                      "9 PCA coefficients weighted by each coefficient's share of the "
+                      "variance), mean ± sd over runs, beside the noise floor: the drift "
+                      "between two random halves of the pre-trained filters of that bin "
+                      "(each half has half the filters, so the floor is on the high side). A "
+                      "drift below its floor is not distinguishable from resampling the same "
+                      f"filters: here {len(above)} of {len(drift)} (source, depth bin) "
+                      "cells are above theirs.")
         page.add("table", _table(drift, ("source", "key", "drift", "drift_sd", "noise_floor",
                                          "n_rows"),
                                  ("source", "depth bin", "drift", "sd", "noise floor", "runs")))
@@ -413,7 +464,7 @@ def _robustness_details(page: _Page):
     if not summ:
         return
     auc = page.study.config.get("analysis", {}).get("auc_metric", "auc")
-    page.add("p", f"Robustness: AUC (`{auc}`, the study's analysis.auc_metric) on the i.i.d. "
+    page.add("p", f"Robustness: AUC ({AUC_WORDS.get(auc, auc)}) on the i.i.d. "
                   "test (artefact as in training), the clean test and the o.o.d. test "
                   "(artefact on every negative), mean ± sd over folds.")
     page.add("table", _table(summ, ("target", "source", "confounder", "p", "auc_iid",
