@@ -552,3 +552,6 @@ def test_report_says_what_the_figures_and_tables_hold(study):
     above = sum(float(r["drift"]) > float(r["noise_floor"]) for r in drift)
     assert f"here {above} of {len(drift)} (source, depth bin) cells are above theirs" in md
     assert "## Headline: test AUC (ROC AUC: binary, or one-vs-rest macro)" in md
+    assert ("Where each source's weights came from: **natural**: pre-trained in this study "
+            "(demo.py); **random**: a random initialisation (seed 0); 'random vs random' "
+            "compares it with a second one (seed 1).") in md

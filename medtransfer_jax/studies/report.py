@@ -187,6 +187,27 @@ class _Page:
             self.add("img", (path, caption))
 
 
+def source_words(spec, twin: bool = False) -> str:
+    """A source in a sentence: the config's ``about`` if it has one, else from its kind."""
+    if spec.get("about"):
+        return str(spec.about)
+    if spec.get("weights_of"):
+        frozen = "freeze=true" in str(spec.get("arg", ""))
+        return (f"{spec.weights_of}'s weights" + (", fine-tuned with the base frozen first "
+                                                  "(head, then everything)" if frozen else ""))
+    kind = spec.get("kind")
+    if kind == "convert":
+        return f"converted from the {spec.format} file {paths.basename(str(spec.input))}"
+    if kind == "weights":
+        return f"the weights in {spec.path}"
+    if kind == "pretrain":
+        return f"pre-trained in this study ({paths.basename(str(spec.config))})"
+    seed = int(spec.get("seed", 0))
+    return (f"a random initialisation (seed {seed})"
+            + (f"; 'random vs random' compares it with a second one (seed {seed + 1})"
+               if twin else ""))
+
+
 def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
     cfg, study = page.study.config, page.study
     page.add("h1", f"Study report: {cfg.get('name', 'study')}")
@@ -202,6 +223,9 @@ def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
                   + (f"Fine-tuning runs finished: {done} of {len(runs)}. " if runs else
                      "No fine-tuning runs recorded yet. ")
                   + f"Stages done: {', '.join(stages) or 'none'}.")
+    page.add("p", "Where each source's weights came from: " + "; ".join(
+        f"**{name}**: {source_words(spec, study.random_twin_dir(name) is not None)}"
+        for name, spec in cfg.sources.items()) + ".")
 
 
 def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):

@@ -15,9 +15,11 @@ The study config (``configs/study_*.py``) names:
   training config + overrides; its exported weights become the source, as the demo's
   stand-ins for ImageNet/RadImageNet) or ``random`` (a seeded random init, saved, so
   the "before fine-tuning" network of the random baseline exists on disk too).
-  A source may add ``arg`` (appended to every target's config argument, e.g.
-  ``imagenet,freeze=true`` for the Revisiting "frozen first" variant) and ``weights_of``
-  (reuse another source's weights dir: ``imagenet_frz`` starts from ``imagenet``).
+  A source may add ``about`` (one sentence on where its weights come from, for the
+  report; default: said from its kind), ``arg`` (appended to every target's config
+  argument, e.g. ``imagenet,freeze=true`` for the Revisiting "frozen first" variant) and
+  ``weights_of`` (reuse another source's weights dir: ``imagenet_frz`` starts from
+  ``imagenet``).
 * ``targets``: ``{name: {config, overrides[, confounders][, clean]}}`` training configs
   (``path.py`` or ``path.py:arg``); a target's own ``confounders`` replace the study's,
   ``clean=False`` drops its no-confounder run. Empty for a filters-only study.
