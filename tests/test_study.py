@@ -555,3 +555,32 @@ def test_report_says_what_the_figures_and_tables_hold(study):
     assert ("Where each source's weights came from: **natural**: pre-trained in this study "
             "(demo.py); **random**: a random initialisation (seed 0); 'random vs random' "
             "compares it with a second one (seed 1).") in md
+
+
+def test_a_stage_finished_by_other_code_is_kept_and_said(study, tmp_path, monkeypatch):
+    """A resumed study keeps finished stages; when the library changed since, the skip line
+    says the results are the older code's and how to redo them. Same code: silent."""
+    import shutil
+    from medtransfer_jax import provenance
+    wd, _, _ = study
+    shutil.copytree(wd, tmp_path / "wd")
+    marker = tmp_path / "wd" / "stages" / "filters.done"
+    assert f"code {provenance.code_fingerprint()}" in marker.read_text()
+    marker.write_text("12.0s\n")   # a marker of a version that recorded no code
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runner.run_study(_tiny_study_config(), str(tmp_path / "wd"),
+                         stages=["filters", "robustness"])
+    lines = out.getvalue().splitlines()
+    filt = [l for l in lines if "filters: done earlier, skipped" in l]
+    rob = [l for l in lines if "robustness: done earlier, skipped" in l]
+    assert filt and filt[0].endswith(
+        f"skipped (by an older version, not this code ({provenance.code_fingerprint()}): its "
+        "results are kept; --stages=filters --force redoes it)")
+    assert rob and rob[0].endswith("done earlier, skipped")
+    # another version's fingerprint is named
+    monkeypatch.setattr(provenance, "code_fingerprint", lambda: "0123456789ab")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runner.run_study(_tiny_study_config(), str(tmp_path / "wd"), stages=["robustness"])
+    assert "(by code " in out.getvalue() and "not this code (0123456789ab)" in out.getvalue()

@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import ml_collections
 
-from medtransfer_jax import interrupts, paths
+from medtransfer_jax import interrupts, paths, provenance
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
 from medtransfer_jax.studies import analyses, preflight as preflight_lib, progress, report
@@ -219,7 +219,8 @@ class Study:
             # callback, where exceptions are dropped) still stops here, between stages.
             interrupts.check(f"before stage {stage}")
             if self._skip(stage, force):
-                print(f"[study] stage {i}/{len(todo)} {stage}: done earlier, skipped", flush=True)
+                print(f"[study] stage {i}/{len(todo)} {stage}: done earlier, skipped"
+                      + self._older_code(stage), flush=True)
                 status[stage] = "skipped"
                 self.tracker.skip(stage)
                 continue
@@ -247,8 +248,20 @@ class Study:
             print(f"[study] report: written from what exists; stages {missing} are not done, "
                   "so it is not marked done and will be rebuilt.", flush=True)
             return "partial"
-        paths.write_text_atomic(self._marker(stage), f"{seconds:.1f}s\n")
+        paths.write_text_atomic(self._marker(stage),
+                                f"{seconds:.1f}s\ncode {provenance.code_fingerprint()}\n")
         return "done"
+
+    def _older_code(self, stage: str) -> str:
+        """'' when ``stage`` was finished by this code, else what to know about it: its
+        results are kept, and how to redo them."""
+        lines = paths.read_text(self._marker(stage)).split("\n")
+        made_by = next((l.split(" ", 1)[1] for l in lines if l.startswith("code ")), None)
+        if made_by == provenance.code_fingerprint():
+            return ""
+        return (f" (by {'code ' + made_by if made_by else 'an older version'}, not this code "
+                f"({provenance.code_fingerprint()}): its results are kept; "
+                f"--stages={stage} --force redoes it)")
 
     # ------------------------------------------------------------------------- stages
     def stage_sources(self):
