@@ -283,6 +283,7 @@ def test_a_pair_keeps_its_colour_across_stages_and_the_chance_line_is_in_the_leg
     assert looks["a vs b (pre)"]["color"] == looks["a vs b (fine-tuned)"]["color"]
     assert (looks["a vs b (pre)"]["ls"], looks["a vs b (fine-tuned)"]["ls"]) == ("-", "--")
     assert len({l["color"] for l in looks.values()}) == 3
+    assert looks["a (pre) vs a (fine-tuned)"]["ls"] == "-"   # one pair across stages, solid
     rows = [dict(pair=p, layer=l, method=m, value=0.5, std=0.01,
                  null_mean=0.1 if m == "paper_cca" else None)
             for p in ("a vs b (pre)", "a vs b (fine-tuned)") for l in ("l1", "l2")

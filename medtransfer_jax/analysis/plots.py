@@ -111,8 +111,8 @@ def pair_looks(labels: Sequence[str]) -> Dict[str, dict]:
     out = {}
     for lab in labels:
         base, stage = lab, None
-        for st in ("pre", "fine-tuned"):
-            if lab.endswith(f" ({st})"):
+        for st in ("pre", "fine-tuned"):   # 'a vs b (pre)'; not 'a (pre) vs a (fine-tuned)'
+            if lab.endswith(f" ({st})") and "(" not in lab[:-len(st) - 3]:
                 base, stage = lab[:-len(st) - 3], st
         look = line_look(bases.setdefault(base, len(bases)))
         if stage:
