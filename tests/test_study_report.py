@@ -187,7 +187,8 @@ def test_similarity_table_gives_each_layers_datapoints_and_channels(tmp_path):
            for f, d in ((0, 49.0), (1, 48.0))])
     report.write_report(study)
     md = open(tmp_path / "report.md").read()
-    assert "up to 10000 per layer, up to 64 shared channels" in md
+    assert ("up to 10000 per layer, up to 64 channels drawn at random and shared by both "
+            "networks") in md
     assert re.search(r"\|\s*\| datapoints × channels \|\s*\| 10000 × 64 \| 48 × 64 \|", md), md
 
 

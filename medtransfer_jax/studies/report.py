@@ -208,6 +208,11 @@ def source_words(spec, twin: bool = False) -> str:
                if twin else ""))
 
 
+def _has_twin(study, name: str) -> bool:
+    twin = getattr(study, "random_twin_dir", None)   # a study read back from its tables may not say
+    return bool(twin and twin(name))
+
+
 def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
     cfg, study = page.study.config, page.study
     page.add("h1", f"Study report: {cfg.get('name', 'study')}")
@@ -224,7 +229,7 @@ def _what_was_run(page: _Page, runs: List[Dict[str, Any]]):
                      "No fine-tuning runs recorded yet. ")
                   + f"Stages done: {', '.join(stages) or 'none'}.")
     page.add("p", "Where each source's weights came from: " + "; ".join(
-        f"**{name}**: {source_words(spec, study.random_twin_dir(name) is not None)}"
+        f"**{name}**: {source_words(spec, _has_twin(study, name))}"
         for name, spec in cfg.sources.items()) + ".")
 
 
@@ -433,9 +438,14 @@ def _details(page: _Page, auc: str, runs):
     summ = page.table("representations_summary.csv")
     if summ:
         cca = page.study.config.analysis.cca
-        page.add("p", f"Representation similarity ({', '.join(cca.methods)}; {cca.spatial} "
-                      f"datapoints, up to {cca.positions} per layer, up to {cca.num_channels} "
-                      f"shared channels, {cca.repeats} repeats), mean ± sd over folds [chance "
+        spatial = {"positions": "spatial positions as datapoints",
+                   "pool": "spatially pooled features, one datapoint per image"}.get(
+                       cca.spatial, f"{cca.spatial} datapoints")
+        page.add("p", "Representation similarity ("
+                      + ", ".join(f"{plots.sim.label(m)} [{m}]" for m in cca.methods)
+                      + f"; {spatial}, up to {cca.positions} per layer, up to "
+                      f"{cca.num_channels} channels drawn at random and shared by both "
+                      f"networks, {cca.repeats} repeats), mean ± sd over folds [chance "
                       "level]. A layer with fewer positions or channels uses what it has: "
                       "the last row gives each layer's datapoints × channels; CCA near its "
                       "chance level says nothing about the networks.")
