@@ -215,7 +215,8 @@ def test_first_layer_filters_are_the_papers_panels(drawn):
                                                  "fine-tuned: breast fold0"]
     for ax in panels:
         assert ax.images[0].get_clim() == (0, 1)
-    assert "input channel 0" in fig._suptitle.get_text() and "filters 1-36" in fig._suptitle.get_text()
+    title = fig._suptitle.get_text()
+    assert "input channel 0" in title and "filters 1-36" in title
 
 
 def test_robustness_stars_are_drawn_once_per_setting_not_on_every_source(drawn):
@@ -266,8 +267,8 @@ def test_full_study_figures_keep_twins_apart_and_scales_honest(drawn):
     assert plots.short_layer("conv3_block2_2_conv") == "conv3.2_2"
     assert plots.short_layer("conv4_block6_out") == "conv4.6"
     mat = np.array([[1.0, -0.2], [0.3, 1.0]])
-    m = LM.LayerMap("a", "b", ("conv1_relu", "conv2_block1_out"), ("conv1_relu", "conv2_block1_out"),
-                    {"debiased_cka": mat}, 10, 10, "pool", (8, 8), (8, 8))
+    two = ("conv1_relu", "conv2_block1_out")
+    m = LM.LayerMap("a", "b", two, two, {"debiased_cka": mat}, 10, 10, "pool", (8, 8), (8, 8))
     plots.plot_layer_map(m, "debiased_cka", "unused.png")
     assert drawn[1].axes[0].images[0].get_clim() == (-0.2, 1.0)
     k = np.random.default_rng(0).normal(size=(7, 7, 3, 8))

@@ -64,7 +64,8 @@ def test_auc_gain_vs_similarity_is_fitted_per_source():
     for i, c in enumerate(rng.uniform(0.2, 0.9, 12)):
         src = ("imagenet", "radimagenet")[i % 2]
         auc = 0.7 + 0.2 * c if src == "imagenet" else 0.95 - 0.2 * c
-        recs.append(dict(auc=auc, auc_random=0.65, source=src, target=("breast", "knee")[i % 3 == 0],
+        recs.append(dict(auc=auc, auc_random=0.65, source=src,
+                         target=("breast", "knee")[i % 3 == 0],
                          similarity={"conv1_relu": c, "conv5_block3_out": rng.uniform()}))
     assert P.relative_auc_gain(0.9, 0.6) == pytest.approx(0.5)
     rows = P.auc_gain_vs_similarity(recs)
