@@ -179,8 +179,8 @@ def fit_basis(filter_sets: Callable[[], Iterable[np.ndarray]]) -> FilterBasis:
 
     ``filter_sets()`` returns a fresh iterable of (n_i, 9) arrays and is called twice (the
     moments, then the scores' signs and extent), so a study can stream its models from
-    disk instead of holding 350 ResNet50s' filters. Equal to a PCA of the concatenated
-    rows: each component's sign as the notebook's scikit-learn 0.24 ``PCA`` left it
+    disk instead of holding a Revisiting study's 178 ResNet50s' filters. Equal to a PCA
+    of the concatenated rows: each component's sign as the notebook's scikit-learn 0.24 ``PCA`` left it
     (``svd_flip`` on the scores: the first largest |score| positive; the range is
     asymmetric, so a flipped component lands in other bins: ~2 % of drift), and the range
     CNN-Filter-DB's ``dX_n_range``: one (min, max) over every coefficient of every filter.
