@@ -27,7 +27,8 @@ from medtransfer_jax.studies import published, tables
 TEST_WORDS = {"iid": "i.i.d.", "clean": "clean", "ood": "o.o.d."}
 #: The AUC a table holds, in words.
 AUC_WORDS = {"auc": "ROC AUC: binary, or one-vs-rest macro",
-             "auc_keras": "Keras AUC(): one-hot micro, 200 thresholds, as the papers",
+             "auc_keras": "Keras AUC(): one-hot micro, 200 thresholds, as the papers "
+                          "reported it",
              "auc_ovr_weighted": "one-vs-rest ROC AUC weighted by class frequency, as the "
                                  "Feb-2023 scripts",
              "auc_micro": "micro-averaged ROC AUC"}
@@ -209,7 +210,7 @@ def source_words(spec, twin: bool = False) -> str:
 
 
 def _has_twin(study, name: str) -> bool:
-    twin = getattr(study, "random_twin_dir", None)   # a study read back from its tables may not say
+    twin = getattr(study, "random_twin_dir", None)   # not every study-like object has it
     return bool(twin and twin(name))
 
 
@@ -356,8 +357,8 @@ def _figures(page: _Page):
                                                "the layer's largest |weight|) and variance "
                                                "entropy (how evenly the filters' variance "
                                                "spreads over the 9 directions: 0 = one "
-                                               "direction, 0.954 = all alike, i.e. "
-                                               "random-looking) per layer.")
+                                               "direction, 0.954 = evenly over all 9, as "
+                                               "random filters do) per layer.")
     how = ("as Revisiting's filter_plot.py draws them: its first 36 filters (fewer if the "
            "stem has fewer) of input channel 0, each panel min-max scaled over its whole "
            "kernel (black: its smallest weight, white: its largest)")
