@@ -45,7 +45,7 @@ def test_scaling_and_pca_basis():
     s = F.scale_filters(f)
     np.testing.assert_allclose(np.delete(np.abs(s).max(1), 7), 1.0)
     assert np.all(s[7] == 0)
-    pca = F.fit_pca([s[:200], s[200:]])
+    pca = F.fit_basis(lambda: iter([s[:200], s[200:]])).pca
     np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(9), atol=1e-12)
     assert pca.explained_variance_ratio.sum() == pytest.approx(1.0)
     assert np.all(np.diff(pca.explained_variance_ratio) <= 1e-15)

@@ -58,6 +58,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from medtransfer_jax.analysis.weight_change import layer_order
+from medtransfer_jax.weights import checkpoint
 
 EPS32 = float(np.finfo(np.float32).eps)
 NUM_BINS = 70
@@ -212,9 +213,14 @@ def fit_basis(filter_sets: Callable[[], Iterable[np.ndarray]]) -> FilterBasis:
     return FilterBasis(FilterPCA(mean, V.T, ratio), np.tile([lo, hi], (V.shape[1], 1)), n)
 
 
-def fit_pca(filter_sets: Sequence[np.ndarray]) -> FilterPCA:
-    """PCA of the pooled (scaled) filters of every set; each (n_i, 9)."""
-    return fit_basis(lambda: iter(filter_sets)).pca
+def fit_basis_of_weights(dirs: Sequence[str]) -> FilterBasis:
+    """:func:`fit_basis` over weights dirs, each loaded when a pass reaches it: one model's
+    filters in memory at a time."""
+    def stream():
+        for d in dirs:
+            yield scaled_filters(checkpoint.load_weights(d)[0]["params"])
+
+    return fit_basis(stream)
 
 
 def coefficient_histograms(coeffs: np.ndarray, ranges: np.ndarray,
@@ -395,7 +401,7 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
     """Filter distributions of several models (name -> params tree) and their drifts.
 
     ``basis``: the PCA basis and range to describe them in (a study's, fitted over all of
-    its models: :func:`fit_basis`, :func:`scaled_filters`); default: fitted over these
+    its models: :func:`fit_basis_of_weights`); default: fitted over these
     models. Coefficients outside a given basis's range fall out of the histograms, as
     ``np.histogram`` drops them.
 

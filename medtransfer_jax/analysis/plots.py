@@ -55,6 +55,29 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _panel_grid(n: int, max_cols: int, panel_in: tuple, extra: tuple = (0.0, 0.0)):
+    """A figure of ``n`` panels, ``max_cols`` to a row (unused cells hidden): (fig, the n
+    axes in reading order). ``panel_in``: a panel's (width, height) in inches."""
+    ncols = min(max_cols, n)
+    nrows = -(-n // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(panel_in[0] * ncols + extra[0],
+                                                    panel_in[1] * nrows + extra[1]),
+                             squeeze=False)
+    for ax in grid.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, list(grid.ravel()[:n])
+
+
+def _legend_entries(axes):
+    """(handles, labels) of every axis, each label once: a shared legend for panels that
+    each draw only some of the series."""
+    seen = {}
+    for ax in axes:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(l, h)
+    return list(seen.values()), list(seen)
+
+
 #: Line styles after the 10 colours of the cycle: line i of a panel is colour i % 10 in
 #: style i // 10, so up to 40 lines of one panel never look alike.
 LINE_STYLES = ("-", "--", "-.", ":")
@@ -93,12 +116,9 @@ def plot_layer_similarity(rows: Sequence[Mapping], path: str, *, title: str = ""
             ax.set_title(" · ".join(t for t in (title or m, group) if t), fontsize=10)
         # The legend beside the row's last panel (inside an axis it hides the curves), with
         # every panel's entries: the chance line is drawn only where a method has one.
-        seen = {}
-        for ax in axes[gi]:
-            for h, l in zip(*ax.get_legend_handles_labels()):
-                seen.setdefault(l, h)
-        axes[gi, -1].legend(list(seen.values()), list(seen), loc="upper left",
-                            bbox_to_anchor=(1.02, 1.0), fontsize=8, handlelength=3)
+        handles, labels = _legend_entries(axes[gi])
+        axes[gi, -1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                            fontsize=8, handlelength=3)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -307,13 +327,9 @@ def plot_auc_vs_similarity(rows: Sequence[Mapping], path: str, method: str = "")
     for i in range(len(sources)):
         axes[i, 0].set_ylabel("relative AUC gain over random init\n"
                               "(AUC - AUC_random) / AUC_random")
-    seen = {}
-    for ax in axes.ravel():
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(l, h)
-    if seen:
-        fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=len(seen),
-                   fontsize=8)
+    handles, labels = _legend_entries(axes.ravel())
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
         fig.tight_layout(rect=(0, 0.6 / (3.4 * len(sources) + 0.6), 1, 1))
     return _save(fig, path)
 
@@ -343,14 +359,9 @@ def plot_first_layer_filters(kernels: Mapping[str, np.ndarray], path: str, *, n:
     filters of input channel 0, min-max over the whole kernel). Unlike its per-filter
     auto-scaled ``imshow``, every filter of a panel shares one grey scale, with a colour
     bar, so that a reader can compare filters and panels."""
-    ncols = min(4, len(kernels))
-    nrows = -(-len(kernels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols + 0.8, 2.9 * nrows + 0.3),
-                             squeeze=False)
-    for ax in axes.ravel()[len(kernels):]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(len(kernels), 4, (2.6, 2.9), extra=(0.8, 0.3))
     im = None
-    for ax, (label, kernel) in zip(axes.ravel(), kernels.items()):
+    for ax, (label, kernel) in zip(axes, kernels.items()):
         im = ax.imshow(filter_mosaic(kernel, n, in_channel), cmap="gray", vmin=0, vmax=1,
                        interpolation="nearest")
         ax.set_title(label, fontsize=9)
@@ -361,7 +372,7 @@ def plot_first_layer_filters(kernels: Mapping[str, np.ndarray], path: str, *, n:
                           f"({k0[0]}x{k0[1]}), each panel min-max scaled over its whole kernel",
                  fontsize=9)
     if im is not None:
-        fig.colorbar(im, ax=list(axes.ravel()), fraction=0.02, pad=0.02,
+        fig.colorbar(im, ax=axes, fraction=0.02, pad=0.02,
                      label="(w - min) / (max - min)")
     return _save(fig, path)
 
@@ -426,12 +437,8 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
     ticks are the true p."""
     panels = list(dict.fromkeys((r["target"], r["confounder"]) for r in summary))
     colours = source_colours(list(dict.fromkeys(r["source"] for r in summary)))
-    ncols = min(2, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.4 * nrows), squeeze=False)
-    for ax in axes.ravel()[len(panels):]:
-        ax.set_visible(False)
-    for ax, (target, kind) in zip(axes.ravel(), panels):
+    fig, axes = _panel_grid(len(panels), 2, (6.2, 4.4))
+    for ax, (target, kind) in zip(axes, panels):
         sel = [r for r in summary if r["target"] == target and r["confounder"] == kind]
         folds = sorted({int(_finite_or_0(r.get("n_rows"))) for r in sel})
         sources = list(dict.fromkeys(r["source"] for r in sel))
@@ -470,7 +477,7 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
         what = f"{kind} confounder" if target == kind else f"{target}: {kind} confounder"
         ax.set_title(f"{what} (n = {', '.join(map(str, folds))} folds)")
         ax.grid(alpha=0.3)
-    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     if marks:
         handles.append(plt.Line2D([], [], ls="none"))
         labels.append("* p<.05, ** p<.01: permutation t-test"

@@ -42,17 +42,12 @@ def _write_models(folder: str, models: int, depth: int, width: int) -> List[str]
 def run(models: int = 4, depth: int = 50, width: int = 64, repeats: int = 3) -> List[Dict]:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = _write_models(tmp, max(models, 2), depth, width)
-
-        def stream():
-            for d in dirs:
-                yield filters.scaled_filters(checkpoint.load_weights(d)[0]["params"])
-
         pre, ft = (checkpoint.load_weights(d)[0]["params"] for d in dirs[:2])
         times: Dict[str, list] = {"basis": [], "own": [], "study": []}
         basis = None
         for _ in range(repeats):
             t0 = time.perf_counter()
-            basis = filters.fit_basis(stream)
+            basis = filters.fit_basis_of_weights(dirs)
             t1 = time.perf_counter()
             filters.analyse_filters({"pre": pre, "fine-tuned": ft})
             t2 = time.perf_counter()

@@ -466,11 +466,7 @@ def basis_item_name(n_models: int) -> str:
 def study_filter_basis(study, dirs: Sequence[str]) -> filters.FilterBasis:
     """One basis over ``dirs``' 3x3 filters, two streamed passes (one model in memory at a
     time); written to ``tables/filter_basis.json`` with the models it was fitted on."""
-    def stream():
-        for d in dirs:
-            yield filters.scaled_filters(checkpoint.load_weights(d)[0]["params"])
-
-    basis = filters.fit_basis(stream)
+    basis = filters.fit_basis_of_weights(dirs)
     tables.write_json(study.path("tables", "filter_basis.json"),
                       dict(basis.to_json(), models=list(dirs)))
     return basis
