@@ -447,7 +447,7 @@ FILTER_BASES = ("study", "pair")
 def filter_basis_mode(study) -> str:
     mode = study.config.get("analysis", {}).get("filters", {}).get("basis", "study")
     if mode not in FILTER_BASES:
-        raise ValueError(f"analysis.filters.basis={mode!r}; use one of {FILTER_BASES}.")
+        raise ValueError(f"analysis.filters.basis={mode!r}; use one of {FILTER_BASES}")
     return mode
 
 
@@ -609,7 +609,7 @@ def robustness_errorbar(study) -> str:
     bar = study.config.get("analysis", {}).get("robustness_errorbar", "sd")
     if bar not in ROBUSTNESS_ERRORBARS:
         raise ValueError(f"analysis.robustness_errorbar={bar!r}; use one of "
-                         f"{ROBUSTNESS_ERRORBARS}.")
+                         f"{ROBUSTNESS_ERRORBARS}")
     return bar
 
 
