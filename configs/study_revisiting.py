@@ -104,4 +104,6 @@ def get_config(arg=None):
     # (CNN-Filter-DB's one basis), so drifts of runs and sources share units; 'pair': each
     # (pre, fine-tuned) pair its own.
     c.analysis.filters = ml_collections.ConfigDict(dict(basis="study"))
+    # AUC_plot.py and similarity_plot.py draw seaborn boxplots of the 5 folds
+    c.analysis.fold_plot = "box"
     return c

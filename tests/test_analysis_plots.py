@@ -301,3 +301,55 @@ def test_auc_gain_with_two_runs_shows_no_fit(drawn):
     ax = drawn[0].axes[0]
     assert "no fit with < 3 runs" in ax.get_title() and "Pearson" not in ax.get_title()
     assert not [l for l in ax.get_lines() if l.get_label().startswith("least squares")]
+
+
+def _box_stats(ax):
+    """(median, q1, q3) of each box drawn on ``ax``, left to right, from the artists."""
+    medians = [ln for ln in ax.lines if ln.get_color() == "black" and len(ln.get_xdata()) == 2
+               and ln.get_ydata()[0] == ln.get_ydata()[1] and ln.get_linestyle() == "-"]
+    from matplotlib.patches import PathPatch
+    boxes = sorted((p for p in ax.patches if isinstance(p, PathPatch)),
+                   key=lambda p: p.get_path().vertices[:, 0].min())
+    out = []
+    for box in boxes:
+        ys = box.get_path().vertices[:, 1]
+        x0 = box.get_path().vertices[:, 0].min()
+        med = [m.get_ydata()[0] for m in medians if abs(m.get_xdata()[0] - x0) < 1e-9]
+        out.append((med[0], ys.min(), ys.max()))
+    return out
+
+
+def test_fold_boxes_are_the_papers_boxplots_of_the_fold_values(drawn):
+    rng = np.random.default_rng(0)
+    folds = [dict(target=t, source=s, fold=k, auc=float(rng.uniform(0.6, 0.95)))
+             for t in ("breast", "chest") for s in ("imagenet", "random") for k in range(5)]
+    folds.append(dict(target="chest", source="random", fold=5, auc=float("nan")))  # failed
+    summary = [dict(target=t, source=s, auc=0.8, auc_sd=0.05, auc_n=5)
+               for t in ("breast", "chest") for s in ("imagenet", "random")]
+    plots.plot_auc_bars(summary, "unused.png", sources=["imagenet", "random"], folds=folds)
+    ax = drawn[0].axes[0]
+    want = []
+    for t in ("breast", "chest"):
+        for s in ("imagenet", "random"):
+            v = [f["auc"] for f in folds if (f["target"], f["source"]) == (t, s)
+                 and np.isfinite(f["auc"])]
+            want.append(tuple(np.percentile(v, [50, 25, 75])))
+    assert np.allclose(_box_stats(ax), want)               # breast/imagenet, breast/random, ...
+    assert "median and quartiles over folds" in ax.get_ylabel()
+    legend = dict(zip((t.get_text() for t in ax.get_legend().get_texts()),
+                      ax.get_legend().legend_handles))
+    assert legend["imagenet"].get_facecolor() != legend["random"].get_facecolor()
+    assert not any(c for c in ax.containers if getattr(c, "errorbar", None))  # no sd bars
+    # prediction similarity: per pair, a box of observed and one of the baseline
+    rows = [dict(target="breast", pair=p, fold=k, observed=float(rng.uniform(0.6, 0.9)),
+                 expected_independent=float(rng.uniform(0.4, 0.6)), n=38)
+            for p in ("a vs b", "a vs c") for k in range(5)]
+    summ = [dict(target="breast", pair=p, observed=0.7, observed_sd=0.1, observed_n=5,
+                 expected_independent=0.5, expected_independent_sd=0.05, n=38)
+            for p in ("a vs b", "a vs c")]
+    plots.plot_prediction_similarity(summ, "unused.png", panel_key="target", folds=rows)
+    ax = drawn[1].axes[0]
+    want = [tuple(np.percentile([r[k] for r in rows if r["pair"] == p], [50, 25, 75]))
+            for p in ("a vs b", "a vs c") for k in ("observed", "expected_independent")]
+    assert np.allclose(_box_stats(ax), want)
+    assert "boxes over 5 folds" in ax.get_title()

@@ -584,3 +584,42 @@ def test_a_stage_finished_by_other_code_is_kept_and_said(study, tmp_path, monkey
     with contextlib.redirect_stdout(out):
         runner.run_study(_tiny_study_config(), str(tmp_path / "wd"), stages=["robustness"])
     assert "(by code " in out.getvalue() and "not this code (0123456789ab)" in out.getvalue()
+
+
+def test_fold_plot_box_draws_the_folds_of_done_clean_runs(study, tmp_path, monkeypatch):
+    """``analysis.fold_plot=box`` (the Revisiting config): the AUC and prediction figures get
+    the fold values (done, unconfounded runs; the study's AUC), and the captions say boxes;
+    an unknown value is a pre-flight problem naming the field."""
+    import shutil
+    from medtransfer_jax.analysis import plots
+    wd, _, _ = study
+    copy = tmp_path / "wd"
+    shutil.copytree(wd, copy)
+    cfg = _tiny_study_config()
+    cfg.analysis.fold_plot = "box"
+    seen = {}
+
+    def spy(name):
+        real = getattr(plots, name)
+
+        def wrapped(*a, **k):
+            seen[name] = k.get("folds")
+            return real(*a, **k)
+        monkeypatch.setattr(plots, name, wrapped)
+    spy("plot_auc_bars")
+    spy("plot_prediction_similarity")
+    st = runner.Study(cfg, str(copy))
+    analyses.predictions(st)
+    os.remove(copy / "stages" / "report.done")
+    runner.run_study(cfg, str(copy), stages=["report"])
+    runs = [r for r in _rows(copy / "tables" / "runs.csv") if r["confounder"] == "none"]
+    assert [(f["target"], f["source"], f["auc"]) for f in seen["plot_auc_bars"]] == [
+        (r["target"], r["source"], float(r["test.auc"])) for r in runs]
+    pred_rows = _rows(copy / "tables" / "prediction_similarity.csv")
+    assert len(seen["plot_prediction_similarity"]) == len(pred_rows) > 0
+    report = open(copy / "report.md").read()
+    assert report.count(plots.BOX_WORDS) == 2
+    assert plots.BOX_WORDS not in open(os.path.join(wd, "report.md")).read()
+    cfg.analysis.fold_plot = "violin"
+    pf = runner.preflight(cfg, str(copy))
+    assert any("analysis.fold_plot='violin'" in m for m in pf.missing), pf.missing

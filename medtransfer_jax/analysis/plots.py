@@ -237,21 +237,25 @@ def plot_filter_histograms(histograms: Mapping, bin_edges: np.ndarray, path: str
 
 
 def plot_prediction_similarity(rows: Sequence[Mapping], path: str, *,
-                               panel_key: Optional[str] = None) -> str:
+                               panel_key: Optional[str] = None,
+                               folds: Optional[Sequence[Mapping]] = None) -> str:
     """Bars: observed both-right-or-both-wrong vs the independent-errors baseline, one
     panel per value of ``row[panel_key]`` (a study: per target; up to 10 source pairs in
     each, where one axis of 70 bars could not be read). Rows summarised over folds
     (``observed_sd``, ``observed_n``) get sd error bars and the number of folds in the
     title; the rows' ``split`` and ``mode`` (``paper``: the val split and
-    acc_A² + (1−acc_A)²) name the images and the baseline."""
+    acc_A² + (1−acc_A)²) name the images and the baseline. Given ``folds`` (the per-fold
+    rows, keyed like ``rows`` by ``pair``), boxes of the folds replace the bars (the
+    paper's similarity_plot.py)."""
     groups = list(dict.fromkeys(r.get(panel_key, "") for r in rows)) if panel_key else [""]
     most = max(sum(r.get(panel_key, "") == g for r in rows) if panel_key else len(rows)
                for g in groups)
     fig, axes = plt.subplots(len(groups), 1, figsize=(max(5.0, 0.9 * most + 1.5),
                                                       3.9 * len(groups)), squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
-        _prediction_panel(ax, [r for r in rows if not panel_key or r.get(panel_key, "") == g],
-                          g)
+        def mine(rs):
+            return [r for r in rs if not panel_key or r.get(panel_key, "") == g]
+        _prediction_panel(ax, mine(rows), g, None if folds is None else mine(folds))
     fig.tight_layout()
     # one legend under the panels, clear of the pair names
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center",
@@ -259,7 +263,7 @@ def plot_prediction_similarity(rows: Sequence[Mapping], path: str, *,
     return _save(fig, path)
 
 
-def _prediction_panel(ax, rows, heading: str):
+def _prediction_panel(ax, rows, heading: str, folds=None):
     splits = list(dict.fromkeys(str(r.get("split") or "test") for r in rows))
     modes = list(dict.fromkeys(str(r.get("mode") or "corrected") for r in rows))
     labels = [r.get("pair", f"{r.get('model_a', 'A')} vs {r.get('model_b', 'B')}") for r in rows]
@@ -269,11 +273,18 @@ def _prediction_panel(ax, rows, heading: str):
     def err(key):
         return [_finite_or_0(r.get(f"{key}_sd")) for r in rows] if over_folds else None
 
-    ax.bar(x - 0.2, [r["observed"] for r in rows], 0.4, yerr=err("observed"), capsize=3,
-           label="observed")
-    ax.bar(x + 0.2, [r["expected_independent"] for r in rows], 0.4,
-           yerr=err("expected_independent"), capsize=3,
-           label="independent errors: " + "; ".join(pred.BASELINES.get(m, m) for m in modes))
+    names = {"observed": "observed",
+             "expected_independent": "independent errors: " + "; ".join(
+                 pred.BASELINES.get(m, m) for m in modes)}
+    for shift, (key, label) in zip((-0.2, 0.2), names.items()):
+        look = dict(color="C0" if key == "observed" else "C1")
+        if folds is not None:
+            _fold_boxes(ax, x + shift, [[_nan(f.get(key)) for f in folds
+                                         if f.get("pair") == r.get("pair")] for r in rows],
+                        0.4, label=label, **look)
+        else:
+            ax.bar(x + shift, [r[key] for r in rows], 0.4, yerr=err(key), capsize=3,
+                   label=label, **look)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_ylim(0, 1)
@@ -283,9 +294,9 @@ def _prediction_panel(ax, rows, heading: str):
     what = [f"n = {', '.join(map(str, ns))} {where} images" + (" per fold" if over_folds
                                                               else "")] if ns else []
     if over_folds:
-        folds = sorted({int(_finite_or_0(r.get("observed_n"))) for r in rows})
-        what.append(f"mean ± sd over {', '.join(map(str, folds))} "
-                    + ("fold" if folds == [1] else "folds"))
+        n_folds = sorted({int(_finite_or_0(r.get("observed_n"))) for r in rows})
+        what.append(("boxes over " if folds is not None else "mean ± sd over ")
+                    + ", ".join(map(str, n_folds)) + (" fold" if n_folds == [1] else " folds"))
     ax.set_title(f"{heading + ': ' if heading else ''}prediction similarity"
                  + (f"\n({'; '.join(what)})" if what else ""), fontsize=10)
 
@@ -488,9 +499,35 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
     return _save(fig, path)
 
 
-def plot_auc_bars(rows: Sequence[Mapping], path: str, *, sources: Sequence[str]) -> str:
-    """Revisiting's AUC table as bars: one group per target, one bar per source
-    (``auc``, ``auc_sd``, ``auc_n`` folds per row); error bars = sample sd over folds."""
+#: ``analysis.fold_plot``: how the per-target AUC and prediction-similarity figures show
+#: the folds: bars of the mean with sample-sd error bars, or (Revisiting's AUC_plot.py and
+#: similarity_plot.py) seaborn-style boxplots of the fold values.
+FOLD_PLOTS = ("mean_sd", "box")
+BOX_WORDS = "boxes: median and quartiles over folds, whiskers to 1.5 IQR, ◆ beyond"
+
+
+def _fold_boxes(ax, positions, values, width, *, label=None, **look):
+    """One box per position over its fold values (non-finite ones dropped, empty ones
+    skipped), filled with ``look`` (color, hatch); ``label`` names them once in the legend."""
+    kept = [(x, [v for v in vs if np.isfinite(v)]) for x, vs in zip(positions, values)]
+    kept = [(x, vs) for x, vs in kept if vs]
+    if kept:
+        boxes = ax.boxplot([vs for _, vs in kept], positions=[x for x, _ in kept],
+                           widths=0.85 * width, patch_artist=True, manage_ticks=False,
+                           medianprops=dict(color="black"),
+                           flierprops=dict(marker="D", markersize=3, markerfacecolor="black"))
+        for box in boxes["boxes"]:
+            box.set(facecolor=look.get("color"), hatch=look.get("hatch"))
+    if label:   # a zero-size bar as the legend's swatch (an empty bar has no colour)
+        ax.bar([positions[0] if len(positions) else 0.0], [0.0], width=0.0,
+               color=look.get("color"), hatch=look.get("hatch"), label=label)
+
+
+def plot_auc_bars(rows: Sequence[Mapping], path: str, *, sources: Sequence[str],
+                  folds: Optional[Sequence[Mapping]] = None) -> str:
+    """Revisiting's AUC table per target and source: bars of the mean (``auc``, ``auc_sd``,
+    ``auc_n`` folds per summary row) with sample-sd error bars; or, given ``folds`` (one
+    row per run: ``target``, ``source``, ``auc``), the paper's boxplots of the folds."""
     targets = list(dict.fromkeys(r["target"] for r in rows))
     colours = source_colours(list(sources))
     fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 0.35 * len(targets) * len(sources)
@@ -499,16 +536,24 @@ def plot_auc_bars(rows: Sequence[Mapping], path: str, *, sources: Sequence[str])
     for j, s in enumerate(sources):
         pts = {r["target"]: r for r in rows if r["source"] == s}
         xs = [i + (j - (len(sources) - 1) / 2) * width for i, t in enumerate(targets) if t in pts]
+        look = dict(color=colours[s], hatch="//" if s.endswith("_frz") else None)
+        if folds is not None:
+            _fold_boxes(ax, xs, [[_nan(f.get("auc")) for f in folds if f["source"] == s
+                                  and f["target"] == t] for t in targets if t in pts],
+                        width, label=s, **look)
+            continue
         ys = [_nan(pts[t].get("auc")) for t in targets if t in pts]
         err = [_finite_or_0(pts[t].get("auc_sd")) for t in targets if t in pts]
-        ax.bar(xs, ys, width, yerr=err, capsize=2, color=colours[s],
-               hatch="//" if s.endswith("_frz") else None, label=s)
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=s, **look)
     ax.axhline(0.5, ls=":", color="grey", lw=1, label="chance (AUC 0.5)")
     ax.set_xticks(range(len(targets)))
     ax.set_xticklabels(targets)
+    ax.set_xlim(-0.6, len(targets) - 0.4)
     ax.set_ylim(0, 1)
     ax.set_xlabel("target")
-    ax.set_ylabel("test ROC-AUC (error bars: sd over folds)")
+    ax.set_ylabel("test ROC-AUC\n(" + (BOX_WORDS if folds is not None
+                                       else "bars: mean, error bars: sd over folds") + ")",
+                  fontsize=9)
     ns = sorted({int(_finite_or_0(r.get("auc_n"))) for r in rows})
     # above the axes: inside, it covered the tallest bars
     ax.legend(fontsize=8, ncol=min(len(sources) + 1, 6), loc="lower center",

@@ -429,7 +429,8 @@ def predictions(study):
     tables.write_csv(study.path("tables", "prediction_similarity_summary.csv"), summary)
     if summary:
         plots.plot_prediction_similarity(
-            summary, study.path("figures", "prediction_similarity.png"), panel_key="target")
+            summary, study.path("figures", "prediction_similarity.png"), panel_key="target",
+            folds=rows if fold_plot(study) == "box" else None)
     if len(gain_records) >= 2:
         gain_rows = pred.auc_gain_vs_similarity(gain_records)
         tables.write_csv(study.path("tables", "auc_gain_vs_similarity.csv"), gain_rows)
@@ -611,6 +612,15 @@ def robustness_errorbar(study) -> str:
         raise ValueError(f"analysis.robustness_errorbar={bar!r}; use one of "
                          f"{ROBUSTNESS_ERRORBARS}")
     return bar
+
+
+def fold_plot(study) -> str:
+    """``analysis.fold_plot`` (plots.FOLD_PLOTS): the AUC and prediction-similarity figures'
+    bars of mean ± sd, or the Revisiting paper's boxplots of the folds."""
+    how = study.config.get("analysis", {}).get("fold_plot", "mean_sd")
+    if how not in plots.FOLD_PLOTS:
+        raise ValueError(f"analysis.fold_plot={how!r}; use one of {plots.FOLD_PLOTS}")
+    return how
 
 
 def robustness_marks(tests: Sequence[Dict[str, Any]]) -> Dict[tuple, str]:

@@ -566,7 +566,7 @@ def check(study) -> Preflight:
         if spec.get("weights_of") and spec.weights_of not in cfg.sources:
             missing.append(f"sources.{name}.weights_of={spec.weights_of}: no such source")
     for option in (analyses.filter_basis_mode, analyses.robustness_test_sets,
-                   analyses.robustness_errorbar):
+                   analyses.robustness_errorbar, analyses.fold_plot):
         try:
             option(study)
         except ValueError as e:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from medtransfer_jax import paths
 from medtransfer_jax.analysis import plots
 from medtransfer_jax.analysis import predictions as pred_lib
-from medtransfer_jax.studies import published, tables
+from medtransfer_jax.studies import analyses, published, tables
 
 TEST_WORDS = {"iid": "i.i.d.", "clean": "clean", "ood": "o.o.d."}
 #: The AUC a table holds, in words.
@@ -258,7 +258,9 @@ def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
                                         "sd_diff", "p_t", "p_perm"),
                                  ("target", "a", "b", "folds", "mean diff", "sd diff",
                                   "p (t)", "p (perm.)")))
-    page.figure("auc.png", "Test AUC per target and source; error bars: sample sd over folds.")
+    page.figure("auc.png", "Test AUC per target and source; " + (
+        plots.BOX_WORDS + " (analysis.fold_plot=box, the paper's figure)"
+        if analyses.fold_plot(page.study) == "box" else "error bars: sample sd over folds") + ".")
 
 
 def _robustness_headline(page: _Page):
@@ -321,7 +323,9 @@ def _figures(page: _Page):
         str(r.get("mode") or "corrected") for r in pred_rows)) or pred_lib.BASELINES["corrected"]
     page.figure("prediction_similarity.png",
                 f"Prediction similarity on the {splits} split vs the independent-errors "
-                f"baseline {baselines}; mean over folds, error bars: sample sd over folds. "
+                f"baseline {baselines}; " + (
+                    plots.BOX_WORDS if analyses.fold_plot(page.study) == "box"
+                    else "mean over folds, error bars: sample sd over folds") + ". "
                 "The baseline comes from the accuracies alone: two models that each predict "
                 "one class agree far above it; Cohen's κ in the table corrects for the "
                 "predicted-class rates (with 2 classes, both right or both wrong is the "
@@ -528,10 +532,14 @@ def build_blocks(study) -> List[Block]:
     runs = page.table("runs.csv")
     summary = page.table("auc_summary.csv")
     if summary:
+        def clean(rs):
+            return [r for r in rs if r.get("confounder", "none") in ("none", "")]
+        boxes = analyses.fold_plot(study) == "box"
         plots.plot_auc_bars([dict(r, auc=r[f"test.{auc}"], auc_sd=r[f"test.{auc}_sd"],
-                                  auc_n=r[f"test.{auc}_n"]) for r in summary
-                             if r.get("confounder", "none") in ("none", "")],
-                            study.path("figures", "auc.png"), sources=list(study.config.sources))
+                                  auc_n=r[f"test.{auc}_n"]) for r in clean(summary)],
+                            study.path("figures", "auc.png"), sources=list(study.config.sources),
+                            folds=[dict(r, auc=r.get(f"test.{auc}")) for r in clean(runs)
+                                   if r.get("status") == "done"] if boxes else None)
     _what_was_run(page, runs)
     _headline(page, auc, summary)
     _published(page, auc, summary)
