@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from medtransfer_jax.configs import study_options
 from medtransfer_jax.studies import study_args
 
 KNOWN = dict(weights=None, groups=None)
@@ -43,8 +44,7 @@ def get_config(arg=None):
         name = os.path.basename(p.rstrip("/")).split(".")[0].replace("-", "_")
         c.sources[name] = dict(_source(p), study_arg="weights")
     c.targets = ml_collections.ConfigDict()
-    c.analysis = ml_collections.ConfigDict()
-    c.analysis.filters = ml_collections.ConfigDict()
+    c.analysis = study_options.analysis_defaults()
     groups = {}
     for g in args.get("groups", []):
         name, _, members = g.partition(":")

@@ -25,6 +25,7 @@ import os
 
 import ml_collections
 
+from medtransfer_jax.configs import study_options
 from medtransfer_jax.studies import study_args
 from medtransfer_jax.training import presets
 
@@ -84,7 +85,7 @@ def get_config(arg=None):
                             from_args=dict(root=f"data/{t}", fold_csv_dir=f"fold_csvs/{csv_task}"))
     c.confounders = []
 
-    c.analysis = ml_collections.ConfigDict()
+    c.analysis = study_options.analysis_defaults()
     # The protocol's reported AUC (its eval.reported_auc): Sep-2023 Keras AUC(), Feb-2023
     # sklearn roc_auc_score (one-vs-rest weighted for isic and knee).
     c.analysis.auc_metric = "auc_keras" if protocol == "sep2023" else "auc_ovr_weighted"
@@ -100,10 +101,6 @@ def get_config(arg=None):
         + [[s, "fine-tuned", "random", "pre"] for s in ("imagenet", "radimagenet")]
         + ([[s, "fine-tuned", f"{s}_frz", "fine-tuned"] for s in ("imagenet", "radimagenet")]
            if "imagenet_frz" in c.sources else [])))
-    # 3x3 filter drift in one PCA basis and histogram range over every model compared
-    # (CNN-Filter-DB's one basis), so drifts of runs and sources share units; 'pair': each
-    # (pre, fine-tuned) pair its own.
-    c.analysis.filters = ml_collections.ConfigDict(dict(basis="study"))
     # AUC_plot.py and similarity_plot.py draw seaborn boxplots of the 5 folds
     c.analysis.fold_plot = "box"
     return c

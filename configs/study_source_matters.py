@@ -20,6 +20,7 @@ import os
 
 import ml_collections
 
+from medtransfer_jax.configs import study_options
 from medtransfer_jax.studies import study_args
 from medtransfer_jax.training import presets
 
@@ -67,8 +68,9 @@ def get_config(arg=None):
             from_args=dict(root={"nih_cxr14": "nih"}.get(dataset, dataset)),
             confounders=[ml_collections.ConfigDict(dict(kind=kind, ps=ps))])
     c.confounders = []
-    c.analysis = ml_collections.ConfigDict(dict(auc_metric="auc_keras", bootstrap=1000,
-                                                compare_sources=["imagenet", "radimagenet"]))
+    c.analysis = study_options.analysis_defaults()
+    c.analysis.auc_metric = "auc_keras"          # the notebooks' Keras AUC()
+    c.analysis.compare_sources = ["imagenet", "radimagenet"]
     # statistical_tests.ipynb tests ImageNet vs RadImageNet on the o.o.d. AUCs only; the
     # i.i.d. and clean tests can be added (more comparisons, none corrected for multiplicity)
     c.analysis.robustness_test_sets = ["ood"]
@@ -77,8 +79,4 @@ def get_config(arg=None):
     c.analysis.cca = ml_collections.ConfigDict(dict(methods=["paper_cca"], spatial="positions",
                                                     positions=10000, num_channels=64,
                                                     repeats=5, seed=0, num_images=2000))
-    # 3x3 filter drift in one PCA basis and histogram range over every model compared
-    # (CNN-Filter-DB's one basis), so drifts of runs and sources share units; 'pair': each
-    # (pre, fine-tuned) pair its own.
-    c.analysis.filters = ml_collections.ConfigDict(dict(basis="study"))
     return c

@@ -76,3 +76,22 @@ def test_dry_run_of_source_matters_names_its_own_arguments(tmp_path):
     assert "study_revisiting" not in out.stdout + out.stderr
     assert "training images to process: unknown until the data is there" in out.stdout
     assert "?" not in out.stdout
+
+
+def test_every_analysis_option_can_be_set_from_the_command_line_and_is_checked(tmp_path):
+    """The demo study spells no analysis option out, yet each can be set by flag (every
+    study config starts from study_options.analysis_defaults()); a misspelled choice is a
+    pre-flight line naming the field, before any run trains (auc_metric's used to be a
+    KeyError after the whole fine-tuning stage)."""
+    wd = tmp_path / "study"
+    ok = _study(f"--workdir={wd}", "--dry_run", "--config.analysis.fold_plot=box",
+                "--config.analysis.robustness_errorbar=ci95", "--config.analysis.bootstrap=50",
+                "--config.analysis.auc_metric=auc_keras", "--config.analysis.filters.basis=pair")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = _study(f"--workdir={wd}", "--dry_run", "--config.analysis.auc_metric=auc_kears",
+                 "--config.analysis.fold_plot=violin")
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    missing = [m for m in bad.stdout.splitlines() if m.startswith("[study] MISSING:")]
+    assert any("analysis.auc_metric='auc_kears'" in m and "auc_keras" in m for m in missing)
+    assert any("analysis.fold_plot='violin'" in m for m in missing), missing
+    assert "Traceback" not in bad.stderr and not wd.exists()

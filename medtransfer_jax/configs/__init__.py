@@ -6,7 +6,9 @@ mains work from any directory after a non-editable ``pip install .``:
 * ``demo.py``: the synthetic demo run (default of ``python -m medtransfer_jax.train``);
 * ``study_demo.py``: the demo study (default of ``python -m medtransfer_jax.study``);
 * ``base.py``: the run schema, :func:`base.base_config` (every field a run reads) and
-  :func:`base.demo_config`, which training.presets and the ``configs/`` files build on.
+  :func:`base.demo_config`, which training.presets and the ``configs/`` files build on;
+* ``study_options.py``: a study's ``analysis.*`` options, their defaults and choices,
+  which every study config starts from.
 
 :func:`path` names them. The mains override fields with ml_collections ``config_flags``
 (``--config.train.lr=0.01``); everything else that overrides fields from strings (the

@@ -12,6 +12,7 @@ o.o.d. test), then compared layer by layer, by predictions and by filters.
 import ml_collections
 
 from medtransfer_jax import configs
+from medtransfer_jax.configs import study_options
 
 # The embedded demo run, resolved inside the installed package (works from any directory).
 TRAIN = configs.path("demo")
@@ -61,7 +62,9 @@ def get_config(arg=None):
     # Source Matters-style robustness: tag on p of the positives.
     c.confounders = [ml_collections.ConfigDict(dict(kind="tag", ps=[0.5, 1.0]))]
 
-    c.analysis = ml_collections.ConfigDict()
+    # every analysis option at its default (configs/study_options.py), so any can be set
+    # from the command line (--config.analysis.fold_plot=box)
+    c.analysis = study_options.analysis_defaults()
     c.analysis.cca = ml_collections.ConfigDict(dict(
         methods=["paper_cca", "linear_cka"], spatial="positions", positions=2000,
         num_channels=16, repeats=2, seed=0, num_images=128))
@@ -70,8 +73,4 @@ def get_config(arg=None):
     c.analysis.layer_maps = ml_collections.ConfigDict(dict(
         comparisons=["pre_vs_finetuned"], methods=["linear_cka", "debiased_cka"],
         num_images=64, spatial="pool", folds=[0]))
-    # 3x3 filter drift in one PCA basis and histogram range over every model compared
-    # (CNN-Filter-DB's one basis), so drifts of runs and sources share units; 'pair': each
-    # (pre, fine-tuned) pair its own.
-    c.analysis.filters = ml_collections.ConfigDict(dict(basis="study"))
     return c

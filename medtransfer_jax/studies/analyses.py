@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from medtransfer_jax import paths
+from medtransfer_jax.configs import study_options
 from medtransfer_jax.inference import activations as act
 from medtransfer_jax.analysis import compare, filters, plots
 from medtransfer_jax.analysis import layer_map as layer_map_lib
@@ -39,11 +40,16 @@ from medtransfer_jax.weights import checkpoint
 AUC_FUNCTIONS = {"auc": metrics.auc_ovr, "auc_micro": metrics.auc_micro,
                  "auc_keras": metrics.auc_keras,
                  "auc_ovr_weighted": lambda y, p: metrics.auc_ovr(y, p, "weighted")}
-TESTS = ("iid", "clean", "ood")
+TESTS = study_options.TEST_SETS
+
+
+def option(study, name: str):
+    """The study's ``analysis.<name>``, validated, its default where unset (study_options)."""
+    return study_options.get(study.config, name)
 
 
 def _auc_name(study) -> str:
-    return study.config.get("analysis", {}).get("auc_metric", "auc")
+    return option(study, "auc_metric")
 
 
 def item_name(target: str, fold: int, what: str) -> str:
@@ -82,7 +88,7 @@ def run_auc_ci(run_dir: str, split: str, auc_name: str, n_boot: int) -> Dict[str
 def finetune_tables(study, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """runs.csv (+ bootstrap CI per run), auc_summary.csv and source_comparisons.csv."""
     auc_name = _auc_name(study)
-    n_boot = int(study.config.get("analysis", {}).get("bootstrap", 1000))
+    n_boot = int(option(study, "bootstrap"))
     for r in rows:
         if r.get("status") == "done":
             r.update(run_auc_ci(r["workdir"], "test", auc_name, n_boot))
@@ -430,7 +436,7 @@ def predictions(study):
     if summary:
         plots.plot_prediction_similarity(
             summary, study.path("figures", "prediction_similarity.png"), panel_key="target",
-            folds=rows if fold_plot(study) == "box" else None)
+            folds=rows if option(study, "fold_plot") == "box" else None)
     if len(gain_records) >= 2:
         gain_rows = pred.auc_gain_vs_similarity(gain_records)
         tables.write_csv(study.path("tables", "auc_gain_vs_similarity.csv"), gain_rows)
@@ -439,19 +445,6 @@ def predictions(study):
 
 
 # --------------------------------------------------------------------------- filters
-#: ``analysis.filters.basis``: 'study' = one PCA basis and histogram range over every model
-#: the stage compares (CNN-Filter-DB's one basis, so drifts of different runs and sources
-#: are in the same units); 'pair' = each (pre, fine-tuned) pair its own.
-FILTER_BASES = ("study", "pair")
-
-
-def filter_basis_mode(study) -> str:
-    mode = study.config.get("analysis", {}).get("filters", {}).get("basis", "study")
-    if mode not in FILTER_BASES:
-        raise ValueError(f"analysis.filters.basis={mode!r}; use one of {FILTER_BASES}")
-    return mode
-
-
 def filter_models(study, tf) -> List[str]:
     """The weights dirs the filters stage compares: each source's pre-trained weights
     (once, however many sources share them) and every clean fine-tuned run's."""
@@ -492,7 +485,7 @@ def filters_stage(study):
         return filters_of_sources(study)
     drift, layers, change = [], [], []
     tf = list(itertools.product(study.clean_targets, study.folds))
-    shared = filter_basis_mode(study) == "study" and bool(tf)   # no pairs: no basis
+    shared = option(study, "filters.basis") == "study" and bool(tf)   # no pairs: no basis
     dirs = filter_models(study, tf) if shared else []
     names = [item_name(t, f, s) for s in study.config.sources for t, f in tf]
     items = _items(study, "filters", ([basis_item_name(len(dirs))] if shared else []) + names)
@@ -560,7 +553,7 @@ def filters_of_sources(study):
     conv1 = {s: _conv1({"params": p}) for s, p in models.items()}
     if all(k is not None for k in conv1.values()):
         plots.plot_first_layer_filters(conv1, study.path("figures", "conv1_filters.png"))
-    groups = study.config.get("analysis", {}).get("filters", {}).get("groups") or None
+    groups = option(study, "filters.groups") or None
     rep = filters.analyse_filters({k: v for k, v in models.items()},
                                   groups=dict(groups) if groups else None)
     tables.write_csv(study.path("tables", "filter_drift.csv"), rep.drift_rows)
@@ -588,39 +581,6 @@ def robustness_row(run, auc_name: str = "auc") -> Dict[str, Any]:
     row["drop_iid_to_ood"] = row["auc_iid"] - row["auc_ood"]
     row["drop_clean_to_ood"] = row["auc_clean"] - row["auc_ood"]
     return row
-
-
-def robustness_test_sets(study) -> List[str]:
-    """``analysis.robustness_test_sets``: the test sets whose AUCs the sources are tested
-    on (default all of :data:`TESTS`; Source Matters tested the o.o.d. one only)."""
-    sets = list(study.config.get("analysis", {}).get("robustness_test_sets") or TESTS)
-    unknown = [t for t in sets if t not in TESTS]
-    if unknown:
-        raise ValueError(f"analysis.robustness_test_sets={sets}: {unknown} unknown; choose "
-                         f"from {list(TESTS)}")
-    return sets
-
-
-#: ``analysis.robustness_errorbar``: the robustness figure's bars, the sample sd over
-#: folds or (Source Matters' seaborn figures) the 95 % bootstrap CI of the mean.
-ROBUSTNESS_ERRORBARS = ("sd", "ci95")
-
-
-def robustness_errorbar(study) -> str:
-    bar = study.config.get("analysis", {}).get("robustness_errorbar", "sd")
-    if bar not in ROBUSTNESS_ERRORBARS:
-        raise ValueError(f"analysis.robustness_errorbar={bar!r}; use one of "
-                         f"{ROBUSTNESS_ERRORBARS}")
-    return bar
-
-
-def fold_plot(study) -> str:
-    """``analysis.fold_plot`` (plots.FOLD_PLOTS): the AUC and prediction-similarity figures'
-    bars of mean ± sd, or the Revisiting paper's boxplots of the folds."""
-    how = study.config.get("analysis", {}).get("fold_plot", "mean_sd")
-    if how not in plots.FOLD_PLOTS:
-        raise ValueError(f"analysis.fold_plot={how!r}; use one of {plots.FOLD_PLOTS}")
-    return how
 
 
 def robustness_marks(tests: Sequence[Dict[str, Any]]) -> Dict[tuple, str]:
@@ -672,13 +632,13 @@ def robustness(study):
             row[f"auc_{t}_ci_low"], row[f"auc_{t}_ci_high"] = stats.bootstrap_mean_ci(
                 [r[f"auc_{t}"] for r in sel])
     tables.write_csv(study.path("tables", "robustness_summary.csv"), summary)
-    pairs = study.config.get("analysis", {}).get("compare_sources") or [
+    pairs = option(study, "compare_sources") or [
         s for s in study.config.sources if s != "random"]
-    tests = robustness_tests(rows, list(pairs), robustness_test_sets(study))
+    tests = robustness_tests(rows, list(pairs), option(study, "robustness_test_sets"))
     tables.write_csv(study.path("tables", "robustness_tests.csv"), tests)
     if summary:
         plots.plot_robustness(summary, study.path("figures", "robustness.png"),
                               marks=robustness_marks(tests), metric=_auc_name(study),
-                              errorbar=robustness_errorbar(study),
+                              errorbar=option(study, "robustness_errorbar"),
                               compared=", ".join(dict.fromkeys(
                                   f"{r['source_a']} vs {r['source_b']}" for r in tests)))

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from medtransfer_jax import paths
+from medtransfer_jax.configs import study_options
 from medtransfer_jax.data import builders, splits
 from medtransfer_jax.data.base import DataError
 from medtransfer_jax.models import resnet
@@ -481,7 +482,7 @@ def _stage_work(study, stage: str, parallel: int) -> progress.StageWork:
         if not cfg.targets:
             return progress.StageWork(n_src, "models", n_src * mparams)
         items = {analyses.item_name(t, f, s): 2 * mparams for s in cfg.sources for t, f in tf}
-        if analyses.filter_basis_mode(study) == "study" and tf:
+        if analyses.option(study, "filters.basis") == "study" and tf:
             # two passes that load and scale each model: ~1/5 of a pair's work per model
             # and pass (ResNet50 on 2 CPU cores, BENCHMARKS.md section 9: 0.68 s per model
             # and pass against ~6 s per pair)
@@ -565,12 +566,7 @@ def check(study) -> Preflight:
         missing += check_source(name, spec, study.source_dir(name), cfg.get("args"))
         if spec.get("weights_of") and spec.weights_of not in cfg.sources:
             missing.append(f"sources.{name}.weights_of={spec.weights_of}: no such source")
-    for option in (analyses.filter_basis_mode, analyses.robustness_test_sets,
-                   analyses.robustness_errorbar, analyses.fold_plot):
-        try:
-            option(study)
-        except ValueError as e:
-            missing.append(str(e))
+    missing += study_options.problems(cfg)
     runs = study.finetune_runs()
     todo = [r for r in runs if r.status() != "done"]
     images, grid, layouts = 0, [], {}

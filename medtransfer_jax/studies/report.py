@@ -260,7 +260,7 @@ def _headline(page: _Page, auc: str, summary: List[Dict[str, Any]]):
                                   "p (t)", "p (perm.)")))
     page.figure("auc.png", "Test AUC per target and source; " + (
         plots.BOX_WORDS + " (analysis.fold_plot=box, the paper's figure)"
-        if analyses.fold_plot(page.study) == "box" else "error bars: sample sd over folds") + ".")
+        if analyses.option(page.study, "fold_plot") == "box" else "error bars: sample sd over folds") + ".")
 
 
 def _robustness_headline(page: _Page):
@@ -324,7 +324,7 @@ def _figures(page: _Page):
     page.figure("prediction_similarity.png",
                 f"Prediction similarity on the {splits} split vs the independent-errors "
                 f"baseline {baselines}; " + (
-                    plots.BOX_WORDS if analyses.fold_plot(page.study) == "box"
+                    plots.BOX_WORDS if analyses.option(page.study, "fold_plot") == "box"
                     else "mean over folds, error bars: sample sd over folds") + ". "
                 "The baseline comes from the accuracies alone: two models that each predict "
                 "one class agree far above it; Cohen's κ in the table corrects for the "
@@ -336,11 +336,11 @@ def _figures(page: _Page):
                                        "run coloured by target; grey: that source's "
                                        "least-squares line (as the paper fits each source).")
     bars = ("95 % bootstrap CI of the mean over folds (as Source Matters' figures)"
-            if cfg.get("analysis", {}).get("robustness_errorbar") == "ci95"
+            if analyses.option(page.study, "robustness_errorbar") == "ci95"
             else "sample sd over folds")
-    sets = cfg.get("analysis", {}).get("robustness_test_sets")
+    sets = analyses.option(page.study, "robustness_test_sets")
     tested = (f"on the {' and '.join(TEST_WORDS.get(t, t) for t in sets)} test"
-              if sets else "on each test set")
+              if set(sets) != set(analyses.TESTS) else "on each test set")
     page.figure("robustness.png", "AUC vs artefact fraction p per source (colour) and test set "
                                   f"(line style and marker); error bars: {bars}; series "
                                   "shifted slightly sideways so bars at one p stay apart; "
@@ -427,7 +427,7 @@ def _details(page: _Page, auc: str, runs):
     page.add("h2", "Details")
     done = [r for r in runs if r.get("status") == "done"]
     if done:
-        boot = page.study.config.get("analysis", {}).get("bootstrap", 1000)
+        boot = analyses.option(page.study, "bootstrap")
         confounded = any(r.get("confounder") not in (None, "", "none") for r in done)
         page.add("p", f"Every run: test {auc} with its percentile bootstrap 95% CI over the "
                       f"test images ({boot} resamples), and the number of test images."
@@ -502,7 +502,7 @@ def _robustness_details(page: _Page):
     summ = page.table("robustness_summary.csv")
     if not summ:
         return
-    auc = page.study.config.get("analysis", {}).get("auc_metric", "auc")
+    auc = analyses.option(page.study, "auc_metric")
     page.add("p", f"Robustness: AUC ({AUC_WORDS.get(auc, auc)}) on the i.i.d. "
                   "test (artefact as in training), the clean test and the o.o.d. test "
                   "(artefact on every negative), mean ± sd over folds.")
@@ -528,13 +528,13 @@ def _robustness_details(page: _Page):
 def build_blocks(study) -> List[Block]:
     """The report's blocks, in reading order (see module docstring)."""
     page = _Page(study)
-    auc = study.config.get("analysis", {}).get("auc_metric", "auc")
+    auc = analyses.option(study, "auc_metric")
     runs = page.table("runs.csv")
     summary = page.table("auc_summary.csv")
     if summary:
         def clean(rs):
             return [r for r in rs if r.get("confounder", "none") in ("none", "")]
-        boxes = analyses.fold_plot(study) == "box"
+        boxes = analyses.option(study, "fold_plot") == "box"
         plots.plot_auc_bars([dict(r, auc=r[f"test.{auc}"], auc_sd=r[f"test.{auc}_sd"],
                                   auc_n=r[f"test.{auc}_n"]) for r in clean(summary)],
                             study.path("figures", "auc.png"), sources=list(study.config.sources),

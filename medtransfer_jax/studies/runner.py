@@ -25,8 +25,9 @@ The study config (``configs/study_*.py``) names:
   ``clean=False`` drops its no-confounder run. Empty for a filters-only study.
 * ``folds``, ``confounders`` (a list of ``{kind, ps}``; empty for Revisiting-style
   studies), ``model`` (depth/width/layout shared by sources and targets), ``analysis``
-  (``cca``, ``layer_maps`` (optional layer x layer maps per pair), ``auc_metric``,
-  ``bootstrap``, ...), ``published`` (which paper's numbers
+  (``cca``, ``layer_maps`` (optional layer x layer maps per pair), and the options of
+  ``configs/study_options.py``: ``auc_metric``, ``bootstrap``, ``fold_plot``, ...),
+  ``published`` (which paper's numbers
   the report compares with, ``studies/published.json``).
 
 Progress: one line per finished run (``run 7/175 breast/imagenet/fold2: test AUC
