@@ -50,4 +50,5 @@ def get_config(arg=None):
         name, _, members = g.partition(":")
         groups[name] = members.split("+")
     c.analysis.filters.groups = groups
+    study_options.flag_ready(c.analysis)   # list options settable by flag
     return c

@@ -103,4 +103,5 @@ def get_config(arg=None):
            if "imagenet_frz" in c.sources else [])))
     # AUC_plot.py and similarity_plot.py draw seaborn boxplots of the 5 folds
     c.analysis.fold_plot = "box"
+    study_options.flag_ready(c.analysis)   # list options settable by flag
     return c

@@ -79,4 +79,5 @@ def get_config(arg=None):
     c.analysis.cca = ml_collections.ConfigDict(dict(methods=["paper_cca"], spatial="positions",
                                                     positions=10000, num_channels=64,
                                                     repeats=5, seed=0, num_images=2000))
+    study_options.flag_ready(c.analysis)   # list options settable by flag
     return c

@@ -284,6 +284,21 @@ def test_preflight_lists_everything_missing(tmp_path):
     assert "lesion: 4 runs (0 done)" in ok.text() and "pre-flight: ok" in ok.text()
 
 
+def test_preflight_names_cca_pairs_of_sources_the_study_has_not(tmp_path):
+    c = _tiny_study_config()
+    c.analysis.cca.between = [["natural", "imagenet"]]
+    c.analysis.cca.pairs = [["natural", "pre", "random", "trained"], ["natural", "pre"]]
+    pf = runner.preflight(c, str(tmp_path / "wd"))
+    assert pf.missing == [
+        "analysis.cca.between: ['natural', 'imagenet']: give two of the study's sources "
+        "['natural', 'random']",
+        "analysis.cca.pairs: ['natural', 'pre', 'random', 'trained']: give [source, stage, "
+        "source, stage] with sources from ['natural', 'random'] and stage 'pre' or "
+        "'fine-tuned'",
+        "analysis.cca.pairs: ['natural', 'pre']: give [source, stage, source, stage] with "
+        "sources from ['natural', 'random'] and stage 'pre' or 'fine-tuned'"]
+
+
 def test_bad_stage_name_is_a_clear_error(tmp_path):
     with pytest.raises(runner.StudyError, match="unknown stage"):
         runner.Study(_tiny_study_config(), str(tmp_path)).run(stages=["nope"])

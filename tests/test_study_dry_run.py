@@ -95,3 +95,29 @@ def test_every_analysis_option_can_be_set_from_the_command_line_and_is_checked(t
     assert any("analysis.auc_metric='auc_kears'" in m and "auc_keras" in m for m in missing)
     assert any("analysis.fold_plot='violin'" in m for m in missing), missing
     assert "Traceback" not in bad.stderr and not wd.exists()
+
+
+def test_the_cca_and_layer_map_sections_are_checked_before_anything_trains(tmp_path):
+    """Read only after the fine-tuning stage, a typo in analysis.cca / analysis.layer_maps
+    used to stop a study hours in; pre-flight names each, and list fields take a tuple
+    from the command line (config_flags refuses lists)."""
+    wd = tmp_path / "study"
+    ok = _study(f"--workdir={wd}", "--dry_run", "--config.analysis.cca.methods=('linear_cka',)",
+                "--config.analysis.robustness_test_sets=('ood',)",
+                "--config.analysis.layer_maps.folds=(1,)")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = _study(f"--workdir={wd}", "--dry_run", "--config.analysis.cca.methods=('cka',)",
+                 "--config.analysis.cca.spatial=grid", "--config.analysis.cca.repeats=0",
+                 "--config.analysis.layer_maps.comparisons=('pre_vs_fine',)",
+                 "--config.analysis.layer_maps.spatial=positions",
+                 "--config.analysis.layer_maps.folds=(7,)")
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    missing = [m for m in bad.stdout.splitlines() if m.startswith("[study] MISSING:")]
+    for expect in ("analysis.cca.methods=['cka']: ['cka'] unknown; use some of ['mean_cca'",
+                   "analysis.cca.spatial='grid'; use one of ['positions', 'pool']",
+                   "analysis.cca.repeats=0; use an integer >= 1",
+                   "analysis.layer_maps.comparisons: ['pre_vs_fine'] unknown",
+                   "analysis.layer_maps.spatial='positions'; use one of ['pool', 'grid']",
+                   "analysis.layer_maps.folds: [7] not among the study's folds [0, 1]"):
+        assert any(expect in m for m in missing), (expect, missing)
+    assert "Traceback" not in bad.stderr and not wd.exists()

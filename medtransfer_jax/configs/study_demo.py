@@ -73,4 +73,5 @@ def get_config(arg=None):
     c.analysis.layer_maps = ml_collections.ConfigDict(dict(
         comparisons=["pre_vs_finetuned"], methods=["linear_cka", "debiased_cka"],
         num_images=64, spatial="pool", folds=[0]))
+    study_options.flag_ready(c.analysis)   # list options settable by flag
     return c

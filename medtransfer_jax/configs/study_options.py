@@ -26,20 +26,22 @@ AUC_METRICS = ("auc", "auc_micro", "auc_keras", "auc_ovr_weighted")
 #: The confounded runs' test sets: artefact as in training, none, reversed.
 TEST_SETS = ("iid", "clean", "ood")
 
-#: field -> (default, choices or None, what it sets)
+#: field -> (default, choices (a tuple, or 'int >= 1'), or None, what it sets); a tuple
+#: default is a list option (tuples, not lists: config_flags overrides only tuples)
 OPTIONS = {
     "auc_metric": ("auc", AUC_METRICS, "the AUC every table and figure reads"),
-    "bootstrap": (1000, None, "resamples of each run's bootstrap CI over its test images"),
+    "bootstrap": (1000, "int >= 1", "resamples of each run's bootstrap CI over its test "
+                                    "images"),
     "fold_plot": ("mean_sd", ("mean_sd", "box"),
                   "the AUC and prediction-similarity figures: bars of mean ± sd, or the "
                   "Revisiting paper's boxplots of the folds"),
-    "robustness_test_sets": (list(TEST_SETS), TEST_SETS,
+    "robustness_test_sets": (TEST_SETS, TEST_SETS,
                              "the test sets on which sources are compared by permutation "
                              "test (Source Matters: ['ood'])"),
     "robustness_errorbar": ("sd", ("sd", "ci95"),
                             "the robustness figure's bars: sample sd over folds, or the "
                             "95 % bootstrap CI of the mean (Source Matters' figures)"),
-    "compare_sources": ([], None, "the sources the permutation tests compare; [] = every "
+    "compare_sources": ((), None, "the sources the permutation tests compare; [] = every "
                                   "source but random"),
     "filters.basis": ("study", ("study", "pair"),
                       "3x3 filter drifts in one PCA basis over every model compared "
@@ -59,8 +61,23 @@ def analysis_defaults() -> ml_collections.ConfigDict:
             if p not in node:
                 node[p] = ml_collections.ConfigDict()
             node = node[p]
-        node[leaf] = list(default) if isinstance(default, list) else default
+        node[leaf] = default
     return c
+
+
+def flag_ready(analysis: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``analysis`` with every list turned into a tuple, nested ones too: config_flags can
+    override a tuple field from the command line (``--config.analysis.cca.methods=
+    "('linear_cka',)"``) but refuses a list one. A study config ends with it."""
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, (list, tuple)) else v
+    for key, value in analysis.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flag_ready(value)
+        elif isinstance(value, list):
+            del analysis[key]          # a list field only takes lists: make it anew
+            analysis[key] = tup(value)
+    return analysis
 
 
 def get(config, name: str) -> Any:
@@ -71,15 +88,22 @@ def get(config, name: str) -> Any:
     for part in name.split("."):
         node = node.get(part, None) if hasattr(node, "get") else None
     value = default if node is None else node
+    many = isinstance(default, tuple)
+    if many:
+        value = list(value)
     if choices is None:
         return value
-    values = list(value) if isinstance(default, list) else [value]
+    if choices == "int >= 1":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"analysis.{name}={value!r}; use an integer >= 1")
+        return value
+    values = value if many else [value]
     bad = [v for v in values if v not in choices]
-    if bad or (isinstance(default, list) and not values):
-        raise ValueError(f"analysis.{name}={value!r}" + (f": {bad} unknown" if bad and isinstance(
-            default, list) else "") + f"; use {'some' if isinstance(default, list) else 'one'}"
-            f" of {list(choices)}")
-    return values if isinstance(default, list) else value
+    if bad or not values:
+        raise ValueError(f"analysis.{name}={value!r}" + (f": {bad} unknown" if bad and many
+                                                          else "")
+                         + f"; use {'some' if many else 'one'} of {list(choices)}")
+    return value
 
 
 def problems(config) -> List[str]:

@@ -39,6 +39,9 @@ from medtransfer_jax import paths
 from medtransfer_jax.configs import study_options
 from medtransfer_jax.data import builders, splits
 from medtransfer_jax.data.base import DataError
+from medtransfer_jax.analysis import layer_map as layer_map_lib
+from medtransfer_jax.analysis import similarity as sim
+from medtransfer_jax.inference import activations as act
 from medtransfer_jax.models import resnet
 from medtransfer_jax.studies import analyses, progress, study_args
 from medtransfer_jax.training import phases, sweep
@@ -558,6 +561,67 @@ def _target_images(target: str, trs: List[sweep.Run], todo) -> tuple:
             max(per_fold.values(), default=0))
 
 
+def _int_at_least(section: str, key: str, value, low: int) -> List[str]:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        return [f"{section}.{key}={value!r}; use an integer >= {low}"]
+    return []
+
+
+def check_analysis_sections(study) -> List[str]:
+    """``analysis.cca`` and ``analysis.layer_maps`` (the sections that turn the
+    representations stage and the maps on): each value outside its choices or range, and
+    each source or fold they name that the study has not, one line each. Why here: these
+    are read only after the fine-tuning stage, where a typo used to stop a study that had
+    trained for hours."""
+    cfg, out = study.config, []
+    sources, folds = list(cfg.sources), list(study.folds)
+    cca = cfg.get("analysis", {}).get("cca", None)
+    if cca:
+        sec = "analysis.cca"
+        methods = list(cca.get("methods", None) or ())
+        bad = [m for m in methods if m not in sim.METHODS]
+        if bad or not methods:
+            out.append(f"{sec}.methods={methods}: " + (f"{bad} unknown" if bad else "none given")
+                       + f"; use some of {list(sim.METHODS)}")
+        if cca.get("spatial", "positions") not in act.SPATIAL_MODES:
+            out.append(f"{sec}.spatial={cca.spatial!r}; use one of {list(act.SPATIAL_MODES)}")
+        for key, low in (("positions", 1), ("repeats", 1), ("num_images", 2)):
+            if key in cca:
+                out += _int_at_least(sec, key, cca[key], low)
+        if cca.get("num_channels", None) is not None:
+            out += _int_at_least(sec, "num_channels", cca.num_channels, 1)
+        for pair in cca.get("between", None) or ():
+            unknown = [s for s in pair if s not in sources]
+            if len(pair) != 2 or unknown:
+                out.append(f"{sec}.between: {list(pair)}: give two of the study's sources "
+                           f"{sources}")
+        for pair in cca.get("pairs", None) or ():
+            if (len(pair) != 4 or any(s not in sources for s in pair[::2])
+                    or any(st not in ("pre", "fine-tuned") for st in pair[1::2])):
+                out.append(f"{sec}.pairs: {list(pair)}: give [source, stage, source, stage] "
+                           f"with sources from {sources} and stage 'pre' or 'fine-tuned'")
+    lm = cfg.get("analysis", {}).get("layer_maps", None)
+    if lm and lm.get("comparisons", None):
+        sec = "analysis.layer_maps"
+        bad = [c for c in lm.comparisons if c not in analyses.SIMILARITY_PANELS]
+        if bad:
+            out.append(f"{sec}.comparisons: {bad} unknown; use some of "
+                       f"{list(analyses.SIMILARITY_PANELS)}")
+        methods = list(lm.get("methods", None) or layer_map_lib.DEFAULT_MAP_METHODS)
+        bad = [m for m in methods if m not in layer_map_lib.MAP_METHODS]
+        if bad:
+            out.append(f"{sec}.methods: {bad} cannot be mapped; use some of "
+                       f"{list(layer_map_lib.MAP_METHODS)}")
+        if lm.get("spatial", "pool") not in layer_map_lib.MAP_SPATIAL:
+            out.append(f"{sec}.spatial={lm.spatial!r}; use one of {list(layer_map_lib.MAP_SPATIAL)}")
+        if "num_images" in lm:
+            out += _int_at_least(sec, "num_images", lm.num_images, 4)
+        bad = [f for f in (lm.get("folds", None) or ()) if f not in folds]
+        if bad:
+            out.append(f"{sec}.folds: {bad} not among the study's folds {folds}")
+    return out
+
+
 def check(study) -> Preflight:
     """Checks a study (see module docstring); never trains or writes anything."""
     cfg = study.config
@@ -566,7 +630,7 @@ def check(study) -> Preflight:
         missing += check_source(name, spec, study.source_dir(name), cfg.get("args"))
         if spec.get("weights_of") and spec.weights_of not in cfg.sources:
             missing.append(f"sources.{name}.weights_of={spec.weights_of}: no such source")
-    missing += study_options.problems(cfg)
+    missing += study_options.problems(cfg) + check_analysis_sections(study)
     runs = study.finetune_runs()
     todo = [r for r in runs if r.status() != "done"]
     images, grid, layouts = 0, [], {}
