@@ -346,7 +346,7 @@ def test_study_paths_tables_and_markers_on_a_bucket(fake_gcs, no_os_path_on_urls
     paths.makedirs(paths.join(run.workdir, "checkpoints", "3"))
     assert run.status() == "partial"
     paths.write_text_atomic(paths.join(run.workdir, "results.json"), json.dumps(
-        {"status": "done", "best_step": 4, "test": {"auc": 0.5}}))
+        {"status": "done", "best_step": 4, "val": {"auc": 0.6}, "test": {"auc": 0.5}}))
     assert run.status() == "done"
     assert sweep.collect([run])[0]["test.auc"] == 0.5
 

@@ -382,18 +382,18 @@ def test_analyze_paper_protocol_reproduces_the_studys_cca_rows(study, tmp_path):
 
 
 def test_resumed_representations_stage_skips_done_items_without_timing_them(study):
-    """A representations stage redone with its CCA tables and one layer map present:
-    only the missing map runs (its line says 2/2), and the rates gain that one item
-    only (the skipped CCA pairs and map add nothing)."""
+    """A representations stage interrupted with its CCA tables and one layer map written
+    (not marked done): its rerun runs only the missing map (its line says 2/2), and the
+    rates gain that one item only (the skipped CCA pairs and map add nothing)."""
     wd, _, _ = study
     rates_file = os.path.join(wd, "stages", "rates.json")
     before = json.load(open(rates_file))["stages"]
     index = _rows(os.path.join(wd, "tables", "layer_maps.csv"))
     os.remove(os.path.join(wd, next(r for r in index if r["pair"].startswith("random"))["csv"]))
+    os.remove(os.path.join(wd, "stages", "representations.done"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        status = runner.run_study(_tiny_study_config(), wd, stages=["representations"],
-                                  force=True)
+        status = runner.run_study(_tiny_study_config(), wd, stages=["representations"])
     assert status == {"representations": "done"}
     lines = out.getvalue().splitlines()
     assert not [l for l in lines if l.startswith("representations ")]
@@ -638,3 +638,147 @@ def test_fold_plot_box_draws_the_folds_of_done_clean_runs(study, tmp_path, monke
     cfg.analysis.fold_plot = "violin"
     pf = runner.preflight(cfg, str(copy))
     assert any("analysis.fold_plot='violin'" in m for m in pf.missing), pf.missing
+
+
+# ------------------------------------------------------------- damaged files of a study
+def _copy(study, tmp_path):
+    import shutil
+    shutil.copytree(study[0], tmp_path / "wd")
+    return tmp_path / "wd"
+
+
+def _confounded_run(wd):
+    st = runner.Study(_tiny_study_config(), str(wd))
+    return next(r for r in st.finetune_runs() if r.keys["confounder"] != "none")
+
+
+def _rerun(wd, stages, force=True):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runner.run_study(_tiny_study_config(), str(wd), stages=stages, force=force)
+    return out.getvalue()
+
+
+def _same_table(a, b, name):
+    drop = ("workdir",)
+    strip = [lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]][0]
+    assert strip(_rows(os.path.join(a, "tables", name))) == strip(_rows(b / "tables" / name))
+
+
+def test_a_damaged_run_result_stops_the_robustness_stage_and_finetune_redoes_it(study, tmp_path):
+    """A confounded run's results.json emptied after the fine-tuning stage: robustness used
+    to read NaN AUCs for it and average over the other folds (exit 0); now it names the
+    file and the stages that redo it, and those give back the undamaged tables."""
+    from medtransfer_jax.studies import tables
+    wd = _copy(study, tmp_path)
+    run = _confounded_run(wd)
+    for damage in (b"[]", b"", b"\xff\xfe garbage", json.dumps(
+            {"status": "done", "val": {"auc": 0.5}}).encode()):
+        with open(os.path.join(run.workdir, "results.json"), "wb") as f:
+            f.write(damage)
+        with pytest.raises(tables.TableError) as e:
+            _rerun(wd, ["robustness"])
+        assert "results.json" in str(e.value) and (
+            "--stages=finetune,robustness,report --force" in str(e.value))
+    from medtransfer_jax.training import sweep
+    assert run.status() != "done"             # so the fine-tuning stage trains it again
+    _rerun(wd, ["finetune", "robustness"])
+    assert sweep.read_results(run.workdir)["status"] == "done"
+    for name in ("robustness.csv", "robustness_summary.csv", "runs.csv"):
+        _same_table(study[0], wd, name)
+
+
+@pytest.mark.parametrize("table,damage,expect", [
+    ("auc_summary.csv", b"", "empty (0 bytes)"),
+    ("auc_summary.csv", b"\xff\xd8\xff\xe0 not text", "not UTF-8 text"),
+    ("auc_summary.csv", "half", "fields, the header"),
+    ("representations_summary.csv", "drop:pair", "no column 'pair'"),
+    ("layer_maps.csv", "drop:fold", "no column 'fold'"),
+])
+def test_a_damaged_table_is_named_with_the_stage_that_rewrites_it(study, tmp_path, table,
+                                                                  damage, expect):
+    from medtransfer_jax.studies import tables
+    wd = _copy(study, tmp_path)
+    path = wd / "tables" / table
+    if damage == "half":
+        text = path.read_bytes()
+        path.write_bytes(text[:len(text) // 2 + 3])
+    elif isinstance(damage, str) and damage.startswith("drop:"):
+        col = damage.split(":")[1]
+        rows = _rows(path)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, [k for k in rows[0] if k != col])
+            w.writeheader()
+            w.writerows([{k: v for k, v in r.items() if k != col} for r in rows])
+    else:
+        path.write_bytes(damage)
+    with pytest.raises(tables.TableError) as e:
+        _rerun(wd, ["report"])
+    stage = tables.writer_stage(path)
+    assert str(e.value).startswith(str(path)) and expect in str(e.value)
+    assert f"--stages={stage},report --force" in str(e.value)
+    _rerun(wd, [stage, "report"])                  # the fix it names works
+    assert tables.read_csv(path)
+
+
+def test_forced_representations_redo_their_cached_folds(study, tmp_path):
+    """--stages=representations --force used to re-read every cached per-fold CSV (a
+    damaged one silently dropped its fold; one made by older code stayed); a forced stage
+    now starts without its caches, and a damaged cache is named when not forced."""
+    from medtransfer_jax.studies import tables
+    wd = _copy(study, tmp_path)
+    cache = wd / "representations" / "lesion_fold0.csv"
+    cache.write_bytes(b"")
+    with pytest.raises(tables.TableError, match="--stages=representations,report --force"):
+        analyses.representations(runner.Study(_tiny_study_config(), str(wd)))
+    other = wd / "layer_maps"
+    stamp = {p: p.stat().st_mtime_ns for p in other.rglob("*.csv")}
+    _rerun(wd, ["representations"])
+    assert cache.stat().st_size > 0
+    assert stamp and all(p.stat().st_mtime_ns != t for p, t in stamp.items())  # redone too
+    for name in ("representations.csv", "representations_summary.csv", "layer_maps.csv"):
+        _same_table(study[0], wd, name)
+
+
+def test_filter_basis_damaged_or_gone_is_named_and_the_caption_follows_the_config(study,
+                                                                                 tmp_path):
+    from medtransfer_jax.studies import tables
+    wd = _copy(study, tmp_path)
+    basis = wd / "tables" / "filter_basis.json"
+    for damage, expect in ((None, "missing, though analysis.filters.basis=study"),
+                           (b"{\"models\": [", "not JSON"), (b"{}", "no 'models' list"),
+                           (b"\xff\xfe", "not UTF-8 text")):
+        if damage is None:
+            basis.unlink()
+        else:
+            basis.write_bytes(damage)
+        with pytest.raises(tables.TableError) as e:
+            _rerun(wd, ["report"])
+        assert expect in str(e.value) and "--stages=filters,report --force" in str(e.value)
+    _rerun(wd, ["filters", "report"])
+    assert "one PCA basis and range over all 4 models" in (wd / "report.md").read_text()
+
+
+def test_bad_rates_a_damaged_marker_and_a_damaged_random_source_do_not_stop_a_study(
+        study, tmp_path):
+    from medtransfer_jax.weights import checkpoint
+    wd = _copy(study, tmp_path)
+    rates = wd / "stages" / "rates.json"
+    data = json.loads(rates.read_text())
+    data["stages"]["finetune"] = {"units": 3}             # no seconds
+    data["stages"]["report"] = {"seconds": "x", "units": 1}
+    rates.write_text(json.dumps(data))
+    (wd / "stages" / "filters.done").write_bytes(b"\xff\xfe\x00garbage")
+    meta = wd / "sources" / "random" / "weights" / checkpoint.METADATA_FILE
+    if not meta.exists():
+        meta = next((wd / "sources" / "random").rglob(checkpoint.METADATA_FILE))
+    before = checkpoint.load_weights(str(meta.parent))[0]
+    meta.write_bytes(b"")
+    out = _rerun(wd, None, force=False)
+    assert "filters: done earlier, skipped (by an older version" in out
+    out = _rerun(wd, ["sources", "report"])
+    assert "drawing its random init again" in out
+    after = checkpoint.load_weights(str(meta.parent))[0]
+    import jax
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                    jax.tree.leaves(after)))

@@ -158,7 +158,8 @@ FAKE_DONE = """#!{python}
 import json, os, sys
 wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
 with open(os.path.join(wd, "results.json"), "w") as f:
-    json.dump({{"status": "done", "best_step": 4, "test": {{"auc": 0.875, "num_examples": 16}}}}, f)
+    json.dump({{"status": "done", "best_step": 4, "val": {{"auc": 0.9, "num_examples": 16}},
+               "test": {{"auc": 0.875, "num_examples": 16}}}}, f)
 """
 
 
@@ -195,7 +196,8 @@ wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
 env = {{k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
                                       "XLA_CLIENT_MEM_FRACTION")}}
 with open(os.path.join(wd, "results.json"), "w") as f:
-    json.dump({{"status": "done", "best_step": 1, "env": env}}, f)
+    json.dump({{"status": "done", "best_step": 1, "env": env, "val": {{"auc": 0.9}},
+               "test": {{"auc": 0.875}}}}, f)
 """
 
 

@@ -247,6 +247,11 @@ def compare_fold(study, target: str, fold: int,
     return rows
 
 
+#: What a stage keeps per item so that an interrupted stage resumes (workdir-relative):
+#: a forced stage starts without them (runner.Study._forget).
+STAGE_CACHES = {"representations": ("representations", "layer_maps", "figures/layer_maps")}
+
+
 def representations(study):
     """tables/representations*.csv and one figure per target (mean over folds); one
     progress line per CCA pair (a (target, fold) whose CSV exists is skipped whole)."""
@@ -570,10 +575,20 @@ def filters_of_sources(study):
 
 
 # ------------------------------------------------------------------------ robustness
-def robustness_row(run, auc_name: str = "auc") -> Dict[str, Any]:
+def robustness_row(run, auc_name: str = "auc", trained: bool = True) -> Dict[str, Any]:
     """AUC (``auc_name``, the study's ``analysis.auc_metric``: Source Matters reported
-    Keras' ``AUC()``) and test-set size on the i.i.d., clean and o.o.d. tests of one run."""
-    extra = (sweep.read_results(run.workdir) or {}).get("extra_tests", {})
+    Keras' ``AUC()``) and test-set size on the i.i.d., clean and o.o.d. tests of one run
+    (NaN for a run that diverged or failed). Once the fine-tuning stage is done
+    (``trained``) every run has results, so a missing or damaged results.json (or a done
+    one without the three tests) is an error naming it: NaN rows would quietly shrink the
+    means over folds."""
+    res = sweep.read_results(run.workdir)
+    extra = (res or {}).get("extra_tests", {}) if (res or {}).get("status") == "done" else {}
+    if trained and (res is None or (res.get("status") == "done"
+                                    and not all(t in extra for t in TESTS))):
+        raise tables.damaged(paths.join(run.workdir, "results.json"),
+                             "missing, unreadable, or without the i.i.d./clean/o.o.d. tests",
+                             stage="finetune,robustness")
     row = dict(run.keys, auc_metric=auc_name)
     for name in TESTS:
         row[f"auc_{name}"] = extra.get(name, {}).get(auc_name, float("nan"))
@@ -618,8 +633,8 @@ def robustness(study):
     items = _items(study, "robustness", targets)
     for target in targets:   # one progress line per target (its runs)
         with items.item(target) as it:
-            rows += [robustness_row(run, _auc_name(study)) for run in runs
-                     if run.keys["target"] == target]
+            rows += [robustness_row(run, _auc_name(study), study.is_done("finetune"))
+                     for run in runs if run.keys["target"] == target]
             it.detail = "mean AUC drop i.i.d. -> o.o.d. " + format(_mean(
                 r["drop_iid_to_ood"] for r in rows if r["target"] == target), ".3f")
     tables.write_csv(study.path("tables", "robustness.csv"), rows)

@@ -138,6 +138,17 @@ class StageWork:
         return f"{self.count} {self.noun}"
 
 
+def _rate_entry(entry) -> Optional[dict]:
+    """A rates.json entry as numbers, or None when it cannot be one."""
+    try:
+        out = dict(seconds=float(entry["seconds"]), units=float(entry["units"]),
+                   items=int(entry.get("items", 0)))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    ok = all(math.isfinite(v) for v in out.values()) and out["units"] > 0
+    return out if ok else None
+
+
 class Rates:
     """Seconds per unit of each stage measured in one workdir, persisted as JSON.
 
@@ -151,12 +162,13 @@ class Rates:
 
     @classmethod
     def load(cls, path: Optional[str]) -> "Rates":
-        """The rates at ``path``, or none yet (a missing or unreadable file is no rate)."""
+        """The rates at ``path``, or none yet (a missing or unreadable file is no rate, and
+        an entry without finite seconds and units > 0 is dropped: they are only an ETA)."""
         if path and paths.exists(path):
             try:
                 data = tables.read_json(path)
-                return cls(path, {k: v for k, v in data.get("stages", {}).items()
-                                  if v.get("units", 0) > 0})
+                entries = {k: _rate_entry(v) for k, v in data.get("stages", {}).items()}
+                return cls(path, {k: v for k, v in entries.items() if v})
             except (ValueError, AttributeError, TypeError) as e:
                 logging.warning("ignoring unreadable study rates %s (%s)", path, e)
         return cls(path)

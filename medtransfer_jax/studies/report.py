@@ -470,13 +470,23 @@ def _details(page: _Page, auc: str, runs):
 
 
 def _filter_basis_words(page: _Page) -> str:
-    """How the drifts' PCA basis was fitted, for the figure's caption."""
+    """How the drifts' PCA basis was fitted, for the figure's caption: the study's
+    ``analysis.filters.basis``, with the counts of ``tables/filter_basis.json`` (a damaged
+    one, or none beside drawn drifts, is a TableError naming it)."""
+    if analyses.option(page.study, "filters.basis") == "pair":
+        return "each (pre, fine-tuned) pair in its own PCA basis and range"
     path = page.study.path("tables", "filter_basis.json")
     if not paths.exists(path):
-        return "each (pre, fine-tuned) pair in its own PCA basis and range"
+        if (paths.exists(page.study.path("figures", "filter_kl_drift.png"))
+                and page.table("filter_drift.csv")):
+            raise tables.damaged(path, "missing, though analysis.filters.basis=study")
+        return "one PCA basis and range over every model compared"
     basis = tables.read_json(path)
-    return (f"one PCA basis and range over all {len(basis['models'])} models' "
-            f"{basis['num_filters']:,} filters, so every drift is in the same units")
+    try:
+        return (f"one PCA basis and range over all {len(basis['models'])} models' "
+                f"{int(basis['num_filters']):,} filters, so every drift is in the same units")
+    except (KeyError, TypeError, ValueError):
+        raise tables.damaged(path, "no 'models' list or 'num_filters'") from None
 
 
 def _filter_details(page: _Page):

@@ -60,6 +60,7 @@ from medtransfer_jax.models import resnet
 from medtransfer_jax.studies import analyses, preflight as preflight_lib, progress, report
 from medtransfer_jax.training import sweep
 from medtransfer_jax.weights import checkpoint
+from medtransfer_jax.weights.checkpoint import CheckpointError
 from medtransfer_jax.weights import conversion as convert_lib
 
 STAGES = progress.STAGES
@@ -225,6 +226,8 @@ class Study:
                 status[stage] = "skipped"
                 self.tracker.skip(stage)
                 continue
+            if force:
+                self._forget(stage)
             t0 = time.time()
             self.tracker.start(stage, i, len(todo))
             getattr(self, f"stage_{stage}")()
@@ -253,10 +256,24 @@ class Study:
                                 f"{seconds:.1f}s\ncode {provenance.code_fingerprint()}\n")
         return "done"
 
+    def _forget(self, stage: str) -> None:
+        """Before a forced stage: its marker and its per-item caches go (a forced stage
+        redoes its work, not only the tables over cached items; one interrupted halfway is
+        not done, and its rerun keeps the items already redone)."""
+        for rel in (f"stages/{stage}.done",) + analyses.STAGE_CACHES.get(stage, ()):
+            target = paths.as_path(self.path(*rel.split("/")))
+            if paths.isdir(target):
+                target.rmtree()
+            elif paths.exists(target):
+                target.unlink()
+
     def _older_code(self, stage: str) -> str:
         """'' when ``stage`` was finished by this code, else what to know about it: its
         results are kept, and how to redo them."""
-        lines = paths.read_text(self._marker(stage)).split("\n")
+        try:
+            lines = paths.read_text(self._marker(stage)).split("\n")
+        except (OSError, ValueError):   # a damaged marker: said as made by other code
+            lines = []
         made_by = next((l.split(" ", 1)[1] for l in lines if l.startswith("code ")), None)
         if made_by == provenance.code_fingerprint():
             return ""
@@ -299,8 +316,14 @@ class Study:
         return None
 
     def _save_random(self, out: str, name: str, spec, seed: int):
+        """Draws the seeded random init into ``out`` unless it is there and readable (a
+        damaged one is drawn again: the seed makes it the same network)."""
         if paths.exists(paths.join(out, checkpoint.METADATA_FILE)):
-            return
+            try:
+                checkpoint.load_metadata(out)
+                return
+            except CheckpointError as e:
+                print(f"[study] source {name}: drawing its random init again ({e})", flush=True)
         m = self.config.model
         model = resnet.ResNet(depth=m.depth, layout=m.layout, width=m.width, num_classes=None)
         variables = resnet.init_variables(model, jax.random.key(seed), 32)

@@ -5,18 +5,74 @@ table (:func:`medtransfer_jax.paths.write_text_atomic`: a unique temporary file,
 rename; a single upload on ``gs://``) and every reader parses numbers the
 same way. :func:`summarise` is the one "mean ± sd over folds" of the study: the sample sd
 (ddof=1, :func:`analysis.stats.mean_sd`) and ``n`` = the number of values averaged.
+
+Reads are checked: a table that is not text, is empty (0 bytes: a legitimately empty
+table still has its newline), has a row with more or fewer fields than its header, or
+lacks a column a reader asks for (rows raise on a missing column instead of KeyError) is
+a :class:`TableError` naming the file and the stage whose ``--force`` rewrites it. Files
+are only damaged from outside (every write is atomic), and a silently short table would
+change a study's means.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from medtransfer_jax import paths
 from medtransfer_jax.analysis import stats
+from medtransfer_jax.errors import UserError
+
+
+class TableError(UserError):
+    """A file an earlier stage wrote that cannot be read; names it and how to rewrite it."""
+
+
+#: The study stage that writes a table (by file-name prefix) or a folder of them, for the
+#: fix a :class:`TableError` gives.
+WRITTEN_BY = (("runs", "finetune"), ("auc_summary", "finetune"),
+              ("source_comparisons", "finetune"), ("representations", "representations"),
+              ("layer_maps", "representations"), ("prediction_similarity", "predictions"),
+              ("auc_gain_vs_similarity", "predictions"), ("filter", "filters"),
+              ("weight_change", "filters"), ("robustness", "robustness"))
+
+
+def writer_stage(path: paths.PathLike) -> Optional[str]:
+    """The study stage that writes ``path`` (a table, or a file in a stage's folder)."""
+    parts = paths.to_str(path).replace("\\", "/").split("/")
+    names = [parts[-1]] + ([parts[-2]] if len(parts) > 1 else []) + (
+        [parts[-3]] if len(parts) > 2 else [])
+    for prefix, stage in WRITTEN_BY:
+        if any(n.startswith(prefix) for n in names):
+            return stage
+    return None
+
+
+def damaged(path: paths.PathLike, what: str, stage: Optional[str] = None) -> TableError:
+    """The one-line error for a damaged file: what is wrong and how to rewrite it
+    (``stage``: the stages that rewrite it, default the one that writes such a table)."""
+    stage = stage or writer_stage(path)
+    fix = (f"rerun the study with --stages={stage},report --force to rewrite it"
+           if stage else "restore it or write it again")
+    return TableError(f"{paths.to_str(path)}: {what} (damaged?); {fix}")
+
+
+class Row(dict):
+    """A table row whose missing column is a :class:`TableError` naming the file (``get``
+    still gives None for an optional one)."""
+
+    def __init__(self, values, path: str):
+        super().__init__(values)
+        self.path = path
+
+    def __missing__(self, column):
+        raise damaged(self.path, f"no column {column!r}")
+
+    def __reduce__(self):   # a plain dict in pickles (subprocess stages, copies)
+        return dict, (dict(self),)
 
 
 def _write(path: paths.PathLike, text: str) -> str:
@@ -41,15 +97,39 @@ def write_csv(path: paths.PathLike, rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def read_csv(path: paths.PathLike) -> List[Dict[str, Any]]:
-    """CSV rows with every value that parses as a number turned into float."""
-    rows = list(csv.DictReader(io.StringIO(paths.read_text(path), newline="")))
-    for r in rows:
-        for k, v in r.items():
-            try:
-                r[k] = float(v)
-            except (TypeError, ValueError):
-                pass
+    """CSV rows (:class:`Row`) with every value that parses as a number turned into float;
+    a damaged file is a :class:`TableError` (module docstring)."""
+    text = _text(path)
+    if not text:
+        raise damaged(path, "empty (0 bytes)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for r in reader:
+            extra = r.pop(None, None) or []          # fields beyond the header's
+            missing = [k for k, v in r.items() if v is None]
+            if extra or missing:
+                raise damaged(path, f"line {reader.line_num} has "
+                                    f"{len(r) - len(missing) + len(extra)} fields, the "
+                                    f"header {len(r)}")
+            rows.append(Row({k: _number(v) for k, v in r.items()}, paths.to_str(path)))
+    except csv.Error as e:
+        raise damaged(path, f"not a CSV table ({e})") from None
     return rows
+
+
+def _number(v: str) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def _text(path: paths.PathLike) -> str:
+    try:
+        return paths.read_text(path)
+    except ValueError:   # UnicodeDecodeError
+        raise damaged(path, "not UTF-8 text") from None
 
 
 def read_csv_if(path: paths.PathLike) -> List[Dict[str, Any]]:
@@ -72,7 +152,11 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: paths.PathLike) -> Any:
-    return json.loads(paths.read_text(path))
+    """The file's JSON; a damaged file is a :class:`TableError` (module docstring)."""
+    try:
+        return json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise damaged(path, f"not JSON ({e})") from None
 
 
 def summarise(rows: Sequence[Dict[str, Any]], keys: Sequence[str],

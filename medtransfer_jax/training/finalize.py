@@ -74,15 +74,21 @@ def json_config(config) -> Dict[str, Any]:
 
 
 def read_results(workdir: paths.PathLike) -> Optional[Dict[str, Any]]:
-    """``results.json`` of a run (local or ``gs://``), or None if there is none (or it is
-    unreadable)."""
+    """``results.json`` of a run (local or ``gs://``), or None when there is none or it is
+    damaged (not UTF-8, not JSON, not an object, or 'done' without its val and test
+    metrics): such a run is not done, so it is trained again (its checkpoints went when it
+    finished) rather than counted with a hole in a sweep's or study's tables."""
     path = paths.join(workdir, RESULTS_FILE)
     try:
         if not paths.exists(path):
             return None
-        return json.loads(paths.read_text(path))
-    except (json.JSONDecodeError, OSError):
+        res = json.loads(paths.read_text(path))
+    except (ValueError, OSError):      # ValueError: JSONDecodeError, UnicodeDecodeError
         return None
+    if not isinstance(res, dict) or (res.get("status") == "done" and not all(
+            isinstance(res.get(k), dict) and res[k] for k in ("val", "test"))):
+        return None
+    return res
 
 
 def _compile_stats(run) -> Dict[str, Any]:

@@ -29,7 +29,6 @@ import contextlib
 import csv
 import dataclasses
 import itertools
-import json
 import os
 import queue
 import shlex
@@ -94,12 +93,9 @@ class Run:
         return "new"
 
 
-def read_results(workdir: str) -> Optional[Dict[str, Any]]:
-    """The run's results.json (local or ``gs://``), or None."""
-    try:
-        return json.loads(paths.read_text(paths.join(workdir, "results.json")))
-    except (OSError, json.JSONDecodeError):
-        return None
+#: A run's results.json, or None when it is missing or damaged (the one reader:
+#: training.finalize.read_results).
+read_results = loop.read_results
 
 
 def default_config_dir() -> str:
