@@ -74,15 +74,17 @@ def json_config(config) -> Dict[str, Any]:
 
 
 def read_results(workdir: paths.PathLike) -> Optional[Dict[str, Any]]:
-    """``results.json`` of a run (local or ``gs://``), or None if there is none (or it is
-    unreadable)."""
+    """``results.json`` of a run (local or ``gs://``), or None if there is none or it is
+    damaged (empty, cut short, not UTF-8, not a JSON object): such a run is not done, so
+    it is trained again, which rewrites the file."""
     path = paths.join(workdir, RESULTS_FILE)
     try:
         if not paths.exists(path):
             return None
-        return json.loads(paths.read_text(path))
-    except (json.JSONDecodeError, OSError):
+        res = json.loads(paths.read_text(path))
+    except (ValueError, OSError):   # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+    return res if isinstance(res, dict) else None
 
 
 def _compile_stats(run) -> Dict[str, Any]:

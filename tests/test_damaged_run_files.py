@@ -1,0 +1,85 @@
+"""Files of a finished run damaged after the fact (0 bytes, random non-UTF-8 bytes, valid
+JSON without a key, deleted), as the corruption audit did them: each command either
+recovers (the run is redone) or stops with one line ``CMD: error: ...`` that names the
+damaged file and the command that rewrites it, exit 2, no traceback, and nothing written.
+
+One tiny training run (ResNet18 width 8, 32 px, 12 steps; ~10 s) is made per module and
+copied for every case, so each case damages exactly one file of an intact run.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from _train_utils import REPO, TINY_CONFIG, subprocess_env
+
+from medtransfer_jax import configs
+from medtransfer_jax.data.base import DataError
+from medtransfer_jax.inference import predictions
+from medtransfer_jax.training import finalize, loop
+from medtransfer_jax.weights import checkpoint
+
+#: 300 bytes that are not UTF-8 (0xff never occurs in UTF-8), like `head -c 300 /dev/urandom`.
+GARBAGE = bytes([0xFF, 0xFE, 0x00, 0x9C]) + bytes(range(128, 256)) * 2 + b"\x80" * 40
+
+
+def _garble(path):
+    with open(path, "wb") as f:
+        f.write(GARBAGE)
+
+
+def _zero(path):
+    open(path, "wb").close()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def _error_line(p, command, *expect):
+    """The one ``command: error:`` line of a failed main; checks exit 2 and no traceback."""
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), p.stderr[-3000:]
+    for e in expect:
+        assert e in lines[0], (e, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A done tiny run that keeps its checkpoints (the tiny config's keep_when_done)."""
+    wd = str(tmp_path_factory.mktemp("finished") / "run")
+    loop.train_and_evaluate(configs.resolve(TINY_CONFIG, []), wd)
+    return wd
+
+
+@pytest.fixture
+def run(finished_run, tmp_path):
+    """A fresh copy of the finished run, for one case to damage."""
+    wd = str(tmp_path / "run")
+    shutil.copytree(finished_run, wd)
+    return wd
+
+
+# -------------------------------------------------------------------- results.json
+def test_read_results_treats_undecodable_or_non_object_json_as_no_results(run):
+    path = os.path.join(run, "results.json")
+    assert finalize.read_results(run)["status"] == "done"
+    for damage in (_garble, _zero, lambda p: open(p, "w").write("[1, 2]")):
+        damage(path)
+        assert finalize.read_results(run) is None
+
+
+def test_train_redoes_a_run_whose_results_json_is_not_utf8(run):
+    _garble(os.path.join(run, "results.json"))
+    p = _cli("medtransfer_jax.train", f"--config={TINY_CONFIG}", f"--workdir={run}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(run, "results.json")) as f:
+        res = json.load(f)
+    assert res["status"] == "done" and res["last_step"] == 12 and "auc" in res["test"]
+
