@@ -83,3 +83,20 @@ def test_train_redoes_a_run_whose_results_json_is_not_utf8(run):
         res = json.load(f)
     assert res["status"] == "done" and res["last_step"] == 12 and "auc" in res["test"]
 
+
+# -------------------------------------------------------------------- config.json (train)
+@pytest.mark.parametrize("damage", [_zero, _garble], ids=["zero", "garbage"])
+def test_train_resume_refuses_a_damaged_config_json(run, damage):
+    """A run with checkpoints but no results: resuming would check the config against
+    config.json. Damaged, it is the only record of the run's settings, so it is kept and
+    the user is told to restore it or start over, not silently overwritten."""
+    os.remove(os.path.join(run, "results.json"))
+    cfg = os.path.join(run, "config.json")
+    damage(cfg)
+    before = open(cfg, "rb").read()
+    p = _cli("medtransfer_jax.train", f"--config={TINY_CONFIG}", f"--workdir={run}")
+    _error_line(p, "train", f"{cfg} is damaged", "restore that file",
+                "move the workdir away", "fresh --workdir")
+    assert open(cfg, "rb").read() == before
+    assert not os.path.exists(os.path.join(run, "results.json"))
+
