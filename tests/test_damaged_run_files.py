@@ -100,3 +100,41 @@ def test_train_resume_refuses_a_damaged_config_json(run, damage):
     assert open(cfg, "rb").read() == before
     assert not os.path.exists(os.path.join(run, "results.json"))
 
+
+# -------------------------------------------------------------------- config.json (evaluate)
+def _nokey(path):
+    with open(path) as f:
+        cfg = json.load(f)
+    del cfg["data"]
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_zero, "is damaged (JSONDecodeError"),
+    (_garble, "is damaged (UnicodeDecodeError"),
+    (os.remove, "does not exist"),
+    (_nokey, "has no 'data' section"),
+], ids=["zero", "garbage", "deleted", "no-data"])
+def test_evaluate_refuses_a_run_whose_data_config_is_lost(run, damage, problem):
+    """Without the run's data config the defaults would test other images (the audit:
+    n=77 instead of the run's 16/64) and say nothing."""
+    cfg = os.path.join(run, "config.json")
+    damage(cfg)
+    before = sorted(os.listdir(run))
+    for given in (run, os.path.join(run, "export", "best")):
+        p = _cli("medtransfer_jax.evaluate", f"--checkpoint={given}")
+        _error_line(p, "evaluate", f"{cfg} {problem}", "restore that file", "--dataset")
+    assert sorted(os.listdir(run)) == before   # no predictions file written
+
+
+def test_evaluate_with_dataset_given_goes_on_without_the_run_config(run):
+    cfg = os.path.join(run, "config.json")
+    _garble(cfg)
+    out = os.path.join(run, "p.csv")
+    p = _cli("medtransfer_jax.evaluate", f"--checkpoint={run}", "--dataset=synthetic",
+             f"--output={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{cfg} is damaged" in p.stderr   # said as a warning
+    assert len(predictions.read_predictions(out)["label"]) > 0
+
