@@ -138,3 +138,45 @@ def test_evaluate_with_dataset_given_goes_on_without_the_run_config(run):
     assert f"{cfg} is damaged" in p.stderr   # said as a warning
     assert len(predictions.read_predictions(out)["label"]) > 0
 
+
+# -------------------------------------------------------------------- predictions.csv
+@pytest.mark.parametrize("damage, problem", [(_zero, "is empty"),
+                                             (_garble, "is damaged (not CSV text")],
+                         ids=["zero", "garbage"])
+def test_damaged_predictions_csv_names_the_command_that_rewrites_it(run, damage, problem):
+    path = os.path.join(run, "predictions.csv")
+    original = predictions.read_predictions(path)
+    damage(path)
+    with pytest.raises(DataError) as e:
+        predictions.read_predictions(path)
+    msg = str(e.value)
+    assert f"predictions file {path} {problem}" in msg and "\n" not in msg
+    # The fix the message gives really rewrites the file: same val/test rows as the run's.
+    fix = msg.split("`")[1].split()
+    assert fix[:3] == ["python", "-m", "medtransfer_jax.evaluate"]
+    p = _cli(*fix[2:])
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = predictions.read_predictions(path)
+    for split in ("val", "test"):
+        a, b = original["split"] == split, again["split"] == split
+        assert list(original["id"][a]) == list(again["id"][b])
+        assert (original["probs"][a] == again["probs"][b]).all()
+
+
+def test_a_predictions_file_outside_a_run_gets_the_generic_fix(tmp_path):
+    path = tmp_path / "preds.csv"
+    path.write_text("")
+    with pytest.raises(DataError, match="evaluate --checkpoint=WEIGHTS --output="):
+        predictions.read_predictions(str(path))
+
+
+def test_analyze_predictions_names_an_undecodable_file(run, tmp_path):
+    """The audit: `analyze: error: 'utf-8' codec can't decode byte 0xff ...`, no file."""
+    path = os.path.join(run, "predictions.csv")
+    _garble(path)
+    out = tmp_path / "o"
+    p = _cli("medtransfer_jax.analyze", "predictions", f"--predictions_a={path}",
+             f"--predictions_b={path}", f"--output_dir={out}")
+    _error_line(p, "analyze", f"predictions file {path} is damaged", "evaluate --checkpoint=")
+    assert not out.exists()
+
