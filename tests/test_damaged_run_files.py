@@ -180,3 +180,51 @@ def test_analyze_predictions_names_an_undecodable_file(run, tmp_path):
     _error_line(p, "analyze", f"predictions file {path} is damaged", "evaluate --checkpoint=")
     assert not out.exists()
 
+
+# -------------------------------------------------------------------- export/best/metadata.json
+def test_damaged_export_metadata_tells_how_the_run_rewrites_it(run, tmp_path):
+    meta = os.path.join(run, "export", "best", "metadata.json")
+    _garble(meta)
+    p = _cli("medtransfer_jax.evaluate", f"--checkpoint={run}")
+    line = _error_line(p, "evaluate", f"Cannot read {meta}", "UnicodeDecodeError",
+                       f"move {run}/results.json away",
+                       f"python -m medtransfer_jax.train --workdir={run}")
+    assert "convert" not in line   # a training export is not made by convert
+    out = tmp_path / "o"
+    p = _cli("medtransfer_jax.analyze", "weights", f"--weights_a={run}/export/best",
+             f"--weights_b={run}/export/last", f"--output_dir={out}")
+    _error_line(p, "analyze", f"Cannot read {meta}", "results.json away")
+    assert not out.exists()
+
+
+def test_damaged_export_metadata_is_rewritten_by_the_fix_it_names(run):
+    _zero(os.path.join(run, "export", "best", "metadata.json"))
+    with pytest.raises(checkpoint.CheckpointError, match="results.json away"):
+        checkpoint.load_metadata(os.path.join(run, "export", "best"))
+    os.rename(os.path.join(run, "results.json"), os.path.join(run, "results.old"))
+    p = _cli("medtransfer_jax.train", f"--config={TINY_CONFIG}", f"--workdir={run}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert checkpoint.load_metadata(os.path.join(run, "export", "best")).source == "finetuned"
+
+
+@pytest.mark.parametrize("layout, expect", [
+    (("study", "sources", "random", "weights"),
+     "delete {d} and rerun `python -m medtransfer_jax.study --workdir={root}/study "
+     "--stages=sources --force`"),
+    (("converted", "imagenet"), "python -m medtransfer_jax.convert --output_dir={d}"),
+])
+def test_damaged_metadata_hint_follows_what_the_directory_is(tmp_path, layout, expect):
+    d = tmp_path.joinpath(*layout)
+    d.mkdir(parents=True)
+    (d / "metadata.json").write_text('{"layout": "keras_v1"}')   # valid JSON, no 'source'
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_metadata(str(d))
+    assert "TypeError" in str(e.value) and str(d / "metadata.json") in str(e.value)
+    assert expect.format(d=d, root=tmp_path) in str(e.value)
+
+
+def test_metadata_with_a_bad_value_keeps_its_own_message(tmp_path):
+    (tmp_path / "metadata.json").write_text('{"source": "x", "layout": "keras_v9"}')
+    with pytest.raises(checkpoint.CheckpointError, match="^metadata layout='keras_v9'"):
+        checkpoint.load_metadata(str(tmp_path))
+
