@@ -228,3 +228,35 @@ def test_metadata_with_a_bad_value_keeps_its_own_message(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="^metadata layout='keras_v9'"):
         checkpoint.load_metadata(str(tmp_path))
 
+
+# -------------------------------------------------------------------- auc_vs_similarity
+def _auc_vs_similarity_runs(tmp_path, sim_text):
+    rand = tmp_path / "random.json"
+    rand.write_text(json.dumps({"status": "done", "test": {"auc": 0.6}}))
+    runs = []
+    for i in range(2):
+        sim, res = tmp_path / f"sim{i}.csv", tmp_path / f"res{i}.json"
+        sim.write_text("layer,method,value\nconv1_relu,paper_cca,0.%d\n" % (i + 3))
+        res.write_text(json.dumps({"status": "done", "test": {"auc": 0.7 + i / 10}}))
+        runs.append(f"--run={sim},{res},{rand}")
+    bad = tmp_path / "sim0.csv"
+    if isinstance(sim_text, bytes):
+        bad.write_bytes(sim_text)
+    else:
+        bad.write_text(sim_text)
+    return str(bad), runs
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("lyr,method,value\nconv1_relu,paper_cca,0.3\n",
+     ["has no column(s) ['layer']", "expected layer, method, value"]),
+    (GARBAGE, ["is damaged (UnicodeDecodeError"]),
+    ("layer,method,value\nconv1_relu,paper_cca,0.3\nconv2_relu,pap",
+     ["line(s) [3] do not have the header's 3 fields"]),
+], ids=["no-layer-column", "garbage", "cut-short"])
+def test_auc_vs_similarity_names_a_damaged_similarity_table(tmp_path, text, expect):
+    bad, runs = _auc_vs_similarity_runs(tmp_path, text)
+    out = tmp_path / "o"
+    p = _cli("medtransfer_jax.analyze", "auc_vs_similarity", *runs, f"--output_dir={out}")
+    _error_line(p, "analyze", f"similarity table {bad!r}", "analyze similarity", *expect)
+    assert not out.exists()
