@@ -6,7 +6,9 @@ r"""Per-image predictions of a weights checkpoint: ``python -m medtransfer_jax.e
 
 ``--checkpoint`` is a weights directory (``metadata.json`` + ``variables/``, e.g. a
 run's ``export/best``) or a training workdir (its ``export/best`` is used and its
-``config.json`` supplies the data settings). Writes the predictions CSV the analysis
+``config.json`` supplies the data settings; a run whose config.json is missing or damaged
+is refused unless ``--dataset`` names the data, since the defaults would test other
+images). Writes the predictions CSV the analysis
 stage reads (id, group, split, label, prob_0..) and a ``.metrics.json`` beside it.
 Bad input: one line ``evaluate: error: ...`` and exit status 2.
 """

@@ -19,21 +19,63 @@ from medtransfer_jax.inference import predict, predictions
 from medtransfer_jax.weights import checkpoint as weights_lib
 
 
-def resolve_checkpoint(path: str) -> Tuple[str, Optional[Dict[str, Any]]]:
+def resolve_checkpoint(path: str, *, dataset: Optional[str] = None
+                       ) -> Tuple[str, Optional[Dict[str, Any]]]:
     """(weights dir, run config dict or None) for a weights dir or a training workdir
     (its ``export/best``; the run's ``config.json`` sits two levels above a weights dir
-    exported by training)."""
+    exported by training, ``RUN/export/{best,last}``).
+
+    A training export whose ``config.json`` is missing, damaged or has no ``data`` is
+    refused (CheckpointError) unless ``dataset`` (``--dataset``) names the data: the
+    defaults would silently test other images than the run's test set.
+    """
     path = paths.workdir(path)
     if paths.exists(paths.join(path, weights_lib.METADATA_FILE)):
-        weights, cand = path, paths.join(path.parent.parent, "config.json")
+        weights = path
     elif paths.isdir(paths.join(path, "export", "best")):
-        weights, cand = paths.join(path, "export", "best"), paths.join(path, "config.json")
+        weights = paths.join(path, "export", "best")
     else:
         raise weights_lib.CheckpointError(
             f"--checkpoint={paths.to_str(path)} is neither a weights directory (with "
             f"{weights_lib.METADATA_FILE}) nor a training workdir with export/best/.")
-    run_cfg = json.loads(paths.read_text(cand)) if paths.exists(cand) else None
-    return paths.to_str(weights), run_cfg
+    run_dir = _run_dir(weights)
+    if run_dir is None:   # converted or copied weights: no run config to read
+        return paths.to_str(weights), None
+    cand = paths.join(run_dir, "config.json")
+    run_cfg, problem = _read_run_config(cand)
+    if problem is None:
+        return paths.to_str(weights), run_cfg
+    if dataset is None:
+        raise weights_lib.CheckpointError(
+            f"{paths.to_str(cand)} {problem}, so the data run {paths.to_str(run_dir)} was "
+            "tested on is unknown (the defaults would test other images); restore that file "
+            "(a finished run's results.json keeps a copy under \"config\"), or give --dataset "
+            "(and --data_root, --fold, --image_size where the run used others) to say what to "
+            "evaluate on")
+    logging.warning("%s %s: evaluating on the defaults of --dataset=%s and the flags given",
+                    paths.to_str(cand), problem, dataset)
+    return paths.to_str(weights), None
+
+
+def _run_dir(weights) -> Optional[Any]:
+    """The training workdir of an exported ``RUN/export/{best,last}``, else None."""
+    weights = paths.workdir(weights)
+    if paths.basename(weights) in ("best", "last") and weights.parent.name == "export":
+        return weights.parent.parent
+    return None
+
+
+def _read_run_config(path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(the run's config dict, None), or (None, what is wrong with ``path``)."""
+    if not paths.exists(path):
+        return None, "does not exist"
+    try:
+        run_cfg = json.loads(paths.read_text(path))
+    except (ValueError, OSError) as e:   # JSONDecodeError, UnicodeDecodeError, unreadable
+        return None, f"is damaged ({type(e).__name__}: {e})"
+    if not isinstance(run_cfg, dict) or not isinstance(run_cfg.get("data"), dict):
+        return None, "has no 'data' section"
+    return run_cfg, None
 
 
 def _dotted(d: Mapping[str, Any], cfg, prefix: str = "") -> Iterator[str]:
@@ -78,7 +120,7 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
     Returns:
       (output path, {split: metrics}).
     """
-    weights, run_cfg = resolve_checkpoint(checkpoint)
+    weights, run_cfg = resolve_checkpoint(checkpoint, dataset=dataset)
     cfg = data_config(run_cfg, dataset, data_root)
     fold = cfg.get("fold", 0) if fold is None else fold   # the run's data.fold, else 0
     fold = 0 if fold is None else int(fold)

@@ -68,27 +68,31 @@ def read_predictions(path: paths.PathLike) -> Dict[str, np.ndarray]:
     if not paths.exists(path):
         raise DataError(f"predictions file {shown} does not exist; write it with `python -m "
                         "medtransfer_jax.evaluate` or a training run")
-    with paths.open(path) as f:
-        r = csv.reader(f)
-        header = next(r, None)
-        rows = list(r)
+    try:
+        with paths.open(path) as f:
+            r = csv.reader(f)
+            header = next(r, None)
+            rows = list(r)
+    except (ValueError, csv.Error) as e:   # UnicodeDecodeError (random bytes), NUL, ...
+        raise DataError(f"predictions file {shown} is damaged (not CSV text: "
+                        f"{type(e).__name__}: {e}); {rewrite_hint(path)}") from None
     if not header:
         raise DataError(f"predictions file {shown} is empty; expected the header "
-                        f"{','.join(_FIXED)},prob_0,...")
+                        f"{','.join(_FIXED)},prob_0,...; {rewrite_hint(path)}")
     k = len(header) - 4
     if tuple(header[:4]) != _FIXED or k < 1 or header[4:] != [f"prob_{j}" for j in range(k)]:
         raise DataError(f"predictions file {shown}: header {','.join(header)} is not "
-                        f"'{','.join(_FIXED)},prob_0,...,prob_{{K-1}}'")
+                        f"'{','.join(_FIXED)},prob_0,...,prob_{{K-1}}'; {rewrite_hint(path)}")
     bad = [i + 2 for i, row in enumerate(rows) if len(row) != k + 4]
     if bad:
         raise DataError(f"predictions file {shown}: line(s) {bad[:5]} do not have the "
-                        f"header's {k + 4} columns")
+                        f"header's {k + 4} columns; {rewrite_hint(path)}")
     try:
         labels = np.array([int(row[3]) for row in rows], np.int64)
         probs = np.array([[float(x) for x in row[4:]] for row in rows], np.float64)
     except ValueError as e:
         raise DataError(f"predictions file {shown}: {e}; labels must be integers and "
-                        "prob_* columns numbers") from None
+                        f"prob_* columns numbers; {rewrite_hint(path)}") from None
     return {
         "id": np.array([row[0] for row in rows], dtype=object).astype(str),
         "group": np.array([row[1] for row in rows], dtype=object).astype(str),
@@ -96,3 +100,17 @@ def read_predictions(path: paths.PathLike) -> Dict[str, np.ndarray]:
         "label": labels,
         "probs": probs.reshape(len(rows), k),
     }
+
+
+def rewrite_hint(path: paths.PathLike) -> str:
+    """How to write a damaged predictions file again. A training run's own
+    ``RUN/predictions.csv`` is never rewritten by the run (it is done), so the fix is
+    ``evaluate`` on the run's exported best weights; ``--splits=all`` writes every split
+    the run's file may hold (val, test, extra test sets) plus train."""
+    shown = paths.to_str(path)
+    run = paths.workdir(path).parent
+    if paths.exists(paths.join(run, "export", "best", "metadata.json")):
+        return (f"rewrite it with `python -m medtransfer_jax.evaluate "
+                f"--checkpoint={paths.to_str(run)} --splits=all --output={shown}`")
+    return ("rewrite it with `python -m medtransfer_jax.evaluate --checkpoint=WEIGHTS "
+            f"--output={shown}` (WEIGHTS: the weights or run that made it)")

@@ -317,11 +317,37 @@ def _read_metric(path: str, split: str, metric: str) -> float:
                             "--auc_metric).") from None
 
 
+#: Columns of a similarity table (representations.csv / a study's per-fold table) that
+#: auc_vs_similarity reads.
+SIMILARITY_COLUMNS = ("layer", "method", "value")
+
+
 def _run_similarity(run: RunRecord, method: Optional[str]) -> Dict[str, float]:
-    text = paths.read_text(_exists(run.similarity_csv, "similarity table"))
-    rows = list(csv.DictReader(io.StringIO(text)))
+    path = run.similarity_csv
+    fix = ("give the similarity.csv that `python -m medtransfer_jax.analyze similarity` "
+           "writes (or a study's representations/TARGET_foldK.csv), written again")
+    try:
+        text = paths.read_text(_exists(path, "similarity table"))
+        reader = csv.DictReader(io.StringIO(text))
+        rows, columns = list(reader), reader.fieldnames or []
+    except (ValueError, csv.Error) as e:   # UnicodeDecodeError: random bytes
+        raise AnalysisError(f"similarity table {path!r} is damaged ({type(e).__name__}: "
+                            f"{e}); {fix}.") from None
+    missing = [c for c in SIMILARITY_COLUMNS if c not in columns]
+    if missing:
+        raise AnalysisError(f"similarity table {path!r} has no column(s) {missing} (it has "
+                            f"{columns}); expected {', '.join(SIMILARITY_COLUMNS)}: {fix}.")
+    short = [line for line, r in enumerate(rows, start=2)
+             if None in r or None in r.values()]   # DictReader's marks of a wrong count
+    if short:
+        raise AnalysisError(f"similarity table {path!r}: line(s) {short[:5]} do not have "
+                            f"the header's {len(columns)} fields (cut short?); {fix}.")
     method = method or (rows[0]["method"] if rows else None)
-    per_layer = {r["layer"]: float(r["value"]) for r in rows if r["method"] == method}
+    try:
+        per_layer = {r["layer"]: float(r["value"]) for r in rows if r["method"] == method}
+    except ValueError as e:
+        raise AnalysisError(f"similarity table {path!r}: {e} in column 'value'; {fix}.") \
+            from None
     if not per_layer:
         raise AnalysisError(f"{run.similarity_csv}: no rows for method {method!r}.")
     return per_layer

@@ -145,6 +145,24 @@ def check_same_config(stored: Dict[str, Any], config, workdir: str, what: str) -
             "rerun it with its original settings (its config.json) or use a fresh --workdir")
 
 
+def read_stored_config(path: paths.PathLike, workdir: str, latest: int) -> Dict[str, Any]:
+    """The JSON config a resumed run started with. A damaged file is refused, not
+    overwritten: it is the only record of the settings the checkpoints were trained
+    under, so resuming over it could mix two configs in one run unnoticed."""
+    try:
+        stored = json.loads(paths.read_text(path))
+    except (ValueError, OSError) as e:   # JSONDecodeError, UnicodeDecodeError, unreadable
+        why = f"{type(e).__name__}: {e}"
+    else:
+        if isinstance(stored, dict):
+            return stored
+        why = f"a JSON {type(stored).__name__}, not an object"
+    raise WorkdirError(
+        f"{paths.to_str(path)} is damaged ({why}), so the checkpoint (step {latest}) in "
+        f"--workdir={workdir} cannot be checked against this config; restore that file "
+        "to resume, or move the workdir away (or use a fresh --workdir) to start over")
+
+
 def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
     """Mesh, data (every file checked on a fresh start), model, phases, data iterator and
     checkpointer of a run; writes ``config.json``."""
@@ -159,7 +177,7 @@ def setup(config, workdir: str, hooks: Sequence[Any] = ()) -> Run:
     try:
         stored, latest = paths.join(workdir, CONFIG_FILE), ckpt.latest_step()
         if latest is not None and paths.exists(stored):
-            check_same_config(json.loads(paths.read_text(stored)), config, workdir,
+            check_same_config(read_stored_config(stored, workdir, latest), config, workdir,
                               f"holds a checkpoint (step {latest}) of a run")
         if latest is None and not config.data.skip_corrupt:
             with stages("integrity"):   # before any compilation; a resumed run passed it

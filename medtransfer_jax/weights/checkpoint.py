@@ -119,9 +119,35 @@ def load_metadata(directory: paths.PathLike) -> WeightsMetadata:
     try:
         raw = json.loads(paths.read_text(path))
         return WeightsMetadata(**raw)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"Cannot read {path}: {e}. Re-create the directory with "
-                              "medtransfer_jax.convert.") from e
+    except CheckpointError:   # a bad layout/preprocessing value, named by __post_init__
+        raise
+    except (ValueError, TypeError, OSError) as e:   # not JSON, not UTF-8, missing fields
+        raise CheckpointError(f"Cannot read {path}: {type(e).__name__}: {e}. "
+                              f"{rewrite_hint(directory)}.") from e
+
+
+def rewrite_hint(directory: paths.PathLike) -> str:
+    """How to write a damaged weights directory again, by what it is. Told by where it
+    lies, since its metadata.json (which says where it came from) may be what is damaged:
+    a training run's ``RUN/export/{best,last}`` is rewritten by training the run again
+    (a done run does nothing until its results.json is gone), a study's
+    ``STUDY/sources/NAME/weights`` by the study's sources stage, anything else by
+    converting (or copying) it again."""
+    d = paths.workdir(directory)
+    shown = paths.to_str(d)
+    if paths.basename(d) in ("best", "last") and d.parent.name == "export":
+        run = paths.to_str(d.parent.parent)
+        return (f"It was exported by the training run {run}: move {run}/results.json away "
+                f"and rerun that run (`python -m medtransfer_jax.train --workdir={run}` with "
+                "its config, or the sweep/study stage that ran it, with --force), which trains "
+                "and exports it again")
+    if paths.basename(d) == "weights" and d.parent.parent.name == "sources":
+        study = paths.to_str(d.parent.parent.parent)
+        return (f"The study {study} made it: delete {shown} and rerun `python -m "
+                f"medtransfer_jax.study --workdir={study} --stages=sources --force`, which "
+                "converts or draws it again")
+    return ("Re-create it with `python -m medtransfer_jax.convert --output_dir="
+            f"{shown}` (or copy it again from where it came from)")
 
 
 def load_weights(directory: paths.PathLike) -> Tuple[Dict[str, Any], WeightsMetadata]:
@@ -133,13 +159,13 @@ def load_weights(directory: paths.PathLike) -> Tuple[Dict[str, Any], WeightsMeta
     if not paths.isdir(path):
         raise CheckpointError(f"{paths.to_str(directory)!r} has metadata but no "
                               f"{VARIABLES_DIR}/ tree; the save was interrupted. "
-                              "Convert/export again.")
+                              f"{rewrite_hint(directory)}.")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.restore(path)
     except Exception as e:  # orbax raises many types for damaged trees
         raise CheckpointError(f"Cannot restore weights from {path}: {type(e).__name__}: {e}. "
-                              "The directory is damaged; convert/export again.") from e
+                              f"The directory is damaged. {rewrite_hint(directory)}.") from e
     return {k: dict(v) for k, v in tree.items()}, metadata
 
 
