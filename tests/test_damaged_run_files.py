@@ -249,14 +249,28 @@ def _auc_vs_similarity_runs(tmp_path, sim_text):
 
 @pytest.mark.parametrize("text, expect", [
     ("lyr,method,value\nconv1_relu,paper_cca,0.3\n",
-     ["has no column(s) ['layer']", "expected layer, method, value"]),
-    (GARBAGE, ["is damaged (UnicodeDecodeError"]),
+     ["no column(s) ['layer'] (it has ['lyr', 'method', 'value'])"]),
+    (GARBAGE, ["not UTF-8 text"]),
     ("layer,method,value\nconv1_relu,paper_cca,0.3\nconv2_relu,pap",
-     ["line(s) [3] do not have the header's 3 fields"]),
-], ids=["no-layer-column", "garbage", "cut-short"])
+     ["line 3 has 2 fields, the header 3"]),
+    ("layer,method,value\nconv1_relu,paper_cca,high\n",
+     ["column 'value' holds 'high', not a number"]),
+], ids=["no-layer-column", "garbage", "cut-short", "not-a-number"])
 def test_auc_vs_similarity_names_a_damaged_similarity_table(tmp_path, text, expect):
     bad, runs = _auc_vs_similarity_runs(tmp_path, text)
     out = tmp_path / "o"
     p = _cli("medtransfer_jax.analyze", "auc_vs_similarity", *runs, f"--output_dir={out}")
-    _error_line(p, "analyze", f"similarity table {bad!r}", "analyze similarity", *expect)
+    _error_line(p, "analyze", f"{bad}: ", "analyze similarity", *expect)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, expect", [(b"", "not JSON"), (GARBAGE, "not UTF-8 text")],
+                         ids=["empty", "garbage"])
+def test_auc_vs_similarity_names_a_damaged_results_file(tmp_path, damage, expect):
+    _, runs = _auc_vs_similarity_runs(tmp_path, "layer,method,value\nconv1_relu,paper_cca,0.3\n")
+    bad = tmp_path / "res1.json"
+    bad.write_bytes(damage)
+    out = tmp_path / "o"
+    p = _cli("medtransfer_jax.analyze", "auc_vs_similarity", *runs, f"--output_dir={out}")
+    _error_line(p, "analyze", f"{bad}: {expect}", "results.json a finished run wrote")
     assert not out.exists()

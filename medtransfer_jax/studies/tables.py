@@ -51,12 +51,14 @@ def writer_stage(path: paths.PathLike) -> Optional[str]:
     return None
 
 
-def damaged(path: paths.PathLike, what: str, stage: Optional[str] = None) -> TableError:
+def damaged(path: paths.PathLike, what: str, stage: Optional[str] = None,
+            fix: Optional[str] = None) -> TableError:
     """The one-line error for a damaged file: what is wrong and how to rewrite it
-    (``stage``: the stages that rewrite it, default the one that writes such a table)."""
+    (``stage``: the stages that rewrite it, default the one that writes such a table;
+    ``fix``: the words for a file no study stage writes)."""
     stage = stage or writer_stage(path)
     fix = (f"rerun the study with --stages={stage},report --force to rewrite it"
-           if stage else "restore it or write it again")
+           if stage else fix or "restore it or write it again")
     return TableError(f"{paths.to_str(path)}: {what} (damaged?); {fix}")
 
 
@@ -96,25 +98,31 @@ def write_csv(path: paths.PathLike, rows: Sequence[Dict[str, Any]]) -> str:
     return _write(path, buf.getvalue())
 
 
-def read_csv(path: paths.PathLike) -> List[Dict[str, Any]]:
+def read_csv(path: paths.PathLike, required: Sequence[str] = (),
+             fix: Optional[str] = None) -> List[Dict[str, Any]]:
     """CSV rows (:class:`Row`) with every value that parses as a number turned into float;
-    a damaged file is a :class:`TableError` (module docstring)."""
-    text = _text(path)
+    a damaged file, or one whose header lacks a ``required`` column, is a
+    :class:`TableError` (module docstring; ``fix`` as :func:`damaged`)."""
+    text = _text(path, fix)
     if not text:
-        raise damaged(path, "empty (0 bytes)")
+        raise damaged(path, "empty (0 bytes)", fix=fix)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:
+        missing = [c for c in required if c not in (reader.fieldnames or ())]
+        if missing:
+            raise damaged(path, f"no column(s) {missing} (it has {reader.fieldnames or []})",
+                          fix=fix)
         for r in reader:
             extra = r.pop(None, None) or []          # fields beyond the header's
             missing = [k for k, v in r.items() if v is None]
             if extra or missing:
                 raise damaged(path, f"line {reader.line_num} has "
                                     f"{len(r) - len(missing) + len(extra)} fields, the "
-                                    f"header {len(r)}")
+                                    f"header {len(r)}", fix=fix)
             rows.append(Row({k: _number(v) for k, v in r.items()}, paths.to_str(path)))
     except csv.Error as e:
-        raise damaged(path, f"not a CSV table ({e})") from None
+        raise damaged(path, f"not a CSV table ({e})", fix=fix) from None
     return rows
 
 
@@ -125,11 +133,11 @@ def _number(v: str) -> Any:
         return v
 
 
-def _text(path: paths.PathLike) -> str:
+def _text(path: paths.PathLike, fix: Optional[str] = None) -> str:
     try:
         return paths.read_text(path)
     except ValueError:   # UnicodeDecodeError
-        raise damaged(path, "not UTF-8 text") from None
+        raise damaged(path, "not UTF-8 text", fix=fix) from None
 
 
 def read_csv_if(path: paths.PathLike) -> List[Dict[str, Any]]:
@@ -151,12 +159,13 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def read_json(path: paths.PathLike) -> Any:
-    """The file's JSON; a damaged file is a :class:`TableError` (module docstring)."""
+def read_json(path: paths.PathLike, fix: Optional[str] = None) -> Any:
+    """The file's JSON; a damaged file is a :class:`TableError` (module docstring; ``fix``
+    as :func:`damaged`)."""
     try:
-        return json.loads(_text(path))
+        return json.loads(_text(path, fix))
     except json.JSONDecodeError as e:
-        raise damaged(path, f"not JSON ({e})") from None
+        raise damaged(path, f"not JSON ({e})", fix=fix) from None
 
 
 def summarise(rows: Sequence[Dict[str, Any]], keys: Sequence[str],

@@ -12,7 +12,6 @@ UserError: the CLI prints it as ``analyze: error: ...`` and exits 2).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import os
@@ -309,7 +308,8 @@ class AucVsSimilarityTask:
 
 
 def _read_metric(path: str, split: str, metric: str) -> float:
-    res = tables.read_json(_exists(path, "results file"))
+    res = tables.read_json(_exists(path, "results file"),
+                           fix="give the results.json a finished run wrote")
     try:
         return float(res[split][metric])
     except (KeyError, TypeError, ValueError):
@@ -320,34 +320,23 @@ def _read_metric(path: str, split: str, metric: str) -> float:
 #: Columns of a similarity table (representations.csv / a study's per-fold table) that
 #: auc_vs_similarity reads.
 SIMILARITY_COLUMNS = ("layer", "method", "value")
+SIMILARITY_FIX = ("give the similarity.csv that `python -m medtransfer_jax.analyze similarity` "
+                  "writes (or a study's representations/TARGET_foldK.csv), written again")
 
 
 def _run_similarity(run: RunRecord, method: Optional[str]) -> Dict[str, float]:
+    """{layer: value} of ``method`` (default: the first row's) in a run's similarity table
+    (analyze similarity's similarity.csv, or a study's representations/TARGET_foldK.csv);
+    a damaged table is a tables.TableError naming it."""
     path = run.similarity_csv
-    fix = ("give the similarity.csv that `python -m medtransfer_jax.analyze similarity` "
-           "writes (or a study's representations/TARGET_foldK.csv), written again")
-    try:
-        text = paths.read_text(_exists(path, "similarity table"))
-        reader = csv.DictReader(io.StringIO(text))
-        rows, columns = list(reader), reader.fieldnames or []
-    except (ValueError, csv.Error) as e:   # UnicodeDecodeError: random bytes
-        raise AnalysisError(f"similarity table {path!r} is damaged ({type(e).__name__}: "
-                            f"{e}); {fix}.") from None
-    missing = [c for c in SIMILARITY_COLUMNS if c not in columns]
-    if missing:
-        raise AnalysisError(f"similarity table {path!r} has no column(s) {missing} (it has "
-                            f"{columns}); expected {', '.join(SIMILARITY_COLUMNS)}: {fix}.")
-    short = [line for line, r in enumerate(rows, start=2)
-             if None in r or None in r.values()]   # DictReader's marks of a wrong count
-    if short:
-        raise AnalysisError(f"similarity table {path!r}: line(s) {short[:5]} do not have "
-                            f"the header's {len(columns)} fields (cut short?); {fix}.")
+    rows = tables.read_csv(_exists(path, "similarity table"), required=SIMILARITY_COLUMNS,
+                           fix=SIMILARITY_FIX)
     method = method or (rows[0]["method"] if rows else None)
-    try:
-        per_layer = {r["layer"]: float(r["value"]) for r in rows if r["method"] == method}
-    except ValueError as e:
-        raise AnalysisError(f"similarity table {path!r}: {e} in column 'value'; {fix}.") \
-            from None
+    per_layer = {r["layer"]: r["value"] for r in rows if r["method"] == method}
+    bad = [v for v in per_layer.values() if not isinstance(v, float)]
+    if bad:
+        raise tables.damaged(path, f"column 'value' holds {bad[0]!r}, not a number",
+                             fix=SIMILARITY_FIX)
     if not per_layer:
         raise AnalysisError(f"{run.similarity_csv}: no rows for method {method!r}.")
     return per_layer
