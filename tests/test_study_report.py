@@ -66,6 +66,7 @@ def test_report_order_counts_and_published_comparison(tmp_path):
         "## Figures", "## Details"]
     # counts are integers: 117 test images, 3 folds (never '1.000' / '3.000')
     assert "| breast | imagenet vs radimagenet | 0.800 | 0.700 |" in md
+    assert "Prediction similarity (test split)" in md and "| test images | folds |" in md
     assert re.search(r"\| 117 \| 3 \|", md) and "117.000" not in md
     headline = md[md.index("## Headline"):md.index("## Compared")]
     im = [r for r in summ if r["source"] == "imagenet"][0]
@@ -87,6 +88,17 @@ def test_report_order_counts_and_published_comparison(tmp_path):
         "imagenet (pre) vs imagenet (fine-tuned)"]["conv1_relu"]
     assert cca_row["theirs"] == pub_cca["mean"] and 0.8 < pub_cca["mean"] < 0.95
     assert "breast / imagenet" in md and "diff (fold sd)" in md
+
+
+def test_prediction_table_names_the_split_the_paper_mode_used(tmp_path):
+    study, _ = _study(tmp_path)
+    tables.write_csv(study.path("tables", "prediction_similarity_summary.csv"), [dict(
+        target="breast", pair="imagenet vs radimagenet", observed=0.8, n=156.0, n_rows=5,
+        expected_independent=0.7, split="val", mode="paper")])
+    report.write_report(study)
+    md = open(tmp_path / "report.md").read()
+    assert "Prediction similarity (val split)" in md and "| val images | folds |" in md
+    assert "(test split)" not in md
 
 
 def test_published_file_agrees_with_its_fold_values():

@@ -459,12 +459,13 @@ def _details(page: _Page, auc: str, runs):
             "representations.csv") or [])]))
     pred = page.table("prediction_similarity_summary.csv")
     if pred:
-        page.add("p", "Prediction similarity (test split), mean over folds; test images = "
-                      "images per fold.")
+        split = "/".join(dict.fromkeys(str(r.get("split") or "test") for r in pred))
+        page.add("p", f"Prediction similarity ({split} split), mean over folds; {split} "
+                      "images = images per fold.")
         page.add("table", _table(pred, ("target", "pair", "observed", "expected_independent",
                                         "excess", "agreement", "cohen_kappa", "n", "n_rows"),
                                  ("target", "pair", "observed", "expected (indep.)", "excess",
-                                  "agreement", "kappa", "test images", "folds")))
+                                  "agreement", "kappa", f"{split} images", "folds")))
     _filter_details(page)
     _robustness_details(page)
 
