@@ -80,6 +80,10 @@ def _check_model(m) -> None:
     rate = m.get("dropout_rate")
     _range("model.dropout_rate", rate, _number(rate) and 0 <= rate < 1,
            "in [0, 1) (the studies used 0.5)")
+    width = m.get("width")
+    if width is not None or random_init:   # a weights dir's metadata decides
+        _range("model.width", width, isinstance(width, int) and not isinstance(width, bool)
+               and width >= 1, "an integer >= 1 (ResNet50's is 64; the demo's 16)")
 
 
 def _check_steps(name: str, section) -> None:
