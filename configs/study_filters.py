@@ -37,7 +37,7 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.name = "filters"
     c.args = study_args.describe(CONFIG, KNOWN, EXAMPLE)
-    c.folds = [0]
+    c.folds = (0,)
     c.model = ml_collections.ConfigDict(dict(depth=50, width=64, layout="keras_v1"))
     c.sources = ml_collections.ConfigDict()
     for p in paths:

@@ -58,7 +58,7 @@ def get_config(arg=None):
     # The paper's published tables (results/) come from the Feb-2023 scripts: the report
     # compares a feb2023 study with them and says why a sep2023 one has nothing to compare.
     c.published, c.protocol = "revisiting", protocol
-    c.folds = [int(f) for f in args.get("folds") or range(5)]
+    c.folds = tuple(int(f) for f in args.get("folds") or range(5))
     c.model = ml_collections.ConfigDict(dict(depth=50, width=64, layout="keras_v1"))
 
     c.sources = ml_collections.ConfigDict()

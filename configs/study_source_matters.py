@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.name = "source-matters"
     c.args = study_args.describe(CONFIG, KNOWN, EXAMPLE)
     c.published = "source_matters"
-    c.folds = [int(f) for f in args.get("folds") or range(5)]
+    c.folds = tuple(int(f) for f in args.get("folds") or range(5))
     c.model = ml_collections.ConfigDict(dict(depth=50, width=64, layout="keras_v1"))
     c.sources = ml_collections.ConfigDict()
     for name, default in (("imagenet", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),

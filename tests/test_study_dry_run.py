@@ -104,8 +104,9 @@ def test_the_cca_and_layer_map_sections_are_checked_before_anything_trains(tmp_p
     wd = tmp_path / "study"
     ok = _study(f"--workdir={wd}", "--dry_run", "--config.analysis.cca.methods=('linear_cka',)",
                 "--config.analysis.robustness_test_sets=('ood',)",
-                "--config.analysis.layer_maps.folds=(1,)")
+                "--config.analysis.layer_maps.folds=(1,)", "--config.folds=(1,)")
     assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "x folds [1] x settings 3" in ok.stdout
     bad = _study(f"--workdir={wd}", "--dry_run", "--config.analysis.cca.methods=('cka',)",
                  "--config.analysis.cca.spatial=grid", "--config.analysis.cca.repeats=0",
                  "--config.analysis.layer_maps.comparisons=('pre_vs_fine',)",

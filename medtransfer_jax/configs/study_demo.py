@@ -30,7 +30,7 @@ def get_config(arg=None):
                          "--config.FIELD=VALUE instead")
     c = ml_collections.ConfigDict()
     c.name = "demo"
-    c.folds = [0, 1]
+    c.folds = (0, 1)   # a tuple: settable by flag, --config.folds="(0,)"
     c.model = ml_collections.ConfigDict(dict(depth=18, width=8, layout="keras_v1"))
 
     c.sources = ml_collections.ConfigDict()

@@ -618,7 +618,8 @@ def check_analysis_sections(study) -> List[str]:
             out += _int_at_least(sec, "num_images", lm.num_images, 4)
         bad = [f for f in (lm.get("folds", None) or ()) if f not in folds]
         if bad:
-            out.append(f"{sec}.folds: {bad} not among the study's folds {folds}")
+            out.append(f"{sec}.folds: {bad} not among the study's folds {folds}; give some "
+                       f"of them (--config.{sec}.folds=\"({folds[0]},)\")")
     return out
 
 
