@@ -46,3 +46,15 @@ def tiny_resnet_and_batches(num_classes: int, batch_size: int, num_batches: int)
                 "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
                 "weight": np.ones(batch_size, np.float32)} for _ in range(num_batches)]
     return model, variables, batches
+
+
+def one_error_line(p, command: str, *expect: str) -> str:
+    """The one ``command: error: ...`` line of a main that failed on bad input: exit 2, no
+    traceback, and every ``expect`` in that line. Returns the line."""
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), p.stderr[-3000:]
+    for e in expect:
+        assert e in lines[0], (e, lines[0])
+    return lines[0]

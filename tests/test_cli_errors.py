@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from _train_utils import REPO, subprocess_env
+from _train_utils import REPO, one_error_line, subprocess_env
 
 BREAST = os.path.join(REPO, "configs", "revisiting", "breast.py")
 IS_ROOT = os.geteuid() == 0
@@ -39,13 +39,7 @@ def _read_only_dir(tmp_path):
     return str(d)
 
 
-def _assert_user_error(p, command, *expect):
-    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    lines = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
-    assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), p.stderr[-3000:]
-    for e in expect:
-        assert e in lines[0], (e, lines[0])
+_assert_user_error = one_error_line
 
 
 # ------------------------------------------------------------------ train: config errors

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from _train_utils import REPO, TINY_CONFIG, subprocess_env
+from _train_utils import REPO, TINY_CONFIG, one_error_line, subprocess_env
 
 from medtransfer_jax import configs
 from medtransfer_jax.data.base import DataError
@@ -39,15 +39,7 @@ def _cli(*args):
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
-def _error_line(p, command, *expect):
-    """The one ``command: error:`` line of a failed main; checks exit 2 and no traceback."""
-    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    lines = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
-    assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), p.stderr[-3000:]
-    for e in expect:
-        assert e in lines[0], (e, lines[0])
-    return lines[0]
+_error_line = one_error_line
 
 
 @pytest.fixture(scope="module")
