@@ -691,18 +691,34 @@ def test_a_damaged_run_result_stops_the_robustness_stage_and_finetune_redoes_it(
 @pytest.mark.parametrize("table,damage,expect", [
     ("auc_summary.csv", b"", "empty (0 bytes)"),
     ("auc_summary.csv", b"\xff\xd8\xff\xe0 not text", "not UTF-8 text"),
-    ("auc_summary.csv", "half", "fields, the header"),
-    ("representations_summary.csv", "drop:pair", "no column 'pair'"),
-    ("layer_maps.csv", "drop:fold", "no column 'fold'"),
+    ("auc_summary.csv", "half", "changed since it was written"),
+    ("auc_summary.csv", "half-undigested", "fields, the header"),
+    ("auc_summary.csv", "last-row", "changed since it was written"),
+    ("auc_summary.csv", "deleted", "missing, though it was written"),
+    ("representations_summary.csv", "drop:pair", "changed since it was written"),
+    ("representations_summary.csv", "drop:pair-undigested", "no column 'pair'"),
+    ("layer_maps.csv", "drop:fold-undigested", "no column 'fold'"),
+    ("robustness_summary.csv", "deleted", "missing, though it was written"),
 ])
 def test_a_damaged_table_is_named_with_the_stage_that_rewrites_it(study, tmp_path, table,
                                                                   damage, expect):
+    """Format checks (empty, not text, short rows, a missing column: what a table written
+    before digests can show) and the digest each write records (a cut at a line boundary,
+    a changed column, a deleted table), each named with the stages that rewrite it."""
     from medtransfer_jax.studies import tables
     wd = _copy(study, tmp_path)
     path = wd / "tables" / table
+    if isinstance(damage, str) and damage.endswith("-undigested"):
+        (wd / "tables" / tables.DIGESTS / table).unlink()
+        damage = damage[:-len("-undigested")]
     if damage == "half":
         text = path.read_bytes()
         path.write_bytes(text[:len(text) // 2 + 3])
+    elif damage == "last-row":
+        lines = path.read_bytes().splitlines(keepends=True)
+        path.write_bytes(b"".join(lines[:-1]))
+    elif damage == "deleted":
+        path.unlink()
     elif isinstance(damage, str) and damage.startswith("drop:"):
         col = damage.split(":")[1]
         rows = _rows(path)
@@ -717,24 +733,33 @@ def test_a_damaged_table_is_named_with_the_stage_that_rewrites_it(study, tmp_pat
     stage = tables.writer_stage(path)
     assert str(e.value).startswith(str(path)) and expect in str(e.value)
     assert f"--stages={stage},report --force" in str(e.value)
-    _rerun(wd, [stage, "report"])                  # the fix it names works
+    _rerun(wd, stage.split(",") + ["report"])      # the fix it names works
     assert tables.read_csv(path)
+    _same_table(study[0], wd, table)
 
 
-def test_forced_representations_redo_their_cached_folds(study, tmp_path):
-    """--stages=representations --force used to re-read every cached per-fold CSV (a
-    damaged one silently dropped its fold; one made by older code stayed); a forced stage
-    now starts without its caches, and a damaged cache is named when not forced."""
-    from medtransfer_jax.studies import tables
+def test_damaged_caches_are_computed_again_and_forced_stages_redo_theirs(study, tmp_path):
+    """A representations stage resumed over a per-fold cache cut at a line boundary (or
+    with rows duplicated) used to average it in ('(1 fold)', '(3 folds)' in a 2-fold
+    study); the cache's digest shows the change and the fold is computed again. A forced
+    stage (--stages=representations --force used to re-read every cache, even ones made
+    by older code) starts without its caches."""
     wd = _copy(study, tmp_path)
     cache = wd / "representations" / "lesion_fold0.csv"
-    cache.write_bytes(b"")
-    with pytest.raises(tables.TableError, match="--stages=representations,report --force"):
-        analyses.representations(runner.Study(_tiny_study_config(), str(wd)))
+    lines = cache.read_bytes().splitlines(keepends=True)
+    cache.write_bytes(b"".join(lines[:len(lines) // 2]))
+    os.remove(wd / "stages" / "representations.done")
+    out = _rerun(wd, None, force=False)
+    assert f"{cache}: changed since it was written" in out and "computing it again" in out
+    for name in ("representations.csv", "representations_summary.csv", "layer_maps.csv"):
+        _same_table(study[0], wd, name)
+    cache.write_bytes(b"".join(lines + lines[1:]))   # every row twice
+    os.remove(wd / "stages" / "representations.done")
+    _rerun(wd, ["representations"], force=False)
+    _same_table(study[0], wd, "representations_summary.csv")
     other = wd / "layer_maps"
     stamp = {p: p.stat().st_mtime_ns for p in other.rglob("*.csv")}
     _rerun(wd, ["representations"])
-    assert cache.stat().st_size > 0
     assert stamp and all(p.stat().st_mtime_ns != t for p, t in stamp.items())  # redone too
     for name in ("representations.csv", "representations_summary.csv", "layer_maps.csv"):
         _same_table(study[0], wd, name)
@@ -745,13 +770,18 @@ def test_filter_basis_damaged_or_gone_is_named_and_the_caption_follows_the_confi
     from medtransfer_jax.studies import tables
     wd = _copy(study, tmp_path)
     basis = wd / "tables" / "filter_basis.json"
+    digest = wd / "tables" / tables.DIGESTS / "filter_basis.json"
     for damage, expect in ((None, "missing, though analysis.filters.basis=study"),
-                           (b"{\"models\": [", "not JSON"), (b"{}", "no 'models' list"),
-                           (b"\xff\xfe", "not UTF-8 text")):
+                           (b"{}", "changed since it was written"),
+                           (b"\xff\xfe", "not UTF-8 text"),
+                           # a basis written before digests: its format is checked
+                           (b"{\"models\": [", "not JSON"), (b"{}", "no 'models' list")):
         if damage is None:
             basis.unlink()
         else:
             basis.write_bytes(damage)
+        if expect in ("not JSON", "no 'models' list") and digest.exists():
+            digest.unlink()
         with pytest.raises(tables.TableError) as e:
             _rerun(wd, ["report"])
         assert expect in str(e.value) and "--stages=filters,report --force" in str(e.value)

@@ -257,14 +257,16 @@ def representations(study):
     progress line per CCA pair (a (target, fold) whose CSV exists is skipped whole)."""
     tf = list(itertools.product(study.clean_targets, study.folds))
     csvs = {k: study.path("representations", f"{k[0]}_fold{k[1]}.csv") for k in tf}
+    cached = {k: tables.read_cache(csvs[k]) for k in tf}
     names = {k: [item_name(*k, p[0]) for p in cca_pairs(study, *k)] for k in tf}
     items = _items(study, "representations", [n for k in tf for n in names[k]],
-                   skip=[n for k in tf if paths.exists(csvs[k]) for n in names[k]])
+                   skip=[n for k in tf if cached[k] is not None for n in names[k]])
     all_rows = []
     for k in tf:
-        if not paths.exists(csvs[k]):
+        if cached[k] is None:
             tables.write_csv(csvs[k], compare_fold(study, *k, items=items))
-        all_rows += tables.read_csv(csvs[k])
+            cached[k] = tables.read_csv(csvs[k])
+        all_rows += cached[k]
     tables.write_csv(study.path("tables", "representations.csv"), all_rows)
     summary = tables.summarise(all_rows, ("target", "pair", "comparison", "layer", "method"),
                                ("value", "null_mean"))
@@ -362,7 +364,8 @@ def layer_maps(study) -> List[Dict[str, Any]]:
     files = {n: layer_map_files(t, f, label, methods) for n, t, f, label, *_ in pairs}
     where = {n: {k: study.path(*f.split("/")) for k, f in fs.items()}
              for n, fs in files.items()}
-    done = {n for n in where if all(paths.exists(f) for f in where[n].values())}
+    done = {n for n in where if all(paths.exists(f) for f in where[n].values())
+            and tables.read_cache(where[n]["csv"]) is not None}
     items, pools, index = _items(study, "layer maps", list(where), skip=done), {}, []
     for name, target, fold, label, kind, wa, wb in pairs:
         if name not in done:
@@ -500,7 +503,7 @@ def filters_stage(study):
             basis = study_filter_basis(study, dirs)
             it.detail = f"{basis.num_filters:,} filters"
     elif paths.exists(basis_file):
-        paths.as_path(basis_file).unlink()   # a stale one would caption these drifts
+        tables.remove(basis_file)   # a stale one would caption these drifts
     pre_of: Dict[str, str] = {}   # pre-trained weights dir -> the first source starting there
     for s in study.config.sources:
         pre, _ = checkpoint.load_weights(study.source_dir(s))

@@ -9,13 +9,16 @@ same way. :func:`summarise` is the one "mean ± sd over folds" of the study: the
 Reads are checked: a table that is not text, is empty (0 bytes: a legitimately empty
 table still has its newline), has a row with more or fewer fields than its header, or
 lacks a column a reader asks for (rows raise on a missing column instead of KeyError) is
-a :class:`TableError` naming the file and the stage whose ``--force`` rewrites it. Files
-are only damaged from outside (every write is atomic), and a silently short table would
-change a study's means.
+a :class:`TableError` naming the file and the stages whose ``--force`` rewrite it. Each
+write also records the table's SHA-256 beside it (``.digests/<name>`` in its folder), so
+what no format check can see is caught too: a table cut at a line boundary, rows
+duplicated, a column renamed, a table deleted. Files are only damaged from outside (every
+write is atomic), and a silently short table would change a study's means.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -40,14 +43,20 @@ WRITTEN_BY = (("runs", "finetune"), ("auc_summary", "finetune"),
               ("weight_change", "filters"), ("robustness", "robustness"))
 
 
+#: Stages that read another stage's tables (beside the report): a rewritten table is
+#: read again by redoing them too.
+READ_BY = {"representations": ("predictions",)}
+
+
 def writer_stage(path: paths.PathLike) -> Optional[str]:
-    """The study stage that writes ``path`` (a table, or a file in a stage's folder)."""
+    """The study stage that writes ``path`` (a table, or a file in a stage's folder),
+    followed by the stages that read it ('representations,predictions'), or None."""
     parts = paths.to_str(path).replace("\\", "/").split("/")
     names = [parts[-1]] + ([parts[-2]] if len(parts) > 1 else []) + (
         [parts[-3]] if len(parts) > 2 else [])
     for prefix, stage in WRITTEN_BY:
         if any(n.startswith(prefix) for n in names):
-            return stage
+            return ",".join((stage,) + READ_BY.get(stage, ()))
     return None
 
 
@@ -59,7 +68,21 @@ def damaged(path: paths.PathLike, what: str, stage: Optional[str] = None,
     stage = stage or writer_stage(path)
     fix = (f"rerun the study with --stages={stage},report --force to rewrite it"
            if stage else fix or "restore it or write it again")
-    return TableError(f"{paths.to_str(path)}: {what} (damaged?); {fix}")
+    err = TableError(f"{paths.to_str(path)}: {what} (damaged?); {fix}")
+    err.what = what
+    return err
+
+
+def read_cache(path: paths.PathLike) -> Optional[List[Dict[str, Any]]]:
+    """A stage's per-item cache (rows of one fold or one pair), or None when it is not
+    there or is damaged: the item is then computed again, which is always safe."""
+    if not paths.exists(path):
+        return None
+    try:
+        return read_csv(path)
+    except TableError as e:
+        print(f"[study] {paths.to_str(path)}: {e.what}; computing it again", flush=True)
+        return None
 
 
 class Row(dict):
@@ -77,12 +100,42 @@ class Row(dict):
         return dict, (dict(self),)
 
 
-def _write(path: paths.PathLike, text: str) -> str:
-    """Writes a whole table atomically (parents created); returns ``path`` as a string."""
+DIGESTS = ".digests"
+
+
+def _digest_file(path: paths.PathLike):
     target = paths.workdir(path)
-    paths.makedirs(target.parent)
+    return target.parent / DIGESTS / target.name
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(path: paths.PathLike, text: str) -> str:
+    """Writes a whole table atomically (parents created), then its digest; returns
+    ``path`` as a string."""
+    target = paths.workdir(path)
+    paths.makedirs(target.parent / DIGESTS)
     paths.write_text_atomic(target, text)
+    paths.write_text_atomic(_digest_file(target), _sha256(text.encode()) + "\n")
     return paths.to_str(path)
+
+
+def _recorded_digest(path: paths.PathLike) -> Optional[str]:
+    """The digest written with ``path``, or None (a table written before digests, or by
+    hand)."""
+    try:
+        return paths.read_text(_digest_file(path)).strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def remove(path: paths.PathLike) -> None:
+    """Deletes a table and its digest (a stage dropping a table it no longer makes)."""
+    for f in (paths.workdir(path), _digest_file(path)):
+        if paths.exists(f):
+            f.unlink()
 
 
 def write_csv(path: paths.PathLike, rows: Sequence[Dict[str, Any]]) -> str:
@@ -134,15 +187,26 @@ def _number(v: str) -> Any:
 
 
 def _text(path: paths.PathLike, fix: Optional[str] = None) -> str:
+    data = paths.read_bytes(path)
     try:
-        return paths.read_text(path)
+        text = data.decode()
     except ValueError:   # UnicodeDecodeError
         raise damaged(path, "not UTF-8 text", fix=fix) from None
+    recorded = _recorded_digest(path)
+    if recorded and data and recorded != _sha256(data):
+        raise damaged(path, "changed since it was written (cut, rows or columns changed: "
+                            f"its SHA-256 is not the one in {DIGESTS}/)", fix=fix)
+    return text
 
 
 def read_csv_if(path: paths.PathLike) -> List[Dict[str, Any]]:
-    """:func:`read_csv`, or [] when the table does not exist (yet)."""
-    return read_csv(path) if paths.exists(path) else []
+    """:func:`read_csv`, or [] when the table does not exist (yet); one deleted after it
+    was written (its digest is there) is a :class:`TableError`."""
+    if paths.exists(path):
+        return read_csv(path)
+    if _recorded_digest(path):
+        raise damaged(path, "missing, though it was written (deleted?)")
+    return []
 
 
 def write_json(path: paths.PathLike, obj: Any) -> str:
