@@ -62,9 +62,19 @@ def run(finished_run, tmp_path):
 def test_read_results_treats_undecodable_or_non_object_json_as_no_results(run):
     path = os.path.join(run, "results.json")
     assert finalize.read_results(run)["status"] == "done"
+    good = json.load(open(path))
     for damage in (_garble, _zero, lambda p: open(p, "w").write("[1, 2]")):
         damage(path)
         assert finalize.read_results(run) is None
+    # 'done' with its metrics missing, empty, or not numbers (NaN is a number: one class)
+    for test in (None, {}, dict(good["test"], auc=None), dict(good["test"], auc="0.9")):
+        with open(path, "w") as f:
+            json.dump(dict(good, test=test) if test is not None else
+                      {k: v for k, v in good.items() if k != "test"}, f)
+        assert finalize.read_results(run) is None, test
+    with open(path, "w") as f:
+        json.dump(dict(good, test=dict(good["test"], auc=float("nan"))), f)
+    assert finalize.read_results(run)["status"] == "done"
 
 
 def test_train_redoes_a_run_whose_results_json_is_not_utf8(run):

@@ -76,8 +76,9 @@ def json_config(config) -> Dict[str, Any]:
 def read_results(workdir: paths.PathLike) -> Optional[Dict[str, Any]]:
     """``results.json`` of a run (local or ``gs://``), or None when there is none or it is
     damaged (not UTF-8, not JSON, not an object, or 'done' without its val and test
-    metrics): such a run is not done, so it is trained again (its checkpoints went when it
-    finished) rather than counted with a hole in a sweep's or study's tables."""
+    metrics, or with one that is not a number: NaN is one, an AUC of one class): such a
+    run is not done, so it is trained again (its checkpoints went when it finished) rather
+    than counted with a hole in a sweep's or study's tables."""
     path = paths.join(workdir, RESULTS_FILE)
     try:
         if not paths.exists(path):
@@ -86,9 +87,15 @@ def read_results(workdir: paths.PathLike) -> Optional[Dict[str, Any]]:
     except (ValueError, OSError):      # ValueError: JSONDecodeError, UnicodeDecodeError
         return None
     if not isinstance(res, dict) or (res.get("status") == "done" and not all(
-            isinstance(res.get(k), dict) and res[k] for k in ("val", "test"))):
+            _metrics(res.get(k)) for k in ("val", "test"))):
         return None
     return res
+
+
+def _metrics(split) -> bool:
+    """A split's metrics as written: a non-empty {name: number}."""
+    return isinstance(split, dict) and bool(split) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in split.values())
 
 
 def _compile_stats(run) -> Dict[str, Any]:
