@@ -276,3 +276,20 @@ def test_auc_vs_similarity_names_a_damaged_results_file(tmp_path, damage, expect
     p = _cli("medtransfer_jax.analyze", "auc_vs_similarity", *runs, f"--output_dir={out}")
     _error_line(p, "analyze", f"{bad}: {expect}", "results.json a finished run wrote")
     assert not out.exists()
+
+
+def test_the_retrain_hint_names_the_config_a_sweep_run_ran_with(tmp_path):
+    """A bare `train --workdir=RUN` would train the default config into a study's run (and
+    the study would average it in): the hint names the run's own sweep_config.py."""
+    for with_sweep_config, expect in ((True, "--config={run}/sweep_config.py`"),
+                                      (False, "--config=<the config it was trained with")):
+        run = tmp_path / f"run{int(with_sweep_config)}"
+        best = run / "export" / "best"
+        best.mkdir(parents=True)
+        (best / "metadata.json").write_bytes(GARBAGE)
+        if with_sweep_config:
+            (run / "sweep_config.py").write_text("def get_config(arg=None): ...\n")
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load_metadata(str(best))
+        assert f"python -m medtransfer_jax.train --workdir={run} " + expect.format(
+            run=run) in str(e.value)

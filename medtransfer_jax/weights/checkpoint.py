@@ -137,9 +137,14 @@ def rewrite_hint(directory: paths.PathLike) -> str:
     shown = paths.to_str(d)
     if paths.basename(d) in ("best", "last") and d.parent.name == "export":
         run = paths.to_str(d.parent.parent)
+        # a sweep's or study's run keeps the config it ran with; a bare `train` would
+        # train the default config into it
+        config = (f"--config={run}/sweep_config.py"
+                  if paths.exists(paths.join(run, "sweep_config.py"))
+                  else "--config=<the config it was trained with, as in its config.json>")
         return (f"It was exported by the training run {run}: move {run}/results.json away "
-                f"and rerun that run (`python -m medtransfer_jax.train --workdir={run}` with "
-                "its config, or the sweep/study stage that ran it, with --force), which trains "
+                f"and rerun that run (`python -m medtransfer_jax.train --workdir={run} "
+                f"{config}`, or the sweep/study stage that ran it, with --force), which trains "
                 "and exports it again")
     if paths.basename(d) == "weights" and d.parent.parent.name == "sources":
         study = paths.to_str(d.parent.parent.parent)
