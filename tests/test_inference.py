@@ -143,6 +143,12 @@ def _write(path, text):
      r"line\(s\) \[3\] do not have the header's 6 columns"),
     ("text.csv", "id,group,split,label,prob_0,prob_1\na,a,test,yes,0.4,0.6\n",
      "labels must be integers"),
+    ("nan.csv", "id,group,split,label,prob_0,prob_1\na,a,test,0,0.4,0.6\nb,b,test,1,nan,nan\n",
+     r"line\(s\) \[3\] hold probabilities outside \[0, 1\] or not finite"),
+    ("range.csv", "id,group,split,label,prob_0,prob_1\na,a,test,0,1.7,-0.7\n",
+     r"line\(s\) \[2\] hold probabilities outside"),
+    ("label.csv", "id,group,split,label,prob_0,prob_1\na,a,test,0,0.4,0.6\nb,b,test,2,0.5,0.5\n",
+     r"line\(s\) \[3\] hold a label outside 0..1"),
 ])
 def test_read_predictions_errors_name_the_file_and_problem(tmp_path, name, text, problem):
     path = _write(tmp_path / name, text)

@@ -93,12 +93,24 @@ def read_predictions(path: paths.PathLike) -> Dict[str, np.ndarray]:
     except ValueError as e:
         raise DataError(f"predictions file {shown}: {e}; labels must be integers and "
                         f"prob_* columns numbers; {rewrite_hint(path)}") from None
+    probs = probs.reshape(len(rows), k)
+    # a model's softmax/sigmoid output: finite, in [0, 1] (the writer's float32 text may
+    # stray by rounding); anything else was never written here and would bend every AUC
+    odd = np.flatnonzero(~np.all(np.isfinite(probs) & (probs >= -1e-6) & (probs <= 1 + 1e-6),
+                                 axis=1))
+    if odd.size:
+        raise DataError(f"predictions file {shown}: line(s) {(odd + 2).tolist()[:5]} hold "
+                        f"probabilities outside [0, 1] or not finite; {rewrite_hint(path)}")
+    bad_labels = np.flatnonzero((labels < 0) | (labels >= k))
+    if bad_labels.size:
+        raise DataError(f"predictions file {shown}: line(s) {(bad_labels + 2).tolist()[:5]} "
+                        f"hold a label outside 0..{k - 1}; {rewrite_hint(path)}")
     return {
         "id": np.array([row[0] for row in rows], dtype=object).astype(str),
         "group": np.array([row[1] for row in rows], dtype=object).astype(str),
         "split": np.array([row[2] for row in rows], dtype=object).astype(str),
         "label": labels,
-        "probs": probs.reshape(len(rows), k),
+        "probs": probs,
     }
 
 
