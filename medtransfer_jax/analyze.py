@@ -408,4 +408,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "analyze")
+    cli.run(main, "analyze", checkpoints=False)

@@ -85,12 +85,19 @@ def fail(command: str, message: str) -> None:
     sys.exit(2)
 
 
-def stopped(command: str, reason: str) -> None:
-    """Prints how to resume a stopped job and exits 143 (the SIGTERM convention)."""
+def stopped(command: str, reason: str, checkpoints: bool = True) -> None:
+    """Prints how to resume a stopped job and exits 143 (the SIGTERM convention);
+    ``checkpoints``: whether the job saves its progress (train, sweep, study) or only
+    writes its outputs at the end (analyze, evaluate, convert)."""
     args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"{command}: stopped ({reason}); finished work and the last checkpoint are saved. "
-          f"Resume with the same command: python -m medtransfer_jax.{command} {args}",
-          file=sys.stderr, flush=True)
+    again = f"python -m medtransfer_jax.{command} {args}".rstrip()
+    if checkpoints:
+        print(f"{command}: stopped ({reason}); finished work and the last checkpoint are "
+              f"saved. Resume with the same command: {again}", file=sys.stderr, flush=True)
+    else:
+        print(f"{command}: stopped ({reason}); it keeps no checkpoint, so the outputs it "
+              f"had not written yet are lost. Run it again from the start: {again}",
+              file=sys.stderr, flush=True)
     sys.exit(interrupts.EXIT_CODE)
 
 
@@ -200,7 +207,8 @@ def _stop_at_once(command: str) -> Callable[[str], None]:
 
 
 def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
-        argv: Optional[List[str]] = None, resumable: bool = True) -> None:
+        argv: Optional[List[str]] = None, resumable: bool = True,
+        checkpoints: bool = True) -> None:
     """``absl.app.run(main)`` with this module's error, logging and signal conventions.
 
     Args:
@@ -210,6 +218,8 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
       quiet: log at WARNING unless the user gave ``--verbosity`` (orbax/grain are loud).
       argv: the command line (default ``sys.argv``).
       resumable: whether a stopped job can resume (False: benchmarks keep no state).
+      checkpoints: whether it saves progress a rerun resumes from (False: analyze,
+        evaluate and convert write their outputs at the end; a rerun starts over).
     """
     def wrapped(argv):
         if quiet and not FLAGS["verbosity"].present:
@@ -223,12 +233,12 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
                 raise
             fail(command, str(e))
         except interrupts.Interrupted as e:
-            stopped(command, e.reason)
+            stopped(command, e.reason, checkpoints)
         except Exception as e:  # a library's error around the code a stop interrupted
             stop = interrupts.behind(e)
             if stop is None:
                 raise
-            stopped(command, stop.reason)
+            stopped(command, stop.reason, checkpoints)
 
     app.run(wrapped, argv=argv, flags_parser=_parser(command))
 

@@ -85,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, "convert", quiet=True)
+    cli.run(main, "convert", quiet=True, checkpoints=False)

@@ -72,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, "evaluate")
+    cli.run(main, "evaluate", checkpoints=False)

@@ -95,3 +95,15 @@ def test_a_sweep_run_whose_stop_was_wrapped_is_stopped_not_failed(tmp_path, monk
 
     monkeypatch.setattr(loop, "train_and_evaluate", broken)
     assert sweep._run_inprocess(run) == "failed:ValueError"
+
+
+def test_a_stopped_main_without_checkpoints_does_not_promise_a_resume():
+    """analyze, evaluate and convert write their outputs at the end: a stop loses what was
+    not written, and the line says so (it promised 'the last checkpoint')."""
+    script = MAIN.replace('cli.run(main, "study")', 'cli.run(main, "analyze", checkpoints=False)')
+    script = "from absl import flags\nflags.DEFINE_string('flag', '', '')\n" + script
+    p = subprocess.run([sys.executable, "-c", script, "--flag=stop"], capture_output=True,
+                       text=True, timeout=120, env=_train_utils.subprocess_env())
+    assert p.returncode == interrupts.EXIT_CODE, p.stderr[-2000:]
+    assert "analyze: stopped (SIGTERM); it keeps no checkpoint" in p.stderr
+    assert "checkpoint are saved" not in p.stderr and "Run it again from the start" in p.stderr
