@@ -101,6 +101,19 @@ def stopped(command: str, reason: str, checkpoints: bool = True) -> None:
     sys.exit(interrupts.EXIT_CODE)
 
 
+def out_of_memory(e: BaseException) -> Optional[str]:
+    """The one line for XLA's RESOURCE_EXHAUSTED (a batch or image size too large for the
+    device), with what to lower; None for any other error."""
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    import jax   # only on this error path: a flag error should not wait for jax
+    first = next((ln.strip() for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln), text)
+    return (f"out of {jax.default_backend().upper()} memory ({first[:200]}); lower "
+            "--config.train.batch_size (and --config.eval.batch_size) or "
+            "--config.data.image_size, or use a device with more memory")
+
+
 def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
     """One line for an exception raised while parsing flags (incl. loading --config)."""
     text = str(e)
@@ -236,9 +249,12 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
             stopped(command, e.reason, checkpoints)
         except Exception as e:  # a library's error around the code a stop interrupted
             stop = interrupts.behind(e)
-            if stop is None:
+            if stop is not None:
+                stopped(command, stop.reason, checkpoints)
+            oom = out_of_memory(e)
+            if oom is None or logging.get_verbosity() >= logging.DEBUG:
                 raise
-            stopped(command, stop.reason, checkpoints)
+            fail(command, oom)
 
     app.run(wrapped, argv=argv, flags_parser=_parser(command))
 

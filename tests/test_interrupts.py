@@ -107,3 +107,20 @@ def test_a_stopped_main_without_checkpoints_does_not_promise_a_resume():
     assert p.returncode == interrupts.EXIT_CODE, p.stderr[-2000:]
     assert "analyze: stopped (SIGTERM); it keeps no checkpoint" in p.stderr
     assert "checkpoint are saved" not in p.stderr and "Run it again from the start" in p.stderr
+
+
+def test_out_of_device_memory_is_one_line_saying_what_to_lower():
+    """XLA's RESOURCE_EXHAUSTED (the paper's batch of 256 on a small device) was a raw
+    traceback; it is one line naming the flags that shrink the step."""
+    script = MAIN.replace(
+        'raise ValueError("a real error")',
+        'raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 42416121664 '
+        'bytes.\\nmore detail")').replace('cli.run(main, "study")', 'cli.run(main, "train")')
+    script = "from absl import flags\nflags.DEFINE_string('flag', '', '')\n" + script
+    p = subprocess.run([sys.executable, "-c", script, "--flag=oom"], capture_output=True,
+                       text=True, timeout=120, env=_train_utils.subprocess_env())
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
+    assert lines == [lines[0]] and lines[0].startswith("train: error: out of CPU memory "
+                                                       "(RESOURCE_EXHAUSTED: Out of memory")
+    assert "--config.train.batch_size" in lines[0] and "Traceback" not in p.stderr
