@@ -74,6 +74,7 @@ def test_train_config_errors(tmp_path, extra, expect):
     ("model.dropout_rate=2", ["[0, 1)"]),
     ("model.dropout_rate=-0.5", ["[0, 1)"]),
     ("model.width=0", ["an integer >= 1"]),
+    ("log.every_secs=-1", [">= 0 seconds"]),
     ("train.optimizer=foo", ["adam, adamw, sgd"]),
     ("train.schedule=foo", ["constant, cosine, linear"]),
     ("train.freeze=bogus", ["linear_probe", "stage:k with k in 1..5"]),

@@ -455,3 +455,58 @@ def test_a_sigmoid_binary_head_trains_exports_and_reloads(tmp_path):
     assert 0.0 <= res["test"]["auc"] <= 1.0
     with pytest.raises(ConfigError, match="model.head=sigmoid"):
         loop.train_and_evaluate(_tiny(**{"model.head": "sigmoid"}), str(tmp_path / "x"))
+
+
+def test_heartbeat_is_due_by_time_and_off_at_zero():
+    from medtransfer_jax.training import periodic
+    now = [100.0]
+    beat = periodic.Heartbeat(30, clock=lambda: now[0])
+    assert not beat.due()
+    now[0] += 29.9
+    assert not beat.due()
+    now[0] += 0.2
+    assert beat.due()
+    beat.reset()
+    assert not beat.due()
+    off = periodic.Heartbeat(0, clock=lambda: now[0])
+    now[0] += 1e6
+    assert not off.due()
+
+
+def test_slow_steps_get_console_lines_that_leave_the_metrics_unchanged(tmp_path, capfd):
+    """log.every_secs: a console line when that long passed without one (a CPU step of a
+    ResNet50 left minutes of silence between log.every_steps lines), and one when the first
+    step (compile + run) is done; the metrics files are those of a run without them."""
+    import logging as pylogging
+    from absl import logging as absl_logging
+    runs = {}
+    for secs in (0.0, 1e-9):       # 1e-9: due after every step
+        wd = str(tmp_path / f"secs{secs}")
+        handler = pylogging.StreamHandler(stream=__import__("io").StringIO())
+        absl_logging.get_absl_logger().addHandler(handler)
+        old = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.INFO)
+        try:
+            loop.train_and_evaluate(_tiny(**{"log.every_secs": secs, "log.every_steps": 100,
+                                             "sharding.num_devices": 1}), wd)
+        finally:
+            absl_logging.get_absl_logger().removeHandler(handler)
+            absl_logging.set_verbosity(old)
+        runs[secs] = wd, handler.stream.getvalue()
+    quiet, chatty = runs[0.0][1], runs[1e-9][1]
+    beats = re.findall(r"step (\d+)/8 \| phase 0 \| loss [\d.]+ \(mean of the last (\d+) "
+                       r"steps\)", chatty)
+    assert [int(s) for s, _ in beats] == list(range(2, 8))          # steps 2..7 (8 logs)
+    assert [int(n) for _, n in beats] == list(range(2, 8))          # the interval so far
+    assert "(mean of the last" not in quiet
+    for text in (quiet, chatty):
+        assert re.search(r"phase 0: compiling the train step .* running step 1", text)
+        assert re.search(r"step 1: compiled and ran in ", text)
+
+    def metrics(wd):
+        with open(os.path.join(wd, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(l).items() if k not in ("img_per_s", "time",
+                                                                         "wall_time")}
+                    for l in f]
+    a, b = metrics(runs[0.0][0]), metrics(runs[1e-9][0])
+    assert [sorted(r) for r in a] == [sorted(r) for r in b] and len(a) == len(b)

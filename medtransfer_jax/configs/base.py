@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
+    # ... and a console line (nowhere else) when this long passed without one: slow steps
+    # (a CPU, a large batch) would leave minutes of silence; 0: off
+    c.log.every_secs = 30.0
     c.log.profile_steps = 0           # > 0: jax.profiler trace of that many steps -> profile/
     c.log.profile_start = 5           # ... starting after this step (past compilation)
 

@@ -150,6 +150,9 @@ def validate(config, check_fold: bool = True) -> None:
     _range("checkpoint.every_secs", every, _number(every) and every >= 0,
            ">= 0 seconds (0: save at every evaluation; e.g. 120)")
     log = config.get("log") or {}
+    secs = log.get("every_secs", 0.0)
+    _range("log.every_secs", secs, _number(secs) and secs >= 0,
+           ">= 0 seconds (0: lines at log.every_steps only; e.g. 30)")
     if log.get("profile_steps", 0):
         start = log.get("profile_start", 0)
         _range("log.profile_start", start, isinstance(start, int) and start >= 1,

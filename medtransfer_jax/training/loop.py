@@ -94,17 +94,31 @@ def run_phase(run: Run, phase: Phase, state, state_sh, step: int, ls: LoopState)
     eval_every = c.eval.every_steps or run.steps_per_epoch
     pending, ls.pending_train = list(ls.pending_train), []
     meter = periodic.Throughput(c.train.batch_size)
+    beat = periodic.Heartbeat(c.log.get("every_secs", 0.0))
+    if step < end and not ls.phase_done:
+        logging.info("phase %d: compiling the train step (or reading it from the compilation "
+                     "cache) and running step %d", phase.index, step + 1)
+    t_first = time.monotonic()
     while step < end and not ls.phase_done:
         batch = {k: v for k, v in next(run.train_iter).items() if k in ("image", "label", "weight")}
         state, m = train_step(state, shard_lib.make_global_batch(run.mesh, batch))
         step += 1
         pending.append(m)
-        meter.tick(m)
+        first = not meter.compiled
+        meter.tick(m)   # waits for the first step
+        if first:
+            logging.info("step %d: compiled and ran in %s", step,
+                         periodic.fmt_time(time.monotonic() - t_first))
+            beat.reset()
         run.profiler.after_step(step, state)
         periodic.call_hooks(run.hooks, "after_step", step, state)
         if periodic.every(step, c.log.every_steps) or step == end:
             _log_train(run, phase, step, pending, meter, ls)
             pending = []
+            beat.reset()
+        elif beat.due() and not first:
+            _log_progress(run, phase, step, pending, meter, ls)
+            beat.reset()
         is_eval = periodic.every(step - ls.phase_start, eval_every) or step == end
         if is_eval:
             jax.block_until_ready(state)  # the queued steps are train time, not eval time
@@ -122,7 +136,7 @@ def _log_train(run: Run, phase: Phase, step: int, pending, meter, ls: LoopState)
     # float64 mean: restored entries are Python floats, fresh ones float32.
     mean = {k: float(np.mean(np.asarray([v[k] for v in vals], np.float64))) for k in vals[0]}
     lr = optim.lr_at(run.config.train, phase.lr, phase.num_steps, step - ls.phase_start)
-    total = sum(p.num_steps for p in run.phases[phase.index:]) + ls.phase_start
+    total = _total_steps(run, phase, ls)
     speed = meter.report(total - step)
     mean.update(lr=lr, img_per_s=speed["img_per_s"], phase=phase.index,
                 epoch=step / run.steps_per_epoch)
@@ -133,6 +147,24 @@ def _log_train(run: Run, phase: Phase, step: int, pending, meter, ls: LoopState)
     limit = run.config.train.max_loss_factor * math.log(max(2, run.splits.num_classes))
     if not math.isfinite(mean["loss"]) or (limit > 0 and mean["loss"] > limit):
         _diverged(run, step, mean["loss"], lr, limit)
+
+
+def _total_steps(run: Run, phase: Phase, ls: LoopState) -> int:
+    """The run's last step as planned from this phase on (phases may stop early)."""
+    return sum(p.num_steps for p in run.phases[phase.index:]) + ls.phase_start
+
+
+def _log_progress(run: Run, phase: Phase, step: int, pending, meter, ls: LoopState) -> None:
+    """A console line between two ``log.every_steps`` lines (``log.every_secs``): the
+    interval's loss so far, speed and ETA; written nowhere else, so the metrics files of a
+    run do not depend on how fast its machine was."""
+    vals = jax.device_get(pending)   # waits for the steps queued so far
+    loss = float(np.mean(np.asarray([v["loss"] for v in vals], np.float64)))
+    total = _total_steps(run, phase, ls)
+    speed = meter.peek(total - step)
+    logging.info("step %d/%d | phase %d | loss %.4f (mean of the last %d steps) | %.1f img/s "
+                 "| ETA %s", step, total, phase.index, loss, len(vals), speed["img_per_s"],
+                 periodic.fmt_time(speed["eta_s"]))
 
 
 def _diverged(run: Run, step: int, loss: float, lr: float, limit: float):

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -121,11 +121,32 @@ class Throughput:
             self.steps += 1
 
     def report(self, remaining: int) -> Dict[str, float]:
+        out = self.peek(remaining)
+        self.t0, self.steps = time.time(), 0
+        return out
+
+    def peek(self, remaining: int) -> Dict[str, float]:
+        """:meth:`report` without starting a new interval (a heartbeat line)."""
         dt = time.time() - self.t0
         ips = self.steps * self.gbs / dt if dt > 0 and self.steps else float("nan")
         eta = remaining * self.gbs / ips if np.isfinite(ips) and ips > 0 else float("nan")
-        self.t0, self.steps = time.time(), 0
         return {"img_per_s": ips, "eta_s": eta}
+
+
+class Heartbeat:
+    """When a console line is due by time (``log.every_secs``): slow steps (a CPU, a large
+    batch) leave minutes between ``log.every_steps`` lines, and a silent terminal looks
+    hung. 0 turns it off; ``clock`` is injectable for tests."""
+
+    def __init__(self, every_secs: float, clock: Callable[[], float] = time.monotonic):
+        self.every, self.clock = float(every_secs or 0.0), clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        return self.every > 0 and self.clock() - self.last >= self.every
+
+    def reset(self) -> None:
+        self.last = self.clock()
 
 
 class Stages:
