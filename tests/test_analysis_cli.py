@@ -120,7 +120,7 @@ def test_similarity_custom_with_data_contract(weights, tmp_path):
              weights_b=weights[1], data_override=["nonsense=1"])
 
 
-def test_weights_and_filters_commands(weights, tmp_path):
+def test_weights_and_filters_commands(weights, tmp_path, capsys):
     files = _run("weights", output_dir=str(tmp_path / "w"), weights_a=weights[0],
                  weights_b=weights[1])
     rows = _rows(files["csv"])
@@ -131,6 +131,9 @@ def test_weights_and_filters_commands(weights, tmp_path):
                  weights=[f"a={weights[0]}", f"b={weights[1]}"], groups=["g=a,b"])
     layers = _rows(files["layers"])
     assert len(layers) == 2 * 16  # 16 3x3 convs in a ResNet50, two models
+    # one progress line per model described (seconds each for a full-width ResNet50)
+    got = _lines(capsys.readouterr().out, "filters", "models")
+    assert got == [(1, 2, "a (16 layers)"), (2, 2, "b (16 layers)")]
     drift = _rows(files["drift"])
     assert {r["scope"] for r in drift} == {"layer"}  # one group: no group pairs
     assert all(float(r["drift"]) >= 0 for r in drift)

@@ -262,7 +262,8 @@ def run_filters(task: FiltersTask, out_dir: str) -> Dict[str, str]:
     groups = {g: list(names) for g, names in task.groups}
     try:
         rep = filters.analyse_filters(models, groups=groups or None,
-                                      with_orthogonality=task.orthogonality)
+                                      with_orthogonality=task.orthogonality,
+                                      progress=Ticker("filters"))
     except ValueError as e:
         raise AnalysisError(str(e)) from None
     files = dict(
