@@ -81,7 +81,9 @@ class Ticker:
         eta = 0.0 if left <= 0 else elapsed / done * left if done else math.nan
         parts = [f"{done}/{self.total} {self.unit}"]
         if self.rate_unit:
-            parts.append(f"{done / elapsed:.3g} {self.rate_unit}" if elapsed > 0 else
+            rate = done / elapsed if elapsed > 0 else math.nan
+            parts.append(f"{rate:.3g} {self.rate_unit}" if rate < 1000 else
+                         f"{rate:.0f} {self.rate_unit}" if rate < math.inf else
                          f"? {self.rate_unit}")
         if detail:
             parts.append(detail)
