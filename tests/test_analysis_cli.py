@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from medtransfer_jax import analyze
+from medtransfer_jax import analyze, ticker
 from medtransfer_jax.analysis import stimuli
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
@@ -50,11 +50,33 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_cca_paper_protocol_with_two_pairs(weights, tmp_path):
+def _lines(out, prefix, unit="images"):
+    """(done, total, detail) of the throttled lines ``prefix: n/N unit[, detail], t, ETA``."""
+    pat = re.compile(re.escape(prefix) + rf": (\d+)/(\d+) {unit}(?:, (.*))?, \S+(?: s)?, "
+                     r"ETA \S+(?: s)?")
+    found = [pat.fullmatch(l) for l in out.splitlines() if l.startswith(prefix + ": ")]
+    assert found and all(found), out
+    return [(int(m.group(1)), int(m.group(2)), m.group(3)) for m in found]
+
+
+def test_cca_paper_protocol_with_two_pairs(weights, tmp_path, capsys, monkeypatch):
+    """... with a progress line per pair and, inside each, throttled lines of the forward
+    passes (every batch here: interval 0)."""
+    monkeypatch.setattr(ticker, "INTERVAL_S", 0.0)
     a, b = weights
     files = _run("cca", output_dir=str(tmp_path), images="random", num_images=48,
                  image_size=SIZE, positions=300, repeats=2, batch_size=16,
                  pair=[f"{a},{b},A vs B", f"{a},{a},A vs A"])
+    out = capsys.readouterr().out
+    pairs = [l for l in out.splitlines() if l.startswith("pair ")]
+    assert len(pairs) == 2 and re.fullmatch(
+        r"pair 1/2 A vs B: mean paper_cca 0\.\d{3}, \S+( s)?, ETA \S+( s)?", pairs[0]), pairs
+    assert pairs[1].startswith("pair 2/2 A vs A: mean paper_cca 1.000, ")
+    assert pairs[1].endswith(", ETA 0 s")
+    for label in ("A vs B", "A vs A"):   # 48 images per repeat, 2 repeats, batches of 16
+        got = _lines(out, label)
+        assert [g[0] for g in got] == [16, 32, 48, 64, 80, 96] and {g[1] for g in got} == {96}
+        assert [g[2] for g in got] == ["repeat 1/2"] * 3 + ["repeat 2/2"] * 3
     rows = _rows(files["csv"])
     assert len(rows) == 10 and os.path.getsize(files["png"]) > 1000
     by = {(r["pair"], r["layer"]): float(r["value"]) for r in rows}
@@ -98,7 +120,7 @@ def test_similarity_custom_with_data_contract(weights, tmp_path):
              weights_b=weights[1], data_override=["nonsense=1"])
 
 
-def test_weights_and_filters_commands(weights, tmp_path):
+def test_weights_and_filters_commands(weights, tmp_path, capsys):
     files = _run("weights", output_dir=str(tmp_path / "w"), weights_a=weights[0],
                  weights_b=weights[1])
     rows = _rows(files["csv"])
@@ -109,6 +131,9 @@ def test_weights_and_filters_commands(weights, tmp_path):
                  weights=[f"a={weights[0]}", f"b={weights[1]}"], groups=["g=a,b"])
     layers = _rows(files["layers"])
     assert len(layers) == 2 * 16  # 16 3x3 convs in a ResNet50, two models
+    # one progress line per model described (seconds each for a full-width ResNet50)
+    got = _lines(capsys.readouterr().out, "filters", "models")
+    assert got == [(1, 2, "a (16 layers)"), (2, 2, "b (16 layers)")]
     drift = _rows(files["drift"])
     assert {r["scope"] for r in drift} == {"layer"}  # one group: no group pairs
     assert all(float(r["drift"]) >= 0 for r in drift)

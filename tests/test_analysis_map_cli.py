@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from medtransfer_jax import analyze
+from medtransfer_jax import analyze, ticker
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.analysis import layer_map
 
@@ -32,11 +32,20 @@ def _run(**overrides):
     return analyze.run(["analyze", "map"])
 
 
-def test_map_command_writes_table_and_heatmaps(weights, tmp_path):
+def test_map_command_writes_table_and_heatmaps(weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ticker, "INTERVAL_S", 0.0)   # every throttled line
     a, b = weights
     files = _run(output_dir=str(tmp_path), weights_a=a, weights_b=b, images="random",
                  num_images=80, image_size=SIZE, batch_size=16, spatial="pool",
                  methods=["mean_cca", "debiased_cka"])
+    # progress: the streamed pass batch by batch, then one line per method
+    lines = [l for l in capsys.readouterr().out.splitlines()
+             if l.startswith(f"map {a} vs {b}: ")]
+    head = len(f"map {a} vs {b}: ")
+    assert [l[head:].split(", ")[0] for l in lines] == [
+        "16/80 images", "32/80 images", "48/80 images", "64/80 images", "80/80 images",
+        "mean_cca 9x9 (1/2 methods)", "debiased_cka 9x9 (2/2 methods)"], lines
+    assert lines[4].endswith(", ETA 0 s")
     with open(files["csv"]) as f:
         rows = list(csv.DictReader(f))
     blocks = layer_map.all_blocks(18)

@@ -1,5 +1,6 @@
 """Similarity/scaling benchmarks at tiny sizes: the NumPy reference, rows, the CLI."""
 import math
+import re
 import subprocess
 import sys
 
@@ -70,9 +71,21 @@ def test_run_rows():
         B.run(neurons=[8], datapoints=[100], methods=["magic"])
 
 
-def test_run_network_tiny():
+def test_run_network_tiny(capsys, monkeypatch):
+    from medtransfer_jax import ticker
+    monkeypatch.setattr(ticker, "INTERVAL_S", 0.0)   # every throttled line
     proto = compare.PaperCCAProtocol(positions=200, num_channels=8, repeats=2, batch_size=4)
     rows = B.run_network(num_images=4, image_size=64, depth=18, width=8, protocol=proto)
+    # progress on stderr (minutes per part for ResNet50 on a CPU): each of the three parts
+    # when it starts and ends, and its forward passes batch by batch (4 images a repeat)
+    err = capsys.readouterr().err.splitlines()
+    ticks = [l for l in err if re.search(r": \d+/\d+ images, ", l)]
+    assert [l.split(": ")[1] for l in err if l not in ticks] == [
+        "1/3 cold run (compiles included) ...", "1/3 cold run", "2/3 warm run ...",
+        "2/3 warm run", "3/3 split run (extract, then similarity per layer) ...",
+        "3/3 extract", "3/3 similarity"], err
+    assert [l.split(": ")[2].split(", ")[:2] for l in ticks] == [
+        ["4/8 images", "repeat 1/2"], ["8/8 images", "repeat 2/2"]] * 3, err
     layers = [r for r in rows if r["what"] == "similarity"]
     assert [r["layer"] for r in layers] == [
         "conv1_relu", "conv2_block2_out", "conv3_block2_out", "conv4_block2_out",
@@ -430,7 +443,7 @@ def test_cli_decode_times_each_store_mode_as_a_new_process_and_restores_the_stat
     assert "Traceback" not in out.stderr
 
 
-def test_cli_filters_times_the_study_basis_and_the_pair(monkeypatch):
+def test_cli_filters_times_the_study_basis_and_the_pair(monkeypatch, capsys):
     """bench filters: the basis over N weights dirs (2 passes, counted through the stream),
     and one pair in its own and the study's basis; refuses an image-size flag."""
     from medtransfer_jax.analysis import filters as F
@@ -438,10 +451,12 @@ def test_cli_filters_times_the_study_basis_and_the_pair(monkeypatch):
     loads = []
     real = F.scaled_filters
     monkeypatch.setattr(F, "scaled_filters", lambda p: loads.append(1) or real(p))
-    rows = filters_bench.run(models=3, depth=18, width=8, repeats=1)
+    rows = filters_bench.run(models=3, depth=18, width=8, repeats=2)
+    err = [l.split(" in ")[0].split(": basis ")[0] for l in capsys.readouterr().err.splitlines()]
+    assert err == ["filters: wrote 3 models", "filters: repeat 1/2", "filters: repeat 2/2"]
     assert [r["what"].split(":")[0].split(",")[0] for r in rows] == [
         "study basis", "one (pre", "one (pre"]
-    assert len(loads) == 2 * 3          # two passes over three models, one round
+    assert len(loads) == 2 * 3 * 2      # two passes over three models, two rounds
     basis, own, study = rows
     # ResNet18 width 8: per stage of widths 8, 16, 32, 64, two blocks of two 3x3 convs
     # (in x out filters each; a stage's first conv reads the previous width)

@@ -129,6 +129,29 @@ def test_forward_pass_every_example_once_in_order_same_on_1_and_8_devices(tmp_pa
     assert out["8"]["auc"] == pytest.approx(out["1"]["auc"], abs=1e-9)
 
 
+def test_evaluate_prints_throttled_lines_per_split(tmp_path, capsys, monkeypatch):
+    """`evaluate` on a split of thousands of images is minutes on a CPU: lines of images
+    done, img/s and ETA (every batch here: interval 0), counting only real rows (the
+    last batch's padding is not an image)."""
+    from medtransfer_jax import ticker
+    monkeypatch.setattr(ticker, "INTERVAL_S", 0.0)
+    d = str(tmp_path / "w")
+    _save(d, num_classes=2)
+    out, mets = evaluation.evaluate_checkpoint(d, dataset="synthetic", splits=["val", "test"],
+                                               batch_size=32, output=str(tmp_path / "p.csv"))
+    lines = capsys.readouterr().out.splitlines()
+    split_of = predictions.read_predictions(out)["split"]
+    n = {s: int(np.sum(split_of == s)) for s in ("val", "test")}
+    for split in ("val", "test"):
+        head = f"evaluate {split}: "
+        got = [re.fullmatch(r"(\d+)/(\d+) images, [\d.]+ img/s, \S+( s)?, ETA \S+( s)?",
+                            l[len(head):]) for l in lines if l.startswith(head)]
+        assert got and all(got), lines
+        done = [int(m.group(1)) for m in got]
+        assert done == [min(32 * (i + 1), n[split]) for i in range(len(done))], done
+        assert done[-1] == n[split] and {int(m.group(2)) for m in got} == {n[split]}
+
+
 def _write(path, text):
     path.write_text(text)
     return str(path)
@@ -238,6 +261,7 @@ def test_project_imports_at_the_top_outside_the_mains():
 @pytest.mark.parametrize("low,high", [
     ("inference", "training"), ("inference", "analysis"), ("weights", "inference"),
     ("weights", "training"), ("configs", "training"), ("training", "analysis"),
+    ("inference", "studies"), ("analysis", "studies"),
 ])
 def test_no_upward_imports(low, high):
     """inference sits below training (training's evaluation runs its forward pass), the

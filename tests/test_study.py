@@ -381,6 +381,32 @@ def test_analyze_paper_protocol_reproduces_the_studys_cca_rows(study, tmp_path):
         assert max(abs(other[l] - v) for l, v in ours.items()) > 1e-3, extra
 
 
+def test_each_pair_and_map_prints_throttled_lines_inside(study, tmp_path, monkeypatch):
+    """A CCA pair (its chance level, then the comparison) and a layer map are minutes of
+    forward passes at full size: inside each item, throttled lines (every batch here:
+    interval 0) named like the item's own line, and a map's line per method."""
+    from medtransfer_jax import ticker
+    monkeypatch.setattr(ticker, "INTERVAL_S", 0.0)
+    wd = _copy(study, tmp_path)
+    lines = _rerun(wd, ["representations"]).splitlines()   # forced: every item again
+    st = runner.Study(_tiny_study_config(), str(wd))
+    pairs = analyses.cca_pairs(st, "lesion", 0)
+    for label in [p[0] for p in pairs]:
+        name = analyses.item_name("lesion", 0, label)
+        for head in (f"{name} (chance level): ", f"{name}: "):
+            # the pool's images once per repeat (one batch each), 2 repeats
+            got = [re.match(r"(\d+)/(\d+) images, repeat (\d)/2, ", l[len(head):])
+                   for l in lines if l.startswith(head)]
+            assert len(got) == 2 and all(got), (head, lines)
+            (k, n, r1), (k2, n2, r2) = [tuple(int(x) for x in m.groups()) for m in got]
+            assert (r1, r2) == (1, 2) and n == n2 == k2 == 2 * k > 0
+    for _, _, _, label, *_ in analyses.map_pairs(st, analyses.layer_map_settings(st)):
+        head = f"{analyses.map_item_name('lesion', 0, label)}: "
+        got = [l[len(head):].split(", ")[0] for l in lines if l.startswith(head)]
+        assert re.fullmatch(r"(\d+)/\1 images", got[0]) and got[1:] == [
+            "linear_cka 9x9 (1/2 methods)", "debiased_cka 9x9 (2/2 methods)"], lines
+
+
 def test_resumed_representations_stage_skips_done_items_without_timing_them(study):
     """A representations stage interrupted with its CCA tables and one layer map written
     (not marked done): its rerun runs only the missing map (its line says 2/2), and the

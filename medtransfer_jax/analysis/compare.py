@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -34,6 +35,7 @@ from medtransfer_jax.analysis import layer_map
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.models import resnet
+from medtransfer_jax.ticker import Ticker
 
 ModelLike = Union[str, act.LoadedModel]
 
@@ -170,7 +172,8 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
                   spatial: str = "positions", batch_size: int = 64,
                   preprocessing: Optional[str] = None,
                   layer_pairs: Optional[Dict[str, Tuple[str, str]]] = None, mesh=None,
-                  compute_dtype: str = "float32") -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
+                  compute_dtype: str = "float32", progress: Optional[Ticker] = None
+                  ) -> List[Tuple[jnp.ndarray, jnp.ndarray]]:
     """Datapoint matrices (X (n, p), Y (n, q)) for every draw, kept on device.
 
     One forward pass per network and repeat over the union of that repeat's images, in
@@ -179,7 +182,9 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
     all stage maps of all images. ``layer_pairs`` maps a row name to (layer of A, layer of
     B) for cross-layer comparisons (maps brought to a common grid by
     :func:`activations.match_spatial`). Rows are ordered by image index. Forward batches
-    are split over ``mesh`` (default :func:`activations.forward_mesh`).
+    are split over ``mesh`` (default :func:`activations.forward_mesh`). ``progress``: its
+    throttled line after a batch (images forwarded of all repeats, the repeat), once
+    that batch's arrays are computed.
     """
     mesh = act.forward_mesh(batch_size, mesh)
     va, vb = act.replicate(a.variables, mesh), act.replicate(b.variables, mesh)
@@ -195,8 +200,12 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
     by_repeat: Dict[int, List[int]] = {}
     for i, d in enumerate(draws):
         by_repeat.setdefault(d.repeat, []).append(i)
-    for _, idx in sorted(by_repeat.items()):
-        needed = np.unique(np.concatenate([draws[i].images for i in idx]))
+    needs = [np.unique(np.concatenate([draws[i].images for i in idx]))
+             for _, idx in sorted(by_repeat.items())]
+    if progress is not None:
+        progress.start(sum(len(n) for n in needs))
+    done = 0
+    for r, ((_, idx), needed) in enumerate(zip(sorted(by_repeat.items()), needs)):
         for start in range(0, len(needed), batch_size):
             chunk = needed[start:start + batch_size]
             pad = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
@@ -223,6 +232,10 @@ def collect_draws(a: act.LoadedModel, b: act.LoadedModel, images, draws: Sequenc
                     ch = jnp.asarray(d.channels)
                     X, Y = X[:, ch], Y[:, ch]
                 parts[i].append((X, Y))
+            done += len(chunk)
+            if progress is not None:
+                progress.update(done, f"repeat {r + 1}/{len(needs)}",
+                                wait=lambda: jax.block_until_ready((acts_a, acts_b, parts)))
     return [(jnp.concatenate([p[0] for p in ps]), jnp.concatenate([p[1] for p in ps]))
             for ps in parts]
 
@@ -251,7 +264,8 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
                      streaming_mode: bool = False, name_a: Optional[str] = None,
                      name_b: Optional[str] = None, pairs: str = "same",
                      max_channels: Optional[int] = None, mesh=None,
-                     compute_dtype: str = "float32", **options) -> List[dict]:
+                     compute_dtype: str = "float32", progress: Optional[Ticker] = None,
+                     **options) -> List[dict]:
     """Similarity of two networks layer by layer on the same ``images``.
 
     Args:
@@ -276,6 +290,8 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
         carry ``layer_a``/``layer_b`` and ``layer`` = 'A~B'.
       layers: Keras names, ``'all_blocks'`` (conv1_relu + every block output) or None
         (the stage outputs).
+      progress: a :class:`ticker.Ticker` for throttled lines of the forward passes
+        (images done of all repeats, ETA); None: silent.
       options: passed to the kernels (``rtol``, ``epsilon``, ``keep``, ``threshold``,
         ``kernel``, ``route``).
     Returns:
@@ -291,7 +307,7 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
             weights_a, weights_b, images, layers=layers or "all_blocks", methods=methods,
             spatial=spatial, max_channels=max_channels or num_channels,
             batch_size=batch_size, preprocessing=preprocessing, seed=seed, mesh=mesh,
-            compute_dtype=compute_dtype, name_a=name_a, name_b=name_b, **kw)
+            compute_dtype=compute_dtype, name_a=name_a, name_b=name_b, progress=progress, **kw)
         return lmap.rows()
     a = act.load_model(weights_a, name_a)
     b = act.load_model(weights_b, name_b)
@@ -310,13 +326,14 @@ def compare_networks(weights_a: ModelLike, weights_b: ModelLike, images, *,
                                           num_channels)
     if streaming_mode:
         return _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels,
-                                  seed, batch_size, preprocessing, shapes, options, mesh)
+                                  seed, batch_size, preprocessing, shapes, options, mesh,
+                                  progress)
     draws = make_plan(shapes, images.shape[0], positions=positions, num_channels=num_channels,
                       repeats=repeats, seed=seed, spatial=spatial)
     warn_few_datapoints(draws, shapes, spatial, positions, methods)
     pairs = collect_draws(a, b, images, draws, spatial=spatial, batch_size=batch_size,
                           preprocessing=preprocessing, layer_pairs=layer_pairs, mesh=mesh,
-                          compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, progress=progress)
     rows: List[dict] = []
     for m in methods:
         opts = _method_options(m, options)
@@ -365,7 +382,8 @@ def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
                        protocol: PaperCCAProtocol = PaperCCAProtocol(), *,
                        preprocessing: Optional[str] = None, name_a: Optional[str] = None,
                        name_b: Optional[str] = None, mesh=None,
-                       compute_dtype: str = "float32") -> List[dict]:
+                       compute_dtype: str = "float32", progress: Optional[Ticker] = None
+                       ) -> List[dict]:
     """The Revisiting CCA (``protocol`` defaults) between two networks; rows as
     :func:`compare_networks`. Layers with fewer channels than ``num_channels`` use all.
 
@@ -386,11 +404,13 @@ def run_paper_protocol(weights_a: ModelLike, weights_b: ModelLike, images,
         positions=protocol.positions, num_channels=protocol.num_channels,
         repeats=protocol.repeats, seed=protocol.seed, batch_size=protocol.batch_size,
         preprocessing=preprocessing or protocol.preprocessing, epsilon=protocol.epsilon,
-        name_a=name_a, name_b=name_b, mesh=mesh, compute_dtype=compute_dtype)
+        name_a=name_a, name_b=name_b, mesh=mesh, compute_dtype=compute_dtype,
+        progress=progress)
 
 
 def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels, seed,
-                       batch_size, preprocessing, shapes, options, mesh=None) -> List[dict]:
+                       batch_size, preprocessing, shapes, options, mesh=None,
+                       progress: Optional[Ticker] = None) -> List[dict]:
     sim.check_methods(methods, need="streaming", what="streaming_mode")
     rng = np.random.default_rng(seed)
     channels = {}
@@ -409,6 +429,8 @@ def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels
     n = images.shape[0]
     mesh = act.forward_mesh(batch_size, mesh)
     va, vb = act.replicate(a.variables, mesh), act.replicate(b.variables, mesh)
+    if progress is not None:
+        progress.start(n)
     for start in range(0, n, batch_size):
         # Fixed batch shape (padded rows masked out): one compile for the whole stream.
         valid = min(batch_size, n - start)
@@ -429,6 +451,8 @@ def _compare_streaming(a, b, images, layer_pairs, methods, spatial, num_channels
             xs[name], ys[name] = X, Y
             masks[name] = jnp.asarray(np.repeat(image_mask, X.shape[0] // batch_size))
         acc.update(xs, ys, masks)
+        if progress is not None:
+            progress.update(start + valid, wait=lambda: jax.block_until_ready((acc.cov, acc.mb)))
     table = acc.finish()
     rows = []
     for name in layer_pairs:

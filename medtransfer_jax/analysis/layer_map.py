@@ -44,6 +44,7 @@ from medtransfer_jax.analysis import covariance as cov_lib
 from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import streaming
 from medtransfer_jax.models import resnet
+from medtransfer_jax.ticker import Ticker, format_duration
 
 MAP_METHODS = sim.MAP_METHODS  # the registry's (similarity.REGISTRY) mappable methods
 DEFAULT_MAP_METHODS = ("mean_cca", "svcca", "pwcca", "debiased_cka")
@@ -168,7 +169,7 @@ def layer_map(weights_a, weights_b, images, *, layers: Union[str, Sequence[str]]
               preprocessing: Optional[str] = None, seed: int = 0, mesh=None,
               compute_dtype: str = "float32", rtol: float = streaming.DEFAULT_STREAMING_RTOL,
               epsilon: float = 1e-12, keep: float = 0.99, name_a: Optional[str] = None,
-              name_b: Optional[str] = None) -> LayerMap:
+              name_b: Optional[str] = None, progress: Optional[Ticker] = None) -> LayerMap:
     """Every layer of A against every layer of B on the same ``images`` (N, H, W[, C]).
 
     ``weights_b=None`` (or the same weights) maps A against itself with one forward pass
@@ -178,6 +179,8 @@ def layer_map(weights_a, weights_b, images, *, layers: Union[str, Sequence[str]]
     ``'grid'`` (module docstring). ``mesh``: a 1-D ``data`` mesh (default: every device);
     ``batch_size`` must be a multiple of its size. ``compute_dtype='bfloat16'`` runs the
     forward passes in bf16 (statistics stay float32; see BENCHMARKS for its effect).
+    ``progress``: throttled lines of the streamed pass (images done, ETA), then one line
+    per method finished.
     """
     methods = sim.check_methods(methods, need="maps", what="layer_map: methods")
     if spatial not in MAP_SPATIAL:
@@ -201,15 +204,17 @@ def layer_map(weights_a, weights_b, images, *, layers: Union[str, Sequence[str]]
         raise ValueError(f"layer_map: {e}") from None
     plan = _plan(a, b, images.shape[1:3], la, () if b is None else lb, spatial, grid,
                  max_channels, stats_budget_mb, seed)
-    state = _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype)
+    state = _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype,
+                    progress)
     names = [f"{net}:{name}" for net, name, _ in plan.layers]
     joint, cka = streaming.finish_joint(state, plan.segments, names)
     return _finish(a, b, plan, la, lb, joint, cka, methods, images.shape[0], spatial,
-                   compute_dtype, dict(rtol=rtol, epsilon=epsilon, keep=keep))
+                   compute_dtype, dict(rtol=rtol, epsilon=epsilon, keep=keep), progress)
 
 
-def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype):
-    """The one pass: forward each batch through each network, accumulate on device."""
+def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype, progress=None):
+    """The one pass: forward each batch through each network, accumulate on device;
+    ``progress`` waits for the statistics only when its line is due."""
     layers_a = tuple(sorted({n for net, n, _ in plan.layers if net == "a"}))
     layers_b = tuple(sorted({n for net, n, _ in plan.layers if net == "b"}))
     run_a = act._extractor(act.with_dtype(a.model, compute_dtype), layers_a)
@@ -228,6 +233,8 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype):
     lo = jax.process_index() * local
     put = lambda x: act.shard_rows(x, mesh)  # noqa: E731
     norm = act.normalize_on_device
+    if progress is not None:
+        progress.start(n)
     for start in range(0, n, batch_size):
         valid = min(batch_size, n - start)
         idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]
@@ -239,12 +246,15 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype):
         z = sharding.settled(feats(acts_a, acts_b))
         state = streaming.update_joint(state, z,
                                        put(np.repeat(keep, rows_per_image)), plan.segments)
+        if progress is not None:
+            progress.update(start + valid, wait=lambda: jax.block_until_ready(state))
     return state
 
 
 def _finish(a, b, plan, la, lb, joint, cka, methods, num_images, spatial, compute_dtype,
-            opts) -> LayerMap:
-    """Per-layer sides once, then every (layer of A, layer of B) pair, float64 on host."""
+            opts, progress=None) -> LayerMap:
+    """Per-layer sides once, then every (layer of A, layer of B) pair, float64 on host;
+    a ``progress`` line per method."""
     index = {(net, name): i for i, (net, name, _) in enumerate(plan.layers)}
     rows_a = [index[("a", l)] for l in la]
     rows_b = [index[("b" if b is not None else "a", l)] for l in lb]
@@ -259,7 +269,8 @@ def _finish(a, b, plan, la, lb, joint, cka, methods, num_images, spatial, comput
             f"< the channels of {sorted(too_wide)}. Use more images, spatial='grid', or a "
             "smaller max_channels (or only CKA methods).")
     values = {}
-    for m in methods:
+    for k, m in enumerate(methods):
+        t0 = progress.clock() if progress is not None else 0.0
         mat = np.zeros((len(rows_a), len(rows_b)))
         if m == "debiased_cka":
             mat = cka[np.ix_(rows_a, rows_b)]
@@ -275,6 +286,9 @@ def _finish(a, b, plan, la, lb, joint, cka, methods, num_images, spatial, comput
                 for q, j in enumerate(rows_b):
                     mat[p, q] = cov_lib.pair_value(m, sides[i], sides[j], block(i, j))
         values[m] = mat
+        if progress is not None:
+            progress.say(f"{m} {len(rows_a)}x{len(rows_b)} ({k + 1}/{len(methods)} methods), "
+                         f"{format_duration(progress.clock() - t0)}")
     sp = "pool (global average per image)" if plan.grid is None else (
         f"grid {plan.grid[0]}x{plan.grid[1]} (every position of a common grid)")
     other = b or a

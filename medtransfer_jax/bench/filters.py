@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from medtransfer_jax.analysis import filters
+from medtransfer_jax.bench import common
 from medtransfer_jax.models import resnet
 from medtransfer_jax.weights import checkpoint
 
@@ -41,11 +42,13 @@ def _write_models(folder: str, models: int, depth: int, width: int) -> List[str]
 
 def run(models: int = 4, depth: int = 50, width: int = 64, repeats: int = 3) -> List[Dict]:
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
         dirs = _write_models(tmp, max(models, 2), depth, width)
+        common.progress(f"filters: wrote {len(dirs)} models in {time.perf_counter() - t0:.1f} s")
         pre, ft = (checkpoint.load_weights(d)[0]["params"] for d in dirs[:2])
         times: Dict[str, list] = {"basis": [], "own": [], "study": []}
         basis = None
-        for _ in range(repeats):
+        for r in range(repeats):
             t0 = time.perf_counter()
             basis = filters.fit_basis_of_weights(dirs)
             t1 = time.perf_counter()
@@ -55,6 +58,8 @@ def run(models: int = 4, depth: int = 50, width: int = 64, repeats: int = 3) -> 
             t3 = time.perf_counter()
             for k, s in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
                 times[k].append(s)
+            common.progress(f"filters: repeat {r + 1}/{repeats}: basis {t1 - t0:.1f} s, pair "
+                            f"(own basis) {t2 - t1:.1f} s, pair (study basis) {t3 - t2:.1f} s")
     med = {k: statistics.median(v) for k, v in times.items()}
     n = len(dirs)
     return [dict(what="study basis: 2 streamed passes (load, scale, moments / signs, extent)",

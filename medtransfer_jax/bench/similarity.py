@@ -37,6 +37,7 @@ from medtransfer_jax.analysis import streaming
 from medtransfer_jax.bench import common
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.models import resnet
+from medtransfer_jax.ticker import Ticker
 from medtransfer_jax.weights.checkpoint import WeightsMetadata
 
 # Methods with a google/svcca-style NumPy baseline (svcca has no CKA; Kornblith's colab
@@ -303,7 +304,9 @@ def run_network(num_images: int = 1000, image_size: int = 224, depth: int = 50,
     Rows: per-layer similarity seconds and values, then the warm run split into activation
     extraction (forward passes), similarity and the rest, then the end-to-end call warm and
     cold (compiles included). The split repeats compare_networks' own steps and its values
-    must equal the end-to-end ones (checked), so the parts measure the same work.
+    must equal the end-to-end ones (checked), so the parts measure the same work. Each of
+    the three parts (minutes for ResNet50 on a CPU) prints a progress row on stderr when
+    it starts and ends, with throttled lines in between.
     """
     protocol = protocol or compare.PaperCCAProtocol()
     a = random_model(depth, width, seed, image_size=image_size, name="random_a")
@@ -312,23 +315,32 @@ def run_network(num_images: int = 1000, image_size: int = 224, depth: int = 50,
     images = np.random.default_rng(seed).integers(0, 256, (num_images, image_size,
                                                             image_size, 3), dtype=np.uint8)
 
+    def part(what):
+        common.progress(f"network: {what} ...")
+        return Ticker(f"network: {what}", echo=common.progress)
+
     t0 = time.perf_counter()
-    compare.run_paper_protocol(a, b, images, protocol)
+    compare.run_paper_protocol(a, b, images, protocol, progress=part("1/3 cold run (compiles "
+                                                                     "included)"))
     first_s = time.perf_counter() - t0
+    common.progress(f"network: 1/3 cold run: {first_s:.1f} s")
     t0 = time.perf_counter()
-    result = compare.run_paper_protocol(a, b, images, protocol)
+    result = compare.run_paper_protocol(a, b, images, protocol, progress=part("2/3 warm run"))
     warm_s = time.perf_counter() - t0
+    common.progress(f"network: 2/3 warm run: {warm_s:.1f} s")
 
     layers = tuple(protocol.layers or resnet.stage_output_names(depth))
     shapes = act.layer_shapes(a, image_size, layers)
     draws = compare.make_plan(shapes, num_images, positions=protocol.positions,
                               num_channels=protocol.num_channels, repeats=protocol.repeats,
                               seed=protocol.seed)
+    progress = part("3/3 split run (extract, then similarity per layer)")
     t0 = time.perf_counter()
     pairs = compare.collect_draws(a, b, images, draws, batch_size=protocol.batch_size,
-                                  preprocessing=protocol.preprocessing)
+                                  preprocessing=protocol.preprocessing, progress=progress)
     jax.block_until_ready(pairs)
     extract_s = time.perf_counter() - t0
+    common.progress(f"network: 3/3 extract: {extract_s:.1f} s")
     forwarded = sum(len(np.unique(np.concatenate([d.images for d in draws if d.repeat == r])))
                     for r in range(protocol.repeats))
 
@@ -355,6 +367,7 @@ def run_network(num_images: int = 1000, image_size: int = 224, depth: int = 50,
                          datapoints=by_layer[layer]["datapoints"],
                          channels=by_layer[layer]["channels"],
                          value=by_layer[layer]["value"], note=""))
+    common.progress(f"network: 3/3 similarity: {sim_total:.1f} s over {len(layers)} layers")
     setup = (f"ResNet{depth} w{width} {image_size}px, {protocol.method}, "
              f"{protocol.repeats} repeats, {protocol.positions} positions")
     total = dict(layer=f"all {len(layers)}", images=num_images, datapoints="", channels="",

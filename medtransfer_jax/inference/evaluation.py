@@ -16,6 +16,7 @@ from absl import logging
 from medtransfer_jax import configs, data as data_lib, paths
 from medtransfer_jax import sharding
 from medtransfer_jax.inference import predict, predictions
+from medtransfer_jax.ticker import Ticker
 from medtransfer_jax.weights import checkpoint as weights_lib
 
 
@@ -115,7 +116,8 @@ def _pick_splits(ds, splits) -> Dict[str, Any]:
 
 def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=None,
                         splits=("test",), image_size=None, batch_size=64, output=None):
-    """Predicts ``splits`` with the checkpoint; writes predictions CSV + metrics JSON.
+    """Predicts ``splits`` with the checkpoint; writes predictions CSV + metrics JSON,
+    with throttled progress lines per split (thousands of images are minutes on a CPU).
 
     Returns:
       (output path, {split: metrics}).
@@ -151,7 +153,8 @@ def evaluate_checkpoint(checkpoint: str, *, dataset=None, data_root=None, fold=N
         mets, arrays = predict.evaluate_source(
             eval_step, loaded.variables, src, mesh, image_size=size,
             preprocessing=meta.preprocessing, batch_size=batch_size,
-            resize_method=cfg.resize_method, reported_auc=reported)
+            resize_method=cfg.resize_method, reported_auc=reported,
+            progress=Ticker(f"evaluate {name}"))
         ids, groups = predict.ids_groups(src, arrays["index"])
         rows.append((ids, groups, [name] * len(ids), arrays["label"], arrays["probs"]))
         all_metrics[name] = mets

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from medtransfer_jax import data as data_lib
 from medtransfer_jax import sharding as shard_lib
 from medtransfer_jax.inference import metrics as metrics_lib
+from medtransfer_jax.ticker import Ticker
 
 
 #: Eval batches queued on the device before the oldest one's outputs are read.
@@ -59,14 +60,15 @@ def make_eval_step(model, mesh: Mesh, variables_sharding: Any, *, num_classes: i
 
 def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, preprocessing: str,
                     batch_size: int, worker_count: int = 0, resize_method: str = "bilinear",
-                    reported_auc: Optional[str] = None,
-                    batches: Optional[Any] = None) -> Tuple[Dict[str, float], Dict]:
+                    reported_auc: Optional[str] = None, batches: Optional[Any] = None,
+                    progress: Optional[Ticker] = None) -> Tuple[Dict[str, float], Dict]:
     """Runs ``eval_step`` over every example of ``source`` once.
 
     ``batch_size``: the global batch (a multiple of the mesh size; the last batch is
     padded with weight-0 rows, which are dropped). ``batches``: the eval batches of
     ``source`` when they come from elsewhere (the device-resident cache); else the grain
-    eval pipeline reads ``source``.
+    eval pipeline reads ``source``. ``progress``: throttled lines (images done, img/s,
+    ETA) as batches come back to the host; None (training's evaluations): silent.
 
     Returns:
       (metrics dict (metrics.classification_metrics), arrays {'index': (N,),
@@ -77,10 +79,17 @@ def evaluate_source(eval_step, variables, source, mesh, *, image_size: int, prep
         worker_count=worker_count, resize_method=resize_method)
     outs: Dict[str, List[np.ndarray]] = {}
     queued: collections.deque = collections.deque()
+    done = 0
+    if progress is not None:
+        progress.start(len(source), rate_unit="img/s")
 
     def collect():  # the oldest queued batch's outputs, to the host
+        nonlocal done
         for k, v in queued.popleft().items():
             outs.setdefault(k, []).append(shard_lib.gather_to_host(v))
+        done += int(np.sum(outs["weight"][-1] > 0))
+        if progress is not None:
+            progress.update(done)
 
     for batch in it:
         batch = {k: batch[k] for k in ("image", "label", "weight", "index")}

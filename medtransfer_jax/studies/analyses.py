@@ -31,6 +31,7 @@ from medtransfer_jax.analysis import similarity as sim
 from medtransfer_jax.analysis import stats, stimuli, weight_change
 from medtransfer_jax.models import resnet
 from medtransfer_jax.studies import progress, tables, tasks
+from medtransfer_jax.ticker import Ticker
 from medtransfer_jax.training import sweep
 from medtransfer_jax.inference import metrics
 from medtransfer_jax.weights import checkpoint
@@ -191,18 +192,19 @@ def cca_pairs(study, target: str, fold: int) -> List[tuple]:
 
 
 def shuffled_null(task: tasks.SimilarityTask, pair: tasks.Pair, images: np.ndarray,
-                  method: str) -> Dict[str, tuple]:
+                  method: str, progress: Optional[Ticker] = None) -> Dict[str, tuple]:
     """{layer: (mean, sd)} of ``method`` on the comparison's own draws (same seed, so the
     same images, positions and channels as :func:`tasks.pair_rows`) with the rows of B
     shuffled: the chance level of exactly that comparison. One permutation per draw; the
-    spread is over the ``repeats`` draws."""
+    spread is over the ``repeats`` draws. ``progress``: throttled lines of its forward
+    passes (as many as the comparison's own)."""
     a, b = act.load_model(pair.a), act.load_model(pair.b)
     layers = task.layers or resnet.stage_output_names(a.depth)
     draws = compare.make_plan(act.layer_shapes(a, images.shape[1:3], layers), len(images),
                               positions=task.positions, num_channels=task.num_channels,
                               repeats=task.repeats, seed=task.seed, spatial=task.spatial)
     pairs = compare.collect_draws(a, b, images, draws, spatial=task.spatial,
-                                  preprocessing=task.preprocessing)
+                                  preprocessing=task.preprocessing, progress=progress)
     fn = lambda x, y: float(sim.similarity(x, y, method))  # noqa: E731
     values: Dict[str, list] = {}
     for i, (d, (x, y)) in enumerate(zip(draws, pairs)):
@@ -231,10 +233,11 @@ def compare_fold(study, target: str, fold: int,
                        [item_name(target, fold, p[0]) for p in pairs])
     rows, method = [], task.methods[0]
     for label, kind, wa, wb in pairs:
-        with items.item(item_name(target, fold, label)) as it:
+        name = item_name(target, fold, label)
+        with items.item(name) as it:
             pair = _pair(label, wa, wb)
-            null = shuffled_null(task, pair, images, method)
-            pair_rows = tasks.pair_rows(task, pair, images)
+            null = shuffled_null(task, pair, images, method, Ticker(f"{name} (chance level)"))
+            pair_rows = tasks.pair_rows(task, pair, images, Ticker(name))
             it.detail = f"mean {method} " + format(
                 _mean(r["value"] for r in pair_rows if r["method"] == method), ".3f")
         for r in pair_rows:
@@ -346,7 +349,8 @@ def _layer_map_pair(study, lm, methods, target_fold, pair_spec, where, pools) ->
         wa, wb, spec, name_a=pair.name_a, name_b=pair.name_b, methods=methods,
         spatial=lm.get("spatial", "pool"), max_channels=lm.get("max_channels"),
         preprocessing=preprocessing, seed=int(lm.get("seed", 0)))
-    tasks.write_layer_map(tasks.layer_map_of(task, images), where["csv"],
+    lmap = tasks.layer_map_of(task, images, Ticker(map_item_name(*target_fold, label)))
+    tasks.write_layer_map(lmap, where["csv"],
                           {m: where[f"png_{m}"] for m in methods})
 
 

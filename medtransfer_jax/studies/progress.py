@@ -31,6 +31,7 @@ import time
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 from medtransfer_jax import paths
+from medtransfer_jax.ticker import format_duration
 from medtransfer_jax.studies import tables
 
 #: The stages of a study, in order (the runner runs them; the cost model counts them).
@@ -52,18 +53,6 @@ RATES_FILE = ("stages", "rates.json")
 PRIORS = {"sources": ("seconds", 12.9), "representations": ("vs_finetune", 1.7),
           "predictions": ("seconds", 0.036), "filters": ("seconds", 0.40),
           "robustness": ("seconds", 0.061), "report": ("seconds", 0.33)}
-
-
-def format_duration(seconds: float) -> str:
-    """41 -> '41 s', 250 -> '4m10s', 4320 -> '1h12m'; NaN/inf -> '?'."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(max(seconds, 0)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 class Progress:

@@ -27,7 +27,9 @@ from medtransfer_jax.analysis import stimuli as stimuli_lib
 from medtransfer_jax.analysis import weight_change
 from medtransfer_jax.errors import UserError
 from medtransfer_jax.inference import activations as act
+from medtransfer_jax.studies import progress as progress_lib
 from medtransfer_jax.studies import tables
+from medtransfer_jax.ticker import Ticker
 from medtransfer_jax.weights import checkpoint
 
 
@@ -88,15 +90,23 @@ class SimilarityTask:
                    preprocessing=preprocessing)
 
 
-def pair_rows(task: SimilarityTask, pair: Pair, images: np.ndarray) -> List[dict]:
+def pair_label(pair: Pair) -> str:
+    """The pair's label, else 'A vs B' from its names or weights dirs."""
+    return pair.label or f"{pair.name_a or pair.a} vs {pair.name_b or pair.b}"
+
+
+def pair_rows(task: SimilarityTask, pair: Pair, images: np.ndarray,
+              progress: Optional[Ticker] = None) -> List[dict]:
     """Rows (one per layer and method, :mod:`analysis.compare`) of one pair; ``pair``
-    column = the pair's label."""
+    column = the pair's label. ``progress``: the pair's throttled lines (default: one
+    labelled with :func:`pair_label`), as a pair is minutes of forward passes on a CPU."""
     rows = compare.compare_networks(
         pair.a, pair.b, images, layers=list(task.layers) if task.layers else None,
         method=list(task.methods), spatial=task.spatial, positions=task.positions,
         num_channels=task.num_channels, repeats=task.repeats, seed=task.seed,
         batch_size=task.batch_size, preprocessing=task.preprocessing,
-        streaming_mode=task.streaming, name_a=pair.name_a, name_b=pair.name_b)
+        streaming_mode=task.streaming, name_a=pair.name_a, name_b=pair.name_b,
+        progress=Ticker(pair_label(pair)) if progress is None else progress)
     label = (pair.label or f"{rows[0]['model_a']} vs {rows[0]['model_b']}") if rows else ""
     for r in rows:
         r["pair"] = label
@@ -104,9 +114,21 @@ def pair_rows(task: SimilarityTask, pair: Pair, images: np.ndarray) -> List[dict
 
 
 def similarity_rows(task: SimilarityTask, images: Optional[np.ndarray] = None) -> List[dict]:
-    """Rows of every pair on ``images`` (default: :func:`stimuli.load_pool` of the task)."""
+    """Rows of every pair on ``images`` (default: :func:`stimuli.load_pool` of the task),
+    one progress line per pair as a study's stage prints them (``analyze`` runs this; a
+    study loops over :func:`pair_rows` with its own lines)."""
     images = stimuli_lib.load_pool(task.stimuli) if images is None else images
-    return [r for p in task.pairs for r in pair_rows(task, p, images)]
+    labels = [pair_label(p) for p in task.pairs]
+    items = progress_lib.StageItems("pair", None, labels)
+    rows: List[dict] = []
+    for pair, label in zip(task.pairs, labels):
+        with items.item(label) as it:
+            got = pair_rows(task, pair, images)
+            first = [r["value"] for r in got if r["method"] == task.methods[0]]
+            if first:
+                it.detail = f"mean {task.methods[0]} {np.nanmean(first):.3f}"
+        rows += got
+    return rows
 
 
 def run_similarity(task: SimilarityTask, out_dir: str) -> Dict[str, str]:
@@ -136,14 +158,20 @@ class LayerMapTask:
     seed: int = 0
 
 
-def layer_map_of(task: LayerMapTask, images: Optional[np.ndarray] = None):
-    """The :class:`layer_map.LayerMap` of ``task`` on ``images`` (default: its pool)."""
+def layer_map_of(task: LayerMapTask, images: Optional[np.ndarray] = None,
+                 progress: Optional[Ticker] = None):
+    """The :class:`layer_map.LayerMap` of ``task`` on ``images`` (default: its pool);
+    ``progress``: its lines (default: labelled 'map A vs B')."""
     images = stimuli_lib.load_pool(task.stimuli) if images is None else images
+    if progress is None:
+        name_a = task.name_a or task.a
+        name_b = task.name_b or task.b or name_a   # b None: A against itself
+        progress = Ticker(f"map {name_a} vs {name_b}")
     return layer_map_lib.layer_map(
         task.a, task.b, images, layers=task.layers, methods=task.methods,
         spatial=task.spatial, max_channels=task.max_channels, batch_size=task.batch_size,
         preprocessing=task.preprocessing, seed=task.seed, name_a=task.name_a,
-        name_b=task.name_b)
+        name_b=task.name_b, progress=progress)
 
 
 def write_layer_map(lmap, csv_path: str, pngs: Dict[str, str]) -> Dict[str, str]:
@@ -234,7 +262,8 @@ def run_filters(task: FiltersTask, out_dir: str) -> Dict[str, str]:
     groups = {g: list(names) for g, names in task.groups}
     try:
         rep = filters.analyse_filters(models, groups=groups or None,
-                                      with_orthogonality=task.orthogonality)
+                                      with_orthogonality=task.orthogonality,
+                                      progress=Ticker("filters"))
     except ValueError as e:
         raise AnalysisError(str(e)) from None
     files = dict(
