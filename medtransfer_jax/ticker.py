@@ -90,6 +90,11 @@ class Ticker:
         parts += [format_duration(elapsed), f"ETA {format_duration(eta)}"]
         return self._echo(", ".join(parts), now)
 
+    def reset(self) -> None:
+        """Restarts the interval: a line printed elsewhere (a training run's
+        ``log.every_steps`` line) counts as this one's."""
+        self.last = self.clock()
+
     def say(self, message: str) -> str:
         """Echoes ``label: message`` now (a phase finished)."""
         return self._echo(message, self.clock())

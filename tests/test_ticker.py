@@ -45,3 +45,18 @@ def test_format_duration_is_one_function_for_both_layers():
     assert progress.format_duration is ticker.format_duration
     assert [ticker.format_duration(s) for s in (41, 250, 4320, float("inf"))] == [
         "41 s", "4m10s", "1h12m", "?"]
+
+
+def test_reset_restarts_the_interval_a_line_printed_elsewhere_counts():
+    """A training run's log.every_steps line resets its log.every_secs ticker."""
+    now, out = [0.0], []
+    t = ticker.Ticker("train", interval=30, clock=lambda: now[0], echo=out.append)
+    now[0] = 29.0
+    assert not t.due()
+    now[0] = 31.0
+    assert t.due()
+    t.reset()
+    assert not t.due()
+    now[0] = 61.5
+    assert t.due() and t.say("step 5/8") == "train: step 5/8" and out == ["train: step 5/8"]
+    assert not t.due()

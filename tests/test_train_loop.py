@@ -457,22 +457,6 @@ def test_a_sigmoid_binary_head_trains_exports_and_reloads(tmp_path):
         loop.train_and_evaluate(_tiny(**{"model.head": "sigmoid"}), str(tmp_path / "x"))
 
 
-def test_heartbeat_is_due_by_time_and_off_at_zero():
-    from medtransfer_jax.training import periodic
-    now = [100.0]
-    beat = periodic.Heartbeat(30, clock=lambda: now[0])
-    assert not beat.due()
-    now[0] += 29.9
-    assert not beat.due()
-    now[0] += 0.2
-    assert beat.due()
-    beat.reset()
-    assert not beat.due()
-    off = periodic.Heartbeat(0, clock=lambda: now[0])
-    now[0] += 1e6
-    assert not off.due()
-
-
 def test_slow_steps_get_console_lines_that_leave_the_metrics_unchanged(tmp_path, capfd):
     """log.every_secs: a console line when that long passed without one (a CPU step of a
     ResNet50 left minutes of silence between log.every_steps lines), and one when the first

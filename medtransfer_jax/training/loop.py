@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from medtransfer_jax import compile_cache, paths
+from medtransfer_jax import compile_cache, paths, ticker
 from medtransfer_jax.configs import validation
 from medtransfer_jax.training import checkpointing, optim, periodic, program_cache
 from medtransfer_jax.training import finalize as finalize_lib
@@ -94,7 +94,9 @@ def run_phase(run: Run, phase: Phase, state, state_sh, step: int, ls: LoopState)
     eval_every = c.eval.every_steps or run.steps_per_epoch
     pending, ls.pending_train = list(ls.pending_train), []
     meter = periodic.Throughput(c.train.batch_size)
-    beat = periodic.Heartbeat(c.log.get("every_secs", 0.0))
+    # log.every_secs: a console line when that long passed without one (slow steps)
+    every_secs = c.log.get("every_secs", 0.0)
+    beat = ticker.Ticker("train", interval=every_secs, echo=logging.info) if every_secs else None
     if step < end and not ls.phase_done:
         logging.info("phase %d: compiling the train step (or reading it from the compilation "
                      "cache) and running step %d", phase.index, step + 1)
@@ -108,17 +110,16 @@ def run_phase(run: Run, phase: Phase, state, state_sh, step: int, ls: LoopState)
         meter.tick(m)   # waits for the first step
         if first:
             logging.info("step %d: compiled and ran in %s", step,
-                         periodic.fmt_time(time.monotonic() - t_first))
-            beat.reset()
+                         ticker.format_duration(time.monotonic() - t_first))
         run.profiler.after_step(step, state)
         periodic.call_hooks(run.hooks, "after_step", step, state)
         if periodic.every(step, c.log.every_steps) or step == end:
             _log_train(run, phase, step, pending, meter, ls)
             pending = []
-            beat.reset()
-        elif beat.due() and not first:
-            _log_progress(run, phase, step, pending, meter, ls)
-            beat.reset()
+            if beat:
+                beat.reset()
+        elif beat and not first and beat.due():
+            _log_progress(run, phase, step, pending, meter, ls, beat)
         is_eval = periodic.every(step - ls.phase_start, eval_every) or step == end
         if is_eval:
             jax.block_until_ready(state)  # the queued steps are train time, not eval time
@@ -143,7 +144,8 @@ def _log_train(run: Run, phase: Phase, step: int, pending, meter, ls: LoopState)
     run.writer.write(step, "train", mean)
     logging.info("step %d/%d | phase %d | epoch %.2f | loss %.4f | acc %.3f | lr %.2e | "
                  "%.1f img/s | ETA %s", step, total, phase.index, mean["epoch"], mean["loss"],
-                 mean["accuracy"], lr, speed["img_per_s"], periodic.fmt_time(speed["eta_s"]))
+                 mean["accuracy"], lr, speed["img_per_s"],
+                 ticker.format_duration(speed["eta_s"]))
     limit = run.config.train.max_loss_factor * math.log(max(2, run.splits.num_classes))
     if not math.isfinite(mean["loss"]) or (limit > 0 and mean["loss"] > limit):
         _diverged(run, step, mean["loss"], lr, limit)
@@ -154,7 +156,8 @@ def _total_steps(run: Run, phase: Phase, ls: LoopState) -> int:
     return sum(p.num_steps for p in run.phases[phase.index:]) + ls.phase_start
 
 
-def _log_progress(run: Run, phase: Phase, step: int, pending, meter, ls: LoopState) -> None:
+def _log_progress(run: Run, phase: Phase, step: int, pending, meter, ls: LoopState,
+                  beat: ticker.Ticker) -> None:
     """A console line between two ``log.every_steps`` lines (``log.every_secs``): the
     interval's loss so far, speed and ETA; written nowhere else, so the metrics files of a
     run do not depend on how fast its machine was."""
@@ -162,9 +165,9 @@ def _log_progress(run: Run, phase: Phase, step: int, pending, meter, ls: LoopSta
     loss = float(np.mean(np.asarray([v["loss"] for v in vals], np.float64)))
     total = _total_steps(run, phase, ls)
     speed = meter.peek(total - step)
-    logging.info("step %d/%d | phase %d | loss %.4f (mean of the last %d steps) | %.1f img/s "
-                 "| ETA %s", step, total, phase.index, loss, len(vals), speed["img_per_s"],
-                 periodic.fmt_time(speed["eta_s"]))
+    beat.say(f"step {step}/{total} | phase {phase.index} | loss {loss:.4f} (mean of the last "
+             f"{len(vals)} steps) | {speed['img_per_s']:.1f} img/s | ETA "
+             f"{ticker.format_duration(speed['eta_s'])}")
 
 
 def _diverged(run: Run, step: int, loss: float, lr: float, limit: float):

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Protocol, Sequence
+from typing import Any, Dict, Optional, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -133,20 +133,6 @@ class Throughput:
         return {"img_per_s": ips, "eta_s": eta}
 
 
-class Heartbeat:
-    """When a console line is due by time (``log.every_secs``): slow steps (a CPU, a large
-    batch) leave minutes between ``log.every_steps`` lines, and a silent terminal looks
-    hung. 0 turns it off; ``clock`` is injectable for tests."""
-
-    def __init__(self, every_secs: float, clock: Callable[[], float] = time.monotonic):
-        self.every, self.clock = float(every_secs or 0.0), clock
-        self.last = clock()
-
-    def due(self) -> bool:
-        return self.every > 0 and self.clock() - self.last >= self.every
-
-    def reset(self) -> None:
-        self.last = self.clock()
 
 
 class Stages:
@@ -167,13 +153,6 @@ class Stages:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
-def fmt_time(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class Profiler:
