@@ -101,17 +101,30 @@ def stopped(command: str, reason: str, checkpoints: bool = True) -> None:
     sys.exit(interrupts.EXIT_CODE)
 
 
-def out_of_memory(e: BaseException) -> Optional[str]:
-    """The one line for XLA's RESOURCE_EXHAUSTED (a batch or image size too large for the
-    device), with what to lower; None for any other error."""
+#: What shrinks a step, in each main's own flags (out_of_memory).
+SMALLER_STEP = {
+    "train": "--config.train.batch_size (and --config.eval.batch_size) or "
+             "--config.data.image_size",
+    "evaluate": "--batch_size (or --image_size)",
+    "analyze": "--batch_size",
+    "sweep": "train.batch_size / eval.batch_size with --override=KEY=VALUE",
+    "study": "train.batch_size / eval.batch_size in the study config's target overrides",
+    "bench": "--batch_sizes (or --image_sizes)",
+}
+
+
+def out_of_memory(e: BaseException, command: str) -> Optional[str]:
+    """The one line for XLA's RESOURCE_EXHAUSTED out of memory (a batch or image too
+    large for the device), with what to lower in ``command``'s flags; None otherwise (a
+    RESOURCE_EXHAUSTED that is a quota, not memory, stays the library's error)."""
     text = str(e)
-    if "RESOURCE_EXHAUSTED" not in text:
+    first = next((ln.strip() for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln), "")
+    if "memory" not in first.lower():
         return None
     import jax   # only on this error path: a flag error should not wait for jax
-    first = next((ln.strip() for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln), text)
     return (f"out of {jax.default_backend().upper()} memory ({first[:200]}); lower "
-            "--config.train.batch_size (and --config.eval.batch_size) or "
-            "--config.data.image_size, or use a device with more memory")
+            f"{SMALLER_STEP.get(command, 'the batch or image size')}, or use a device with "
+            "more memory")
 
 
 def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
@@ -251,7 +264,7 @@ def run(main: Callable[[List[str]], None], command: str, *, quiet: bool = False,
             stop = interrupts.behind(e)
             if stop is not None:
                 stopped(command, stop.reason, checkpoints)
-            oom = out_of_memory(e)
+            oom = out_of_memory(e, command)
             if oom is None or logging.get_verbosity() >= logging.DEBUG:
                 raise
             fail(command, oom)

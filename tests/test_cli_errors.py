@@ -39,7 +39,6 @@ def _read_only_dir(tmp_path):
     return str(d)
 
 
-_assert_user_error = one_error_line
 
 
 # ------------------------------------------------------------------ train: config errors
@@ -62,7 +61,7 @@ _assert_user_error = one_error_line
 def test_train_config_errors(tmp_path, extra, expect):
     wd = tmp_path / "run"
     p = _run("medtransfer_jax.train", f"--workdir={wd}", *extra)
-    _assert_user_error(p, "train", *expect)
+    one_error_line(p, "train", *expect)
     assert not wd.exists()
 
 
@@ -91,7 +90,7 @@ def test_train_config_errors(tmp_path, extra, expect):
 def test_train_bad_field_values(tmp_path, flag, expect):
     wd = tmp_path / "new" / "run"
     p = _run("medtransfer_jax.train", f"--workdir={wd}", f"--config.{flag}")
-    _assert_user_error(p, "train", f"--config.{flag}", *expect)
+    one_error_line(p, "train", f"--config.{flag}", *expect)
     assert os.listdir(tmp_path) == []
 
 
@@ -105,7 +104,7 @@ def test_train_errors_after_the_lock_leave_no_workdir(tmp_path, extra, expect):
     train created for it (workdir_lock.hold)."""
     wd = tmp_path / "new" / "run"
     p = _run("medtransfer_jax.train", f"--workdir={wd}", *extra)
-    _assert_user_error(p, "train", *expect)
+    one_error_line(p, "train", *expect)
     assert os.listdir(tmp_path) == []
 
 
@@ -113,14 +112,14 @@ def test_train_workdir_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     p = _run("medtransfer_jax.train", f"--workdir={f}")
-    _assert_user_error(p, "train", str(f), "is a file")
+    one_error_line(p, "train", str(f), "is a file")
 
 
 def test_train_read_only_workdir(tmp_path):
     ro = _read_only_dir(tmp_path)
     for wd in (ro, os.path.join(ro, "new_run")):
         p = _run("medtransfer_jax.train", f"--workdir={wd}")
-        _assert_user_error(p, "train", wd, "not writable")
+        one_error_line(p, "train", wd, "not writable")
         assert not os.path.exists(os.path.join(ro, "new_run"))
 
 
@@ -131,7 +130,7 @@ def test_train_read_only_workdir(tmp_path):
 def test_train_missing_dataset_folder(tmp_path, extra, expect):
     p = _run("medtransfer_jax.train", f"--workdir={tmp_path}", "--config.data.name=breast",
              *extra)
-    _assert_user_error(p, "train", expect)
+    one_error_line(p, "train", expect)
     assert "Expected layout" in p.stderr  # the manual-download instructions follow
 
 
@@ -143,7 +142,7 @@ def test_train_names_every_missing_input_at_once(tmp_path):
              f"--config={REPO}/configs/revisiting/breast.py:imagenet",
              "--config.data.root=/no/such/busi", "--config.data.fold_csv_dir=/no/such/csvs",
              "--config.model.init=/no/such/weights")
-    _assert_user_error(p, "train", "3 inputs missing before the run can start",
+    one_error_line(p, "train", "3 inputs missing before the run can start",
                        "data root '/no/such/busi'", "--config.data.root=DIR",
                        "data.fold_csv_dir='/no/such/csvs'", "model.init=/no/such/weights")
     assert os.listdir(tmp_path) == []
@@ -163,7 +162,7 @@ def test_evaluate_errors(tmp_path, extra, expect):
     p = _run("medtransfer_jax.evaluate", f"--checkpoint={tmp_path}/nothing", *extra)
     if "--batch_size=0" in extra:
         p = _run("medtransfer_jax.evaluate", f"--checkpoint={tmp_path}", *extra)
-    _assert_user_error(p, "evaluate", *expect)
+    one_error_line(p, "evaluate", *expect)
 
 
 def test_evaluate_fold_out_of_range(tmp_path):
@@ -175,15 +174,15 @@ def test_evaluate_fold_out_of_range(tmp_path):
     (tmp_path / "run" / "config.json").write_text('{"data": {"name": "synthetic", "fold": 1}}')
     for fold, folds in (("7", "5 folds"), ("5", "0..4")):
         p = _run("medtransfer_jax.evaluate", f"--checkpoint={tmp_path / 'run'}", f"--fold={fold}")
-        _assert_user_error(p, "evaluate", f"--fold={fold}", folds)
+        one_error_line(p, "evaluate", f"--fold={fold}", folds)
 
 
 def test_evaluate_batch_not_divisible_and_bad_output(tmp_path):
     p = _run("medtransfer_jax.evaluate", f"--checkpoint={tmp_path}", "--batch_size=12")
-    _assert_user_error(p, "evaluate", "--batch_size=12", "8 devices")
+    one_error_line(p, "evaluate", "--batch_size=12", "8 devices")
     p = _run("medtransfer_jax.evaluate", f"--checkpoint={tmp_path}",
              f"--output={_read_only_dir(tmp_path)}/p.csv")
-    _assert_user_error(p, "evaluate", "--output", "not writable")
+    one_error_line(p, "evaluate", "--output", "not writable")
     assert os.listdir(tmp_path) in ([], ["ro"])
 
 
@@ -205,7 +204,7 @@ def test_convert_errors(tmp_path):
     ]
     for args, expect in cases:
         p = _run("medtransfer_jax.convert", *args)
-        _assert_user_error(p, "convert", *expect)
+        one_error_line(p, "convert", *expect)
         assert not out.exists()
 
 
@@ -240,7 +239,7 @@ def test_analyze_errors(tmp_path, weights_dir):
     (tmp_path / "f").write_text("x")
     for args, expect in cases:
         p = _run("medtransfer_jax.analyze", *args)
-        _assert_user_error(p, "analyze", *expect)
+        one_error_line(p, "analyze", *expect)
         assert not out.exists()
 
 
@@ -270,7 +269,7 @@ def test_study_errors(tmp_path):
     ]
     for extra, expect in cases:
         p = _run("medtransfer_jax.study", f"--workdir={wd}", *extra)
-        _assert_user_error(p, "study", *expect)
+        one_error_line(p, "study", *expect)
         assert not wd.exists()
 
 
@@ -299,7 +298,7 @@ def test_sweep_errors(tmp_path):
     ]
     for extra, expect in cases:
         p = _run(*demo, *extra)
-        _assert_user_error(p, "sweep", *expect)
+        one_error_line(p, "sweep", *expect)
         assert not root.exists()
     revisiting = ["medtransfer_jax.sweep", "--study=revisiting", f"--output_dir={root}"]
     for extra, expect in [
@@ -308,11 +307,11 @@ def test_sweep_errors(tmp_path):
          ["--sources", "'foo'", "imagenet, radimagenet, random"]),
         (["--targets=breast", "--ps=0.1"], ["--ps", "--study=revisiting"]),
     ]:
-        _assert_user_error(_run(*revisiting, *extra), "sweep", *expect)
+        one_error_line(_run(*revisiting, *extra), "sweep", *expect)
         assert not root.exists()
     p = _run("medtransfer_jax.sweep", "--study=revisiting", "--targets=breast",
              f"--config_dir={tmp_path}/nope", f"--output_dir={root}")
-    _assert_user_error(p, "sweep", "no config file", "nope")
+    one_error_line(p, "sweep", "no config file", "nope")
     assert not root.exists()
 
 
@@ -339,7 +338,7 @@ def test_sweep_errors(tmp_path):
     (["grid", "--runs_at_once=0"], ["--runs_at_once", "positive"]),
 ])
 def test_bench_errors(args, expect):
-    _assert_user_error(_run("medtransfer_jax.bench", *args), "bench", *expect)
+    one_error_line(_run("medtransfer_jax.bench", *args), "bench", *expect)
 
 
 def test_every_command_drops_the_absent_platform_lines_not_warnings():

@@ -39,7 +39,6 @@ def _cli(*args):
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
-_error_line = one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +96,7 @@ def test_train_resume_refuses_a_damaged_config_json(run, damage):
     damage(cfg)
     before = open(cfg, "rb").read()
     p = _cli("medtransfer_jax.train", f"--config={TINY_CONFIG}", f"--workdir={run}")
-    _error_line(p, "train", f"{cfg} is damaged", "restore that file",
+    one_error_line(p, "train", f"{cfg} is damaged", "restore that file",
                 "move the workdir away", "fresh --workdir")
     assert open(cfg, "rb").read() == before
     assert not os.path.exists(os.path.join(run, "results.json"))
@@ -126,7 +125,7 @@ def test_evaluate_refuses_a_run_whose_data_config_is_lost(run, damage, problem):
     before = sorted(os.listdir(run))
     for given in (run, os.path.join(run, "export", "best")):
         p = _cli("medtransfer_jax.evaluate", f"--checkpoint={given}")
-        _error_line(p, "evaluate", f"{cfg} {problem}", "restore that file", "--dataset")
+        one_error_line(p, "evaluate", f"{cfg} {problem}", "restore that file", "--dataset")
     assert sorted(os.listdir(run)) == before   # no predictions file written
 
 
@@ -159,10 +158,17 @@ def test_damaged_predictions_csv_names_the_command_that_rewrites_it(run, damage,
     p = _cli(*fix[2:])
     assert p.returncode == 0, p.stderr[-3000:]
     again = predictions.read_predictions(path)
+    assert "--splits=val,test " in msg              # the file's splits, not the train pass
+    assert sorted(set(again["split"])) == sorted(set(original["split"]))
     for split in ("val", "test"):
         a, b = original["split"] == split, again["split"] == split
         assert list(original["id"][a]) == list(again["id"][b])
         assert (original["probs"][a] == again["probs"][b]).all()
+    # a per-split file of the run: that split only
+    per_split = os.path.join(run, "predictions", "test.csv")
+    _zero(per_split)
+    with pytest.raises(DataError, match=f"--checkpoint={run} --splits=test --output="):
+        predictions.read_predictions(per_split)
 
 
 def test_a_predictions_file_outside_a_run_gets_the_generic_fix(tmp_path):
@@ -179,7 +185,7 @@ def test_analyze_predictions_names_an_undecodable_file(run, tmp_path):
     out = tmp_path / "o"
     p = _cli("medtransfer_jax.analyze", "predictions", f"--predictions_a={path}",
              f"--predictions_b={path}", f"--output_dir={out}")
-    _error_line(p, "analyze", f"predictions file {path} is damaged", "evaluate --checkpoint=")
+    one_error_line(p, "analyze", f"predictions file {path} is damaged", "evaluate --checkpoint=")
     assert not out.exists()
 
 
@@ -188,14 +194,14 @@ def test_damaged_export_metadata_tells_how_the_run_rewrites_it(run, tmp_path):
     meta = os.path.join(run, "export", "best", "metadata.json")
     _garble(meta)
     p = _cli("medtransfer_jax.evaluate", f"--checkpoint={run}")
-    line = _error_line(p, "evaluate", f"Cannot read {meta}", "UnicodeDecodeError",
+    line = one_error_line(p, "evaluate", f"Cannot read {meta}", "UnicodeDecodeError",
                        f"move {run}/results.json away",
                        f"python -m medtransfer_jax.train --workdir={run}")
     assert "convert" not in line   # a training export is not made by convert
     out = tmp_path / "o"
     p = _cli("medtransfer_jax.analyze", "weights", f"--weights_a={run}/export/best",
              f"--weights_b={run}/export/last", f"--output_dir={out}")
-    _error_line(p, "analyze", f"Cannot read {meta}", "results.json away")
+    one_error_line(p, "analyze", f"Cannot read {meta}", "results.json away")
     assert not out.exists()
 
 
@@ -211,8 +217,9 @@ def test_damaged_export_metadata_is_rewritten_by_the_fix_it_names(run):
 
 @pytest.mark.parametrize("layout, expect", [
     (("study", "sources", "random", "weights"),
-     "delete {d} and rerun `python -m medtransfer_jax.study --workdir={root}/study "
-     "--stages=sources --force`"),
+     "delete {d} and rerun the study's own command (`python -m medtransfer_jax.study "
+     "--workdir={root}/study --config=...` with its --config) adding --stages=sources "
+     "--force"),
     (("converted", "imagenet"), "python -m medtransfer_jax.convert --output_dir={d}"),
 ])
 def test_damaged_metadata_hint_follows_what_the_directory_is(tmp_path, layout, expect):
@@ -262,7 +269,7 @@ def test_auc_vs_similarity_names_a_damaged_similarity_table(tmp_path, text, expe
     bad, runs = _auc_vs_similarity_runs(tmp_path, text)
     out = tmp_path / "o"
     p = _cli("medtransfer_jax.analyze", "auc_vs_similarity", *runs, f"--output_dir={out}")
-    _error_line(p, "analyze", f"{bad}: ", "analyze similarity", *expect)
+    one_error_line(p, "analyze", f"{bad}: ", "analyze similarity", *expect)
     assert not out.exists()
 
 
@@ -274,7 +281,7 @@ def test_auc_vs_similarity_names_a_damaged_results_file(tmp_path, damage, expect
     bad.write_bytes(damage)
     out = tmp_path / "o"
     p = _cli("medtransfer_jax.analyze", "auc_vs_similarity", *runs, f"--output_dir={out}")
-    _error_line(p, "analyze", f"{bad}: {expect}", "results.json a finished run wrote")
+    one_error_line(p, "analyze", f"{bad}: {expect}", "results.json a finished run wrote")
     assert not out.exists()
 
 

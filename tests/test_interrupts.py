@@ -124,3 +124,15 @@ def test_out_of_device_memory_is_one_line_saying_what_to_lower():
     assert lines == [lines[0]] and lines[0].startswith("train: error: out of CPU memory "
                                                        "(RESOURCE_EXHAUSTED: Out of memory")
     assert "--config.train.batch_size" in lines[0] and "Traceback" not in p.stderr
+
+
+def test_out_of_memory_advice_names_each_mains_own_flags_and_skips_quotas():
+    from medtransfer_jax import cli
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 42416121664 bytes.")
+    assert "--batch_size (or --image_size)" in cli.out_of_memory(oom, "evaluate")
+    assert "--override=KEY=VALUE" in cli.out_of_memory(oom, "sweep")
+    assert "target overrides" in cli.out_of_memory(oom, "study")
+    assert "--config.train.batch_size" not in cli.out_of_memory(oom, "analyze")
+    quota = RuntimeError("RESOURCE_EXHAUSTED: Quota exceeded for quota metric 'Requests'")
+    assert cli.out_of_memory(quota, "train") is None
+    assert cli.out_of_memory(ValueError("a real error"), "train") is None

@@ -686,8 +686,8 @@ def _rerun(wd, stages, force=True):
 
 
 def _same_table(a, b, name):
-    drop = ("workdir",)
-    strip = [lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]][0]
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "workdir"} for r in rows]
     assert strip(_rows(os.path.join(a, "tables", name))) == strip(_rows(b / "tables" / name))
 
 
@@ -819,11 +819,15 @@ def test_bad_rates_a_damaged_marker_and_a_damaged_random_source_do_not_stop_a_st
         study, tmp_path):
     from medtransfer_jax.weights import checkpoint
     wd = _copy(study, tmp_path)
+    from medtransfer_jax.studies import progress, tables
     rates = wd / "stages" / "rates.json"
     data = json.loads(rates.read_text())
     data["stages"]["finetune"] = {"units": 3}             # no seconds
     data["stages"]["report"] = {"seconds": "x", "units": 1}
     rates.write_text(json.dumps(data))
+    (wd / "stages" / tables.DIGESTS / "rates.json").unlink()   # as written before digests
+    kept = progress.Rates.load(str(rates)).measured
+    assert "finetune" not in kept and "report" not in kept and kept["representations"]
     (wd / "stages" / "filters.done").write_bytes(b"\xff\xfe\x00garbage")
     meta = wd / "sources" / "random" / "weights" / checkpoint.METADATA_FILE
     if not meta.exists():
@@ -833,8 +837,34 @@ def test_bad_rates_a_damaged_marker_and_a_damaged_random_source_do_not_stop_a_st
     out = _rerun(wd, None, force=False)
     assert "filters: done earlier, skipped (by an older version" in out
     out = _rerun(wd, ["sources", "report"])
-    assert "drawing its random init again" in out
+    assert "source random: making it again" in out
     after = checkpoint.load_weights(str(meta.parent))[0]
     import jax
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
                                                     jax.tree.leaves(after)))
+
+
+def test_a_trained_study_still_checks_its_analysis_settings(study, tmp_path):
+    """Pre-flight is skipped once training is done; a misspelled analysis setting on such
+    a study was a plain ValueError traceback from the stage that read it."""
+    wd = _copy(study, tmp_path)
+    cfg = _tiny_study_config()
+    cfg.analysis.auc_metric = "auc_kears"
+    cfg.analysis.cca.repeats = 0
+    with pytest.raises(runner.StudyError, match=r"2 analysis setting\(s\) to fix: "
+                       r"analysis.auc_metric='auc_kears'.*analysis.cca.repeats=0"):
+        runner.run_study(cfg, str(wd), stages=["report"], force=True)
+
+
+def test_preflight_names_a_misspelled_or_missing_cca_field(tmp_path):
+    """The stage reads analysis.cca's fields by name after fine-tuning: 'positons' was
+    ignored and a missing 'seed' an AttributeError hours in."""
+    c = _tiny_study_config()
+    c.analysis.cca.positons = 5
+    del c.analysis.cca["seed"]
+    c.analysis.layer_maps.spatail = "pool"
+    missing = runner.preflight(c, str(tmp_path / "wd")).missing
+    assert any(m.startswith("analysis.cca has no field 'positons'; its fields: methods")
+               for m in missing), missing
+    assert "analysis.cca.seed is not set" in missing
+    assert any(m.startswith("analysis.layer_maps has no field 'spatail'") for m in missing)

@@ -499,10 +499,8 @@ def plot_robustness(summary: Sequence[Mapping], path: str, *,
     return _save(fig, path)
 
 
-#: ``analysis.fold_plot``: how the per-target AUC and prediction-similarity figures show
-#: the folds: bars of the mean with sample-sd error bars, or (Revisiting's AUC_plot.py and
-#: similarity_plot.py) seaborn-style boxplots of the fold values.
-FOLD_PLOTS = ("mean_sd", "box")
+#: What a box of :func:`_fold_boxes` is (``analysis.fold_plot=box``: Revisiting's
+#: AUC_plot.py and similarity_plot.py draw seaborn boxplots of the folds).
 BOX_WORDS = "boxes: median and quartiles over folds, whiskers to 1.5 IQR, ◆ beyond"
 
 

@@ -37,7 +37,7 @@ OPTIONS = {
                   "Revisiting paper's boxplots of the folds"),
     "robustness_test_sets": (TEST_SETS, TEST_SETS,
                              "the test sets on which sources are compared by permutation "
-                             "test (Source Matters: ['ood'])"),
+                             "test (Source Matters: ('ood',))"),
     "robustness_errorbar": ("sd", ("sd", "ci95"),
                             "the robustness figure's bars: sample sd over folds, or the "
                             "95 % bootstrap CI of the mean (Source Matters' figures)"),
@@ -83,7 +83,7 @@ def flag_ready(analysis: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 def get(config, name: str) -> Any:
     """``config.analysis.<name>`` (dotted, e.g. 'filters.basis'), its default where the
     config has none; a value outside the choices is a ValueError naming the field."""
-    default, choices, _ = OPTIONS[name]
+    default, choices, what = OPTIONS[name]
     node = config.get("analysis", None) if hasattr(config, "get") else None
     for part in name.split("."):
         node = node.get(part, None) if hasattr(node, "get") else None
@@ -95,14 +95,14 @@ def get(config, name: str) -> Any:
         return value
     if choices == "int >= 1":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"analysis.{name}={value!r}; use an integer >= 1")
+            raise ValueError(f"analysis.{name}={value!r}; use an integer >= 1 ({what})")
         return value
     values = value if many else [value]
     bad = [v for v in values if v not in choices]
     if bad or not values:
         raise ValueError(f"analysis.{name}={value!r}" + (f": {bad} unknown" if bad and many
                                                           else "")
-                         + f"; use {'some' if many else 'one'} of {list(choices)}")
+                         + f"; use {'some' if many else 'one'} of {list(choices)} ({what})")
     return value
 
 

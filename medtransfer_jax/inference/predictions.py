@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from typing import Dict, Sequence
 
 import numpy as np
@@ -114,15 +115,29 @@ def read_predictions(path: paths.PathLike) -> Dict[str, np.ndarray]:
     }
 
 
+def _splits_of(target, run) -> str:
+    """The --splits that rewrite ``target`` of ``run`` (see :func:`rewrite_hint`)."""
+    if target.parent.name == "predictions":
+        return target.stem
+    try:
+        res = json.loads(paths.read_text(paths.join(run, "results.json")))
+        return ",".join(["val", "test"] + sorted(res.get("extra_tests") or {}))
+    except (OSError, ValueError, AttributeError):
+        return "all"
+
+
 def rewrite_hint(path: paths.PathLike) -> str:
     """How to write a damaged predictions file again. A training run's own
     ``RUN/predictions.csv`` is never rewritten by the run (it is done), so the fix is
-    ``evaluate`` on the run's exported best weights; ``--splits=all`` writes every split
-    the run's file may hold (val, test, extra test sets) plus train."""
+    ``evaluate`` on the run's exported best weights, for the splits the file held: a
+    run's ``predictions.csv`` its val, test and extra test sets (from its results.json;
+    else ``all``, which adds the train split), a ``predictions/<split>.csv`` that split."""
     shown = paths.to_str(path)
-    run = paths.workdir(path).parent
+    target = paths.workdir(path)
+    run = target.parent.parent if target.parent.name == "predictions" else target.parent
     if paths.exists(paths.join(run, "export", "best", "metadata.json")):
         return (f"rewrite it with `python -m medtransfer_jax.evaluate "
-                f"--checkpoint={paths.to_str(run)} --splits=all --output={shown}`")
+                f"--checkpoint={paths.to_str(run)} --splits={_splits_of(target, run)} "
+                f"--output={shown}`")
     return ("rewrite it with `python -m medtransfer_jax.evaluate --checkpoint=WEIGHTS "
             f"--output={shown}` (WEIGHTS: the weights or run that made it)")

@@ -582,7 +582,7 @@ def filters_of_sources(study):
 
 
 # ------------------------------------------------------------------------ robustness
-def robustness_row(run, auc_name: str = "auc", trained: bool = True) -> Dict[str, Any]:
+def robustness_row(run, auc_name: str, trained: bool) -> Dict[str, Any]:
     """AUC (``auc_name``, the study's ``analysis.auc_metric``: Source Matters reported
     Keras' ``AUC()``) and test-set size on the i.i.d., clean and o.o.d. tests of one run
     (NaN for a run that diverged or failed). Once the fine-tuning stage is done

@@ -561,10 +561,32 @@ def _target_images(target: str, trs: List[sweep.Run], todo) -> tuple:
             max(per_fold.values(), default=0))
 
 
+def config_problems(study) -> List[str]:
+    """The analysis settings outside their choices (study_options) or ranges (the cca and
+    layer-map sections): checked at every start, also of a study whose training is done."""
+    return study_options.problems(study.config) + check_analysis_sections(study)
+
+
 def _int_at_least(section: str, key: str, value, low: int) -> List[str]:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         return [f"{section}.{key}={value!r}; use an integer >= {low}"]
     return []
+
+
+#: analysis.cca's fields: those the stage reads by name, then the optional ones.
+CCA_FIELDS = ("methods", "spatial", "positions", "num_channels", "repeats", "seed",
+              "num_images")
+CCA_OPTIONAL = ("between", "pairs", "random_vs_random")
+#: analysis.layer_maps' fields (all optional but ``comparisons``).
+MAP_FIELDS = ("comparisons", "methods", "num_images", "spatial", "folds", "max_channels", "seed")
+
+
+def _fields(section: str, given, required: Sequence[str], optional: Sequence[str]) -> List[str]:
+    """A section's unknown fields (a typo would be ignored) and missing required ones."""
+    known = tuple(required) + tuple(optional)
+    out = [f"{section} has no field {k!r}; its fields: {', '.join(known)}"
+           for k in given if k not in known]
+    return out + [f"{section}.{k} is not set" for k in required if k not in given]
 
 
 def check_analysis_sections(study) -> List[str]:
@@ -578,6 +600,7 @@ def check_analysis_sections(study) -> List[str]:
     cca = cfg.get("analysis", {}).get("cca", None)
     if cca:
         sec = "analysis.cca"
+        out += _fields(sec, list(cca), CCA_FIELDS, CCA_OPTIONAL)
         methods = list(cca.get("methods", None) or ())
         bad = [m for m in methods if m not in sim.METHODS]
         if bad or not methods:
@@ -603,6 +626,7 @@ def check_analysis_sections(study) -> List[str]:
     lm = cfg.get("analysis", {}).get("layer_maps", None)
     if lm and lm.get("comparisons", None):
         sec = "analysis.layer_maps"
+        out += _fields(sec, list(lm), ("comparisons",), MAP_FIELDS[1:])
         bad = [c for c in lm.comparisons if c not in analyses.SIMILARITY_PANELS]
         if bad:
             out.append(f"{sec}.comparisons: {bad} unknown; use some of "
@@ -631,7 +655,7 @@ def check(study) -> Preflight:
         missing += check_source(name, spec, study.source_dir(name), cfg.get("args"))
         if spec.get("weights_of") and spec.weights_of not in cfg.sources:
             missing.append(f"sources.{name}.weights_of={spec.weights_of}: no such source")
-    missing += study_options.problems(cfg) + check_analysis_sections(study)
+    missing += config_problems(study)
     runs = study.finetune_runs()
     todo = [r for r in runs if r.status() != "done"]
     images, grid, layouts = 0, [], {}

@@ -471,13 +471,14 @@ def _details(page: _Page, auc: str, runs):
 
 
 def _filter_basis_words(page: _Page) -> str:
-    """How the drifts' PCA basis was fitted, for the figure's caption: the study's
-    ``analysis.filters.basis``, with the counts of ``tables/filter_basis.json`` (a damaged
-    one, or none beside drawn drifts, is a TableError naming it)."""
-    if analyses.option(page.study, "filters.basis") == "pair":
-        return "each (pre, fine-tuned) pair in its own PCA basis and range"
+    """How the drifts' PCA basis was fitted, for the figure's caption: the counts of
+    ``tables/filter_basis.json`` where the filters stage wrote one (it removes it in
+    ``analysis.filters.basis=pair``), else the config's mode; a damaged one, or none beside
+    drawn drifts in the study mode, is a TableError naming it."""
     path = page.study.path("tables", "filter_basis.json")
     if not paths.exists(path):
+        if analyses.option(page.study, "filters.basis") == "pair":
+            return "each (pre, fine-tuned) pair in its own PCA basis and range"
         if (paths.exists(page.study.path("figures", "filter_kl_drift.png"))
                 and page.table("filter_drift.csv")):
             raise tables.damaged(path, "missing, though analysis.filters.basis=study")

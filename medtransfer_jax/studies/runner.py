@@ -299,8 +299,7 @@ class Study:
         """Converts or draws a source now; a 'pretrain' source is returned as the run
         that makes it (stage_sources runs them together)."""
         out = self.source_dir(name)
-        ready = paths.exists(paths.join(out, checkpoint.METADATA_FILE))
-        if spec.kind == "convert" and not ready:
+        if spec.kind == "convert" and not self._readable_weights(out, name):
             convert_lib.convert(spec.format, paths.to_str(paths.workdir(spec.input)), out,
                                 source_name=name, overwrite=True,
                                 **({"preprocessing": spec.preprocessing}
@@ -315,15 +314,23 @@ class Study:
             return run
         return None
 
+    @staticmethod
+    def _readable_weights(out: str, name: str) -> bool:
+        """Whether a source the study converts or draws is there and its metadata reads
+        (a damaged one is made again: same input file, same seed, same weights)."""
+        if not paths.exists(paths.join(out, checkpoint.METADATA_FILE)):
+            return False
+        try:
+            checkpoint.load_metadata(out)
+            return True
+        except CheckpointError as e:
+            print(f"[study] source {name}: making it again ({e})", flush=True)
+            return False
+
     def _save_random(self, out: str, name: str, spec, seed: int):
-        """Draws the seeded random init into ``out`` unless it is there and readable (a
-        damaged one is drawn again: the seed makes it the same network)."""
-        if paths.exists(paths.join(out, checkpoint.METADATA_FILE)):
-            try:
-                checkpoint.load_metadata(out)
-                return
-            except CheckpointError as e:
-                print(f"[study] source {name}: drawing its random init again ({e})", flush=True)
+        """Draws the seeded random init into ``out`` unless it is there and readable."""
+        if self._readable_weights(out, name):
+            return
         m = self.config.model
         model = resnet.ResNet(depth=m.depth, layout=m.layout, width=m.width, num_classes=None)
         variables = resnet.init_variables(model, jax.random.key(seed), 32)
@@ -438,4 +445,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *,
         print(pf.text(), flush=True)
         if pf.missing:
             raise StudyError(pf.error_message())
+    else:   # training done: the analysis settings are still checked before any stage
+        problems = preflight_lib.config_problems(study)
+        if problems:
+            raise StudyError(f"{len(problems)} analysis setting(s) to fix: "
+                             + "; ".join(problems) + ". Fix them (--config.<field>=...) and "
+                             "rerun; nothing was changed.")
     return study.run(stages, force)

@@ -49,15 +49,19 @@ READ_BY = {"representations": ("predictions",)}
 
 
 def writer_stage(path: paths.PathLike) -> Optional[str]:
-    """The study stage that writes ``path`` (a table, or a file in a stage's folder),
-    followed by the stages that read it ('representations,predictions'), or None."""
+    """The study stage that writes ``path``, followed by the stages that read it
+    ('representations,predictions'), or None. Only a study's own layout counts:
+    ``tables/<name>``, the per-fold caches ``representations/<t>_fold<k>.csv`` and the maps
+    ``layer_maps/<t>_fold<k>/<pair>.csv`` (never the name of a folder above them)."""
     parts = paths.to_str(path).replace("\\", "/").split("/")
-    names = [parts[-1]] + ([parts[-2]] if len(parts) > 1 else []) + (
-        [parts[-3]] if len(parts) > 2 else [])
-    for prefix, stage in WRITTEN_BY:
-        if any(n.startswith(prefix) for n in names):
-            return ",".join((stage,) + READ_BY.get(stage, ()))
-    return None
+    parent = parts[-2] if len(parts) > 1 else ""
+    grand = parts[-3] if len(parts) > 2 else ""
+    stage = None
+    if parent == "tables":
+        stage = next((s for prefix, s in WRITTEN_BY if parts[-1].startswith(prefix)), None)
+    elif parent == "representations" or grand == "layer_maps":
+        stage = "representations"
+    return ",".join((stage,) + READ_BY.get(stage, ())) if stage else None
 
 
 def damaged(path: paths.PathLike, what: str, stage: Optional[str] = None,
@@ -65,9 +69,10 @@ def damaged(path: paths.PathLike, what: str, stage: Optional[str] = None,
     """The one-line error for a damaged file: what is wrong and how to rewrite it
     (``stage``: the stages that rewrite it, default the one that writes such a table;
     ``fix``: the words for a file no study stage writes)."""
-    stage = stage or writer_stage(path)
-    fix = (f"rerun the study with --stages={stage},report --force to rewrite it"
-           if stage else fix or "restore it or write it again")
+    if fix is None:
+        stage = stage or writer_stage(path)
+        fix = (f"rerun the study's own command with --stages={stage},report --force to "
+               "rewrite it" if stage else "restore it or write it again")
     err = TableError(f"{paths.to_str(path)}: {what} (damaged?); {fix}")
     err.what = what
     return err
@@ -113,12 +118,18 @@ def _sha256(data: bytes) -> str:
 
 
 def _write(path: paths.PathLike, text: str) -> str:
-    """Writes a whole table atomically (parents created), then its digest; returns
-    ``path`` as a string."""
+    """Writes a whole table atomically (parents created) and its digest; returns ``path``
+    as a string. The old digest goes first, so a write stopped halfway leaves a table with
+    no digest (read unchecked, as one written before digests), never a good table beside
+    a stale digest (which would read as damaged)."""
     target = paths.workdir(path)
-    paths.makedirs(target.parent / DIGESTS)
+    digest = _digest_file(target)
+    if paths.exists(digest):
+        digest.unlink()
+    paths.makedirs(target.parent)
     paths.write_text_atomic(target, text)
-    paths.write_text_atomic(_digest_file(target), _sha256(text.encode()) + "\n")
+    paths.makedirs(digest.parent)
+    paths.write_text_atomic(digest, _sha256(text.encode()) + "\n")
     return paths.to_str(path)
 
 
@@ -195,7 +206,9 @@ def _text(path: paths.PathLike, fix: Optional[str] = None) -> str:
     recorded = _recorded_digest(path)
     if recorded and data and recorded != _sha256(data):
         raise damaged(path, "changed since it was written (cut, rows or columns changed: "
-                            f"its SHA-256 is not the one in {DIGESTS}/)", fix=fix)
+                            f"its SHA-256 is not the one in {DIGESTS}/; changed on purpose? "
+                            f"delete {paths.to_str(_digest_file(path))} to accept it)",
+                      fix=fix)
     return text
 
 

@@ -133,8 +133,6 @@ class Throughput:
         return {"img_per_s": ips, "eta_s": eta}
 
 
-
-
 class Stages:
     """Seconds per named stage of a run, for ``results.json``'s ``timing``: where a run's
     fixed cost goes (data decode, integrity check, model init, evaluation, checkpoint

@@ -44,7 +44,7 @@ from absl import logging
 
 from medtransfer_jax import configs, interrupts, paths, workdir_lock
 from medtransfer_jax.configs import validation
-from medtransfer_jax.training import loop, source_matters_protocol as sm_protocol
+from medtransfer_jax.training import finalize, loop, source_matters_protocol as sm_protocol
 from medtransfer_jax.errors import UserError
 
 STUDIES = ("revisiting", "source_matters", "demo")
@@ -93,9 +93,9 @@ class Run:
         return "new"
 
 
-#: A run's results.json, or None when it is missing or damaged (the one reader:
-#: training.finalize.read_results).
-read_results = loop.read_results
+#: A run's results.json, or None when it is missing or damaged (the one reader, beside
+#: the code that writes it).
+read_results = finalize.read_results
 
 
 def default_config_dir() -> str:

@@ -148,9 +148,10 @@ def rewrite_hint(directory: paths.PathLike) -> str:
                 "and exports it again")
     if paths.basename(d) == "weights" and d.parent.parent.name == "sources":
         study = paths.to_str(d.parent.parent.parent)
-        return (f"The study {study} made it: delete {shown} and rerun `python -m "
-                f"medtransfer_jax.study --workdir={study} --stages=sources --force`, which "
-                "converts or draws it again")
+        return (f"The study {study} made it: delete {shown} and rerun the study's own "
+                f"command (`python -m medtransfer_jax.study --workdir={study} --config=...` "
+                "with its --config) adding --stages=sources --force, which converts or draws "
+                "it again")
     return ("Re-create it with `python -m medtransfer_jax.convert --output_dir="
             f"{shown}` (or copy it again from where it came from)")
 
