@@ -37,7 +37,11 @@ def format_duration(seconds: float) -> str:
 
 
 def _print(line: str) -> None:
-    print(line, flush=True)
+    """Prints on the first process only: every host of a multi-host evaluate or analyze
+    runs the same loop, and one line per host would repeat each line N times."""
+    import jax   # already loaded by whatever does the long work
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 class Ticker:

@@ -60,3 +60,14 @@ def test_reset_restarts_the_interval_a_line_printed_elsewhere_counts():
     now[0] = 61.5
     assert t.due() and t.say("step 5/8") == "train: step 5/8" and out == ["train: step 5/8"]
     assert not t.due()
+
+
+def test_the_default_echo_prints_on_the_first_process_only(monkeypatch, capsys):
+    """Every host of a multi-host evaluate runs the same loop: one line, not one per host."""
+    import jax
+    t = ticker.Ticker("evaluate test", interval=0)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    t.say("from host 1")
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    t.say("from host 0")
+    assert capsys.readouterr().out == "evaluate test: from host 0\n"
