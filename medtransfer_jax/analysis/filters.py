@@ -362,23 +362,22 @@ def _bin_order(label: str) -> float:
     return 2.0 if label == "all" else float(label[1:].split(",")[0])
 
 
-def _per_layer(extracted, coeffs, ranges, w, bins, with_orthogonality):
-    """Layer statistics rows, per-layer histograms and per-(model, depth bin) coefficients."""
+def _per_layer(m, lfs, coeffs, ranges, w, bins, with_orthogonality):
+    """Model ``m``'s layer statistics rows, per-layer histograms and per-(model, depth bin)
+    coefficients (``lfs``: its extracted layers, ``coeffs``: their PCA coefficients)."""
     layer_rows, layer_hist = [], {}
     binned: Dict[Tuple[str, str], List[np.ndarray]] = {}
-    for m, lfs in extracted.items():
-        for lf, c in zip(lfs, coeffs[m]):
-            row = dict(model=m, layer=lf.layer, depth=lf.depth, depth_bin=depth_bin(lf.depth),
-                       n_filters=int(lf.filters.shape[0]), sparsity=sparsity(lf.filters),
-                       variance_entropy=variance_entropy(lf.filters),
-                       spikiness=spikiness(c, w))
-            if with_orthogonality:
-                row["orthogonality"] = orthogonality(
-                    lf.filters.reshape(lf.kernel_shape[3], lf.kernel_shape[2], 3, 3)
-                    .transpose(2, 3, 1, 0))
-            layer_rows.append(row)
-            layer_hist[(m, lf.layer)] = coefficient_histograms(c, ranges, bins)
-            binned.setdefault((m, row["depth_bin"]), []).append(c)
+    for lf, c in zip(lfs, coeffs):
+        row = dict(model=m, layer=lf.layer, depth=lf.depth, depth_bin=depth_bin(lf.depth),
+                   n_filters=int(lf.filters.shape[0]), sparsity=sparsity(lf.filters),
+                   variance_entropy=variance_entropy(lf.filters), spikiness=spikiness(c, w))
+        if with_orthogonality:
+            row["orthogonality"] = orthogonality(
+                lf.filters.reshape(lf.kernel_shape[3], lf.kernel_shape[2], 3, 3)
+                .transpose(2, 3, 1, 0))
+        layer_rows.append(row)
+        layer_hist[(m, lf.layer)] = coefficient_histograms(c, ranges, bins)
+        binned.setdefault((m, row["depth_bin"]), []).append(c)
     return layer_rows, layer_hist, binned
 
 
@@ -434,7 +433,7 @@ def analyse_filters(models: Mapping[str, Mapping], *, groups: Optional[Mapping[s
     layer_rows, layer_hist, binned = [], {}, {}
     for k, m in enumerate(models):
         coeffs[m] = [pca.transform(f) for f in scaled[m]]
-        rows, hists, bins_m = _per_layer({m: extracted[m]}, {m: coeffs[m]}, ranges, w, bins,
+        rows, hists, bins_m = _per_layer(m, extracted[m], coeffs[m], ranges, w, bins,
                                          with_orthogonality)
         layer_rows += rows
         layer_hist.update(hists)
