@@ -69,9 +69,10 @@ PAPER_TARGETS: Dict[str, tuple] = {
 MIN_EXTRA_IMAGES = 8192
 #: Source variants per target and how many of them train a head phase first.
 VARIANTS, FROZEN_VARIANTS, FOLDS = 5, 2, 5
-#: XLA's cost analysis of the ResNet50 train step at 224 px (BENCHMARKS.md section 1),
-#: per image; scales with the pixel count. Used for MFU at width 64 only.
-TRAIN_GFLOP_224 = 22.6
+#: GFLOP per image of the ResNet50 train step at 224 px as the train bench counts them
+#: (train_throughput.model_flops, checked in tests/test_bench.py); scales with the pixel
+#: count. Used for MFU at width 64 only.
+TRAIN_GFLOP_224 = 22.15
 
 COLUMNS = ["target", "how", "images", "size", "batch", "epochs", "steps/epoch", "cold_s",
            "warm1_s", "extra_epochs", "warm_more_s", "compile_cold_s", "compile_warm_s",
