@@ -342,17 +342,24 @@ def _report_rows(stdout, prefix):
 
 
 def test_similarity_gpu_svd_algorithms_are_refused_on_cpu_before_any_work():
-    """--svd_algorithms=polar on a CPU: one line naming the flag and why, exit 2."""
+    """--svd_algorithms=jacobi on a CPU, or polar anywhere: one line naming the flag and
+    why, exit 2."""
     import subprocess
     import sys
     from _train_utils import REPO, subprocess_env
     p = subprocess.run([sys.executable, "-m", "medtransfer_jax.bench", "similarity",
-                        "--neurons=16", "--datapoints=400", "--svd_algorithms=default,polar"],
+                        "--neurons=16", "--datapoints=400", "--svd_algorithms=default,jacobi"],
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2
-    assert "--svd_algorithms: svd='polar' is a cuSOLVER algorithm" in p.stderr
+    assert "--svd_algorithms: svd='jacobi' is a cuSOLVER algorithm" in p.stderr
     assert "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "medtransfer_jax.bench", "similarity",
+                        "--neurons=16", "--datapoints=400", "--svd_algorithms=polar"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--svd_algorithms: svd='polar' (cuSOLVER gesvdp) is not offered" in p.stderr
 
 
 def test_step_profile_sums_the_traced_ops_per_step():
@@ -401,21 +408,20 @@ def test_similarity_svd_rows_reuse_the_default_rows_numpy_run(monkeypatch):
 
     def fake(X, Y, Xd, Yd, method, route="auto", *, repeats=3, baseline=True, svd="default"):
         calls.append((method, svd, baseline))
-        value = {"default": 0.5, "polar": 0.5 + 1e-6, "jacobi": 0.5 - 2e-6}[svd]
-        return dict(jax_s={"default": 1.0, "polar": 0.25, "jacobi": 0.5}[svd],
+        value = {"default": 0.5, "jacobi": 0.5 + 1e-6}[svd]
+        return dict(jax_s={"default": 1.0, "jacobi": 0.25}[svd],
                     compile_s=0.0, value=value, numpy_s=8.0 if baseline else float("nan"),
                     ref=0.5 + 1e-7 if baseline else float("nan"))
 
     monkeypatch.setattr(bs, "time_pair", fake)
     rows = bs.run(neurons=(8,), datapoints=(200,), methods=("mean_cca", "linear_cka"),
-                  routes=("qr",), svd_algorithms=("default", "polar", "jacobi"), repeats=1)
-    assert calls == [("mean_cca", "default", True), ("mean_cca", "polar", False),
-                     ("mean_cca", "jacobi", False), ("linear_cka", "default", True),
-                     ("linear_cka", "polar", False), ("linear_cka", "jacobi", False)]
-    polar = rows[1]
-    assert polar["svd"] == "polar" and polar["speedup"] == pytest.approx(32.0)
-    assert polar["diff_vs_default"] == pytest.approx(1e-6)
-    assert polar["abs_diff"] == pytest.approx(9e-7)
+                  routes=("qr",), svd_algorithms=("default", "jacobi"), repeats=1)
+    assert calls == [("mean_cca", "default", True), ("mean_cca", "jacobi", False),
+                     ("linear_cka", "default", True), ("linear_cka", "jacobi", False)]
+    jacobi = rows[1]
+    assert jacobi["svd"] == "jacobi" and jacobi["speedup"] == pytest.approx(32.0)
+    assert jacobi["diff_vs_default"] == pytest.approx(1e-6)
+    assert jacobi["abs_diff"] == pytest.approx(9e-7)
     assert math.isnan(rows[0]["diff_vs_default"]) and rows[0]["speedup"] == 8.0
 
 

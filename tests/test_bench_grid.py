@@ -57,6 +57,36 @@ def test_grid_projects_the_full_study_from_measured_epochs(tmp_path):
     assert any((tmp_path / "xla").iterdir())
 
 
+def test_projection_uses_the_measured_targets_of_the_nearest_image_size():
+    """Small images use a GPU less well (H200: isic at 112 px ran 1.44x the epoch time
+    projected from mammograms at 224 px), so a target is projected from the measured
+    rows nearest its own size; rows tied in distance are pooled."""
+    cfg_dir = f"{_train_utils.REPO}/configs"
+    cfgs = {t: grid.target_config(cfg_dir, t, protocol="sep2023", scale=1.0, width=64,
+                                  depth=50, max_image_size=4096, max_batch=4096,
+                                  dtype="bfloat16", cache="device")
+            for t in ("mammograms", "isic", "chest", "pcam", "thyroid")}
+    sizes = {t: int(c.data.image_size) for t, c in cfgs.items()}
+    assert sizes["isic"] == sizes["chest"] == 112 and sizes["mammograms"] == 224
+    assert sizes["pcam"] < 112 < sizes["mammograms"] < sizes["thyroid"]
+
+    def measured(t, per_work, fixed):
+        work = grid._epoch_work(cfgs[t])
+        return dict(target=t, size=sizes[t], epoch_s=per_work * work, fixed_s=fixed,
+                    work=work)
+    rows = [measured("mammograms", 1e-9, 3.0), measured("isic", 2e-9, 5.0)]
+    for t, per_work, fixed in (("chest", 2e-9, 5.0), ("pcam", 2e-9, 5.0),
+                               ("thyroid", 1e-9, 3.0)):
+        p = grid.project_target(t, cfgs[t], rows)
+        assert p["epoch_s"] == pytest.approx(per_work * grid._epoch_work(cfgs[t])), t
+        assert p["run_s"] == pytest.approx(fixed + p["epochs"] * p["epoch_s"]), t
+    # two measured rows equally near: pooled (epoch time per image-pixel, mean fixed cost)
+    twin = dict(rows[1], target="knee", epoch_s=rows[1]["epoch_s"] * 3, fixed_s=7.0)
+    p = grid.project_target("chest", cfgs["chest"], [rows[0], rows[1], twin])
+    assert p["epoch_s"] == pytest.approx(4e-9 * grid._epoch_work(cfgs["chest"]))
+    assert p["run_s"] == pytest.approx(6.0 + p["epochs"] * p["epoch_s"])
+
+
 def test_unknown_target_is_a_user_error():
     with pytest.raises(UserError, match="unknown target"):
         grid.run(targets=("lung",))
@@ -146,7 +176,8 @@ def test_runs_at_once_columns_and_projection(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(grid, "_runs_at_once", lambda config, k, epochs, root: walls[epochs])
     walls[5] = (26.0, 9.0)
     # projected: the measured target's epoch per image-pixel and its fixed cost
-    measured = dict(row, epoch_s=0.1, fixed_s=1.0, work=grid._epoch_work(c))
+    measured = dict(row, epoch_s=0.1, fixed_s=1.0, work=grid._epoch_work(c),
+                    size=int(c.data.image_size))
     big = _thyroid(scale=0.1)
     p = grid.project_target("thyroid", big, [measured])
     a_epoch = row["at_once_epoch_s"] * grid._epoch_work(big) / grid._epoch_work(c)

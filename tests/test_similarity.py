@@ -307,15 +307,20 @@ def test_resolve_route():
 
 def test_svd_algorithm_option():
     """svd= picks the QR route's SVD: 'default' is jnp.linalg.svd (same values as without
-    the option, its own compiled program); the cuSOLVER ones are refused off GPU."""
+    the option, its own compiled program); cuSOLVER's Jacobi is refused off GPU, its
+    polar gesvdp everywhere."""
     X, Y = _data()
     plain = float(S.similarity(X, Y, "pwcca", route="qr"))
     assert float(S.similarity(X, Y, "pwcca", route="qr", svd="default")) == plain
     with pytest.raises(ValueError, match="runs on NVIDIA GPUs only"):
-        S.similarity(X, Y, "mean_cca", svd="polar")
+        S.similarity(X, Y, "mean_cca", svd="jacobi")
     with pytest.raises(ValueError, match="choose one of"):
         S.similarity(X, Y, "mean_cca", svd="gesvd")
-    S.check_svd_algorithm("polar", backend="gpu")   # allowed where cuSOLVER is
+    S.check_svd_algorithm("jacobi", backend="gpu")   # allowed where cuSOLVER is
+    # gesvdp is wrong on rank-deficient matrices (measured on an H200): refused everywhere,
+    # with the reason
+    with pytest.raises(ValueError, match="gesvdp.*SVCCA 1.0.*use svd='jacobi'"):
+        S.check_svd_algorithm("polar", backend="gpu")
     # The algorithm reaches the SVD calls traced inside the kernel (traced, not lowered:
     # XLA:CPU cannot lower it), and tracing leaves the default in place afterwards.
     jaxpr = str(jax.make_jaxpr(S._with_svd(lambda a: S._basis(a, 1e-4)[1], "jacobi"))(X))
