@@ -28,7 +28,9 @@ _FORCE = flags.DEFINE_bool("force", False, "Rerun the given stages even if done.
 _MODE = flags.DEFINE_enum("mode", "inprocess", ["inprocess", "subprocess"],
                           "Run fine-tuning runs in this process or as subprocesses.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Concurrent runs in subprocess mode (on "
-                                 "one GPU they split 90 % of its memory).")
+                                 "one GPU they split 90 % of its memory; on an H200 three "
+                                 "at once took 2.6x the time per run of --mode=inprocess, "
+                                 "BENCHMARKS.md section 11).")
 _GPU_SLOTS = flags.DEFINE_list("gpu_slots", [], "--mode=subprocess: one run per slot at a "
                                "time with CUDA_VISIBLE_DEVICES=<slot>, e.g. 0,1,2,3,4,5,6,7 "
                                "(a run per GPU); a repeated slot shares its GPU (0,0,1,1).")
