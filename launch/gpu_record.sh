@@ -74,7 +74,7 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark, its table to $OUT/NAME.m
 }
 
 PART="${1:-all}"   # all (one call) | part1 | part2 (reruns of one half)
-# Rows already on record (BENCHMARKS.md section 10) are not measured again: the device-
+# Rows already on record (BENCHMARKS.md sections 10, 11) are not measured again: the device-
 # resident input (1.2 %, met), the grain pipeline, the paper CCA protocol (35 s, met) and
 # the covariance route. Each line below measures something that changed since.
 if [ "$PART" = part1 ] || [ "$PART" = all ]; then
@@ -107,7 +107,7 @@ if [ "$PART" = part2 ] || [ "$PART" = all ]; then
   # 5. The CCA kernels at 2048 x 20k against the NumPy float64 reference (run once per
   #    method, beside the default SVD), with cuSOLVER's Jacobi SVD (gesvdj) timed on the
   #    same data: speedup, and distance to the default SVD's value. (Its polar gesvdp is
-  #    refused: wrong on rank-deficient matrices, BENCHMARKS.md section 10.)
+  #    refused: wrong on rank-deficient matrices, BENCHMARKS.md section 11.)
   bench kernels_svd 80 similarity --neurons=2048 --datapoints=20000 --routes=qr \
     --svd_algorithms=default,jacobi --methods=mean_cca,svcca,pwcca,linear_cka \
     --repeats=1

@@ -55,8 +55,8 @@ _CONFIG_DIR = flags.DEFINE_string("config_dir", None, "The studies' config files
 _CSV = flags.DEFINE_string("csv", None, "Results table (default <output_dir>/results.csv).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (--mode=subprocess); runs "
                                  "that share a GPU split 90 % of its memory (on an H200 "
-                                 "three at once took 2.6x the time per run of one process "
-                                 "running them in turn, BENCHMARKS.md section 11).")
+                                 "three at once took 2.6x the time per run of --mode=inprocess, "
+                                 "BENCHMARKS.md section 11).")
 _MODE = flags.DEFINE_enum("mode", "subprocess", ["subprocess", "inprocess"],
                           "Runs as `python -m medtransfer_jax.train` subprocesses or in this "
                           "process (both read the same resolved sweep_config.py).")

@@ -158,15 +158,15 @@ def _highest(fn: Callable) -> Callable:
 #: The SVD algorithms of the QR route (``svd=`` option). ``default``: XLA's choice (LAPACK
 #: on CPU; on NVIDIA GPUs cuSOLVER's Jacobi gesvdj up to 1024 x 1024, else the QR-based
 #: gesvd, whose 2048 x 2048 call took 300 ms of an H200's ~1 s mean CCA). ``jacobi``:
-#: gesvdj at any size, GPU only in XLA; 1.6-1.8x faster there at 2048 x 20k, within
-#: 4.3e-5 of the default's value (BENCHMARKS.md section 10). cuSOLVER's polar gesvdp is
+#: gesvdj at any size, GPU only in XLA; 1.5-1.6x faster there at 2048 x 20k, within
+#: 4.3e-5 of the default's value (BENCHMARKS.md section 11). cuSOLVER's polar gesvdp is
 #: not offered: see :data:`_POLAR_REFUSED`.
 SVD_ALGORITHMS = ("default", "jacobi")
 _POLAR_REFUSED = (
     "svd='polar' (cuSOLVER gesvdp) is not offered: on an H200 it returned singular values "
     "of 10 to 537 where the true ones were 0 (a matrix with zero rows and columns) and "
     "SVCCA 1.0 where the default SVD gives 0.289, and every CCA basis masked at its "
-    "numerical rank is such a matrix (BENCHMARKS.md section 10); use svd='jacobi' (GPU) "
+    "numerical rank is such a matrix (BENCHMARKS.md section 11); use svd='jacobi' (GPU) "
     "or 'default'.")
 _SVD_ALGORITHM = contextvars.ContextVar("svd_algorithm", default="default")
 

@@ -324,7 +324,8 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
 
     ``time_budget_s``: run the targets largest first and start none that would not finish
     within it (judged by the slowest target measured so far); the rest are projected
-    from the measured ones of the nearest image size (:func:`project_target`). At least one target is always measured.
+    from the measured ones of the nearest image size (:func:`project_target`). At least
+    one target is always measured.
     """
     bad = [t for t in targets if t not in PAPER_TARGETS]
     if bad:
