@@ -101,7 +101,9 @@ fi
 if [ "$PART" = part2 ] || [ "$PART" = all ]; then
   # 4. A short 17 x 17 block map of two ResNet50s traced with jax.profiler: whether the
   #    device or the host bounds it (device busy vs wall, time per op category;
-  #    compilation and cuDNN autotuning are part of the wall; 43 s traced on an H200).
+  #    compilation and cuDNN autotuning are part of the wall; 43 s traced on an H200,
+  #    5 % of it device-busy), and each map's split: first batch (compile), the other
+  #    batches, the host's per-pair finish.
   bench map_profile 90 network_scale --parts=map --depth=50 --map_images=1280 \
     --batch_sizes=128 --profile_ops
   # 5. The CCA kernels at 2048 x 20k against the NumPy float64 reference (run once per

@@ -1,6 +1,7 @@
 """`python -m medtransfer_jax.analyze map`: layer x layer maps from the CLI (tiny ResNet18)."""
 import csv
 import os
+import re
 
 import _analyze_utils
 import numpy as np
@@ -38,14 +39,17 @@ def test_map_command_writes_table_and_heatmaps(weights, tmp_path, capsys, monkey
     files = _run(output_dir=str(tmp_path), weights_a=a, weights_b=b, images="random",
                  num_images=80, image_size=SIZE, batch_size=16, spatial="pool",
                  methods=["mean_cca", "debiased_cka"])
-    # progress: the streamed pass batch by batch, then one line per method
+    # progress: the streamed pass batch by batch, one line per method, then where the
+    # map's time went
     lines = [l for l in capsys.readouterr().out.splitlines()
              if l.startswith(f"map {a} vs {b}: ")]
     head = len(f"map {a} vs {b}: ")
-    assert [l[head:].split(", ")[0] for l in lines] == [
+    assert [l[head:].split(", ")[0] for l in lines[:-1]] == [
         "16/80 images", "32/80 images", "48/80 images", "64/80 images", "80/80 images",
         "mean_cca 9x9 (1/2 methods)", "debiased_cka 9x9 (2/2 methods)"], lines
     assert lines[4].endswith(", ETA 0 s")
+    assert re.fullmatch(r"map done in .+: first batch .+ \(compilation\), the other "
+                        r"batches .+, per-pair finish .+", lines[-1][head:]), lines[-1]
     with open(files["csv"]) as f:
         rows = list(csv.DictReader(f))
     blocks = layer_map.all_blocks(18)

@@ -26,6 +26,15 @@ def test_all_parts_scaled_down():
     maps = {r["what"]: r for r in by_part["map"]}
     assert maps["9x9 blocks, float32 forward"]["seconds"] > 0
     assert maps["9x9 blocks, bfloat16 forward"]["seconds"] > 0
+    # the split of each map's seconds: its parts are measured and add up to the total
+    for dtype in ("float32", "bfloat16"):
+        parts = [maps[f"  {dtype}: {p}"]["seconds"] for p in
+                 ("first batch (compile)", "the other batches", "per-pair finish on the host",
+                  "other")]
+        assert all(p > 0 for p in parts[:3]) and parts[3] >= -1e-6, parts
+        assert sum(parts) == pytest.approx(maps[f"9x9 blocks, {dtype} forward"]["seconds"])
+        # compiling makes the first of the 10 batches the slowest part of the stream
+        assert parts[0] > parts[1] / 9
     eff = maps["bf16 effect on mean_cca"]
     # bf16 changes the activations a little: a measurable but small effect on CCA
     assert 0 < eff["abs_diff"] < 0.2 and 0 < eff["value"] <= eff["abs_diff"]

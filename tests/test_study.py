@@ -403,8 +403,9 @@ def test_each_pair_and_map_prints_throttled_lines_inside(study, tmp_path, monkey
     for _, _, _, label, *_ in analyses.map_pairs(st, analyses.layer_map_settings(st)):
         head = f"{analyses.map_item_name('lesion', 0, label)}: "
         got = [l[len(head):].split(", ")[0] for l in lines if l.startswith(head)]
-        assert re.fullmatch(r"(\d+)/\1 images", got[0]) and got[1:] == [
+        assert re.fullmatch(r"(\d+)/\1 images", got[0]) and got[1:3] == [
             "linear_cka 9x9 (1/2 methods)", "debiased_cka 9x9 (2/2 methods)"], lines
+        assert len(got) == 4 and got[3].startswith("map done in "), lines
 
 
 def test_resumed_representations_stage_skips_done_items_without_timing_them(study):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
@@ -71,6 +72,11 @@ class LayerMap:
     channels_a: Tuple[int, ...]
     channels_b: Tuple[int, ...]
     compute_dtype: str = "float32"
+    #: Where the map's wall time went, seconds: ``first_batch`` (compiling the forward
+    #: passes and the accumulation, one batch), ``stream`` (every batch, the first
+    #: included, and the statistics' move to the host), ``finish`` (the float64 per-pair
+    #: values on the host). On a GPU the stream is mostly device work and the rest host.
+    timing: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def title(self, method: str) -> str:
         return (f"{method}: {self.name_a} vs {self.name_b}\n{self.spatial}, "
@@ -204,17 +210,30 @@ def layer_map(weights_a, weights_b, images, *, layers: Union[str, Sequence[str]]
         raise ValueError(f"layer_map: {e}") from None
     plan = _plan(a, b, images.shape[1:3], la, () if b is None else lb, spatial, grid,
                  max_channels, stats_budget_mb, seed)
+    timing = {}
+    t0 = time.perf_counter()
     state = _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype,
-                    progress)
+                    progress, timing)
     names = [f"{net}:{name}" for net, name, _ in plan.layers]
     joint, cka = streaming.finish_joint(state, plan.segments, names)
-    return _finish(a, b, plan, la, lb, joint, cka, methods, images.shape[0], spatial,
-                   compute_dtype, dict(rtol=rtol, epsilon=epsilon, keep=keep), progress)
+    t1 = time.perf_counter()
+    out = _finish(a, b, plan, la, lb, joint, cka, methods, images.shape[0], spatial,
+                  compute_dtype, dict(rtol=rtol, epsilon=epsilon, keep=keep), progress)
+    out.timing = dict(timing, stream=t1 - t0, finish=time.perf_counter() - t1)
+    if progress is not None:
+        t = out.timing
+        progress.say(f"map done in {format_duration(t['stream'] + t['finish'])}: first batch "
+                     f"{format_duration(t['first_batch'])} (compilation), the other batches "
+                     f"{format_duration(t['stream'] - t['first_batch'])}, per-pair finish "
+                     f"{format_duration(t['finish'])}")
+    return out
 
 
-def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype, progress=None):
+def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype, progress=None,
+            timing=None):
     """The one pass: forward each batch through each network, accumulate on device;
-    ``progress`` waits for the statistics only when its line is due."""
+    ``progress`` waits for the statistics only when its line is due. ``timing`` (a dict)
+    gets ``first_batch``: the first batch waited for, its compilation included."""
     layers_a = tuple(sorted({n for net, n, _ in plan.layers if net == "a"}))
     layers_b = tuple(sorted({n for net, n, _ in plan.layers if net == "b"}))
     run_a = act._extractor(act.with_dtype(a.model, compute_dtype), layers_a)
@@ -235,6 +254,7 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype, 
     norm = act.normalize_on_device
     if progress is not None:
         progress.start(n)
+    t0 = time.perf_counter()
     for start in range(0, n, batch_size):
         valid = min(batch_size, n - start)
         idx = np.r_[np.arange(start, start + valid), np.full(batch_size - valid, start)]
@@ -246,6 +266,9 @@ def _stream(a, b, plan, images, batch_size, preprocessing, mesh, compute_dtype, 
         z = sharding.settled(feats(acts_a, acts_b))
         state = streaming.update_joint(state, z,
                                        put(np.repeat(keep, rows_per_image)), plan.segments)
+        if start == 0 and timing is not None:  # one wait, after the compiling batch
+            jax.block_until_ready(state)
+            timing["first_batch"] = time.perf_counter() - t0
         if progress is not None:
             progress.update(start + valid, wait=lambda: jax.block_until_ready(state))
     return state

@@ -102,6 +102,20 @@ def _map(a, b, images, s: Sizes, dtype: str):
     return m, time.perf_counter() - t0
 
 
+def _split_rows(m, total_s: float, dtype: str) -> List[Dict[str, Any]]:
+    """Where a map's seconds went (LayerMap.timing): the first batch with its compilation,
+    the other batches, the host's per-pair finish, and what is left (loading, planning)."""
+    t = m.timing
+    rest = t["stream"] - t["first_batch"]
+    return [_row("map", f"  {dtype}: first batch (compile)", t["first_batch"]),
+            _row("map", f"  {dtype}: the other batches", rest,
+                 note="forward passes + statistics; statistics to the host"),
+            _row("map", f"  {dtype}: per-pair finish on the host", t["finish"],
+                 note="float64"),
+            _row("map", f"  {dtype}: other", total_s - t["stream"] - t["finish"],
+                 note="model loading, planning")]
+
+
 def block_map(s: Sizes) -> List[Dict[str, Any]]:
     """Part 3: all-blocks x all-blocks map of two random ResNets, float32 then bf16."""
     a = similarity.random_model(s.depth, s.width, 0, image_size=s.image_size, name="random_a")
@@ -112,7 +126,8 @@ def block_map(s: Sizes) -> List[Dict[str, Any]]:
     L = len(m32.layers_a)
     rows = [_row("map", f"{L}x{L} blocks, float32 forward", t32,
                  note=f"{s.map_images} images ({s.map_images / t32:.1f} img/s incl. compile); "
-                      f"{m32.spatial}; channels/layer <= {max(m32.channels_a)}")]
+                      f"{m32.spatial}; channels/layer <= {max(m32.channels_a)}"),
+            *_split_rows(m32, t32, "float32")]
     for meth, v in m32.values.items():
         rows.append(_row("map", f"{meth} mean over the map", value=float(v.mean()),
                          note=f"diagonal mean {float(np.diag(v).mean()):.4f}"))
@@ -120,6 +135,7 @@ def block_map(s: Sizes) -> List[Dict[str, Any]]:
         m16, t16 = _map(a, b, images, s, "bfloat16")
         rows.append(_row("map", f"{L}x{L} blocks, bfloat16 forward", t16,
                          speedup=t32 / t16, note="statistics float32, finish float64"))
+        rows.extend(_split_rows(m16, t16, "bfloat16"))
         for meth in m32.values:
             d = np.abs(m16.values[meth] - m32.values[meth])
             rows.append(_row("map", f"bf16 effect on {meth}", abs_diff=float(d.max()),
