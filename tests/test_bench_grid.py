@@ -44,6 +44,9 @@ def test_grid_projects_the_full_study_from_measured_epochs(tmp_path):
         assert r["epoch_s"] > 0 and r["run_s"] >= r["epochs"] * r["epoch_s"]
         assert r["frz_run_s"] > r["run_s"]
         assert r["target_grid_s"] == pytest.approx(5 * (3 * r["run_s"] + 2 * r["frz_run_s"]))
+        # the head phase's epochs are timed (linear-probe runs), not taken at full cost
+        assert 0 < r["head_epoch_s"] and r["frz_run_s"] == pytest.approx(
+            r["run_s"] + 30 * r["head_epoch_s"])
         # The second run of the same shapes reads its programs from the persistent cache.
         assert r["warm_cache_hits"] > 0
         # ... and decodes no image: the first run's pixels are in the decode memo.
@@ -85,6 +88,39 @@ def test_projection_uses_the_measured_targets_of_the_nearest_image_size():
     p = grid.project_target("chest", cfgs["chest"], [rows[0], rows[1], twin])
     assert p["epoch_s"] == pytest.approx(4e-9 * grid._epoch_work(cfgs["chest"]))
     assert p["run_s"] == pytest.approx(6.0 + p["epochs"] * p["epoch_s"])
+
+
+def test_head_phase_epochs_are_timed_and_projected_by_their_ratio(monkeypatch, tmp_path):
+    """A freeze run is its run plus the head phase at the measured head-epoch cost; a
+    projected target takes the measured rows' head/epoch ratio; with no head timing the
+    full epoch cost stands in (an upper bound)."""
+    c = _thyroid()
+    seen = []
+
+    def fake_timed(config, epochs, root):
+        seen.append((config.train.freeze, epochs))
+        probe = config.train.freeze == "linear_probe"
+        loop_s = (0.5 if probe else 1.0) * epochs + 2.0      # a head epoch: half the cost
+        t = dict(train_s=loop_s, eval_s=0.0, checkpoint_s=0.0, data_s=0.1, integrity_s=0.0,
+                 model_init_s=0.0, restore_s=0.0, finalize_s=0.1)
+        return 3.0 + loop_s, {"timing": t, "steps_per_epoch": 2}
+    monkeypatch.setattr(grid, "_timed_run", fake_timed)
+    row = grid.bench_target("thyroid", c, str(tmp_path), min_extra_images=64)
+    extra = row["extra_epochs"]
+    full = c.train.freeze
+    assert seen == [(full, 1), (full, 1), (full, 1 + extra), ("linear_probe", 1),
+                    ("linear_probe", 1), ("linear_probe", 1 + extra)]
+    assert c.train.freeze == full                 # the target's own config is untouched
+    assert row["epoch_s"] == pytest.approx(1.0) and row["head_epoch_s"] == pytest.approx(0.5)
+    head = c.train.head_phase.num_epochs
+    assert row["frz_run_s"] == pytest.approx(row["run_s"] + head * 0.5)
+    # projected from it: the same ratio
+    p = grid.project_target("thyroid", c, [row])
+    assert p["frz_run_s"] == pytest.approx(p["run_s"] + head * p["epoch_s"] * 0.5)
+    # no head timing (NaN): the full epoch cost
+    nan_row = dict(row, head_epoch_s=float("nan"))
+    p = grid.project_target("thyroid", c, [nan_row])
+    assert p["frz_run_s"] == pytest.approx(p["run_s"] + head * p["epoch_s"])
 
 
 def test_unknown_target_is_a_user_error():

@@ -20,9 +20,12 @@ training loops (their ``results.json`` timing: train + eval + checkpoint seconds
 run-to-run noise cannot swamp a tiny epoch. A run's fixed cost (setup, cache decode,
 compile-cache reads, final predictions, export) is ``warm1 - epoch``, and the projected
 run is ``fixed + epochs x epoch``. An epoch measured as <= 0 (noise larger than the extra
-epochs) is reported as NaN, never as a tiny number. The freeze variants' head
-phase is counted as full-cost epochs (an upper bound: its backward pass stops at the
-head). Early stopping is off, as in the Sep-2023 protocol (patience = epochs).
+epochs) is reported as NaN, never as a tiny number. The freeze variants' head phase
+(``train.head_phase``: a linear probe, the base frozen with BatchNorm in inference mode,
+so no backward pass through it) is timed the same way: a linear-probe run of 1 epoch
+after one that compiles its step, and one of 1 + k epochs give ``head_epoch_s``; a freeze
+run is ``run_s + head epochs x head_epoch_s`` (a full epoch's cost if that timing fails).
+Early stopping is off, as in the Sep-2023 protocol (patience = epochs).
 
 With ``--runs_at_once=K`` (K > 1) each measured target is also run the way
 ``study --mode=subprocess --parallel=K`` runs it: K ``train`` subprocesses at once sharing
@@ -77,7 +80,8 @@ TRAIN_GFLOP_224 = 22.15
 COLUMNS = ["target", "how", "images", "size", "batch", "epochs", "steps/epoch", "cold_s",
            "warm1_s", "extra_epochs", "warm_more_s", "compile_cold_s", "compile_warm_s",
            "data_s", "setup_s", "finalize_s", "epoch_s", "train_epoch_s", "eval_epoch_s",
-           "ckpt_epoch_s", "img_per_s", "mfu", "run_s", "frz_run_s", "target_grid_s"]
+           "ckpt_epoch_s", "head_epoch_s", "img_per_s", "mfu", "run_s", "frz_run_s",
+           "target_grid_s"]
 #: Added with --runs_at_once > 1: runs sharing the accelerator, per run and per target.
 AT_ONCE_COLUMNS = ["at_once", "at_once_1epoch_s", "at_once_more_s", "at_once_run_s",
                    "at_once_grid_s"]
@@ -88,7 +92,9 @@ AT_ONCE_NOTE = ("at_once_1epoch_s / at_once_more_s: wall time of K train subproc
 TIMING_NOTE = ("data_s / setup_s / finalize_s: a warm run's split decode onto the device, its "
                "whole setup (integrity check, model init, decode, restore) and its final "
                "predictions + exports; train/eval/ckpt_epoch_s: one extra epoch's training "
-               "steps, validation and checkpoint save (results.json 'timing')")
+               "steps, validation and checkpoint save (results.json 'timing'); head_epoch_s: "
+               "one epoch of the freeze variants' head phase (frozen base), timed the same "
+               "way; frz_run_s: a freeze variant's run, its head phase included")
 
 
 def configs_dir(flag_value: Optional[str] = None) -> str:
@@ -199,10 +205,11 @@ def _runs_at_once(config, k: int, epochs: int, root: str) -> tuple:
     return secs, loop_s
 
 
-def _at_once(config, k: int, extra: int, root: str) -> Dict[str, Any]:
+def _at_once(config, k: int, extra: int, root: str, head_ratio: float = 1.0) -> Dict[str, Any]:
     """The ``at_once_*`` columns: K runs of 1 and of 1 + ``extra`` epochs at once. The K
     epochs at once cost the difference of the runs' mean training loops (which ran side
-    by side) over ``extra``, so the processes' start-up noise stays out of it."""
+    by side) over ``extra``, so the processes' start-up noise stays out of it; a head
+    epoch costs ``head_ratio`` of an epoch, as measured one at a time."""
     nan = float("nan")
     failed = {"at_once": k, "at_once_1epoch_s": nan, "at_once_more_s": nan,
               "at_once_run_s": nan, "at_once_grid_s": nan, "at_once_epoch_s": nan,
@@ -223,17 +230,40 @@ def _at_once(config, k: int, extra: int, root: str) -> Dict[str, Any]:
         return dict(failed, at_once_1epoch_s=w1, at_once_more_s=w2)
     fixed, epoch = max(w1 - epochs_k, 0.0) / k, epochs_k / k   # per run
     run_s = fixed + int(config.train.num_epochs) * epoch
-    frz_run_s = run_s + int(config.train.head_phase.num_epochs) * epoch
+    frz_run_s = run_s + int(config.train.head_phase.num_epochs) * epoch * head_ratio
     return {"at_once": k, "at_once_1epoch_s": w1, "at_once_more_s": w2,
             "at_once_run_s": run_s, "at_once_grid_s": _grid_s(run_s, frz_run_s),
             "at_once_epoch_s": epoch, "at_once_fixed_s": fixed}
 
 
+def _head_epoch(config, extra: int, root: str) -> float:
+    """Seconds of one head-phase epoch (a linear probe's: frozen base, BatchNorm in
+    inference mode), by the same difference of training loops as a full epoch, after a
+    run that compiles its step; NaN if the extra epochs took no measurable time."""
+    probe = config.copy_and_resolve_references()
+    probe.train.freeze = "linear_probe"
+    _timed_run(probe, 1, root)              # compiles the probe's train step
+    _, p1 = _timed_run(probe, 1, root)
+    _, pm = _timed_run(probe, 1 + extra, root)
+    head_s = (_loop_s(pm) - _loop_s(p1)) / extra
+    return head_s if head_s > 0 else float("nan")
+
+
+def _head_ratio(rows: Sequence[Dict[str, Any]]) -> float:
+    """A head epoch's cost over a full epoch's, the mean over ``rows`` that timed both;
+    1 (the full cost: an upper bound) when none did."""
+    ratios = [r["head_epoch_s"] / r["epoch_s"] for r in rows
+              if math.isfinite(r.get("head_epoch_s", float("nan")))
+              and math.isfinite(r["epoch_s"]) and r["epoch_s"] > 0]
+    return sum(ratios) / len(ratios) if ratios else 1.0
+
+
 def bench_target(target: str, config, root: str,
                  min_extra_images: float = MIN_EXTRA_IMAGES,
                  runs_at_once: int = 1) -> Dict[str, Any]:
-    """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 1 + k epochs) -> a row;
-    with ``runs_at_once`` > 1 also the ``at_once_*`` columns (:func:`_at_once`)."""
+    """Three runs of one target (cold 1 epoch, warm 1 epoch, warm 1 + k epochs) and, if
+    the protocol has a head phase, three linear-probe runs (:func:`_head_epoch`) -> a
+    row; with ``runs_at_once`` > 1 also the ``at_once_*`` columns (:func:`_at_once`)."""
     epochs = int(config.train.num_epochs)  # the protocol's; the timed runs change it
     head_epochs = int(config.train.head_phase.num_epochs)
     t0 = time.perf_counter()
@@ -256,7 +286,9 @@ def bench_target(target: str, config, root: str,
         epoch_s = float("nan")
     fixed_s = max(warm1 - epoch_s, 0.0) if math.isfinite(epoch_s) else float("nan")
     run_s = fixed_s + epochs * epoch_s
-    frz_run_s = run_s + head_epochs * epoch_s
+    head_s = _head_epoch(config, extra, root) if head_epochs > 0 else float("nan")
+    ratio = _head_ratio([{"head_epoch_s": head_s, "epoch_s": epoch_s}])
+    frz_run_s = run_s + head_epochs * epoch_s * ratio
     size = int(config.data.image_size)
     ips = steps * bs / epoch_s
     mfu: Any = "n/a"  # see mfu_note
@@ -264,7 +296,7 @@ def bench_target(target: str, config, root: str,
         peak = common.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
         if peak:
             mfu = ips * TRAIN_GFLOP_224 * 1e9 * (size / 224) ** 2 / (peak * jax.device_count())
-    at_once = _at_once(config, runs_at_once, extra, root) if runs_at_once > 1 else {}
+    at_once = _at_once(config, runs_at_once, extra, root, ratio) if runs_at_once > 1 else {}
     return {"target": target, "how": "measured", **at_once,
             "images": int(config.data.synthetic.num_examples), "size": size,
             "batch": bs, "epochs": epochs, "steps/epoch": steps, "cold_s": cold,
@@ -278,15 +310,15 @@ def bench_target(target: str, config, root: str,
             **{f"{k}_epoch_s": (rm["timing"][f"{k}_s"] - t1[f"{k}_s"]) / extra
                for k in ("train", "eval")},
             "ckpt_epoch_s": (rm["timing"]["checkpoint_s"] - t1["checkpoint_s"]) / extra,
-            "img_per_s": ips, "mfu": mfu, "run_s": run_s, "frz_run_s": frz_run_s,
-            "target_grid_s": _grid_s(run_s, frz_run_s), "fixed_s": fixed_s,
-            "bench_s": time.perf_counter() - t0, "work": _epoch_work(config)}
+            "head_epoch_s": head_s, "img_per_s": ips, "mfu": mfu, "run_s": run_s,
+            "frz_run_s": frz_run_s, "target_grid_s": _grid_s(run_s, frz_run_s),
+            "fixed_s": fixed_s, "bench_s": time.perf_counter() - t0, "work": _epoch_work(config)}
 
 
 def project_target(target: str, config, measured: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """A target the budget left out, from the measured rows of the image size nearest its
-    own: epoch time at their mean seconds per image-pixel, their mean fixed cost; nothing
-    is timed. Nearest, because small images use a GPU less well: on an H200, isic at
+    own: epoch time at their mean seconds per image-pixel, their mean fixed cost and head
+    epoch to epoch ratio; nothing is timed. Nearest, because small images use a GPU less well: on an H200, isic at
     112 px took 1.44x the epoch time projected from mammograms at 224 px."""
     ok = [r for r in measured if math.isfinite(r["epoch_s"])] or measured  # NaN if none
     size = int(config.data.image_size)
@@ -297,7 +329,8 @@ def project_target(target: str, config, measured: Sequence[Dict[str, Any]]) -> D
     epochs = int(config.train.num_epochs)
     epoch_s = per_work * _epoch_work(config)
     run_s = fixed_s + epochs * epoch_s
-    frz_run_s = run_s + int(config.train.head_phase.num_epochs) * epoch_s
+    ratio = _head_ratio(ok)
+    frz_run_s = run_s + int(config.train.head_phase.num_epochs) * epoch_s * ratio
     row = {"target": target, "how": "projected",
            "images": int(config.data.synthetic.num_examples),
            "size": int(config.data.image_size), "batch": int(config.train.batch_size),
@@ -309,7 +342,7 @@ def project_target(target: str, config, measured: Sequence[Dict[str, Any]]) -> D
                    / sum(r["work"] for r in at_once) * _epoch_work(config))
         a_run = sum(r["at_once_fixed_s"] for r in at_once) / len(at_once) + epochs * a_epoch
         row.update(at_once=at_once[0]["at_once"], at_once_run_s=a_run, at_once_grid_s=_grid_s(
-            a_run, a_run + int(config.train.head_phase.num_epochs) * a_epoch))
+            a_run, a_run + int(config.train.head_phase.num_epochs) * a_epoch * ratio))
     return row
 
 
@@ -354,7 +387,8 @@ def run(*, targets: Sequence[str] = tuple(PAPER_TARGETS), protocol: str = "sep20
                    f"{grid_runs(1)} runs {r['at_once_grid_s'] / 60:.1f} min"
                    if runs_at_once > 1 else "")
         common.progress(f"[grid] {len(measured)}/{len(targets)} {t}: epoch "
-                        f"{r['epoch_s']:.1f} s, run {r['run_s']:.0f} s, compile cold "
+                        f"{r['epoch_s']:.1f} s (head phase {r['head_epoch_s']:.1f} s), run "
+                        f"{r['run_s']:.0f} s, compile cold "
                         f"{r['compile_cold_s']:.1f} s / warm {r['compile_warm_s']:.1f} s, "
                         f"{grid_runs(1)} runs {r['target_grid_s'] / 60:.1f} min{at_once} "
                         f"(bench {r['bench_s']:.0f} s)")
