@@ -78,15 +78,14 @@ PART="${1:-all}"   # all (one call) | part1 | part2 (reruns of one half)
 # resident input (1.2 %, met), the grain pipeline, the paper CCA protocol (35 s, met) and
 # the covariance route. Each line below measures something that changed since.
 if [ "$PART" = part1 ] || [ "$PART" = all ]; then
-  # 1. The Revisiting grid with this version's per-run fixed cost (compiled steps kept
-  #    across runs, each image decoded once per process, saves every checkpoint.every_secs
-  #    with the best kept on the device): per target the split decode, setup, final
-  #    predictions, and per epoch the train / eval / checkpoint seconds; projected to 175.
-  #    Each measured target also runs as `study --mode=subprocess --parallel=3` would: 3
-  #    train processes at once on the GPU (at_once_* columns; memory taken as needed, no
-  #    fixed split, so the bench's own runs keep what they had), projected the same way.
+  # 1. The Revisiting grid: per target the split decode, setup, final predictions, and per
+  #    epoch the train / eval / checkpoint seconds, the freeze variants' head-phase epoch
+  #    (head_epoch_s), projected to 175 runs from the targets measured within the budget
+  #    (mammograms, then isic; the rest from the measured one nearest in image size).
+  #    Runs at once are not timed again: 3 on one H200 took 2.6x the time per run of one
+  #    process (BENCHMARKS.md section 11; add --runs_at_once=3 to time them again).
   XLA_PYTHON_CLIENT_PREALLOCATE=false bench grid 240 grid --dtypes=bfloat16 --cache=device \
-    --configs_dir="$PWD/configs" --time_budget_s=200 --runs_at_once=3
+    --configs_dir="$PWD/configs" --time_budget_s=200
   # 2. ResNet50 224 px bf16 train step at batch 128 and 256, torchvision AMP +
   #    channels_last in the same run: img/s, MFU, JAX/torch ratio. (torch.compile was
   #    slower than eager torch on an H200: add --torch_compile to time it again.)
