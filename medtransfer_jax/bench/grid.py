@@ -318,8 +318,9 @@ def bench_target(target: str, config, root: str,
 def project_target(target: str, config, measured: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """A target the budget left out, from the measured rows of the image size nearest its
     own: epoch time at their mean seconds per image-pixel, their mean fixed cost and head
-    epoch to epoch ratio; nothing is timed. Nearest, because small images use a GPU less well: on an H200, isic at
-    112 px took 1.44x the epoch time projected from mammograms at 224 px."""
+    epoch to epoch ratio; nothing is timed. Nearest, because small images use a GPU less
+    well: on an H200, isic at 112 px took 1.44x the epoch time projected from mammograms
+    at 224 px."""
     ok = [r for r in measured if math.isfinite(r["epoch_s"])] or measured  # NaN if none
     size = int(config.data.image_size)
     gap = min(abs(r["size"] - size) for r in ok)
