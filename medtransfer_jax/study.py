@@ -70,6 +70,7 @@ def main(argv):
     study = runner.Study(_CONFIG.value, workdir, mode=_MODE.value, parallel=_PARALLEL.value,
                          gpu_slots=_GPU_SLOTS.value)
     _check(study)
+    study.check_stages(_STAGES.value, _FORCE.value)
     if _DRY_RUN.value:
         report = runner.preflight(_CONFIG.value, workdir, mode=_MODE.value,
                                   parallel=_PARALLEL.value, gpu_slots=_GPU_SLOTS.value)

@@ -304,6 +304,30 @@ def test_bad_stage_name_is_a_clear_error(tmp_path):
         runner.Study(_tiny_study_config(), str(tmp_path)).run(stages=["nope"])
 
 
+def test_a_stage_runs_only_after_the_stages_it_reads(study, tmp_path):
+    """A stage whose inputs no stage has made is refused in one line that names the
+    stages to add, before anything is written (robustness over untrained runs wrote NaN
+    rows and marked itself done, so a later full study skipped it)."""
+    fresh = tmp_path / "fresh"
+    for stages, missing in ((["robustness"], "finetune"), (["finetune"], "sources"),
+                            (["representations"], "sources and finetune"),
+                            (["filters", "report"], "sources and finetune"),
+                            (["predictions"], "finetune")):
+        with pytest.raises(runner.StudyError) as e:
+            runner.run_study(_tiny_study_config(), str(fresh), stages=stages)
+        want = ",".join(s for s in runner.STAGES if s in stages or s in missing.split(" and "))
+        assert f"reads what the {missing} stage" in str(e.value), e.value
+        assert f"run --stages={want}," in str(e.value), e.value
+        assert not fresh.exists()
+    study_obj = runner.Study(_tiny_study_config(), str(fresh))
+    study_obj.check_stages(["sources", "finetune", "robustness"])   # made in the same call
+    # a finished study: its stages have what they read, forced or not
+    wd, _, _ = study
+    done = runner.Study(_tiny_study_config(), wd)
+    done.check_stages(["robustness"])
+    done.check_stages(["robustness"], force=True)
+
+
 def test_layer_maps_per_pair_are_written_listed_and_resumable(study):
     wd, _, _ = study
     index = _rows(os.path.join(wd, "tables", "layer_maps.csv"))

@@ -64,6 +64,11 @@ from medtransfer_jax.weights.checkpoint import CheckpointError
 from medtransfer_jax.weights import conversion as convert_lib
 
 STAGES = progress.STAGES
+#: The stages each stage reads: it runs only once they are done or run before it in the
+#: same call (robustness over untrained runs wrote NaN rows and marked itself done).
+NEEDS = {"finetune": ("sources",), "representations": ("sources", "finetune"),
+         "predictions": ("finetune",), "filters": ("sources", "finetune"),
+         "robustness": ("finetune",)}
 SOURCE_KINDS = ("weights", "convert", "pretrain", "random")
 
 
@@ -208,9 +213,7 @@ class Study:
         unfinished, and is deliberately not marked done.
         """
         stages = list(stages or STAGES)
-        bad = [s for s in stages if s not in STAGES]
-        if bad:
-            raise StudyError(f"unknown stage(s) {bad}; choose from {STAGES}.")
+        self.check_stages(stages, force)
         paths.makedirs(self.path("stages"))
         status, t_study = {}, time.time()
         todo = [s for s in STAGES if s in stages]
@@ -237,6 +240,24 @@ class Study:
                   f"{progress.format_duration(time.time() - t0)} (study: "
                   f"{progress.format_duration(time.time() - t_study)})", flush=True)
         return status
+
+    def check_stages(self, stages: Sequence[str], force: bool = False) -> None:
+        """StudyError unless every stage in ``stages`` is known and every stage that would
+        run has the stages it reads (:data:`NEEDS`) done or among ``stages``."""
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise StudyError(f"unknown stage(s) {bad}; choose from {STAGES}.")
+        for stage in (s for s in STAGES if s in stages and not self._skip(s, force)):
+            missing = [n for n in NEEDS.get(stage, ()) if n not in stages
+                       and not self.is_done(n)]
+            if missing:
+                with_them = ",".join(s for s in STAGES if s in stages or s in missing)
+                raise StudyError(
+                    f"--stages={','.join(stages)}: the {stage} stage reads what the "
+                    f"{' and '.join(missing)} stage{'s' if len(missing) > 1 else ''} "
+                    f"write{'' if len(missing) > 1 else 's'}, not done in {self.workdir}; "
+                    f"run --stages={with_them}, or leave --stages out to run every stage "
+                    "(--stages=report writes a report of what exists)")
 
     def _tracker(self, stages: Sequence[str]) -> progress.StudyProgress:
         """The ETA of ``stages`` from their work (``preflight.stage_work``) and the rates
@@ -440,6 +461,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *,
     """
     study = Study(config, workdir, mode=mode, parallel=parallel, gpu_slots=gpu_slots)
     wanted = list(stages or STAGES)
+    study.check_stages(wanted, force)   # before the pre-flight's lines
     if any(s in wanted and not study.is_done(s) for s in ("sources", "finetune")):
         pf = preflight_lib.check(study)
         print(pf.text(), flush=True)
