@@ -309,14 +309,16 @@ def test_a_stage_runs_only_after_the_stages_it_reads(study, tmp_path):
     stages to add, before anything is written (robustness over untrained runs wrote NaN
     rows and marked itself done, so a later full study skipped it)."""
     fresh = tmp_path / "fresh"
-    for stages, missing in ((["robustness"], "finetune"), (["finetune"], "sources"),
-                            (["representations"], "sources and finetune"),
-                            (["filters", "report"], "sources and finetune"),
-                            (["predictions"], "finetune")):
+    for stages, missing in ((["robustness"], "sources and finetune stages"),
+                            (["finetune"], "sources stage"),
+                            (["representations"], "sources and finetune stages"),
+                            (["filters", "report"], "sources and finetune stages"),
+                            (["finetune", "predictions"], "sources stage")):
         with pytest.raises(runner.StudyError) as e:
             runner.run_study(_tiny_study_config(), str(fresh), stages=stages)
-        want = ",".join(s for s in runner.STAGES if s in stages or s in missing.split(" and "))
-        assert f"reads what the {missing} stage" in str(e.value), e.value
+        needed = missing.rsplit(" ", 1)[0].split(" and ")
+        want = ",".join(s for s in runner.STAGES if s in stages or s in needed)
+        assert f"stage needs the {missing} first" in str(e.value), e.value
         assert f"run --stages={want}," in str(e.value), e.value
         assert not fresh.exists()
     study_obj = runner.Study(_tiny_study_config(), str(fresh))

@@ -64,8 +64,9 @@ from medtransfer_jax.weights.checkpoint import CheckpointError
 from medtransfer_jax.weights import conversion as convert_lib
 
 STAGES = progress.STAGES
-#: The stages each stage reads: it runs only once they are done or run before it in the
-#: same call (robustness over untrained runs wrote NaN rows and marked itself done).
+#: The stages each stage reads: it runs only once they (and what they need) are done or
+#: run before it in the same call (robustness over untrained runs wrote NaN rows and
+#: marked itself done).
 NEEDS = {"finetune": ("sources",), "representations": ("sources", "finetune"),
          "predictions": ("finetune",), "filters": ("sources", "finetune"),
          "robustness": ("finetune",)}
@@ -243,21 +244,26 @@ class Study:
 
     def check_stages(self, stages: Sequence[str], force: bool = False) -> None:
         """StudyError unless every stage in ``stages`` is known and every stage that would
-        run has the stages it reads (:data:`NEEDS`) done or among ``stages``."""
+        run has the stages it needs (:data:`NEEDS`, and theirs) done or among ``stages``."""
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise StudyError(f"unknown stage(s) {bad}; choose from {STAGES}.")
         for stage in (s for s in STAGES if s in stages and not self._skip(s, force)):
-            missing = [n for n in NEEDS.get(stage, ()) if n not in stages
-                       and not self.is_done(n)]
-            if missing:
-                with_them = ",".join(s for s in STAGES if s in stages or s in missing)
+            needed, todo = set(), list(NEEDS.get(stage, ()))
+            while todo:
+                n = todo.pop()
+                if n not in needed and n not in stages and not self.is_done(n):
+                    needed.add(n)
+                    todo.extend(NEEDS.get(n, ()))
+            if needed:
+                missing = [s for s in STAGES if s in needed]
+                with_them = ",".join(s for s in STAGES if s in stages or s in needed)
                 raise StudyError(
-                    f"--stages={','.join(stages)}: the {stage} stage reads what the "
-                    f"{' and '.join(missing)} stage{'s' if len(missing) > 1 else ''} "
-                    f"write{'' if len(missing) > 1 else 's'}, not done in {self.workdir}; "
-                    f"run --stages={with_them}, or leave --stages out to run every stage "
-                    "(--stages=report writes a report of what exists)")
+                    f"--stages={','.join(stages)}: the {stage} stage needs the "
+                    f"{' and '.join(missing)} stage{'s' if len(missing) > 1 else ''} first "
+                    f"(not done in {self.workdir}); run --stages={with_them}, or leave "
+                    "--stages out to run every stage (--stages=report writes a report of "
+                    "what exists)")
 
     def _tracker(self, stages: Sequence[str]) -> progress.StudyProgress:
         """The ETA of ``stages`` from their work (``preflight.stage_work``) and the rates
