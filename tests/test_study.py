@@ -299,6 +299,54 @@ def test_preflight_names_cca_pairs_of_sources_the_study_has_not(tmp_path):
         "sources from ['natural', 'random'] and stage 'pre' or 'fine-tuned'"]
 
 
+def test_stages_done_with_other_study_settings_are_run_again(study, tmp_path, capsys):
+    """A stage's marker keeps the study config it was done with: with other settings (more
+    folds after a subset first, a changed analysis option) it is not done, so it runs
+    again and the stages after it need it; the same config keeps it."""
+    import shutil
+    from medtransfer_jax.weights import checkpoint
+    wd, _, _ = study
+    copy = tmp_path / "wd"
+    shutil.copytree(wd, copy)
+    same = runner.Study(_tiny_study_config(), str(copy))
+    assert all(same.is_done(s) for s in runner.STAGES)
+    assert f"config {same.config_fingerprint()}" in (copy / "stages" / "filters.done").read_text()
+    cfg = _tiny_study_config()
+    cfg.sources.random.seed = 7
+    other = runner.Study(cfg, str(copy))
+    assert other.config_fingerprint() != same.config_fingerprint()
+    assert not any(other.is_done(s) for s in runner.STAGES)
+    with pytest.raises(runner.StudyError, match="needs the sources and finetune stages"):
+        other.check_stages(["robustness"])
+    # the sources stage draws the random source again with the new seed (it kept the old
+    # one while it was readable)
+    other.stage_sources()
+    meta = checkpoint.load_metadata(other.source_dir("random"))
+    assert meta.extra["seed"] == 7
+    assert "source random: making it again (drawn as (seed, " in capsys.readouterr().out
+    # a marker written before fingerprints were kept counts as done with this config
+    (copy / "stages" / "robustness.done").write_text("1.0s\ncode abc\n")
+    assert other.is_done("robustness")
+
+
+def test_converted_source_is_converted_again_when_its_file_changed(tmp_path):
+    """The converted weights record their input file's SHA-256: another file at the same
+    path (the first one was the wrong download) is converted again."""
+    from medtransfer_jax.weights import checkpoint, conversion
+    f = tmp_path / "w.h5"
+    f.write_bytes(b"first")
+    spec = ml_collections.ConfigDict(dict(kind="convert", input=str(f), format="keras_h5"))
+    meta = checkpoint.WeightsMetadata(source="x", layout="keras_v1", preprocessing="caffe",
+                                      extra={"sha256": conversion.file_sha256(str(f))})
+    assert runner.Study._converted_differs(meta, spec) is None
+    f.write_bytes(b"second")
+    assert "converted from another file" in runner.Study._converted_differs(meta, spec)
+    f.write_bytes(b"first")
+    spec.preprocessing = "torch"
+    assert "preprocessing caffe, the config asks torch" in runner.Study._converted_differs(
+        meta, spec)
+
+
 def test_bad_stage_name_is_a_clear_error(tmp_path):
     with pytest.raises(runner.StudyError, match="unknown stage"):
         runner.Study(_tiny_study_config(), str(tmp_path)).run(stages=["nope"])

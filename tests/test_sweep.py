@@ -80,6 +80,27 @@ def test_diverged_runs_are_failed_and_never_averaged(tmp_path):
     assert not os.path.exists(tmp_path / "p1.csv")  # only process 0 writes shared files
 
 
+def test_a_finished_run_with_another_config_is_refused_not_reused(tmp_path):
+    """A finished run is reused only for the config it was trained with: a changed
+    --override (or study setting) would put two configs in one results table."""
+    from medtransfer_jax.errors import UserError
+    from medtransfer_jax.training import finalize
+    run, = sweep.expand_grid("demo", targets=[], folds=[0], root=str(tmp_path))
+    _fake_results(run.workdir, "done", 0.8)
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+        json.dump(finalize.json_config(sweep.load_config(run)), f)
+    assert sweep.run_all([run], python="/bin/false") == {run.name: "skipped"}
+    changed, = sweep.expand_grid("demo", targets=[], folds=[0], root=str(tmp_path),
+                                 overrides=["train.lr=0.0005"])
+    with pytest.raises(UserError, match=r"finished with another config than this one asks "
+                       r"\(train.lr: 0.002 -> 0.0005\).*move .*fold0/seed0 away"):
+        sweep.run_all([changed], python="/bin/false")
+    # a change a resume accepts too (where the data lives) reuses it
+    moved, = sweep.expand_grid("demo", targets=[], folds=[0], root=str(tmp_path),
+                               overrides=["data.worker_count=3"])
+    assert sweep.run_all([moved], python="/bin/false") == {run.name: "skipped"}
+
+
 FAKE_TRAIN = """#!{python}
 # Stands in for `python -m medtransfer_jax.train`: marks that it started, then waits for
 # SIGTERM, "saves" and exits 143 as the real main does.

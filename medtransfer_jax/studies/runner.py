@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import itertools
 import math
 import os
@@ -189,8 +190,31 @@ class Study:
     def _marker(self, stage: str) -> str:
         return self.path("stages", f"{stage}.done")
 
+    def config_fingerprint(self) -> str:
+        """12 hex digits of the study config (every field, sorted): a stage's marker keeps
+        the fingerprint it was done with."""
+        text = self.config.to_json_best_effort(sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def _marker_lines(self, stage: str) -> List[str]:
+        try:
+            return paths.read_text(self._marker(stage)).split("\n")
+        except (OSError, ValueError):   # missing, or damaged: says nothing
+            return []
+
+    def _stale(self, stage: str) -> bool:
+        """``stage`` was done with other study settings (its marker's config fingerprint
+        differs; a marker from before fingerprints were kept counts as current)."""
+        if not paths.exists(self._marker(stage)):
+            return False
+        done_with = next((l.split(" ", 1)[1] for l in self._marker_lines(stage)
+                          if l.startswith("config ")), None)
+        return done_with is not None and done_with != self.config_fingerprint()
+
     def is_done(self, stage: str) -> bool:
-        return paths.exists(self._marker(stage))
+        """Done, with this study config: a stage done with other settings (more folds, a
+        changed analysis option) is run again, so nothing mixes old and new results."""
+        return paths.exists(self._marker(stage)) and not self._stale(stage)
 
     def _report_current(self) -> bool:
         """The report is done, its files are there, and no other stage finished after
@@ -230,7 +254,10 @@ class Study:
                 status[stage] = "skipped"
                 self.tracker.skip(stage)
                 continue
-            if force:
+            if self._stale(stage):
+                print(f"[study] stage {i}/{len(todo)} {stage}: done earlier with other study "
+                      "settings, running it again", flush=True)
+            if force or self._stale(stage):
                 self._forget(stage)
             t0 = time.time()
             self.tracker.start(stage, i, len(todo))
@@ -280,7 +307,8 @@ class Study:
                   "so it is not marked done and will be rebuilt.", flush=True)
             return "partial"
         paths.write_text_atomic(self._marker(stage),
-                                f"{seconds:.1f}s\ncode {provenance.code_fingerprint()}\n")
+                                f"{seconds:.1f}s\ncode {provenance.code_fingerprint()}\n"
+                                f"config {self.config_fingerprint()}\n")
         return "done"
 
     def _forget(self, stage: str) -> None:
@@ -297,10 +325,7 @@ class Study:
     def _older_code(self, stage: str) -> str:
         """'' when ``stage`` was finished by this code, else what to know about it: its
         results are kept, and how to redo them."""
-        try:
-            lines = paths.read_text(self._marker(stage)).split("\n")
-        except (OSError, ValueError):   # a damaged marker: said as made by other code
-            lines = []
+        lines = self._marker_lines(stage)   # a damaged marker: said as made by other code
         made_by = next((l.split(" ", 1)[1] for l in lines if l.startswith("code ")), None)
         if made_by == provenance.code_fingerprint():
             return ""
@@ -326,7 +351,8 @@ class Study:
         """Converts or draws a source now; a 'pretrain' source is returned as the run
         that makes it (stage_sources runs them together)."""
         out = self.source_dir(name)
-        if spec.kind == "convert" and not self._readable_weights(out, name):
+        if spec.kind == "convert" and not self._readable_weights(
+                out, name, lambda meta: self._converted_differs(meta, spec)):
             convert_lib.convert(spec.format, paths.to_str(paths.workdir(spec.input)), out,
                                 source_name=name, overwrite=True,
                                 **({"preprocessing": spec.preprocessing}
@@ -342,29 +368,54 @@ class Study:
         return None
 
     @staticmethod
-    def _readable_weights(out: str, name: str) -> bool:
-        """Whether a source the study converts or draws is there and its metadata reads
-        (a damaged one is made again: same input file, same seed, same weights)."""
+    def _readable_weights(out: str, name: str, differs=None) -> bool:
+        """Whether a source the study converts or draws is there, its metadata reads (a
+        damaged one is made again: same input file, same seed, same weights) and it was
+        made as the config now asks (``differs(metadata)``: None, or how it differs)."""
         if not paths.exists(paths.join(out, checkpoint.METADATA_FILE)):
             return False
         try:
-            checkpoint.load_metadata(out)
-            return True
+            meta = checkpoint.load_metadata(out)
         except CheckpointError as e:
             print(f"[study] source {name}: making it again ({e})", flush=True)
             return False
+        why = differs(meta) if differs else None
+        if why:
+            print(f"[study] source {name}: making it again ({why})", flush=True)
+            return False
+        return True
+
+    @staticmethod
+    def _converted_differs(meta, spec) -> Optional[str]:
+        """How converted weights differ from what ``spec`` asks: another input file (by
+        its SHA-256) or another preprocessing; None if they match."""
+        sha = convert_lib.file_sha256(paths.to_str(paths.workdir(spec.input)))
+        if meta.extra.get("sha256") != sha:
+            return f"converted from another file than {spec.input} as it is now"
+        if spec.get("preprocessing") and spec.preprocessing != meta.preprocessing:
+            return f"preprocessing {meta.preprocessing}, the config asks {spec.preprocessing}"
+        return None
 
     def _save_random(self, out: str, name: str, spec, seed: int):
-        """Draws the seeded random init into ``out`` unless it is there and readable."""
-        if self._readable_weights(out, name):
-            return
+        """Draws the seeded random init into ``out`` unless it is there, readable and
+        drawn with this seed for this model."""
         m = self.config.model
+        pre = spec.get("preprocessing", "unit")
+
+        def differs(meta) -> Optional[str]:
+            drawn = (meta.extra.get("seed"), meta.layout, meta.depth, meta.width,
+                     meta.preprocessing)
+            wanted = (seed, m.layout, m.depth, m.width, pre)
+            return None if drawn == wanted else (
+                f"drawn as (seed, layout, depth, width, preprocessing) {drawn}, the config "
+                f"asks {wanted}")
+        if self._readable_weights(out, name, differs):
+            return
         model = resnet.ResNet(depth=m.depth, layout=m.layout, width=m.width, num_classes=None)
         variables = resnet.init_variables(model, jax.random.key(seed), 32)
         checkpoint.save_weights(out, variables, checkpoint.WeightsMetadata(
             source=name, layout=m.layout, depth=m.depth, width=m.width, num_classes=None,
-            preprocessing=spec.get("preprocessing", "unit"),
-            extra={"init": "random", "seed": seed}))
+            preprocessing=pre, extra={"init": "random", "seed": seed}))
 
     def _run_all(self, runs: Sequence[sweep.Run], kind: str = "run"):
         """Runs ``runs`` (``parallel`` at a time in subprocess mode), one progress line

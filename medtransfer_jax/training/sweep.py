@@ -29,6 +29,7 @@ import contextlib
 import csv
 import dataclasses
 import itertools
+import json
 import os
 import queue
 import shlex
@@ -191,6 +192,26 @@ def write_config(run: Run, process_index: int = 0, config=None) -> str:
     return configs.write_resolved(config if config is not None else load_config(run),
                                   resolved_config_path(run, process_index),
                                   origin=f"{run.config} + {run.overrides}")
+
+
+def _check_finished_config(run: Run) -> None:
+    """UserError when a finished run was trained with another config than the sweep now
+    asks for it (a changed --override, study setting or protocol file): reusing it would
+    mix two configs in one results table unnoticed. A run without a readable config.json
+    (made by an older version) is reused as before."""
+    from medtransfer_jax.training import run_setup  # the run's own resume check
+    try:
+        stored = json.loads(paths.read_text(paths.join(run.workdir, run_setup.CONFIG_FILE)))
+    except (OSError, ValueError):
+        return
+    changes = run_setup.config_changes(stored, load_config(run)) if isinstance(
+        stored, dict) else []
+    if changes:
+        raise UserError(
+            f"run {run.name} finished with another config than this one asks "
+            f"({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}); its results "
+            f"would mix with the new settings' in one table: give another output directory "
+            f"(a study: another --workdir), or move {run.workdir} away to train it again")
 
 
 def check_runs(runs: Sequence[Run], check_folds: bool = True) -> None:
@@ -376,6 +397,8 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, mode: str = "subprocess",
     todo = []
     for run in runs:
         st = run.status()
+        if st == "done":
+            _check_finished_config(run)
         if st not in ("new", "partial"):
             status[run.name] = "skipped" if st == "done" else f"failed:{st}"
             if st != "done":

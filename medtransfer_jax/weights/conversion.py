@@ -29,7 +29,9 @@ def default_preprocessing(fmt: str, source_name: str) -> str:
     return "radimagenet" if source_name == "radimagenet" else "caffe"
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """SHA-256 of a weights file, recorded in the converted weights' metadata (a study
+    converts again when its input file no longer matches it)."""
     h = hashlib.sha256()
     with paths.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -93,7 +95,7 @@ def convert(fmt: str, input_path: str, output_dir: str, *, num_classes: Optional
                    keras_version=info.get("keras_version"),
                    source_num_classes=info["num_classes"],
                    ignored=info.get("ignored", [])[:20],
-                   sha256=_sha256(input_path)))
+                   sha256=file_sha256(input_path)))
     checkpoint.save_weights(output_dir, variables, metadata, overwrite=True)
 
     summary = dict(output=output_dir, input=info["path"], format=fmt,
