@@ -3,7 +3,7 @@
 Stages: sources -> fine-tuning sweep -> representation similarity -> prediction
 similarity -> filter distributions -> robustness -> report (report.md, report.html,
 figures/, tables/). The default config is the embedded demo study
-(``medtransfer_jax/configs/study_demo.py``, ~10 minutes on 2 CPU cores), so the
+(``medtransfer_jax/configs/study_demo.py``, ~1.5 minutes on 2 CPU cores), so the
 command works from any directory after ``pip install``.
 
 Rerunning with the same --workdir skips finished stages and resumes interrupted runs.
