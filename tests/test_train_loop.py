@@ -360,7 +360,11 @@ def test_sweep_grid_run_collect(run_dir, tmp_path):
     assert set(sweep.run_all(runs[:2], dry_run=True).values()) == {"dry_run"}
     # Resumable: a finished run is skipped; a new one is trained (in-process here).
     _, wd, res = run_dir
-    done = sweep.Run("done", _train_utils.TINY_CONFIG, wd, keys={"target": "a"})
+    # (its overrides: what run_dir trained with, or the run would be refused as trained
+    # with another config)
+    done = sweep.Run("done", _train_utils.TINY_CONFIG, wd,
+                     ["train.num_steps=8", "eval.every_steps=4", "eval.monitor='auc'"],
+                     keys={"target": "a"})
     new = sweep.Run("new", _train_utils.TINY_CONFIG, str(tmp_path / "new"),
                     ["train.num_steps=4", "eval.every_steps=4"], keys={"target": "b"})
     status = sweep.run_all([done, new], mode="inprocess")

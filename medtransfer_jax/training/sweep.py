@@ -45,7 +45,8 @@ from absl import logging
 
 from medtransfer_jax import configs, interrupts, paths, workdir_lock
 from medtransfer_jax.configs import validation
-from medtransfer_jax.training import finalize, loop, source_matters_protocol as sm_protocol
+from medtransfer_jax.training import finalize, loop, run_setup
+from medtransfer_jax.training import source_matters_protocol as sm_protocol
 from medtransfer_jax.errors import UserError
 
 STUDIES = ("revisiting", "source_matters", "demo")
@@ -199,7 +200,6 @@ def _check_finished_config(run: Run) -> None:
     asks for it (a changed --override, study setting or protocol file): reusing it would
     mix two configs in one results table unnoticed. A run without a readable config.json
     (made by an older version) is reused as before."""
-    from medtransfer_jax.training import run_setup  # the run's own resume check
     try:
         stored = json.loads(paths.read_text(paths.join(run.workdir, run_setup.CONFIG_FILE)))
     except (OSError, ValueError):
