@@ -341,6 +341,8 @@ def test_converted_source_is_converted_again_when_its_file_changed(tmp_path):
     assert runner.Study._converted_differs(meta, spec) is None
     f.write_bytes(b"second")
     assert "converted from another file" in runner.Study._converted_differs(meta, spec)
+    f.unlink()    # the input deleted after conversion: the converted weights are kept
+    assert runner.Study._converted_differs(meta, spec) is None
     f.write_bytes(b"first")
     spec.preprocessing = "torch"
     assert "preprocessing caffe, the config asks torch" in runner.Study._converted_differs(

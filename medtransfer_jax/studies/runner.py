@@ -388,9 +388,12 @@ class Study:
     @staticmethod
     def _converted_differs(meta, spec) -> Optional[str]:
         """How converted weights differ from what ``spec`` asks: another input file (by
-        its SHA-256) or another preprocessing; None if they match."""
-        sha = convert_lib.file_sha256(paths.to_str(paths.workdir(spec.input)))
-        if meta.extra.get("sha256") != sha:
+        its SHA-256) or another preprocessing; None if they match, or if the input file is
+        gone (the converted weights are all there is)."""
+        src = paths.to_str(paths.workdir(spec.input))
+        if not paths.exists(src):
+            return None
+        if meta.extra.get("sha256") != convert_lib.file_sha256(src):
             return f"converted from another file than {spec.input} as it is now"
         if spec.get("preprocessing") and spec.preprocessing != meta.preprocessing:
             return f"preprocessing {meta.preprocessing}, the config asks {spec.preprocessing}"
