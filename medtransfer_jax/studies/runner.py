@@ -254,10 +254,11 @@ class Study:
                 status[stage] = "skipped"
                 self.tracker.skip(stage)
                 continue
-            if self._stale(stage):
+            stale = self._stale(stage)
+            if stale:
                 print(f"[study] stage {i}/{len(todo)} {stage}: done earlier with other study "
                       "settings, running it again", flush=True)
-            if force or self._stale(stage):
+            if force or stale:
                 self._forget(stage)
             t0 = time.time()
             self.tracker.start(stage, i, len(todo))
